@@ -1,0 +1,33 @@
+# Two commands for a new user: `make demo` and `make test`. Both create/refresh .venv first.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+# The CPU build of torch 2.13.0 lies on disk here; point pip at it explicitly so that no other
+# torch (a multi-GB CUDA build) can be picked, even when PIP_FIND_LINKS is not set.
+WHEELS := $(wildcard /opt/wheels)
+PIP_FLAGS := $(if $(WHEELS),--find-links $(WHEELS))
+
+.PHONY: demo test lint bench clean venv
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet $(PIP_FLAGS) -e '.[dev]'
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/bnlab demo
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check src tests benchmarks
+
+bench: $(STAMP)
+	$(PY) benchmarks/bench_layer.py
+
+clean:
+	rm -rf $(VENV) build src/*.egg-info .pytest_cache

@@ -1,0 +1,24 @@
+"""bnlab: Batch Normalization (Ioffe & Szegedy, 2015) on PyTorch.
+
+The layer (``BatchNorm1d/2d/3d``, drop-in for ``torch.nn``), the functional transform and its
+hand-written backward (:mod:`bnlab.functional`), and conversion of existing models
+(:func:`convert`).
+"""
+
+from .autograd import batch_norm_eval, batch_norm_train
+from .convert import convert
+from .layers import BatchNorm1d, BatchNorm2d, BatchNorm3d, get_layer, name_layers
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BatchNorm1d",
+    "BatchNorm2d",
+    "BatchNorm3d",
+    "batch_norm_train",
+    "batch_norm_eval",
+    "convert",
+    "get_layer",
+    "name_layers",
+    "__version__",
+]

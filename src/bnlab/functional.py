@@ -1,0 +1,193 @@
+"""The Batch Normalizing Transform and its backward pass, as pure functions.
+
+Ioffe & Szegedy (2015), Algorithm 1 (training) and Algorithm 2 (inference), with the gradients of
+section 3. Nothing here owns state or knows about ``nn.Module``; :mod:`bnlab.autograd` wires these
+functions into ``torch.autograd`` and :mod:`bnlab.layers` owns the running statistics.
+
+Shapes. The input ``x`` is ``(N, C)`` or ``(N, C, *spatial)``. Statistics are per channel ``C``:
+per activation for ``(N, C)`` and per feature map for ``(N, C, L)``, ``(N, C, H, W)``,
+``(N, C, D, H, W)``, i.e. reduced over ``N`` and every spatial position, so each statistic is an
+average over ``m = N * prod(spatial)`` values (the paper's section 3.2 "effective mini-batch").
+
+Notation (Algorithm 1)::
+
+    mu     = 1/m  sum_i x_i                    mini-batch mean
+    var    = 1/m  sum_i (x_i - mu)^2           mini-batch variance (biased)
+    x_hat  = (x - mu) / sqrt(var + eps)        normalize
+    y      = gamma * x_hat + beta              scale and shift
+
+Precision. Statistics and accumulations are carried in :func:`acc_dtype` (float32 for
+float16/bfloat16 inputs, else the input's dtype); the output has the input's dtype. The variance is
+computed from centred values (never ``E[x^2] - E[x]^2``), so an input with mean 1e4 and standard
+deviation 1 keeps its precision in float32.
+
+Memory format. Every operation is elementwise or a reduction over logical dimensions, so
+channels_last inputs stay channels_last.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "acc_dtype",
+    "batch_stats",
+    "batch_norm_train_forward",
+    "batch_norm_train_backward",
+    "batch_norm_eval_forward",
+    "batch_norm_eval_backward",
+    "reduce_dims",
+]
+
+
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Accumulation/statistics dtype for an input dtype: float32 for 16-bit floats, else itself."""
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+def reduce_dims(x: Tensor) -> tuple[int, ...]:
+    """Dimensions reduced for per-channel statistics: N and every spatial dim (all but dim 1)."""
+    return (0, *range(2, x.dim()))
+
+
+def _per_channel(t: Tensor, x: Tensor) -> Tensor:
+    """View a (C,) tensor so it broadcasts against x: (1, C, 1, ..., 1)."""
+    return t.view(1, -1, *([1] * (x.dim() - 2)))
+
+
+def batch_stats(x: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-channel mini-batch mean and biased variance, shapes (C,), in ``acc_dtype``.
+
+    Two-pass in effect: ``var = mean((x - mu)^2)`` (torch.var_mean centres before squaring), so no
+    cancellation for inputs with a large mean.
+    """
+    xa = x.to(acc_dtype(x.dtype))
+    var, mean = torch.var_mean(xa, dim=reduce_dims(x), correction=0)
+    return mean, var
+
+
+def batch_norm_train_forward(
+    x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Algorithm 1. Returns ``(y, mean, var, invstd)``; mean/var/invstd are (C,) in acc dtype.
+
+    ``var`` is the biased mini-batch variance; the unbiased correction ``m / (m - 1)`` used for the
+    population estimate (Algorithm 2, step 10) belongs to whoever updates running statistics.
+    """
+    acc = acc_dtype(x.dtype)
+    mean, var = batch_stats(x)
+    invstd = torch.rsqrt(var + eps)  # 1 / sqrt(var + eps), (C,)
+    y = _affine_normalize(x.to(acc), mean, invstd, weight, bias).to(x.dtype)
+    return y, mean, var, invstd
+
+
+def _affine_normalize(
+    x: Tensor, mean: Tensor, invstd: Tensor, weight: Tensor | None, bias: Tensor | None
+) -> Tensor:
+    """y = (x - mean) * invstd * gamma + beta, folded into one per-channel scale and shift:
+    y = x * a + b with a = gamma * invstd, b = beta - mean * a. x is in the statistics' dtype."""
+    scale = invstd if weight is None else invstd * weight.to(invstd.dtype)
+    shift = -mean * scale
+    if bias is not None:
+        shift = shift + bias.to(invstd.dtype)
+    return torch.addcmul(_per_channel(shift, x), x, _per_channel(scale, x))
+
+
+def batch_norm_eval_forward(
+    x: Tensor,
+    running_mean: Tensor,
+    running_var: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    eps: float,
+) -> tuple[Tensor, Tensor]:
+    """Algorithm 2 (inference): normalize with population statistics E[x], Var[x].
+
+    The transform is a fixed per-channel affine map ``y = gamma / sqrt(Var[x] + eps) * x +
+    (beta - gamma * E[x] / sqrt(Var[x] + eps))``. Returns ``(y, invstd)``.
+    """
+    acc = acc_dtype(x.dtype)
+    mean = running_mean.to(acc)
+    invstd = torch.rsqrt(running_var.to(acc) + eps)
+    y = _affine_normalize(x.to(acc), mean, invstd, weight, bias).to(x.dtype)
+    return y, invstd
+
+
+def batch_norm_train_backward(
+    dy: Tensor,
+    x: Tensor,
+    mean: Tensor,
+    invstd: Tensor,
+    weight: Tensor | None,
+    need_dx: bool = True,
+    need_dparams: bool = True,
+) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+    """Gradients of Algorithm 1 (the chain rule of section 3). Returns ``(dx, dgamma, dbeta)``.
+
+    The paper writes, with ``m`` values per channel::
+
+        dL/dx_hat = dL/dy * gamma
+        dL/dvar   = sum_i dL/dx_hat_i * (x_i - mu) * (-1/2) * (var + eps)^(-3/2)
+        dL/dmu    = sum_i dL/dx_hat_i * (-1 / sqrt(var + eps))
+                    + dL/dvar * sum_i -2 (x_i - mu) / m          # second term is 0
+        dL/dx_i   = dL/dx_hat_i / sqrt(var + eps) + dL/dvar * 2 (x_i - mu) / m + dL/dmu / m
+        dL/dgamma = sum_i dL/dy_i * x_hat_i
+        dL/dbeta  = sum_i dL/dy_i
+
+    Substituting ``x_i - mu = x_hat_i / invstd`` and collecting terms gives the fused form used
+    here, two per-channel sums and one elementwise pass::
+
+        dL/dx_i = gamma * invstd / m * (m * dL/dy_i - dL/dbeta - x_hat_i * dL/dgamma)
+
+    Sums are accumulated in ``acc_dtype``; dx has x's dtype, dgamma/dbeta the weight's dtype.
+    """
+    acc = acc_dtype(x.dtype)
+    dims = reduce_dims(x)
+    m = x.numel() // x.shape[1]
+    dya = dy.to(acc)
+    x_hat = (x.to(acc) - _per_channel(mean, x)) * _per_channel(invstd, x)
+    sum_dy = dya.sum(dims)  # dL/dbeta, (C,)
+    sum_dy_xhat = (dya * x_hat).sum(dims)  # dL/dgamma, (C,)
+
+    dx = None
+    if need_dx:
+        gamma = invstd if weight is None else invstd * weight.to(acc)  # gamma * invstd, (C,)
+        # dx = gamma*invstd * (dy - sum_dy/m - x_hat * sum_dy_xhat/m)
+        dx = dya - _per_channel(sum_dy / m, x)
+        dx = dx.sub_(x_hat.mul_(_per_channel(sum_dy_xhat / m, x)))
+        dx = dx.mul_(_per_channel(gamma, x)).to(x.dtype)
+    dgamma = dbeta = None
+    if need_dparams and weight is not None:
+        dgamma = sum_dy_xhat.to(weight.dtype)
+        dbeta = sum_dy.to(weight.dtype)
+    return dx, dgamma, dbeta
+
+
+def batch_norm_eval_backward(
+    dy: Tensor,
+    x: Tensor,
+    running_mean: Tensor,
+    invstd: Tensor,
+    weight: Tensor | None,
+    need_dx: bool = True,
+    need_dparams: bool = True,
+) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+    """Gradients of the inference transform, where E[x] and Var[x] are constants::
+
+    dL/dx     = dL/dy * gamma / sqrt(Var[x] + eps)
+    dL/dgamma = sum_i dL/dy_i * x_hat_i,   dL/dbeta = sum_i dL/dy_i
+    """
+    acc = acc_dtype(x.dtype)
+    dims = reduce_dims(x)
+    dya = dy.to(acc)
+    dx = None
+    if need_dx:
+        scale = invstd if weight is None else invstd * weight.to(acc)
+        dx = (dya * _per_channel(scale, x)).to(x.dtype)
+    dgamma = dbeta = None
+    if need_dparams and weight is not None:
+        x_hat = (x.to(acc) - _per_channel(running_mean.to(acc), x)) * _per_channel(invstd, x)
+        dgamma = (dya * x_hat).sum(dims).to(weight.dtype)
+        dbeta = dya.sum(dims).to(weight.dtype)
+    return dx, dgamma, dbeta

@@ -1,0 +1,41 @@
+"""Shared fixtures: fixed seeds, shape families, and a tiny torch-vs-bnlab pairing helper."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+# One shape per family: (N, C), (N, C, L), (N, C, H, W), (N, C, D, H, W).
+SHAPES = {
+    "1d-dense": (8, 5),
+    "1d-seq": (4, 3, 7),
+    "2d": (4, 3, 5, 6),
+    "3d": (2, 3, 4, 3, 5),
+}
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+    yield
+
+
+def family_classes(shape):
+    """(bnlab class, torch class) for an input shape."""
+    import bnlab
+
+    rank = len(shape)
+    if rank in (2, 3):
+        return bnlab.BatchNorm1d, torch.nn.BatchNorm1d
+    if rank == 4:
+        return bnlab.BatchNorm2d, torch.nn.BatchNorm2d
+    return bnlab.BatchNorm3d, torch.nn.BatchNorm3d
+
+
+def to_format(x, fmt):
+    if fmt == "channels_last":
+        if x.dim() == 4:
+            return x.contiguous(memory_format=torch.channels_last)
+        if x.dim() == 5:
+            return x.contiguous(memory_format=torch.channels_last_3d)
+    return x.contiguous()

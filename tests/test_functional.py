@@ -1,0 +1,115 @@
+"""The transform and its hand-written backward against float64 autograd oracles."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from bnlab import functional as F
+from bnlab.autograd import batch_norm_eval, batch_norm_train
+from conftest import SHAPES, to_format
+
+
+def reference_bn(x, weight, bias, eps):
+    """Algorithm 1 written with autograd-tracked float64 ops (the oracle)."""
+    dims = F.reduce_dims(x)
+    mean = x.mean(dims, keepdim=True)
+    var = ((x - mean) ** 2).mean(dims, keepdim=True)
+    y = (x - mean) / torch.sqrt(var + eps)
+    shape = [1, -1] + [1] * (x.dim() - 2)
+    if weight is not None:
+        y = y * weight.view(shape) + bias.view(shape)
+    return y
+
+
+@pytest.mark.parametrize("shape", list(SHAPES.values()), ids=list(SHAPES))
+@pytest.mark.parametrize("affine", [True, False])
+def test_gradcheck_train(shape, affine):
+    x = torch.randn(shape, dtype=torch.float64, requires_grad=True)
+    c = shape[1]
+    w = torch.rand(c, dtype=torch.float64, requires_grad=True) + 0.5 if affine else None
+    b = torch.randn(c, dtype=torch.float64, requires_grad=True) if affine else None
+    if affine:
+        w = w.detach().requires_grad_()
+    inputs = (x, w, b, 1e-5)
+    assert torch.autograd.gradcheck(lambda *a: batch_norm_train(*a)[0], inputs)
+
+
+@pytest.mark.parametrize("shape", list(SHAPES.values()), ids=list(SHAPES))
+@pytest.mark.parametrize("affine", [True, False])
+def test_gradcheck_eval(shape, affine):
+    c = shape[1]
+    x = torch.randn(shape, dtype=torch.float64, requires_grad=True)
+    rm = torch.randn(c, dtype=torch.float64)
+    rv = torch.rand(c, dtype=torch.float64) + 0.5
+    w = (torch.rand(c, dtype=torch.float64) + 0.5).requires_grad_() if affine else None
+    b = torch.randn(c, dtype=torch.float64, requires_grad=True) if affine else None
+    assert torch.autograd.gradcheck(lambda *a: batch_norm_eval(*a), (x, rm, rv, w, b, 1e-5))
+
+
+@pytest.mark.parametrize("shape", list(SHAPES.values()), ids=list(SHAPES))
+def test_matches_autograd_oracle_float64(shape):
+    c = shape[1]
+    x = torch.randn(shape, dtype=torch.float64) * 3 + 2
+    w = torch.rand(c, dtype=torch.float64) + 0.5
+    b = torch.randn(c, dtype=torch.float64)
+    dy = torch.randn(shape, dtype=torch.float64)
+
+    xs = [x.clone().requires_grad_() for _ in range(2)]
+    ws = [w.clone().requires_grad_() for _ in range(2)]
+    bs = [b.clone().requires_grad_() for _ in range(2)]
+    y_ours, mean, var = batch_norm_train(xs[0], ws[0], bs[0], 1e-5)
+    y_ref = reference_bn(xs[1], ws[1], bs[1], 1e-5)
+    (y_ours * dy).sum().backward()
+    (y_ref * dy).sum().backward()
+    torch.testing.assert_close(y_ours, y_ref, rtol=1e-12, atol=1e-12)
+    for a, r in [(xs[0].grad, xs[1].grad), (ws[0].grad, ws[1].grad), (bs[0].grad, bs[1].grad)]:
+        torch.testing.assert_close(a, r, rtol=1e-10, atol=1e-10)
+    dims = F.reduce_dims(x)
+    torch.testing.assert_close(mean, x.mean(dims))
+    torch.testing.assert_close(var, x.var(dims, unbiased=False))
+
+
+def test_large_mean_variance_is_stable_in_float32():
+    """Mean 1e4, std 1: E[x^2]-E[x]^2 would lose everything in float32; we must not."""
+    g = torch.Generator().manual_seed(1)
+    x64 = torch.randn(64, 16, 8, 8, dtype=torch.float64, generator=g) + 1e4
+    y32, mean, var, _ = F.batch_norm_train_forward(x64.float(), None, None, 1e-5)
+    dims = F.reduce_dims(x64)
+    x32_as64 = x64.float().double()  # the float32 input, exactly, in float64
+    ref_var = x32_as64.var(dims, unbiased=False)
+    ref_mean = x32_as64.mean(dims)
+    torch.testing.assert_close(var.double(), ref_var, rtol=1e-4, atol=0)
+    torch.testing.assert_close(mean.double(), ref_mean, rtol=1e-6, atol=0)
+    ref_y = (x32_as64 - ref_mean.view(1, -1, 1, 1)) / torch.sqrt(ref_var.view(1, -1, 1, 1) + 1e-5)
+    # |y| ~ 1; the input's own float32 rounding at 1e4 is ~5e-4 relative to std 1
+    torch.testing.assert_close(y32.double(), ref_y, rtol=0, atol=2e-3)
+
+
+def test_double_backward_raises_clearly():
+    x = torch.randn(6, 3, dtype=torch.float64, requires_grad=True)
+    w = torch.ones(3, dtype=torch.float64, requires_grad=True)
+    b = torch.zeros(3, dtype=torch.float64, requires_grad=True)
+    y, _, _ = batch_norm_train(x, w, b, 1e-5)
+    (gx,) = torch.autograd.grad((y**3).sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="differentiate twice|once_differentiable"):
+        gx.sum().backward()
+
+
+@pytest.mark.parametrize("shape", [(4, 3, 5, 6), (2, 3, 4, 3, 5)])
+def test_channels_last_preserved(shape):
+    x = to_format(torch.randn(shape), "channels_last")
+    y, *_ = F.batch_norm_train_forward(x, torch.ones(3), torch.zeros(3), 1e-5)
+    fmt = torch.channels_last if len(shape) == 4 else torch.channels_last_3d
+    assert y.is_contiguous(memory_format=fmt)
+    assert not y.is_contiguous()
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_inputs_use_float32_statistics(dtype):
+    x = (torch.randn(32, 4, 6, 6) * 2 + 3).to(dtype)
+    y, mean, var, _ = F.batch_norm_train_forward(x, None, None, 1e-5)
+    assert y.dtype == dtype and mean.dtype == torch.float32 and var.dtype == torch.float32
+    xf = x.float()
+    torch.testing.assert_close(mean, xf.mean((0, 2, 3)))
+    torch.testing.assert_close(var, xf.var((0, 2, 3), unbiased=False))

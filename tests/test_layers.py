@@ -1,0 +1,349 @@
+"""bnlab.BatchNorm1d/2d/3d against torch.nn.BatchNorm1d/2d/3d, the oracle for a drop-in."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import bnlab
+from conftest import SHAPES, family_classes, to_format
+
+
+def make_pair(shape, dtype=torch.float32, **kwargs):
+    """A bnlab layer and a torch layer with identical (random) parameters."""
+    ours_cls, torch_cls = family_classes(shape)
+    ours = ours_cls(shape[1], dtype=dtype, **kwargs)
+    ref = torch_cls(shape[1], dtype=dtype, **kwargs)
+    if ours.affine:
+        with torch.no_grad():
+            ours.weight.copy_(torch.rand(shape[1]) + 0.5)
+            ref.weight.copy_(ours.weight)
+            if ours.bias is not None:
+                ours.bias.copy_(torch.randn(shape[1]))
+                ref.bias.copy_(ours.bias)
+    return ours, ref
+
+
+def tol(dtype):
+    return {
+        torch.float64: dict(rtol=1e-10, atol=1e-10),
+        torch.float32: dict(rtol=1e-5, atol=2e-5),
+        torch.bfloat16: dict(rtol=2e-2, atol=3e-2),
+    }[dtype]
+
+
+def run_steps(ours, ref, shape, dtype, fmt, steps=4, scale=2.0, shift=1.0):
+    """Train both for a few steps on identical batches; compare every output and gradient."""
+    for step in range(steps):
+        x = to_format(torch.randn(shape, dtype=torch.float64) * scale + shift * step, fmt)
+        x = x.to(dtype)
+        dy = to_format(torch.randn(shape, dtype=torch.float64), fmt).to(dtype)
+        xo, xr = x.clone().requires_grad_(), x.clone().requires_grad_()
+        yo, yr = ours(xo), ref(xr)
+        assert yo.dtype == yr.dtype and yo.shape == yr.shape
+        torch.testing.assert_close(yo, yr, **tol(dtype))
+        yo.backward(dy)
+        yr.backward(dy)
+        torch.testing.assert_close(xo.grad, xr.grad, **tol(dtype))
+        for po, pr in zip(ours.parameters(), ref.parameters(), strict=True):
+            torch.testing.assert_close(po.grad, pr.grad, **tol(dtype))
+            po.grad = pr.grad = None
+
+
+def assert_same_state(ours, ref, dtype):
+    so, sr = ours.state_dict(), ref.state_dict()
+    assert list(so) == list(sr)
+    for k in so:
+        if k == "num_batches_tracked":
+            assert so[k].item() == sr[k].item()
+        else:
+            torch.testing.assert_close(so[k], sr[k], **tol(dtype))
+
+
+@pytest.mark.parametrize("shape", list(SHAPES.values()), ids=list(SHAPES))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+@pytest.mark.parametrize("momentum", [0.1, None], ids=["m0.1", "cma"])
+@pytest.mark.parametrize("affine", [True, False], ids=["affine", "noaffine"])
+@pytest.mark.parametrize("track", [True, False], ids=["track", "notrack"])
+@pytest.mark.parametrize("fmt", ["contiguous", "channels_last"])
+def test_matches_torch_train_then_eval(shape, dtype, momentum, affine, track, fmt):
+    if fmt == "channels_last" and len(shape) < 4:
+        pytest.skip("channels_last applies to 4D/5D inputs")
+    ours, ref = make_pair(shape, dtype, momentum=momentum, affine=affine, track_running_stats=track)
+    run_steps(ours, ref, shape, dtype, fmt)
+    assert_same_state(ours, ref, dtype)
+    ours.eval()
+    ref.eval()
+    run_steps(ours, ref, shape, dtype, fmt, steps=2)
+    assert_same_state(ours, ref, dtype)  # eval never touches running statistics
+
+
+@pytest.mark.parametrize("shape", [(16, 6), (8, 4, 5, 5)])
+@pytest.mark.parametrize("train", [True, False])
+def test_scale_without_shift_bias_false(shape, train):
+    ours, ref = make_pair(shape, bias=False)
+    ours.train(train)
+    ref.train(train)
+    assert ours.bias is None and ref.bias is None
+    run_steps(ours, ref, shape, torch.float32, "contiguous", steps=2)
+    assert_same_state(ours, ref, torch.float32)
+
+
+@pytest.mark.parametrize("shape", [(16, 6), (8, 4, 5, 5)])
+def test_bfloat16_within_tolerance(shape):
+    """bf16 input and params; statistics in float32. Tolerance: bf16 keeps 8 bits of mantissa,
+    so outputs agree to ~2 ulp of bf16 (rtol 2e-2, atol 3e-2 on values of order 1)."""
+    ours, ref = make_pair(shape, torch.bfloat16)
+    run_steps(ours, ref, shape, torch.bfloat16, "contiguous")
+    assert_same_state(ours, ref, torch.bfloat16)
+
+
+def test_half_input_float32_params():
+    ours, ref = make_pair((16, 4, 3, 3), torch.float32)
+    x = torch.randn(16, 4, 3, 3).to(torch.bfloat16)
+    torch.testing.assert_close(ours(x), ref(x), **tol(torch.bfloat16))
+    assert ours(x).dtype == torch.bfloat16
+
+
+def test_running_var_is_unbiased_hand_computed():
+    bn = bnlab.BatchNorm2d(3, momentum=1.0)
+    x = torch.randn(5, 3, 4, 4)
+    bn(x)
+    m = 5 * 4 * 4
+    mean = x.mean((0, 2, 3))
+    var_biased = ((x - mean.view(1, 3, 1, 1)) ** 2).mean((0, 2, 3))
+    torch.testing.assert_close(bn.running_mean, mean)
+    torch.testing.assert_close(bn.running_var, var_biased * m / (m - 1))
+    assert bn.num_batches_tracked.item() == 1
+
+
+def test_cumulative_average_when_momentum_none():
+    bn = bnlab.BatchNorm1d(4, momentum=None)
+    xs = [torch.randn(10, 4) + i for i in range(5)]
+    for x in xs:
+        bn(x)
+    torch.testing.assert_close(bn.running_mean, torch.stack([x.mean(0) for x in xs]).mean(0))
+    torch.testing.assert_close(bn.running_var, torch.stack([x.var(0) for x in xs]).mean(0))
+
+
+def test_repr_and_buffers_match_torch():
+    for cls, tcls in [
+        (bnlab.BatchNorm1d, torch.nn.BatchNorm1d),
+        (bnlab.BatchNorm2d, torch.nn.BatchNorm2d),
+        (bnlab.BatchNorm3d, torch.nn.BatchNorm3d),
+    ]:
+        for kw in [
+            {},
+            dict(affine=False, track_running_stats=False, momentum=None, eps=1e-3),
+            dict(bias=False),
+        ]:
+            a, b = cls(7, **kw), tcls(7, **kw)
+            assert repr(a) == repr(b)
+            assert [n for n, _ in a.named_buffers()] == [n for n, _ in b.named_buffers()]
+            assert [n for n, _ in a.named_parameters()] == [n for n, _ in b.named_parameters()]
+            assert (a.running_mean is None) == (b.running_mean is None)
+            assert (a.num_batches_tracked is None) == (b.num_batches_tracked is None)
+
+
+def test_reset_running_stats():
+    bn = bnlab.BatchNorm1d(3)
+    bn(torch.randn(8, 3) * 5 + 2)
+    bn.reset_running_stats()
+    assert torch.equal(bn.running_mean, torch.zeros(3))
+    assert torch.equal(bn.running_var, torch.ones(3))
+    assert bn.num_batches_tracked.item() == 0
+
+
+def test_device_dtype_kwargs():
+    bn = bnlab.BatchNorm2d(3, device="cpu", dtype=torch.float64)
+    assert bn.weight.dtype == bn.running_var.dtype == torch.float64
+    assert bn.num_batches_tracked.dtype == torch.long
+
+
+# ------------------------------------------------------------------------- state_dict
+@pytest.mark.parametrize("shape", list(SHAPES.values()), ids=list(SHAPES))
+def test_state_dict_round_trips_both_ways(shape):
+    ours, ref = make_pair(shape, momentum=0.3)
+    run_steps(ours, ref, shape, torch.float32, "contiguous", steps=3)
+    ours_cls, torch_cls = family_classes(shape)
+    # ours -> torch
+    t2 = torch_cls(shape[1])
+    t2.load_state_dict(ours.state_dict())
+    assert_same_state(ours, t2, torch.float32)
+    # torch -> ours
+    o2 = ours_cls(shape[1])
+    o2.load_state_dict(ref.state_dict())
+    assert_same_state(o2, ref, torch.float32)
+    x = torch.randn(shape)
+    o2.eval()
+    t2.eval()
+    torch.testing.assert_close(o2(x), t2(x))
+
+
+def test_loads_old_checkpoint_without_num_batches_tracked():
+    bn = bnlab.BatchNorm2d(4)
+    sd = torch.nn.BatchNorm2d(4).state_dict()
+    del sd["num_batches_tracked"]
+    sd._metadata[""]["version"] = 1  # written before num_batches_tracked existed
+    bn.load_state_dict(sd)
+    assert bn.num_batches_tracked.item() == 0
+
+
+def test_state_dict_wrong_shape_names_key():
+    bn = bnlab.BatchNorm2d(4)
+    sd = bnlab.BatchNorm2d(5).state_dict()
+    with pytest.raises(RuntimeError, match="running_mean"):
+        bn.load_state_dict(sd)
+
+
+def test_state_dict_missing_key_names_key():
+    bn = bnlab.BatchNorm2d(4)
+    sd = bn.state_dict()
+    del sd["running_var"]
+    with pytest.raises(RuntimeError, match="running_var"):
+        bn.load_state_dict(sd)
+
+
+# ------------------------------------------------------------------------- bad input
+def test_single_value_per_channel_raises_naming_layer():
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), bnlab.BatchNorm1d(4))
+    bnlab.name_layers(model)
+    with pytest.raises(ValueError, match=r"'1' BatchNorm1d\(4\).*\(1, 4\)"):
+        model(torch.randn(1, 3))
+    with pytest.raises(ValueError, match=r"BatchNorm2d\(2\).*\(1, 2, 1, 1\)"):
+        bnlab.BatchNorm2d(2)(torch.randn(1, 2, 1, 1))
+    # N=1 is fine when there are several positions per channel, and in eval mode
+    bnlab.BatchNorm2d(2)(torch.randn(1, 2, 3, 3))
+    bnlab.BatchNorm1d(4).eval()(torch.randn(1, 4))
+
+
+def test_single_value_also_rejected_without_running_stats_in_eval():
+    bn = bnlab.BatchNorm1d(4, track_running_stats=False).eval()
+    with pytest.raises(ValueError, match="more than 1 value per channel"):
+        bn(torch.randn(1, 4))
+
+
+@pytest.mark.parametrize(
+    "cls,shape",
+    [
+        (bnlab.BatchNorm1d, (2, 3, 4, 5)),
+        (bnlab.BatchNorm1d, (3,)),
+        (bnlab.BatchNorm2d, (2, 3, 4)),
+        (bnlab.BatchNorm3d, (2, 3, 4, 5)),
+    ],
+)
+def test_wrong_rank_raises(cls, shape):
+    with pytest.raises(ValueError, match=rf"{cls.__name__}\(3\).*{len(shape)}D"):
+        cls(3)(torch.randn(shape))
+
+
+def test_wrong_channel_count_raises():
+    with pytest.raises(ValueError, match=r"BatchNorm2d\(3\).*expected 3 channels.*\(2, 4, 5, 5\)"):
+        bnlab.BatchNorm2d(3)(torch.randn(2, 4, 5, 5))
+
+
+@pytest.mark.parametrize("dtype", [torch.int64, torch.int32, torch.uint8, torch.bool])
+def test_integer_and_bool_input_raise_type_error(dtype):
+    with pytest.raises(TypeError, match=r"BatchNorm1d\(3\).*floating-point"):
+        bnlab.BatchNorm1d(3)(torch.ones(4, 3, dtype=dtype))
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+@pytest.mark.parametrize("momentum", [0.1, None])
+def test_non_finite_batch_leaves_running_stats_untouched(bad, momentum):
+    bn = bnlab.BatchNorm2d(3, momentum=momentum)
+    bn.layer_name = "features.bn1"
+    bn(torch.randn(4, 3, 5, 5))
+    before = {k: v.clone() for k, v in bn.state_dict().items()}
+    x = torch.randn(4, 3, 5, 5)
+    x[2, 1, 3, 0] = bad
+    with pytest.raises(FloatingPointError, match=r"'features.bn1' BatchNorm2d\(3\)"):
+        bn(x)
+    after = bn.state_dict()
+    for k in before:
+        assert torch.equal(before[k], after[k]), k
+    bn(torch.randn(4, 3, 5, 5))  # still usable
+    assert bn.num_batches_tracked.item() == 2
+
+
+def test_constructor_validation():
+    with pytest.raises(ValueError, match="num_features"):
+        bnlab.BatchNorm2d(0)
+    with pytest.raises(ValueError, match="momentum"):
+        bnlab.BatchNorm2d(3, momentum=1.5)
+    with pytest.raises(ValueError, match="eps"):
+        bnlab.BatchNorm2d(3, eps=0)
+
+
+# ------------------------------------------------------------------------- convert
+def small_cnn():
+    return torch.nn.Sequential(
+        torch.nn.Conv2d(3, 8, 3, padding=1, bias=False),
+        torch.nn.BatchNorm2d(8),
+        torch.nn.ReLU(),
+        torch.nn.Sequential(
+            torch.nn.Conv2d(8, 8, 3, padding=1), torch.nn.BatchNorm2d(8, momentum=None)
+        ),
+        torch.nn.AdaptiveAvgPool2d(1),
+        torch.nn.Flatten(),
+        torch.nn.Linear(8, 6),
+        torch.nn.BatchNorm1d(6, affine=False),
+        torch.nn.Linear(6, 2),
+    )
+
+
+def _grads(model):
+    return {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_convert_small_cnn_identical_outputs_and_gradients(training):
+    import copy
+
+    ref = small_cnn()
+    ref(torch.randn(6, 3, 8, 8))  # give running stats non-trivial values
+    ref.train(training)
+    model = bnlab.convert(copy.deepcopy(ref))
+    assert not any(type(m) in (torch.nn.BatchNorm1d, torch.nn.BatchNorm2d) for m in model.modules())
+    assert sum(isinstance(m, bnlab.BatchNorm2d) for m in model.modules()) == 2
+    assert all(m.training == training for m in model.modules())
+    x = torch.randn(6, 3, 8, 8)
+    yr, yo = ref(x), model(x)
+    torch.testing.assert_close(yo, yr)
+    yr.square().sum().backward()
+    yo.square().sum().backward()
+    gr, go = _grads(ref), _grads(model)
+    assert gr.keys() == go.keys()
+    # a conv bias before BN has a true gradient of 0 (BN removes it): compare on the model's
+    # gradient scale, not each tensor's own
+    scale = max(g.abs().max().item() for g in gr.values())
+    for k in gr:
+        torch.testing.assert_close(go[k], gr[k], rtol=1e-4, atol=1e-5 * scale)
+    for (_, a), (_, b) in zip(ref.state_dict().items(), model.state_dict().items(), strict=True):
+        torch.testing.assert_close(a, b)
+    # and back again
+    back = bnlab.convert(model, to="torch")
+    assert sum(type(m) is torch.nn.BatchNorm2d for m in back.modules()) == 2
+    torch.testing.assert_close(back.eval()(x), ref.eval()(x))
+
+
+def test_convert_keeps_parameter_objects_for_existing_optimizer():
+    model = small_cnn()
+    params = list(model.parameters())
+    bnlab.convert(model)
+    assert all(a is b for a, b in zip(params, model.parameters(), strict=True))
+
+
+def test_convert_root_layer_and_names():
+    bn = torch.nn.BatchNorm2d(3).eval()
+    out = bnlab.convert(bn)
+    assert isinstance(out, bnlab.BatchNorm2d) and not out.training
+    model = bnlab.convert(small_cnn())
+    assert model[1].layer_name == "1" and model[3][1].layer_name == "3.1"
+
+
+def test_convert_rejects_bad_target_and_uninitialized_lazy():
+    with pytest.raises(ValueError, match="to must be"):
+        bnlab.convert(small_cnn(), to="jax")
+    with pytest.raises(ValueError, match="lazy layer '0'"):
+        bnlab.convert(torch.nn.Sequential(torch.nn.LazyBatchNorm2d()))
