@@ -56,15 +56,30 @@ def _per_channel(t: Tensor, x: Tensor) -> Tensor:
     return t.view(1, -1, *([1] * (x.dim() - 2)))
 
 
-def batch_stats(x: Tensor) -> tuple[Tensor, Tensor]:
-    """Per-channel mini-batch mean and biased variance, shapes (C,), in ``acc_dtype``.
+def _centre(x: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-channel mean (C,) and the centred values ``x - mean`` (x's shape), in acc dtype.
 
-    Two-pass in effect: ``var = mean((x - mu)^2)`` (torch.var_mean centres before squaring), so no
-    cancellation for inputs with a large mean.
+    Shifted two-pass: subtract a per-channel pivot (the channel's first value) first, so the
+    values summed are small and their differences exact (Sterbenz), then centre on their mean::
+
+        d = x - K;   mean = K + mean(d);   x - mean = d - mean(d)
+
+    This keeps an input with mean 1e4 and std 1 accurate in float32, where E[x^2] - E[x]^2 or even
+    a plain float32 mean of 1e4-sized values loses the digits that matter.
     """
     xa = x.to(acc_dtype(x.dtype))
-    var, mean = torch.var_mean(xa, dim=reduce_dims(x), correction=0)
-    return mean, var
+    pivot = xa[(0, slice(None)) + (0,) * (x.dim() - 2)]  # (C,)
+    d = xa - _per_channel(pivot, x)  # a new tensor: safe to modify in place below
+    mean_d = d.mean(reduce_dims(x), keepdim=True)  # (1, C, 1, ...)
+    xc = d.sub_(mean_d)
+    return pivot + mean_d.view(-1), xc
+
+
+def batch_stats(x: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-channel mini-batch mean and biased variance ``mean((x - mu)^2)``, shapes (C,), in
+    ``acc_dtype`` (see :func:`_centre` for the numerics)."""
+    mean, xc = _centre(x)
+    return mean, xc.mul_(xc).mean(reduce_dims(x))
 
 
 def batch_norm_train_forward(
@@ -75,23 +90,20 @@ def batch_norm_train_forward(
     ``var`` is the biased mini-batch variance; the unbiased correction ``m / (m - 1)`` used for the
     population estimate (Algorithm 2, step 10) belongs to whoever updates running statistics.
     """
-    acc = acc_dtype(x.dtype)
-    mean, var = batch_stats(x)
+    mean, xc = _centre(x)  # xc = x - mu
+    var = (xc * xc).mean(reduce_dims(x))  # (C,)
     invstd = torch.rsqrt(var + eps)  # 1 / sqrt(var + eps), (C,)
-    y = _affine_normalize(x.to(acc), mean, invstd, weight, bias).to(x.dtype)
+    y = _scale_shift(xc, invstd, weight, bias).to(x.dtype)
     return y, mean, var, invstd
 
 
-def _affine_normalize(
-    x: Tensor, mean: Tensor, invstd: Tensor, weight: Tensor | None, bias: Tensor | None
-) -> Tensor:
-    """y = (x - mean) * invstd * gamma + beta, folded into one per-channel scale and shift:
-    y = x * a + b with a = gamma * invstd, b = beta - mean * a. x is in the statistics' dtype."""
+def _scale_shift(xc: Tensor, invstd: Tensor, weight: Tensor | None, bias: Tensor | None) -> Tensor:
+    """y = (x - mean) * (gamma * invstd) + beta, from the centred values ``xc``. Centring first
+    (rather than folding the mean into the shift) keeps large-mean inputs exact."""
     scale = invstd if weight is None else invstd * weight.to(invstd.dtype)
-    shift = -mean * scale
-    if bias is not None:
-        shift = shift + bias.to(invstd.dtype)
-    return torch.addcmul(_per_channel(shift, x), x, _per_channel(scale, x))
+    if bias is None:
+        return xc * _per_channel(scale, xc)
+    return torch.addcmul(_per_channel(bias.to(invstd.dtype), xc), xc, _per_channel(scale, xc))
 
 
 def batch_norm_eval_forward(
@@ -108,9 +120,9 @@ def batch_norm_eval_forward(
     (beta - gamma * E[x] / sqrt(Var[x] + eps))``. Returns ``(y, invstd)``.
     """
     acc = acc_dtype(x.dtype)
-    mean = running_mean.to(acc)
     invstd = torch.rsqrt(running_var.to(acc) + eps)
-    y = _affine_normalize(x.to(acc), mean, invstd, weight, bias).to(x.dtype)
+    xc = x.to(acc) - _per_channel(running_mean.to(acc), x)
+    y = _scale_shift(xc, invstd, weight, bias).to(x.dtype)
     return y, invstd
 
 
