@@ -1,15 +1,127 @@
-"""The ``bnlab`` command line."""
+"""The ``bnlab`` command line: ``bnlab run|list|report|data|bench|demo``."""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 import time
+from pathlib import Path
 
 import torch
 from torch import nn
 
-__all__ = ["main"]
+__all__ = ["main", "add_config_flags", "config_from_args"]
+
+
+# ----------------------------------------------------------------------- config <-> flags
+def _parse_bool(text: str) -> bool:
+    low = text.lower()
+    if low in ("1", "true", "yes", "on"):
+        return True
+    if low in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected a boolean (true/false), got {text!r}")
+
+
+def add_config_flags(parser: argparse.ArgumentParser, cls: type) -> None:
+    """One type-checked ``--field-name`` flag per dataclass field (help from field metadata).
+    Booleans take ``--flag`` / ``--no-flag``. Unset flags keep the dataclass default."""
+    for f in dataclasses.fields(cls):
+        flag = "--" + f.name.replace("_", "-")
+        helptext = f.metadata.get("help", "") + f" (default: {f.default})"
+        kind = (
+            f.type
+            if isinstance(f.type, type)
+            else {"int": int, "float": float, "str": str, "bool": bool}[f.type]
+        )
+        if kind is bool:
+            parser.add_argument(
+                flag,
+                dest=f.name,
+                action=argparse.BooleanOptionalAction,
+                default=None,
+                help=helptext,
+            )
+        else:
+            parser.add_argument(
+                flag,
+                dest=f.name,
+                type=kind,
+                default=None,
+                help=helptext,
+                metavar=kind.__name__.upper(),
+            )
+
+
+def config_from_args(cls: type, args: argparse.Namespace, overrides: dict | None = None):
+    """Dataclass defaults, then ``overrides`` (e.g. --quick), then flags the user gave."""
+    values = dict(overrides or {})
+    for f in dataclasses.fields(cls):
+        v = getattr(args, f.name, None)
+        if v is not None:
+            values[f.name] = v
+    return cls(**values)
+
+
+# ----------------------------------------------------------------------- commands
+def _cmd_list(args) -> int:
+    from .experiments import EXPERIMENTS
+
+    for name, mod in sorted(EXPERIMENTS.items()):
+        print(f"{name:<12} {mod.DESCRIPTION}")
+    return 0
+
+
+def _cmd_run(args) -> int:
+    from .experiments import get_experiment
+    from .report import build_report
+
+    exp = get_experiment(args.experiment)
+    cfg = config_from_args(exp.MnistConfig, args, exp.QUICK if args.quick else None)
+    out = Path(args.out) if args.out else exp.default_run_dir()
+    print(f"bnlab run {exp.NAME}: {exp.DESCRIPTION}")
+    run_dir = exp.run(cfg, out, progress=not args.no_progress)
+    meta, _ = exp.load_run(run_dir)
+    ds = meta["dataset"]
+    print(
+        f"dataset: {ds['name']} ({ds['train']} train / {ds['test']} test)"
+        + (f". {ds['note']}" if ds.get("note") else "")
+    )
+    md, html = build_report(run_dir)
+    from .experiments.mnist import summarize
+
+    summary = summarize(*exp.load_run(run_dir))
+    print(
+        f"final test accuracy (seed mean): BN {summary['final']['bn']:.4f}, "
+        f"baseline {summary['final']['baseline']:.4f}; wall time {meta['wall_time_s']} s"
+    )
+    for i, c in enumerate(summary["claims"], 1):
+        print(f"  claim {i}: {'holds' if c['holds'] else 'FAILS'} - {c['measured']}")
+    print(f"report: {html}\n        {md}")
+    return 130 if meta.get("interrupted") else 0
+
+
+def _cmd_report(args) -> int:
+    from .report import build_report
+
+    md, html = build_report(args.run_dir)
+    print(f"report: {html}\n        {md}")
+    return 0
+
+
+def _cmd_data(args) -> int:
+    from .data import download
+
+    path = download.fetch(args.name, root=args.root, mirror=args.mirror)
+    print(f"{args.name}: {path}")
+    return 0
+
+
+def _cmd_bench(args) -> int:
+    from . import bench
+
+    return bench.main(args.bench_args)
 
 
 def _accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
@@ -22,26 +134,21 @@ def _accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
 
 
 def demo(steps: int = 600, batch_size: int = 60, lr: float = 0.5, seed: int = 0) -> dict:
-    """Train the paper's MNIST MLP with and without bnlab BatchNorm on mnist-5k; return accuracies.
-
-    Both networks see the same mini-batches (one index stream from ``seed``) and the same SGD
-    learning rate; the BN network is evaluated in inference mode (population statistics).
-    """
+    """Train the paper's MNIST MLP with and without bnlab BatchNorm on mnist-5k (one network
+    each, a plain loop); returns both test accuracies (BN network in inference mode)."""
     from .data import load_mnist5k
     from .models import MLP
 
     data = load_mnist5k()
     results = {}
     for norm in (None, "batchnorm1d"):
-        torch.manual_seed(seed)
-        model = MLP(norm=norm, init_std=0.01)
+        model = MLP(norm=norm, init_std=0.01, init_seed=seed)
         opt = torch.optim.SGD(model.parameters(), lr=lr)
         gen = torch.Generator().manual_seed(seed + 1)
         idx = torch.randint(len(data.y_train), (steps, batch_size), generator=gen)
         t0 = time.perf_counter()
         for i in range(steps):
-            xb, yb = data.x_train[idx[i]], data.y_train[idx[i]]
-            loss = nn.functional.cross_entropy(model(xb), yb)
+            loss = nn.functional.cross_entropy(model(data.x_train[idx[i]]), data.y_train[idx[i]])
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -54,22 +161,79 @@ def demo(steps: int = 600, batch_size: int = 60, lr: float = 0.5, seed: int = 0)
     return results
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="bnlab", description=__doc__)
+def _cmd_demo(args) -> int:
+    print(
+        f"bnlab demo: MNIST MLP (784-100-100-100-10, sigmoid) on mnist-5k, "
+        f"{torch.get_num_threads()} threads"
+    )
+    demo(args.steps, args.batch_size, args.lr, args.seed)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .experiments import EXPERIMENTS
+
+    parser = argparse.ArgumentParser(prog="bnlab", description="Batch Normalization lab.")
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("demo", help="train the MNIST MLP with and without BN on mnist-5k")
+
+    p = sub.add_parser("run", help="run an experiment (see `bnlab list`)")
+    runs = p.add_subparsers(dest="experiment", required=True)
+    for name, mod in EXPERIMENTS.items():
+        q = runs.add_parser(
+            name,
+            help=mod.DESCRIPTION,
+            description=mod.__doc__,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+        add_config_flags(q, mod.MnistConfig)
+        q.add_argument(
+            "--quick",
+            action="store_true",
+            help="smoke run: " + ", ".join(f"{k}={v}" for k, v in mod.QUICK.items()),
+        )
+        q.add_argument("--out", default=None, help="run directory (default: runs/<exp>/<time>)")
+        q.add_argument("--no-progress", action="store_true", help="no progress bar")
+        q.set_defaults(func=_cmd_run)
+
+    p = sub.add_parser("list", help="list experiments")
+    p.set_defaults(func=_cmd_list)
+
+    p = sub.add_parser("report", help="rebuild figures and report of a run from its files")
+    p.add_argument("run_dir", type=Path)
+    p.set_defaults(func=_cmd_report)
+
+    p = sub.add_parser("data", help="datasets: `bnlab data fetch mnist|fashion-mnist|cifar10`")
+    dsub = p.add_subparsers(dest="data_command", required=True)
+    f = dsub.add_parser("fetch", help="download a dataset into the cache ($BNLAB_DATA)")
+    f.add_argument("name", choices=["mnist", "fashion-mnist", "cifar10"])
+    f.add_argument(
+        "--root", default=None, help="cache directory (default: $BNLAB_DATA or ~/.cache/bnlab)"
+    )
+    f.add_argument("--mirror", default=None, help="base URL to download from instead")
+    f.set_defaults(func=_cmd_data)
+
+    p = sub.add_parser(
+        "bench", help="kernel benchmarks (args passed on; see `bnlab bench -h`)", add_help=False
+    )
+    p.add_argument("bench_args", nargs=argparse.REMAINDER)
+    p.set_defaults(func=_cmd_bench)
+
+    p = sub.add_parser("demo", help="a one-network-each plain-loop MNIST demo")
     p.add_argument("--steps", type=int, default=600, help="SGD steps per network")
     p.add_argument("--batch-size", type=int, default=60, help="examples per mini-batch")
-    p.add_argument("--lr", type=float, default=0.5, help="SGD learning rate (both networks)")
+    p.add_argument("--lr", type=float, default=0.5, help="SGD learning rate")
     p.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
-    if args.command == "demo":
-        print(
-            f"bnlab demo: MNIST MLP (784-100-100-100-10, sigmoid) on mnist-5k, "
-            f"{torch.get_num_threads()} threads"
-        )
-        demo(args.steps, args.batch_size, args.lr, args.seed)
-    return 0
+    p.set_defaults(func=_cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError, OSError) as exc:
+        print(f"bnlab: error: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

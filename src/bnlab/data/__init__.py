@@ -1,5 +1,5 @@
 """Datasets: the embedded MNIST 5,000-digit subset (and, later, IDX/CIFAR loaders and downloads)."""
 
-from .datasets import Dataset, load_mnist5k
+from .datasets import Dataset, load_dataset, load_mnist5k
 
-__all__ = ["Dataset", "load_mnist5k"]
+__all__ = ["Dataset", "load_dataset", "load_mnist5k"]

@@ -78,3 +78,10 @@ def load_mnist5k(path: str | Path | None = None, test_fraction: float = 0.2) -> 
     x = torch.from_numpy(pixels.astype(np.float32) / 255.0).view(-1, 1, 28, 28)
     y = torch.from_numpy(labels)
     return Dataset("mnist-5k", x[tr], y[tr], x[te], y[te], source=str(path))
+
+
+def load_dataset(name: str, root=None, download: bool = False) -> Dataset:
+    """Load a dataset by name (placeholder until the full data layer lands: mnist-5k only)."""
+    if name in ("mnist-5k", "auto"):
+        return load_mnist5k()
+    raise ValueError(f"unknown dataset {name!r}")

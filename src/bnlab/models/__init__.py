@@ -1,5 +1,5 @@
 """Models that take ``norm=`` and ``act=``."""
 
-from .mlp import MLP
+from .mlp import MLP, StackedMLP, gaussian_init_
 
-__all__ = ["MLP"]
+__all__ = ["MLP", "StackedMLP", "gaussian_init_"]

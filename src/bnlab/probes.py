@@ -1,0 +1,63 @@
+"""Probes: forward hooks that record what flows through a model, then remove themselves.
+
+Used for Figure 1(b, c) of Ioffe & Szegedy (2015): the 15th, 50th and 85th percentiles of the
+input to a sigmoid over training. A probe only reads tensors: it never changes a module's
+train/eval mode, its parameters or the values it sees.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ["record_inputs", "record_outputs", "percentiles"]
+
+
+@contextmanager
+def _record(modules: Mapping[str, nn.Module], which: str) -> Iterator[dict[str, Tensor]]:
+    captured: dict[str, Tensor] = {}
+    handles = []
+    for name, module in modules.items():
+        if which == "input":
+
+            def pre_hook(mod, args, name=name):
+                captured[name] = args[0].detach()
+
+            handles.append(module.register_forward_pre_hook(pre_hook))
+        else:
+
+            def hook(mod, args, out, name=name):
+                captured[name] = out.detach()
+
+            handles.append(module.register_forward_hook(hook))
+    try:
+        yield captured
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def record_inputs(modules: Mapping[str, nn.Module]):
+    """Context manager: ``with record_inputs({"sig3": m}) as got: model(x)`` leaves the (detached)
+    first positional input of each module in ``got[name]``; the hooks are gone after the block."""
+    return _record(modules, "input")
+
+
+def record_outputs(modules: Mapping[str, nn.Module]):
+    """Like :func:`record_inputs`, for each module's output."""
+    return _record(modules, "output")
+
+
+def percentiles(t: Tensor, qs: Sequence[float], dim: int = 0) -> Tensor:
+    """Exact percentiles along ``dim`` with linear interpolation between order statistics (the
+    definition of ``numpy.percentile``'s default): for q in [0, 100], position
+    ``q/100 * (n - 1)`` in the sorted values. Returns shape ``(len(qs), *rest)`` in float64."""
+    if t.shape[dim] == 0:
+        raise ValueError("percentiles: empty dimension")
+    q = torch.tensor([float(v) / 100.0 for v in qs], dtype=torch.float64)
+    if (q < 0).any() or (q > 1).any():
+        raise ValueError(f"percentiles: qs must be in [0, 100], got {list(qs)}")
+    return torch.quantile(t.double(), q, dim=dim, interpolation="linear")

@@ -1,0 +1,163 @@
+"""The Figure 1 experiment: batched == separate runs, the smoke run, report rebuilt from files."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from torch import nn
+
+import bnlab
+from bnlab.cli import main
+from bnlab.experiments import mnist
+from bnlab.models import MLP, StackedMLP
+
+
+def _separate_run(seed, norm, x, y, steps, cfg):
+    """One network, the plain way: nn.Linear layers, bnlab.BatchNorm1d(100), its own loop."""
+    model = MLP(norm=norm, init_std=cfg.init_std, init_seed=seed).double()
+    opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum)
+    idx = mnist.sample_indices(mnist.data_generator(seed), len(y), steps, cfg.batch_size)
+    for t in range(steps):
+        loss = nn.functional.cross_entropy(model(x[idx[t]]), y[idx[t]])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return model
+
+
+@pytest.mark.parametrize("norm", [None, "batchnorm1d"])
+def test_batched_equals_separate_runs_for_20_steps(norm):
+    steps = 20
+    cfg = mnist.MnistConfig(seeds=3, seed=5, lr=0.5, momentum=0.9, batch_size=16)
+    g = torch.Generator().manual_seed(0)
+    # float64, so the comparison is not blurred by bmm and mm rounding differently
+    x = torch.rand(200, 784, generator=g, dtype=torch.float64)
+    y = torch.randint(10, (200,), generator=g)
+    seeds = [5, 6, 7]
+    stacked = StackedMLP(3, norm=norm)
+    stacked.init_gaussian_(seeds, cfg.init_std)
+    stacked.double()
+    opt = torch.optim.SGD(stacked.parameters(), lr=cfg.lr, momentum=cfg.momentum)
+    idx = torch.stack(
+        [mnist.sample_indices(mnist.data_generator(s), 200, steps, cfg.batch_size) for s in seeds]
+    )
+    for t in range(steps):
+        logits = stacked(x[idx[:, t]])
+        ce = (
+            nn.functional.cross_entropy(
+                logits.reshape(-1, 10), y[idx[:, t]].reshape(-1), reduction="none"
+            )
+            .view(3, -1)
+            .mean(1)
+        )
+        opt.zero_grad()
+        ce.sum().backward()
+        opt.step()
+    xt = torch.rand(50, 784, generator=g, dtype=torch.float64)
+    stacked.eval()
+    out = stacked(xt.expand(3, -1, -1))
+    for k, seed in enumerate(seeds):
+        ref = _separate_run(seed, norm, x, y, steps, cfg).eval()
+        torch.testing.assert_close(out[k], ref(xt), rtol=1e-9, atol=1e-10)
+        linears = [m for m in ref.modules() if isinstance(m, nn.Linear)]
+        for w, lin in zip(stacked.weights, linears, strict=True):
+            torch.testing.assert_close(w[k], lin.weight.t(), rtol=1e-9, atol=1e-11)
+        if norm:
+            bns = [m for m in ref.modules() if isinstance(m, bnlab.BatchNorm1d)]
+            for bs, b in zip(stacked.norms, bns, strict=True):
+                sl = slice(k * 100, (k + 1) * 100)
+                torch.testing.assert_close(
+                    bs.running_mean[sl], b.running_mean, atol=1e-11, rtol=1e-9
+                )
+                torch.testing.assert_close(bs.running_var[sl], b.running_var, atol=1e-11, rtol=1e-9)
+                torch.testing.assert_close(bs.weight[sl], b.weight, atol=1e-11, rtol=1e-9)
+
+
+def test_stacked_bn_is_bnlab_batchnorm():
+    m = StackedMLP(4, norm="batchnorm1d")
+    assert all(type(n) is bnlab.BatchNorm1d and n.num_features == 400 for n in m.norms)
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs") / "mnist-quick"
+    assert main(["run", "mnist", "--quick", "--out", str(out), "--no-progress"]) == 0
+    return out
+
+
+def test_quick_run_produces_all_files_and_bn_wins(quick_run):
+    for name in ("config.json", "metrics.jsonl", "figure1.png", "report.md", "report.html"):
+        assert (quick_run / name).is_file(), name
+    meta, rows = mnist.load_run(quick_run)
+    assert meta["dataset"]["name"] == "mnist-5k" and meta["steps_done"] == mnist.QUICK["steps"]
+    assert meta["threads"] >= 1 and "torch" in meta["versions"] and not meta["interrupted"]
+    s = mnist.summarize(meta, rows)
+    # threshold of the smoke test: after 800 steps BN is well above the baseline
+    assert s["final"]["bn"] > 0.8
+    assert s["final"]["bn"] > s["final"]["baseline"] + 0.1
+    steps = sorted({r["step"] for r in rows})
+    assert steps[0] == 0 and steps[-1] == mnist.QUICK["steps"]
+    assert len(rows) == len(steps) * 2 * mnist.QUICK["seeds"]
+    row = rows[-1]
+    assert len(row["tracked_pct"]) == 3 and len(row["unit_pct"]) == 100
+    assert row["tracked_pct"][0] <= row["tracked_pct"][1] <= row["tracked_pct"][2]
+    html = (quick_run / "report.html").read_text()
+    assert "data:image/png;base64," in html and "Claim checks" in html
+    assert "<img" in html and "src='figure1.png'" not in html  # self-contained
+
+
+def test_report_rebuilds_identically_from_files(quick_run):
+    md_before = (quick_run / "report.md").read_text()
+    (quick_run / "report.md").unlink()
+    (quick_run / "figure1.png").unlink()
+    assert main(["report", str(quick_run)]) == 0
+    assert (quick_run / "report.md").read_text() == md_before
+    assert (quick_run / "figure1.png").is_file()
+
+
+def test_claims_computed_from_hand_made_metrics(tmp_path):
+    """summarize() on metrics written by hand: verdicts follow the definitions."""
+    meta = {"experiment": "mnist"}
+    rows = []
+    for step in range(0, 1001, 100):
+        for net, acc in (("baseline", 0.5 + step / 4000), ("bn", 0.9 + step / 20000)):
+            wobble = (step / 100) % 2 if net == "baseline" else 0.0
+            rows.append(
+                {
+                    "step": step,
+                    "net": net,
+                    "seed": 0,
+                    "test_acc": acc,
+                    "tracked_pct": [-1 - wobble, wobble, 1 + 2 * wobble],
+                    "unit_pct": [[-1 - wobble, wobble, 1 + 2 * wobble]] * 3,
+                }
+            )
+    s = mnist.summarize(meta, rows)
+    c1, c2, c3a, c3b = s["claims"]
+    assert c1["holds"] and c2["holds"] and c3a["holds"] and c3b["holds"]
+    assert s["final"]["baseline"] == pytest.approx(0.75)
+    assert s["stability"]["baseline"]["tracked_median_range"] == pytest.approx(1.0)
+    assert s["stability"]["baseline"]["tracked_spread_range"] == pytest.approx(3.0)
+    assert s["stability"]["bn"]["tracked_spread_range"] == pytest.approx(0.0)
+    # swap the roles: every claim must now fail
+    swapped = [dict(r, net="bn" if r["net"] == "baseline" else "baseline") for r in rows]
+    assert not any(c["holds"] for c in mnist.summarize(meta, swapped)["claims"])
+
+
+def test_bad_run_dir_and_bad_metrics(tmp_path):
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        mnist.load_run(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps({"experiment": "mnist"}))
+    (tmp_path / "metrics.jsonl").write_text("{not json\n")
+    with pytest.raises(ValueError, match="line 1"):
+        mnist.load_run(tmp_path)
+    assert main(["report", str(tmp_path)]) == 2
+
+
+def test_cli_list_and_flag_types(capsys):
+    assert main(["list"]) == 0
+    assert "mnist" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        main(["run", "mnist", "--steps", "many"])
