@@ -7,6 +7,7 @@ import contextlib
 import http.server
 import io
 import pickle
+import struct
 import tarfile
 import threading
 import time
@@ -47,9 +48,47 @@ CIFAR_LABEL_NAMES = ["airplane", "automobile", "bird", "cat", "deer",
                      "dog", "frog", "horse", "ship", "truck"]
 
 
-def cifar_batch_bytes(data: np.ndarray, labels, protocol: int = 4, bytes_keys: bool = False,
-                      **extra) -> bytes:
-    """A pickled CIFAR-style batch dict {'data': (N, 3072) uint8, 'labels': list, ...}."""
+def _py2_str(b: bytes) -> bytes:
+    """Pickle opcodes for a Python 2 ``str`` (SHORT_BINSTRING or BINSTRING)."""
+    if len(b) < 256:
+        return b"U" + bytes([len(b)]) + b
+    return b"T" + struct.pack("<i", len(b)) + b
+
+
+def _py2_int(n: int) -> bytes:
+    return b"K" + bytes([n]) if 0 <= n < 256 else b"J" + struct.pack("<i", n)
+
+
+def py2_cifar_batch(data: np.ndarray, labels) -> bytes:
+    """A CIFAR batch pickled the way the official archive's were: protocol 2 from Python 2, byte
+    strings as ``str`` opcodes, the array built by ``numpy.core.multiarray._reconstruct`` with a
+    ``(1, shape, dtype, False, raw_bytes)`` state. Written opcode by opcode, since Python 3 cannot
+    produce Python 2 strings."""
+    data = np.ascontiguousarray(data, dtype=np.uint8)
+    array = (
+        b"cnumpy.core.multiarray\n_reconstruct\ncnumpy\nndarray\n"
+        + _py2_int(0) + b"\x85" + _py2_str(b"b") + b"\x87R"  # _reconstruct(ndarray, (0,), 'b')
+    )
+    shape = b"(" + b"".join(_py2_int(n) for n in data.shape) + b"t"
+    dtype = (
+        b"cnumpy\ndtype\n" + _py2_str(b"u1") + _py2_int(0) + _py2_int(1) + b"\x87R"
+        + b"(" + _py2_int(3) + _py2_str(b"|") + b"NNN" + _py2_int(-1) + _py2_int(-1)
+        + _py2_int(0) + b"tb"  # dtype('u1').__setstate__((3, '|', None, None, None, -1, -1, 0))
+    )
+    array += b"(" + _py2_int(1) + shape + dtype + b"\x89" + _py2_str(data.tobytes()) + b"tb"
+    labels_ops = b"](" + b"".join(_py2_int(int(v)) for v in labels) + b"e"
+    return (
+        b"\x80\x02}(" + _py2_str(b"batch_label") + _py2_str(b"generated batch")
+        + _py2_str(b"data") + array + _py2_str(b"labels") + labels_ops + b"u."
+    )
+
+
+def cifar_batch_bytes(data: np.ndarray, labels, protocol: int | str = 4,
+                      bytes_keys: bool = False, **extra) -> bytes:
+    """A pickled CIFAR-style batch dict {'data': (N, 3072) uint8, 'labels': list, ...};
+    ``protocol="py2"`` writes it like the official files (see :func:`py2_cifar_batch`)."""
+    if protocol == "py2":
+        return py2_cifar_batch(data, labels)
     batch = {"batch_label": "generated", "data": data, "labels": list(labels), **extra}
     if bytes_keys:
         batch = {k.encode(): v for k, v in batch.items()}
@@ -57,7 +96,8 @@ def cifar_batch_bytes(data: np.ndarray, labels, protocol: int = 4, bytes_keys: b
 
 
 def make_cifar_tarball(
-    path: Path, n_per_batch: int = 3, seed: int = 0, protocol: int = 4, bytes_keys: bool = False,
+    path: Path, n_per_batch: int = 3, seed: int = 0, protocol: int | str = 4,
+    bytes_keys: bool = False,
     members: dict[str, bytes] | None = None, folder: Path | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Write a tar.gz laid out like ``cifar-10-python.tar.gz`` (five train batches, a test batch,
@@ -79,7 +119,7 @@ def make_cifar_tarball(
     meta = {"label_names": CIFAR_LABEL_NAMES, "num_cases_per_batch": n_per_batch}
     if bytes_keys:
         meta = {k.encode(): v for k, v in meta.items()}
-    content["batches.meta"] = pickle.dumps(meta, protocol=protocol)
+    content["batches.meta"] = pickle.dumps(meta, protocol=2 if protocol == "py2" else protocol)
     content.update(members or {})
     path.parent.mkdir(parents=True, exist_ok=True)
     with tarfile.open(path, "w:gz") as tar:

@@ -19,6 +19,7 @@ import torch
 from bnlab.data import (
     DATASET_NAMES,
     cache_dir,
+    dataset_status,
     load_cifar10,
     load_dataset,
     load_fashion_mnist,
@@ -251,8 +252,9 @@ def test_fashion_mnist_absent_names_both_places():
 # CIFAR-10
 
 
-@pytest.mark.parametrize("protocol", [2, 4])
-@pytest.mark.parametrize("bytes_keys", [False, True])
+@pytest.mark.parametrize(
+    "protocol, bytes_keys", [("py2", False), (2, False), (2, True), (4, False), (4, True)]
+)
 def test_load_cifar10_tarball(tmp_path, protocol, bytes_keys):
     tarball = cache_dir() / "cifar10" / "cifar-10-python.tar.gz"
     xtr, ytr, xte, yte = make_cifar_tarball(tarball, n_per_batch=3, protocol=protocol,
@@ -399,6 +401,30 @@ def test_auto_incomplete_cache_is_mnist5k():
     make_idx_set(d)
     (d / IDX_NAMES[3]).unlink()
     assert load_dataset("auto").name == "mnist-5k"
+
+
+def test_auto_with_corrupt_cached_mnist_raises_not_falls_back(tmp_path):
+    d = cache_dir() / "mnist"
+    make_idx_set(d)
+    blob = (d / IDX_NAMES[2]).read_bytes()
+    (d / IDX_NAMES[2]).write_bytes(blob[: len(blob) // 2])
+    with pytest.raises(ValueError, match=r"t10k-images-idx3-ubyte\.gz: truncated"):
+        load_dataset("auto")
+
+
+def test_dataset_status(tmp_path):
+    status = dataset_status()
+    assert set(status) == set(DATASET_NAMES)
+    assert status["auto"].startswith("mnist-5k")
+    assert "bnlab data fetch mnist" in status["mnist"]
+    assert "bnlab data fetch cifar10" in status["cifar10"]
+    assert status["mnist-5k"].endswith("mnist_5k.csv.gz")
+    make_idx_set(tmp_path / "cache" / "mnist")
+    make_cifar_tarball(tmp_path / "cache" / "cifar10" / "cifar-10-python.tar.gz")
+    status = dataset_status()
+    assert status["auto"] == "full MNIST (cached)"
+    assert status["mnist"] == str(tmp_path / "cache" / "mnist")
+    assert status["cifar10"].endswith("cifar10/cifar-10-python.tar.gz")
 
 
 def test_synthetic_shapes_determinism_balance():

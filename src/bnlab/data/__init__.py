@@ -5,6 +5,7 @@ synthetic), the cache and checked downloads. ``load_dataset(name)`` is the entry
 from .datasets import (
     DATASET_NAMES,
     Dataset,
+    dataset_status,
     load_cifar10,
     load_dataset,
     load_fashion_mnist,
@@ -35,6 +36,7 @@ __all__ = [
     "DownloadError",
     "cache_dir",
     "dataset_dir",
+    "dataset_status",
     "download_file",
     "fetch",
     "load_cifar10",

@@ -41,6 +41,7 @@ from .idx import read_idx
 __all__ = [
     "DATASET_NAMES",
     "Dataset",
+    "dataset_status",
     "load_cifar10",
     "load_dataset",
     "load_fashion_mnist",
@@ -465,6 +466,33 @@ def _auto(root: str | Path | None, download: bool, mirror: str | None, progress:
         f"`bnlab data fetch mnist`, or place the four IDX files there by hand (docs/data.md)"
     )
     return data
+
+
+def dataset_status(root: str | Path | None = None) -> dict[str, str]:
+    """One line per data set name saying where it would be loaded from, or how to get it;
+    for ``bnlab data`` listings and run reports. Reads no file contents."""
+    out: dict[str, str] = {}
+    mnist = locate("mnist", root, system=False)
+    out["auto"] = "full MNIST (cached)" if mnist else "mnist-5k (full MNIST not cached)"
+    for name in ("mnist", "fashion-mnist"):
+        where = locate(name, root)
+        out[name] = str(where) if where else (
+            f"not in {dataset_dir(name, root)}: `bnlab data fetch {name}`"
+        )
+    cifar = dataset_dir("cifar10", root)
+    tarball = cifar / RESOURCES["cifar10"].files[0].name
+    if tarball.is_file():
+        out["cifar10"] = str(tarball)
+    elif (cifar / CIFAR10_FOLDER).is_dir():
+        out["cifar10"] = str(cifar / CIFAR10_FOLDER)
+    else:
+        out["cifar10"] = f"not in {cifar}: `bnlab data fetch cifar10`"
+    try:
+        out["mnist-5k"] = str(mnist5k_path())
+    except FileNotFoundError as exc:
+        out["mnist-5k"] = str(exc)
+    out["synthetic"] = "generated on the fly (seeded Gaussian blobs)"
+    return out
 
 
 def load_dataset(

@@ -289,6 +289,7 @@ def download_file(
                 )
             out.flush()
             os.fsync(out.fileno())
+        tmp.chmod(0o644)  # mkstemp makes it private; a cached data file is readable by all
         os.replace(tmp, dest)
         _fsync_dir(dest.parent)
     except BaseException:
