@@ -46,7 +46,7 @@ __all__ = [
 
 ENV_DATA = "BNLAB_DATA"
 ENV_MIRROR = "BNLAB_DATA_MIRROR"
-TIMEOUT = 15.0  # seconds for connect and for each read on the socket
+TIMEOUT = 10.0  # seconds: for the connection, and for each read on the socket
 _CHUNK = 1 << 16
 _USER_AGENT = "bnlab-data/0.1 (python urllib)"
 
@@ -209,6 +209,15 @@ def _by_hand(dest: Path, md5: str) -> str:
     )
 
 
+def _offline(reason: str, dest: Path, md5: str) -> DownloadError:
+    """A DownloadError saying what failed and how to place the file by hand; ``.reason`` keeps
+    the first part alone, so ``fetch`` can list several failed sources with one hint."""
+    err = DownloadError(f"{reason}. {_by_hand(dest, md5)}")
+    err.reason = reason
+    err.hint = _by_hand(dest, md5)
+    return err
+
+
 def download_file(
     url: str,
     dest: str | Path,
@@ -237,14 +246,13 @@ def download_file(
             try:
                 response = urllib.request.urlopen(request, timeout=timeout)
             except urllib.error.HTTPError as exc:
-                raise DownloadError(
-                    f"cannot download {url}: HTTP {exc.code} {exc.reason}. {_by_hand(dest, md5)}"
+                raise _offline(
+                    f"cannot download {url}: HTTP {exc.code} {exc.reason}", dest, md5
                 ) from exc
             except (urllib.error.URLError, TimeoutError, OSError) as exc:
                 reason = getattr(exc, "reason", exc)
-                raise DownloadError(
-                    f"cannot download {url}: {reason} (offline, or host unreachable). "
-                    f"{_by_hand(dest, md5)}"
+                raise _offline(
+                    f"cannot download {url}: {reason} (offline, or host unreachable)", dest, md5
                 ) from exc
             with response:
                 total = response.headers.get("Content-Length")
@@ -347,9 +355,13 @@ def fetch(
         else:
             if len(errors) == 1:
                 raise errors[0]
-            detail = "\n  ".join(str(e) for e in errors)
+            detail = "\n  ".join(getattr(e, "reason", str(e)) for e in errors)
+            hints = [h for e in errors if (h := getattr(e, "hint", None))]
+            message = f"{name}: no source delivered {remote.name}:\n  {detail}"
+            if hints:
+                message += "\n" + hints[0]
             kind = ChecksumError if all(isinstance(e, ChecksumError) for e in errors) else (
                 DownloadError
             )
-            raise kind(f"{name}: no source delivered {remote.name}:\n  {detail}") from errors[-1]
+            raise kind(message) from errors[-1]
     return directory
