@@ -240,3 +240,19 @@ def test_fetch_cifar10_then_load(tmp_path, server, monkeypatch):
 def test_fetch_unknown_name():
     with pytest.raises(ValueError, match="unknown data set 'imagenet'"):
         fetch("imagenet")
+
+
+def test_all_sources_down_lists_each_url_and_one_hint(tmp_path, monkeypatch):
+    p1, p2 = _closed_port(), _closed_port()
+    files = (RemoteFile("a.gz", "0" * 32),)
+    monkeypatch.setitem(
+        dl.RESOURCES, "mnist",
+        Resource("mnist", "mnist", (f"http://127.0.0.1:{p1}/", f"http://127.0.0.1:{p2}/"), files),
+    )
+    with pytest.raises(DownloadError) as info:
+        fetch("mnist", progress=False, timeout=2)
+    msg = str(info.value)
+    assert msg.startswith("mnist: no source delivered a.gz:")
+    assert f"http://127.0.0.1:{p1}/a.gz" in msg and f"http://127.0.0.1:{p2}/a.gz" in msg
+    assert msg.count("copy it to") == 1
+    assert str(tmp_path / "cache" / "mnist" / "a.gz") in msg

@@ -311,7 +311,7 @@ def _progress_bar(desc: str, total: int | None, enabled: bool):
 
     return tqdm(
         total=total, desc=desc, unit="B", unit_scale=True, unit_divisor=1024,
-        disable=not enabled, leave=False,
+        disable=not enabled, leave=True,
     )
 
 
