@@ -243,9 +243,14 @@ def test_fashion_mnist_from_system_folder_and_cache_first(tmp_path, monkeypatch)
     _check_idx_dataset(load_dataset("fashion-mnist"), cache_arrays, "fashion-mnist")
 
 
-def test_fashion_mnist_absent_names_both_places():
-    with pytest.raises(FileNotFoundError, match="fashion-mnist.*/usr/share/datasets/fashion-mnist"):
+def test_fashion_mnist_absent_names_both_places(tmp_path, monkeypatch):
+    monkeypatch.setitem(dl.SYSTEM_DIRS, "fashion-mnist", (tmp_path / "debian-dir",))
+    with pytest.raises(FileNotFoundError) as info:
         load_fashion_mnist()
+    msg = str(info.value)
+    assert str(tmp_path / "cache" / "fashion-mnist") in msg
+    assert f"nor in {tmp_path / 'debian-dir'}" in msg
+    assert "bnlab data fetch fashion-mnist" in msg
 
 
 # ---------------------------------------------------------------------------------------------

@@ -35,7 +35,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .download import RESOURCES, dataset_dir, fetch, find_file, locate, missing_files
+from .download import RESOURCES, SYSTEM_DIRS, dataset_dir, fetch, find_file, locate, missing_files
 from .idx import read_idx
 
 __all__ = [
@@ -203,9 +203,8 @@ def _idx_dataset(
     directory = locate(name, root, system=system)
     if directory is None:
         if not download:
-            extra = ""
-            if system and name in ("fashion-mnist",):
-                extra = " (nor in /usr/share/datasets/fashion-mnist)"
+            others = SYSTEM_DIRS.get(name, ()) if system else ()
+            extra = "".join(f" (nor in {d})" for d in others)
             raise _absent(name, root, extra)
         directory = fetch(name, root, mirror=mirror, progress=progress)
     arrays = []
