@@ -111,9 +111,13 @@ def _cmd_report(args) -> int:
 
 
 def _cmd_data(args) -> int:
-    from .data import download
+    from . import data
 
-    path = download.fetch(args.name, root=args.root, mirror=args.mirror)
+    if args.data_command == "list":
+        for name, status in data.dataset_status(args.root).items():
+            print(f"{name:<14} {status}")
+        return 0
+    path = data.fetch(args.name, root=args.root, mirror=args.mirror)
     print(f"{args.name}: {path}")
     return 0
 
@@ -210,6 +214,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--root", default=None, help="cache directory (default: $BNLAB_DATA or ~/.cache/bnlab)"
     )
     f.add_argument("--mirror", default=None, help="base URL to download from instead")
+    f.set_defaults(func=_cmd_data)
+    f = dsub.add_parser("list", help="datasets and where each would load from (no network)")
+    f.add_argument("--root", default=None, help="cache directory")
     f.set_defaults(func=_cmd_data)
 
     p = sub.add_parser(
