@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(VENV)/bin/bnlab demo
+	$(VENV)/bin/bnlab run mnist
 
 test: $(STAMP)
 	$(PY) -m pytest -q

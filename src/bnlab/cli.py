@@ -1,15 +1,11 @@
-"""The ``bnlab`` command line: ``bnlab run|list|report|data|bench|demo``."""
+"""The ``bnlab`` command line: ``bnlab run|list|report|data|bench``."""
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
 import sys
-import time
 from pathlib import Path
-
-import torch
-from torch import nn
 
 __all__ = ["main", "add_config_flags", "config_from_args"]
 
@@ -128,52 +124,6 @@ def _cmd_bench(args) -> int:
     return bench.main(args.bench_args)
 
 
-def _accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
-    was_training = model.training
-    model.eval()
-    with torch.no_grad():
-        acc = (model(x).argmax(1) == y).float().mean().item()
-    model.train(was_training)
-    return acc
-
-
-def demo(steps: int = 600, batch_size: int = 60, lr: float = 0.5, seed: int = 0) -> dict:
-    """Train the paper's MNIST MLP with and without bnlab BatchNorm on mnist-5k (one network
-    each, a plain loop); returns both test accuracies (BN network in inference mode)."""
-    from .data import load_mnist5k
-    from .models import MLP
-
-    data = load_mnist5k()
-    results = {}
-    for norm in (None, "batchnorm1d"):
-        model = MLP(norm=norm, init_std=0.01, init_seed=seed)
-        opt = torch.optim.SGD(model.parameters(), lr=lr)
-        gen = torch.Generator().manual_seed(seed + 1)
-        idx = torch.randint(len(data.y_train), (steps, batch_size), generator=gen)
-        t0 = time.perf_counter()
-        for i in range(steps):
-            loss = nn.functional.cross_entropy(model(data.x_train[idx[i]]), data.y_train[idx[i]])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-        label = "with bnlab BatchNorm1d" if norm else "without BatchNorm"
-        results[label] = _accuracy(model, data.x_test, data.y_test)
-        print(
-            f"{label:>24}: test accuracy {results[label]:.4f} after {steps} steps "
-            f"({time.perf_counter() - t0:.1f} s)"
-        )
-    return results
-
-
-def _cmd_demo(args) -> int:
-    print(
-        f"bnlab demo: MNIST MLP (784-100-100-100-10, sigmoid) on mnist-5k, "
-        f"{torch.get_num_threads()} threads"
-    )
-    demo(args.steps, args.batch_size, args.lr, args.seed)
-    return 0
-
-
 def build_parser() -> argparse.ArgumentParser:
     from .experiments import EXPERIMENTS
 
@@ -225,12 +175,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("bench_args", nargs=argparse.REMAINDER)
     p.set_defaults(func=_cmd_bench)
 
-    p = sub.add_parser("demo", help="a one-network-each plain-loop MNIST demo")
-    p.add_argument("--steps", type=int, default=600, help="SGD steps per network")
-    p.add_argument("--batch-size", type=int, default=60, help="examples per mini-batch")
-    p.add_argument("--lr", type=float, default=0.5, help="SGD learning rate")
-    p.add_argument("--seed", type=int, default=0)
-    p.set_defaults(func=_cmd_demo)
     return parser
 
 

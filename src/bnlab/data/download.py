@@ -310,8 +310,13 @@ def _progress_bar(desc: str, total: int | None, enabled: bool):
     from tqdm import tqdm
 
     return tqdm(
-        total=total, desc=desc, unit="B", unit_scale=True, unit_divisor=1024,
-        disable=not enabled, leave=True,
+        total=total,
+        desc=desc,
+        unit="B",
+        unit_scale=True,
+        unit_divisor=1024,
+        disable=not enabled,
+        leave=True,
     )
 
 
@@ -360,8 +365,10 @@ def fetch(
             message = f"{name}: no source delivered {remote.name}:\n  {detail}"
             if hints:
                 message += "\n" + hints[0]
-            kind = ChecksumError if all(isinstance(e, ChecksumError) for e in errors) else (
-                DownloadError
+            kind = (
+                ChecksumError
+                if all(isinstance(e, ChecksumError) for e in errors)
+                else (DownloadError)
             )
             raise kind(message) from errors[-1]
     return directory
