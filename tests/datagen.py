@@ -44,8 +44,18 @@ def make_idx_set(
     return arrays
 
 
-CIFAR_LABEL_NAMES = ["airplane", "automobile", "bird", "cat", "deer",
-                     "dog", "frog", "horse", "ship", "truck"]
+CIFAR_LABEL_NAMES = [
+    "airplane",
+    "automobile",
+    "bird",
+    "cat",
+    "deer",
+    "dog",
+    "frog",
+    "horse",
+    "ship",
+    "truck",
+]
 
 
 def _py2_str(b: bytes) -> bytes:
@@ -67,24 +77,44 @@ def py2_cifar_batch(data: np.ndarray, labels) -> bytes:
     data = np.ascontiguousarray(data, dtype=np.uint8)
     array = (
         b"cnumpy.core.multiarray\n_reconstruct\ncnumpy\nndarray\n"
-        + _py2_int(0) + b"\x85" + _py2_str(b"b") + b"\x87R"  # _reconstruct(ndarray, (0,), 'b')
+        + _py2_int(0)
+        + b"\x85"
+        + _py2_str(b"b")
+        + b"\x87R"  # _reconstruct(ndarray, (0,), 'b')
     )
     shape = b"(" + b"".join(_py2_int(n) for n in data.shape) + b"t"
     dtype = (
-        b"cnumpy\ndtype\n" + _py2_str(b"u1") + _py2_int(0) + _py2_int(1) + b"\x87R"
-        + b"(" + _py2_int(3) + _py2_str(b"|") + b"NNN" + _py2_int(-1) + _py2_int(-1)
-        + _py2_int(0) + b"tb"  # dtype('u1').__setstate__((3, '|', None, None, None, -1, -1, 0))
+        b"cnumpy\ndtype\n"
+        + _py2_str(b"u1")
+        + _py2_int(0)
+        + _py2_int(1)
+        + b"\x87R"
+        + b"("
+        + _py2_int(3)
+        + _py2_str(b"|")
+        + b"NNN"
+        + _py2_int(-1)
+        + _py2_int(-1)
+        + _py2_int(0)
+        + b"tb"  # dtype('u1').__setstate__((3, '|', None, None, None, -1, -1, 0))
     )
     array += b"(" + _py2_int(1) + shape + dtype + b"\x89" + _py2_str(data.tobytes()) + b"tb"
     labels_ops = b"](" + b"".join(_py2_int(int(v)) for v in labels) + b"e"
     return (
-        b"\x80\x02}(" + _py2_str(b"batch_label") + _py2_str(b"generated batch")
-        + _py2_str(b"data") + array + _py2_str(b"labels") + labels_ops + b"u."
+        b"\x80\x02}("
+        + _py2_str(b"batch_label")
+        + _py2_str(b"generated batch")
+        + _py2_str(b"data")
+        + array
+        + _py2_str(b"labels")
+        + labels_ops
+        + b"u."
     )
 
 
-def cifar_batch_bytes(data: np.ndarray, labels, protocol: int | str = 4,
-                      bytes_keys: bool = False, **extra) -> bytes:
+def cifar_batch_bytes(
+    data: np.ndarray, labels, protocol: int | str = 4, bytes_keys: bool = False, **extra
+) -> bytes:
     """A pickled CIFAR-style batch dict {'data': (N, 3072) uint8, 'labels': list, ...};
     ``protocol="py2"`` writes it like the official files (see :func:`py2_cifar_batch`)."""
     if protocol == "py2":
@@ -96,9 +126,13 @@ def cifar_batch_bytes(data: np.ndarray, labels, protocol: int | str = 4,
 
 
 def make_cifar_tarball(
-    path: Path, n_per_batch: int = 3, seed: int = 0, protocol: int | str = 4,
+    path: Path,
+    n_per_batch: int = 3,
+    seed: int = 0,
+    protocol: int | str = 4,
     bytes_keys: bool = False,
-    members: dict[str, bytes] | None = None, folder: Path | None = None,
+    members: dict[str, bytes] | None = None,
+    folder: Path | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Write a tar.gz laid out like ``cifar-10-python.tar.gz`` (five train batches, a test batch,
     batches.meta) with random data; ``members`` replaces or adds members by name. When ``folder``

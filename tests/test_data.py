@@ -262,8 +262,9 @@ def test_fashion_mnist_absent_names_both_places(tmp_path, monkeypatch):
 )
 def test_load_cifar10_tarball(tmp_path, protocol, bytes_keys):
     tarball = cache_dir() / "cifar10" / "cifar-10-python.tar.gz"
-    xtr, ytr, xte, yte = make_cifar_tarball(tarball, n_per_batch=3, protocol=protocol,
-                                            bytes_keys=bytes_keys)
+    xtr, ytr, xte, yte = make_cifar_tarball(
+        tarball, n_per_batch=3, protocol=protocol, bytes_keys=bytes_keys
+    )
     ds = load_dataset("cifar10")
     assert ds.name == "cifar10" and ds.source == str(tarball)
     assert ds.x_train.shape == (15, 3, 32, 32) and ds.x_test.shape == (4, 3, 32, 32)
@@ -464,8 +465,14 @@ def test_synthetic_other_shapes_and_bad_args():
 
 
 def test_load_dataset_names():
-    assert set(DATASET_NAMES) == {"auto", "mnist", "mnist-5k", "fashion-mnist", "cifar10",
-                                  "synthetic"}
+    assert set(DATASET_NAMES) == {
+        "auto",
+        "mnist",
+        "mnist-5k",
+        "fashion-mnist",
+        "cifar10",
+        "synthetic",
+    }
     assert load_dataset("synthetic", seed=3).name == "synthetic"
     assert load_dataset("MNIST5K").name == "mnist-5k"
     with pytest.raises(ValueError, match="unknown data set 'svhn'"):

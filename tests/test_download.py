@@ -63,7 +63,9 @@ def served_mnist(tmp_path, server, monkeypatch):
     for n, b in blobs.items():
         server.routes[f"/mnist/{n}"] = b
     resource = Resource(
-        "mnist", "mnist", RESOURCES["mnist"].base_urls,
+        "mnist",
+        "mnist",
+        RESOURCES["mnist"].base_urls,
         tuple(RemoteFile(n, md5sum(src / n)) for n in IDX_NAMES),
     )
     monkeypatch.setitem(dl.RESOURCES, "mnist", resource)
@@ -100,8 +102,9 @@ def test_fetch_mnist_from_mirror_then_load(tmp_path, server, served_mnist):
     assert all(server.hits[f"/mnist/{n}"] == 1 for n in IDX_NAMES)
 
 
-def test_fetch_uses_env_mirror_and_progress_bar(tmp_path, server, served_mnist, monkeypatch,
-                                                capsys):
+def test_fetch_uses_env_mirror_and_progress_bar(
+    tmp_path, server, served_mnist, monkeypatch, capsys
+):
     monkeypatch.setenv("BNLAB_DATA_MIRROR", server.url + "/")
     fetch("mnist", progress=True)
     assert sorted(p.name for p in (tmp_path / "cache" / "mnist").iterdir()) == sorted(IDX_NAMES)
@@ -121,7 +124,8 @@ def test_fetch_falls_back_to_next_base_url(tmp_path, server, served_mnist, monke
     resource = dl.RESOURCES["mnist"]
     dead = f"http://127.0.0.1:{_closed_port()}/x/"
     monkeypatch.setitem(
-        dl.RESOURCES, "mnist",
+        dl.RESOURCES,
+        "mnist",
         Resource("mnist", "mnist", (dead, server.url + "/mnist/"), resource.files),
     )
     fetch("mnist", progress=False)
@@ -155,8 +159,11 @@ def test_checksum_mismatch_keeps_good_file(tmp_path, server):
     dest.parent.mkdir()
     dest.write_bytes(good)
     server.routes["/file.bin"] = b"the evil bytes" * 100
-    with pytest.raises(ChecksumError, match=r"file\.bin from http://127\.0\.0\.1:\d+/file\.bin: "
-                                            r"checksum mismatch"):
+    with pytest.raises(
+        ChecksumError,
+        match=r"file\.bin from http://127\.0\.0\.1:\d+/file\.bin: "
+        r"checksum mismatch",
+    ):
         download_file(server.url + "/file.bin", dest, md5sum(dest), progress=False)
     assert dest.read_bytes() == good
     assert sorted(p.name for p in dest.parent.iterdir()) == ["file.bin"]
@@ -172,8 +179,7 @@ def test_truncated_download_keeps_good_file(tmp_path, server):
     import hashlib
 
     with pytest.raises(DownloadError, match=r"big\.bin: truncated, .*5000 of 102400 bytes"):
-        download_file(server.url + "/big.bin", dest, hashlib.md5(body).hexdigest(),
-                      progress=False)
+        download_file(server.url + "/big.bin", dest, hashlib.md5(body).hexdigest(), progress=False)
     assert dest.read_bytes() == b"previous good copy"
     assert sorted(p.name for p in dest.parent.iterdir()) == ["big.bin"]
     # the same URL served whole succeeds and replaces the file
@@ -192,8 +198,11 @@ def test_truncated_fetch_leaves_no_file(tmp_path, server, served_mnist):
 
 
 def test_http_error_names_url(tmp_path, server):
-    with pytest.raises(DownloadError, match=r"cannot download http://127\.0\.0\.1:\d+/missing: "
-                                            r"HTTP 404"):
+    with pytest.raises(
+        DownloadError,
+        match=r"cannot download http://127\.0\.0\.1:\d+/missing: "
+        r"HTTP 404",
+    ):
         download_file(server.url + "/missing", tmp_path / "m", "0" * 32, progress=False)
     assert list(tmp_path.iterdir()) == []
 
@@ -215,8 +224,9 @@ def test_stalled_server_times_out(tmp_path, server):
     server.routes["/slow"] = b"x"
     server.stall["/slow"] = 3.0
     with pytest.raises(DownloadError, match=r"cannot download .*/slow: .*timed out"):
-        download_file(server.url + "/slow", tmp_path / "slow", "0" * 32, timeout=0.3,
-                      progress=False)
+        download_file(
+            server.url + "/slow", tmp_path / "slow", "0" * 32, timeout=0.3, progress=False
+        )
     assert list(tmp_path.iterdir()) == []
 
 
@@ -225,9 +235,14 @@ def test_fetch_cifar10_then_load(tmp_path, server, monkeypatch):
     xtr, ytr, _, _ = make_cifar_tarball(origin, n_per_batch=2)
     server.routes["/cifar10/cifar-10-python.tar.gz"] = origin.read_bytes()
     monkeypatch.setitem(
-        dl.RESOURCES, "cifar10",
-        Resource("cifar10", "cifar10", RESOURCES["cifar10"].base_urls,
-                 (RemoteFile("cifar-10-python.tar.gz", md5sum(origin)),)),
+        dl.RESOURCES,
+        "cifar10",
+        Resource(
+            "cifar10",
+            "cifar10",
+            RESOURCES["cifar10"].base_urls,
+            (RemoteFile("cifar-10-python.tar.gz", md5sum(origin)),),
+        ),
     )
     ds = load_dataset("cifar10", download=True, mirror=server.url, progress=False)
     assert ds.x_train.shape == (10, 3, 32, 32)
@@ -246,7 +261,8 @@ def test_all_sources_down_lists_each_url_and_one_hint(tmp_path, monkeypatch):
     p1, p2 = _closed_port(), _closed_port()
     files = (RemoteFile("a.gz", "0" * 32),)
     monkeypatch.setitem(
-        dl.RESOURCES, "mnist",
+        dl.RESOURCES,
+        "mnist",
         Resource("mnist", "mnist", (f"http://127.0.0.1:{p1}/", f"http://127.0.0.1:{p2}/"), files),
     )
     with pytest.raises(DownloadError) as info:

@@ -161,3 +161,35 @@ def test_cli_list_and_flag_types(capsys):
     assert "mnist" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         main(["run", "mnist", "--steps", "many"])
+
+
+def test_one_process_per_variant_gives_the_same_numbers(tmp_path):
+    base = ["run", "mnist", "--quick", "--steps", "200", "--no-progress", "--threads", "2"]
+    assert main([*base, "--workers", "1", "--out", str(tmp_path / "w1")]) == 0
+    assert main([*base, "--workers", "2", "--out", str(tmp_path / "w2")]) == 0
+    rows = {}
+    for w in ("w1", "w2"):
+        meta, r = mnist.load_run(tmp_path / w)
+        rows[w] = sorted(r, key=lambda x: (x["step"], x["net"], x["seed"]))
+        assert meta["processes"] == int(w[1])
+    assert len(rows["w1"]) == len(rows["w2"]) == 3 * 2 * 2
+    for a, b in zip(rows["w1"], rows["w2"], strict=True):
+        assert a["test_acc"] == b["test_acc"] and a["step"] == b["step"]
+        assert a["tracked_pct"] == pytest.approx(b["tracked_pct"], abs=1e-3)
+
+
+def test_stop_request_ends_with_an_evaluation_at_the_step_reached():
+    cfg = mnist.MnistConfig(steps=1000, eval_every=500, seeds=1, dataset="synthetic")
+    data = mnist._load_data(cfg)
+    events = []
+    steps = mnist.train_variants(
+        cfg,
+        ("bn",),
+        data,
+        lambda kind, p: events.append((kind, p)),
+        lambda: any(k == "progress" and p >= 200 for k, p in events),
+    )
+    assert steps == 200
+    evals = [p for k, p in events if k == "eval"]
+    assert [rows[0]["step"] for rows in evals] == [0, 200]
+    assert {r["net"] for rows in evals for r in rows} == {"bn"}

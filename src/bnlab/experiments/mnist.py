@@ -17,7 +17,6 @@ seed and network), then ``figure1.png``, ``report.md``, ``report.html`` from tho
 from __future__ import annotations
 
 import json
-import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -80,7 +79,14 @@ class MnistConfig:
         default=0.1, metadata={"help": "BN running-average momentum (torch convention)"}
     )
     bn_eps: float = field(default=1e-5, metadata={"help": "BN epsilon"})
-    threads: int = field(default=0, metadata={"help": "torch threads (0: torch's default)"})
+    threads: int = field(
+        default=0,
+        metadata={"help": "torch threads in all (0: torch's default), split over workers"},
+    )
+    workers: int = field(
+        default=0,
+        metadata={"help": "processes: 1 (all in one), 2 (one per network variant), 0 (auto)"},
+    )
     download: bool = field(
         default=False, metadata={"help": "download the dataset if it is not cached"}
     )
@@ -176,10 +182,10 @@ def _versions() -> dict[str, str]:
     }
 
 
-def _rows(step: int, ev: dict, seeds: list[int], losses: Tensor | None, unit: int) -> list[dict]:
+def _rows(step: int, ev: dict, seeds: list[int], losses: dict | None, unit: int) -> list[dict]:
     rows = []
-    for ni, net in enumerate(NETS):
-        acc, pct = ev[net]["acc"], ev[net]["pct"]
+    for net, e in ev.items():
+        acc, pct = e["acc"], e["pct"]
         for k, seed in enumerate(seeds):
             rows.append(
                 {
@@ -187,7 +193,7 @@ def _rows(step: int, ev: dict, seeds: list[int], losses: Tensor | None, unit: in
                     "net": net,
                     "seed": seed,
                     "test_acc": round(float(acc[k]), 6),
-                    "train_loss": None if losses is None else round(float(losses[ni, k]), 6),
+                    "train_loss": None if losses is None else round(float(losses[net][k]), 6),
                     "tracked_pct": [round(float(v), 5) for v in pct[:, k, unit]],
                     # (C, 3): 15/50/85th percentile of each last-hidden-layer sigmoid input
                     "unit_pct": [
@@ -198,12 +204,105 @@ def _rows(step: int, ev: dict, seeds: list[int], losses: Tensor | None, unit: in
     return rows
 
 
+def train_variants(cfg: MnistConfig, nets: tuple[str, ...], data, emit, should_stop) -> int:
+    """The training loop for the networks ``nets`` (all seeds of each, stacked).
+
+    Calls ``emit("eval", rows)`` with the metrics rows of every evaluation (step 0, every
+    ``eval_every`` steps, the last step, and the step reached when ``should_stop()`` turns true)
+    and ``emit("progress", steps)`` now and then. Returns the number of steps done. The same
+    seeds give the same numbers whichever subset of ``NETS`` a call trains.
+    """
+    _, xtr, ytr, xte, yte = data
+    seeds = [cfg.seed + k for k in range(cfg.seeds)]
+    k = cfg.seeds
+    models = {n: m for n, m in build_models(cfg, xtr.shape[1]).items() if n in nets}
+    params = [p for m in models.values() for p in m.parameters()]
+    opt = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum)
+    gens = [data_generator(s) for s in seeds]
+
+    def log(step: int, losses: dict | None) -> None:
+        ev = evaluate(models, xte, yte, cfg.eval_batch)
+        emit("eval", _rows(step, ev, seeds, losses, cfg.tracked_unit))
+
+    step = 0
+    log(0, None)
+    for start, stop in _chunks(cfg.steps, cfg.eval_every):
+        idx = torch.stack(
+            [sample_indices(g, len(ytr), stop - start, cfg.batch_size) for g in gens]
+        )  # (K, steps, B)
+        loss_sum = {n: torch.zeros(k) for n in models}
+        done = 0
+        for t in range(stop - start):
+            bi = idx[:, t]  # (K, B)
+            xb, yb = xtr[bi], ytr[bi]  # (K, B, 784), (K, B)
+            total = 0.0
+            for net, model in models.items():
+                logits = model(xb)  # (K, B, 10)
+                ce = (
+                    nn.functional.cross_entropy(
+                        logits.reshape(-1, logits.shape[2]), yb.reshape(-1), reduction="none"
+                    )
+                    .view(k, -1)
+                    .mean(1)
+                )  # (K,) per-network mean loss
+                loss_sum[net] += ce.detach()
+                total = total + ce.sum()  # networks share no parameter: independent grads
+            opt.zero_grad(set_to_none=True)
+            total.backward()
+            opt.step()
+            step += 1
+            done += 1
+            if step % 100 == 0:
+                emit("progress", step)
+                if should_stop():
+                    break
+        log(step, {n: v / done for n, v in loss_sum.items()})
+        emit("progress", step)
+        if done < stop - start or should_stop():
+            break
+    return step
+
+
+def _worker(cfg: MnistConfig, nets: tuple[str, ...], threads: int, queue, stop) -> None:
+    """One process per network variant: trains ``nets`` and sends what it measures to ``queue``.
+    It ignores SIGINT; the parent asks it to stop through the ``stop`` event."""
+    import signal
+    import traceback
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        torch.set_num_threads(threads)
+        data = _load_data(cfg)
+        steps = train_variants(
+            cfg, nets, data, lambda kind, payload: queue.put((kind, nets, payload)), stop.is_set
+        )
+        queue.put(("done", nets, steps))
+    except BaseException:  # report, never hang the parent
+        queue.put(("error", nets, traceback.format_exc()))
+
+
+def _plan(cfg: MnistConfig) -> tuple[list[tuple[str, ...]], int]:
+    """Which networks each process trains, and threads per process. ``workers=0`` (auto): one
+    process per network variant when torch has at least 2 threads, else everything in-process."""
+    threads = cfg.threads or torch.get_num_threads()
+    workers = cfg.workers or (len(NETS) if threads >= len(NETS) else 1)
+    if workers == 1:
+        return [NETS], threads
+    if workers != len(NETS):
+        raise ValueError(f"mnist: workers must be 0 (auto), 1 or {len(NETS)}, got {workers}")
+    return [(n,) for n in NETS], max(1, threads // len(NETS))
+
+
 def run(cfg: MnistConfig, out_dir: Path, progress: bool = True) -> Path:
     """Train, evaluate, write ``config.json`` and ``metrics.jsonl`` into ``out_dir``; returns it.
 
-    Ctrl-C stops cleanly: the evaluations already made stay on disk and the config records
-    ``interrupted: true`` and the last step reached.
+    With several workers each network variant trains in its own process (the per-step cost is
+    Python overhead, which one process cannot spread over cores); the numbers are the same as
+    in-process. Ctrl-C stops cleanly: the evaluations already made stay on disk and the config
+    records ``interrupted: true`` and the last step reached.
     """
+    import multiprocessing as mp
+
     from tqdm.auto import tqdm
 
     if cfg.steps < 1 or cfg.seeds < 1 or cfg.eval_every < 1 or cfg.batch_size < 2:
@@ -212,99 +311,128 @@ def run(cfg: MnistConfig, out_dir: Path, progress: bool = True) -> Path:
             f"(got steps={cfg.steps}, seeds={cfg.seeds}, eval_every={cfg.eval_every}, "
             f"batch_size={cfg.batch_size})"
         )
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    data, xtr, ytr, xte, yte = _load_data(cfg)
     if not 0 <= cfg.tracked_unit < 100:
         raise ValueError(f"mnist: tracked_unit must be in [0, 100), got {cfg.tracked_unit}")
-    seeds = [cfg.seed + k for k in range(cfg.seeds)]
+    groups, threads = _plan(cfg)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    data = _load_data(cfg)
+    ds, ytr, yte = data[0], data[2], data[4]
     meta: dict[str, Any] = {
         "experiment": NAME,
         "config": asdict(cfg),
         "dataset": {
-            "name": data.name,
-            "source": data.source,
+            "name": ds.name,
+            "source": ds.source,
             "train": len(ytr),
             "test": len(yte),
-            "note": getattr(data, "note", ""),
+            "note": getattr(ds, "note", ""),
         },
-        "seeds": seeds,
-        "threads": torch.get_num_threads(),
+        "seeds": [cfg.seed + k for k in range(cfg.seeds)],
+        "processes": len(groups),
+        "threads": threads,
         "versions": _versions(),
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
     config_path = out_dir / "config.json"
     config_path.write_text(json.dumps(meta, indent=2))
+    metrics = (out_dir / "metrics.jsonl").open("w")
+    bar = tqdm(total=cfg.steps, disable=not progress, unit="step", dynamic_ncols=True)
+    last_acc: dict[str, float] = {}
+    reached = dict.fromkeys(groups, 0)
 
-    models = build_models(cfg, xtr.shape[1])
-    params = [p for m in models.values() for p in m.parameters()]
-    opt = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum)
-    gens = [data_generator(s) for s in seeds]
-    k = cfg.seeds
-    metrics_path = out_dir / "metrics.jsonl"
-    metrics = metrics_path.open("w")
-
-    def log(step: int, losses: Tensor | None) -> dict:
-        ev = evaluate(models, xte, yte, cfg.eval_batch)
-        for row in _rows(step, ev, seeds, losses, cfg.tracked_unit):
-            metrics.write(json.dumps(row) + "\n")
-        metrics.flush()
-        return ev
+    def emit(kind: str, payload: Any, group: tuple[str, ...] = NETS) -> None:
+        if kind == "eval":
+            for row in payload:
+                metrics.write(json.dumps(row) + "\n")
+            metrics.flush()
+            for n in {r["net"] for r in payload}:
+                accs = [r["test_acc"] for r in payload if r["net"] == n]
+                last_acc[n] = sum(accs) / len(accs)
+            bar.set_postfix(
+                {f"acc_{n}": f"{a:.3f}" for n, a in sorted(last_acc.items())}, refresh=False
+            )
+        elif kind == "progress":
+            reached[group] = payload
+            bar.update(min(reached.values()) - bar.n)
 
     t0 = time.perf_counter()
-    step = 0
     interrupted = False
-    bar = tqdm(total=cfg.steps, disable=not progress, unit="step", dynamic_ncols=True)
     try:
-        log(0, None)
-        for start, stop in _chunks(cfg.steps, cfg.eval_every):
-            idx = torch.stack(
-                [sample_indices(g, len(ytr), stop - start, cfg.batch_size) for g in gens]
-            )  # (K, steps, B)
-            loss_sum = torch.zeros(len(NETS), k)
-            for t in range(stop - start):
-                bi = idx[:, t]  # (K, B)
-                xb, yb = xtr[bi], ytr[bi]  # (K, B, 784), (K, B)
-                total = 0.0
-                for ni, net in enumerate(NETS):
-                    logits = models[net](xb)  # (K, B, 10)
-                    ce = (
-                        nn.functional.cross_entropy(
-                            logits.reshape(-1, logits.shape[2]), yb.reshape(-1), reduction="none"
-                        )
-                        .view(k, -1)
-                        .mean(1)
-                    )  # (K,) per-network mean loss
-                    loss_sum[ni] += ce.detach()
-                    total = total + ce.sum()  # networks share no parameter: independent grads
-                opt.zero_grad(set_to_none=True)
-                total.backward()
-                opt.step()
-                step += 1
-                bar.update(1)
-            ev = log(step, loss_sum / (stop - start))
-            bar.set_postfix(
-                {f"acc_{n}": f"{float(ev[n]['acc'].mean()):.3f}" for n in NETS}, refresh=False
-            )
-    except KeyboardInterrupt:
-        interrupted = True
-        bar.write(f"interrupted at step {step}: keeping the evaluations made so far")
+        if len(groups) == 1:
+            torch.set_num_threads(threads)
+            stop_flag = {"stop": False}
+            try:
+                train_variants(cfg, NETS, data, emit, lambda: stop_flag["stop"])
+            except KeyboardInterrupt:
+                interrupted = True
+        else:
+            interrupted = _run_workers(cfg, groups, threads, emit, mp.get_context("spawn"))
     finally:
         bar.close()
         metrics.close()
+    if interrupted:
+        print(f"interrupted at step {min(reached.values())}: kept the evaluations made so far")
     wall = time.perf_counter() - t0
+    steps_done = min(reached.values())
     meta.update(
         {
             "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "wall_time_s": round(wall, 2),
-            "steps_done": step,
-            "steps_per_s": round(step / wall, 1) if wall > 0 else None,
+            "steps_done": steps_done,
+            "steps_per_s": round(steps_done / wall, 1) if wall > 0 else None,
             "interrupted": interrupted,
         }
     )
     config_path.write_text(json.dumps(meta, indent=2))
     return out_dir
+
+
+def _run_workers(cfg, groups, threads, emit, ctx) -> bool:
+    """Start one process per group, relay their messages to ``emit`` until all are done.
+    Returns True when interrupted by Ctrl-C (the workers stop at their next check, evaluate,
+    and report)."""
+    import queue as queue_mod
+
+    q, stop = ctx.Queue(), ctx.Event()
+    procs = [
+        ctx.Process(target=_worker, args=(cfg, g, threads, q, stop), daemon=True) for g in groups
+    ]
+    for p in procs:
+        p.start()
+    pending, interrupted = set(groups), False
+    try:
+        while pending:
+            try:
+                kind, group, payload = q.get(timeout=1.0)
+            except KeyboardInterrupt:
+                interrupted = True
+                stop.set()
+                continue
+            except queue_mod.Empty:
+                dead = [
+                    g
+                    for g, p in zip(groups, procs, strict=True)
+                    if g in pending and not p.is_alive()
+                ]
+                if dead:
+                    raise RuntimeError(
+                        f"mnist: worker for {dead} exited without a report"
+                    ) from None
+                continue
+            if kind == "error":
+                raise RuntimeError(f"mnist: worker for {', '.join(group)} failed:\n{payload}")
+            if kind == "done":
+                pending.discard(group)
+                emit("progress", payload, group)
+            else:
+                emit(kind, payload, group)
+    finally:
+        stop.set()
+        for p in procs:
+            p.join(timeout=10)
+            if p.is_alive():
+                p.terminate()
+    return interrupted
 
 
 # ------------------------------------------------------------------------------------ analysis
@@ -456,7 +584,3 @@ def default_run_dir(root: Path | str = "runs") -> Path:
         path = base.with_name(f"{base.name}-{i}")
         i += 1
     return path
-
-
-def is_finite(x: float | None) -> bool:
-    return x is not None and math.isfinite(x)
