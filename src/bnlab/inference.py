@@ -119,8 +119,11 @@ class _Moments:
         assert self.mean is not None and self.m2 is not None
         c = self.mean.numel()
         mine = torch.cat(
-            [torch.tensor([float(self.n), float(self.batches)], dtype=torch.float64), self.mean,
-             self.m2]
+            [
+                torch.tensor([float(self.n), float(self.batches)], dtype=torch.float64),
+                self.mean,
+                self.m2,
+            ]
         )
         parts = [torch.empty_like(mine) for _ in range(dist.get_world_size())]
         dist.all_gather(parts, mine)
@@ -739,8 +742,17 @@ def diagnose(
         kind = ("bnlab." if isinstance(m, _BatchNorm) else "torch.") + type(m).__name__
         if m.running_mean is None:
             rows.append(
-                LayerDiagnosis(name, kind, m.num_features, None, math.nan, math.nan, math.nan,
-                               math.nan, ["no-running-stats"])
+                LayerDiagnosis(
+                    name,
+                    kind,
+                    m.num_features,
+                    None,
+                    math.nan,
+                    math.nan,
+                    math.nan,
+                    math.nan,
+                    ["no-running-stats"],
+                )
             )
             continue
         mom = moments[id(m)]
@@ -753,8 +765,9 @@ def diagnose(
         if mom.mean is None:
             flags.append("not-called")
             rows.append(
-                LayerDiagnosis(name, kind, m.num_features, nbt, math.nan, math.nan, math.nan,
-                               math.nan, flags)
+                LayerDiagnosis(
+                    name, kind, m.num_features, nbt, math.nan, math.nan, math.nan, math.nan, flags
+                )
             )
             continue
         shift = (mom.mean - rm).abs() / torch.sqrt(rv + m.eps)
