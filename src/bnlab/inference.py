@@ -26,6 +26,7 @@ from __future__ import annotations
 import copy
 import math
 import sys
+from collections import OrderedDict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, TextIO
@@ -505,7 +506,7 @@ def _fold_sequential(seq: nn.Sequential, prefix: str, shared: set[int]) -> nn.Se
         else:
             out.append((name, _fold_module(child, qual, shared)))
         i += 1
-    return nn.Sequential(dict(out))
+    return nn.Sequential(OrderedDict(out))
 
 
 class _LeafTracer(torch.fx.Tracer):
