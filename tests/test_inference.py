@@ -63,8 +63,11 @@ def randomize_bn(model: nn.Module, seed: int = 1) -> nn.Module:
 @pytest.mark.parametrize("family", ["bnlab", "torch"])
 @pytest.mark.parametrize(
     "rank,shapes",
-    [(1, [(7, 4), (2, 4), (13, 4)]), (2, [(3, 4, 5, 6), (1, 4, 5, 6), (6, 4, 5, 6)]),
-     (3, [(2, 4, 3, 2, 5), (5, 4, 3, 2, 5)])],
+    [
+        (1, [(7, 4), (2, 4), (13, 4)]),
+        (2, [(3, 4, 5, 6), (1, 4, 5, 6), (6, 4, 5, 6)]),
+        (3, [(2, 4, 3, 2, 5), (5, 4, 3, 2, 5)]),
+    ],
 )
 @pytest.mark.parametrize("estimator", ["unbiased", "biased"])
 def test_uneven_batches_give_stats_of_concatenation(family, rank, shapes, estimator):
@@ -106,21 +109,25 @@ def test_eval_mode_is_exact_layer_by_layer_and_independent_of_batching():
     """mode='eval': each layer gets the statistics of what the updated inference network feeds
     it, so uneven batches equal one big batch, and the oracle is computed layer by layer."""
     model = nn.Sequential(
-        nn.Linear(6, 5), bnlab.BatchNorm1d(5), nn.Tanh(), nn.Linear(5, 4), nn.BatchNorm1d(4),
+        nn.Linear(6, 5),
+        bnlab.BatchNorm1d(5),
+        nn.Tanh(),
+        nn.Linear(5, 4),
+        nn.BatchNorm1d(4),
         nn.Dropout(0.5),
     ).eval()
     data = torch.randn(40, 6) * 2 + 1
     batches = [data[:3], data[3:25], data[25:]]
-    a = bnlab.recompute_population_stats(copy.deepcopy(model), batches, mode="eval",
-                                         progress=False)
-    b = bnlab.recompute_population_stats(copy.deepcopy(model), [data], mode="eval",
-                                         progress=False)
+    a = bnlab.recompute_population_stats(copy.deepcopy(model), batches, mode="eval", progress=False)
+    b = bnlab.recompute_population_stats(copy.deepcopy(model), [data], mode="eval", progress=False)
     # hand oracle
     with torch.no_grad():
         z1 = model[0](data)
         m1, v1 = channel_stats(z1)
-        h = torch.tanh((z1.double() - m1) / torch.sqrt(v1 + 1e-5) * model[1].weight.double()
-                       + model[1].bias.double())
+        h = torch.tanh(
+            (z1.double() - m1) / torch.sqrt(v1 + 1e-5) * model[1].weight.double()
+            + model[1].bias.double()
+        )
         z2 = model[3](h.float())
         m2, v2 = channel_stats(z2)
     for net in (a, b):
@@ -149,8 +156,9 @@ def test_num_batches_limits_and_checks():
 
 
 def test_no_grad_tuple_batches_progress_bar_and_frozen_layers(capsys):
-    model = nn.Sequential(nn.Linear(4, 3), bnlab.BatchNorm1d(3), nn.Linear(3, 2),
-                          bnlab.BatchNorm1d(2))
+    model = nn.Sequential(
+        nn.Linear(4, 3), bnlab.BatchNorm1d(3), nn.Linear(3, 2), bnlab.BatchNorm1d(2)
+    )
     bnlab.freeze(model[3:])
     frozen_before = model[3].running_mean.clone()
     grad_enabled: list[bool] = []
@@ -217,8 +225,9 @@ def test_distributed_two_ranks_reduce_to_same_exact_stats(tmp_path):
     everything = []
     for rank in (0, 1):
         g = torch.Generator().manual_seed(rank)
-        everything += [torch.randn(n, 3, 4, 4, generator=g) * (rank + 1) + rank
-                       for n in (2 + rank, 5)]
+        everything += [
+            torch.randn(n, 3, 4, 4, generator=g) * (rank + 1) + rank for n in (2 + rank, 5)
+        ]
     mean, var = channel_stats(torch.cat(everything))
     torch.testing.assert_close(r0["mean"].double(), mean, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(r0["var"].double(), var, rtol=1e-6, atol=1e-6)
@@ -229,13 +238,20 @@ def test_distributed_two_ranks_reduce_to_same_exact_stats(tmp_path):
 def _pairs():
     yield "linear", lambda b: nn.Linear(6, 5, bias=b), 1, (8, 6)
     yield "conv1d", lambda b: nn.Conv1d(4, 6, 3, groups=2, bias=b), 1, (3, 4, 9)
-    yield "conv2d", lambda b: nn.Conv2d(4, 6, 3, stride=2, padding=1, groups=2, bias=b), 2, (
-        2, 4, 7, 7)
+    yield (
+        "conv2d",
+        lambda b: nn.Conv2d(4, 6, 3, stride=2, padding=1, groups=2, bias=b),
+        2,
+        (2, 4, 7, 7),
+    )
     yield "conv3d", lambda b: nn.Conv3d(2, 4, 2, bias=b), 3, (2, 2, 4, 4, 4)
-    yield "convT1d", lambda b: nn.ConvTranspose1d(4, 6, 3, stride=2, groups=2, bias=b), 1, (
-        2, 4, 5)
-    yield "convT2d", lambda b: nn.ConvTranspose2d(6, 4, 3, stride=2, groups=2, bias=b), 2, (
-        2, 6, 4, 4)
+    yield "convT1d", lambda b: nn.ConvTranspose1d(4, 6, 3, stride=2, groups=2, bias=b), 1, (2, 4, 5)
+    yield (
+        "convT2d",
+        lambda b: nn.ConvTranspose2d(6, 4, 3, stride=2, groups=2, bias=b),
+        2,
+        (2, 6, 4, 4),
+    )
     yield "convT3d", lambda b: nn.ConvTranspose3d(2, 3, 2, bias=b), 3, (1, 2, 3, 3, 3)
 
 
@@ -256,10 +272,15 @@ def test_fold_pair_matches_unfolded(name, make, rank, shape, bias, family):
 
 @pytest.mark.parametrize("affine,bias", [(True, True), (True, False), (False, True)])
 def test_lone_bn_becomes_channel_affine(affine, bias):
-    model = randomize_bn(nn.Sequential(
-        bnlab.BatchNorm2d(3, affine=affine, bias=bias), nn.ReLU(), nn.Conv2d(3, 3, 1),
-        nn.ReLU(), nn.BatchNorm2d(3),
-    )).eval()
+    model = randomize_bn(
+        nn.Sequential(
+            bnlab.BatchNorm2d(3, affine=affine, bias=bias),
+            nn.ReLU(),
+            nn.Conv2d(3, 3, 1),
+            nn.ReLU(),
+            nn.BatchNorm2d(3),
+        )
+    ).eval()
     folded = bnlab.fold(model)
     assert isinstance(folded[0], ChannelAffine) and isinstance(folded[4], ChannelAffine)
     x = torch.randn(2, 3, 4, 4)
@@ -275,9 +296,12 @@ def test_fold_resnet20_through_fx(family):
     before = copy.deepcopy(model.state_dict())
     folded = bnlab.fold(model)
     assert isinstance(folded, torch.fx.GraphModule)
-    assert not any(isinstance(m, (bnlab.layers.batchnorm._BatchNorm,
-                                  nn.modules.batchnorm._BatchNorm, ChannelAffine))
-                   for m in folded.modules())
+    assert not any(
+        isinstance(
+            m, (bnlab.layers.batchnorm._BatchNorm, nn.modules.batchnorm._BatchNorm, ChannelAffine)
+        )
+        for m in folded.modules()
+    )
     x = torch.randn(4, 3, 32, 32)
     ref = model(x)
     torch.testing.assert_close(folded(x), ref, rtol=1e-4, atol=1e-4 * ref.abs().max().item())
@@ -295,8 +319,9 @@ def test_fold_nested_and_custom_children():
         def forward(self, x):
             return torch.sigmoid(self.bn(self.conv(x))) * 2 + x
 
-    model = randomize_bn(nn.Sequential(Block(), nn.Sequential(nn.Conv2d(3, 4, 1),
-                                                              bnlab.BatchNorm2d(4)))).eval()
+    model = randomize_bn(
+        nn.Sequential(Block(), nn.Sequential(nn.Conv2d(3, 4, 1), bnlab.BatchNorm2d(4)))
+    ).eval()
     folded = bnlab.fold(model)
     assert isinstance(folded[1][1], nn.Identity)
     x = torch.randn(2, 3, 5, 5)
@@ -338,8 +363,9 @@ def test_fold_refuses_training_mode_unsafe_graph_and_batch_stats_layers():
     with pytest.raises(ValueError, match="cannot trace"):
         bnlab.fold(Branchy().eval())
     with pytest.raises(ValueError, match="track_running_stats=False"):
-        bnlab.fold(nn.Sequential(nn.Linear(2, 2),
-                                 bnlab.BatchNorm1d(2, track_running_stats=False)).eval())
+        bnlab.fold(
+            nn.Sequential(nn.Linear(2, 2), bnlab.BatchNorm1d(2, track_running_stats=False)).eval()
+        )
 
 
 # ------------------------------------------------------------------------------------ freeze
@@ -426,6 +452,12 @@ def test_docs_examples_run(tmp_path):
     assert len(blocks) >= 5
     code = "\n".join(blocks)
     env = dict(os.environ, PYTHONPATH=SRC)
-    res = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env,
-                         capture_output=True, text=True, timeout=120)
+    res = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert res.returncode == 0, res.stderr
