@@ -295,7 +295,7 @@ def test_fold_resnet20_through_fx(family):
     model = randomize_bn(model).eval()
     before = copy.deepcopy(model.state_dict())
     folded = bnlab.fold(model)
-    assert isinstance(folded, torch.fx.GraphModule)
+    assert type(folded) is type(model)
     assert not any(
         isinstance(
             m, (bnlab.layers.batchnorm._BatchNorm, nn.modules.batchnorm._BatchNorm, ChannelAffine)
@@ -461,3 +461,17 @@ def test_docs_examples_run(tmp_path):
         timeout=120,
     )
     assert res.returncode == 0, res.stderr
+
+
+def test_fold_refuses_bn_parameters_read_directly():
+    class Peek(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(2, 2, 1)
+            self.bn = bnlab.BatchNorm2d(2)
+
+        def forward(self, x):
+            return self.bn(self.conv(x)) * self.bn.weight.sum()
+
+    with pytest.raises(ValueError, match="reads 'bn.weight' directly"):
+        bnlab.fold(Peek().eval())
