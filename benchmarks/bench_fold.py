@@ -108,12 +108,12 @@ def main() -> None:
         write_section(args.write, table)
 
 
-def write_section(path: Path, section: str) -> None:
-    """Replace (or append) this benchmark's section of RESULTS.md, leaving the others alone."""
+def write_section(path: Path, section: str, heading: str = HEADING) -> None:
+    """Replace (or append) the section under ``heading`` of RESULTS.md, leaving the others."""
     text = path.read_text() if path.exists() else ""
-    if HEADING in text:
-        start = text.index(HEADING)
-        nxt = text.find("\n## ", start + len(HEADING))
+    if heading in text:
+        start = text.index(heading)
+        nxt = text.find("\n## ", start + len(heading))
         text = text[:start] + section + (text[nxt + 1 :] if nxt != -1 else "")
     else:
         text = (text.rstrip() + "\n\n" if text.strip() else "") + section
