@@ -110,7 +110,7 @@ def main() -> None:
         f"--seeds {args.seeds} --lr {args.lr}`.",
         "",
         "| when | EMA (running) | precise (Alg. 2, train-mode pass) | exact (layer by layer) "
-        "| precise - EMA |",
+        "| precise - EMA (median of paired differences, points) |",
         "|---|---:|---:|---:|---:|",
     ]
     for key in runs[0]:
