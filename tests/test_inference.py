@@ -475,3 +475,19 @@ def test_fold_refuses_bn_parameters_read_directly():
 
     with pytest.raises(ValueError, match="reads 'bn.weight' directly"):
         bnlab.fold(Peek().eval())
+
+
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_nan_batch_leaves_every_layer_unchanged(mode):
+    model = randomize_bn(
+        nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Linear(4, 2), bnlab.BatchNorm1d(2))
+    ).eval()
+    before = copy.deepcopy(model.state_dict())
+    bad = torch.randn(5, 3)
+    bad[2, 1] = float("nan")
+    batches = [torch.randn(5, 3), bad, torch.randn(5, 3)]
+    with pytest.raises(FloatingPointError):
+        bnlab.recompute_population_stats(model, batches, mode=mode, progress=False)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    assert model[3].population_estimator is None

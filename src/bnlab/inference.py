@@ -49,6 +49,7 @@ __all__ = [
 _TorchBN = nn.modules.batchnorm._BatchNorm  # torch.nn.BatchNorm1d/2d/3d (and SyncBatchNorm)
 _BN_TYPES: tuple[type[nn.Module], ...] = (_BatchNorm, _TorchBN)
 _ESTIMATORS = ("unbiased", "biased")
+_STATE = ("running_mean", "running_var", "num_batches_tracked")
 
 
 def _is_bn(module: nn.Module) -> bool:
@@ -187,11 +188,17 @@ def _model_device(model: nn.Module) -> torch.device | None:
     return None
 
 
-def _write_stats(layer: nn.Module, moments: _Moments, estimator: str) -> None:
+def _write_stats(layer: nn.Module, name: str, moments: _Moments, estimator: str) -> None:
     assert moments.mean is not None
+    var = moments.variance(estimator)
+    if not bool(torch.isfinite(moments.mean).all() and torch.isfinite(var).all()):
+        raise FloatingPointError(
+            f"recompute_population_stats: non-finite statistics for layer '{name}' (NaN or Inf in "
+            "its inputs); all running statistics were left unchanged"
+        )
     with torch.no_grad():
         layer.running_mean.copy_(moments.mean.to(layer.running_mean.dtype))
-        layer.running_var.copy_(moments.variance(estimator).to(layer.running_var.dtype))
+        layer.running_var.copy_(var.to(layer.running_var.dtype))
         if layer.num_batches_tracked is not None:
             layer.num_batches_tracked.fill_(moments.batches)
     layer.population_estimator = estimator
@@ -241,6 +248,8 @@ def recompute_population_stats(
     layers (:func:`freeze`) and layers without running statistics are left untouched. Under an
     initialized ``torch.distributed`` process group, each rank passes its own batches and the
     statistics are merged across ranks (``all_gather``), so every rank ends with the same values.
+    All or nothing: on any error (``FloatingPointError`` for NaN/Inf reaching a layer, a layer the
+    forward never calls, ...) every layer keeps the statistics it had before the call.
 
     Returns ``model``.
     """
@@ -267,6 +276,16 @@ def recompute_population_stats(
         )
     device = _model_device(model)
     saved = [(m, m.training, m.momentum) for _, m in layers]
+    # All-or-nothing: on any error (a NaN batch, a layer not called, ...) every layer gets back
+    # the statistics it had, including torch layers that updated them during a train-mode pass.
+    backup = [
+        (
+            m,
+            {k: getattr(m, k).clone() for k in _STATE if getattr(m, k) is not None},
+            getattr(m, "population_estimator", None),
+        )
+        for _, m in layers
+    ]
     handles: list[Any] = []
     try:
         if mode == "train":
@@ -288,7 +307,7 @@ def recompute_population_stats(
                     )
                 if _distributed():
                     mom.all_reduce()
-                _write_stats(m, mom, estimator)
+                _write_stats(m, name, mom, estimator)
         else:
             for _, m in layers:
                 m.eval()
@@ -325,13 +344,20 @@ def recompute_population_stats(
                 handles = []
                 if _distributed():
                     mom.all_reduce()
-                _write_stats(layer, mom, estimator)
+                _write_stats(layer, name, mom, estimator)
             missing = [name for name, m in layers if m not in order]
             if missing:
                 raise ValueError(
                     "recompute_population_stats: layers not called by the model: "
                     + ", ".join(missing)
                 )
+    except BaseException:
+        with torch.no_grad():
+            for m, state, estimator_before in backup:
+                for k, v in state.items():
+                    getattr(m, k).copy_(v)
+                m.population_estimator = estimator_before
+        raise
     finally:
         for h in handles:
             h.remove()
