@@ -602,7 +602,7 @@ def _fold_fx(model: nn.Module, prefix: str, shared: set[int]) -> nn.Module:
         lin = model.get_submodule(src.target)
         lin_name = qual(src.target)
         if len(src.users) != 1:
-            others = ", ".join(str(u) for u in src.users if u is not node)
+            others = ", ".join(f"'{u}'" for u in src.users if u is not node)
             raise ValueError(
                 f"fold: the output of '{lin_name}' feeds '{bn_name}' and also {others}; folding "
                 "would change what the other users see, so the graph is not provably safe"
