@@ -2,11 +2,22 @@
 
 The layer (``BatchNorm1d/2d/3d``, drop-in for ``torch.nn``), the functional transform and its
 hand-written backward (:mod:`bnlab.functional`), and conversion of existing models
-(:func:`convert`).
+(:func:`convert`); inference and state (:mod:`bnlab.inference`: population statistics, folding,
+freezing, diagnosis; :mod:`bnlab.checkpoint`: atomic, exactly resumable checkpoints).
 """
 
 from .autograd import batch_norm_eval, batch_norm_train
+from .checkpoint import load_checkpoint, save_checkpoint
 from .convert import convert
+from .inference import (
+    ChannelAffine,
+    LayerDiagnosis,
+    diagnose,
+    fold,
+    freeze,
+    recompute_population_stats,
+    unfreeze,
+)
 from .layers import BatchNorm1d, BatchNorm2d, BatchNorm3d, get_layer, name_layers
 
 __version__ = "0.1.0"
@@ -20,5 +31,14 @@ __all__ = [
     "convert",
     "get_layer",
     "name_layers",
+    "recompute_population_stats",
+    "fold",
+    "freeze",
+    "unfreeze",
+    "diagnose",
+    "ChannelAffine",
+    "LayerDiagnosis",
+    "save_checkpoint",
+    "load_checkpoint",
     "__version__",
 ]

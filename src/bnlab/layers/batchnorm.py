@@ -47,6 +47,10 @@ class _BatchNorm(nn.Module):
     momentum: float | None
     affine: bool
     track_running_stats: bool
+    # Inference state (bnlab.inference): class-level defaults so every construction path, including
+    # bnlab.convert, starts unfrozen with running averages from training.
+    frozen: bool = False  # freeze(): population statistics in train and eval, no updates
+    population_estimator: str | None = None  # recompute_population_stats(): "unbiased"/"biased"
 
     def __init__(
         self,
@@ -122,6 +126,8 @@ class _BatchNorm(nn.Module):
             "bias={use_bias}, track_running_stats={track_running_stats}".format(
                 **self.__dict__, use_bias=self.bias is not None
             )
+            + (f", population={self.population_estimator}" if self.population_estimator else "")
+            + (", frozen=True" if self.frozen else "")
         )
 
     def _load_from_state_dict(
@@ -163,7 +169,10 @@ class _BatchNorm(nn.Module):
 
     # ----------------------------------------------------------------------------- forward
     def _use_batch_stats(self) -> bool:
-        """Training mode, or no population statistics to use (track_running_stats=False)."""
+        """Training mode, or no population statistics to use (track_running_stats=False); a frozen
+        layer (``bnlab.freeze``) uses its population statistics in both modes."""
+        if self.frozen and self.running_mean is not None:
+            return False
         return self.training or self.running_mean is None
 
     def _train_forward(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -206,6 +215,7 @@ class _BatchNorm(nn.Module):
         unbiased = var * (m / (m - 1))
         self.running_mean.mul_(1.0 - f).add_(mean.to(dtype), alpha=f)
         self.running_var.mul_(1.0 - f).add_(unbiased.to(dtype), alpha=f)
+        self.population_estimator = None  # now a running average again, not a recomputed one
 
 
 class BatchNorm1d(_BatchNorm):

@@ -1,0 +1,493 @@
+"""bnlab.inference: population statistics (Algorithm 2), fold, freeze, diagnose.
+
+Oracles: statistics of the concatenated data computed by hand (torch.mean / torch.var over one big
+batch), torch.nn.BatchNorm* in eval mode, and the unfolded eval model.
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+import bnlab
+from bnlab.inference import ChannelAffine
+from bnlab.models import MLP, ResNet20
+
+SRC = str(Path(__file__).resolve().parents[1] / "src")
+
+BN = {
+    ("bnlab", 1): bnlab.BatchNorm1d,
+    ("bnlab", 2): bnlab.BatchNorm2d,
+    ("bnlab", 3): bnlab.BatchNorm3d,
+    ("torch", 1): nn.BatchNorm1d,
+    ("torch", 2): nn.BatchNorm2d,
+    ("torch", 3): nn.BatchNorm3d,
+}
+
+
+def channel_stats(x: torch.Tensor, unbiased: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel mean and variance of x over every dim but 1, in float64 (the oracle)."""
+    flat = x.double().transpose(0, 1).reshape(x.shape[1], -1)
+    return flat.mean(1), flat.var(1, unbiased=unbiased)
+
+
+def randomize_bn(model: nn.Module, seed: int = 1) -> nn.Module:
+    """Non-trivial running statistics and affine parameters for every BN in model."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, (bnlab.layers.batchnorm._BatchNorm, nn.modules.batchnorm._BatchNorm)):
+                c = m.num_features
+                if m.running_mean is not None:
+                    m.running_mean.copy_(torch.randn(c, generator=g))
+                    m.running_var.copy_(torch.rand(c, generator=g) * 2 + 0.2)
+                    m.num_batches_tracked.fill_(7)
+                if m.weight is not None:
+                    m.weight.copy_(torch.rand(c, generator=g) * 2 - 0.5)
+                if m.bias is not None:
+                    m.bias.copy_(torch.randn(c, generator=g))
+    return model
+
+
+# ------------------------------------------------------------------------------------ recompute
+@pytest.mark.parametrize("family", ["bnlab", "torch"])
+@pytest.mark.parametrize(
+    "rank,shapes",
+    [
+        (1, [(7, 4), (2, 4), (13, 4)]),
+        (2, [(3, 4, 5, 6), (1, 4, 5, 6), (6, 4, 5, 6)]),
+        (3, [(2, 4, 3, 2, 5), (5, 4, 3, 2, 5)]),
+    ],
+)
+@pytest.mark.parametrize("estimator", ["unbiased", "biased"])
+def test_uneven_batches_give_stats_of_concatenation(family, rank, shapes, estimator):
+    bn = BN[(family, rank)](4, momentum=0.3)
+    bn.eval()
+    batches = [torch.randn(s) * 3 + 5 for s in shapes]
+    bnlab.recompute_population_stats(bn, batches, estimator=estimator, progress=False)
+    mean, var = channel_stats(torch.cat(batches), unbiased=estimator == "unbiased")
+    torch.testing.assert_close(bn.running_mean.double(), mean, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(bn.running_var.double(), var, rtol=1e-6, atol=1e-6)
+    assert int(bn.num_batches_tracked) == len(shapes)
+    assert not bn.training and bn.momentum == 0.3  # mode and momentum restored
+    assert bn.population_estimator == estimator
+    if family == "bnlab":
+        assert f"population={estimator}" in repr(bn)
+
+
+def test_train_mode_stats_are_algorithm_2_over_training_network():
+    """mode='train': deeper layers see inputs normalized with batch statistics (as in training).
+    Oracle: the inputs of each layer captured from a copy run batch by batch in train mode."""
+    model = nn.Sequential(
+        nn.Linear(6, 5), nn.BatchNorm1d(5), nn.ReLU(), nn.Linear(5, 4), bnlab.BatchNorm1d(4)
+    )
+    model.eval()
+    batches = [torch.randn(n, 6) + 1 for n in (9, 4, 17)]
+    oracle = copy.deepcopy(model).train()
+    seen: list[torch.Tensor] = []
+    oracle[4].register_forward_pre_hook(lambda m, a: seen.append(a[0].detach()))
+    for x in batches:
+        oracle(x)
+    bnlab.recompute_population_stats(model, batches, progress=False)
+    mean, var = channel_stats(torch.cat(seen))
+    torch.testing.assert_close(model[4].running_mean.double(), mean, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(model[4].running_var.double(), var, rtol=1e-5, atol=1e-6)
+    assert not model.training and not any(m.training for m in model.modules())
+
+
+def test_eval_mode_is_exact_layer_by_layer_and_independent_of_batching():
+    """mode='eval': each layer gets the statistics of what the updated inference network feeds
+    it, so uneven batches equal one big batch, and the oracle is computed layer by layer."""
+    model = nn.Sequential(
+        nn.Linear(6, 5),
+        bnlab.BatchNorm1d(5),
+        nn.Tanh(),
+        nn.Linear(5, 4),
+        nn.BatchNorm1d(4),
+        nn.Dropout(0.5),
+    ).eval()
+    data = torch.randn(40, 6) * 2 + 1
+    batches = [data[:3], data[3:25], data[25:]]
+    a = bnlab.recompute_population_stats(copy.deepcopy(model), batches, mode="eval", progress=False)
+    b = bnlab.recompute_population_stats(copy.deepcopy(model), [data], mode="eval", progress=False)
+    # hand oracle
+    with torch.no_grad():
+        z1 = model[0](data)
+        m1, v1 = channel_stats(z1)
+        h = torch.tanh(
+            (z1.double() - m1) / torch.sqrt(v1 + 1e-5) * model[1].weight.double()
+            + model[1].bias.double()
+        )
+        z2 = model[3](h.float())
+        m2, v2 = channel_stats(z2)
+    for net in (a, b):
+        torch.testing.assert_close(net[1].running_mean.double(), m1, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(net[1].running_var.double(), v1, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(net[4].running_mean.double(), m2, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(net[4].running_var.double(), v2, rtol=1e-5, atol=1e-5)
+    assert not a[5].training  # other modules keep their mode
+
+
+def test_num_batches_limits_and_checks():
+    bn = bnlab.BatchNorm1d(3)
+    batches = [torch.randn(5, 3) + i for i in range(4)]
+    bnlab.recompute_population_stats(bn, iter(batches), num_batches=2, progress=False)
+    mean, var = channel_stats(torch.cat(batches[:2]))
+    torch.testing.assert_close(bn.running_mean.double(), mean, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(bn.running_var.double(), var, rtol=1e-6, atol=1e-6)
+    with pytest.raises(ValueError, match="num_batches=9"):
+        bnlab.recompute_population_stats(bn, batches, num_batches=9, progress=False)
+    with pytest.raises(ValueError, match="empty"):
+        bnlab.recompute_population_stats(bn, [], progress=False)
+    with pytest.raises(ValueError, match="estimator"):
+        bnlab.recompute_population_stats(bn, batches, estimator="ema")
+    with pytest.raises(TypeError, match="re-iterable"):
+        bnlab.recompute_population_stats(bn, iter(batches), mode="eval", progress=False)
+
+
+def test_no_grad_tuple_batches_progress_bar_and_frozen_layers(capsys):
+    model = nn.Sequential(
+        nn.Linear(4, 3), bnlab.BatchNorm1d(3), nn.Linear(3, 2), bnlab.BatchNorm1d(2)
+    )
+    bnlab.freeze(model[3:])
+    frozen_before = model[3].running_mean.clone()
+    grad_enabled: list[bool] = []
+    model[1].register_forward_pre_hook(lambda m, a: grad_enabled.append(torch.is_grad_enabled()))
+    batches = [(torch.randn(6, 4), torch.zeros(6)) for _ in range(3)]
+    bnlab.recompute_population_stats(model, batches, progress=True)
+    assert grad_enabled == [False] * 3
+    assert "population statistics" in capsys.readouterr().err
+    assert torch.equal(model[3].running_mean, frozen_before)  # frozen layer left alone
+    assert int(model[1].num_batches_tracked) == 3
+
+
+def test_training_after_recompute_clears_estimator():
+    bn = bnlab.BatchNorm1d(3)
+    bnlab.recompute_population_stats(bn, [torch.randn(8, 3)], progress=False)
+    assert "population=unbiased" in repr(bn)
+    bn.train()(torch.randn(8, 3))
+    assert bn.population_estimator is None and "population" not in repr(bn)
+
+
+DIST_SCRIPT = textwrap.dedent(
+    """
+    import sys, torch, torch.distributed as dist
+    import bnlab
+
+    def data(rank):
+        g = torch.Generator().manual_seed(rank)
+        return [torch.randn(n, 3, 4, 4, generator=g) * (rank + 1) + rank for n in (2 + rank, 5)]
+
+    def worker(rank, port, out):
+        torch.set_num_threads(1)
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                                world_size=2)
+        bn = bnlab.BatchNorm2d(3)
+        bnlab.recompute_population_stats(bn, data(rank), progress=False)
+        torch.save({"mean": bn.running_mean, "var": bn.running_var,
+                    "n": bn.num_batches_tracked}, f"{out}.{rank}")
+        dist.destroy_process_group()
+
+    if __name__ == "__main__":
+        worker(int(sys.argv[1]), int(sys.argv[2]), sys.argv[3])
+    """
+)
+
+
+def test_distributed_two_ranks_reduce_to_same_exact_stats(tmp_path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    script = tmp_path / "dist_job.py"
+    script.write_text(DIST_SCRIPT)
+    out = tmp_path / "stats"
+    env = dict(os.environ, PYTHONPATH=SRC, GLOO_SOCKET_IFNAME="lo")
+    # two ranks as two processes started side by side (cheaper than a spawning parent)
+    procs = [
+        subprocess.Popen([sys.executable, str(script), str(rank), str(port), str(out)], env=env)
+        for rank in (0, 1)
+    ]
+    assert [p.wait(timeout=120) for p in procs] == [0, 0]
+    r0 = torch.load(f"{out}.0", weights_only=True)
+    r1 = torch.load(f"{out}.1", weights_only=True)
+    for key in ("mean", "var", "n"):
+        assert torch.equal(r0[key], r1[key])  # every rank ends with identical statistics
+    everything = []
+    for rank in (0, 1):
+        g = torch.Generator().manual_seed(rank)
+        everything += [
+            torch.randn(n, 3, 4, 4, generator=g) * (rank + 1) + rank for n in (2 + rank, 5)
+        ]
+    mean, var = channel_stats(torch.cat(everything))
+    torch.testing.assert_close(r0["mean"].double(), mean, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(r0["var"].double(), var, rtol=1e-6, atol=1e-6)
+    assert int(r0["n"]) == 4
+
+
+# ------------------------------------------------------------------------------------ fold
+def _pairs():
+    yield "linear", lambda b: nn.Linear(6, 5, bias=b), 1, (8, 6)
+    yield "conv1d", lambda b: nn.Conv1d(4, 6, 3, groups=2, bias=b), 1, (3, 4, 9)
+    yield (
+        "conv2d",
+        lambda b: nn.Conv2d(4, 6, 3, stride=2, padding=1, groups=2, bias=b),
+        2,
+        (2, 4, 7, 7),
+    )
+    yield "conv3d", lambda b: nn.Conv3d(2, 4, 2, bias=b), 3, (2, 2, 4, 4, 4)
+    yield "convT1d", lambda b: nn.ConvTranspose1d(4, 6, 3, stride=2, groups=2, bias=b), 1, (2, 4, 5)
+    yield (
+        "convT2d",
+        lambda b: nn.ConvTranspose2d(6, 4, 3, stride=2, groups=2, bias=b),
+        2,
+        (2, 6, 4, 4),
+    )
+    yield "convT3d", lambda b: nn.ConvTranspose3d(2, 3, 2, bias=b), 3, (1, 2, 3, 3, 3)
+
+
+@pytest.mark.parametrize("name,make,rank,shape", list(_pairs()), ids=[p[0] for p in _pairs()])
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("family", ["bnlab", "torch"])
+def test_fold_pair_matches_unfolded(name, make, rank, shape, bias, family):
+    lin = make(bias)
+    out_ch = lin.out_features if isinstance(lin, nn.Linear) else lin.out_channels
+    model = randomize_bn(nn.Sequential(lin, BN[(family, rank)](out_ch), nn.ReLU())).eval()
+    folded = bnlab.fold(model)
+    x = torch.randn(shape)
+    torch.testing.assert_close(folded(x), model(x), rtol=1e-5, atol=1e-5)
+    assert isinstance(folded, nn.Sequential) and isinstance(folded[1], nn.Identity)
+    assert folded[0].bias is not None and type(folded[0]) is type(lin)
+    assert not any(isinstance(m, (ChannelAffine,)) for m in folded.modules())
+
+
+@pytest.mark.parametrize("affine,bias", [(True, True), (True, False), (False, True)])
+def test_lone_bn_becomes_channel_affine(affine, bias):
+    model = randomize_bn(
+        nn.Sequential(
+            bnlab.BatchNorm2d(3, affine=affine, bias=bias),
+            nn.ReLU(),
+            nn.Conv2d(3, 3, 1),
+            nn.ReLU(),
+            nn.BatchNorm2d(3),
+        )
+    ).eval()
+    folded = bnlab.fold(model)
+    assert isinstance(folded[0], ChannelAffine) and isinstance(folded[4], ChannelAffine)
+    x = torch.randn(2, 3, 4, 4)
+    torch.testing.assert_close(folded(x), model(x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", ["bnlab", "torch"])
+def test_fold_resnet20_through_fx(family):
+    model = ResNet20()
+    if family == "torch":
+        model = bnlab.convert(model, to="torch")
+    model = randomize_bn(model).eval()
+    before = copy.deepcopy(model.state_dict())
+    folded = bnlab.fold(model)
+    assert type(folded) is type(model)
+    assert not any(
+        isinstance(
+            m, (bnlab.layers.batchnorm._BatchNorm, nn.modules.batchnorm._BatchNorm, ChannelAffine)
+        )
+        for m in folded.modules()
+    )
+    x = torch.randn(4, 3, 32, 32)
+    ref = model(x)
+    torch.testing.assert_close(folded(x), ref, rtol=1e-4, atol=1e-4 * ref.abs().max().item())
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)  # input model untouched
+
+
+def test_fold_nested_and_custom_children():
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 3, 3, padding=1)
+            self.bn = nn.BatchNorm2d(3)
+
+        def forward(self, x):
+            return torch.sigmoid(self.bn(self.conv(x))) * 2 + x
+
+    model = randomize_bn(
+        nn.Sequential(Block(), nn.Sequential(nn.Conv2d(3, 4, 1), bnlab.BatchNorm2d(4)))
+    ).eval()
+    folded = bnlab.fold(model)
+    assert isinstance(folded[1][1], nn.Identity)
+    x = torch.randn(2, 3, 5, 5)
+    torch.testing.assert_close(folded(x), model(x), rtol=1e-5, atol=1e-5)
+
+
+def test_fold_refuses_training_mode_unsafe_graph_and_batch_stats_layers():
+    model = nn.Sequential(nn.Linear(3, 3), bnlab.BatchNorm1d(3))
+    with pytest.raises(ValueError, match="training mode"):
+        bnlab.fold(model)
+    model.eval()
+    model[1].train()
+    with pytest.raises(ValueError, match="layer '1' is in training mode"):
+        bnlab.fold(model)
+
+    class Reuse(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(2, 2, 1)
+            self.bn = bnlab.BatchNorm2d(2)
+
+        def forward(self, x):
+            y = self.conv(x)
+            return self.bn(y) + y  # conv output also used outside the BN
+
+    with pytest.raises(ValueError, match="output of 'conv' feeds 'bn' and also"):
+        bnlab.fold(Reuse().eval())
+
+    class Branchy(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.bn = bnlab.BatchNorm1d(2)
+
+        def forward(self, x):
+            if x.sum() > 0:  # data-dependent control flow
+                return self.bn(x)
+            return x
+
+    with pytest.raises(ValueError, match="cannot trace"):
+        bnlab.fold(Branchy().eval())
+    with pytest.raises(ValueError, match="track_running_stats=False"):
+        bnlab.fold(
+            nn.Sequential(nn.Linear(2, 2), bnlab.BatchNorm1d(2, track_running_stats=False)).eval()
+        )
+
+
+# ------------------------------------------------------------------------------------ freeze
+def test_frozen_layer_survives_train_and_matches_torch_eval():
+    model = randomize_bn(nn.Sequential(nn.Linear(5, 4), bnlab.BatchNorm1d(4)))
+    ref = nn.BatchNorm1d(4)
+    ref.load_state_dict(model[1].state_dict())
+    ref.eval()
+    bnlab.freeze(model)
+    model.train()  # must not undo the freeze
+    assert model[1].training and model[1].frozen and "frozen=True" in repr(model)
+    state = {k: v.clone() for k, v in model[1].state_dict().items()}
+    x = torch.randn(6, 5)
+    z = model[0](x)
+    z_ref = z.detach().clone().requires_grad_(True)
+    y = model[1](z)
+    torch.testing.assert_close(y, ref(z_ref), rtol=1e-6, atol=1e-6)
+    dy = torch.randn_like(y)
+    y.backward(dy)
+    ref(z_ref).backward(dy)
+    assert model[0].weight.grad is not None  # gradients flow through a frozen layer
+    assert model[1].weight.grad is None and not model[1].weight.requires_grad
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, weight_decay=0.1)
+    opt.step()
+    for k, v in model[1].state_dict().items():
+        assert torch.equal(v, state[k]), k  # neither statistics nor gamma/beta moved
+    bnlab.unfreeze(model)
+    assert "frozen" not in repr(model) and model[1].weight.requires_grad
+    model(torch.randn(6, 5))
+    assert int(model[1].num_batches_tracked) == state["num_batches_tracked"] + 1
+
+
+def test_freeze_params_false_keeps_gamma_trainable_and_torch_layers_refused():
+    model = nn.Sequential(nn.Linear(3, 3), bnlab.BatchNorm1d(3))
+    bnlab.freeze(model, params=False)
+    model.train()
+    model(torch.randn(4, 3)).sum().backward()
+    assert model[1].weight.grad is not None
+    assert int(model[1].num_batches_tracked) == 0
+    with pytest.raises(TypeError, match="layer '1'.*bnlab.convert"):
+        bnlab.freeze(nn.Sequential(nn.Linear(3, 3), nn.BatchNorm1d(3)))
+
+
+# ------------------------------------------------------------------------------------ diagnose
+def test_diagnose_after_exact_recompute_reports_no_gap_and_restores_state():
+    model = MLP(in_features=8, hidden=(6, 5), norm="batchnorm1d")
+    batches = [torch.randn(n, 8) * 2 + 1 for n in (7, 20, 3)]
+    bnlab.recompute_population_stats(model, batches, mode="eval", progress=False)
+    model.train()
+    state = copy.deepcopy(model.state_dict())
+    buf = io.StringIO()
+    rows = bnlab.diagnose(model, batches, file=buf)
+    assert [r.name for r in rows] == ["net.2", "net.5"]
+    for r in rows:
+        assert r.flags == [] and r.mean_shift_max < 1e-5
+        assert abs(r.var_ratio_min - 1) < 1e-5 and abs(r.var_ratio_max - 1) < 1e-5
+    assert "net.2" in buf.getvalue() and "shift max" in buf.getvalue()
+    assert model.training and all(m.training for m in model.modules())
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+
+
+def test_diagnose_flags_and_hand_computed_shift():
+    bn = bnlab.BatchNorm1d(2)
+    with torch.no_grad():
+        bn.running_mean.copy_(torch.tensor([0.0, 1.0]))
+        bn.running_var.copy_(torch.tensor([4.0, 1.0]))
+        bn.num_batches_tracked.fill_(10)
+    x = torch.tensor([[1.0, 1.0], [3.0, 1.5], [5.0, 0.5]])  # means (3, 1), variances (4, 0.25)
+    (row,) = bnlab.diagnose(bn, [x], file=None)
+    assert row.mean_shift_max == pytest.approx(3 / (4 + 1e-5) ** 0.5)
+    assert row.var_ratio_min == pytest.approx(0.25) and row.var_ratio_max == pytest.approx(1.0)
+    assert row.flags == ["stale"]
+    fresh = torch.nn.BatchNorm1d(2)
+    (row,) = bnlab.diagnose(fresh, [x], file=None)
+    assert "never-updated" in row.flags and row.kind == "torch.BatchNorm1d"
+
+
+# ------------------------------------------------------------------------------------ docs
+def test_docs_examples_run(tmp_path):
+    """Every ```python block of docs/inference.md runs, in order, in one namespace."""
+    doc = Path(__file__).resolve().parents[1] / "docs" / "inference.md"
+    text = doc.read_text()
+    blocks = [b.split("```", 1)[0] for b in text.split("```python\n")[1:]]
+    assert len(blocks) >= 5
+    code = "\n".join(blocks)
+    env = dict(os.environ, PYTHONPATH=SRC)
+    res = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert res.returncode == 0, res.stderr
+
+
+def test_fold_refuses_bn_parameters_read_directly():
+    class Peek(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(2, 2, 1)
+            self.bn = bnlab.BatchNorm2d(2)
+
+        def forward(self, x):
+            return self.bn(self.conv(x)) * self.bn.weight.sum()
+
+    with pytest.raises(ValueError, match="reads 'bn.weight' directly"):
+        bnlab.fold(Peek().eval())
+
+
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_nan_batch_leaves_every_layer_unchanged(mode):
+    model = randomize_bn(
+        nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Linear(4, 2), bnlab.BatchNorm1d(2))
+    ).eval()
+    before = copy.deepcopy(model.state_dict())
+    bad = torch.randn(5, 3)
+    bad[2, 1] = float("nan")
+    batches = [torch.randn(5, 3), bad, torch.randn(5, 3)]
+    with pytest.raises(FloatingPointError):
+        bnlab.recompute_population_stats(model, batches, mode=mode, progress=False)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    assert model[3].population_estimator is None
