@@ -92,8 +92,8 @@ def _cmd_run(args) -> int:
         f"final test accuracy (seed mean): BN {summary['final']['bn']:.4f}, "
         f"baseline {summary['final']['baseline']:.4f}; wall time {meta['wall_time_s']} s"
     )
-    for i, c in enumerate(summary["claims"], 1):
-        print(f"  claim {i}: {'holds' if c['holds'] else 'FAILS'} - {c['measured']}")
+    for c in summary["claims"]:
+        print(f"  claim {c['id']}: {'holds' if c['holds'] else 'FAILS'} - {c['measured']}")
     print(f"report: {html}\n        {md}")
     return 130 if meta.get("interrupted") else 0
 

@@ -497,6 +497,7 @@ def summarize(meta: dict, rows: list[dict]) -> dict:
     late = [i for i, s in enumerate(common) if s > 0.1 * total]
     worst = min((float(mean_n[i] - mean_b[i]) for i in late), default=float("nan"))
     claim1 = {
+        "id": "1",
         "claim": "BN's test accuracy is higher than the baseline's at every evaluation after "
         "the first 10% of training (seed means)",
         "measured": f"{len(late)} evaluations after step {int(0.1 * total)}; smallest margin "
@@ -507,6 +508,7 @@ def summarize(meta: dict, rows: list[dict]) -> dict:
     final_b = float(mean_b[-1]) if common else float("nan")
     reach = next((s for s, a in zip(common, mean_n.tolist(), strict=True) if a >= final_b), None)
     claim2 = {
+        "id": "2",
         "claim": "BN reaches the baseline's final accuracy in at most half the steps",
         "measured": f"baseline final {final_b:.4f} at step {total}; BN first reaches it at "
         + (
@@ -537,6 +539,7 @@ def summarize(meta: dict, rows: list[dict]) -> dict:
         }
     b, n = stab["baseline"], stab["bn"]
     claim3a = {
+        "id": "3a",
         "claim": "the tracked sigmoid input is more stable with BN: over all evaluations the "
         "range of its median and the range of its 15th-85th spread are both smaller",
         "measured": f"median range {n['tracked_median_range']:.3f} (BN) vs "
@@ -546,6 +549,7 @@ def summarize(meta: dict, rows: list[dict]) -> dict:
         and n["tracked_spread_range"] < b["tracked_spread_range"],
     }
     claim3b = {
+        "id": "3b",
         "claim": "the same two ranges, averaged over all units of the last hidden layer, are "
         "smaller with BN",
         "measured": f"median range {n['all_units_median_range']:.3f} (BN) vs "

@@ -120,9 +120,10 @@ def build_report(run_dir: Path | str) -> tuple[Path, Path]:
         "<h2>Claim checks</h2><table><tr><th>#</th><th>claim</th><th>measured</th>"
         "<th>verdict</th></tr>"
     )
-    for i, c in enumerate(claims, 1):
+    for c in claims:
+        i = c["id"]
         verdict = "holds" if c["holds"] else "fails"
-        md.append(f"{i}. **{verdict}**: {c['claim']}. Measured: {c['measured']}.")
+        md.append(f"- ({i}) **{verdict}**: {c['claim']}. Measured: {c['measured']}.")
         color = "#2a7" if c["holds"] else "#c33"
         h.append(
             f"<tr><td>{i}</td><td>{html.escape(c['claim'])}</td>"
