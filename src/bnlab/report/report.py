@@ -44,7 +44,8 @@ def _mnist_sections(run_dir: Path, meta: dict, rows: list[dict]) -> tuple[str, l
         + (" (**interrupted**)" if meta.get("interrupted") else "")
         + f"; binarized input: {cfg['binarize']}.",
         f"Wall time {meta.get('wall_time_s', '?')} s ({meta.get('steps_per_s', '?')} steps/s for "
-        f"all {2 * cfg['seeds']} networks at once), {meta['threads']} threads; versions "
+        f"all {2 * cfg['seeds']} networks), {meta.get('processes', 1)} process(es) x "
+        f"{meta['threads']} thread(s); versions "
         + ", ".join(f"{k} {v}" for k, v in meta["versions"].items())
         + ".",
         f"Final test accuracy (seed mean): BN {summary['final']['bn']:.4f}, baseline "
