@@ -1,0 +1,112 @@
+"""Speed of the Figure 1 experiment: plain per-network loops vs bnlab's stacked run.
+
+Measures, in one run on this machine:
+  * a plain PyTorch loop, one network at a time (784-100-100-100-10 sigmoid, batch 60), with
+    torch.nn.BatchNorm1d and with bnlab.BatchNorm1d, in ms per step per network;
+  * the stacked run (`bnlab run mnist`'s loop) with 1 process and with 2 processes, in steps/s
+    for all 2 x seeds networks;
+and extrapolates each to the default run (2 networks x 3 seeds x 50,000 steps). Run:
+
+    .venv/bin/python benchmarks/bench_mnist.py [--steps 2000] [--repeats 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+import bnlab
+from bnlab.experiments import mnist
+from bnlab.models import MLP
+
+DEFAULT_STEPS, DEFAULT_NETS = 50_000, 6
+
+
+def plain_loop_ms(norm_cls, steps: int, threads: int) -> float:
+    """ms per step of one network trained the plain way (one Python step per network)."""
+    torch.set_num_threads(threads)
+    model = MLP(norm=None, init_std=0.01)
+    if norm_cls is not None:  # the BN network: Linear(bias=False) -> BN -> sigmoid
+        model = MLP(norm="batchnorm1d", init_std=0.01)
+        if norm_cls is torch.nn.BatchNorm1d:
+            model = bnlab.convert(model, to="torch")
+    x, y = torch.rand(4000, 784), torch.randint(10, (4000,))
+    idx = torch.randint(4000, (steps + 50, 60))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+
+    def step(i):
+        loss = nn.functional.cross_entropy(model(x[idx[i]]), y[idx[i]])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    for i in range(50):
+        step(i)
+    t0 = time.perf_counter()
+    for i in range(50, steps + 50):
+        step(i)
+    return (time.perf_counter() - t0) / steps * 1e3
+
+
+def stacked_steps_per_s(steps: int, workers: int, threads: int) -> float:
+    cfg = mnist.MnistConfig(
+        steps=steps,
+        eval_every=steps,
+        seeds=3,
+        dataset="mnist-5k",
+        workers=workers,
+        threads=threads,
+    )
+    with tempfile.TemporaryDirectory() as d:
+        mnist.run(cfg, Path(d), progress=False)
+        meta, _ = mnist.load_run(Path(d))
+    return meta["steps_per_s"]
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--steps", type=int, default=2000, help="timed steps per measurement")
+    p.add_argument("--repeats", type=int, default=3, help="measurements per case (median)")
+    args = p.parse_args(argv)
+    threads = torch.get_num_threads()
+    print(
+        f"torch {torch.__version__}, {threads} threads available, {args.steps} steps, "
+        f"median of {args.repeats}"
+    )
+    rows = []
+    for label, cls in (
+        ("plain loop, no BN", None),
+        ("plain loop, torch BatchNorm1d", torch.nn.BatchNorm1d),
+        ("plain loop, bnlab BatchNorm1d", bnlab.BatchNorm1d),
+    ):
+        ms = statistics.median(plain_loop_ms(cls, args.steps, threads) for _ in range(args.repeats))
+        rows.append((label, f"{ms:.2f} ms/step/network", ms * 1e-3 * DEFAULT_STEPS * 3))
+    # the default run trains 3 networks of each kind: plain = 3 x (no BN + BN)
+    plain_total = rows[0][2] + rows[1][2]
+    for workers in (1, 2):
+        sps = statistics.median(
+            stacked_steps_per_s(args.steps, workers, threads) for _ in range(args.repeats)
+        )
+        rows.append(
+            (
+                f"stacked run, {workers} process(es)",
+                f"{sps:.0f} steps/s (6 networks)",
+                DEFAULT_STEPS / sps,
+            )
+        )
+    print(f"{'case':<36} {'speed':<28} {'default run (s)':>15}")
+    for label, speed, secs in rows:
+        print(f"{label:<36} {speed:<28} {secs:15.0f}")
+    print(
+        f"plain loops for the default run (3 x no-BN + 3 x torch-BN networks): {plain_total:.0f} s"
+    )
+
+
+if __name__ == "__main__":
+    main()
