@@ -25,6 +25,7 @@ Variants (batch renorm, ghost BN, ...) subclass :class:`_BatchNorm` and override
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -193,8 +194,9 @@ class _BatchNorm(nn.Module):
                 f"statistics, got input of shape {tuple(x.shape)} ({m} value per channel)"
             )
         y, mean, var = self._train_forward(x)
-        # One reduction of C values; NaN/Inf anywhere in x makes mean or var non-finite.
-        if not bool(torch.isfinite(mean + var).all()):
+        # One reduction of C values: var is computed from the centred input, so any NaN or Inf in
+        # x makes some var NaN or Inf, and max() propagates NaN.
+        if not math.isfinite(float(var.max())):
             raise FloatingPointError(
                 f"{self._describe()}: non-finite batch statistics (NaN or Inf in the input of "
                 f"shape {tuple(x.shape)}); running statistics were left unchanged"
@@ -203,18 +205,18 @@ class _BatchNorm(nn.Module):
             self._update_running_stats(mean, var, m)
         return y
 
-    @torch.no_grad()
     def _update_running_stats(self, mean: Tensor, var: Tensor, m: int) -> None:
-        """Algorithm 2's population estimates as a moving average (see module docstring)."""
+        """Algorithm 2's population estimates as a moving average (see module docstring):
+        ``running <- running + f * (batch - running)``. The statistics come detached (the
+        autograd functions mark them non-differentiable), so no graph is recorded."""
         self.num_batches_tracked.add_(1)
         if self.momentum is None:
             f = 1.0 / float(self.num_batches_tracked.item())
         else:
             f = self.momentum
         dtype = self.running_mean.dtype
-        unbiased = var * (m / (m - 1))
-        self.running_mean.mul_(1.0 - f).add_(mean.to(dtype), alpha=f)
-        self.running_var.mul_(1.0 - f).add_(unbiased.to(dtype), alpha=f)
+        self.running_mean.lerp_(mean.detach().to(dtype), f)
+        self.running_var.lerp_((var.detach() * (m / (m - 1))).to(dtype), f)
         self.population_estimator = None  # now a running average again, not a recomputed one
 
 
