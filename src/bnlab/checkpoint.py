@@ -32,6 +32,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from ._fileutil import fsync_dir
+
 __all__ = ["save_checkpoint", "load_checkpoint", "FORMAT"]
 
 FORMAT = "bnlab-checkpoint-v1"
@@ -130,19 +132,6 @@ def _check_plain(obj: Any, where: str) -> None:
 
 
 # ------------------------------------------------------------------------------------ save / load
-def _fsync_dir(directory: Path) -> None:
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:  # platforms without directory file descriptors
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def save_checkpoint(
     path: str | os.PathLike[str],
     model: nn.Module,
@@ -189,7 +178,7 @@ def save_checkpoint(
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    _fsync_dir(directory)
+    fsync_dir(directory)
     return path
 
 

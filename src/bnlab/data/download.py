@@ -27,6 +27,8 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
+from .._fileutil import fsync_dir
+
 __all__ = [
     "RESOURCES",
     "SYSTEM_DIRS",
@@ -187,20 +189,6 @@ def md5sum(path: str | Path) -> str:
     return digest.hexdigest()
 
 
-def _fsync_dir(directory: Path) -> None:
-    """Make a rename durable; a no-op where folders cannot be opened (Windows)."""
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def _by_hand(dest: Path, md5: str) -> str:
     return (
         f"If this machine is offline, download the file elsewhere and copy it to {dest} "
@@ -299,7 +287,7 @@ def download_file(
             os.fsync(out.fileno())
         tmp.chmod(0o644)  # mkstemp makes it private; a cached data file is readable by all
         os.replace(tmp, dest)
-        _fsync_dir(dest.parent)
+        fsync_dir(dest.parent)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
