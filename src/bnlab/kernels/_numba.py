@@ -1,0 +1,355 @@
+"""Numba loops of the fused batch-norm kernels (Ioffe & Szegedy 2015, Algorithm 1, section 3).
+
+Two memory layouts, both viewed without copying by :mod:`bnlab.kernels`:
+
+* ``ncs`` - ``(N, C, S)`` with ``S = prod(spatial) > 1``: a contiguous NCHW/NCDHW/NCL tensor.
+  Each ``(n, c)`` row of ``S`` values is contiguous; work is split over the ``N * C`` rows.
+* ``mc``  - ``(M, C)`` with channels innermost: a dense ``(N, C)`` input (``M = N``) or a
+  channels_last input (``M = N * prod(spatial)``). Work is split over chunks of rows.
+
+Statistics (numerically stable, one read of x). The input is cut into blocks small enough to stay
+in cache (one ``(n, c)`` row for ``ncs``, a chunk of rows for ``mc``). Each block gets an exact
+two-pass mean and centred sum of squares ``M2_b = sum (x - mean_b)^2`` (the second pass re-reads
+cache, not memory), all in float64. Blocks are then merged per channel (Chan et al.'s pairwise
+formula)::
+
+    mean = sum_b n_b mean_b / m
+    M2   = sum_b M2_b + sum_b n_b (mean_b - mean)^2          var = M2 / m  (biased)
+
+so no ``E[x^2] - E[x]^2`` cancellation appears anywhere (an input with mean 1e4 and std 1 keeps
+its precision in float32). Gradient sums are accumulated in float64 as well.
+
+Elementwise passes run in the input's dtype with per-channel coefficients precomputed in float64
+and rounded once (``coef`` arrays).
+
+Floating-point flags: reductions need reassociation to vectorise, so the loops are compiled with
+``reassoc``/``contract``/``arcp``/``nsz`` but *not* ``nnan``/``ninf``: NaN and Inf still propagate
+to the statistics, which the layer checks.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from numba import njit, prange
+
+__all__ = [
+    "train_fwd_ncs",
+    "train_fwd_mc",
+    "eval_fwd_ncs",
+    "eval_fwd_mc",
+    "bwd_sums_ncs",
+    "bwd_sums_mc",
+    "bwd_dx_ncs",
+    "bwd_dx_mc",
+    "mc_rows_per_chunk",
+]
+
+_FM = {"reassoc", "contract", "arcp", "nsz"}
+_OPTS = dict(parallel=True, cache=True, fastmath=_FM, nogil=True)
+
+# Rows per chunk for the (M, C) layout: at most 64 chunks (enough for any thread count here),
+# each at least ~16K values when possible and at most ~256K values (it must stay in L2 for the
+# second, centred pass over it).
+_MIN_CHUNK = 1 << 14
+_MAX_CHUNK = 1 << 18
+_MAX_CHUNKS = 64
+
+
+@njit(cache=True)
+def mc_rows_per_chunk(M: int, C: int) -> int:
+    """Rows per chunk for an (M, C) layout (see module docstring)."""
+    r = max((M + _MAX_CHUNKS - 1) // _MAX_CHUNKS, _MIN_CHUNK // C)
+    r = min(r, max(1, _MAX_CHUNK // C))
+    return max(1, min(r, M))
+
+
+# ----------------------------------------------------------------------------------- statistics
+@njit(**_OPTS)
+def _finish_stats(mean, var, invstd, w, b, has_w, has_b, eps, coef):
+    """From (C,) float64 mean/var: invstd and the normalize coefficients, in place.
+
+    coef[0] = mean, coef[1] = gamma * invstd, coef[2] = beta   (input dtype)
+    """
+    C = mean.shape[0]
+    for c in prange(C):
+        inv = 1.0 / math.sqrt(var[c] + eps)
+        invstd[c] = inv
+        coef[0, c] = mean[c]
+        coef[1, c] = inv * w[c] if has_w else inv
+        coef[2, c] = b[c] if has_b else 0.0
+
+
+@njit(**_OPTS)
+def _normalize_ncs(x, coef, relu, y):
+    """y = (x - mean) * (gamma * invstd) + beta [then max(., 0)], rows (n, c) in parallel."""
+    N, C, S = x.shape
+    for i in prange(N * C):
+        n = i // C
+        c = i - n * C
+        mu = coef[0, c]
+        a = coef[1, c]
+        bb = coef[2, c]
+        xr = x[n, c]
+        yr = y[n, c]
+        if relu:
+            for k in range(S):
+                v = (xr[k] - mu) * a + bb
+                yr[k] = v if v > 0 else 0.0
+        else:
+            for k in range(S):
+                yr[k] = (xr[k] - mu) * a + bb
+
+
+@njit(**_OPTS)
+def _normalize_mc(x, coef, relu, y, R):
+    """Same as :func:`_normalize_ncs` for an (M, C) layout, chunks of R rows in parallel."""
+    M, C = x.shape
+    K = (M + R - 1) // R
+    mu = coef[0]
+    a = coef[1]
+    bb = coef[2]
+    for k in prange(K):
+        for r in range(k * R, min(M, (k + 1) * R)):
+            xr = x[r]
+            yr = y[r]
+            if relu:
+                for c in range(C):
+                    v = (xr[c] - mu[c]) * a[c] + bb[c]
+                    yr[c] = v if v > 0 else 0.0
+            else:
+                for c in range(C):
+                    yr[c] = (xr[c] - mu[c]) * a[c] + bb[c]
+
+
+@njit(**_OPTS)
+def train_fwd_ncs(x, w, b, has_w, has_b, eps, relu, y, mean, var, invstd, coef):
+    """Training forward on (N, C, S): fills y (N, C, S), mean/var/invstd (C,) float64, coef."""
+    N, C, S = x.shape
+    bmean = np.empty((N, C), np.float64)
+    bm2 = np.empty((N, C), np.float64)
+    for i in prange(N * C):  # exact two-pass statistics of each cache-resident row
+        n = i // C
+        c = i - n * C
+        xr = x[n, c]
+        s = 0.0
+        for k in range(S):
+            s += xr[k]
+        mb = s / S
+        q = 0.0
+        for k in range(S):
+            d = xr[k] - mb
+            q += d * d
+        bmean[n, c] = mb
+        bm2[n, c] = q
+    for c in prange(C):  # merge the N rows of each channel (equal counts S)
+        s = 0.0
+        for n in range(N):
+            s += bmean[n, c]
+        mu = s / N
+        q = 0.0
+        for n in range(N):
+            d = bmean[n, c] - mu
+            q += bm2[n, c] + S * d * d
+        mean[c] = mu
+        var[c] = q / (N * S)
+    _finish_stats(mean, var, invstd, w, b, has_w, has_b, eps, coef)
+    _normalize_ncs(x, coef, relu, y)
+
+
+@njit(**_OPTS)
+def train_fwd_mc(x, w, b, has_w, has_b, eps, relu, y, mean, var, invstd, coef):
+    """Training forward on (M, C), channels innermost; same outputs as :func:`train_fwd_ncs`."""
+    M, C = x.shape
+    R = mc_rows_per_chunk(M, C)
+    K = (M + R - 1) // R
+    cmean = np.empty((K, C), np.float64)
+    cm2 = np.empty((K, C), np.float64)
+    for k in prange(K):  # exact two-pass statistics of each cache-resident chunk of rows
+        r0 = k * R
+        r1 = min(M, r0 + R)
+        s = np.zeros(C, np.float64)
+        for r in range(r0, r1):
+            xr = x[r]
+            for c in range(C):
+                s[c] += xr[c]
+        inv_n = 1.0 / (r1 - r0)
+        for c in range(C):
+            s[c] *= inv_n
+        q = np.zeros(C, np.float64)
+        for r in range(r0, r1):
+            xr = x[r]
+            for c in range(C):
+                d = xr[c] - s[c]
+                q[c] += d * d
+        cmean[k] = s
+        cm2[k] = q
+    for c in prange(C):  # merge chunks (the last may be shorter)
+        s = 0.0
+        for k in range(K):
+            s += cmean[k, c] * (min(M, (k + 1) * R) - k * R)
+        mu = s / M
+        q = 0.0
+        for k in range(K):
+            d = cmean[k, c] - mu
+            q += cm2[k, c] + (min(M, (k + 1) * R) - k * R) * d * d
+        mean[c] = mu
+        var[c] = q / M
+    _finish_stats(mean, var, invstd, w, b, has_w, has_b, eps, coef)
+    _normalize_mc(x, coef, relu, y, R)
+
+
+# ----------------------------------------------------------------------------------- inference
+@njit(**_OPTS)
+def _eval_coef(rm, rv, w, b, has_w, has_b, eps, invstd, coef):
+    C = rm.shape[0]
+    for c in prange(C):
+        inv = 1.0 / math.sqrt(np.float64(rv[c]) + eps)
+        invstd[c] = inv
+        coef[0, c] = rm[c]
+        coef[1, c] = inv * w[c] if has_w else inv
+        coef[2, c] = b[c] if has_b else 0.0
+
+
+@njit(cache=True, nogil=True)
+def eval_fwd_ncs(x, rm, rv, w, b, has_w, has_b, eps, relu, y, invstd, coef):
+    """Inference forward on (N, C, S) with population statistics (Algorithm 2)."""
+    _eval_coef(rm, rv, w, b, has_w, has_b, eps, invstd, coef)
+    _normalize_ncs(x, coef, relu, y)
+
+
+@njit(cache=True, nogil=True)
+def eval_fwd_mc(x, rm, rv, w, b, has_w, has_b, eps, relu, y, invstd, coef):
+    """Inference forward on (M, C) with population statistics (Algorithm 2)."""
+    _eval_coef(rm, rv, w, b, has_w, has_b, eps, invstd, coef)
+    _normalize_mc(x, coef, relu, y, mc_rows_per_chunk(x.shape[0], x.shape[1]))
+
+
+# ----------------------------------------------------------------------------------- backward
+@njit(**_OPTS)
+def bwd_sums_ncs(dy, x, y, relu, mean_x, sums):
+    """Per-channel sums over (N, C, S): sums[0] = sum g, sums[1] = sum g * (x - mean), float64.
+
+    ``g = dy`` or, for the fused ReLU, ``g = dy * (y > 0)``.
+    """
+    N, C, S = x.shape
+    p1 = np.empty((N, C), np.float64)
+    p2 = np.empty((N, C), np.float64)
+    for i in prange(N * C):
+        n = i // C
+        c = i - n * C
+        mu = mean_x[c]
+        xr = x[n, c]
+        gr = dy[n, c]
+        s1 = 0.0
+        s2 = 0.0
+        if relu:
+            yr = y[n, c]
+            for k in range(S):
+                g = gr[k] if yr[k] > 0 else 0.0
+                s1 += g
+                s2 += g * (xr[k] - mu)
+        else:
+            for k in range(S):
+                g = gr[k]
+                s1 += g
+                s2 += g * (xr[k] - mu)
+        p1[n, c] = s1
+        p2[n, c] = s2
+    for c in prange(C):
+        s1 = 0.0
+        s2 = 0.0
+        for n in range(N):
+            s1 += p1[n, c]
+            s2 += p2[n, c]
+        sums[0, c] = s1
+        sums[1, c] = s2
+
+
+@njit(**_OPTS)
+def bwd_sums_mc(dy, x, y, relu, mean_x, sums):
+    """Per-channel sums over (M, C); same outputs as :func:`bwd_sums_ncs`."""
+    M, C = x.shape
+    R = mc_rows_per_chunk(M, C)
+    K = (M + R - 1) // R
+    p1 = np.zeros((K, C), np.float64)
+    p2 = np.zeros((K, C), np.float64)
+    for k in prange(K):
+        s1 = p1[k]
+        s2 = p2[k]
+        for r in range(k * R, min(M, (k + 1) * R)):
+            xr = x[r]
+            gr = dy[r]
+            if relu:
+                yr = y[r]
+                for c in range(C):
+                    g = gr[c] if yr[c] > 0 else 0.0
+                    s1[c] += g
+                    s2[c] += g * (xr[c] - mean_x[c])
+            else:
+                for c in range(C):
+                    g = gr[c]
+                    s1[c] += g
+                    s2[c] += g * (xr[c] - mean_x[c])
+    for c in prange(C):
+        s1 = 0.0
+        s2 = 0.0
+        for k in range(K):
+            s1 += p1[k, c]
+            s2 += p2[k, c]
+        sums[0, c] = s1
+        sums[1, c] = s2
+
+
+@njit(**_OPTS)
+def bwd_dx_ncs(dy, x, y, relu, coef, dx):
+    """dx = A g - B (x - mean) - D, per channel: coef rows (mean, A, B, D), (N, C, S) rows.
+
+    Training (section 3, collected):  A = gamma invstd, B = A invstd^2 sum(g (x-mu)) / m,
+    D = A sum(g) / m.  Inference: B = D = 0.
+    """
+    N, C, S = x.shape
+    for i in prange(N * C):
+        n = i // C
+        c = i - n * C
+        mu = coef[0, c]
+        a = coef[1, c]
+        bb = coef[2, c]
+        d = coef[3, c]
+        xr = x[n, c]
+        gr = dy[n, c]
+        dr = dx[n, c]
+        if relu:
+            yr = y[n, c]
+            for k in range(S):
+                g = gr[k] if yr[k] > 0 else 0.0
+                dr[k] = a * g - bb * (xr[k] - mu) - d
+        else:
+            for k in range(S):
+                dr[k] = a * gr[k] - bb * (xr[k] - mu) - d
+
+
+@njit(**_OPTS)
+def bwd_dx_mc(dy, x, y, relu, coef, dx):
+    """(M, C) version of :func:`bwd_dx_ncs`."""
+    M, C = x.shape
+    R = mc_rows_per_chunk(M, C)
+    K = (M + R - 1) // R
+    mu = coef[0]
+    a = coef[1]
+    bb = coef[2]
+    d = coef[3]
+    for k in prange(K):
+        for r in range(k * R, min(M, (k + 1) * R)):
+            xr = x[r]
+            gr = dy[r]
+            dr = dx[r]
+            if relu:
+                yr = y[r]
+                for c in range(C):
+                    g = gr[c] if yr[c] > 0 else 0.0
+                    dr[c] = a[c] * g - bb[c] * (xr[c] - mu[c]) - d[c]
+            else:
+                for c in range(C):
+                    dr[c] = a[c] * gr[c] - bb[c] * (xr[c] - mu[c]) - d[c]
