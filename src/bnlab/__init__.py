@@ -2,10 +2,12 @@
 
 The layer (``BatchNorm1d/2d/3d``, drop-in for ``torch.nn``), the functional transform and its
 hand-written backward (:mod:`bnlab.functional`), and conversion of existing models
-(:func:`convert`).
+(:func:`convert`). On the CPU the layers run fused Numba kernels (:mod:`bnlab.kernels`) where they
+apply; :func:`set_backend` selects "auto", "fused" or "reference".
 """
 
 from .autograd import batch_norm_eval, batch_norm_train
+from .backend import get_backend, set_backend, use_backend
 from .convert import convert
 from .layers import BatchNorm1d, BatchNorm2d, BatchNorm3d, get_layer, name_layers
 
@@ -18,6 +20,9 @@ __all__ = [
     "batch_norm_train",
     "batch_norm_eval",
     "convert",
+    "get_backend",
+    "set_backend",
+    "use_backend",
     "get_layer",
     "name_layers",
     "__version__",
