@@ -8,10 +8,12 @@ Two memory layouts, both viewed without copying by :mod:`bnlab.kernels`:
   channels_last input (``M = N * prod(spatial)``). Work is split over chunks of rows.
 
 Statistics (numerically stable, one read of x). The input is cut into blocks small enough to stay
-in cache (one ``(n, c)`` row for ``ncs``, a chunk of rows for ``mc``). Each block gets an exact
-two-pass mean and centred sum of squares ``M2_b = sum (x - mean_b)^2`` (the second pass re-reads
-cache, not memory), all in float64. Blocks are then merged per channel (Chan et al.'s pairwise
-formula)::
+in cache (one ``(n, c)`` row for ``ncs``, a chunk of rows for ``mc``). Each block gets a two-pass
+mean and centred sum of squares ``M2_b = sum (x - mean_b)^2`` (the second pass re-reads cache, not
+memory), all in float64 and all of the shifted values ``x - x_0``, ``x_0`` the channel's first
+value (so block means stay small numbers when ``|mean| >> std``: stored at full magnitude, their
+rounding would leak into the between-block term). Blocks are then merged per channel (Chan et
+al.'s pairwise formula)::
 
     mean = sum_b n_b mean_b / m
     M2   = sum_b M2_b + sum_b n_b (mean_b - mean)^2          var = M2 / m  (biased)
@@ -133,13 +135,14 @@ def train_fwd_ncs(x, w, b, has_w, has_b, eps, relu, y, mean, var, invstd, coef):
         n = i // C
         c = i - n * C
         xr = x[n, c]
+        x0 = np.float64(x[0, c, 0])  # the channel's shift (see module docstring)
         s = 0.0
         for k in range(S):
-            s += xr[k]
-        mb = s / S
+            s += xr[k] - x0
+        mb = s / S  # block mean - x0
         q = 0.0
         for k in range(S):
-            d = xr[k] - mb
+            d = (xr[k] - x0) - mb
             q += d * d
         bmean[n, c] = mb
         bm2[n, c] = q
@@ -152,7 +155,7 @@ def train_fwd_ncs(x, w, b, has_w, has_b, eps, relu, y, mean, var, invstd, coef):
         for n in range(N):
             d = bmean[n, c] - mu
             q += bm2[n, c] + S * d * d
-        mean[c] = mu
+        mean[c] = x[0, c, 0] + mu
         var[c] = q / (N * S)
     _finish_stats(mean, var, invstd, w, b, has_w, has_b, eps, coef)
     _normalize_ncs(x, coef, relu, y)
@@ -169,19 +172,20 @@ def train_fwd_mc(x, w, b, has_w, has_b, eps, relu, y, mean, var, invstd, coef):
     for k in prange(K):  # exact two-pass statistics of each cache-resident chunk of rows
         r0 = k * R
         r1 = min(M, r0 + R)
+        x0 = x[0].astype(np.float64)  # the channels' shifts (see module docstring)
         s = np.zeros(C, np.float64)
         for r in range(r0, r1):
             xr = x[r]
             for c in range(C):
-                s[c] += xr[c]
+                s[c] += xr[c] - x0[c]
         inv_n = 1.0 / (r1 - r0)
         for c in range(C):
-            s[c] *= inv_n
+            s[c] *= inv_n  # chunk mean - x0
         q = np.zeros(C, np.float64)
         for r in range(r0, r1):
             xr = x[r]
             for c in range(C):
-                d = xr[c] - s[c]
+                d = (xr[c] - x0[c]) - s[c]
                 q[c] += d * d
         cmean[k] = s
         cm2[k] = q
@@ -194,7 +198,7 @@ def train_fwd_mc(x, w, b, has_w, has_b, eps, relu, y, mean, var, invstd, coef):
         for k in range(K):
             d = cmean[k, c] - mu
             q += cm2[k, c] + (min(M, (k + 1) * R) - k * R) * d * d
-        mean[c] = mu
+        mean[c] = x[0, c] + mu
         var[c] = q / M
     _finish_stats(mean, var, invstd, w, b, has_w, has_b, eps, coef)
     _normalize_mc(x, coef, relu, y, R)
