@@ -6,9 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from bnlab import backend as B
 from bnlab import functional as F
 from bnlab.autograd import batch_norm_eval, batch_norm_train
-from bnlab import backend as B
 from conftest import SHAPES, to_format
 
 pytestmark = pytest.mark.usefixtures("backend")  # every test once per backend (conftest)

@@ -134,7 +134,8 @@ def test_large_mean_is_stable_in_float32_both_layouts(layout, offset):
     dims = F.reduce_dims(xe)
     torch.testing.assert_close(var.double(), xe.var(dims, unbiased=False), rtol=1e-5, atol=0)
     torch.testing.assert_close(mean.double(), xe.mean(dims), rtol=1e-7, atol=0)
-    ref = (xe - xe.mean(dims, keepdim=True)) / torch.sqrt(xe.var(dims, keepdim=True, unbiased=False))
+    centred = xe - xe.mean(dims, keepdim=True)
+    ref = centred / torch.sqrt(xe.var(dims, keepdim=True, unbiased=False))
     torch.testing.assert_close(y.double(), ref, rtol=0, atol=2e-3)
 
 

@@ -75,7 +75,7 @@ def unsupported_reason(x: Tensor, *params: Tensor | None) -> str | None:
 
 
 def supports(x: Tensor, *params: Tensor | None) -> bool:
-    """True if the fused kernels handle ``x`` with these parameters (see :func:`unsupported_reason`)."""
+    """True if the fused kernels handle ``x`` with these parameters (:func:`unsupported_reason`)."""
     return unsupported_reason(x, *params) is None
 
 
