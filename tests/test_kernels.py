@@ -284,5 +284,30 @@ def test_activation_argument_and_repr():
         bnlab.batch_norm_train(torch.randn(4, 3), None, None, 1e-5, "tanh")
 
 
+def test_convert_to_torch_refuses_to_drop_fused_relu():
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), bnlab.BatchNorm1d(4, activation="relu"))
+    with pytest.raises(ValueError, match=r"layer '1' has activation='relu'"):
+        bnlab.convert(model, to="torch")
+
+
+def test_resnet20_fused_relu_matches_unfused():
+    """The model builder's fuse_relu path computes the same function as norm + nn.ReLU."""
+    from bnlab.models import resnet20
+
+    torch.manual_seed(0)
+    plain = resnet20()
+    torch.manual_seed(0)
+    fused = resnet20(fuse_relu=True)
+    x = torch.randn(4, 3, 32, 32)
+    yp, yf = plain(x), fused(x)
+    torch.testing.assert_close(yf, yp)
+    yp.square().sum().backward()
+    yf.square().sum().backward()
+    gp = [p.grad for p in plain.parameters()]
+    gf = [p.grad for p in fused.parameters()]
+    for a, b in zip(gf, gp, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
 def test_warm_up_compiles_every_kernel():
     K.warm_up()  # raises if any kernel fails to compile or run for float32/float64, both layouts

@@ -1,0 +1,95 @@
+"""CIFAR ResNets (He et al. 2016, section 4.2): ResNet-(6n+2), e.g. ResNet-20 (n=3), ResNet-110
+(n=18). Three stages of n basic blocks with 16, 32, 64 channels on 32x32, 16x16, 8x8 maps; a
+normalization layer after every convolution (Ioffe & Szegedy 2015, section 3.2: per feature map);
+shortcuts are identity, or a strided 1x1 convolution + norm when the shape changes.
+
+``norm`` is a registry name (:func:`bnlab.layers.get_layer`), e.g. ``"batchnorm2d"``, or None.
+With ``fuse_relu=True`` the norm layers followed by a ReLU are built as ``norm(c,
+activation="relu")`` (bnlab's fused BN+ReLU) instead of norm + ``nn.ReLU``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..layers import get_layer, name_layers
+
+__all__ = ["ResNetCifar", "resnet20", "resnet110"]
+
+
+def _norm_act(norm: str | None, c: int, relu: bool, fuse: bool) -> list[nn.Module]:
+    """[norm, ReLU] as modules: fused into one layer when asked, identity when norm is None."""
+    if norm is None:
+        return [nn.ReLU()] if relu else []
+    cls = get_layer(norm)
+    if relu and fuse:
+        return [cls(c, activation="relu")]
+    return [cls(c), nn.ReLU()] if relu else [cls(c)]
+
+
+class BasicBlock(nn.Module):
+    """conv3x3 - norm - relu - conv3x3 - norm, + shortcut, relu."""
+
+    def __init__(self, cin: int, cout: int, stride: int, norm: str | None, fuse: bool) -> None:
+        super().__init__()
+        bias = norm is None
+        self.body = nn.Sequential(
+            nn.Conv2d(cin, cout, 3, stride, 1, bias=bias),
+            *_norm_act(norm, cout, True, fuse),
+            nn.Conv2d(cout, cout, 3, 1, 1, bias=bias),
+            *_norm_act(norm, cout, False, fuse),
+        )
+        self.shortcut: nn.Module = nn.Identity()
+        if stride != 1 or cin != cout:
+            self.shortcut = nn.Sequential(
+                nn.Conv2d(cin, cout, 1, stride, bias=bias), *_norm_act(norm, cout, False, fuse)
+            )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(self.body(x) + self.shortcut(x))
+
+
+class ResNetCifar(nn.Module):
+    """ResNet-(6n+2) for 3x32x32 inputs: ``(B, 3, 32, 32) -> (B, num_classes)`` logits."""
+
+    def __init__(
+        self,
+        depth: int = 20,
+        num_classes: int = 10,
+        norm: str | None = "batchnorm2d",
+        fuse_relu: bool = False,
+    ) -> None:
+        super().__init__()
+        if depth < 8 or (depth - 2) % 6:
+            raise ValueError(f"ResNetCifar: depth must be 6n+2 with n >= 1, got {depth!r}")
+        n = (depth - 2) // 6
+        layers: list[nn.Module] = [
+            nn.Conv2d(3, 16, 3, 1, 1, bias=norm is None),
+            *_norm_act(norm, 16, True, fuse_relu),
+        ]
+        cin = 16
+        for stage, cout in enumerate((16, 32, 64)):
+            for i in range(n):
+                stride = 2 if stage > 0 and i == 0 else 1
+                layers.append(BasicBlock(cin, cout, stride, norm, fuse_relu))
+                cin = cout
+        layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(cin, num_classes)]
+        self.net = nn.Sequential(*layers)
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+        name_layers(self)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+def resnet20(**kwargs) -> ResNetCifar:
+    """ResNet-20 (n=3, 0.27M parameters)."""
+    return ResNetCifar(20, **kwargs)
+
+
+def resnet110(**kwargs) -> ResNetCifar:
+    """ResNet-110 (n=18, 1.7M parameters)."""
+    return ResNetCifar(110, **kwargs)
