@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -90,10 +91,13 @@ def _like(t: Tensor, x: Tensor) -> Tensor:
     return torch.empty_like(x).copy_(t)
 
 
-def _param(p: Tensor | None, c: int, dtype: torch.dtype):
-    """numpy view of a (C,) parameter, or a dummy of the right dtype when absent."""
+_NONE = {torch.float32: np.empty(0, np.float32), torch.float64: np.empty(0, np.float64)}
+
+
+def _param(p: Tensor | None, dtype: torch.dtype):
+    """numpy view of a (C,) parameter, or an empty placeholder of the dtype when absent."""
     if p is None:
-        return _np(torch.empty(c, dtype=dtype)), False
+        return _NONE[dtype], False
     return _np(p.contiguous()), True
 
 
@@ -103,22 +107,14 @@ def batch_norm_train_forward(
     """Algorithm 1, fused. Returns ``(y, mean, var, invstd)``: y like x (same strides), (C,)
     statistics in x's dtype, ``var`` biased. With ``relu``, ``y = max(BN(x), 0)``."""
     k = _k()
-    c = x.shape[1]
     xv, kind = _kernel_view(x)
     y = torch.empty_like(x)
-    yv, _ = _kernel_view(y)
-    mean = torch.empty(c, dtype=torch.float64)
-    var = torch.empty(c, dtype=torch.float64)
-    invstd = torch.empty(c, dtype=torch.float64)
-    coef = torch.empty(3, c, dtype=x.dtype)
-    w, has_w = _param(weight, c, x.dtype)
-    b, has_b = _param(bias, c, x.dtype)
+    stats = torch.empty(6, x.shape[1], dtype=x.dtype)  # mean, var, invstd, 3 coefficients
+    w, has_w = _param(weight, x.dtype)
+    b, has_b = _param(bias, x.dtype)
     fn = k.train_fwd_ncs if kind == "ncs" else k.train_fwd_mc
-    fn(
-        _np(xv), w, b, has_w, has_b, float(eps), bool(relu), _np(yv),
-        _np(mean), _np(var), _np(invstd), _np(coef),
-    )  # fmt: skip
-    return y, mean.to(x.dtype), var.to(x.dtype), invstd.to(x.dtype)
+    fn(_np(xv), w, b, has_w, has_b, float(eps), bool(relu), _np(_kernel_view(y)[0]), _np(stats))
+    return y, stats[0], stats[1], stats[2]
 
 
 def batch_norm_eval_forward(
@@ -133,44 +129,38 @@ def batch_norm_eval_forward(
     """Algorithm 2, fused: ``y = (x - E[x]) * gamma / sqrt(Var[x] + eps) + beta`` in one pass.
     Returns ``(y, invstd)``."""
     k = _k()
-    c = x.shape[1]
     xv, kind = _kernel_view(x)
     y = torch.empty_like(x)
-    yv, _ = _kernel_view(y)
-    invstd = torch.empty(c, dtype=torch.float64)
-    coef = torch.empty(3, c, dtype=x.dtype)
-    w, has_w = _param(weight, c, x.dtype)
-    b, has_b = _param(bias, c, x.dtype)
+    stats = torch.empty(4, x.shape[1], dtype=x.dtype)  # invstd, 3 coefficients
+    w, has_w = _param(weight, x.dtype)
+    b, has_b = _param(bias, x.dtype)
     fn = k.eval_fwd_ncs if kind == "ncs" else k.eval_fwd_mc
     fn(
         _np(xv), _np(running_mean.contiguous()), _np(running_var.contiguous()), w, b,
-        has_w, has_b, float(eps), bool(relu), _np(yv), _np(invstd), _np(coef),
+        has_w, has_b, float(eps), bool(relu), _np(_kernel_view(y)[0]), _np(stats),
     )  # fmt: skip
-    return y, invstd.to(x.dtype)
+    return y, stats[0]
 
 
-def _sums(dy: Tensor, x: Tensor, y: Tensor | None, mean: Tensor):
-    """(views, kind, sums) with sums[0] = sum g, sums[1] = sum g (x - mean), (2, C) float64."""
+def _backward(dy, x, mean, invstd, weight, need_dx, need_dparams, y, train):
     k = _k()
-    c = x.shape[1]
     xv, kind = _kernel_view(x)
-    dyv, _ = _kernel_view(_like(dy, x))
-    yv = xv if y is None else _kernel_view(_like(y, x))[0]
-    sums = torch.empty(2, c, dtype=torch.float64)
-    mean_x = mean.to(x.dtype).contiguous()
-    fn = k.bwd_sums_ncs if kind == "ncs" else k.bwd_sums_mc
-    fn(_np(dyv), _np(xv), _np(yv), y is not None, _np(mean_x), _np(sums))
-    return (dyv, xv, yv), kind, sums
-
-
-def _dx(views, kind: str, relu: bool, coef: Tensor, x: Tensor) -> Tensor:
-    k = _k()
-    dyv, xv, yv = views
-    dx = torch.empty_like(x)
-    dxv, _ = _kernel_view(dx)
-    fn = k.bwd_dx_ncs if kind == "ncs" else k.bwd_dx_mc
-    fn(_np(dyv), _np(xv), _np(yv), relu, _np(coef), _np(dxv))
-    return dx
+    shape = xv.shape
+    dyv = _like(dy, x).view(shape) if kind == "ncs" else _kernel_view(_like(dy, x))[0]
+    yv = xv if y is None else (_kernel_view(_like(y, x))[0])
+    need_sums = need_dparams and weight is not None
+    dx = torch.empty_like(x) if need_dx else None
+    dxv = _np(_kernel_view(dx)[0]) if need_dx else _NONE[x.dtype].reshape((0,) * len(shape))
+    grads = torch.empty(2, x.shape[1], dtype=x.dtype)  # dgamma, dbeta
+    w, has_w = _param(weight, x.dtype)
+    fn = k.backward_ncs if kind == "ncs" else k.backward_mc
+    fn(
+        _np(dyv), _np(xv), _np(yv), y is not None, _np(mean.contiguous()),
+        _np(invstd.contiguous()), w, has_w, train, need_sums, need_dx, dxv, _np(grads),
+    )  # fmt: skip
+    if not need_sums:
+        return dx, None, None
+    return dx, grads[0].to(weight.dtype), grads[1].to(weight.dtype)
 
 
 def batch_norm_train_backward(
@@ -189,24 +179,10 @@ def batch_norm_train_backward(
         dbeta   = sum g,        dgamma = invstd * sum g (x - mu)
         dx      = gamma invstd (g - dbeta / m - (x - mu) invstd^2 sum g (x - mu) / m)
 
-    Same contract as :func:`bnlab.functional.batch_norm_train_backward`.
+    Same contract as :func:`bnlab.functional.batch_norm_train_backward`; mean/invstd as returned
+    by :func:`batch_norm_train_forward` (x's dtype).
     """
-    c = x.shape[1]
-    m = x.numel() // c
-    views, kind, sums = _sums(dy, x, y, mean)
-    inv = invstd.to(torch.float64)
-    dx = None
-    if need_dx:
-        a = inv if weight is None else inv * weight.to(torch.float64)  # gamma invstd, (C,)
-        coef = torch.stack(
-            [mean.to(torch.float64), a, a * inv * inv * sums[1] / m, a * sums[0] / m]
-        ).to(x.dtype)
-        dx = _dx(views, kind, y is not None, coef, x)
-    dgamma = dbeta = None
-    if need_dparams and weight is not None:
-        dgamma = (sums[1] * inv).to(weight.dtype)
-        dbeta = sums[0].to(weight.dtype)
-    return dx, dgamma, dbeta
+    return _backward(dy, x, mean, invstd, weight, need_dx, need_dparams, y, True)
 
 
 def batch_norm_eval_backward(
@@ -223,26 +199,7 @@ def batch_norm_eval_backward(
 
     dx = g * gamma * invstd,   dgamma = invstd * sum g (x - E[x]),   dbeta = sum g
     """
-    c = x.shape[1]
-    inv = invstd.to(torch.float64)
-    dgamma = dbeta = None
-    views = kind = None
-    if need_dparams and weight is not None:
-        views, kind, sums = _sums(dy, x, y, running_mean)
-        dgamma = (sums[1] * inv).to(weight.dtype)
-        dbeta = sums[0].to(weight.dtype)
-    dx = None
-    if need_dx:
-        if views is None:
-            xv, kind = _kernel_view(x)
-            dyv, _ = _kernel_view(_like(dy, x))
-            yv = xv if y is None else _kernel_view(_like(y, x))[0]
-            views = (dyv, xv, yv)
-        a = inv if weight is None else inv * weight.to(torch.float64)
-        zero = torch.zeros(c, dtype=torch.float64)
-        coef = torch.stack([running_mean.to(torch.float64), a, zero, zero]).to(x.dtype)
-        dx = _dx(views, kind, y is not None, coef, x)
-    return dx, dgamma, dbeta
+    return _backward(dy, x, running_mean, invstd, weight, need_dx, need_dparams, y, False)
 
 
 def warm_up() -> None:

@@ -41,10 +41,8 @@ __all__ = [
     "train_fwd_mc",
     "eval_fwd_ncs",
     "eval_fwd_mc",
-    "bwd_sums_ncs",
-    "bwd_sums_mc",
-    "bwd_dx_ncs",
-    "bwd_dx_mc",
+    "backward_ncs",
+    "backward_mc",
     "mc_rows_per_chunk",
 ]
 
@@ -69,18 +67,21 @@ def mc_rows_per_chunk(M: int, C: int) -> int:
 
 # ----------------------------------------------------------------------------------- statistics
 @njit(**_OPTS)
-def _finish_stats(mean, var, invstd, w, b, has_w, has_b, eps, coef):
-    """From (C,) float64 mean/var: invstd and the normalize coefficients, in place.
+def _finish_stats(mean, var, w, b, has_w, has_b, eps, stats):
+    """From (C,) float64 mean/var, fill stats (6, C) in the input dtype::
 
-    coef[0] = mean, coef[1] = gamma * invstd, coef[2] = beta   (input dtype)
+    stats[0:3] = mean, var, invstd = 1 / sqrt(var + eps)
+    stats[3:6] = mean, gamma * invstd, beta          (the normalize coefficients)
     """
     C = mean.shape[0]
     for c in prange(C):
         inv = 1.0 / math.sqrt(var[c] + eps)
-        invstd[c] = inv
-        coef[0, c] = mean[c]
-        coef[1, c] = inv * w[c] if has_w else inv
-        coef[2, c] = b[c] if has_b else 0.0
+        stats[0, c] = mean[c]
+        stats[1, c] = var[c]
+        stats[2, c] = inv
+        stats[3, c] = mean[c]
+        stats[4, c] = inv * w[c] if has_w else inv
+        stats[5, c] = b[c] if has_b else 0.0
 
 
 @njit(**_OPTS)
@@ -126,9 +127,12 @@ def _normalize_mc(x, coef, relu, y, R):
 
 
 @njit(**_OPTS)
-def train_fwd_ncs(x, w, b, has_w, has_b, eps, relu, y, mean, var, invstd, coef):
-    """Training forward on (N, C, S): fills y (N, C, S), mean/var/invstd (C,) float64, coef."""
+def train_fwd_ncs(x, w, b, has_w, has_b, eps, relu, y, stats):
+    """Training forward on (N, C, S): fills y (N, C, S) and stats (6, C) in x's dtype: rows
+    mean, biased var, invstd, then the normalize coefficients (see :func:`_finish_stats`)."""
     N, C, S = x.shape
+    mean = np.empty(C, np.float64)
+    var = np.empty(C, np.float64)
     bmean = np.empty((N, C), np.float64)
     bm2 = np.empty((N, C), np.float64)
     for i in prange(N * C):  # exact two-pass statistics of each cache-resident row
@@ -157,14 +161,16 @@ def train_fwd_ncs(x, w, b, has_w, has_b, eps, relu, y, mean, var, invstd, coef):
             q += bm2[n, c] + S * d * d
         mean[c] = x[0, c, 0] + mu
         var[c] = q / (N * S)
-    _finish_stats(mean, var, invstd, w, b, has_w, has_b, eps, coef)
-    _normalize_ncs(x, coef, relu, y)
+    _finish_stats(mean, var, w, b, has_w, has_b, eps, stats)
+    _normalize_ncs(x, stats[3:], relu, y)
 
 
 @njit(**_OPTS)
-def train_fwd_mc(x, w, b, has_w, has_b, eps, relu, y, mean, var, invstd, coef):
+def train_fwd_mc(x, w, b, has_w, has_b, eps, relu, y, stats):
     """Training forward on (M, C), channels innermost; same outputs as :func:`train_fwd_ncs`."""
     M, C = x.shape
+    mean = np.empty(C, np.float64)
+    var = np.empty(C, np.float64)
     R = mc_rows_per_chunk(M, C)
     K = (M + R - 1) // R
     cmean = np.empty((K, C), np.float64)
@@ -200,50 +206,66 @@ def train_fwd_mc(x, w, b, has_w, has_b, eps, relu, y, mean, var, invstd, coef):
             q += cm2[k, c] + (min(M, (k + 1) * R) - k * R) * d * d
         mean[c] = x[0, c] + mu
         var[c] = q / M
-    _finish_stats(mean, var, invstd, w, b, has_w, has_b, eps, coef)
-    _normalize_mc(x, coef, relu, y, R)
+    _finish_stats(mean, var, w, b, has_w, has_b, eps, stats)
+    _normalize_mc(x, stats[3:], relu, y, R)
 
 
 # ----------------------------------------------------------------------------------- inference
 @njit(**_OPTS)
-def _eval_coef(rm, rv, w, b, has_w, has_b, eps, invstd, coef):
+def _eval_coef(rm, rv, w, b, has_w, has_b, eps, stats):
+    """stats (4, C): invstd, then the normalize coefficients (mean, gamma invstd, beta)."""
     C = rm.shape[0]
     for c in prange(C):
         inv = 1.0 / math.sqrt(np.float64(rv[c]) + eps)
-        invstd[c] = inv
-        coef[0, c] = rm[c]
-        coef[1, c] = inv * w[c] if has_w else inv
-        coef[2, c] = b[c] if has_b else 0.0
+        stats[0, c] = inv
+        stats[1, c] = rm[c]
+        stats[2, c] = inv * w[c] if has_w else inv
+        stats[3, c] = b[c] if has_b else 0.0
 
 
 @njit(cache=True, nogil=True)
-def eval_fwd_ncs(x, rm, rv, w, b, has_w, has_b, eps, relu, y, invstd, coef):
+def eval_fwd_ncs(x, rm, rv, w, b, has_w, has_b, eps, relu, y, stats):
     """Inference forward on (N, C, S) with population statistics (Algorithm 2)."""
-    _eval_coef(rm, rv, w, b, has_w, has_b, eps, invstd, coef)
-    _normalize_ncs(x, coef, relu, y)
+    _eval_coef(rm, rv, w, b, has_w, has_b, eps, stats)
+    _normalize_ncs(x, stats[1:], relu, y)
 
 
 @njit(cache=True, nogil=True)
-def eval_fwd_mc(x, rm, rv, w, b, has_w, has_b, eps, relu, y, invstd, coef):
+def eval_fwd_mc(x, rm, rv, w, b, has_w, has_b, eps, relu, y, stats):
     """Inference forward on (M, C) with population statistics (Algorithm 2)."""
-    _eval_coef(rm, rv, w, b, has_w, has_b, eps, invstd, coef)
-    _normalize_mc(x, coef, relu, y, mc_rows_per_chunk(x.shape[0], x.shape[1]))
+    _eval_coef(rm, rv, w, b, has_w, has_b, eps, stats)
+    _normalize_mc(x, stats[1:], relu, y, mc_rows_per_chunk(x.shape[0], x.shape[1]))
 
 
 # ----------------------------------------------------------------------------------- backward
 @njit(**_OPTS)
-def bwd_sums_ncs(dy, x, y, relu, mean_x, sums):
-    """Per-channel sums over (N, C, S): sums[0] = sum g, sums[1] = sum g * (x - mean), float64.
+def _bwd_coef(sums, mean, invstd, w, has_w, train, m, coef, grads):
+    """From the sums: grads = (dgamma, dbeta) and the dx coefficients (mean, A, B, D)."""
+    C = mean.shape[0]
+    for c in prange(C):
+        inv = np.float64(invstd[c])
+        s1 = sums[0, c]
+        s2 = sums[1, c]
+        grads[0, c] = s2 * inv  # dL/dgamma = sum g x_hat
+        grads[1, c] = s1  # dL/dbeta = sum g
+        a = inv * w[c] if has_w else inv
+        coef[0, c] = mean[c]
+        coef[1, c] = a
+        coef[2, c] = a * inv * inv * s2 / m if train else 0.0
+        coef[3, c] = a * s1 / m if train else 0.0
 
-    ``g = dy`` or, for the fused ReLU, ``g = dy * (y > 0)``.
-    """
+
+@njit(**_OPTS)
+def _sums_ncs(dy, x, y, relu, mean, sums):
+    """sums[0] = sum g, sums[1] = sum g (x - mean) per channel, float64; rows in parallel.
+    ``g = dy`` or, for the fused ReLU, ``g = dy * (y > 0)``."""
     N, C, S = x.shape
     p1 = np.empty((N, C), np.float64)
     p2 = np.empty((N, C), np.float64)
     for i in prange(N * C):
         n = i // C
         c = i - n * C
-        mu = mean_x[c]
+        mu = mean[c]
         xr = x[n, c]
         gr = dy[n, c]
         s1 = 0.0
@@ -272,8 +294,8 @@ def bwd_sums_ncs(dy, x, y, relu, mean_x, sums):
 
 
 @njit(**_OPTS)
-def bwd_sums_mc(dy, x, y, relu, mean_x, sums):
-    """Per-channel sums over (M, C); same outputs as :func:`bwd_sums_ncs`."""
+def _sums_mc(dy, x, y, relu, mean, sums):
+    """(M, C) version of :func:`_sums_ncs`, chunks of rows in parallel."""
     M, C = x.shape
     R = mc_rows_per_chunk(M, C)
     K = (M + R - 1) // R
@@ -290,12 +312,12 @@ def bwd_sums_mc(dy, x, y, relu, mean_x, sums):
                 for c in range(C):
                     g = gr[c] if yr[c] > 0 else 0.0
                     s1[c] += g
-                    s2[c] += g * (xr[c] - mean_x[c])
+                    s2[c] += g * (xr[c] - mean[c])
             else:
                 for c in range(C):
                     g = gr[c]
                     s1[c] += g
-                    s2[c] += g * (xr[c] - mean_x[c])
+                    s2[c] += g * (xr[c] - mean[c])
     for c in prange(C):
         s1 = 0.0
         s2 = 0.0
@@ -307,10 +329,10 @@ def bwd_sums_mc(dy, x, y, relu, mean_x, sums):
 
 
 @njit(**_OPTS)
-def bwd_dx_ncs(dy, x, y, relu, coef, dx):
-    """dx = A g - B (x - mean) - D, per channel: coef rows (mean, A, B, D), (N, C, S) rows.
+def _dx_ncs(dy, x, y, relu, coef, dx):
+    """dx = A g - B (x - mean) - D per channel, coef rows (mean, A, B, D); (N, C, S) rows.
 
-    Training (section 3, collected):  A = gamma invstd, B = A invstd^2 sum(g (x-mu)) / m,
+    Training (section 3, collected): A = gamma invstd, B = A invstd^2 sum(g (x-mu)) / m,
     D = A sum(g) / m.  Inference: B = D = 0.
     """
     N, C, S = x.shape
@@ -335,8 +357,8 @@ def bwd_dx_ncs(dy, x, y, relu, coef, dx):
 
 
 @njit(**_OPTS)
-def bwd_dx_mc(dy, x, y, relu, coef, dx):
-    """(M, C) version of :func:`bwd_dx_ncs`."""
+def _dx_mc(dy, x, y, relu, coef, dx):
+    """(M, C) version of :func:`_dx_ncs`."""
     M, C = x.shape
     R = mc_rows_per_chunk(M, C)
     K = (M + R - 1) // R
@@ -357,3 +379,30 @@ def bwd_dx_mc(dy, x, y, relu, coef, dx):
             else:
                 for c in range(C):
                     dr[c] = a[c] * gr[c] - bb[c] * (xr[c] - mu[c]) - d[c]
+
+
+@njit(cache=True, nogil=True)
+def backward_ncs(dy, x, y, relu, mean, invstd, w, has_w, train, need_sums, need_dx, dx, grads):
+    """Backward on (N, C, S): grads (2, C) = (dgamma, dbeta) when need_sums or train, dx when
+    need_dx. ``train`` selects Algorithm 1's gradient (batch statistics) over the inference one."""
+    C = mean.shape[0]
+    sums = np.zeros((2, C), np.float64)
+    if need_sums or train:
+        _sums_ncs(dy, x, y, relu, mean, sums)
+    coef = np.empty((4, C), x.dtype)
+    _bwd_coef(sums, mean, invstd, w, has_w, train, x.size // C, coef, grads)
+    if need_dx:
+        _dx_ncs(dy, x, y, relu, coef, dx)
+
+
+@njit(cache=True, nogil=True)
+def backward_mc(dy, x, y, relu, mean, invstd, w, has_w, train, need_sums, need_dx, dx, grads):
+    """(M, C) version of :func:`backward_ncs`."""
+    C = mean.shape[0]
+    sums = np.zeros((2, C), np.float64)
+    if need_sums or train:
+        _sums_mc(dy, x, y, relu, mean, sums)
+    coef = np.empty((4, C), x.dtype)
+    _bwd_coef(sums, mean, invstd, w, has_w, train, x.size // C, coef, grads)
+    if need_dx:
+        _dx_mc(dy, x, y, relu, coef, dx)
