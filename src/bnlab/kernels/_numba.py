@@ -178,23 +178,21 @@ def train_fwd_mc(x, w, b, has_w, has_b, eps, relu, y, stats):
     for k in prange(K):  # exact two-pass statistics of each cache-resident chunk of rows
         r0 = k * R
         r1 = min(M, r0 + R)
-        x0 = x[0].astype(np.float64)  # the channels' shifts (see module docstring)
-        s = np.zeros(C, np.float64)
+        # One pass of shifted sums (see module docstring): s1 = sum d, s2 = sum d^2 with
+        # d = x - x0 in float64, then M2 = s2 - s1^2 / n for the chunk.
+        x0 = x[0].astype(np.float64)
+        s1 = np.zeros(C, np.float64)
+        s2 = np.zeros(C, np.float64)
         for r in range(r0, r1):
             xr = x[r]
             for c in range(C):
-                s[c] += xr[c] - x0[c]
+                d = xr[c] - x0[c]
+                s1[c] += d
+                s2[c] += d * d
         inv_n = 1.0 / (r1 - r0)
         for c in range(C):
-            s[c] *= inv_n  # chunk mean - x0
-        q = np.zeros(C, np.float64)
-        for r in range(r0, r1):
-            xr = x[r]
-            for c in range(C):
-                d = (xr[c] - x0[c]) - s[c]
-                q[c] += d * d
-        cmean[k] = s
-        cm2[k] = q
+            cmean[k, c] = s1[c] * inv_n  # chunk mean - x0
+            cm2[k, c] = max(s2[c] - s1[c] * s1[c] * inv_n, 0.0)
     for c in prange(C):  # merge chunks (the last may be shorter)
         s = 0.0
         for k in range(K):
