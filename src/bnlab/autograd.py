@@ -33,6 +33,11 @@ def _relu_flag(activation: str | None) -> bool:
     return activation == "relu"
 
 
+def _needs_graph(*tensors: Tensor | None) -> bool:
+    """True when autograd would record the call (grad mode on and some input requires grad)."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
 class BatchNormTrain(torch.autograd.Function):
     """y, mean, var = BN_train(x, gamma, beta) [then ReLU]; gradients flow to x, gamma, beta."""
 
@@ -103,7 +108,10 @@ def batch_norm_train(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Differentiable Algorithm 1: returns ``(y, mean, biased_var)``; ``activation="relu"`` returns
     ``max(y, 0)`` (fused on the kernel path)."""
-    return BatchNormTrain.apply(x, weight, bias, eps, _relu_flag(activation))
+    relu = _relu_flag(activation)
+    if not _needs_graph(x, weight, bias):  # no autograd bookkeeping when nothing needs it
+        return B.train_forward(x, weight, bias, eps, relu=relu)[1:4]
+    return BatchNormTrain.apply(x, weight, bias, eps, relu)
 
 
 def batch_norm_eval(
@@ -116,6 +124,7 @@ def batch_norm_eval(
     activation: str | None = None,
 ) -> Tensor:
     """Differentiable inference transform with population statistics [then ReLU]."""
-    return BatchNormEval.apply(
-        x, running_mean, running_var, weight, bias, eps, _relu_flag(activation)
-    )
+    relu = _relu_flag(activation)
+    if not _needs_graph(x, weight, bias):
+        return B.eval_forward(x, running_mean, running_var, weight, bias, eps, relu=relu)[1]
+    return BatchNormEval.apply(x, running_mean, running_var, weight, bias, eps, relu)
