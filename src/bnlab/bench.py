@@ -228,7 +228,7 @@ def bench_resnet(repeats: int, batch: int = 128, log: Callable[[str], None] = pr
         ("bnlab fused", "bnlab", False, "fused"),
         ("bnlab fused + BN-ReLU fusion", "bnlab", True, "fused"),
     ]
-    results = {}
+    steps = {}
     for label, kind, fuse, backend in configs:
         torch.manual_seed(0)
         model = resnet20(fuse_relu=fuse)
@@ -242,8 +242,20 @@ def bench_resnet(repeats: int, batch: int = 128, log: Callable[[str], None] = pr
                 nn.functional.cross_entropy(model(x), y).backward()
                 opt.step()
 
-        results[label] = _median_time(step, repeats, warmup=2)
-        log(f"  resnet20 step, {label}: {results[label] * 1e3:.1f} ms")
+        for _ in range(2):  # warm-up
+            step()
+        steps[label] = step
+    # Interleaved (one step of each model per round), so load drift on a shared machine hits
+    # every model alike.
+    samples: dict[str, list[float]] = {label: [] for label in steps}
+    for _ in range(repeats):
+        for label, step in steps.items():
+            t0 = time.perf_counter()
+            step()
+            samples[label].append(time.perf_counter() - t0)
+    results = {label: statistics.median(ts) for label, ts in samples.items()}
+    for label, t in results.items():
+        log(f"  resnet20 step, {label}: {t * 1e3:.1f} ms")
     base = results["torch BatchNorm2d"]
     text = f"| ResNet-20 training step (batch {batch}) | median ms | torch / this |\n"
     text += "|---|---|---|\n"
@@ -319,7 +331,7 @@ def main(argv: list[str] | None = None) -> int:
     print(table)
     resnet = ""
     if not (args.no_resnet or args.quick):
-        resnet = bench_resnet(max(5, args.repeats // 2))
+        resnet = bench_resnet(args.repeats)
         print(resnet)
     if args.write:
         argv_text = " ".join(argv) if argv is not None else ""
