@@ -152,6 +152,21 @@ def test_float64_huge_offset_keeps_variance(layout):
     torch.testing.assert_close(var, (xc * xc).mean((0, 2)), rtol=1e-6, atol=0)
 
 
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_outlier_first_value_keeps_variance(layout):
+    """The statistics shift by each channel's first value; a first value 1000 sigma out must
+    not cost precision (shifted-sum error ~1e-16 * 1000^2 relative)."""
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(4, 2, 30, 40, dtype=torch.float64, generator=g)
+    x[0, :, 0, 0] = 1000.0
+    x = to_format(x, layout)
+    with B.use_backend("fused"):
+        _, _, mean, var, _ = B.train_forward(x, None, None, 1e-5)
+    xc = x - x.mean((0, 2, 3), keepdim=True)
+    torch.testing.assert_close(var, (xc * xc).mean((0, 2, 3)), rtol=1e-9, atol=0)
+    torch.testing.assert_close(mean, x.mean((0, 2, 3)), rtol=0, atol=1e-11)
+
+
 # ------------------------------------------------------------------------- dispatch
 def test_choose_and_fallbacks():
     x = torch.randn(4, 3, 5, 5)

@@ -3,8 +3,9 @@
 Ioffe & Szegedy (2015): Algorithm 1 (training forward), Algorithm 2 (inference forward) and the
 section 3 gradients, each as one Numba call that makes as few passes over memory as possible:
 
-* training forward: one read of x for the statistics (cache-blocked two-pass, see
-  :mod:`bnlab.kernels._numba`), one read of x and one write of y to normalize (~1.5x a copy);
+* training forward: one read of x for the statistics (shifted float64 sums in blocks merged
+  with Chan's formula, see :mod:`bnlab.kernels._numba`), one read of x and one write of y to
+  normalize (~1.5x a copy);
 * backward: one read of x and dy for the two per-channel sums ``sum g`` and
   ``sum g (x - mu)``, one read of x and dy and one write of dx (~2.5x a copy);
 * inference forward: one read, one write.
