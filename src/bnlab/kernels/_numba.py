@@ -58,8 +58,8 @@ _FM = {"reassoc", "contract", "arcp", "nsz"}
 _OPTS = dict(parallel=True, cache=True, fastmath=_FM, nogil=True)
 
 # Rows per chunk for the (M, C) layout: at most 64 chunks (enough for any thread count here),
-# each at least ~16K values when possible and at most ~256K values (it must stay in L2 for the
-# second, centred pass over it).
+# each at least ~16K values when possible and at most ~256K values (bounded partial-sum arrays,
+# and chunks that stay in L2 between the statistics and the normalize pass when M*C is small).
 _MIN_CHUNK = 1 << 14
 _MAX_CHUNK = 1 << 18
 _MAX_CHUNKS = 64
