@@ -27,7 +27,7 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests benchmarks
 
 bench: $(STAMP)
-	$(PY) benchmarks/bench_layer.py
+	$(PY) benchmarks/bench_layer.py && $(PY) benchmarks/bench_kernels.py
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info .pytest_cache

@@ -25,21 +25,21 @@ from pathlib import Path
 import torch
 
 import bnlab
-from bnlab.models import ResNet20
+from bnlab.models import resnet20
 
 HEADING = "## Folding (issue 5)"
 
 
 def build(seed: int) -> dict[str, torch.nn.Module]:
     torch.manual_seed(seed)
-    bn_net = ResNet20(norm="batchnorm2d")
+    bn_net = resnet20(norm="batchnorm2d")
     bn_net.train()
     with torch.no_grad():  # a few training-mode passes so the running statistics are not 0/1
         for _ in range(3):
             bn_net(torch.randn(32, 3, 32, 32))
     bn_net.eval()
     folded = bnlab.fold(bn_net)
-    plain = ResNet20(norm=None).eval()
+    plain = resnet20(norm=None).eval()
     x = torch.randn(8, 3, 32, 32)
     with torch.no_grad():
         err = (folded(x) - bn_net(x)).abs().max().item()

@@ -52,6 +52,11 @@ def bench_shape(shape, repeats: int) -> dict:
 
 
 def main(argv=None) -> None:
+    with bnlab.use_backend("reference"):  # the fused kernels have their own bench_kernels.py
+        _main(argv)
+
+
+def _main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--repeats", type=int, default=20, help="timed runs per case (median)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")

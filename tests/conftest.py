@@ -1,4 +1,5 @@
-"""Shared fixtures: fixed seeds, shape families, and a tiny torch-vs-bnlab pairing helper."""
+"""Shared fixtures: fixed seeds, shape families, the backend parametrisation, and a tiny
+torch-vs-bnlab pairing helper."""
 
 from __future__ import annotations
 
@@ -12,6 +13,17 @@ SHAPES = {
     "2d": (4, 3, 5, 6),
     "3d": (2, 3, 4, 3, 5),
 }
+
+
+@pytest.fixture(params=["reference", "auto"])
+def backend(request):
+    """Run a test once per bnlab backend: the reference functions, and "auto" (the fused CPU
+    kernels wherever they apply, which is every float32/float64 contiguous or channels_last
+    input). Test modules opt in with ``pytestmark = pytest.mark.usefixtures("backend")``."""
+    import bnlab
+
+    with bnlab.use_backend(request.param):
+        yield request.param
 
 
 @pytest.fixture(autouse=True)
@@ -39,3 +51,15 @@ def to_format(x, fmt):
         if x.dim() == 5:
             return x.contiguous(memory_format=torch.channels_last_3d)
     return x.contiguous()
+
+
+@pytest.fixture
+def isolated_data(tmp_path, monkeypatch):
+    """A private data cache and home for a test; no Debian folder, no mirror, no real cache."""
+    from bnlab.data import download as dl
+
+    monkeypatch.setenv("BNLAB_DATA", str(tmp_path / "cache"))
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.delenv("BNLAB_DATA_MIRROR", raising=False)
+    monkeypatch.setitem(dl.SYSTEM_DIRS, "fashion-mnist", ())
+    yield

@@ -40,15 +40,7 @@ from datagen import (
     make_idx_set,
 )
 
-
-@pytest.fixture(autouse=True)
-def _isolated(tmp_path, monkeypatch):
-    """A private cache and home for each test; no Debian folder, no mirror."""
-    monkeypatch.setenv("BNLAB_DATA", str(tmp_path / "cache"))
-    monkeypatch.setenv("HOME", str(tmp_path / "home"))
-    monkeypatch.delenv("BNLAB_DATA_MIRROR", raising=False)
-    monkeypatch.setitem(dl.SYSTEM_DIRS, "fashion-mnist", ())
-    yield
+pytestmark = pytest.mark.usefixtures("isolated_data")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -26,14 +26,7 @@ from bnlab.data import download as dl
 from bnlab.data.download import RemoteFile, Resource
 from datagen import IDX_NAMES, LocalServer, make_cifar_tarball, make_idx_set
 
-
-@pytest.fixture(autouse=True)
-def _isolated(tmp_path, monkeypatch):
-    monkeypatch.setenv("BNLAB_DATA", str(tmp_path / "cache"))
-    monkeypatch.setenv("HOME", str(tmp_path / "home"))
-    monkeypatch.delenv("BNLAB_DATA_MIRROR", raising=False)
-    monkeypatch.setitem(dl.SYSTEM_DIRS, "fashion-mnist", ())
-    yield
+pytestmark = pytest.mark.usefixtures("isolated_data")
 
 
 @pytest.fixture

@@ -1,13 +1,22 @@
-"""The transform and its hand-written backward against float64 autograd oracles."""
+"""The transform and its hand-written backward against float64 autograd oracles, on both
+backends (the reference functions and the fused kernels, see conftest's ``backend``)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
+from bnlab import backend as B
 from bnlab import functional as F
 from bnlab.autograd import batch_norm_eval, batch_norm_train
 from conftest import SHAPES, to_format
+
+pytestmark = pytest.mark.usefixtures("backend")  # every test once per backend (conftest)
+
+
+def train_forward(x, weight, bias, eps):
+    """batch_norm_train_forward on the selected backend: (y, mean, var, invstd)."""
+    return B.train_forward(x, weight, bias, eps)[1:]
 
 
 def reference_bn(x, weight, bias, eps):
@@ -74,7 +83,7 @@ def test_large_mean_variance_is_stable_in_float32():
     """Mean 1e4, std 1: E[x^2]-E[x]^2 would lose everything in float32; we must not."""
     g = torch.Generator().manual_seed(1)
     x64 = torch.randn(64, 16, 8, 8, dtype=torch.float64, generator=g) + 1e4
-    y32, mean, var, _ = F.batch_norm_train_forward(x64.float(), None, None, 1e-5)
+    y32, mean, var, _ = train_forward(x64.float(), None, None, 1e-5)
     dims = F.reduce_dims(x64)
     x32_as64 = x64.float().double()  # the float32 input, exactly, in float64
     ref_var = x32_as64.var(dims, unbiased=False)
@@ -82,8 +91,9 @@ def test_large_mean_variance_is_stable_in_float32():
     torch.testing.assert_close(var.double(), ref_var, rtol=1e-4, atol=0)
     torch.testing.assert_close(mean.double(), ref_mean, rtol=1e-6, atol=0)
     ref_y = (x32_as64 - ref_mean.view(1, -1, 1, 1)) / torch.sqrt(ref_var.view(1, -1, 1, 1) + 1e-5)
-    # centring before scaling: y is exact to float32 rounding of values of order 1
-    torch.testing.assert_close(y32.double(), ref_y, rtol=0, atol=1e-4)
+    # y is off by at most the float32 rounding of the mean itself: half an ulp at 1e4 is 4.9e-4,
+    # in units of the std (1). (The reference path centres exactly and lands far below this.)
+    torch.testing.assert_close(y32.double(), ref_y, rtol=0, atol=6e-4)
 
 
 def test_double_backward_raises_clearly():
@@ -99,7 +109,7 @@ def test_double_backward_raises_clearly():
 @pytest.mark.parametrize("shape", [(4, 3, 5, 6), (2, 3, 4, 3, 5)])
 def test_channels_last_preserved(shape):
     x = to_format(torch.randn(shape), "channels_last")
-    y, *_ = F.batch_norm_train_forward(x, torch.ones(3), torch.zeros(3), 1e-5)
+    y, *_ = train_forward(x, torch.ones(3), torch.zeros(3), 1e-5)
     fmt = torch.channels_last if len(shape) == 4 else torch.channels_last_3d
     assert y.is_contiguous(memory_format=fmt)
     assert not y.is_contiguous()
@@ -108,7 +118,7 @@ def test_channels_last_preserved(shape):
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_half_inputs_use_float32_statistics(dtype):
     x = (torch.randn(32, 4, 6, 6) * 2 + 3).to(dtype)
-    y, mean, var, _ = F.batch_norm_train_forward(x, None, None, 1e-5)
+    y, mean, var, _ = train_forward(x, None, None, 1e-5)
     assert y.dtype == dtype and mean.dtype == torch.float32 and var.dtype == torch.float32
     xf = x.float()
     torch.testing.assert_close(mean, xf.mean((0, 2, 3)))

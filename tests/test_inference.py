@@ -21,7 +21,7 @@ from torch import nn
 
 import bnlab
 from bnlab.inference import ChannelAffine
-from bnlab.models import MLP, ResNet20
+from bnlab.models import MLP, resnet20
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")
 
@@ -289,7 +289,7 @@ def test_lone_bn_becomes_channel_affine(affine, bias):
 
 @pytest.mark.parametrize("family", ["bnlab", "torch"])
 def test_fold_resnet20_through_fx(family):
-    model = ResNet20()
+    model = resnet20()
     if family == "torch":
         model = bnlab.convert(model, to="torch")
     model = randomize_bn(model).eval()

@@ -8,6 +8,8 @@ import torch
 import bnlab
 from conftest import SHAPES, family_classes, to_format
 
+pytestmark = pytest.mark.usefixtures("backend")  # every test once per backend (conftest)
+
 
 def make_pair(shape, dtype=torch.float32, **kwargs):
     """A bnlab layer and a torch layer with identical (random) parameters."""

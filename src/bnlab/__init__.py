@@ -3,10 +3,13 @@
 The layer (``BatchNorm1d/2d/3d``, drop-in for ``torch.nn``), the functional transform and its
 hand-written backward (:mod:`bnlab.functional`), and conversion of existing models
 (:func:`convert`); inference and state (:mod:`bnlab.inference`: population statistics, folding,
-freezing, diagnosis; :mod:`bnlab.checkpoint`: atomic, exactly resumable checkpoints).
+freezing, diagnosis; :mod:`bnlab.checkpoint`: atomic, exactly resumable checkpoints). On the CPU
+the layers run fused Numba kernels (:mod:`bnlab.kernels`) where they apply; :func:`set_backend`
+selects "auto", "fused" or "reference".
 """
 
 from .autograd import batch_norm_eval, batch_norm_train
+from .backend import get_backend, set_backend, use_backend
 from .checkpoint import load_checkpoint, save_checkpoint
 from .convert import convert
 from .inference import (
@@ -29,6 +32,9 @@ __all__ = [
     "batch_norm_train",
     "batch_norm_eval",
     "convert",
+    "get_backend",
+    "set_backend",
+    "use_backend",
     "get_layer",
     "name_layers",
     "recompute_population_stats",

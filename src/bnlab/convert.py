@@ -62,6 +62,11 @@ def convert(model: nn.Module, to: str = "bnlab") -> nn.Module:
                 "run one forward pass first"
             )
         cls = table.get(type(module))
+        if cls is not None and getattr(module, "activation", None) is not None:
+            raise ValueError(  # torch's BatchNorm has no fused activation: refuse to drop it
+                f"convert: layer '{name or type(module).__name__}' has "
+                f"activation={module.activation!r}, which torch's BatchNorm lacks"
+            )
         if cls is not None:
             return _swap(module, cls)
         for child_name, child in list(module.named_children()):

@@ -19,6 +19,9 @@ A batch that would corrupt state never reaches it: non-finite batch statistics r
 ``FloatingPointError`` before any buffer is touched (the check looks at the C per-channel
 statistics, not the input, so it costs one reduction of C values).
 
+``activation="relu"`` (bnlab only) returns ``max(BN(x), 0)``, fused into the kernel on the fused
+backend; the default ``None`` is the plain layer.
+
 Variants (batch renorm, ghost BN, ...) subclass :class:`_BatchNorm` and override
 :meth:`_BatchNorm._train_forward`, the one place where statistics are computed.
 """
@@ -64,6 +67,7 @@ class _BatchNorm(nn.Module):
         dtype: Any = None,
         *,
         bias: bool = True,
+        activation: str | None = None,
     ) -> None:
         super().__init__()
         if isinstance(num_features, bool) or not isinstance(num_features, int) or num_features < 1:
@@ -76,12 +80,17 @@ class _BatchNorm(nn.Module):
             raise ValueError(
                 f"{type(self).__name__}: momentum must be in [0, 1] or None, got {momentum!r}"
             )
+        if activation not in (None, "relu"):
+            raise ValueError(
+                f"{type(self).__name__}: activation must be None or 'relu', got {activation!r}"
+            )
         factory = {"device": device, "dtype": dtype}
         self.num_features = num_features
         self.eps = eps
         self.momentum = momentum
         self.affine = affine
         self.track_running_stats = track_running_stats
+        self.activation = activation
         self.layer_name: str | None = None  # qualified name in a model, set by name_layers()
         if affine:
             self.weight = nn.Parameter(torch.empty(num_features, **factory))
@@ -122,7 +131,7 @@ class _BatchNorm(nn.Module):
                 nn.init.zeros_(self.bias)
 
     def extra_repr(self) -> str:
-        return (
+        text = (
             "{num_features}, eps={eps}, momentum={momentum}, affine={affine}, "
             "bias={use_bias}, track_running_stats={track_running_stats}".format(
                 **self.__dict__, use_bias=self.bias is not None
@@ -130,6 +139,7 @@ class _BatchNorm(nn.Module):
             + (f", population={self.population_estimator}" if self.population_estimator else "")
             + (", frozen=True" if self.frozen else "")
         )
+        return text if self.activation is None else f"{text}, activation={self.activation!r}"
 
     def _load_from_state_dict(
         self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
@@ -178,15 +188,16 @@ class _BatchNorm(nn.Module):
 
     def _train_forward(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Normalize with statistics of this batch. Returns ``(y, mean, biased_var)`` with (C,)
-        statistics. The one method variants override."""
-        return batch_norm_train(x, self.weight, self.bias, self.eps)
+        statistics. The one method variants override; ``y`` includes ``self.activation``."""
+        return batch_norm_train(x, self.weight, self.bias, self.eps, self.activation)
 
     def forward(self, x: Tensor) -> Tensor:
         self._check_input(x)
         if not self._use_batch_stats():
             return batch_norm_eval(
-                x, self.running_mean, self.running_var, self.weight, self.bias, self.eps
-            )
+                x, self.running_mean, self.running_var, self.weight, self.bias, self.eps,
+                self.activation,
+            )  # fmt: skip
         m = x.numel() // x.shape[1]  # values per channel
         if m < 2:
             raise ValueError(

@@ -1,13 +1,12 @@
-"""ResNet-20 for 32x32 inputs (CIFAR-10), He et al. (2016), section 4.2.
+"""CIFAR ResNets (He et al. 2016, section 4.2): ResNet-(6n+2), e.g. ResNet-20 (n=3), ResNet-110
+(n=18). Three stages of n basic blocks with 16, 32, 64 channels on 32x32, 16x16, 8x8 maps; a
+normalization layer after every convolution (Ioffe & Szegedy 2015, section 3.2: per feature map).
+Where the shape changes, the shortcut is He et al.'s CIFAR "option A" by default (stride-2
+subsampling, new channels zero: no parameters) or ``shortcut="B"``, a strided 1x1 conv + norm.
 
-Three stages of three basic blocks (3x3 conv - norm - ReLU - 3x3 conv - norm, plus shortcut, ReLU)
-with 16, 32, 64 channels; the first block of stages 2 and 3 halves the resolution. Shortcuts are
-the parameter-free "option A": identity, or stride-2 subsampling with zero-padded channels.
-6n + 2 = 20 weighted layers for n = 3, 0.27M parameters.
-
-With ``norm`` set (a registry name, e.g. ``"batchnorm2d"``) each conv is followed by that layer and
-has no bias (beta makes it redundant, section 3.2 of the BN paper); with ``norm=None`` each conv has
-a bias and there is no normalization, the reference for "BN removed at inference" (``bnlab.fold``).
+``norm`` is a registry name (:func:`bnlab.layers.get_layer`), e.g. ``"batchnorm2d"``, or None.
+With ``fuse_relu=True`` the norm layers followed by a ReLU are built as ``norm(c,
+activation="relu")`` (bnlab's fused BN+ReLU) instead of norm + ``nn.ReLU``.
 """
 
 from __future__ import annotations
@@ -18,57 +17,94 @@ from torch import nn
 
 from ..layers import get_layer, name_layers
 
-__all__ = ["ResNet20", "BasicBlock"]
+__all__ = ["ResNetCifar", "resnet20", "resnet110"]
 
 
-def _norm(norm: str | None, channels: int) -> nn.Module:
-    return get_layer(norm)(channels) if norm is not None else nn.Identity()
+def _norm_act(norm: str | None, c: int, relu: bool, fuse: bool) -> list[nn.Module]:
+    """[norm, ReLU] as modules: fused into one layer when asked, identity when norm is None."""
+    if norm is None:
+        return [nn.ReLU()] if relu else []
+    cls = get_layer(norm)
+    if relu and fuse:
+        return [cls(c, activation="relu")]
+    return [cls(c), nn.ReLU()] if relu else [cls(c)]
 
 
 class BasicBlock(nn.Module):
-    """``relu(norm(conv(relu(norm(conv(x))))) + shortcut(x))``."""
+    """conv3x3 - norm - relu - conv3x3 - norm, + shortcut, relu."""
 
-    def __init__(self, c_in: int, c_out: int, stride: int, norm: str | None) -> None:
+    def __init__(
+        self, cin: int, cout: int, stride: int, norm: str | None, fuse: bool, shortcut: str = "A"
+    ) -> None:
         super().__init__()
         bias = norm is None
-        self.conv1 = nn.Conv2d(c_in, c_out, 3, stride=stride, padding=1, bias=bias)
-        self.bn1 = _norm(norm, c_out)
-        self.conv2 = nn.Conv2d(c_out, c_out, 3, stride=1, padding=1, bias=bias)
-        self.bn2 = _norm(norm, c_out)
-        self.subsample = stride != 1 or c_in != c_out
-        self.pad = c_out - c_in
+        self.body = nn.Sequential(
+            nn.Conv2d(cin, cout, 3, stride, 1, bias=bias),
+            *_norm_act(norm, cout, True, fuse),
+            nn.Conv2d(cout, cout, 3, 1, 1, bias=bias),
+            *_norm_act(norm, cout, False, fuse),
+        )
+        self.shortcut: nn.Module = nn.Identity()
+        self.pad = 0  # option A: zero channels added to the subsampled input
+        if stride != 1 or cin != cout:
+            if shortcut == "B":
+                self.shortcut = nn.Sequential(
+                    nn.Conv2d(cin, cout, 1, stride, bias=bias), *_norm_act(norm, cout, False, fuse)
+                )
+            else:
+                self.pad, self.stride = cout - cin, stride
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = F.relu(self.bn1(self.conv1(x)))
-        out = self.bn2(self.conv2(out))
-        if self.subsample:  # option A: (N, C, H, W) -> (N, 2C, H/2, W/2), new channels zero
-            x = F.pad(x[:, :, ::2, ::2], (0, 0, 0, 0, self.pad // 2, self.pad - self.pad // 2))
-        return F.relu(out + x)
+        short = self.shortcut(x)
+        if self.pad:  # option A: (N, C, H, W) -> (N, C + pad, H / s, W / s), new channels zero
+            s, p = self.stride, self.pad
+            short = F.pad(short[:, :, ::s, ::s], (0, 0, 0, 0, p // 2, p - p // 2))
+        return torch.relu(self.body(x) + short)
 
 
-class ResNet20(nn.Module):
-    """ResNet-20: (N, 3, 32, 32) -> (N, num_classes)."""
+class ResNetCifar(nn.Module):
+    """ResNet-(6n+2) for 3x32x32 inputs: ``(B, 3, 32, 32) -> (B, num_classes)`` logits."""
 
-    def __init__(self, num_classes: int = 10, norm: str | None = "batchnorm2d") -> None:
+    def __init__(
+        self,
+        depth: int = 20,
+        num_classes: int = 10,
+        norm: str | None = "batchnorm2d",
+        fuse_relu: bool = False,
+        shortcut: str = "A",
+    ) -> None:
         super().__init__()
-        bias = norm is None
-        self.conv = nn.Conv2d(3, 16, 3, padding=1, bias=bias)
-        self.bn = _norm(norm, 16)
-        blocks: list[nn.Module] = []
-        c_in = 16
-        for c_out, stride in ((16, 1), (32, 2), (64, 2)):
-            for i in range(3):
-                blocks.append(BasicBlock(c_in, c_out, stride if i == 0 else 1, norm))
-                c_in = c_out
-        self.layers = nn.Sequential(*blocks)
-        self.fc = nn.Linear(64, num_classes)
+        if depth < 8 or (depth - 2) % 6:
+            raise ValueError(f"ResNetCifar: depth must be 6n+2 with n >= 1, got {depth!r}")
+        if shortcut not in ("A", "B"):
+            raise ValueError(f"ResNetCifar: shortcut must be 'A' or 'B', got {shortcut!r}")
+        n = (depth - 2) // 6
+        layers: list[nn.Module] = [
+            nn.Conv2d(3, 16, 3, 1, 1, bias=norm is None),
+            *_norm_act(norm, 16, True, fuse_relu),
+        ]
+        cin = 16
+        for stage, cout in enumerate((16, 32, 64)):
+            for i in range(n):
+                stride = 2 if stage > 0 and i == 0 else 1
+                layers.append(BasicBlock(cin, cout, stride, norm, fuse_relu, shortcut))
+                cin = cout
+        layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(cin, num_classes)]
+        self.net = nn.Sequential(*layers)
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
         name_layers(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = F.relu(self.bn(self.conv(x)))
-        x = self.layers(x)
-        x = F.adaptive_avg_pool2d(x, 1).flatten(1)  # (N, 64)
-        return self.fc(x)
+        return self.net(x)
+
+
+def resnet20(**kwargs) -> ResNetCifar:
+    """ResNet-20 (n=3, 0.27M parameters)."""
+    return ResNetCifar(20, **kwargs)
+
+
+def resnet110(**kwargs) -> ResNetCifar:
+    """ResNet-110 (n=18, 1.7M parameters)."""
+    return ResNetCifar(110, **kwargs)

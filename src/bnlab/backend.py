@@ -1,0 +1,178 @@
+"""Backend dispatch: the fused CPU kernels (:mod:`bnlab.kernels`) or the reference path
+(:mod:`bnlab.functional`), for the training transform (Algorithm 1), the inference transform
+(Algorithm 2) and their section 3 gradients, optionally followed by a ReLU.
+
+Backends (process-wide; :func:`use_backend` sets one for a ``with`` block)::
+
+    "auto"       fused kernels when :func:`bnlab.kernels.supports` the input (CPU, float32/float64,
+                 contiguous or channels_last, parameters of the input's dtype) and Numba is
+                 installed; the reference path otherwise (bf16/fp16, other devices, other strides)
+    "fused"      fused kernels only; an unsupported input raises ValueError naming the reason
+    "reference"  always the pure-torch functions of bnlab.functional
+
+The default is ``"auto"``, or the value of the ``BNLAB_BACKEND`` environment variable.
+
+The choice is made once per forward call and recorded for its backward, so a forward and its
+backward always run on the same path. Functions here have the signatures of
+:mod:`bnlab.functional` plus ``relu`` (forward) / ``y`` (backward: the ReLU output, whose
+mask ``y > 0`` gates ``dy``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import os
+from collections.abc import Iterator
+
+import torch
+from torch import Tensor
+
+from . import functional as F
+from . import kernels as K
+
+__all__ = [
+    "BACKENDS",
+    "set_backend",
+    "get_backend",
+    "use_backend",
+    "choose",
+    "train_forward",
+    "train_backward",
+    "eval_forward",
+    "eval_backward",
+]
+
+BACKENDS = ("auto", "fused", "reference")
+_HAVE_NUMBA = importlib.util.find_spec("numba") is not None
+
+
+def _check(name: str) -> str:
+    if name not in BACKENDS:
+        raise ValueError(f"bnlab backend must be one of {', '.join(BACKENDS)}; got {name!r}")
+    if name == "fused" and not _HAVE_NUMBA:
+        raise ValueError("bnlab backend 'fused' needs numba, which is not installed")
+    return name
+
+
+_backend = _check(os.environ.get("BNLAB_BACKEND", "auto"))
+
+
+def set_backend(name: str) -> None:
+    """Select ``"auto"``, ``"fused"`` or ``"reference"`` for every bnlab batch-norm call."""
+    global _backend
+    _backend = _check(name)
+
+
+def get_backend() -> str:
+    """The selected backend name."""
+    return _backend
+
+
+@contextlib.contextmanager
+def use_backend(name: str) -> Iterator[None]:
+    """``with use_backend("reference"): ...`` selects a backend for the block, then restores."""
+    previous = get_backend()
+    set_backend(name)
+    try:
+        yield
+    finally:
+        set_backend(previous)
+
+
+def choose(x: Tensor, *params: Tensor | None) -> str:
+    """The path ("fused" or "reference") a call on ``x`` with these parameters/statistics takes
+    under the selected backend. ValueError under "fused" when the kernels cannot take it."""
+    if _backend == "reference" or not _HAVE_NUMBA:
+        return "reference"
+    reason = K.unsupported_reason(x, *params)
+    if reason is None:
+        return "fused"
+    if _backend == "fused":
+        raise ValueError(
+            f"bnlab backend 'fused' cannot take this input: {reason}; "
+            "use set_backend('auto') to fall back to the reference path"
+        )
+    return "reference"
+
+
+def train_forward(
+    x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float, relu: bool = False
+) -> tuple[str, Tensor, Tensor, Tensor, Tensor]:
+    """Algorithm 1 [+ ReLU] on the chosen path. Returns ``(path, y, mean, var, invstd)``."""
+    path = choose(x, weight, bias)
+    if path == "fused":
+        return (path, *K.batch_norm_train_forward(x, weight, bias, eps, relu=relu))
+    y, mean, var, invstd = F.batch_norm_train_forward(x, weight, bias, eps)
+    if relu:
+        y = y.clamp_min_(0)
+    return path, y, mean, var, invstd
+
+
+def _relu_mask(dy: Tensor, y: Tensor | None) -> Tensor:
+    """dL/d(BN output) from dL/dy through y = max(., 0): dy where y > 0, else 0."""
+    return dy if y is None else torch.where(y > 0, dy, torch.zeros((), dtype=dy.dtype))
+
+
+def train_backward(
+    path: str,
+    dy: Tensor,
+    x: Tensor,
+    mean: Tensor,
+    invstd: Tensor,
+    weight: Tensor | None,
+    need_dx: bool = True,
+    need_dparams: bool = True,
+    y: Tensor | None = None,
+) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+    """Gradients of Algorithm 1 on the path the forward took; ``y`` is the ReLU output or None."""
+    if path == "fused":
+        return K.batch_norm_train_backward(
+            dy, x, mean, invstd, weight, need_dx=need_dx, need_dparams=need_dparams, y=y
+        )
+    return F.batch_norm_train_backward(
+        _relu_mask(dy, y), x, mean, invstd, weight, need_dx=need_dx, need_dparams=need_dparams
+    )
+
+
+def eval_forward(
+    x: Tensor,
+    running_mean: Tensor,
+    running_var: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    eps: float,
+    relu: bool = False,
+) -> tuple[str, Tensor, Tensor]:
+    """Algorithm 2 [+ ReLU] on the chosen path. Returns ``(path, y, invstd)``."""
+    path = choose(x, running_mean, running_var, weight, bias)
+    if path == "fused":
+        return (path, *K.batch_norm_eval_forward(
+            x, running_mean, running_var, weight, bias, eps, relu=relu
+        ))  # fmt: skip
+    y, invstd = F.batch_norm_eval_forward(x, running_mean, running_var, weight, bias, eps)
+    if relu:
+        y = y.clamp_min_(0)
+    return path, y, invstd
+
+
+def eval_backward(
+    path: str,
+    dy: Tensor,
+    x: Tensor,
+    running_mean: Tensor,
+    invstd: Tensor,
+    weight: Tensor | None,
+    need_dx: bool = True,
+    need_dparams: bool = True,
+    y: Tensor | None = None,
+) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+    """Gradients of the inference transform on the path the forward took."""
+    if path == "fused":
+        return K.batch_norm_eval_backward(
+            dy, x, running_mean, invstd, weight, need_dx=need_dx, need_dparams=need_dparams, y=y
+        )
+    return F.batch_norm_eval_backward(
+        _relu_mask(dy, y), x, running_mean, invstd, weight, need_dx=need_dx,
+        need_dparams=need_dparams,
+    )  # fmt: skip

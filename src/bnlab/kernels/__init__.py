@@ -1,0 +1,219 @@
+"""Fused CPU batch-norm kernels with the contract of :mod:`bnlab.functional`.
+
+Ioffe & Szegedy (2015): Algorithm 1 (training forward), Algorithm 2 (inference forward) and the
+section 3 gradients, each as one Numba call that makes as few passes over memory as possible:
+
+* training forward: one read of x for the statistics (shifted float64 sums in blocks merged
+  with Chan's formula, see :mod:`bnlab.kernels._numba`), one read of x and one write of y to
+  normalize (~1.5x a copy);
+* backward: one read of x and dy for the two per-channel sums ``sum g`` and
+  ``sum g (x - mu)``, one read of x and dy and one write of dx (~2.5x a copy);
+* inference forward: one read, one write.
+
+Every function also takes ``relu``: the output is ``max(BN(x), 0)`` and the backward masks ``dy``
+with ``y > 0`` (the fused BN+ReLU). Supported inputs are decided by :func:`supports`: a CPU float32
+or float64 tensor, contiguous (``(N, C)``, ``(N, C, *spatial)``) or channels_last
+(``(N, *spatial, C)`` in memory), with parameters/statistics of the same dtype. Shapes and
+statistic dtypes are those of :mod:`bnlab.functional` (statistics in the input's dtype).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+from torch import Tensor
+
+__all__ = [
+    "supports",
+    "unsupported_reason",
+    "batch_norm_train_forward",
+    "batch_norm_train_backward",
+    "batch_norm_eval_forward",
+    "batch_norm_eval_backward",
+    "warm_up",
+]
+
+_DTYPES = (torch.float32, torch.float64)
+
+
+def _k():
+    """The compiled loops, imported on first use (importing numba costs ~0.3 s)."""
+    from . import _numba
+
+    return _numba
+
+
+def _kernel_view(t: Tensor) -> tuple[Tensor, str] | None:
+    """A copy-free view of ``t`` as ``(N, C, S)`` ("ncs") or ``(M, C)`` ("mc"), or None."""
+    n, c = t.shape[0], t.shape[1]
+    if t.is_contiguous():
+        s = math.prod(t.shape[2:])
+        if s == 1:
+            return t.view(n, c), "mc"
+        return t.view(n, c, s), "ncs"
+    if t.dim() >= 3:
+        p = t.permute(0, *range(2, t.dim()), 1)  # channels last in memory?
+        if p.is_contiguous():
+            return p.view(-1, c), "mc"
+    return None
+
+
+def unsupported_reason(x: Tensor, *params: Tensor | None) -> str | None:
+    """Why the fused kernels cannot take ``x`` (and same-dtype ``params``), or None if they can."""
+    if x.device.type != "cpu":
+        return f"device {x.device} (CPU only)"
+    if x.dtype not in _DTYPES:
+        return f"dtype {x.dtype} (float32/float64 only)"
+    if x.dim() < 2 or x.numel() == 0:
+        return f"shape {tuple(x.shape)} (need (N, C, ...) with N*C > 0)"
+    for p in params:
+        if p is not None and (p.dtype != x.dtype or p.device != x.device):
+            return f"a parameter/statistic of dtype {p.dtype} for an input of dtype {x.dtype}"
+    if _kernel_view(x) is None:
+        return f"strides {x.stride()} (contiguous or channels_last only)"
+    return None
+
+
+def supports(x: Tensor, *params: Tensor | None) -> bool:
+    """True if the fused kernels handle ``x`` with these parameters (:func:`unsupported_reason`)."""
+    return unsupported_reason(x, *params) is None
+
+
+def _np(t: Tensor):
+    return t.detach().numpy()
+
+
+def _like(t: Tensor, x: Tensor) -> Tensor:
+    """``t`` with exactly x's strides (a copy only if they differ, e.g. an expanded dy)."""
+    if t.stride() == x.stride():
+        return t
+    return torch.empty_like(x).copy_(t)
+
+
+_NONE = {torch.float32: np.empty(0, np.float32), torch.float64: np.empty(0, np.float64)}
+
+
+def _param(p: Tensor | None, dtype: torch.dtype):
+    """numpy view of a (C,) parameter, or an empty placeholder of the dtype when absent."""
+    if p is None:
+        return _NONE[dtype], False
+    return _np(p.contiguous()), True
+
+
+def batch_norm_train_forward(
+    x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float, relu: bool = False
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Algorithm 1, fused. Returns ``(y, mean, var, invstd)``: y like x (same strides), (C,)
+    statistics in x's dtype, ``var`` biased. With ``relu``, ``y = max(BN(x), 0)``."""
+    k = _k()
+    xv, kind = _kernel_view(x)
+    y = torch.empty_like(x)
+    stats = torch.empty(6, x.shape[1], dtype=x.dtype)  # mean, var, invstd, 3 coefficients
+    w, has_w = _param(weight, x.dtype)
+    b, has_b = _param(bias, x.dtype)
+    fn = k.train_fwd_ncs if kind == "ncs" else k.train_fwd_mc
+    fn(_np(xv), w, b, has_w, has_b, float(eps), bool(relu), _np(_kernel_view(y)[0]), _np(stats))
+    return y, stats[0], stats[1], stats[2]
+
+
+def batch_norm_eval_forward(
+    x: Tensor,
+    running_mean: Tensor,
+    running_var: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    eps: float,
+    relu: bool = False,
+) -> tuple[Tensor, Tensor]:
+    """Algorithm 2, fused: ``y = (x - E[x]) * gamma / sqrt(Var[x] + eps) + beta`` in one pass.
+    Returns ``(y, invstd)``."""
+    k = _k()
+    xv, kind = _kernel_view(x)
+    y = torch.empty_like(x)
+    stats = torch.empty(4, x.shape[1], dtype=x.dtype)  # invstd, 3 coefficients
+    w, has_w = _param(weight, x.dtype)
+    b, has_b = _param(bias, x.dtype)
+    fn = k.eval_fwd_ncs if kind == "ncs" else k.eval_fwd_mc
+    fn(
+        _np(xv), _np(running_mean.contiguous()), _np(running_var.contiguous()), w, b,
+        has_w, has_b, float(eps), bool(relu), _np(_kernel_view(y)[0]), _np(stats),
+    )  # fmt: skip
+    return y, stats[0]
+
+
+def _backward(dy, x, mean, invstd, weight, need_dx, need_dparams, y, train):
+    k = _k()
+    xv, kind = _kernel_view(x)
+    shape = xv.shape
+    dyv = _like(dy, x).view(shape) if kind == "ncs" else _kernel_view(_like(dy, x))[0]
+    yv = xv if y is None else (_kernel_view(_like(y, x))[0])
+    need_sums = need_dparams and weight is not None
+    dx = torch.empty_like(x) if need_dx else None
+    dxv = _np(_kernel_view(dx)[0]) if need_dx else _NONE[x.dtype].reshape((0,) * len(shape))
+    grads = torch.empty(2, x.shape[1], dtype=x.dtype)  # dgamma, dbeta
+    w, has_w = _param(weight, x.dtype)
+    fn = k.backward_ncs if kind == "ncs" else k.backward_mc
+    fn(
+        _np(dyv), _np(xv), _np(yv), y is not None, _np(mean.contiguous()),
+        _np(invstd.contiguous()), w, has_w, train, need_sums, need_dx, dxv, _np(grads),
+    )  # fmt: skip
+    if not need_sums:
+        return dx, None, None
+    return dx, grads[0].to(weight.dtype), grads[1].to(weight.dtype)
+
+
+def batch_norm_train_backward(
+    dy: Tensor,
+    x: Tensor,
+    mean: Tensor,
+    invstd: Tensor,
+    weight: Tensor | None,
+    need_dx: bool = True,
+    need_dparams: bool = True,
+    y: Tensor | None = None,
+) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+    """Section 3 gradients, fused: one pass for the per-channel sums, one for dx::
+
+        g       = dy            (or dy * (y > 0) when y, the fused ReLU output, is given)
+        dbeta   = sum g,        dgamma = invstd * sum g (x - mu)
+        dx      = gamma invstd (g - dbeta / m - (x - mu) invstd^2 sum g (x - mu) / m)
+
+    Same contract as :func:`bnlab.functional.batch_norm_train_backward`; mean/invstd as returned
+    by :func:`batch_norm_train_forward` (x's dtype).
+    """
+    return _backward(dy, x, mean, invstd, weight, need_dx, need_dparams, y, True)
+
+
+def batch_norm_eval_backward(
+    dy: Tensor,
+    x: Tensor,
+    running_mean: Tensor,
+    invstd: Tensor,
+    weight: Tensor | None,
+    need_dx: bool = True,
+    need_dparams: bool = True,
+    y: Tensor | None = None,
+) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+    """Gradients of the inference transform (statistics constant), fused::
+
+    dx = g * gamma * invstd,   dgamma = invstd * sum g (x - E[x]),   dbeta = sum g
+    """
+    return _backward(dy, x, running_mean, invstd, weight, need_dx, need_dparams, y, False)
+
+
+def warm_up() -> None:
+    """Compile (or load from the on-disk cache) every kernel for float32 and float64."""
+    for dtype in _DTYPES:
+        for shape in [(4, 3), (2, 3, 4), (2, 3, 2, 2)]:
+            for cl in (False, True):
+                x = torch.randn(shape, dtype=dtype)
+                if cl:
+                    x = x.permute(0, *range(2, x.dim()), 1).contiguous()
+                    x = x.permute(0, x.dim() - 1, *range(1, x.dim() - 1))
+                w = torch.ones(shape[1], dtype=dtype)
+                y, mean, _, inv = batch_norm_train_forward(x, w, w, 1e-5, relu=True)
+                batch_norm_train_backward(y, x, mean, inv, w, y=y)
+                ye, inv = batch_norm_eval_forward(x, mean, inv, w, None, 1e-5)
+                batch_norm_eval_backward(ye, x, mean, inv, w)

@@ -1,0 +1,331 @@
+"""Fused kernels (bnlab.kernels) against the reference path and torch, dispatch, BN+ReLU.
+
+Oracles: :mod:`bnlab.functional` (the reference path, same contract), ``torch.nn.BatchNorm*``
+followed by ``torch.relu`` for the fused activation, float64 autograd (gradcheck).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import bnlab
+from bnlab import backend as B
+from bnlab import functional as F
+from bnlab import kernels as K
+from conftest import family_classes, to_format
+
+TOL = {
+    torch.float64: dict(rtol=1e-9, atol=1e-9),
+    torch.float32: dict(rtol=2e-5, atol=5e-5),
+}
+
+
+def _layout(x: torch.Tensor, layout: str) -> torch.Tensor:
+    """contiguous, channels_last (any rank >= 3), or a non-contiguous slice of a larger tensor."""
+    if layout == "channels_last" and x.dim() >= 3:
+        perm = (0, *range(2, x.dim()), 1)
+        inv = (0, x.dim() - 1, *range(1, x.dim() - 1))
+        return x.permute(perm).contiguous().permute(inv)
+    if layout == "strided":
+        big = torch.zeros(x.shape[0] * 2, *x.shape[1:], dtype=x.dtype)
+        big[::2] = x
+        return big[::2]
+    return x.contiguous()
+
+
+def _params(c, dtype, kind, gen):
+    if kind == "none":
+        return None, None
+    w = torch.rand(c, dtype=dtype, generator=gen) + 0.5
+    b = torch.randn(c, dtype=dtype, generator=gen) if kind == "affine" else None
+    return w, b
+
+
+def check_fused_matches_reference(x, w, b, relu, gen):
+    """Train forward/backward and eval forward/backward: fused == reference (x's dtype tol)."""
+    tol = TOL[x.dtype]
+    dy = _layout(torch.randn(x.shape, dtype=x.dtype, generator=gen), "contiguous")
+    with B.use_backend("fused"):
+        path, y, mean, var, inv = B.train_forward(x, w, b, 1e-5, relu=relu)
+        assert path == "fused"
+        grads = B.train_backward(path, dy, x, mean, inv, w, y=y if relu else None)
+        rm = mean + 0.1
+        rv = var + 0.5
+        _, ye, inve = B.eval_forward(x, rm, rv, w, b, 1e-5, relu=relu)
+        egrads = B.eval_backward(path, dy, x, rm, inve, w, y=ye if relu else None)
+    with B.use_backend("reference"):
+        path, yr, meanr, varr, invr = B.train_forward(x, w, b, 1e-5, relu=relu)
+        gradsr = B.train_backward(path, dy, x, meanr, invr, w, y=yr if relu else None)
+        _, yer, inver = B.eval_forward(x, rm, rv, w, b, 1e-5, relu=relu)
+        egradsr = B.eval_backward(path, dy, x, rm, inver, w, y=yer if relu else None)
+    assert y.stride() == x.stride() and ye.stride() == x.stride()  # layout preserved
+    for a, r in [(y, yr), (mean, meanr), (var, varr), (inv, invr), (ye, yer), (inve, inver)]:
+        assert a.dtype == r.dtype
+        torch.testing.assert_close(a, r, **tol)
+    m = x.numel() // x.shape[1]
+    for a, r in zip(grads + egrads, gradsr + egradsr, strict=True):
+        assert (a is None) == (r is None)
+        if a is not None:
+            # dgamma/dbeta are sums of m terms: compare on that scale
+            torch.testing.assert_close(a, r, rtol=tol["rtol"], atol=tol["atol"] * m**0.5)
+            if a.dim() == x.dim():
+                assert a.stride() == x.stride()
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    rank=st.integers(2, 5),
+    data=st.data(),
+    dtype=st.sampled_from([torch.float32, torch.float64]),
+    layout=st.sampled_from(["contiguous", "channels_last"]),
+    params=st.sampled_from(["affine", "scale", "none"]),
+    relu=st.booleans(),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_fused_matches_reference_random_shapes(rank, data, dtype, layout, params, relu, seed):
+    shape = tuple(data.draw(st.integers(1, 9), label=f"dim{i}") for i in range(rank))
+    if torch.Size(shape).numel() // shape[1] < 2:
+        shape = (shape[0] + 1, *shape[1:])
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(shape, dtype=dtype, generator=gen) * 3 + 1
+    x = _layout(x, layout)
+    w, b = _params(shape[1], dtype, params, gen)
+    check_fused_matches_reference(x, w, b, relu, gen)
+
+
+@pytest.mark.parametrize(
+    "shape",
+    [
+        (64, 1, 3, 3),  # C = 1
+        (2, 4),  # N*H*W = 2, dense
+        (1, 3, 2),  # N*L = 2
+        (2, 5, 1, 1),  # HW = 1 (a (N, C) tensor in disguise)
+        (1, 6, 1, 2),  # N*H*W = 2
+        (3, 20000),  # huge C, dense
+        (2, 20000, 1, 2),  # huge C, spatial
+        (1000, 3),  # long dense, few channels (several row chunks)
+        (3, 2, 70000),  # long rows
+    ],
+)
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+def test_odd_sizes(shape, layout, dtype):
+    gen = torch.Generator().manual_seed(3)
+    x = _layout(torch.randn(shape, dtype=dtype, generator=gen) * 2 - 1, layout)
+    w, b = _params(shape[1], dtype, "affine", gen)
+    check_fused_matches_reference(x, w, b, relu=False, gen=gen)
+    check_fused_matches_reference(x, w, None, relu=True, gen=gen)
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("offset", [1e4, -3e4])
+def test_large_mean_is_stable_in_float32_both_layouts(layout, offset):
+    """Mean 1e4, std 1 in float32 (the foundation's test) on each kernel layout, plus a check
+    against float64 statistics of the exact float32 input."""
+    g = torch.Generator().manual_seed(1)
+    x64 = torch.randn(64, 16, 8, 8, dtype=torch.float64, generator=g) + offset
+    x = to_format(x64.float(), layout)
+    with B.use_backend("fused"):
+        _, y, mean, var, _ = B.train_forward(x, None, None, 1e-5)
+    xe = x.double()
+    dims = F.reduce_dims(xe)
+    torch.testing.assert_close(var.double(), xe.var(dims, unbiased=False), rtol=1e-5, atol=0)
+    torch.testing.assert_close(mean.double(), xe.mean(dims), rtol=1e-7, atol=0)
+    centred = xe - xe.mean(dims, keepdim=True)
+    ref = centred / torch.sqrt(xe.var(dims, keepdim=True, unbiased=False))
+    torch.testing.assert_close(y.double(), ref, rtol=0, atol=2e-3)
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_float64_huge_offset_keeps_variance(layout):
+    """mean 1e9, std 1e-3 in float64: a one-pass E[x^2]-E[x]^2 would return garbage."""
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(32, 3, 50, dtype=torch.float64, generator=g) * 1e-3 + 1e9
+    x = _layout(x, layout)
+    with B.use_backend("fused"):
+        _, _, mean, var, _ = B.train_forward(x, None, None, 1e-12)
+    xc = x - 1e9  # exact (Sterbenz): the oracle sees the true deviations
+    xc = xc - xc.mean((0, 2), keepdim=True)
+    torch.testing.assert_close(var, (xc * xc).mean((0, 2)), rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_outlier_first_value_keeps_variance(layout):
+    """The statistics shift by each channel's first value; a first value 1000 sigma out must
+    not cost precision (shifted-sum error ~1e-16 * 1000^2 relative)."""
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(4, 2, 30, 40, dtype=torch.float64, generator=g)
+    x[0, :, 0, 0] = 1000.0
+    x = to_format(x, layout)
+    with B.use_backend("fused"):
+        _, _, mean, var, _ = B.train_forward(x, None, None, 1e-5)
+    xc = x - x.mean((0, 2, 3), keepdim=True)
+    torch.testing.assert_close(var, (xc * xc).mean((0, 2, 3)), rtol=1e-9, atol=0)
+    torch.testing.assert_close(mean, x.mean((0, 2, 3)), rtol=0, atol=1e-11)
+
+
+# ------------------------------------------------------------------------- dispatch
+def test_choose_and_fallbacks():
+    x = torch.randn(4, 3, 5, 5)
+    with bnlab.use_backend("auto"):
+        assert B.choose(x) == "fused"
+        assert B.choose(to_format(x, "channels_last")) == "fused"
+        assert B.choose(x[:, :, ::2]) == "reference"  # unsupported strides
+        assert B.choose(x.bfloat16()) == "reference"
+        assert B.choose(x.half()) == "reference"
+        assert B.choose(x, torch.ones(3, dtype=torch.float64)) == "reference"  # mixed dtypes
+    with bnlab.use_backend("reference"):
+        assert B.choose(x) == "reference"
+    with bnlab.use_backend("fused"):
+        with pytest.raises(ValueError, match="bfloat16"):
+            B.choose(x.bfloat16())
+        with pytest.raises(ValueError, match="strides"):
+            bnlab.BatchNorm2d(3)(x[:, :, ::2])
+
+
+def test_set_backend_validates_and_context_restores():
+    before = bnlab.get_backend()
+    with pytest.raises(ValueError, match="backend must be one of"):
+        bnlab.set_backend("cuda")
+    with bnlab.use_backend("reference"):
+        assert bnlab.get_backend() == "reference"
+        with bnlab.use_backend("fused"):
+            assert bnlab.get_backend() == "fused"
+        assert bnlab.get_backend() == "reference"
+    assert bnlab.get_backend() == before
+
+
+@pytest.mark.parametrize("layout", ["strided", "channels_last"])
+@pytest.mark.usefixtures("backend")
+def test_non_contiguous_inputs_and_gradients(layout, backend):
+    """A strided input falls back (auto); a dy of other strides than x (expanded, transposed) is
+    handled by the fused backward; results match torch either way."""
+    gen = torch.Generator().manual_seed(5)
+    ours = bnlab.BatchNorm2d(4)
+    ref = torch.nn.BatchNorm2d(4)
+    if layout == "strided":  # every other sample of a bigger batch
+        base = torch.randn(12, 4, 5, 7, generator=gen)
+        bo, br = base.clone().requires_grad_(), base.clone().requires_grad_()
+        xo, xr = bo[::2], br[::2]
+        assert B.choose(xo) == "reference"
+    else:
+        x = _layout(torch.randn(6, 4, 5, 7, generator=gen), layout)
+        bo, br = x.clone().requires_grad_(), x.clone().requires_grad_()
+        xo, xr = bo, br
+        assert B.choose(xo) == ("fused" if backend == "auto" else "reference")
+    yo, yr = ours(xo), ref(xr)
+    torch.testing.assert_close(yo, yr)
+    # sum() hands backward an expanded (stride-0) dy
+    (yo * 2).sum().backward()
+    (yr * 2).sum().backward()
+    torch.testing.assert_close(bo.grad, br.grad, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ours.weight.grad, ref.weight.grad, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(ours.bias.grad, ref.bias.grad, rtol=1e-5, atol=1e-4)
+    dy = torch.randn(6, 4, 7, 5, generator=gen).transpose(2, 3)  # transposed dy
+    bo.grad = br.grad = None
+    ours(xo).backward(dy)
+    ref(xr).backward(dy)
+    torch.testing.assert_close(bo.grad, br.grad, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_fused_statistics_propagate_non_finite(bad, layout):
+    """The kernels are compiled without no-NaN/no-Inf assumptions: the layer's check still fires."""
+    bn = bnlab.BatchNorm2d(3)
+    x = torch.randn(4, 3, 5, 5)
+    x[1, 2, 0, 4] = bad
+    with bnlab.use_backend("fused"), pytest.raises(FloatingPointError, match="BatchNorm2d"):
+        bn(to_format(x, layout))
+    assert bn.num_batches_tracked.item() == 0
+
+
+# ------------------------------------------------------------------------- BN + ReLU
+@pytest.mark.usefixtures("backend")
+@pytest.mark.parametrize("shape", [(16, 6), (4, 3, 7), (4, 3, 5, 6), (2, 3, 4, 3, 5)])
+@pytest.mark.parametrize("fmt", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+def test_bn_relu_matches_torch_bn_then_relu(shape, fmt, dtype):
+    ours_cls, torch_cls = family_classes(shape)
+    ours = ours_cls(shape[1], activation="relu", dtype=dtype)
+    ref = torch_cls(shape[1], dtype=dtype)
+    with torch.no_grad():
+        ours.weight.copy_(torch.rand(shape[1]) + 0.5)
+        ours.bias.copy_(torch.randn(shape[1]))
+        ref.weight.copy_(ours.weight)
+        ref.bias.copy_(ours.bias)
+    tol = TOL[dtype]
+    for training in (True, True, False):
+        ours.train(training)
+        ref.train(training)
+        x = to_format(torch.randn(shape, dtype=dtype) * 2 + 0.5, fmt)
+        dy = torch.randn(shape, dtype=dtype)
+        xo, xr = x.clone().requires_grad_(), x.clone().requires_grad_()
+        yo, yr = ours(xo), torch.relu(ref(xr))
+        assert (yo == 0).any()  # the mask is exercised
+        torch.testing.assert_close(yo, yr, **tol)
+        yo.backward(dy)
+        yr.backward(dy)
+        torch.testing.assert_close(xo.grad, xr.grad, **tol)
+        for po, pr in zip(ours.parameters(), ref.parameters(), strict=True):
+            torch.testing.assert_close(po.grad, pr.grad, **tol)
+            po.grad = pr.grad = None
+    torch.testing.assert_close(ours.running_mean, ref.running_mean, **tol)
+    torch.testing.assert_close(ours.running_var, ref.running_var, **tol)
+
+
+@pytest.mark.usefixtures("backend")
+@pytest.mark.parametrize("train", [True, False])
+def test_bn_relu_gradcheck(train):
+    x = (torch.randn(5, 3, 4, dtype=torch.float64) * 2).requires_grad_()
+    w = (torch.rand(3, dtype=torch.float64) + 0.5).requires_grad_()
+    b = torch.randn(3, dtype=torch.float64, requires_grad=True)
+    if train:
+        fn = lambda x, w, b: bnlab.batch_norm_train(x, w, b, 1e-5, "relu")[0]  # noqa: E731
+    else:
+        rm, rv = torch.randn(3, dtype=torch.float64), torch.rand(3, dtype=torch.float64) + 0.5
+        fn = lambda x, w, b: bnlab.batch_norm_eval(x, rm, rv, w, b, 1e-5, "relu")  # noqa: E731
+    assert torch.autograd.gradcheck(fn, (x, w, b))
+
+
+def test_activation_argument_and_repr():
+    for cls in (bnlab.BatchNorm1d, bnlab.BatchNorm2d, bnlab.BatchNorm3d):
+        layer = cls(4, activation="relu")
+        assert repr(layer).endswith("track_running_stats=True, activation='relu')")
+        assert "activation" not in repr(cls(4))
+        with pytest.raises(ValueError, match=rf"{cls.__name__}: activation must be"):
+            cls(4, activation="gelu")
+    with pytest.raises(ValueError, match="activation must be"):
+        bnlab.batch_norm_train(torch.randn(4, 3), None, None, 1e-5, "tanh")
+
+
+def test_convert_to_torch_refuses_to_drop_fused_relu():
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), bnlab.BatchNorm1d(4, activation="relu"))
+    with pytest.raises(ValueError, match=r"layer '1' has activation='relu'"):
+        bnlab.convert(model, to="torch")
+
+
+def test_resnet20_fused_relu_matches_unfused():
+    """The model builder's fuse_relu path computes the same function as norm + nn.ReLU."""
+    from bnlab.models import resnet20
+
+    torch.manual_seed(0)
+    plain = resnet20()
+    torch.manual_seed(0)
+    fused = resnet20(fuse_relu=True)
+    x = torch.randn(4, 3, 32, 32)
+    yp, yf = plain(x), fused(x)
+    torch.testing.assert_close(yf, yp)
+    yp.square().sum().backward()
+    yf.square().sum().backward()
+    gp = [p.grad for p in plain.parameters()]
+    gf = [p.grad for p in fused.parameters()]
+    for a, b in zip(gf, gp, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_warm_up_compiles_every_kernel():
+    K.warm_up()  # raises if any kernel fails to compile or run for float32/float64, both layouts
