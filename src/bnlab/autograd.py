@@ -42,9 +42,7 @@ class BatchNormTrain(torch.autograd.Function):
     """y, mean, var = BN_train(x, gamma, beta) [then ReLU]; gradients flow to x, gamma, beta."""
 
     @staticmethod
-    def forward(
-        ctx, x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float, relu: bool
-    ):
+    def forward(ctx, x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float, relu: bool):
         path, y, mean, var, invstd = B.train_forward(x, weight, bias, eps, relu=relu)
         ctx.save_for_backward(x, weight, mean, invstd, y if relu else None)
         ctx.has_bias = bias is not None
@@ -78,9 +76,7 @@ class BatchNormEval(torch.autograd.Function):
         eps: float,
         relu: bool,
     ):
-        path, y, invstd = B.eval_forward(
-            x, running_mean, running_var, weight, bias, eps, relu=relu
-        )
+        path, y, invstd = B.eval_forward(x, running_mean, running_var, weight, bias, eps, relu=relu)
         ctx.save_for_backward(x, running_mean, invstd, weight, y if relu else None)
         ctx.has_bias = bias is not None
         ctx.path = path

@@ -46,13 +46,22 @@ def acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
 
+def _as(t: Tensor, dtype: torch.dtype) -> Tensor:
+    """``t.to(dtype)`` without the call when it already has that dtype (per-call overhead
+    matters for the small layers of an MLP)."""
+    return t if t.dtype == dtype else t.to(dtype)
+
+
 def reduce_dims(x: Tensor) -> tuple[int, ...]:
     """Dimensions reduced for per-channel statistics: N and every spatial dim (all but dim 1)."""
     return (0, *range(2, x.dim()))
 
 
 def _per_channel(t: Tensor, x: Tensor) -> Tensor:
-    """View a (C,) tensor so it broadcasts against x: (1, C, 1, ..., 1)."""
+    """View a (C,) tensor so it broadcasts against x: (1, C, 1, ..., 1); (C,) already
+    broadcasts against (N, C)."""
+    if x.dim() == 2:
+        return t
     return t.view(1, -1, *([1] * (x.dim() - 2)))
 
 
@@ -67,7 +76,7 @@ def _centre(x: Tensor) -> tuple[Tensor, Tensor]:
     This keeps an input with mean 1e4 and std 1 accurate in float32, where E[x^2] - E[x]^2 or even
     a plain float32 mean of 1e4-sized values loses the digits that matter.
     """
-    xa = x.to(acc_dtype(x.dtype))
+    xa = _as(x, acc_dtype(x.dtype))
     pivot = xa[(0, slice(None)) + (0,) * (x.dim() - 2)]  # (C,)
     d = xa - _per_channel(pivot, x)  # a new tensor: safe to modify in place below
     mean_d = d.mean(reduce_dims(x), keepdim=True)  # (1, C, 1, ...)
@@ -93,17 +102,17 @@ def batch_norm_train_forward(
     mean, xc = _centre(x)  # xc = x - mu
     var = (xc * xc).mean(reduce_dims(x))  # (C,)
     invstd = torch.rsqrt(var + eps)  # 1 / sqrt(var + eps), (C,)
-    y = _scale_shift(xc, invstd, weight, bias).to(x.dtype)
+    y = _as(_scale_shift(xc, invstd, weight, bias), x.dtype)
     return y, mean, var, invstd
 
 
 def _scale_shift(xc: Tensor, invstd: Tensor, weight: Tensor | None, bias: Tensor | None) -> Tensor:
     """y = (x - mean) * (gamma * invstd) + beta, from the centred values ``xc``. Centring first
     (rather than folding the mean into the shift) keeps large-mean inputs exact."""
-    scale = invstd if weight is None else invstd * weight.to(invstd.dtype)
+    scale = invstd if weight is None else invstd * _as(weight, invstd.dtype)
     if bias is None:
         return xc * _per_channel(scale, xc)
-    return torch.addcmul(_per_channel(bias.to(invstd.dtype), xc), xc, _per_channel(scale, xc))
+    return torch.addcmul(_per_channel(_as(bias, invstd.dtype), xc), xc, _per_channel(scale, xc))
 
 
 def batch_norm_eval_forward(
@@ -120,9 +129,9 @@ def batch_norm_eval_forward(
     (beta - gamma * E[x] / sqrt(Var[x] + eps))``. Returns ``(y, invstd)``.
     """
     acc = acc_dtype(x.dtype)
-    invstd = torch.rsqrt(running_var.to(acc) + eps)
-    xc = x.to(acc) - _per_channel(running_mean.to(acc), x)
-    y = _scale_shift(xc, invstd, weight, bias).to(x.dtype)
+    invstd = torch.rsqrt(_as(running_var, acc) + eps)
+    xc = _as(x, acc) - _per_channel(_as(running_mean, acc), x)
+    y = _as(_scale_shift(xc, invstd, weight, bias), x.dtype)
     return y, invstd
 
 
@@ -157,22 +166,22 @@ def batch_norm_train_backward(
     acc = acc_dtype(x.dtype)
     dims = reduce_dims(x)
     m = x.numel() // x.shape[1]
-    dya = dy.to(acc)
-    x_hat = (x.to(acc) - _per_channel(mean, x)) * _per_channel(invstd, x)
+    dya = _as(dy, acc)
+    x_hat = (_as(x, acc) - _per_channel(mean, x)) * _per_channel(invstd, x)
     sum_dy = dya.sum(dims)  # dL/dbeta, (C,)
     sum_dy_xhat = (dya * x_hat).sum(dims)  # dL/dgamma, (C,)
 
     dx = None
     if need_dx:
-        gamma = invstd if weight is None else invstd * weight.to(acc)  # gamma * invstd, (C,)
+        gamma = invstd if weight is None else invstd * _as(weight, acc)  # gamma * invstd, (C,)
         # dx = gamma*invstd * (dy - sum_dy/m - x_hat * sum_dy_xhat/m)
         dx = dya - _per_channel(sum_dy / m, x)
         dx = dx.sub_(x_hat.mul_(_per_channel(sum_dy_xhat / m, x)))
-        dx = dx.mul_(_per_channel(gamma, x)).to(x.dtype)
+        dx = _as(dx.mul_(_per_channel(gamma, x)), x.dtype)
     dgamma = dbeta = None
     if need_dparams and weight is not None:
-        dgamma = sum_dy_xhat.to(weight.dtype)
-        dbeta = sum_dy.to(weight.dtype)
+        dgamma = _as(sum_dy_xhat, weight.dtype)
+        dbeta = _as(sum_dy, weight.dtype)
     return dx, dgamma, dbeta
 
 
@@ -192,14 +201,14 @@ def batch_norm_eval_backward(
     """
     acc = acc_dtype(x.dtype)
     dims = reduce_dims(x)
-    dya = dy.to(acc)
+    dya = _as(dy, acc)
     dx = None
     if need_dx:
-        scale = invstd if weight is None else invstd * weight.to(acc)
-        dx = (dya * _per_channel(scale, x)).to(x.dtype)
+        scale = invstd if weight is None else invstd * _as(weight, acc)
+        dx = _as(dya * _per_channel(scale, x), x.dtype)
     dgamma = dbeta = None
     if need_dparams and weight is not None:
-        x_hat = (x.to(acc) - _per_channel(running_mean.to(acc), x)) * _per_channel(invstd, x)
-        dgamma = (dya * x_hat).sum(dims).to(weight.dtype)
-        dbeta = dya.sum(dims).to(weight.dtype)
+        x_hat = (_as(x, acc) - _per_channel(_as(running_mean, acc), x)) * _per_channel(invstd, x)
+        dgamma = _as((dya * x_hat).sum(dims), weight.dtype)
+        dbeta = _as(dya.sum(dims), weight.dtype)
     return dx, dgamma, dbeta

@@ -228,7 +228,8 @@ class _BatchNorm(nn.Module):
         dtype = self.running_mean.dtype
         self.running_mean.lerp_(mean.detach().to(dtype), f)
         self.running_var.lerp_((var.detach() * (m / (m - 1))).to(dtype), f)
-        self.population_estimator = None  # now a running average again, not a recomputed one
+        if self.population_estimator is not None:  # (Module.__setattr__ is slow: set only once)
+            self.population_estimator = None  # a running average again, not a recomputed one
 
 
 class BatchNorm1d(_BatchNorm):
