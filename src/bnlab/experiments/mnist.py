@@ -90,6 +90,9 @@ class MnistConfig:
             "or 2 (one per network variant; helps when other jobs load the cores)"
         },
     )
+    download: bool = field(
+        default=False, metadata={"help": "download the dataset if it is not cached"}
+    )
 
 
 # --quick: a smoke run of a few hundred steps on the embedded data.
