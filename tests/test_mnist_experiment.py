@@ -193,3 +193,10 @@ def test_stop_request_ends_with_an_evaluation_at_the_step_reached():
     evals = [p for k, p in events if k == "eval"]
     assert [rows[0]["step"] for rows in evals] == [0, 200]
     assert {r["net"] for rows in evals for r in rows} == {"bn"}
+
+
+def test_cli_bench_help_reaches_the_bench_parser(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["bench", "--help"])
+    assert exc.value.code == 0
+    assert "usage: bnlab bench" in capsys.readouterr().out

@@ -118,12 +118,6 @@ def _cmd_data(args) -> int:
     return 0
 
 
-def _cmd_bench(args) -> int:
-    from . import bench
-
-    return bench.main(args.bench_args)
-
-
 def build_parser() -> argparse.ArgumentParser:
     from .experiments import EXPERIMENTS
 
@@ -172,13 +166,17 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "bench", help="kernel benchmarks (args passed on; see `bnlab bench -h`)", add_help=False
     )
-    p.add_argument("bench_args", nargs=argparse.REMAINDER)
-    p.set_defaults(func=_cmd_bench)
+    # listed here for `bnlab -h`; main() hands `bnlab bench ...` to bnlab.bench.main whole
 
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["bench"]:  # every further argument (--help included) belongs to bench
+        from . import bench
+
+        return bench.main(argv[1:])
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
