@@ -84,10 +84,10 @@ class MnistConfig:
         metadata={"help": "torch threads in all (0: torch's default), split over workers"},
     )
     workers: int = field(
-        default=1,
+        default=0,
         metadata={
-            "help": "processes: 1 (all networks in one; fastest on an idle machine, measured), "
-            "or 2 (one per network variant; helps when other jobs load the cores)"
+            "help": "processes: 1 (all networks in one), 2 (one per network variant, half the "
+            "threads each), 0 (auto: 2 when there are at least 2 threads; measured faster)"
         },
     )
     download: bool = field(
@@ -296,19 +296,21 @@ def _worker(cfg: MnistConfig, nets: tuple[str, ...], threads: int, queue, stop) 
 def _plan(cfg: MnistConfig) -> tuple[list[tuple[str, ...]], int]:
     """Which networks each process trains, and threads per process."""
     threads = cfg.threads or torch.get_num_threads()
-    if cfg.workers == 1:
+    workers = cfg.workers or (len(NETS) if threads >= len(NETS) else 1)
+    if workers == 1:
         return [NETS], threads
-    if cfg.workers != len(NETS):
-        raise ValueError(f"mnist: workers must be 1 or {len(NETS)}, got {cfg.workers}")
+    if workers != len(NETS):
+        raise ValueError(f"mnist: workers must be 0 (auto), 1 or {len(NETS)}, got {workers}")
     return [(n,) for n in NETS], max(1, threads // len(NETS))
 
 
 def run(cfg: MnistConfig, out_dir: Path, progress: bool = True) -> Path:
     """Train, evaluate, write ``config.json`` and ``metrics.jsonl`` into ``out_dir``; returns it.
 
-    With ``workers=2`` each network variant trains in its own process with half the threads; the
-    numbers are the same as in one process (tested). On an idle 2-core machine one process with 2
-    threads measured faster; two processes measured faster when other jobs loaded the cores.
+    With ``workers=2`` (the default on 2+ threads) each network variant trains in its own process
+    with half the threads; the numbers are the same as in one process (tested). Most of a step is
+    Python dispatch, which one process cannot spread over cores: two processes measured 1.2-1.5x
+    faster on an idle 2-core machine (6,000-step runs, benchmarks/RESULTS.md).
     Ctrl-C stops cleanly: the evaluations already made stay on disk and the config
     records ``interrupted: true`` and the last step reached.
     """
