@@ -15,6 +15,7 @@ import bnlab
 from bnlab import backend as B
 from bnlab import functional as F
 from bnlab import kernels as K
+from bnlab.kernels import _numba
 from conftest import family_classes, to_format
 
 TOL = {
@@ -106,7 +107,10 @@ def test_fused_matches_reference_random_shapes(rank, data, dtype, layout, params
         (1, 6, 1, 2),  # N*H*W = 2
         (3, 20000),  # huge C, dense
         (2, 20000, 1, 2),  # huge C, spatial
-        (1000, 3),  # long dense, few channels (several row chunks)
+        (1000, 3),  # long dense, few channels
+        (60, 300),  # the MNIST MLP's stacked layer: the serial small-input kernels
+        (300, 300),  # dense above kernels SMALL: the chunked parallel kernels
+        (70000, 1),  # long dense, one channel (several row chunks)
         (3, 2, 70000),  # long rows
     ],
 )
@@ -137,6 +141,28 @@ def test_large_mean_is_stable_in_float32_both_layouts(layout, offset):
     centred = xe - xe.mean(dims, keepdim=True)
     ref = centred / torch.sqrt(xe.var(dims, keepdim=True, unbiased=False))
     torch.testing.assert_close(y.double(), ref, rtol=0, atol=2e-3)
+
+
+@pytest.mark.parametrize("rows", [60, 400], ids=["small-kernel", "chunked-kernel"])
+@pytest.mark.parametrize("offset", [1e4, -3e4])
+def test_large_mean_is_stable_in_float32_dense(rows, offset):
+    """The same for a dense (N, C) input on both the serial small-input kernel and the chunked
+    one, forward and backward (float64 oracle on the exact float32 input)."""
+    g = torch.Generator().manual_seed(5)
+    x = (torch.randn(rows, 300, dtype=torch.float64, generator=g) + offset).float()
+    dy = torch.randn(rows, 300, generator=g)
+    assert (x.numel() <= _numba.SMALL) == (rows == 60)
+    with B.use_backend("fused"):
+        path, y, mean, var, invstd = B.train_forward(x, None, None, 1e-5)
+        dx, _, _ = B.train_backward(path, dy, x, mean, invstd, None)
+    xe = x.double()
+    torch.testing.assert_close(var.double(), xe.var(0, unbiased=False), rtol=1e-5, atol=0)
+    torch.testing.assert_close(mean.double(), xe.mean(0), rtol=1e-7, atol=0)
+    xr = xe.clone().requires_grad_()
+    ref = (xr - xr.mean(0)) / torch.sqrt(xr.var(0, unbiased=False) + 1e-5)
+    ref.backward(dy.double())
+    torch.testing.assert_close(y.double(), ref.detach(), rtol=0, atol=2e-3)
+    torch.testing.assert_close(dx.double(), xr.grad, rtol=0, atol=2e-3)
 
 
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
@@ -329,3 +355,41 @@ def test_resnet20_fused_relu_matches_unfused():
 
 def test_warm_up_compiles_every_kernel():
     K.warm_up()  # raises if any kernel fails to compile or run for float32/float64, both layouts
+
+
+@pytest.mark.parametrize("momentum", [0.1, None, 0.0, 1.0])
+@pytest.mark.parametrize("update", [True, False])
+@pytest.mark.parametrize(
+    "buffers", [torch.float32, torch.float64, None], ids=["f32", "f64", "none"]
+)
+def test_commit_kernel_matches_reference(momentum, update, buffers):
+    """The compiled finiteness check + moving averages against functional's tensor ops, over a
+    few batches (float32 statistics; buffers float32, float64 or absent)."""
+    g = torch.Generator().manual_seed(6)
+    state = {}
+    for name, fn in [("kernel", K.commit_batch_stats), ("reference", F.commit_running_stats)]:
+        if buffers is None:
+            rm = rv = nbt = None
+        else:
+            rm = torch.zeros(7, dtype=buffers)
+            rv = torch.ones(7, dtype=buffers)
+            nbt = torch.tensor(3)
+        g.manual_seed(6)
+        for _ in range(4):
+            mean, var = torch.randn(7, generator=g), torch.rand(7, generator=g)
+            assert fn(mean, var, rm, rv, nbt, momentum, 12, update) is True
+        state[name] = (rm, rv, nbt)
+    if buffers is not None:
+        for a, b in zip(state["kernel"], state["reference"], strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+        assert int(state["kernel"][2]) == (7 if update else 3)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+@pytest.mark.parametrize("where", ["mean", "var"])
+def test_commit_kernel_refuses_non_finite_and_touches_nothing(bad, where):
+    rm, rv, nbt = torch.zeros(5), torch.ones(5), torch.tensor(2)
+    mean, var = torch.zeros(5), torch.ones(5)
+    {"mean": mean, "var": var}[where][3] = bad
+    assert K.commit_batch_stats(mean, var, rm, rv, nbt, 0.1, 8, True) is False
+    assert torch.equal(rm, torch.zeros(5)) and torch.equal(rv, torch.ones(5)) and int(nbt) == 2

@@ -349,3 +349,89 @@ def test_convert_rejects_bad_target_and_uninitialized_lazy():
         bnlab.convert(small_cnn(), to="jax")
     with pytest.raises(ValueError, match="lazy layer '0'"):
         bnlab.convert(torch.nn.Sequential(torch.nn.LazyBatchNorm2d()))
+
+
+# ------------------------------------------------------------ forward_with_backward (no autograd)
+@pytest.mark.parametrize("shape", list(SHAPES.values()), ids=list(SHAPES))
+@pytest.mark.parametrize(
+    "kwargs",
+    [{}, {"affine": False}, {"bias": False}, {"activation": "relu"}, {"momentum": None}],
+    ids=["plain", "noaffine", "nobias", "relu", "cma"],
+)
+@pytest.mark.parametrize("mode", ["train", "eval", "frozen"])
+def test_forward_with_backward_equals_forward_and_autograd(shape, kwargs, mode):
+    """The explicit pair gives forward's output and state, and autograd's gradients (float64)."""
+    cls, _ = family_classes(shape)
+    auto = cls(shape[1], dtype=torch.float64, **kwargs)
+    with torch.no_grad():
+        if auto.affine:
+            auto.weight.copy_(torch.rand(shape[1]) + 0.5)
+            if auto.bias is not None:
+                auto.bias.copy_(torch.randn(shape[1]))
+        auto(torch.randn(shape, dtype=torch.float64) * 2 + 1)  # non-trivial running stats
+    if mode == "eval":
+        auto.eval()
+    if mode == "frozen":
+        bnlab.freeze(auto)
+    explicit = cls(shape[1], dtype=torch.float64, **kwargs)
+    explicit.load_state_dict(auto.state_dict())
+    explicit.train(auto.training)
+    if mode == "frozen":
+        bnlab.freeze(explicit)
+    for _ in range(3):
+        x = torch.randn(shape, dtype=torch.float64) * 3 - 1
+        dy = torch.randn(shape, dtype=torch.float64)
+        xa = x.clone().requires_grad_()
+        ya = auto(xa)
+        ya.backward(dy)
+        ye, backward = explicit.forward_with_backward(x)
+        assert not ye.requires_grad
+        torch.testing.assert_close(ye, ya.detach(), rtol=1e-12, atol=1e-12)
+        dx, dgamma, dbeta = backward(dy)
+        torch.testing.assert_close(dx, xa.grad, rtol=1e-10, atol=1e-12)
+        # None where autograd gives none: no parameter, or a frozen one (requires_grad=False)
+        pairs = [(dgamma, auto.weight, explicit.weight), (dbeta, auto.bias, explicit.bias)]
+        for got, p, q in pairs:
+            if p is None or p.grad is None:
+                assert got is None
+            else:
+                torch.testing.assert_close(got, p.grad, rtol=1e-10, atol=1e-12)
+                assert q.grad is None  # the caller applies the update
+                p.grad = None
+    for key, value in auto.state_dict().items():
+        torch.testing.assert_close(explicit.state_dict()[key], value, rtol=1e-12, atol=1e-12)
+
+
+def test_forward_with_backward_refuses_bad_batches_like_forward():
+    bn = bnlab.BatchNorm1d(4)
+    bn.layer_name = "net.bn"
+    bn.forward_with_backward(torch.randn(8, 4))
+    before = {k: v.clone() for k, v in bn.state_dict().items()}
+    x = torch.randn(8, 4)
+    x[3, 2] = float("nan")
+    with pytest.raises(FloatingPointError, match=r"'net.bn' BatchNorm1d\(4\)"):
+        bn.forward_with_backward(x)
+    with pytest.raises(ValueError, match=r"'net.bn' BatchNorm1d\(4\).*channels"):
+        bn.forward_with_backward(torch.randn(8, 5))
+    with pytest.raises(ValueError, match="more than 1 value per channel"):
+        bn.forward_with_backward(torch.randn(1, 4))
+    for k, v in bn.state_dict().items():
+        assert torch.equal(v, before[k]), k
+
+
+def test_forward_with_backward_refuses_a_variant_with_its_own_statistics():
+    class Shifted(bnlab.BatchNorm1d):
+        def _train_forward(self, x):
+            return super()._train_forward(x + 1)
+
+    with pytest.raises(NotImplementedError, match="Shifted"):
+        Shifted(3).forward_with_backward(torch.randn(4, 3))
+
+
+def test_forward_with_backward_records_no_graph_under_grad_mode():
+    bn = bnlab.BatchNorm1d(3)
+    x = torch.randn(6, 3, requires_grad=True)
+    y, backward = bn.forward_with_backward(x)
+    assert not y.requires_grad and y.grad_fn is None
+    dx, _, _ = backward(torch.ones(6, 3))
+    assert not dx.requires_grad

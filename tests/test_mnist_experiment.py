@@ -27,8 +27,11 @@ def _separate_run(seed, norm, x, y, steps, cfg):
     return model
 
 
+@pytest.mark.parametrize("how", ["sgd_step", "autograd"])
 @pytest.mark.parametrize("norm", [None, "batchnorm1d"])
-def test_batched_equals_separate_runs_for_20_steps(norm):
+def test_batched_equals_separate_runs_for_20_steps(norm, how):
+    """The stack trained as the experiment trains it (``sgd_step``: hand-written backward) and
+    through autograd + torch.optim.SGD, against separate plain networks."""
     steps = 20
     cfg = mnist.MnistConfig(seeds=3, seed=5, lr=0.5, momentum=0.9, batch_size=16)
     g = torch.Generator().manual_seed(0)
@@ -43,7 +46,11 @@ def test_batched_equals_separate_runs_for_20_steps(norm):
     idx = torch.stack(
         [mnist.sample_indices(mnist.data_generator(s), 200, steps, cfg.batch_size) for s in seeds]
     )
+    velocity = {p: torch.zeros_like(p) for p in stacked.parameters()}
     for t in range(steps):
+        if how == "sgd_step":
+            stacked.sgd_step(x[idx[:, t]], y[idx[:, t]], cfg.lr, cfg.momentum, velocity)
+            continue
         logits = stacked(x[idx[:, t]])
         ce = (
             nn.functional.cross_entropy(

@@ -41,6 +41,7 @@ __all__ = [
     "train_backward",
     "eval_forward",
     "eval_backward",
+    "commit_stats",
 ]
 
 BACKENDS = ("auto", "fused", "reference")
@@ -176,3 +177,25 @@ def eval_backward(
         _relu_mask(dy, y), x, running_mean, invstd, weight, need_dx=need_dx,
         need_dparams=need_dparams,
     )  # fmt: skip
+
+
+def commit_stats(
+    mean: Tensor,
+    var: Tensor,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    num_batches_tracked: Tensor | None,
+    momentum: float | None,
+    m: int,
+    update: bool,
+) -> bool:
+    """:func:`bnlab.functional.commit_running_stats` (finiteness check, then the moving averages
+    when ``update``), in one compiled call when the kernels take the tensors (CPU float32/float64;
+    backend not "reference"), else with tensor ops. False, touching nothing, for non-finite
+    statistics."""
+    args = (mean, var, running_mean, running_var, num_batches_tracked, momentum, m, update)
+    if _backend != "reference" and _HAVE_NUMBA and K.commit_supported(
+        mean, var, running_mean, running_var
+    ):
+        return K.commit_batch_stats(*args)
+    return F.commit_running_stats(*args)

@@ -27,6 +27,8 @@ channels_last inputs stay channels_last.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -37,6 +39,7 @@ __all__ = [
     "batch_norm_train_backward",
     "batch_norm_eval_forward",
     "batch_norm_eval_backward",
+    "commit_running_stats",
     "reduce_dims",
 ]
 
@@ -212,3 +215,36 @@ def batch_norm_eval_backward(
         dgamma = _as((dya * x_hat).sum(dims), weight.dtype)
         dbeta = _as(dya.sum(dims), weight.dtype)
     return dx, dgamma, dbeta
+
+
+def commit_running_stats(
+    mean: Tensor,
+    var: Tensor,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    num_batches_tracked: Tensor | None,
+    momentum: float | None,
+    m: int,
+    update: bool,
+) -> bool:
+    """Accept a batch's statistics: refuse non-finite ones, then fold them into the population
+    estimates of Algorithm 2 as a moving average (``update`` and running buffers given)::
+
+        num_batches_tracked += 1
+        f = momentum  (or 1 / num_batches_tracked when momentum is None: cumulative average)
+        running_mean <- running_mean + f * (mu_B - running_mean)
+        running_var  <- running_var  + f * (m / (m - 1) * sigma_B^2 - running_var)   (unbiased)
+
+    Returns False, touching nothing, when ``var`` holds a NaN or Inf (it is computed from the
+    centred input, so any NaN/Inf in the batch shows there; ``max`` propagates NaN: one reduction
+    of C values).
+    """
+    if not math.isfinite(float(var.max())):
+        return False
+    if update and running_mean is not None:
+        num_batches_tracked.add_(1)
+        f = momentum if momentum is not None else 1.0 / float(num_batches_tracked.item())
+        dtype = running_mean.dtype
+        running_mean.lerp_(_as(mean.detach(), dtype), f)
+        running_var.lerp_(_as(var.detach() * (m / (m - 1)), dtype), f)
+    return True

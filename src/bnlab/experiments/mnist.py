@@ -16,14 +16,16 @@ seed and network), then ``figure1.png``, ``report.md``, ``report.html`` from tho
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from ..models.mlp import StackedMLP
 from ..probes import percentiles, record_inputs
@@ -219,8 +221,12 @@ def train_variants(cfg: MnistConfig, nets: tuple[str, ...], data, emit, should_s
     seeds = [cfg.seed + k for k in range(cfg.seeds)]
     k = cfg.seeds
     models = {n: m for n, m in build_models(cfg, xtr.shape[1]).items() if n in nets}
-    params = [p for m in models.values() for p in m.parameters()]
-    opt = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum)
+    # SGD momentum buffers, one per parameter (StackedMLP.sgd_step updates them in place)
+    velocity = (
+        {p: torch.zeros_like(p) for m in models.values() for p in m.parameters()}
+        if cfg.momentum
+        else None
+    )
     gens = [data_generator(s) for s in seeds]
 
     def log(step: int, losses: dict | None) -> None:
@@ -231,28 +237,17 @@ def train_variants(cfg: MnistConfig, nets: tuple[str, ...], data, emit, should_s
     log(0, None)
     for start, stop in _chunks(cfg.steps, cfg.eval_every):
         idx = torch.stack(
-            [sample_indices(g, len(ytr), stop - start, cfg.batch_size) for g in gens]
-        )  # (K, steps, B)
+            [sample_indices(g, len(ytr), stop - start, cfg.batch_size) for g in gens], dim=1
+        )  # (steps, K, B)
         loss_sum = {n: torch.zeros(k) for n in models}
         done = 0
         for t in range(stop - start):
-            bi = idx[:, t]  # (K, B)
-            xb, yb = xtr[bi], ytr[bi]  # (K, B, 784), (K, B)
-            total = 0.0
+            bi = idx[t].view(-1)  # (K*B,): network k's batch is rows k*B..(k+1)*B-1
+            xb = xtr.index_select(0, bi).view(k, cfg.batch_size, -1)  # (K, B, 784)
+            yb = ytr.index_select(0, bi).view(k, cfg.batch_size)  # (K, B)
             for net, model in models.items():
-                logits = model(xb)  # (K, B, 10)
-                ce = (
-                    nn.functional.cross_entropy(
-                        logits.reshape(-1, logits.shape[2]), yb.reshape(-1), reduction="none"
-                    )
-                    .view(k, -1)
-                    .mean(1)
-                )  # (K,) per-network mean loss
-                loss_sum[net] += ce.detach()
-                total = total + ce.sum()  # networks share no parameter: independent grads
-            opt.zero_grad(set_to_none=True)
-            total.backward()
-            opt.step()
+                # forward, hand-written backward and SGD update of the K networks at once
+                loss_sum[net] += model.sgd_step(xb, yb, cfg.lr, cfg.momentum, velocity)
             step += 1
             done += 1
             if step % 100 == 0:
@@ -400,6 +395,28 @@ def run(cfg: MnistConfig, out_dir: Path, progress: bool = True) -> Path:
     return out_dir
 
 
+@contextlib.contextmanager
+def _thread_env(threads: int):
+    """Thread pools of the processes started inside: at most ``threads`` each, from the start.
+
+    ``torch.set_num_threads`` / ``numba.set_num_threads`` in a worker are not enough: Numba's
+    OpenMP pool is created with ``NUMBA_NUM_THREADS`` threads (default: every core) whose idle
+    spinning took the other worker's core - two 1-thread workers side by side measured 3-5x
+    slower per step than alone, and back to ~1.1x with these variables set (2 cores).
+    """
+    keys = ("NUMBA_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
+    saved = {key: os.environ.get(key) for key in keys}
+    os.environ.update(dict.fromkeys(keys, str(threads)))
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
 def _run_workers(cfg, groups, threads, emit, ctx) -> bool:
     """Start one process per group, relay their messages to ``emit`` until all are done.
     Returns True when interrupted by Ctrl-C (the workers stop at their next check, evaluate,
@@ -410,8 +427,9 @@ def _run_workers(cfg, groups, threads, emit, ctx) -> bool:
     procs = [
         ctx.Process(target=_worker, args=(cfg, g, threads, q, stop), daemon=True) for g in groups
     ]
-    for p in procs:
-        p.start()
+    with _thread_env(threads):
+        for p in procs:
+            p.start()
     pending, interrupted = set(groups), False
     try:
         while pending:

@@ -51,11 +51,17 @@ __all__ = [
     "eval_fwd_mc",
     "backward_ncs",
     "backward_mc",
+    "commit_stats",
+    "train_fwd_small",
+    "backward_small",
+    "SMALL",
     "mc_rows_per_chunk",
 ]
 
 _FM = {"reassoc", "contract", "arcp", "nsz"}
 _OPTS = dict(parallel=True, cache=True, fastmath=_FM, nogil=True)
+# Per-channel loops (C values) and the small-input kernels: no parallel region to launch.
+_SERIAL = dict(cache=True, fastmath=_FM, nogil=True)
 
 # Rows per chunk for the (M, C) layout: at most 64 chunks (enough for any thread count here),
 # each at least ~16K values when possible and at most ~256K values (bounded partial-sum arrays,
@@ -63,6 +69,10 @@ _OPTS = dict(parallel=True, cache=True, fastmath=_FM, nogil=True)
 _MIN_CHUNK = 1 << 14
 _MAX_CHUNK = 1 << 18
 _MAX_CHUNKS = 64
+
+# (M, C) inputs of at most this many values take the serial *_small kernels: one block, no
+# parallel region, no scratch arrays beyond the (C,) sums. A dense layer's batch (60, 300) is 18K.
+SMALL = 1 << 16
 
 
 @njit(cache=True)
@@ -74,7 +84,7 @@ def mc_rows_per_chunk(M: int, C: int) -> int:
 
 
 # ----------------------------------------------------------------------------------- statistics
-@njit(**_OPTS)
+@njit(**_SERIAL)
 def _finish_stats(mean, var, w, b, has_w, has_b, eps, stats):
     """From (C,) float64 mean/var, fill stats (6, C) in the input dtype::
 
@@ -82,7 +92,7 @@ def _finish_stats(mean, var, w, b, has_w, has_b, eps, stats):
     stats[3:6] = mean, gamma * invstd, beta          (the normalize coefficients)
     """
     C = mean.shape[0]
-    for c in prange(C):
+    for c in range(C):
         inv = 1.0 / math.sqrt(var[c] + eps)
         stats[0, c] = mean[c]
         stats[1, c] = var[c]
@@ -231,11 +241,11 @@ def train_fwd_mc(x, w, b, has_w, has_b, eps, relu, y, stats):
 
 
 # ----------------------------------------------------------------------------------- inference
-@njit(**_OPTS)
+@njit(**_SERIAL)
 def _eval_coef(rm, rv, w, b, has_w, has_b, eps, stats):
     """stats (4, C): invstd, then the normalize coefficients (mean, gamma invstd, beta)."""
     C = rm.shape[0]
-    for c in prange(C):
+    for c in range(C):
         inv = 1.0 / math.sqrt(np.float64(rv[c]) + eps)
         stats[0, c] = inv
         stats[1, c] = rm[c]
@@ -258,11 +268,11 @@ def eval_fwd_mc(x, rm, rv, w, b, has_w, has_b, eps, relu, y, stats):
 
 
 # ----------------------------------------------------------------------------------- backward
-@njit(**_OPTS)
+@njit(**_SERIAL)
 def _bwd_coef(sums, mean, invstd, w, has_w, train, m, coef, grads):
     """From the sums: grads = (dgamma, dbeta) and the dx coefficients (mean, A, B, D)."""
     C = mean.shape[0]
-    for c in prange(C):
+    for c in range(C):
         inv = np.float64(invstd[c])
         s1 = sums[0, c]
         s2 = sums[1, c]
@@ -438,3 +448,110 @@ def backward_mc(dy, x, y, relu, mean, invstd, w, has_w, train, need_sums, need_d
     _bwd_coef(sums, mean, invstd, w, has_w, train, x.size // C, coef, grads)
     if need_dx:
         _dx_mc(dy, x, y, relu, coef, dx)
+
+
+# ----------------------------------------------------------------------------- running statistics
+@njit(cache=True, nogil=True)
+def commit_stats(mean, var, rm, rv, nbt, update, momentum, m):
+    """Accept a batch's (C,) statistics: False, touching nothing, if any is NaN or Inf; else, with
+    ``update``, fold them into the running averages (Algorithm 2's population estimates)::
+
+        nbt += 1;  f = momentum (or 1 / nbt when momentum < 0, torch's momentum=None)
+        rm <- rm + f (mean - rm),   rv <- rv + f (m / (m - 1) var - rv)     (float64 arithmetic)
+
+    One serial loop over C values: for the small layers of an MLP this replaces ~8 tensor ops.
+    """
+    C = mean.shape[0]
+    for c in range(C):
+        if not (math.isfinite(mean[c]) and math.isfinite(var[c])):
+            return False
+    if update:
+        nbt[()] += 1
+        f = momentum if momentum >= 0.0 else 1.0 / nbt[()]
+        unbias = m / (m - 1.0)
+        for c in range(C):
+            mu = np.float64(mean[c])
+            v = np.float64(var[c]) * unbias
+            rm[c] = rm[c] + f * (mu - rm[c])
+            rv[c] = rv[c] + f * (v - rv[c])
+    return True
+
+
+# ---------------------------------------------------------------------------- small (M, C) inputs
+@njit(**_SERIAL)
+def train_fwd_small(x, w, b, has_w, has_b, eps, relu, y, stats):
+    """:func:`train_fwd_mc` for a small (M, C) input (at most ``SMALL`` values): the same shifted
+    float64 sums over one block (the whole batch), the same coefficients, serial."""
+    M, C = x.shape
+    s1 = np.zeros(C, np.float64)
+    s2 = np.zeros(C, np.float64)
+    x0 = x[0]
+    for r in range(M):
+        xr = x[r]
+        for c in range(C):
+            d = np.float64(xr[c]) - x0[c]
+            s1[c] += d
+            s2[c] += d * d
+    mean = np.empty(C, np.float64)
+    var = np.empty(C, np.float64)
+    for c in range(C):
+        mu = s1[c] / M  # mean - x0
+        mean[c] = x0[c] + mu
+        var[c] = max(s2[c] - s1[c] * mu, 0.0) / M
+    _finish_stats(mean, var, w, b, has_w, has_b, eps, stats)
+    mu = stats[3]
+    a = stats[4]
+    bb = stats[5]
+    for r in range(M):
+        xr = x[r]
+        yr = y[r]
+        if relu:
+            for c in range(C):
+                v = (xr[c] - mu[c]) * a[c] + bb[c]
+                yr[c] = v if v > 0 else 0.0
+        else:
+            for c in range(C):
+                yr[c] = (xr[c] - mu[c]) * a[c] + bb[c]
+
+
+@njit(**_SERIAL)
+def backward_small(dy, x, y, relu, mean, invstd, w, has_w, train, need_sums, need_dx, dx, grads):
+    """:func:`backward_mc` for a small (M, C) input, serial."""
+    M, C = x.shape
+    sums = np.zeros((2, C), np.float64)
+    if need_sums or train:
+        s1 = sums[0]
+        s2 = sums[1]
+        for r in range(M):
+            xr = x[r]
+            gr = dy[r]
+            if relu:
+                yr = y[r]
+                for c in range(C):
+                    g = gr[c] if yr[c] > 0 else 0.0
+                    s1[c] += g
+                    s2[c] += g * (xr[c] - mean[c])
+            else:
+                for c in range(C):
+                    g = gr[c]
+                    s1[c] += g
+                    s2[c] += g * (xr[c] - mean[c])
+    coef = np.empty((4, C), x.dtype)
+    _bwd_coef(sums, mean, invstd, w, has_w, train, M, coef, grads)
+    if need_dx:
+        mu = coef[0]
+        a = coef[1]
+        bb = coef[2]
+        d = coef[3]
+        for r in range(M):
+            xr = x[r]
+            gr = dy[r]
+            dr = dx[r]
+            if relu:
+                yr = y[r]
+                for c in range(C):
+                    g = gr[c] if yr[c] > 0 else 0.0
+                    dr[c] = a[c] * g - bb[c] * (xr[c] - mu[c]) - d[c]
+            else:
+                for c in range(C):
+                    dr[c] = a[c] * gr[c] - bb[c] * (xr[c] - mu[c]) - d[c]

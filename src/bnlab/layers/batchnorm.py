@@ -28,13 +28,17 @@ Variants (batch renorm, ghost BN, ...) subclass :class:`_BatchNorm` and override
 
 from __future__ import annotations
 
-import math
+from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from .. import backend as B
 from ..autograd import batch_norm_eval, batch_norm_train
+
+# backward(dy) -> (dx, dgamma, dbeta) of BatchNorm.forward_with_backward
+Backward = Callable[[Tensor], tuple[Tensor, Tensor | None, Tensor | None]]
 
 __all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "name_layers"]
 
@@ -191,6 +195,31 @@ class _BatchNorm(nn.Module):
         statistics. The one method variants override; ``y`` includes ``self.activation``."""
         return batch_norm_train(x, self.weight, self.bias, self.eps, self.activation)
 
+    def _values_per_channel(self, x: Tensor) -> int:
+        """m = N * prod(spatial); batch statistics need m >= 2."""
+        m = x.numel() // x.shape[1]
+        if m < 2:
+            raise ValueError(
+                f"{self._describe()}: expected more than 1 value per channel when using batch "
+                f"statistics, got input of shape {tuple(x.shape)} ({m} value per channel)"
+            )
+        return m
+
+    def _commit_batch_stats(self, x: Tensor, mean: Tensor, var: Tensor, m: int) -> None:
+        """Refuse non-finite batch statistics before any buffer is touched, then (training mode
+        with tracking) update the running averages; see the module docstring."""
+        update = self.training and self.track_running_stats
+        if not B.commit_stats(
+            mean, var, self.running_mean, self.running_var, self.num_batches_tracked,
+            self.momentum, m, update,
+        ):  # fmt: skip
+            raise FloatingPointError(
+                f"{self._describe()}: non-finite batch statistics (NaN or Inf in the input of "
+                f"shape {tuple(x.shape)}); running statistics were left unchanged"
+            )
+        if update and self.population_estimator is not None:  # (Module.__setattr__ is slow)
+            self.population_estimator = None  # a running average again, not a recomputed one
+
     def forward(self, x: Tensor) -> Tensor:
         self._check_input(x)
         if not self._use_batch_stats():
@@ -198,38 +227,62 @@ class _BatchNorm(nn.Module):
                 x, self.running_mean, self.running_var, self.weight, self.bias, self.eps,
                 self.activation,
             )  # fmt: skip
-        m = x.numel() // x.shape[1]  # values per channel
-        if m < 2:
-            raise ValueError(
-                f"{self._describe()}: expected more than 1 value per channel when using batch "
-                f"statistics, got input of shape {tuple(x.shape)} ({m} value per channel)"
-            )
+        m = self._values_per_channel(x)
         y, mean, var = self._train_forward(x)
-        # One reduction of C values: var is computed from the centred input, so any NaN or Inf in
-        # x makes some var NaN or Inf, and max() propagates NaN.
-        if not math.isfinite(float(var.max())):
-            raise FloatingPointError(
-                f"{self._describe()}: non-finite batch statistics (NaN or Inf in the input of "
-                f"shape {tuple(x.shape)}); running statistics were left unchanged"
-            )
-        if self.training and self.track_running_stats:
-            self._update_running_stats(mean, var, m)
+        self._commit_batch_stats(x, mean, var, m)
         return y
 
-    def _update_running_stats(self, mean: Tensor, var: Tensor, m: int) -> None:
-        """Algorithm 2's population estimates as a moving average (see module docstring):
-        ``running <- running + f * (batch - running)``. The statistics come detached (the
-        autograd functions mark them non-differentiable), so no graph is recorded."""
-        self.num_batches_tracked.add_(1)
-        if self.momentum is None:
-            f = 1.0 / float(self.num_batches_tracked.item())
-        else:
-            f = self.momentum
-        dtype = self.running_mean.dtype
-        self.running_mean.lerp_(mean.detach().to(dtype), f)
-        self.running_var.lerp_((var.detach() * (m / (m - 1))).to(dtype), f)
-        if self.population_estimator is not None:  # (Module.__setattr__ is slow: set only once)
-            self.population_estimator = None  # a running average again, not a recomputed one
+    def forward_with_backward(self, x: Tensor) -> tuple[Tensor, Backward]:
+        """``forward(x)`` without autograd, and its backward as a function, for hand-written
+        training steps (the stacked MLP of the Figure 1 experiment uses it).
+
+        Returns ``(y, backward)``. ``y`` and the state update are exactly those of
+        ``forward(x)``: mini-batch statistics and running averages in training mode (Algorithm 1),
+        population statistics in eval mode or when frozen (Algorithm 2), the same checks and
+        errors. ``backward(dy)`` returns ``(dx, dgamma, dbeta)`` by the section 3 gradients on the
+        path the forward took (``None`` for a parameter that is absent or does not require grad,
+        e.g. after :func:`bnlab.freeze`); it records nothing on autograd's tape and leaves
+        ``.grad`` alone, so the caller applies the update it wants.
+        """
+        if type(self)._train_forward is not _BatchNorm._train_forward:
+            raise NotImplementedError(
+                f"{self._describe()}: forward_with_backward covers the plain transform only; "
+                f"{type(self).__name__} computes its statistics differently (use autograd)"
+            )
+        if torch.is_grad_enabled():
+            with torch.no_grad():
+                return self.forward_with_backward(x)
+        self._check_input(x)
+        w, b, relu = self.weight, self.bias, self.activation == "relu"
+        # gradients for the parameters that take them (freeze() stops gamma and beta)
+        want_w = w is not None and w.requires_grad
+        want_b = b is not None and b.requires_grad
+        if not self._use_batch_stats():
+            rm = self.running_mean
+            path, y, invstd = B.eval_forward(x, rm, self.running_var, w, b, self.eps, relu=relu)
+
+            def backward(dy: Tensor) -> tuple[Tensor, Tensor | None, Tensor | None]:
+                with torch.no_grad():
+                    dx, dg, db = B.eval_backward(
+                        path, dy, x, rm, invstd, w, need_dparams=want_w or want_b,
+                        y=y if relu else None,
+                    )  # fmt: skip
+                return dx, dg if want_w else None, db if want_b else None
+
+            return y, backward
+        m = self._values_per_channel(x)
+        path, y, mean, var, invstd = B.train_forward(x, w, b, self.eps, relu=relu)
+        self._commit_batch_stats(x, mean, var, m)
+
+        def backward(dy: Tensor) -> tuple[Tensor, Tensor | None, Tensor | None]:  # noqa: F811
+            with torch.no_grad():
+                dx, dg, db = B.train_backward(
+                    path, dy, x, mean, invstd, w, need_dparams=want_w or want_b,
+                    y=y if relu else None,
+                )  # fmt: skip
+            return dx, dg if want_w else None, db if want_b else None
+
+        return y, backward
 
 
 class BatchNorm1d(_BatchNorm):
