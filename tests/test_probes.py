@@ -40,3 +40,13 @@ def test_hooks_capture_and_remove_themselves_without_changing_mode(training):
     assert all(m.training == training for m in model.modules())
     assert not model[1]._forward_pre_hooks and not model[0]._forward_hooks
     torch.testing.assert_close(model(x), y)
+
+
+def test_percentiles_nan_slice_gives_nan_and_others_stay_exact():
+    x = torch.arange(20, dtype=torch.float32).reshape(4, 5)
+    x[2, 1] = float("nan")
+    got = percentiles(x, (15, 50, 85), dim=1)
+    assert got[:, 2].isnan().all()
+    keep = [0, 1, 3]
+    ref = torch.quantile(x[keep].double(), torch.tensor([0.15, 0.5, 0.85], dtype=torch.float64), 1)
+    torch.testing.assert_close(got[:, keep], ref, rtol=0, atol=0)

@@ -42,6 +42,7 @@ __all__ = [
     "eval_forward",
     "eval_backward",
     "commit_stats",
+    "train_forward_commit",
 ]
 
 BACKENDS = ("auto", "fused", "reference")
@@ -199,3 +200,31 @@ def commit_stats(
     ):
         return K.commit_batch_stats(*args)
     return F.commit_running_stats(*args)
+
+
+def train_forward_commit(
+    x: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    eps: float,
+    relu: bool,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    num_batches_tracked: Tensor | None,
+    momentum: float | None,
+    update: bool,
+) -> tuple[str, bool, Tensor, Tensor, Tensor, Tensor]:
+    """:func:`train_forward` then :func:`commit_stats` (one compiled call for small dense inputs
+    on the fused path). Returns ``(path, ok, y, mean, var, invstd)``; ``ok`` False: non-finite
+    statistics, running buffers untouched."""
+    path = choose(x, weight, bias)
+    if path == "fused":
+        return (path, *K.batch_norm_train_forward_commit(
+            x, weight, bias, eps, relu, running_mean, running_var, num_batches_tracked,
+            momentum, update,
+        ))  # fmt: skip
+    _, y, mean, var, invstd = train_forward(x, weight, bias, eps, relu)
+    m = x.numel() // x.shape[1]
+    buffers = (running_mean, running_var, num_batches_tracked)
+    ok = commit_stats(mean, var, *buffers, momentum, m, update)
+    return path, ok, y, mean, var, invstd

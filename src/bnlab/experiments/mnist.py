@@ -190,20 +190,20 @@ def _versions() -> dict[str, str]:
 def _rows(step: int, ev: dict, seeds: list[int], losses: dict | None, unit: int) -> list[dict]:
     rows = []
     for net, e in ev.items():
-        acc, pct = e["acc"], e["pct"]
+        acc = e["acc"].tolist()
+        pct = e["pct"].permute(1, 2, 0).tolist()  # [K][C][3]: one conversion, not K*C*3
+        loss = None if losses is None else losses[net].tolist()
         for k, seed in enumerate(seeds):
             rows.append(
                 {
                     "step": step,
                     "net": net,
                     "seed": seed,
-                    "test_acc": round(float(acc[k]), 6),
-                    "train_loss": None if losses is None else round(float(losses[net][k]), 6),
-                    "tracked_pct": [round(float(v), 5) for v in pct[:, k, unit]],
+                    "test_acc": round(acc[k], 6),
+                    "train_loss": None if loss is None else round(loss[k], 6),
+                    "tracked_pct": [round(v, 5) for v in pct[k][unit]],
                     # (C, 3): 15/50/85th percentile of each last-hidden-layer sigmoid input
-                    "unit_pct": [
-                        [round(float(v), 4) for v in pct[:, k, c]] for c in range(pct.shape[2])
-                    ],
+                    "unit_pct": [[round(v, 4) for v in unit_p] for unit_p in pct[k]],
                 }
             )
     return rows

@@ -53,6 +53,7 @@ __all__ = [
     "backward_mc",
     "commit_stats",
     "train_fwd_small",
+    "train_fwd_commit_small",
     "backward_small",
     "SMALL",
     "mc_rows_per_chunk",
@@ -479,9 +480,9 @@ def commit_stats(mean, var, rm, rv, nbt, update, momentum, m):
 
 # ---------------------------------------------------------------------------- small (M, C) inputs
 @njit(**_SERIAL)
-def train_fwd_small(x, w, b, has_w, has_b, eps, relu, y, stats):
-    """:func:`train_fwd_mc` for a small (M, C) input (at most ``SMALL`` values): the same shifted
-    float64 sums over one block (the whole batch), the same coefficients, serial."""
+def _stats_small(x, w, b, has_w, has_b, eps, stats):
+    """Statistics and coefficients of a small (M, C) input into stats (6, C), as
+    :func:`train_fwd_mc` computes them with one block (the whole batch), serial."""
     M, C = x.shape
     s1 = np.zeros(C, np.float64)
     s2 = np.zeros(C, np.float64)
@@ -499,9 +500,15 @@ def train_fwd_small(x, w, b, has_w, has_b, eps, relu, y, stats):
         mean[c] = x0[c] + mu
         var[c] = max(s2[c] - s1[c] * mu, 0.0) / M
     _finish_stats(mean, var, w, b, has_w, has_b, eps, stats)
-    mu = stats[3]
-    a = stats[4]
-    bb = stats[5]
+
+
+@njit(**_SERIAL)
+def _normalize_small(x, coef, relu, y):
+    """y = (x - mean) * (gamma * invstd) + beta [then max(., 0)], serial."""
+    M, C = x.shape
+    mu = coef[0]
+    a = coef[1]
+    bb = coef[2]
     for r in range(M):
         xr = x[r]
         yr = y[r]
@@ -512,6 +519,27 @@ def train_fwd_small(x, w, b, has_w, has_b, eps, relu, y, stats):
         else:
             for c in range(C):
                 yr[c] = (xr[c] - mu[c]) * a[c] + bb[c]
+
+
+@njit(**_SERIAL)
+def train_fwd_small(x, w, b, has_w, has_b, eps, relu, y, stats):
+    """:func:`train_fwd_mc` for a small (M, C) input (at most ``SMALL`` values)."""
+    _stats_small(x, w, b, has_w, has_b, eps, stats)
+    _normalize_small(x, stats[3:], relu, y)
+
+
+@njit(**_SERIAL)
+def train_fwd_commit_small(
+    x, w, b, has_w, has_b, eps, relu, y, stats, rm, rv, nbt, update, momentum
+):
+    """:func:`train_fwd_small` then :func:`commit_stats` in one call (a dense layer's training
+    step pays one crossing into compiled code, not two). Returns False, with the running
+    statistics untouched and y not written, for non-finite batch statistics."""
+    _stats_small(x, w, b, has_w, has_b, eps, stats)
+    if not commit_stats(stats[0], stats[1], rm, rv, nbt, update, momentum, x.shape[0]):
+        return False
+    _normalize_small(x, stats[3:], relu, y)
+    return True
 
 
 @njit(**_SERIAL)

@@ -213,12 +213,15 @@ class _BatchNorm(nn.Module):
             mean, var, self.running_mean, self.running_var, self.num_batches_tracked,
             self.momentum, m, update,
         ):  # fmt: skip
-            raise FloatingPointError(
-                f"{self._describe()}: non-finite batch statistics (NaN or Inf in the input of "
-                f"shape {tuple(x.shape)}); running statistics were left unchanged"
-            )
+            self._refuse(x)
         if update and self.population_estimator is not None:  # (Module.__setattr__ is slow)
             self.population_estimator = None  # a running average again, not a recomputed one
+
+    def _refuse(self, x: Tensor) -> None:
+        raise FloatingPointError(
+            f"{self._describe()}: non-finite batch statistics (NaN or Inf in the input of "
+            f"shape {tuple(x.shape)}); running statistics were left unchanged"
+        )
 
     def forward(self, x: Tensor) -> Tensor:
         self._check_input(x)
@@ -270,9 +273,16 @@ class _BatchNorm(nn.Module):
                 return dx, dg if want_w else None, db if want_b else None
 
             return y, backward
-        m = self._values_per_channel(x)
-        path, y, mean, var, invstd = B.train_forward(x, w, b, self.eps, relu=relu)
-        self._commit_batch_stats(x, mean, var, m)
+        self._values_per_channel(x)
+        update = self.training and self.track_running_stats
+        path, ok, y, mean, var, invstd = B.train_forward_commit(
+            x, w, b, self.eps, relu, self.running_mean, self.running_var,
+            self.num_batches_tracked, self.momentum, update,
+        )  # fmt: skip
+        if not ok:
+            self._refuse(x)
+        if update and self.population_estimator is not None:
+            self.population_estimator = None
 
         def backward(dy: Tensor) -> tuple[Tensor, Tensor | None, Tensor | None]:  # noqa: F811
             with torch.no_grad():
