@@ -3,6 +3,9 @@
 Measures, in one run on this machine:
   * a plain PyTorch loop, one network at a time (784-100-100-100-10 sigmoid, batch 60), with
     torch.nn.BatchNorm1d and with bnlab.BatchNorm1d, in ms per step per network;
+  * one training step of a stack of 3 networks (one thread), the way `bnlab run mnist` takes it
+    (`StackedMLP.sgd_step`: backward written out, BN through `forward_with_backward`) against
+    forward + autograd + torch.optim.SGD on the same stack, interleaved rounds, ratio;
   * the stacked run (`bnlab run mnist`) with 1 process and with 2 processes, over at least 6,000
     steps, in steps/s for all 2 x seeds networks (start-up included);
 and extrapolates each to the default run (2 networks x 3 seeds x 50,000 steps). Run:
@@ -54,6 +57,42 @@ def plain_loop_ms(norm_cls, steps: int, threads: int) -> float:
     return (time.perf_counter() - t0) / steps * 1e3
 
 
+def stacked_step_ms(steps: int, rounds: int) -> dict[tuple[str, str], float]:
+    """Median ms per step of a 3-network stack of each variant on one thread, trained by
+    ``sgd_step`` and by autograd + torch.optim.SGD, in interleaved rounds of ``steps`` steps."""
+    torch.set_num_threads(1)
+    data = mnist._load_data(mnist.MnistConfig(dataset="mnist-5k"))
+    xtr, ytr = data[1], data[2]
+    k, n = 3, 60
+    times: dict[tuple[str, str], list[float]] = {}
+    models = mnist.build_models(mnist.MnistConfig(seeds=k), xtr.shape[1])
+    opts = {name: torch.optim.SGD(m.parameters(), lr=0.5) for name, m in models.items()}
+
+    def autograd_step(name, xb, yb):
+        logits = models[name](xb)
+        ce = nn.functional.cross_entropy(logits.reshape(-1, 10), yb.reshape(-1), reduction="none")
+        opts[name].zero_grad(set_to_none=True)
+        ce.view(k, -1).mean(1).sum().backward()
+        opts[name].step()
+
+    for r in range(rounds + 1):  # round 0 warms up (kernel compilation or cache load)
+        for name in models:
+            for how in ("sgd_step", "autograd"):
+                idx = torch.randint(len(ytr), (steps, k * n))
+                t0 = time.perf_counter()
+                for i in range(steps):
+                    xb, yb = xtr[idx[i]].view(k, n, -1), ytr[idx[i]].view(k, n)
+                    if how == "sgd_step":
+                        models[name].sgd_step(xb, yb, 0.5)
+                    else:
+                        autograd_step(name, xb, yb)
+                if r:
+                    times.setdefault((name, how), []).append(
+                        (time.perf_counter() - t0) / steps * 1e3
+                    )
+    return {key: statistics.median(v) for key, v in times.items()}
+
+
 def stacked_wall(steps: int, workers: int, threads: int) -> float:
     """Wall time of `bnlab run mnist`'s training (3 seeds, one evaluation per 500 steps)."""
     cfg = mnist.MnistConfig(
@@ -75,6 +114,15 @@ def main(argv=None) -> None:
         f"torch {torch.__version__}, {threads} threads available, {args.steps} steps, "
         f"median of {args.repeats}"
     )
+    step_ms = stacked_step_ms(max(200, args.steps // 10), 2 * args.repeats + 1)
+    print("one step of a 3-network stack, 1 thread (median of interleaved rounds):")
+    for name in mnist.NETS:
+        a, b = step_ms[(name, "sgd_step")], step_ms[(name, "autograd")]
+        print(
+            f"  {name:<9} sgd_step {a:.2f} ms, autograd + torch.optim.SGD {b:.2f} ms: "
+            f"{b / a:.2f}x faster"
+        )
+    torch.set_num_threads(threads)
     rows = []
     for label, cls in (
         ("plain loop, no BN", None),

@@ -393,3 +393,30 @@ def test_commit_kernel_refuses_non_finite_and_touches_nothing(bad, where):
     {"mean": mean, "var": var}[where][3] = bad
     assert K.commit_batch_stats(mean, var, rm, rv, nbt, 0.1, 8, True) is False
     assert torch.equal(rm, torch.zeros(5)) and torch.equal(rv, torch.ones(5)) and int(nbt) == 2
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+@pytest.mark.parametrize("scale", [1.0, 1e3], ids=["plain", "huge-logits"])
+def test_grouped_cross_entropy_matches_torch(dtype, scale):
+    """Loss and gradient of the one-pass kernel against torch's cross_entropy + autograd
+    (float64 oracle); logits of magnitude 1e3 must not overflow."""
+    g = torch.Generator().manual_seed(7)
+    z = (torch.randn(3, 17, 10, generator=g, dtype=torch.float64) * scale).to(dtype)
+    t = torch.randint(10, (3, 17), generator=g)
+    loss, grad = K.grouped_cross_entropy(z, t)
+    zr = z.double().requires_grad_()
+    ref = torch.nn.functional.cross_entropy(zr.reshape(-1, 10), t.reshape(-1), reduction="none")
+    ref = ref.view(3, 17).mean(1)
+    ref.sum().backward()
+    tol = {torch.float64: 1e-12, torch.float32: 1e-5}[dtype]
+    torch.testing.assert_close(loss.double(), ref.detach(), rtol=tol, atol=tol * scale)
+    torch.testing.assert_close(grad.double(), zr.grad, rtol=tol, atol=tol)
+    assert loss.dtype == grad.dtype == dtype
+
+
+def test_grouped_cross_entropy_bad_target_and_unsupported_input():
+    z = torch.randn(2, 4, 5)
+    with pytest.raises(ValueError, match=r"outside \[0, 5\)"):
+        K.grouped_cross_entropy(z, torch.full((2, 4), 5))
+    assert K.grouped_cross_entropy(z.half(), torch.zeros(2, 4, dtype=torch.int64)) is None
+    assert K.grouped_cross_entropy(z.transpose(0, 1), torch.zeros(4, 2, dtype=torch.int64)) is None

@@ -35,6 +35,7 @@ __all__ = [
     "BACKENDS",
     "set_backend",
     "get_backend",
+    "kernels_enabled",
     "use_backend",
     "choose",
     "train_forward",
@@ -69,6 +70,12 @@ def set_backend(name: str) -> None:
 def get_backend() -> str:
     """The selected backend name."""
     return _backend
+
+
+def kernels_enabled() -> bool:
+    """True when compiled kernels may be used: Numba is installed and the backend is not
+    "reference" (helpers with their own kernels, like the MLP's cross-entropy, ask this)."""
+    return _backend != "reference" and _HAVE_NUMBA
 
 
 @contextlib.contextmanager

@@ -35,6 +35,7 @@ __all__ = [
     "commit_supported",
     "commit_batch_stats",
     "batch_norm_train_forward_commit",
+    "grouped_cross_entropy",
     "warm_up",
 ]
 
@@ -319,6 +320,31 @@ def batch_norm_train_forward_commit(
     return ok, y, stats[0], stats[1], stats[2]
 
 
+def grouped_cross_entropy(logits: Tensor, target: Tensor) -> tuple[Tensor, Tensor] | None:
+    """Mean softmax cross-entropy of each of K groups of N rows and its gradient in one compiled
+    pass: ``logits (K, N, C)``, ``target (K, N)`` int64 -> ``(loss (K,), dL/dlogits (K, N, C))``
+    with ``L = sum_k loss_k``. None when the kernel does not take the tensors (not CPU
+    float32/float64 contiguous logits with int64 targets), so the caller uses tensor ops.
+    ValueError for a target outside ``[0, C)``."""
+    if not (
+        logits.is_cpu
+        and logits.dtype in _DTYPES
+        and logits.dim() == 3
+        and logits.is_contiguous()
+        and target.dtype == torch.int64
+        and target.is_contiguous()
+    ):
+        return None
+    loss = torch.empty(logits.shape[0], dtype=logits.dtype)
+    grad = torch.empty_like(logits)
+    if not _k().grouped_cross_entropy(_np(logits), target.numpy(), loss.numpy(), grad.numpy()):
+        raise ValueError(
+            f"cross-entropy: a target is outside [0, {logits.shape[2]}) "
+            f"(min {int(target.min())}, max {int(target.max())})"
+        )
+    return loss, grad
+
+
 def warm_up() -> None:
     """Compile (or load from the on-disk cache) every kernel for float32 and float64."""
     for dtype in _DTYPES:
@@ -338,3 +364,5 @@ def warm_up() -> None:
         batch_norm_train_forward_commit(
             torch.randn(4, 3, dtype=dtype), w, w, 1e-5, False, rm, rv, torch.tensor(0), 0.1, True
         )
+        target = torch.zeros(2, 3, dtype=torch.int64)
+        grouped_cross_entropy(torch.randn(2, 3, 4, dtype=dtype), target)

@@ -55,6 +55,7 @@ __all__ = [
     "train_fwd_small",
     "train_fwd_commit_small",
     "backward_small",
+    "grouped_cross_entropy",
     "SMALL",
     "mc_rows_per_chunk",
 ]
@@ -583,3 +584,47 @@ def backward_small(dy, x, y, relu, mean, invstd, w, has_w, train, need_sums, nee
             else:
                 for c in range(C):
                     dr[c] = a[c] * gr[c] - bb[c] * (xr[c] - mu[c]) - d[c]
+
+
+# ------------------------------------------------------------------------------- classifier head
+@njit(**_SERIAL)
+def grouped_cross_entropy(logits, target, loss, grad):
+    """Mean softmax cross-entropy of each of K groups of N rows, and its gradient, in one pass.
+
+    logits (K, N, C), target (K, N) class indices; fills loss (K,) and grad (K, N, C)::
+
+        loss_k = 1/N sum_n (logsumexp(z_kn) - z_kn[t_kn])
+        grad   = (softmax(z_kn) - onehot(t_kn)) / N
+
+    Row maxima are subtracted before exp (no overflow); sums in float64. Returns False, having
+    written nothing meaningful, if a target is outside [0, C).
+    """
+    K, N, C = logits.shape
+    for k in range(K):
+        for n in range(N):
+            t = target[k, n]
+            if t < 0 or t >= C:
+                return False
+    inv_n = 1.0 / N
+    for k in range(K):
+        total = 0.0
+        for n in range(N):
+            z = logits[k, n]
+            g = grad[k, n]
+            m = np.float64(z[0])
+            for c in range(1, C):
+                if z[c] > m:
+                    m = np.float64(z[c])
+            s = 0.0
+            for c in range(C):
+                e = math.exp(np.float64(z[c]) - m)
+                g[c] = e
+                s += e
+            t = target[k, n]
+            total += math.log(s) + m - z[t]
+            scale = inv_n / s
+            for c in range(C):
+                g[c] = g[c] * scale
+            g[t] -= inv_n
+        loss[k] = total * inv_n
+    return True
