@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
+from torch import nn
 
 import bnlab
 from conftest import SHAPES, family_classes, to_format
@@ -435,3 +438,116 @@ def test_forward_with_backward_records_no_graph_under_grad_mode():
     assert not y.requires_grad and y.grad_fn is None
     dx, _, _ = backward(torch.ones(6, 3))
     assert not dx.requires_grad
+
+
+# ------------------------------------------- ExplicitBatchNorm (forward_with_backward, reused)
+def _explicit_matches_twin(bn, twin, ex, gen, n_calls=3):
+    """ex (prepared from bn) against twin.forward_with_backward on the same inputs: outputs,
+    gradients and state, bit for bit."""
+    for _ in range(n_calls):
+        x = torch.randn(ex.x.shape, generator=gen, dtype=ex.x.dtype) * 2 + 1
+        dy = torch.randn(ex.x.shape, generator=gen, dtype=ex.x.dtype)
+        ex.x.copy_(x)
+        y = ex.forward()
+        yt, backward = twin.forward_with_backward(x)
+        torch.testing.assert_close(y, yt, rtol=0, atol=0)
+        for got, want in zip(ex.backward(dy), backward(dy), strict=True):
+            assert (got is None) == (want is None)
+            if got is not None:
+                torch.testing.assert_close(got, want, rtol=0, atol=0)
+    for key, value in twin.state_dict().items():
+        torch.testing.assert_close(bn.state_dict()[key], value, rtol=0, atol=0)
+
+
+@pytest.mark.usefixtures("backend")
+@pytest.mark.parametrize("shape", [(8, 5), (4, 3, 7)], ids=["dense", "seq"])
+@pytest.mark.parametrize(
+    "kwargs",
+    [{}, {"affine": False}, {"bias": False}, {"activation": "relu"}, {"momentum": None}],
+    ids=["plain", "noaffine", "nobias", "relu", "cma"],
+)
+@pytest.mark.parametrize("mode", ["train", "eval", "frozen"])
+def test_explicit_batchnorm_equals_forward_with_backward(shape, kwargs, mode):
+    bn = bnlab.BatchNorm1d(shape[1], dtype=torch.float64, **kwargs)
+    if bn.affine:
+        with torch.no_grad():
+            bn.weight.copy_(torch.rand(shape[1]) + 0.5)
+    bn(torch.randn(shape, dtype=torch.float64))  # non-trivial running stats
+    if mode == "eval":
+        bn.eval()
+    if mode == "frozen":
+        bnlab.freeze(bn)
+    twin = copy.deepcopy(bn)
+    ex = bn.prepare_forward_with_backward(shape)
+    assert ex.x.dtype == torch.float64
+    _explicit_matches_twin(bn, twin, ex, torch.Generator().manual_seed(1))
+
+
+def test_explicit_batchnorm_follows_replaced_parameters_buffers_and_modes():
+    """The cached numpy views of gamma, beta and the running buffers follow in-place loads,
+    new Parameter/buffer objects and swapped .data; mode and backend changes take effect."""
+    gen = torch.Generator().manual_seed(0)
+    bn = bnlab.BatchNorm1d(6)
+    twin = copy.deepcopy(bn)
+    ex = bn.prepare_forward_with_backward((10, 6))
+    _explicit_matches_twin(bn, twin, ex, gen)
+    state = {
+        "weight": torch.rand(6) + 0.5, "bias": torch.randn(6), "running_mean": torch.randn(6),
+        "running_var": torch.rand(6) + 0.5, "num_batches_tracked": torch.tensor(7),
+    }  # fmt: skip
+    for m in (bn, twin):
+        m.load_state_dict(state)  # in place: same storage
+    _explicit_matches_twin(bn, twin, ex, gen)
+    for m in (bn, twin):  # new objects
+        m.weight = nn.Parameter(state["weight"] * 2)
+        m.running_mean = state["running_mean"] - 1
+        m.num_batches_tracked = torch.tensor(3)
+    _explicit_matches_twin(bn, twin, ex, gen)
+    for m in (bn, twin):  # same object, new storage
+        m.bias.data = torch.randn(6, generator=torch.Generator().manual_seed(5))
+        m.running_var.data = torch.full((6,), 2.0)
+    _explicit_matches_twin(bn, twin, ex, gen)
+    for m in (bn, twin):
+        m.eval()
+    _explicit_matches_twin(bn, twin, ex, gen)
+    for m in (bn, twin):
+        m.train()
+        m.momentum = None
+    with bnlab.use_backend("reference"):
+        _explicit_matches_twin(bn, twin, ex, gen)
+    _explicit_matches_twin(bn, twin, ex, gen)
+    for m in (bn, twin):
+        bnlab.freeze(m)
+    _explicit_matches_twin(bn, twin, ex, gen)
+
+
+def test_explicit_batchnorm_refuses_like_forward_with_backward():
+    bn = bnlab.BatchNorm1d(4)
+    bn.layer_name = "net.bn"
+    with pytest.raises(ValueError, match=r"'net.bn' BatchNorm1d\(4\).*channels"):
+        bn.prepare_forward_with_backward((8, 5))
+    with pytest.raises(TypeError, match=r"'net.bn' BatchNorm1d\(4\).*floating-point"):
+        bn.prepare_forward_with_backward((8, 4), torch.int64)
+    ex = bn.prepare_forward_with_backward((8, 4))
+    with pytest.raises(RuntimeError, match="backward without a forward"):
+        ex.backward(torch.ones(8, 4))
+    ex.x.normal_()
+    ex.forward()
+    ex.backward(torch.ones(8, 4))
+    before = {k: v.clone() for k, v in bn.state_dict().items()}
+    ex.x[3, 2] = float("nan")
+    with pytest.raises(FloatingPointError, match=r"'net.bn' BatchNorm1d\(4\)"):
+        ex.forward()
+    with pytest.raises(RuntimeError, match="backward without a forward"):
+        ex.backward(torch.ones(8, 4))
+    for k, v in bn.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    with pytest.raises(ValueError, match="more than 1 value per channel"):
+        bn.prepare_forward_with_backward((1, 4)).forward()
+
+    class Shifted(bnlab.BatchNorm1d):
+        def _train_forward(self, x):
+            return super()._train_forward(x + 1)
+
+    with pytest.raises(NotImplementedError, match="Shifted"):
+        Shifted(3).prepare_forward_with_backward((4, 3))

@@ -44,6 +44,7 @@ __all__ = [
     "eval_backward",
     "commit_stats",
     "train_forward_commit",
+    "dense_train_step",
 ]
 
 BACKENDS = ("auto", "fused", "reference")
@@ -235,3 +236,13 @@ def train_forward_commit(
     buffers = (running_mean, running_var, num_batches_tracked)
     ok = commit_stats(mean, var, *buffers, momentum, m, update)
     return path, ok, y, mean, var, invstd
+
+
+def dense_train_step(x: Tensor) -> K.DenseTrainStep | None:
+    """A :class:`bnlab.kernels.DenseTrainStep` for repeated training calls on the input buffer
+    ``x``, or None when Numba is missing or the kernels never take ``x`` (not a small dense
+    float32/float64 CPU ``(N, C)``). Whether it may be used is decided per call, like every
+    path choice here: :func:`kernels_enabled` and the parameters it is given."""
+    if _HAVE_NUMBA and K.DenseTrainStep.takes(x):
+        return K.DenseTrainStep(x)
+    return None

@@ -18,13 +18,20 @@ __all__ = ["MLP", "StackedMLP", "gaussian_init_", "ACTIVATIONS"]
 
 ACTIVATIONS = {"sigmoid": nn.Sigmoid, "relu": nn.ReLU, "tanh": nn.Tanh}
 
-# dL/d(input) of each activation from dL/d(output) and the output itself, as autograd computes it:
-# sigmoid: g y (1 - y); tanh: g (1 - y^2); relu: g where y > 0.
-_ACT_FORWARD = {"sigmoid": torch.sigmoid, "tanh": torch.tanh, "relu": torch.relu}
+# Each activation written into a given buffer, and dL/d(input) from dL/d(output) and the output
+# itself, as autograd computes it (sigmoid: g y (1 - y); tanh: g (1 - y^2); relu: g where y > 0),
+# also into a given buffer: the same kernels as torch.sigmoid(z) and the autograd formulas.
+_ACT_FORWARD = {
+    "sigmoid": torch.sigmoid,
+    "tanh": torch.tanh,
+    "relu": lambda z, out: torch.ops.aten.relu.out(z, out=out),
+}
 _ACT_BACKWARD = {
-    "sigmoid": torch.ops.aten.sigmoid_backward,
-    "tanh": torch.ops.aten.tanh_backward,
-    "relu": lambda g, y: torch.ops.aten.threshold_backward(g, y, 0),
+    "sigmoid": lambda g, y, out: torch.ops.aten.sigmoid_backward.grad_input(g, y, grad_input=out),
+    "tanh": lambda g, y, out: torch.ops.aten.tanh_backward.grad_input(g, y, grad_input=out),
+    "relu": lambda g, y, out: torch.ops.aten.threshold_backward.grad_input(
+        g, y, 0, grad_input=out
+    ),
 }
 
 
@@ -193,8 +200,11 @@ class StackedMLP(nn.Module):
             dL/dz_l    = act'(a_l) * dL/da_l       (through BN first: its section 3 gradients)
             v <- momentum v + g,   p <- p - lr v   (v = g without momentum; fused with the bmm)
 
-        The normalization layers run through :meth:`BatchNorm1d.forward_with_backward`: the same
-        transform, kernels, checks and running-statistic updates as their ``forward``. With
+        The normalization layers run through :meth:`BatchNorm1d.prepare_forward_with_backward`
+        (``forward_with_backward`` on reused buffers): the same transform, kernels, checks and
+        running-statistic updates as their ``forward``. Buffers and views are kept from step to
+        step in a workspace (see :class:`_StepWorkspace`), rebuilt when the batch size, dtype or
+        the parameters' storage change. With
         ``momentum``, ``velocity`` maps each parameter to its buffer (start from zeros, e.g.
         ``{p: torch.zeros_like(p) for p in model.parameters()}``); it is updated in place.
         Returns the ``(K,)`` losses before the step.
@@ -206,67 +216,57 @@ class StackedMLP(nn.Module):
                 f"StackedMLP.sgd_step: expected x (K={self.num_nets}, N, features) and y (K, N), "
                 f"got x {tuple(x.shape)} and y {tuple(y.shape)}"
             )
-        k, n = x.shape[0], x.shape[1]
         act, act_backward = _ACT_FORWARD[self.act], _ACT_BACKWARD[self.act]
-        weights, biases = list(self.weights), list(self.biases)
-        last = len(weights) - 1
+        layers = self._step_workspace(x).layers
+        last = len(layers) - 1
+
+        # Forward. The hidden activations go into the workspace's buffers; with norms they are
+        # (N, K*C) rows, what BN takes, and the bmm writes its output through a (K, N, C) view of
+        # the BN input buffer (out=), without copies.
+        h = x
+        for lay in layers[:last]:
+            if lay.bn is None:
+                z = torch.baddbmm(lay.bias_row, h, lay.w, out=lay.z_out)
+            else:
+                torch.bmm(h, lay.w, out=lay.z_out)
+                z = lay.bn.forward()  # per-activation BN of K*C features (see class docstring)
+            act(z, out=lay.a)
+            h = lay.a_kn
+        top = layers[last]
+        z = torch.baddbmm(top.bias_row, h, top.w, out=top.z_out)
+        loss, g = _mean_cross_entropy(z, y)  # (K,), dL/dlogits (K, N, classes)
 
         # (parameter, gradient) pairs of the biases and BN's gamma/beta, updated together at the
         # end with foreach ops (one call, not one per tensor); the weights update in their bmm
         small: list[tuple[torch.Tensor, torch.Tensor]] = []
-
-        # Forward. inputs[l]: the (K, N, width) input of layer l. In a network with norms the
-        # hidden activations are stored as (N, K*C) rows, what BN takes; bmm reads their
-        # (K, N, C) views and writes its output through such a view (out=), without copies.
-        norms = self.norms
-        inputs, rows, backwards = [x], [x], []
-        h = x
-        for i, w in enumerate(weights):
-            if i == last or norms is None:
-                z = torch.baddbmm(biases[i if norms is None else 0].unsqueeze(1), h, w)
-            else:
-                c = w.shape[2]
-                zt = torch.empty(n, k, c, dtype=x.dtype)
-                torch.bmm(h, w, out=zt.transpose(0, 1))
-                # per-activation BN of K*C features (see class docstring)
-                z, back = norms[i].forward_with_backward(zt.view(n, k * c))
-                backwards.append(back)
-            if i < last:
-                a = act(z)
-                rows.append(a)
-                h = a if norms is None else a.view(n, k, -1).transpose(0, 1)
-                inputs.append(h)
-        loss, g = _mean_cross_entropy(z, y)  # (K,), dL/dlogits (K, N, classes)
         # backward, last layer first; g = dL/dz of layer i, (K, N, width) (maybe a strided view)
         for i in range(last, -1, -1):
-            w, a = weights[i], inputs[i]
-            if i > 0:  # dL/da of the layer below, taken before W changes
-                if norms is None:
-                    da = torch.bmm(g, w.transpose(1, 2))
-                else:
-                    da = torch.empty(n, k, w.shape[1], dtype=x.dtype)
-                    torch.bmm(g, w.transpose(1, 2), out=da.transpose(0, 1))
+            lay = layers[i]
+            below = layers[i - 1] if i > 0 else None
+            if below is not None:  # dL/da of the layer below, taken before W changes
+                torch.bmm(g, lay.w_t, out=below.da_out)
+            a_t = x.transpose(1, 2) if below is None else below.a_t  # this layer's input^T
+            w = lay.w
             if momentum:
                 v = velocity[w]
-                v.baddbmm_(a.transpose(1, 2), g, beta=momentum)
+                v.baddbmm_(a_t, g, beta=momentum)
                 w.sub_(v, alpha=lr)
             else:
-                w.baddbmm_(a.transpose(1, 2), g, alpha=-lr)
-            if i == last or norms is None:
-                small.append((biases[i if norms is None else 0], g.sum(1)))
-            if i == 0:
+                w.baddbmm_(a_t, g, alpha=-lr)
+            if lay.bias is not None:
+                small.append((lay.bias, g.sum(1)))
+            if below is None:
                 break
-            if norms is None:
-                g = act_backward(da, a)
-            else:
-                gz = act_backward(da.view(n, -1), rows[i])  # (N, K*C)
-                bn = norms[i - 1]
-                dx, dgamma, dbeta = backwards[i - 1](gz)
-                if dgamma is not None:
-                    small.append((bn.weight, dgamma))
-                if dbeta is not None:
-                    small.append((bn.bias, dbeta))
-                g = dx.view(n, k, -1).transpose(0, 1)
+            act_backward(below.da, below.a, below.dz)  # dL/dz (with norms: dL/dy of the BN)
+            if below.bn is None:
+                g = below.dz
+                continue
+            _, dgamma, dbeta = below.bn.backward(below.dz)  # dL/dx into below.bn.dx
+            if dgamma is not None:
+                small.append((below.bn.layer.weight, dgamma))
+            if dbeta is not None:
+                small.append((below.bn.layer.bias, dbeta))
+            g = below.g_out  # the (K, N, C) view of the BN's dx
         params, grads = [p for p, _ in small], [g for _, g in small]
         if momentum:
             buffers = [velocity[p] for p in params]
@@ -276,3 +276,96 @@ class StackedMLP(nn.Module):
         else:
             torch._foreach_add_(params, grads, alpha=-lr)
         return loss
+
+    # The workspace of sgd_step, rebuilt when its key changes; never copied or pickled.
+    _workspace: _StepWorkspace | None = None
+
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        state["_workspace"] = None  # buffers and views of this object's tensors (not a copy's)
+        return state
+
+    def _step_workspace(self, x: torch.Tensor) -> _StepWorkspace:
+        """The buffers and views of a step on ``x``: the cached workspace while it fits (same
+        N and dtype, the same weight and bias objects with the same storage, dtype and shape,
+        the same norm layers), else a new one."""
+        params = (*self.weights._parameters.values(), *self.biases._parameters.values())
+        norms = () if self.norms is None else tuple(self.norms._modules.values())
+        key = (x.shape[1], x.dtype, *(_layout(p) for p in params))
+        ws = self._workspace
+        if ws is None or ws.key != key or not _same_objects(ws.objects, (*params, *norms)):
+            ws = _StepWorkspace(self, x.shape[1], x.dtype)
+            ws.key, ws.objects = key, (*params, *norms)
+            self._workspace = ws
+        return ws
+
+
+def _layout(t: torch.Tensor) -> tuple:
+    """What a view of ``t`` depends on: its storage address, dtype and shape."""
+    return t.data_ptr(), t.dtype, t.shape
+
+
+def _same_objects(a: tuple, b: tuple) -> bool:
+    return len(a) == len(b) and all(p is q for p, q in zip(a, b, strict=True))
+
+
+class _LayerWorkspace:
+    """One layer's buffers and views for :meth:`StackedMLP.sgd_step` (see
+    :class:`_StepWorkspace`)."""
+
+    def __init__(self, w, bias, norm, n: int, dtype: torch.dtype, hidden: bool) -> None:
+        k, c = w.shape[0], w.shape[2]
+        self.w, self.w_t = w, w.transpose(1, 2)  # W, and W^T for dL/da = dL/dz W^T
+        self.bias = bias
+        self.bias_row = None if bias is None else bias.unsqueeze(1)  # (K, 1, C) for baddbmm
+        self.bn = None if norm is None else norm.prepare_forward_with_backward((n, k * c), dtype)
+        if self.bn is not None:  # (N, K*C) rows, what BN takes; the bmm works on (K, N, C) views
+            self.z_out = _kn(self.bn.x, k)  # the matmul writes the BN input
+            self.g_out = _kn(self.bn.dx, k)  # dL/dz for the bmm below and the weight update
+        else:
+            self.z_out = torch.empty(k, n, c, dtype=dtype)
+        if hidden:
+            shape = (n, k * c) if self.bn is not None else (k, n, c)
+            self.a = torch.empty(shape, dtype=dtype)  # activation output
+            self.da = torch.empty(shape, dtype=dtype)  # dL/da
+            self.dz = torch.empty(shape, dtype=dtype)  # dL/d(activation input)
+            self.a_kn = _kn(self.a, k) if self.bn is not None else self.a  # next layer's input
+            self.a_t = self.a_kn.transpose(1, 2)  # its transpose, for the next weight update
+            self.da_out = _kn(self.da, k) if self.bn is not None else self.da
+
+
+def _kn(rows: torch.Tensor, k: int) -> torch.Tensor:
+    """The (K, N, C) view of (N, K*C) rows."""
+    return rows.view(rows.shape[0], k, -1).transpose(0, 1)
+
+
+class _StepWorkspace:
+    """What :meth:`StackedMLP.sgd_step` would otherwise allocate or view afresh at every step
+    (about 60 small tensor calls, a third of the step at the MNIST size): per layer the
+    pre-activation, activation and gradient buffers in the layouts the bmm calls and the BN
+    take, their transposed views, the views ``W^T`` and ``b[:, None]`` of the parameters, and the
+    norm layers' :class:`bnlab.layers.batchnorm.ExplicitBatchNorm` (their own input and output
+    buffers). Buffers are overwritten by the next step; views of parameters stay valid while
+    the parameters keep their storage, which ``StackedMLP._step_workspace`` checks every step
+    (``key``, ``objects``): ``model.double()``, a new Parameter or another batch size builds a
+    new workspace; ``load_state_dict`` copies in place and keeps it."""
+
+    key: tuple = ()
+    objects: tuple = ()
+
+    def __init__(self, model: StackedMLP, n: int, dtype: torch.dtype) -> None:
+        weights = list(model.weights)
+        biases = iter(model.biases)
+        last = len(weights) - 1
+        hidden_bias = model.norms is None
+        self.layers = [
+            _LayerWorkspace(
+                w,
+                next(biases) if hidden_bias or i == last else None,
+                None if model.norms is None or i == last else model.norms[i],
+                n,
+                dtype,
+                hidden=i < last,
+            )
+            for i, w in enumerate(weights)
+        ]
