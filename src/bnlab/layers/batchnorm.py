@@ -304,7 +304,6 @@ class _BatchNorm(nn.Module):
 
         return y, backward
 
-
     def prepare_forward_with_backward(
         self, shape: tuple[int, ...], dtype: torch.dtype | None = None
     ) -> ExplicitBatchNorm:
