@@ -504,11 +504,29 @@ def _stats_small(x, w, b, has_w, has_b, eps, stats):
 
 
 @njit(**_SERIAL)
+def _normalize_small(x, coef, relu, y):
+    """y = (x - mean) * (gamma * invstd) + beta [then max(., 0)], serial."""
+    M, C = x.shape
+    mu = coef[0]
+    a = coef[1]
+    bb = coef[2]
+    for r in range(M):
+        xr = x[r]
+        yr = y[r]
+        if relu:
+            for c in range(C):
+                v = (xr[c] - mu[c]) * a[c] + bb[c]
+                yr[c] = v if v > 0 else 0.0
+        else:
+            for c in range(C):
+                yr[c] = (xr[c] - mu[c]) * a[c] + bb[c]
+
+
+@njit(**_SERIAL)
 def train_fwd_small(x, w, b, has_w, has_b, eps, relu, y, stats):
-    """:func:`train_fwd_mc` for a small (M, C) input (at most ``SMALL`` values): serial
-    statistics in one block, then the same normalize pass as one chunk."""
+    """:func:`train_fwd_mc` for a small (M, C) input (at most ``SMALL`` values)."""
     _stats_small(x, w, b, has_w, has_b, eps, stats)
-    _normalize_mc(x, stats[3:], relu, y, x.shape[0])  # one chunk: the whole batch
+    _normalize_small(x, stats[3:], relu, y)
 
 
 @njit(**_SERIAL)
@@ -521,14 +539,13 @@ def train_fwd_commit_small(
     _stats_small(x, w, b, has_w, has_b, eps, stats)
     if not commit_stats(stats[0], stats[1], rm, rv, nbt, update, momentum, x.shape[0]):
         return False
-    _normalize_mc(x, stats[3:], relu, y, x.shape[0])
+    _normalize_small(x, stats[3:], relu, y)
     return True
 
 
 @njit(**_SERIAL)
 def backward_small(dy, x, y, relu, mean, invstd, w, has_w, train, need_sums, need_dx, dx, grads):
-    """:func:`backward_mc` for a small (M, C) input: the two sums serially in one block (no
-    scratch arrays), then the same elementwise dx pass."""
+    """:func:`backward_mc` for a small (M, C) input, serial."""
     M, C = x.shape
     sums = np.zeros((2, C), np.float64)
     if need_sums or train:
@@ -551,7 +568,22 @@ def backward_small(dy, x, y, relu, mean, invstd, w, has_w, train, need_sums, nee
     coef = np.empty((4, C), x.dtype)
     _bwd_coef(sums, mean, invstd, w, has_w, train, M, coef, grads)
     if need_dx:
-        _dx_mc(dy, x, y, relu, coef, dx)
+        mu = coef[0]
+        a = coef[1]
+        bb = coef[2]
+        d = coef[3]
+        for r in range(M):
+            xr = x[r]
+            gr = dy[r]
+            dr = dx[r]
+            if relu:
+                yr = y[r]
+                for c in range(C):
+                    g = gr[c] if yr[c] > 0 else 0.0
+                    dr[c] = a[c] * g - bb[c] * (xr[c] - mu[c]) - d[c]
+            else:
+                for c in range(C):
+                    dr[c] = a[c] * gr[c] - bb[c] * (xr[c] - mu[c]) - d[c]
 
 
 # ------------------------------------------------------------------------------- classifier head
