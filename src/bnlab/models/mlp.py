@@ -204,9 +204,9 @@ class StackedMLP(nn.Module):
         (``forward_with_backward`` on reused buffers): the same transform, kernels, checks and
         running-statistic updates as their ``forward``. Buffers and views are kept from step to
         step in a workspace (see :class:`_StepWorkspace`), rebuilt when the batch size, dtype or
-        the parameters' storage change. With
-        ``momentum``, ``velocity`` maps each parameter to its buffer (start from zeros, e.g.
-        ``{p: torch.zeros_like(p) for p in model.parameters()}``); it is updated in place.
+        the parameters' storage change. With ``momentum``, ``velocity`` maps each parameter to
+        its buffer (start from zeros, e.g. ``{p: torch.zeros_like(p) for p in
+        model.parameters()}``); it is updated in place.
         Returns the ``(K,)`` losses before the step.
         """
         if momentum and velocity is None:
