@@ -162,26 +162,6 @@ def batch_norm_eval_forward(
 
 def _backward(dy, x, mean, invstd, weight, need_dx, need_dparams, y, train):
     k = _k()
-    if (
-        x.dim() == 2
-        and x.numel() <= k.SMALL
-        and x.is_contiguous()
-        and dy.is_contiguous()
-        and (y is None or y.is_contiguous())
-        and need_dx
-    ):  # a small dense batch: the fewest tensor calls (each costs ~2 us, like the arithmetic)
-        need_sums = need_dparams and weight is not None
-        dx = torch.empty_like(x)
-        grads = torch.empty(2, x.shape[1], dtype=x.dtype)  # dgamma, dbeta
-        w, has_w = _param(weight, x.dtype)
-        xn = _np(x)
-        k.backward_small(
-            _np(dy), xn, xn if y is None else _np(y), y is not None,
-            _np(mean if mean.is_contiguous() else mean.contiguous()),
-            _np(invstd if invstd.is_contiguous() else invstd.contiguous()),
-            w, has_w, train, need_sums, True, dx.numpy(), grads.numpy(),
-        )  # fmt: skip
-        return (dx, grads[0], grads[1]) if need_sums else (dx, None, None)
     xv, kind = _kernel_view(x)
     shape = xv.shape
     dyv = _like(dy, x).view(shape) if kind == "ncs" else _kernel_view(_like(dy, x))[0]

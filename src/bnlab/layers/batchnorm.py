@@ -209,19 +209,11 @@ class _BatchNorm(nn.Module):
         """Refuse non-finite batch statistics before any buffer is touched, then (training mode
         with tracking) update the running averages; see the module docstring."""
         update = self.training and self.track_running_stats
-        if not B.commit_stats(
+        ok = B.commit_stats(
             mean, var, self.running_mean, self.running_var, self.num_batches_tracked,
             self.momentum, m, update,
-        ):  # fmt: skip
-            self._refuse(x)
-        if update and self.population_estimator is not None:  # (Module.__setattr__ is slow)
-            self.population_estimator = None  # a running average again, not a recomputed one
-
-    def _refuse(self, x: Tensor) -> None:
-        raise FloatingPointError(
-            f"{self._describe()}: non-finite batch statistics (NaN or Inf in the input of "
-            f"shape {tuple(x.shape)}); running statistics were left unchanged"
-        )
+        )  # fmt: skip
+        self._accept_batch(ok, x, update)
 
     def forward(self, x: Tensor) -> Tensor:
         self._check_input(x)
@@ -245,10 +237,14 @@ class _BatchNorm(nn.Module):
             )
 
     def _accept_batch(self, ok: bool, x: Tensor, update: bool) -> None:
-        """After a fused forward-and-commit: refuse a batch with non-finite statistics (the
-        kernel left the running buffers untouched), else note that the running averages moved."""
+        """After a running-statistics commit (``ok``: the statistics were finite): refuse a
+        non-finite batch (the commit left the running buffers untouched), else note that the
+        running averages moved."""
         if not ok:
-            self._refuse(x)
+            raise FloatingPointError(
+                f"{self._describe()}: non-finite batch statistics (NaN or Inf in the input of "
+                f"shape {tuple(x.shape)}); running statistics were left unchanged"
+            )
         if update and self.population_estimator is not None:  # (Module.__setattr__ is slow)
             self.population_estimator = None  # a running average again, not a recomputed one
 
