@@ -10,8 +10,9 @@ from torch import nn
 
 import bnlab
 from bnlab.cli import main
-from bnlab.experiments import mnist
+from bnlab.experiments import mnist, mnist_report
 from bnlab.models import MLP, StackedMLP
+from bnlab.runs import load_run
 
 
 def _separate_run(seed, norm, x, y, steps, cfg):
@@ -95,15 +96,20 @@ def quick_run(tmp_path_factory):
 
 
 def test_quick_run_produces_all_files_and_bn_wins(quick_run):
-    for name in ("config.json", "metrics.jsonl", "figure1.png", "report.md", "report.html"):
+    for name in ("config.json", "metrics.jsonl", "figure1a.png", "figure1bc.png", "report.md",
+                 "report.html"):
         assert (quick_run / name).is_file(), name
-    meta, rows = mnist.load_run(quick_run)
+    files = load_run(quick_run)
+    meta, rows = files.meta, files.rows
     assert meta["dataset"]["name"] == "mnist-5k" and meta["steps_done"] == mnist.QUICK["steps"]
     assert meta["threads"] >= 1 and "torch" in meta["versions"] and not meta["interrupted"]
-    s = mnist.summarize(meta, rows)
+    assert meta["status"] == "finished" and meta["quick"] is True
+    s = mnist_report.summarize(meta, rows)
     # threshold of the smoke test: after 800 steps BN is well above the baseline
     assert s["final"]["bn"] > 0.8
     assert s["final"]["bn"] > s["final"]["baseline"] + 0.1
+    # ... but 800 steps cannot judge claims about training to convergence
+    assert {c.verdict for c in s["claims"]} == {"not assessed"}
     steps = sorted({r["step"] for r in rows})
     assert steps[0] == 0 and steps[-1] == mnist.QUICK["steps"]
     assert len(rows) == len(steps) * 2 * mnist.QUICK["seeds"]
@@ -111,26 +117,27 @@ def test_quick_run_produces_all_files_and_bn_wins(quick_run):
     assert len(row["tracked_pct"]) == 3 and len(row["unit_pct"]) == 100
     assert row["tracked_pct"][0] <= row["tracked_pct"][1] <= row["tracked_pct"][2]
     html = (quick_run / "report.html").read_text()
-    assert "data:image/png;base64," in html and "Claim checks" in html
-    assert "<img" in html and "src='figure1.png'" not in html  # self-contained
+    assert "data:image/png;base64," in html and "Claims" in html and "Smoke run" in html
+    assert "<img" in html and "src='figure1" not in html  # self-contained
+    assert "mnist-5k, 4,000 train" in html  # the data set difference is in the table headers
+    assert "`" not in html and "False" not in html  # no raw markup or Python values
 
 
 def test_report_rebuilds_identically_from_files(quick_run):
     md_before = (quick_run / "report.md").read_text()
     (quick_run / "report.md").unlink()
-    (quick_run / "figure1.png").unlink()
+    (quick_run / "figure1a.png").unlink()
     assert main(["report", str(quick_run)]) == 0
     assert (quick_run / "report.md").read_text() == md_before
-    assert (quick_run / "figure1.png").is_file()
+    assert (quick_run / "figure1a.png").is_file()
 
 
-def test_claims_computed_from_hand_made_metrics(tmp_path):
-    """summarize() on metrics written by hand: verdicts follow the definitions."""
-    meta = {"experiment": "mnist"}
+def _hand_made_rows(last_step: int) -> list[dict]:
     rows = []
-    for step in range(0, 1001, 100):
-        for net, acc in (("baseline", 0.5 + step / 4000), ("bn", 0.9 + step / 20000)):
-            wobble = (step / 100) % 2 if net == "baseline" else 0.0
+    for step in range(0, last_step + 1, last_step // 10):
+        for net, acc in (("baseline", 0.5 + step / (4 * last_step)),
+                         ("bn", 0.9 + step / (20 * last_step))):
+            wobble = (step // (last_step // 10)) % 2 if net == "baseline" else 0.0
             rows.append(
                 {
                     "step": step,
@@ -141,26 +148,42 @@ def test_claims_computed_from_hand_made_metrics(tmp_path):
                     "unit_pct": [[-1 - wobble, wobble, 1 + 2 * wobble]] * 3,
                 }
             )
-    s = mnist.summarize(meta, rows)
-    c1, c2, c3a, c3b = s["claims"]
-    assert c1["holds"] and c2["holds"] and c3a["holds"] and c3b["holds"]
+    return rows
+
+
+def test_claims_computed_from_hand_made_metrics():
+    """summarize() on metrics written by hand: verdicts follow the definitions."""
+    meta = {"experiment": "mnist"}
+    rows = _hand_made_rows(20_000)
+    s = mnist_report.summarize(meta, rows)
+    assert [c.verdict for c in s["claims"]] == ["holds"] * 4
     assert s["final"]["baseline"] == pytest.approx(0.75)
     assert s["stability"]["baseline"]["tracked_median_range"] == pytest.approx(1.0)
     assert s["stability"]["baseline"]["tracked_spread_range"] == pytest.approx(3.0)
     assert s["stability"]["bn"]["tracked_spread_range"] == pytest.approx(0.0)
     # swap the roles: every claim must now fail
     swapped = [dict(r, net="bn" if r["net"] == "baseline" else "baseline") for r in rows]
-    assert not any(c["holds"] for c in mnist.summarize(meta, swapped)["claims"])
+    assert [c.verdict for c in mnist_report.summarize(meta, swapped)["claims"]] == ["fails"] * 4
+    # too short a run: not assessed, whatever the numbers
+    short = mnist_report.summarize(meta, _hand_made_rows(5_000))["claims"]
+    assert {c.verdict for c in short} == {"not assessed"}
 
 
-def test_bad_run_dir_and_bad_metrics(tmp_path):
+def test_claim_2_is_not_assessed_while_the_baseline_is_at_chance():
+    rows = [dict(r, test_acc=0.1) if r["net"] == "baseline" else r
+            for r in _hand_made_rows(20_000)]
+    c2 = mnist_report.summarize({}, rows)["claims"][1]
+    assert c2.verdict == "not assessed" and "near chance" in c2.note
+
+
+def test_bad_run_dir_and_bad_metrics(tmp_path, capsys):
     with pytest.raises(FileNotFoundError, match="config.json"):
-        mnist.load_run(tmp_path)
+        load_run(tmp_path)
     (tmp_path / "config.json").write_text(json.dumps({"experiment": "mnist"}))
     (tmp_path / "metrics.jsonl").write_text("{not json\n")
-    with pytest.raises(ValueError, match="line 1"):
-        mnist.load_run(tmp_path)
     assert main(["report", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "mnist report needs" in err and "Traceback" not in err
 
 
 def test_cli_list_and_flag_types(capsys):
@@ -168,6 +191,31 @@ def test_cli_list_and_flag_types(capsys):
     assert "mnist" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         main(["run", "mnist", "--steps", "many"])
+    with pytest.raises(SystemExit):
+        main(["run", "mnist", "--dataset", "imagenet"])
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--lr", "nan"], "--lr must be a finite number"),
+        (["--init-std", "nan"], "--init-std must be a finite number"),
+        (["--momentum", "nan"], "--momentum must be a finite number"),
+        (["--bn-eps", "0"], "--bn-eps must be > 0"),
+        (["--bn-momentum", "5"], "--bn-momentum must be <= 1"),
+        (["--eval-batch", "0"], "--eval-batch must be >= 1"),
+        (["--eval-batch", "-5"], "--eval-batch must be >= 1"),
+        (["--threads", "-1"], "--threads must be >= 0"),
+        (["--eval-batch", "5000"], "--eval-batch 5000 is larger than the 1,000 test images"),
+        (["--batch-size", "5000"], "--batch-size 5000 is larger than the 4,000 training"),
+    ],
+)
+def test_bad_flags_are_refused_with_the_flag_named(tmp_path, capsys, flags, message):
+    out = tmp_path / "run"
+    assert main(["run", "mnist", "--quick", "--out", str(out), "--no-progress", *flags]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+    assert not out.exists()
 
 
 def test_one_process_per_variant_gives_the_same_numbers(tmp_path):
@@ -176,7 +224,8 @@ def test_one_process_per_variant_gives_the_same_numbers(tmp_path):
     assert main([*base, "--workers", "2", "--out", str(tmp_path / "w2")]) == 0
     rows = {}
     for w in ("w1", "w2"):
-        meta, r = mnist.load_run(tmp_path / w)
+        files = load_run(tmp_path / w)
+        meta, r = files.meta, files.rows
         rows[w] = sorted(r, key=lambda x: (x["step"], x["net"], x["seed"]))
         assert meta["processes"] == int(w[1])
     assert len(rows["w1"]) == len(rows["w2"]) == 3 * 2 * 2

@@ -1,24 +1,47 @@
-"""Experiments: one module per paper figure or table; each module's docstring states its claim.
-
-Each module provides ``NAME``, ``DESCRIPTION``, a config dataclass, ``run(config, out_dir)``,
-``QUICK`` (overrides for a smoke run), and the analysis its report needs.
-"""
+"""Experiments: one module per paper figure or table, each registering an
+:class:`~bnlab.experiments.protocol.Experiment` (name, description, config dataclass, quick
+overrides, ``run``, ``report``). ``bnlab run``, ``bnlab list`` and ``bnlab report`` work from the
+registry only; see :mod:`bnlab.experiments.protocol` and docs/architecture.md."""
 
 from __future__ import annotations
 
-from types import ModuleType
+from .protocol import (
+    EXPERIMENTS,
+    Experiment,
+    execute,
+    get_experiment,
+    register,
+    unregister,
+    validate_config,
+)
 
-from . import mnist
-
-EXPERIMENTS: dict[str, ModuleType] = {mnist.NAME: mnist}
-
-__all__ = ["EXPERIMENTS", "get_experiment"]
+# The built-in experiments register themselves on import.
+from . import mnist  # noqa: E402, F401  isort: skip
 
 
-def get_experiment(name: str) -> ModuleType:
-    try:
-        return EXPERIMENTS[name]
-    except KeyError:
-        raise ValueError(
-            f"unknown experiment {name!r}; known: {', '.join(sorted(EXPERIMENTS))}"
-        ) from None
+def load_plugins() -> list[str]:
+    """Import the modules named in ``$BNLAB_EXPERIMENTS`` (comma-separated), which register
+    experiments of their own; returns their names. An experiment defined outside bnlab then
+    runs, lists and reports through the same commands."""
+    import importlib
+    import os
+
+    names = [n.strip() for n in os.environ.get("BNLAB_EXPERIMENTS", "").split(",") if n.strip()]
+    for name in names:
+        try:
+            importlib.import_module(name)
+        except ImportError as exc:
+            raise ValueError(f"BNLAB_EXPERIMENTS names {name!r}, which cannot be imported: "
+                             f"{exc}") from exc
+    return names
+
+__all__ = [
+    "EXPERIMENTS",
+    "Experiment",
+    "execute",
+    "get_experiment",
+    "load_plugins",
+    "register",
+    "unregister",
+    "validate_config",
+]

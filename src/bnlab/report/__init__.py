@@ -1,5 +1,6 @@
 """Figures and reports, built from a run directory's files only (no retraining)."""
 
-from .report import build_report
+from .content import Claim, Figure, Section, Summary, Table
+from .report import build_report, write_report
 
-__all__ = ["build_report"]
+__all__ = ["Claim", "Figure", "Section", "Summary", "Table", "build_report", "write_report"]

@@ -1,64 +1,74 @@
-"""Metrics files -> PNG figures (matplotlib, Agg backend: no display needed)."""
+"""Plotting helpers shared by the experiments' figures (matplotlib, Agg backend: no display).
+
+Figures are sized for the report's page width (about 11 inches at 110 dpi, 1,200 pixels) with
+fonts that stay legible there; every experiment draws its own figures from its run's files with
+these helpers, so the reports look alike.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
-import torch  # noqa: E402
+import numpy as np  # noqa: E402
 
-__all__ = ["figure1"]
+__all__ = ["COLORS", "style", "figure", "band", "save", "plt"]
 
-COLORS = {"baseline": "#d62728", "bn": "#1f77b4"}
-LABELS = {"baseline": "Without BN", "bn": "With BN"}
+#: Colours for the usual roles (colour-blind safe pairs from the tab10 palette).
+COLORS = {
+    "baseline": "#d62728",
+    "bn": "#1f77b4",
+    "paper": "#555555",
+}
+
+_STYLE = {
+    "font.size": 11,
+    "axes.titlesize": 12,
+    "axes.labelsize": 11,
+    "legend.fontsize": 10,
+    "xtick.labelsize": 10,
+    "ytick.labelsize": 10,
+    "axes.grid": True,
+    "grid.alpha": 0.3,
+    "axes.spines.top": False,
+    "axes.spines.right": False,
+}
 
 
-def figure1(summary: dict, pct: dict, out: Path, tracked_unit: int, paper: dict) -> Path:
-    """Three panels like the paper's Figure 1: (a) test accuracy vs steps, seed mean with a
-    min-max band and the paper's read-off points; (b, c) 15/50/85th percentiles of the tracked
-    sigmoid input without and with BN (first seed)."""
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
-    ax = axes[0]
-    steps = summary["steps"]
-    for net in ("baseline", "bn"):
-        a = summary["acc"][net]  # (E, K)
-        ax.plot(steps, a.mean(1), color=COLORS[net], label=f"{LABELS[net]} (bnlab)")
-        ax.fill_between(steps, a.amin(1), a.amax(1), color=COLORS[net], alpha=0.2, lw=0)
-        ps = sorted(paper[net])
-        ax.plot(
-            ps,
-            [paper[net][s] for s in ps],
-            "o--",
-            color=COLORS[net],
-            alpha=0.6,
-            ms=4,
-            label=f"{LABELS[net]} (paper, read off)",
-        )
-    lo = float(min(summary["acc"]["bn"][len(steps) // 10 :].min(), 0.9)) if steps else 0.0
-    ax.set_ylim(max(0.0, lo - 0.05), 1.0)
-    ax.set_xlabel("training step")
-    ax.set_ylabel("test accuracy")
-    ax.set_title("(a) test accuracy (band: min-max over seeds)")
-    ax.legend(fontsize=8, loc="lower right")
-    ax.grid(alpha=0.3)
-    for ax, net, tag in ((axes[1], "baseline", "(b)"), (axes[2], "bn", "(c)")):
-        s, p = pct[net]  # steps, (E, K, 3)
-        for q, style in zip(range(3), (":", "-", ":"), strict=True):
-            ax.plot(s, p[:, 0, q], style, color=COLORS[net], lw=1.5 if q == 1 else 1)
-        ax.set_title(
-            f"{tag} {LABELS[net]}: sigmoid input of unit {tracked_unit} (15/50/85th pct)",
-            fontsize=9,
-        )
-        ax.set_xlabel("training step")
-        ax.grid(alpha=0.3)
-    lim = max(float(torch.cat([pct[n][1][:, 0].flatten() for n in pct]).abs().max()), 1.0)
-    for ax in axes[1:]:
-        ax.set_ylim(-lim * 1.05, lim * 1.05)
+def style():
+    """The reports' matplotlib style, as a context: ``with style(): fig, axes = figure(2)``."""
+    return plt.rc_context(_STYLE)
+
+
+def figure(ncols: int = 1, nrows: int = 1, width: float = 11.0, height: float = 4.2,
+           **kwargs):
+    """``(fig, axes)`` (``axes`` a flat list), ``height`` per row; draw inside
+    :func:`style` so titles, labels and ticks get the reports' sizes."""
+    fig, axes = plt.subplots(nrows, ncols, figsize=(width, height * nrows), squeeze=False,
+                             **kwargs)
+    return fig, list(axes.flat)
+
+
+def band(ax, x: Sequence[float], values, color: str, label: str | None = None, **kwargs):
+    """Plot the mean over seeds of ``values`` (``(len(x), seeds)``) against ``x``, with a
+    min-max band over seeds."""
+    v = np.asarray(values, dtype=float)
+    if v.ndim == 1:
+        v = v[:, None]
+    (line,) = ax.plot(x, v.mean(1), color=color, label=label, **kwargs)
+    if v.shape[1] > 1:
+        ax.fill_between(x, v.min(1), v.max(1), color=color, alpha=0.18, lw=0)
+    return line
+
+
+def save(fig, path: str | Path, dpi: int = 110) -> Path:
+    """Lay out, write ``path`` (PNG) and close the figure."""
+    path = Path(path)
     fig.tight_layout()
-    out = Path(out)
-    fig.savefig(out, dpi=110)
+    fig.savefig(path, dpi=dpi)
     plt.close(fig)
-    return out
+    return path

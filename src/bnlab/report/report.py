@@ -1,153 +1,291 @@
-"""Run directory -> ``figure1.png``, ``report.md`` and a self-contained ``report.html``.
+"""Run directory -> ``report.md`` and a self-contained ``report.html``, for any experiment.
 
-Reads only ``config.json`` and ``metrics.jsonl``, so ``bnlab report RUN_DIR`` rebuilds the same
-report without retraining.
+:func:`build_report` reads the run's ``config.json`` to find the experiment, asks it for its
+:class:`~bnlab.report.content.Summary` (built from the run's files only, figures included), and
+renders it: title, caveats, headline, then each section (figures first, each with a line on what
+to look for; then text, tables and claim verdicts), then the setup (config, data, versions,
+threads, timing). ``bnlab report DIR`` rebuilds the same report without retraining.
 """
 
 from __future__ import annotations
 
 import base64
 import html
+import re
 from pathlib import Path
+from typing import Any
 
-__all__ = ["build_report"]
+from .._fileutil import atomic_write_text
+from ..runs import RunFiles, load_run
+from .content import Claim, Figure, Summary, Table
 
+__all__ = ["build_report", "write_report", "summarize_run", "render_markdown", "render_html",
+           "inline_html"]
 
-def _fmt(x: float | None, digits: int = 3) -> str:
-    return "n/a" if x is None else f"{x:.{digits}f}"
-
-
-def _md_table(header: list[str], rows: list[list[str]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(r) + " |" for r in rows]
-    return "\n".join(lines)
+_VERDICT_STYLE = {"holds": "holds", "fails": "fails", "not assessed": "na"}
 
 
-def _mnist_sections(run_dir: Path, meta: dict, rows: list[dict]) -> tuple[str, list, list]:
-    from ..experiments import mnist
-    from .plots import figure1
-
-    summary = mnist.summarize(meta, rows)
-    # panels (b, c): evaluations after training started
-    pct = {net: mnist.trained_series(rows, net, "tracked_pct") for net in mnist.NETS}
-    cfg = meta["config"]
-    fig = figure1(summary, pct, run_dir / "figure1.png", cfg["tracked_unit"], mnist.PAPER)
-    ds = meta["dataset"]
-    title = "MNIST, Figure 1 of Ioffe & Szegedy (2015): BN vs no BN on a sigmoid MLP"
-    intro = [
-        f"Dataset: **{ds['name']}** ({ds['train']} train / {ds['test']} test images). "
-        + (ds.get("note") or ""),
-        f"Network: 784-100-100-100-10, sigmoid, {meta['config']['seeds']} seeds "
-        f"{meta['seeds']}; SGD lr {cfg['lr']}, momentum {cfg['momentum']}, batch "
-        f"{cfg['batch_size']}, init N(0, {cfg['init_std']}^2), {meta.get('steps_done', '?')} of "
-        f"{cfg['steps']} steps"
-        + (" (**interrupted**)" if meta.get("interrupted") else "")
-        + f"; binarized input: {cfg['binarize']}.",
-        f"Wall time {meta.get('wall_time_s', '?')} s ({meta.get('steps_per_s', '?')} steps/s for "
-        f"all {2 * cfg['seeds']} networks), {meta.get('processes', 1)} process(es) x "
-        f"{meta['threads']} thread(s); versions "
-        + ", ".join(f"{k} {v}" for k, v in meta["versions"].items())
-        + ".",
-        f"Final test accuracy (seed mean): BN {summary['final']['bn']:.4f}, baseline "
-        f"{summary['final']['baseline']:.4f}.",
-    ]
-    table = (
-        ["step", "paper: BN", "bnlab: BN", "paper: no BN", "bnlab: no BN"],
-        [
-            [
-                f"{r['step']:,}",
-                _fmt(r["paper_bn"]),
-                _fmt(r["bnlab_bn"]),
-                _fmt(r["paper_baseline"]),
-                _fmt(r["bnlab_baseline"]),
-            ]
-            for r in summary["paper_table"]
-        ],
+def inline_html(text: str) -> str:
+    """Escape ``text`` for HTML and render the inline markup of
+    :mod:`bnlab.report.content` (bold, emphasis, code, links)."""
+    out = html.escape(str(text), quote=True)
+    out = re.sub(r"`([^`]+)`", r"<code>\1</code>", out)
+    out = re.sub(r"\*\*([^*]+)\*\*", r"<strong>\1</strong>", out)
+    out = re.sub(r"(?<![\w*])\*([^*\s][^*]*)\*(?![\w*])", r"<em>\1</em>", out)
+    out = re.sub(
+        r"\[([^\]]+)\]\(((?:https?://|\.{0,2}/|#)[^)\s]*|[\w./-]+)\)",
+        lambda m: f'<a href="{m.group(2)}">{m.group(1)}</a>',
+        out,
     )
-    claims = summary["claims"]
-    note = (
-        "Paper values are read off Figure 1(a) (approximate) and were measured on the full "
-        "60,000-image MNIST; 'n/a' where this run has no evaluation at that step."
+    return out
+
+
+def _md_cell(text: str) -> str:
+    return str(text).replace("|", "\\|").replace("\n", " ")
+
+
+def _md_table(t: Table) -> list[str]:
+    lines = [f"**{t.title}**", ""] if t.title else []
+    lines.append("| " + " | ".join(_md_cell(h) for h in t.header) + " |")
+    lines.append("|" + "---|" * len(t.header))
+    lines += ["| " + " | ".join(_md_cell(c) for c in r) + " |" for r in t.rows]
+    if t.note:
+        lines += ["", f"*{t.note}*"]
+    return lines + [""]
+
+
+def _setup_lines(files: RunFiles) -> list[str]:
+    """What every report states about how the run was made (from config.json)."""
+    m = files.meta
+    lines = []
+    status = m.get("status", "?")
+    steps = ""
+    if m.get("steps_done") is not None and isinstance(files.config.get("steps"), int):
+        steps = f", {m['steps_done']:,} of {files.config['steps']:,} steps"
+    lines.append(
+        f"Status: **{status}**{steps}; wall time {m.get('wall_time_s', '?')} s; started "
+        f"{m.get('started', '?')}, ended {m.get('finished', '?')}."
     )
+    if m.get("command"):
+        lines.append(f"Command: `{m['command']}`")
+    threads = m.get("threads", "?")
+    procs = m.get("processes")
+    lines.append(
+        f"Machine: {m.get('cpu', '?')}; "
+        + (f"{procs} process(es) x {threads} thread(s)" if procs else f"{threads} thread(s)")
+        + "; versions "
+        + ", ".join(f"{k} {v}" for k, v in (m.get("versions") or {}).items())
+        + "."
+    )
+    ds = m.get("dataset")
+    if isinstance(ds, dict) and ds.get("name"):
+        lines.append(
+            f"Data: {ds['name']} ({ds.get('train', '?'):,} train / {ds.get('test', '?'):,} test)"
+            if isinstance(ds.get("train"), int) and isinstance(ds.get("test"), int)
+            else f"Data: {ds['name']}"
+        )
+    if files.config:
+        lines.append(
+            "Config: " + ", ".join(f"`{k}={_fmt_value(v)}`" for k, v in files.config.items())
+        )
+    return lines
+
+
+def _fmt_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if v is None:
+        return "none"
+    return str(v)
+
+
+def _caveats(files: RunFiles, summary: Summary) -> list[str]:
+    m = files.meta
+    out = []
+    if m.get("quick"):
+        out.append(
+            "**Smoke run (`--quick`)**: a few steps to check that everything works. Its numbers "
+            "say nothing about the claims; run without `--quick` for the real experiment."
+        )
+    status = m.get("status")
+    if status == "interrupted":
+        out.append(
+            "**Interrupted** (Ctrl-C): this report shows what was measured up to then; "
+            f"`bnlab run {m.get('experiment', 'NAME')} --resume {files.path}` continues the run."
+        )
+    elif status == "failed":
+        out.append(f"**The run failed**: {m.get('error', 'see the terminal output')}.")
+    elif status == "running":
+        out.append("**The run has not ended** (still running, or killed): numbers are partial.")
+    out += summary.caveats
+    out += [f"While reading the run's files: {w}." for w in files.warnings]
+    return out
+
+
+def render_markdown(files: RunFiles, summary: Summary) -> str:
+    """The report as Markdown (figures linked by file name)."""
+    md = [f"# {summary.title}", ""]
+    desc = files.meta.get("description")
+    if desc:
+        md += [f"*{desc}*", ""]
+    for c in _caveats(files, summary):
+        md.append(f"> {c}")
+        md.append(">")
+    if md[-1] == ">":
+        md[-1] = ""
+    if summary.headline:
+        md += [f"- {h}" for h in summary.headline] + [""]
+    for sec in summary.sections:
+        md += [f"## {sec.heading}", ""]
+        for f in sec.figures:
+            md += [f"![{f.title}]({f.file})", "", f"**{f.title}.** {f.look_for}".rstrip(), ""]
+        for p in sec.text:
+            md += [p, ""]
+        for t in sec.tables:
+            md += _md_table(t)
+        if sec.claims:
+            md += _md_table(_claims_table(sec.claims))
+    md += ["## Setup", ""] + [f"- {line}" for line in summary.setup + _setup_lines(files)] + [""]
+    return "\n".join(md)
+
+
+def _claims_table(claims: list[Claim]) -> Table:
+    """The claims as a table; a note every claim shares goes under the table, once."""
+    with_paper = any(c.paper for c in claims)
+    notes = {c.note for c in claims}
+    shared = notes.pop() if len(notes) == 1 and len(claims) > 1 else ""
+    header = ["#", "claim", "measured", "verdict"] + (["paper"] if with_paper else [])
+    rows = [
+        [c.id, c.claim,
+         c.measured + (f" *({c.note})*" if c.note and not shared else ""), c.verdict]
+        + ([c.paper] if with_paper else [])
+        for c in claims
+    ]  # fmt: skip
+    return Table("", header, rows, f"Not assessed: {shared}." if shared else "")
+
+
+_CSS = """
+body{font-family:system-ui,-apple-system,'Segoe UI',sans-serif;max-width:1120px;margin:2em auto;
+padding:0 1.2em;line-height:1.5;color:#222}
+h1{font-size:1.7em;margin-bottom:.2em}h2{margin-top:1.8em;border-bottom:1px solid #ddd;
+padding-bottom:.2em}.desc{color:#555;margin-top:0}
+.caveat{background:#fff6dd;border-left:4px solid #e0a800;padding:.6em 1em;margin:.6em 0}
+.headline{background:#f4f7fb;border-radius:6px;padding:.6em 1.2em}
+figure{margin:1em 0 1.6em}figure img{max-width:100%;height:auto;border:1px solid #eee}
+figcaption{margin-top:.3em}figcaption .look{color:#444}
+table{border-collapse:collapse;margin:.6em 0;font-size:.95em}
+td,th{border:1px solid #ccc;padding:4px 9px;vertical-align:top;text-align:left}
+th{background:#f3f3f3}caption{text-align:left;font-weight:bold;padding:.3em 0}
+.note{color:#555;font-size:.92em;margin-top:.2em}
+.verdict{font-weight:bold;white-space:nowrap;padding:1px 7px;border-radius:4px}
+.v-holds{background:#dff3e4;color:#17692d}.v-fails{background:#fbe0e0;color:#a11}
+.v-na{background:#eee;color:#555}
+code{background:#f2f2f2;padding:0 3px;border-radius:3px;font-size:.92em}
+.setup li{margin:.2em 0}
+"""
+
+
+def _html_table(t: Table, verdict_col: int | None = None) -> str:
+    parts = ["<table>"]
+    if t.title:
+        parts.append(f"<caption>{inline_html(t.title)}</caption>")
+    parts.append("<tr>" + "".join(f"<th>{inline_html(h)}</th>" for h in t.header) + "</tr>")
+    for r in t.rows:
+        cells = []
+        for i, c in enumerate(r):
+            if i == verdict_col:
+                cls = _VERDICT_STYLE.get(str(c), "na")
+                cells.append(f"<td><span class='verdict v-{cls}'>{html.escape(str(c))}</span></td>")
+            else:
+                cells.append(f"<td>{inline_html(c)}</td>")
+        parts.append("<tr>" + "".join(cells) + "</tr>")
+    parts.append("</table>")
+    if t.note:
+        parts.append(f"<p class='note'>{inline_html(t.note)}</p>")
+    return "".join(parts)
+
+
+def _html_figure(run_dir: Path, f: Figure) -> str:
+    path = run_dir / f.file
+    if not path.is_file():
+        return f"<p class='caveat'>Figure {html.escape(f.file)} is missing.</p>"
+    data = base64.b64encode(path.read_bytes()).decode("ascii")
+    look = f" <span class='look'>{inline_html(f.look_for)}</span>" if f.look_for else ""
     return (
-        title,
-        [("Setup", intro), ("Paper vs bnlab (test accuracy, seed mean)", (table, note))],
-        [("claims", claims), ("figure", fig)],
+        f"<figure><img alt='{html.escape(f.title, quote=True)}' "
+        f"src='data:image/png;base64,{data}'><figcaption><strong>{inline_html(f.title)}.</strong>"
+        f"{look}</figcaption></figure>"
     )
+
+
+def render_html(files: RunFiles, summary: Summary) -> str:
+    """The report as one self-contained HTML page (figures embedded as base64 PNG)."""
+    h = [f"<h1>{inline_html(summary.title)}</h1>"]
+    desc = files.meta.get("description")
+    if desc:
+        h.append(f"<p class='desc'>{inline_html(desc)}</p>")
+    h += [f"<div class='caveat'>{inline_html(c)}</div>" for c in _caveats(files, summary)]
+    if summary.headline:
+        h.append(
+            "<div class='headline'><ul>"
+            + "".join(f"<li>{inline_html(x)}</li>" for x in summary.headline)
+            + "</ul></div>"
+        )
+    for sec in summary.sections:
+        h.append(f"<h2>{inline_html(sec.heading)}</h2>")
+        h += [_html_figure(files.path, f) for f in sec.figures]
+        h += [f"<p>{inline_html(p)}</p>" for p in sec.text]
+        h += [_html_table(t) for t in sec.tables]
+        if sec.claims:
+            h.append(_html_table(_claims_table(sec.claims), verdict_col=3))
+    h.append("<h2>Setup</h2><ul class='setup'>")
+    h += [f"<li>{inline_html(line)}</li>" for line in summary.setup + _setup_lines(files)]
+    h.append("</ul>")
+    return (
+        "<!doctype html><html lang='en'><head><meta charset='utf-8'>"
+        "<meta name='viewport' content='width=device-width, initial-scale=1'>"
+        f"<title>{html.escape(summary.title)}</title><style>{_CSS}</style></head><body>\n"
+        + "\n".join(h)
+        + "\n</body></html>\n"
+    )
+
+
+def summarize_run(files: RunFiles) -> Summary:
+    """The experiment's summary of a loaded run (figures written into the run directory).
+    ValueError naming the run when the experiment is unknown or the files lack what its report
+    needs."""
+    from ..experiments import get_experiment
+
+    name = files.meta.get("experiment")
+    if not isinstance(name, str):
+        raise ValueError(f"{files.path / 'config.json'} names no experiment")
+    exp = get_experiment(name)
+    try:
+        summary = exp.report(files)
+    except (KeyError, TypeError, IndexError, ValueError, ZeroDivisionError) as exc:
+        raise ValueError(
+            f"report: the files of {files.path} do not hold what the {name} report needs "
+            f"({type(exc).__name__}: {exc})"
+        ) from exc
+    if not isinstance(summary, Summary):
+        raise TypeError(f"experiment {name!r}: report() returned {type(summary).__name__}, "
+                        "not a Summary")
+    return summary
+
+
+def write_report(run_dir: Path | str) -> tuple[Summary, Path, Path]:
+    """Rebuild the figures and both reports of a run directory; returns the summary and the
+    paths of report.md and report.html."""
+    files = load_run(run_dir)
+    summary = summarize_run(files)
+    md_path, html_path = files.path / "report.md", files.path / "report.html"
+    atomic_write_text(md_path, render_markdown(files, summary))
+    atomic_write_text(html_path, render_html(files, summary))
+    return summary, md_path, html_path
 
 
 def build_report(run_dir: Path | str) -> tuple[Path, Path]:
-    """Rebuild the figure and both reports of a run directory; returns (report.md, report.html)."""
-    from ..experiments import mnist
-
-    run_dir = Path(run_dir)
-    meta, rows = mnist.load_run(run_dir)
-    if meta.get("experiment") != mnist.NAME:
-        raise ValueError(
-            f"report: {run_dir} holds experiment {meta.get('experiment')!r}, which has no report"
-        )
-    title, sections, extras = _mnist_sections(run_dir, meta, rows)
-    claims = dict(extras)["claims"]
-    fig: Path = dict(extras)["figure"]
-
-    md = [f"# {title}", ""]
-    h = [f"<h1>{html.escape(title)}</h1>"]
-    for heading, body in sections:
-        md += [f"## {heading}", ""]
-        h.append(f"<h2>{html.escape(heading)}</h2>")
-        if isinstance(body, tuple):
-            (header, trows), note = body
-            md += [_md_table(header, trows), "", note, ""]
-            h.append(
-                "<table><tr>"
-                + "".join(f"<th>{html.escape(c)}</th>" for c in header)
-                + "</tr>"
-                + "".join(
-                    "<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>"
-                    for r in trows
-                )
-                + "</table>"
-            )
-            h.append(f"<p><em>{html.escape(note)}</em></p>")
-        else:
-            md += [f"- {line}" for line in body] + [""]
-            h.append(
-                "<ul>"
-                + "".join(f"<li>{html.escape(line).replace('**', '')}</li>" for line in body)
-                + "</ul>"
-            )
-    md += ["## Claim checks", ""]
-    h.append(
-        "<h2>Claim checks</h2><table><tr><th>#</th><th>claim</th><th>measured</th>"
-        "<th>verdict</th></tr>"
-    )
-    for c in claims:
-        i = c["id"]
-        verdict = "holds" if c["holds"] else "fails"
-        md.append(f"- ({i}) **{verdict}**: {c['claim']}. Measured: {c['measured']}.")
-        color = "#2a7" if c["holds"] else "#c33"
-        h.append(
-            f"<tr><td>{i}</td><td>{html.escape(c['claim'])}</td>"
-            f"<td>{html.escape(c['measured'])}</td>"
-            f"<td style='color:{color};font-weight:bold'>{verdict}</td></tr>"
-        )
-    h.append("</table>")
-    md += ["", "## Figure 1", "", f"![Figure 1]({fig.name})", ""]
-    png = base64.b64encode(fig.read_bytes()).decode("ascii")
-    h.append(
-        f"<h2>Figure 1</h2><img alt='Figure 1' style='max-width:100%' "
-        f"src='data:image/png;base64,{png}'>"
-    )
-    md_path, html_path = run_dir / "report.md", run_dir / "report.html"
-    md_path.write_text("\n".join(md))
-    style = (
-        "body{font-family:sans-serif;max-width:1100px;margin:2em auto;line-height:1.4}"
-        "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:4px 8px}"
-    )
-    html_path.write_text(
-        "<!doctype html><html><head><meta charset='utf-8'>"
-        f"<title>{html.escape(title)}</title><style>{style}</style></head><body>"
-        + "\n".join(h)
-        + "</body></html>"
-    )
+    """Rebuild the figures and both reports of a run directory; returns (report.md,
+    report.html)."""
+    _, md_path, html_path = write_report(run_dir)
     return md_path, html_path
