@@ -1,7 +1,16 @@
-"""bnlab normalization layers (``nn.Module``s owning state and mode)."""
+"""bnlab normalization layers (``nn.Module``s owning state and mode) and the ``norm=`` registry
+models are built from."""
 
 from .batchnorm import BatchNorm1d, BatchNorm2d, BatchNorm3d, name_layers
-from .registry import LAYERS, get_layer, register_layer
+from .registry import (
+    LAYERS,
+    NORMS,
+    get_layer,
+    make_norm,
+    norm_names,
+    register_layer,
+    register_norm,
+)
 
 __all__ = [
     "BatchNorm1d",
@@ -9,6 +18,10 @@ __all__ = [
     "BatchNorm3d",
     "name_layers",
     "LAYERS",
+    "NORMS",
     "get_layer",
+    "make_norm",
+    "norm_names",
     "register_layer",
+    "register_norm",
 ]

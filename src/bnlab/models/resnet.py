@@ -4,9 +4,11 @@ normalization layer after every convolution (Ioffe & Szegedy 2015, section 3.2: 
 Where the shape changes, the shortcut is He et al.'s CIFAR "option A" by default (stride-2
 subsampling, new channels zero: no parameters) or ``shortcut="B"``, a strided 1x1 conv + norm.
 
-``norm`` is a registry name (:func:`bnlab.layers.get_layer`), e.g. ``"batchnorm2d"``, or None.
-With ``fuse_relu=True`` the norm layers followed by a ReLU are built as ``norm(c,
-activation="relu")`` (bnlab's fused BN+ReLU) instead of norm + ``nn.ReLU``.
+``norm`` is a normalization family (:func:`bnlab.layers.make_norm`: ``"bn"``, ``"none"``, ...;
+the layer names ``"batchnorm2d"`` work too), or None. With ``fuse_relu=True`` the norm layers
+followed by a ReLU are built as ``norm(c, activation="relu")`` (bnlab's fused BN+ReLU) instead of
+norm + ``nn.ReLU``. ``in_channels`` is 3 for CIFAR, 1 for (Fashion-)MNIST; any square input of
+at least 8x8 works (global average pooling at the end).
 """
 
 from __future__ import annotations
@@ -15,19 +17,19 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..layers import get_layer, name_layers
+from ..layers import make_norm, name_layers
 
 __all__ = ["ResNetCifar", "resnet20", "resnet110"]
 
 
 def _norm_act(norm: str | None, c: int, relu: bool, fuse: bool) -> list[nn.Module]:
     """[norm, ReLU] as modules: fused into one layer when asked, identity when norm is None."""
-    if norm is None:
+    layer = make_norm(norm, c, 2, activation="relu") if relu and fuse else make_norm(norm, c, 2)
+    if layer is None:
         return [nn.ReLU()] if relu else []
-    cls = get_layer(norm)
     if relu and fuse:
-        return [cls(c, activation="relu")]
-    return [cls(c), nn.ReLU()] if relu else [cls(c)]
+        return [layer]
+    return [layer, nn.ReLU()] if relu else [layer]
 
 
 class BasicBlock(nn.Module):
@@ -37,7 +39,8 @@ class BasicBlock(nn.Module):
         self, cin: int, cout: int, stride: int, norm: str | None, fuse: bool, shortcut: str = "A"
     ) -> None:
         super().__init__()
-        bias = norm is None
+        bias = norm is None or norm == "none"
+        self.stride = stride
         self.body = nn.Sequential(
             nn.Conv2d(cin, cout, 3, stride, 1, bias=bias),
             *_norm_act(norm, cout, True, fuse),
@@ -52,7 +55,7 @@ class BasicBlock(nn.Module):
                     nn.Conv2d(cin, cout, 1, stride, bias=bias), *_norm_act(norm, cout, False, fuse)
                 )
             else:
-                self.pad, self.stride = cout - cin, stride
+                self.pad = cout - cin
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         short = self.shortcut(x)
@@ -63,15 +66,16 @@ class BasicBlock(nn.Module):
 
 
 class ResNetCifar(nn.Module):
-    """ResNet-(6n+2) for 3x32x32 inputs: ``(B, 3, 32, 32) -> (B, num_classes)`` logits."""
+    """ResNet-(6n+2): ``(B, in_channels, H, W) -> (B, num_classes)`` logits (CIFAR: 3x32x32)."""
 
     def __init__(
         self,
         depth: int = 20,
         num_classes: int = 10,
-        norm: str | None = "batchnorm2d",
+        norm: str | None = "bn",
         fuse_relu: bool = False,
         shortcut: str = "A",
+        in_channels: int = 3,
     ) -> None:
         super().__init__()
         if depth < 8 or (depth - 2) % 6:
@@ -80,7 +84,7 @@ class ResNetCifar(nn.Module):
             raise ValueError(f"ResNetCifar: shortcut must be 'A' or 'B', got {shortcut!r}")
         n = (depth - 2) // 6
         layers: list[nn.Module] = [
-            nn.Conv2d(3, 16, 3, 1, 1, bias=norm is None),
+            nn.Conv2d(in_channels, 16, 3, 1, 1, bias=norm is None or norm == "none"),
             *_norm_act(norm, 16, True, fuse_relu),
         ]
         cin = 16
