@@ -34,7 +34,7 @@ from typing import Any, TextIO
 import torch
 from torch import Tensor, nn
 
-from .layers.batchnorm import _BatchNorm
+from ..layers.batchnorm import _BatchNorm
 
 __all__ = [
     "ChannelAffine",
