@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import sys
 from collections.abc import Iterable
+from contextlib import closing
 from dataclasses import dataclass, field
 from typing import Any, TextIO
 
@@ -17,7 +18,15 @@ import torch
 from torch import nn
 
 from ..layers.batchnorm import _BatchNorm
-from ._common import _bn_layers, _iterate, _model_device, _Moments
+from ._common import (
+    _bn_layers,
+    _check_num_batches,
+    _iterate,
+    _model_device,
+    _ModelState,
+    _Moments,
+    _pre_hooks,
+)
 
 __all__ = ["LayerDiagnosis", "diagnose"]
 
@@ -77,9 +86,11 @@ def diagnose(
     """Compare, per BN layer, the statistics of its inputs on ``batches`` with its stored
     population statistics, and print a table (to ``file``; ``None`` prints nothing).
 
-    The data passes through the model with every BN layer temporarily in eval mode (restored
-    afterwards; no statistics change), i.e. through the inference network, so each layer sees
-    what it will see at inference. Flags per layer:
+    The data passes through the model, under ``torch.no_grad``, with every BN layer temporarily in
+    eval mode, i.e. through the inference network, so each layer sees what it will see at
+    inference; other modules run in the mode they have. Nothing changes: afterwards (also on an
+    error) every module's mode, every buffer, the hooks and the CPU random number generator are as
+    they were. ``progress=True`` draws a tqdm bar on stderr. Flags per layer:
 
     * ``never-updated``: ``num_batches_tracked == 0`` (running stats still at their 0/1 init);
     * ``stale``: some channel has ``mean_shift > shift_tol`` or ``var_ratio`` outside
@@ -93,6 +104,7 @@ def diagnose(
         raise ValueError(
             f"diagnose: need shift_tol > 0 and var_tol > 1, got {shift_tol!r}, {var_tol!r}"
         )
+    _check_num_batches("diagnose", num_batches)
     layers = _bn_layers(model)
     tracked = [(n, m) for n, m in layers if m.running_mean is not None]
     moments = {id(m): _Moments() for _, m in tracked}
@@ -103,19 +115,18 @@ def diagnose(
             order.append(id(module))
         moments[id(module)].add(args[0])
 
-    saved = [(m, m.training) for _, m in tracked]
-    handles = [m.register_forward_pre_hook(collect) for _, m in tracked]
     device = _model_device(model)
+    state = _ModelState(model, device)
+    xs = _iterate(batches, num_batches, fn="diagnose", desc="diagnose", progress=progress,
+                  device=device)  # fmt: skip
     try:
         for _, m in tracked:
-            m.eval()
-        for x in _iterate(batches, num_batches, progress, "diagnose"):
-            model(x.to(device) if device is not None else x)
+            m.train(False)
+        with _pre_hooks((m for _, m in tracked), collect), closing(xs):
+            for x in xs:
+                model(x)
     finally:
-        for h in handles:
-            h.remove()
-        for m, training in saved:
-            m.train(training)
+        state.restore()
     rank = {mid: i for i, mid in enumerate(order)}
     rows: list[LayerDiagnosis] = []
     for name, m in sorted(layers, key=lambda nm: rank.get(id(nm[1]), len(rank))):
