@@ -658,6 +658,16 @@ def test_recompute_restores_other_modules_buffers_and_rng(mode):
     assert torch.equal(torch.rand(3), expected_next)
 
 
+def test_recompute_and_diagnose_draw_no_progress_bar_by_default(capsys):
+    model = _calibration_model().eval()
+    bnlab.recompute_population_stats(model, _Batches())
+    bnlab.recompute_population_stats(model, _Batches(), mode="eval")
+    bnlab.diagnose(model, _Batches(), file=None)
+    assert capsys.readouterr().err == ""
+    bnlab.recompute_population_stats(model, _Batches(), mode="eval", progress=True)
+    assert "population statistics" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("mode", ["train", "eval"])
 def test_recompute_refuses_a_layer_the_forward_never_calls(mode):
     class Unused(nn.Module):

@@ -44,7 +44,7 @@ def recompute_population_stats(
     batches: Iterable[Any],
     num_batches: int | None = None,
     estimator: str = "unbiased",
-    progress: bool = True,
+    progress: bool = False,
     mode: str = "train",
 ) -> nn.Module:
     """Replace every BatchNorm layer's running statistics by population statistics computed over
@@ -79,8 +79,8 @@ def recompute_population_stats(
       forward is refused (its later calls see its own statistics, so there is no such input).
 
     ``batches`` yields Tensors or tuples/lists starting with the input (``(x, y)``); inputs are
-    moved to the model's device. At most ``num_batches`` are taken (and fetched). ``progress``
-    draws a tqdm bar on stderr. The forward passes run under
+    moved to the model's device. At most ``num_batches`` are taken (and fetched). ``progress=True``
+    draws a tqdm bar on stderr; by default nothing is printed. The forward passes run under
     ``torch.no_grad``. Frozen bnlab layers (:func:`freeze`) and layers without running statistics
     are left untouched. Under an initialized ``torch.distributed`` process group, each rank passes
     its own batches and the statistics are merged across ranks (``all_gather``), so every rank
