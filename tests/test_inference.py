@@ -491,3 +491,266 @@ def test_nan_batch_leaves_every_layer_unchanged(mode):
     for k, v in model.state_dict().items():
         assert torch.equal(v, before[k]), k
     assert model[3].population_estimator is None
+
+
+# ------------------------------------------------------------------------------------ state kept
+def _calibration_model() -> nn.Module:
+    """Dropout and two BN layers (a torch one with momentum 0.3, a bnlab one with momentum None),
+    a frozen bnlab layer and one without running statistics, and user hooks on some modules."""
+    model = randomize_bn(
+        nn.Sequential(
+            nn.Linear(4, 5),
+            nn.BatchNorm1d(5, momentum=0.3),
+            nn.Dropout(0.5),
+            nn.ReLU(),
+            nn.Linear(5, 3),
+            bnlab.BatchNorm1d(3, momentum=None),
+            bnlab.BatchNorm1d(3),
+            nn.BatchNorm1d(3, track_running_stats=False),
+        )
+    )
+    bnlab.freeze(model[6], params=False)
+    model[0].register_forward_hook(lambda m, a, y: None)
+    model[1].register_forward_pre_hook(lambda m, a: None)
+    model[5].register_forward_hook(lambda m, a, y: None)
+    return model
+
+
+def _module_state(model: nn.Module) -> dict[str, object]:
+    """Everything recompute_population_stats could disturb, per module, plus the RNG."""
+    out: dict[str, object] = {"rng": torch.get_rng_state()}
+    for name, m in model.named_modules():
+        out[f"{name}:mode"] = m.training
+        out[f"{name}:hooks"] = (len(m._forward_hooks), len(m._forward_pre_hooks))
+        out[f"{name}:attrs"] = {
+            k: v for k, v in vars(m).items() if k in ("momentum", "population_estimator", "frozen")
+        }
+        for k, t in [*m.named_parameters(recurse=False), *m.named_buffers(recurse=False)]:
+            out[f"{name}.{k}"] = (t.detach().clone(), t.requires_grad, t.data_ptr())
+    return out
+
+
+def _assert_same_state(after: dict[str, object], before: dict[str, object], skip=()) -> None:
+    assert after.keys() == before.keys()
+    for key, old in before.items():
+        if key in skip:
+            continue
+        new = after[key]
+        if isinstance(old, tuple) and old and isinstance(old[0], torch.Tensor):
+            assert torch.equal(new[0], old[0]) and new[1:] == old[1:], key
+        elif isinstance(old, torch.Tensor):
+            assert torch.equal(new, old), key
+        else:
+            assert new == old, key
+
+
+class _Batches:
+    """Re-iterable batches; the 2nd batch of every pass is ``bad`` (or raises it, if an
+    exception class or instance)."""
+
+    def __init__(self, bad=None):
+        g = torch.Generator().manual_seed(3)
+        self.good = [torch.randn(6, 4, generator=g) for _ in range(3)]
+        self.bad = bad
+
+    def __iter__(self):
+        for i, x in enumerate(self.good):
+            if i == 1 and self.bad is not None:
+                if isinstance(self.bad, BaseException) or (
+                    isinstance(self.bad, type) and issubclass(self.bad, BaseException)
+                ):
+                    raise self.bad
+                yield self.bad
+            else:
+                yield x
+
+
+_TARGET_STATE = {
+    f"{i}.{k}" for i in (1, 5) for k in ("running_mean", "running_var", "num_batches_tracked")
+} | {"1:attrs", "5:attrs"}
+
+
+@pytest.mark.parametrize("mode", ["train", "eval"])
+@pytest.mark.parametrize("model_mode", ["train", "eval", "mixed"])
+def test_recompute_changes_only_the_statistics_it_recomputes(mode, model_mode):
+    model = _calibration_model()
+    model.train(model_mode == "train")
+    if model_mode == "mixed":
+        model[2].train()  # dropout active, BN layers in eval
+        model[5].train()
+    before = _module_state(model)
+    bnlab.recompute_population_stats(model, _Batches(), mode=mode)
+    after = _module_state(model)
+    _assert_same_state(after, before, skip=_TARGET_STATE)
+    assert int(model[1].num_batches_tracked) == int(model[5].num_batches_tracked) == 3
+    assert model[1].population_estimator == model[5].population_estimator == "unbiased"
+    for k in ("running_mean", "running_var"):  # the targets did change
+        assert not torch.equal(after[f"1.{k}"][0], before[f"1.{k}"][0])
+        assert not torch.equal(after[f"5.{k}"][0], before[f"5.{k}"][0])
+
+
+def _nan_batch() -> torch.Tensor:
+    x = torch.randn(6, 4)
+    x[0, 0] = float("nan")
+    return x
+
+
+@pytest.mark.parametrize("mode", ["train", "eval"])
+@pytest.mark.parametrize(
+    "bad,error",
+    [
+        (_nan_batch(), FloatingPointError),
+        (torch.randn(6, 7), RuntimeError),  # wrong feature count: the first Linear refuses it
+        ("not a batch", TypeError),
+        (KeyboardInterrupt, KeyboardInterrupt),  # Ctrl-C while the 2nd batch is fetched
+    ],
+    ids=["nan", "shape", "type", "ctrl-c"],
+)
+@pytest.mark.parametrize("model_mode", ["train", "eval"])
+def test_recompute_raising_at_the_second_batch_changes_nothing(mode, bad, error, model_mode):
+    model = _calibration_model().train(model_mode == "train")
+    before = _module_state(model)
+    with pytest.raises(error):
+        bnlab.recompute_population_stats(model, _Batches(bad), mode=mode)
+    _assert_same_state(_module_state(model), before)
+    assert "population_estimator" not in vars(model[1])  # no attribute left on a torch layer
+
+
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_recompute_interrupted_inside_the_forward_changes_nothing(mode):
+    """Ctrl-C inside the 2nd forward pass (raised by a hook of the first module)."""
+    model = _calibration_model().train()
+    calls = []
+
+    def interrupt(m, a, y):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+
+    handle = model[0].register_forward_hook(interrupt)
+    before = _module_state(model)
+    with pytest.raises(KeyboardInterrupt):
+        bnlab.recompute_population_stats(model, _Batches(), mode=mode)
+    _assert_same_state(_module_state(model), before)
+    handle.remove()
+
+
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_recompute_restores_other_modules_buffers_and_rng(mode):
+    """A non-BN module that updates a buffer in its forward (here: a counter) and dropout drawing
+    random numbers: both end as they started, so the caller's random stream is not shifted."""
+
+    class Counter(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.register_buffer("calls", torch.zeros((), dtype=torch.long))
+
+        def forward(self, x):
+            self.calls += 1
+            return x
+
+    model = nn.Sequential(nn.Linear(4, 3), Counter(), nn.Dropout(0.3), nn.BatchNorm1d(3)).train()
+    torch.manual_seed(5)
+    expected_next = torch.rand(3)
+    torch.manual_seed(5)
+    bnlab.recompute_population_stats(model, _Batches(), mode=mode)
+    assert int(model[1].calls) == 0
+    assert torch.equal(torch.rand(3), expected_next)
+
+
+def test_recompute_and_diagnose_draw_no_progress_bar_by_default(capsys):
+    model = _calibration_model().eval()
+    bnlab.recompute_population_stats(model, _Batches())
+    bnlab.recompute_population_stats(model, _Batches(), mode="eval")
+    bnlab.diagnose(model, _Batches(), file=None)
+    assert capsys.readouterr().err == ""
+    bnlab.recompute_population_stats(model, _Batches(), mode="eval", progress=True)
+    assert "population statistics" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_recompute_refuses_a_layer_the_forward_never_calls(mode):
+    class Unused(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin, self.bn = nn.Linear(4, 3), nn.BatchNorm1d(3)
+            self.unused = bnlab.BatchNorm1d(3)
+
+        def forward(self, x):
+            return self.bn(self.lin(x))
+
+    model = randomize_bn(Unused()).eval()
+    before = _module_state(model)
+    with pytest.raises(ValueError, match="'unused'.*not called|not called.*unused"):
+        bnlab.recompute_population_stats(model, _Batches(), mode=mode)
+    _assert_same_state(_module_state(model), before)
+
+
+def test_recompute_eval_mode_empty_batches_and_bad_num_batches_are_clear_errors():
+    bn = bnlab.BatchNorm1d(3)
+    with pytest.raises(ValueError, match="empty"):
+        bnlab.recompute_population_stats(bn, [], mode="eval")
+    for bad in (0, -1, 1.5, True):
+        with pytest.raises(ValueError, match="num_batches"):
+            bnlab.recompute_population_stats(bn, [torch.randn(4, 3)], num_batches=bad)
+    with pytest.raises(ValueError, match="mode"):
+        bnlab.recompute_population_stats(bn, [torch.randn(4, 3)], mode="test")
+    assert int(bn.num_batches_tracked) == 0
+
+
+def test_recompute_eval_mode_refuses_a_layer_called_twice_per_forward():
+    """mode='eval' stops each pass at a layer's first call, so a BN called twice would silently
+    miss the inputs of its second call: refused; mode='train' sees both calls."""
+
+    class Twice(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.bn = nn.BatchNorm1d(4)
+
+        def forward(self, x):
+            return self.bn(self.bn(x) * 2 + 1)
+
+    model = Twice().eval()
+    batches = [torch.randn(6, 4) * 3 + 2 for _ in range(2)]
+    with pytest.raises(ValueError, match="'bn' is called 2 times.*mode='train'"):
+        bnlab.recompute_population_stats(model, batches, mode="eval")
+    assert int(model.bn.num_batches_tracked) == 0
+    bnlab.recompute_population_stats(model, batches, mode="train")
+    oracle = copy.deepcopy(model).train()
+    seen: list[torch.Tensor] = []
+    oracle.bn.register_forward_pre_hook(lambda m, a: seen.append(a[0]))
+    for x in batches:
+        oracle(x)
+    mean, var = channel_stats(torch.cat(seen))
+    torch.testing.assert_close(model.bn.running_mean.double(), mean, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(model.bn.running_var.double(), var, rtol=1e-6, atol=1e-6)
+
+
+def test_recompute_unbiased_with_one_value_per_channel_is_a_clear_error():
+    bn = bnlab.BatchNorm1d(3).eval()
+    with pytest.raises(ValueError, match="layer 'BatchNorm1d'.*1 value per channel"):
+        bnlab.recompute_population_stats(bn, [torch.randn(1, 3)], mode="eval")
+    assert int(bn.num_batches_tracked) == 0
+    bnlab.recompute_population_stats(bn, [torch.randn(1, 3)], mode="eval", estimator="biased")
+    assert torch.equal(bn.running_var, torch.zeros(3))
+
+
+def test_num_batches_fetches_no_batch_beyond_it():
+    batches = [torch.randn(5, 3) + i for i in range(4)]
+    it = iter(batches)
+    bnlab.recompute_population_stats(bnlab.BatchNorm1d(3), it, num_batches=2)
+    assert next(it) is batches[2]  # the caller's iterator lost nothing
+
+
+@pytest.mark.parametrize(
+    "bad", [None, KeyboardInterrupt, _nan_batch()], ids=["ok", "ctrl-c", "nan"]
+)
+def test_diagnose_changes_nothing(bad):
+    model = _calibration_model().train()
+    before = _module_state(model)
+    if bad is KeyboardInterrupt:
+        with pytest.raises(KeyboardInterrupt):
+            bnlab.diagnose(model, _Batches(bad), file=None)
+    else:
+        bnlab.diagnose(model, _Batches(bad), file=None)
+    _assert_same_state(_module_state(model), before)
