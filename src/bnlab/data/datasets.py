@@ -198,8 +198,8 @@ def _absent(name: str, root: str | Path | None, extra: str = "") -> FileNotFound
     missing = ", ".join(missing_files(name, directory))
     return FileNotFoundError(
         f"{name}: not found in {directory}{extra}; missing {missing}."
-        f" Run `bnlab data fetch {name}` (or pass download=True), or place {files} there by hand "
-        f"(see docs/data.md)"
+        f" Run `bnlab data fetch {name}` (or add --download to `bnlab run`), or place {files} "
+        "there by hand (see docs/data.md)"
     )
 
 
