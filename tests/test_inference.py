@@ -368,6 +368,127 @@ def test_fold_refuses_training_mode_unsafe_graph_and_batch_stats_layers():
         )
 
 
+def test_fold_carries_the_fused_relu():
+    """A bnlab BN with activation="relu" computes max(BN(x), 0): folded, the ReLU stays (as
+    nn.ReLU after a folded conv, inside ChannelAffine for a lone BN)."""
+    torch.manual_seed(0)
+    model = resnet20(fuse_relu=True)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    for _ in range(2):  # trained a few steps, so statistics and gamma/beta are not at their init
+        x, y = torch.randn(16, 3, 16, 16), torch.randint(10, (16,))
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+    model.eval()
+    x = torch.randn(4, 3, 16, 16)
+    ref = model(x)
+    torch.testing.assert_close(bnlab.fold(model)(x), ref, rtol=1e-4, atol=1e-5)
+    lone = randomize_bn(nn.Sequential(nn.ReLU(), bnlab.BatchNorm2d(3, activation="relu"))).eval()
+    folded = bnlab.fold(lone)
+    assert isinstance(folded[1], ChannelAffine) and folded[1].activation == "relu"
+    x = torch.randn(2, 3, 4, 4)
+    torch.testing.assert_close(folded(x), lone(x), rtol=1e-5, atol=1e-6)
+    assert bool((folded(x) >= 0).all())
+
+
+def test_fold_keeps_every_position_of_a_module_used_twice():
+    """nn.Sequential calls each entry of its _modules; the same object at two positions is two
+    calls, and each keeps its place in the folded model (named_children() would list it once)."""
+    relu, lin = nn.ReLU(), nn.Linear(4, 4)
+    bn = nn.BatchNorm1d(4)
+    models = [
+        nn.Sequential(nn.Linear(4, 4), relu, nn.Linear(4, 4), bnlab.BatchNorm1d(4), relu),
+        nn.Sequential(lin, nn.Tanh(), lin, bnlab.BatchNorm1d(4)),  # a shared Linear
+        nn.Sequential(nn.Linear(4, 4), bn, nn.Tanh(), bn),  # a shared BN: folded, then affine
+    ]
+    x = torch.randn(6, 4)
+    for model in models:
+        model = randomize_bn(model).eval()
+        folded = bnlab.fold(model)
+        assert len(folded._modules) == len(model._modules)
+        torch.testing.assert_close(folded(x), model(x), rtol=1e-5, atol=1e-5)
+
+
+def test_fold_refuses_a_layer_registered_under_two_names():
+    class Alias(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(2, 2, 1)
+            self.bn = bnlab.BatchNorm2d(2)
+            self.same_bn = self.bn  # torch.fx calls it 'bn'; the forward uses the other name
+
+        def forward(self, x):
+            return self.same_bn(self.conv(x))
+
+    with pytest.raises(ValueError, match=r"'bn' is registered under several names"):
+        bnlab.fold(randomize_bn(Alias()).eval())
+
+
+def test_folded_linear_refuses_input_where_bn_normalizes_another_dimension():
+    """Linear acts on the last dim, BN on dim 1: on (N, C, L) input the folded weights would scale
+    the wrong dimension (a difference of several units here), so the folded layer refuses it."""
+    model = randomize_bn(nn.Sequential(nn.Linear(4, 3), nn.BatchNorm1d(3))).eval()
+    folded = bnlab.fold(model)
+    x3 = torch.randn(5, 3, 4)
+    model(x3)  # the unfolded pair accepts it
+    with pytest.raises(ValueError, match=r"folded layer '0': expected a 2D input.*'1' was folded"):
+        folded(x3)
+    x2 = torch.randn(5, 4)
+    torch.testing.assert_close(folded(x2), model(x2), rtol=1e-5, atol=1e-6)
+    conv = randomize_bn(nn.Sequential(nn.Conv1d(3, 5, 1), nn.BatchNorm1d(5))).eval()
+    with pytest.raises(ValueError, match="expected a 3D input"):  # unbatched (C, L)
+        bnlab.fold(conv)(torch.randn(3, 5))
+    traced = torch.fx.symbolic_trace(folded)  # the check survives tracing of the folded model
+    with pytest.raises(ValueError, match="expected a 2D input"):
+        traced(x3)
+
+
+def test_fold_leaves_layers_it_does_not_understand_and_refuses_such_bns():
+    class Doubled(nn.Linear):  # an overridden forward: W' = s * W would not be BN(forward(x))
+        def forward(self, x):
+            return 2 * super().forward(x) + 1
+
+    seen = []
+    hooked = nn.Linear(4, 4)
+    hooked.register_forward_hook(lambda m, i, o: seen.append(o.detach().clone()))
+    x = torch.randn(6, 4)
+    for first in (
+        Doubled(4, 4),
+        nn.utils.parametrizations.weight_norm(nn.Linear(4, 4)),
+        nn.utils.parametrizations.spectral_norm(nn.Linear(4, 4)),
+        hooked,  # a forward hook sees the layer's own output
+    ):
+        model = randomize_bn(nn.Sequential(first, bnlab.BatchNorm1d(4))).eval()
+        ref = model(x)
+        folded = bnlab.fold(model)
+        assert isinstance(folded[1], ChannelAffine), type(first).__name__
+        torch.testing.assert_close(folded(x), ref, rtol=1e-5, atol=1e-5)
+    assert torch.equal(seen[-1], seen[-2])  # the hook saw the same values, unfolded and folded
+    with pytest.warns(FutureWarning):  # torch's old weight_norm: its weight cannot be copied
+        old = nn.utils.weight_norm(nn.Linear(4, 4))
+    with pytest.raises(ValueError, match="fold: the model cannot be copied"):
+        bnlab.fold(nn.Sequential(old, bnlab.BatchNorm1d(4)).eval())
+    pre = nn.Linear(4, 4)
+    pre.register_forward_pre_hook(lambda m, args: (args[0] * 2,))  # kept: it acts on the input
+    model = randomize_bn(nn.Sequential(pre, bnlab.BatchNorm1d(4))).eval()
+    torch.testing.assert_close(bnlab.fold(model)(x), model(x), rtol=1e-5, atol=1e-5)
+
+    class Shifted(nn.BatchNorm1d):
+        def forward(self, x):
+            return super().forward(x) + 1
+
+    with pytest.raises(ValueError, match=r"layer '1' \(Shifted\) overrides the BatchNorm forward"):
+        bnlab.fold(nn.Sequential(nn.Linear(4, 4), Shifted(4)).eval())
+    model = nn.Sequential(nn.Linear(4, 4), bnlab.BatchNorm1d(4)).eval()
+    handle = model[1].register_forward_hook(lambda m, i, o: o * 0)
+    with pytest.raises(ValueError, match="layer '1' has a forward hook"):
+        bnlab.fold(model)
+    handle.remove()
+    model[1].activation = "gelu"  # set after construction: nothing fold can carry
+    with pytest.raises(ValueError, match="activation='gelu', which fold cannot carry"):
+        bnlab.fold(model)
+
+
 # ------------------------------------------------------------------------------------ freeze
 def test_frozen_layer_survives_train_and_matches_torch_eval():
     model = randomize_bn(nn.Sequential(nn.Linear(5, 4), bnlab.BatchNorm1d(4)))
