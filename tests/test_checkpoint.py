@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -278,3 +279,198 @@ def test_resume_in_new_process_is_bit_identical(tmp_path):
     for k in sa:
         assert torch.equal(sa[k], sb[k]), k  # parameters and running statistics, bit for bit
     assert int(sa["5.num_batches_tracked"]) == 200
+
+
+# ------------------------------------------------------------------------ all or nothing
+def _state(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def _same(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def _opt_state(opt: torch.optim.Optimizer) -> dict:
+    import copy
+
+    return copy.deepcopy(opt.state_dict())
+
+
+def _same_opt(a: dict, b: dict) -> bool:
+    if a["param_groups"] != b["param_groups"] or a["state"].keys() != b["state"].keys():
+        return False
+    return all(
+        torch.equal(a["state"][i][k], b["state"][i][k]) if torch.is_tensor(a["state"][i][k])
+        else a["state"][i][k] == b["state"][i][k]
+        for i in a["state"] for k in a["state"][i]
+    )  # fmt: skip
+
+
+def _target() -> tuple[nn.Module, torch.optim.Optimizer]:
+    torch.manual_seed(7)
+    return trained(2)
+
+
+@pytest.mark.parametrize(
+    "case, message",
+    [
+        ("no optimizer saved", "was saved without an optimizer state"),
+        ("shape of a later layer", r"'3.weight' has shape \(3, 6\) in the checkpoint but \(2, 6\)"),
+        ("dtype", r"'0.weight' is torch.float64 in the checkpoint but torch.float32"),
+        ("missing key", r"does not match the model: missing 4.running_mean"),
+        ("optimizer groups", r"parameter group 0 has 9 parameters in the checkpoint but 8"),
+        ("optimizer state shape", r"'exp_avg' of parameter 0 has shape \(6, 5\)"),
+    ],
+)
+def test_a_checkpoint_that_does_not_fit_changes_nothing(tmp_path, case, message):
+    """Every check runs before the first copy: model, optimizer and RNG states are untouched
+    (torch's load_state_dict copies the keys that fit before raising about the others)."""
+    src_model, src_opt = trained(3)
+    path = tmp_path / "ck.pt"
+    if case == "no optimizer saved":
+        bnlab.save_checkpoint(path, src_model, None, step=3)
+    elif case == "shape of a later layer":
+        src = nn.Sequential(nn.Linear(4, 6), bnlab.BatchNorm1d(6), nn.ReLU(), nn.Linear(6, 3),
+                            nn.BatchNorm1d(3))
+        bnlab.save_checkpoint(path, src, None, step=3)
+    elif case == "dtype":
+        bnlab.save_checkpoint(path, small_model().double(), None, step=3)
+    elif case == "missing key":
+        src = small_model()
+        src[4] = nn.BatchNorm1d(2, track_running_stats=False)
+        bnlab.save_checkpoint(path, src, None, step=3)
+    elif case == "optimizer groups":
+        extra = nn.Parameter(torch.zeros(2))
+        opt = torch.optim.Adam([*src_model.parameters(), extra], lr=0.01)
+        bnlab.save_checkpoint(path, src_model, opt, step=3)
+    else:  # same parameter count, but the first one is shaped (6, 5): its Adam state too
+        src = small_model()
+        src[0] = nn.Linear(5, 6)
+        opt = torch.optim.Adam(src.parameters(), lr=0.01)
+        src(torch.randn(3, 5)).sum().backward()
+        opt.step()
+        torch.save(  # a checkpoint whose model part fits but whose optimizer state does not
+            {"format": bnlab.checkpoint.FORMAT, "sha256": None, "payload": None}, path)
+        good = {k: v for k, v in src_model.state_dict().items()}
+        payload = {"model": good, "optimizer": opt.state_dict(), "step": 3,
+                   "rng": bnlab.checkpoint._rng_state(), "extra": {}}
+        torch.save({"format": bnlab.checkpoint.FORMAT,
+                    "sha256": bnlab.checkpoint._digest(payload), "payload": payload}, path)
+    model, opt = _target()
+    before, opt_before = _state(model), _opt_state(opt)
+    rng_before = torch.get_rng_state()
+    with pytest.raises(ValueError, match=message) as info:
+        bnlab.load_checkpoint(path, model, opt if "shape" not in case or "optimizer" in case
+                              else None)
+    assert str(path) in str(info.value)
+    assert _same(_state(model), before), "the model was changed"
+    assert _same_opt(_opt_state(opt), opt_before), "the optimizer was changed"
+    assert torch.equal(torch.get_rng_state(), rng_before)
+
+
+def test_a_failure_while_copying_puts_everything_back(tmp_path, monkeypatch):
+    src_model, src_opt = trained(3)
+    path = tmp_path / "ck.pt"
+    bnlab.save_checkpoint(path, src_model, src_opt, step=3)
+    model, opt = _target()
+    before, opt_before, rng = _state(model), _opt_state(opt), torch.get_rng_state()
+
+    def fails(*args, **kwargs):  # after the model has been loaded
+        raise RuntimeError("device lost")
+
+    monkeypatch.setattr(opt, "load_state_dict", fails)
+    with pytest.raises(ValueError, match=r"ck.pt does not fit .*device lost.*left as they were"):
+        bnlab.load_checkpoint(path, model, opt)
+    assert _same(_state(model), before) and _same_opt(_opt_state(opt), opt_before)
+    assert torch.equal(torch.get_rng_state(), rng)
+
+
+# ------------------------------------------------------------------------ what saving accepts
+class _Color(__import__("enum").IntEnum):
+    RED = 1
+
+
+_Pair = __import__("collections").namedtuple("_Pair", "a b")
+
+
+@pytest.mark.parametrize(
+    "value, kind",
+    [
+        (np.float64(0.5), "float64 (numpy)"),
+        (np.int64(3), "int64 (numpy)"),
+        (np.bool_(True), "bool (numpy)"),
+        (_Color.RED, "_Color (an IntEnum)"),
+        (_Pair(1, 2), "_Pair (a namedtuple)"),
+        (__import__("collections").defaultdict(int), "defaultdict (collections)"),
+        (frozenset([1]), "frozenset"),
+        (np.zeros(2), "ndarray (numpy)"),
+    ],
+)
+def test_save_refuses_what_weights_only_loading_would_refuse(tmp_path, value, kind):
+    model, opt = trained(1)
+    path = tmp_path / "ck.pt"
+    with pytest.raises(TypeError, match=rf"extra\['cfg'\]\['runs'\]\[1\] is a {re.escape(kind)}"):
+        bnlab.save_checkpoint(path, model, opt, 1, extra={"cfg": {"runs": [0, value]}})
+    assert list(tmp_path.iterdir()) == []  # nothing written
+    opt.param_groups[0]["lr"] = value  # and in the optimizer's state
+    with pytest.raises(TypeError, match=r"optimizer.state_dict\(\)\['param_groups'\]\[0\]\['lr'\]"):
+        bnlab.save_checkpoint(path, model, opt, 1)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_everything_save_accepts_loads_in_a_new_process(tmp_path):
+    """The values save accepts load under weights_only, and the digest does not depend on the
+    order a set iterates in (which changes with the string hash seed of each process)."""
+    model, opt = trained(1)
+    extra = {
+        "set": {f"tag{i}" for i in range(20)}, "od": OrderedDict(b=1, a=2), "bytes": b"\x00\x01",
+        "complex": 1 + 2j, "size": torch.Size([2, 3]), "dtype": torch.float16,
+        "device": torch.device("cpu"), "tuple keys": {(1, "a"): 2.5}, "inf": float("inf"),
+    }  # fmt: skip
+    path = tmp_path / "ck.pt"
+    bnlab.save_checkpoint(path, model, opt, 1, extra=extra)
+    code = (
+        "import sys, torch, bnlab\n"
+        "from torch import nn\n"
+        "m = nn.Sequential(nn.Linear(4, 6), bnlab.BatchNorm1d(6), nn.ReLU(), nn.Linear(6, 2),"
+        " nn.BatchNorm1d(2))\n"
+        "info = bnlab.load_checkpoint(sys.argv[1], m)\n"
+        "print(sorted(info['extra']['set'])[:2], info['extra']['od'], info['extra']['size'])\n"
+    )
+    for seed in ("1", "2", "3"):
+        res = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True,
+                             text=True, env={**ENV, "PYTHONHASHSEED": seed}, timeout=120)
+        assert res.returncode == 0, res.stderr
+        assert "['tag0', 'tag1'] OrderedDict([('b', 1), ('a', 2)]) torch.Size([2, 3])" in res.stdout
+    info = bnlab.load_checkpoint(path, small_model())
+    assert info["extra"] == extra
+
+
+# ------------------------------------------------------------------------ temporary files
+def test_abandoned_temp_files_are_removed_at_the_next_save(tmp_path):
+    """A temp file nobody holds locked and untouched for STALE_AFTER seconds was left by a killed
+    save: the next save into the folder removes it. A locked one (a save in progress in another
+    process) and a fresh one are kept."""
+    import fcntl
+
+    from bnlab._fileutil import STALE_AFTER
+
+    old = time.time() - STALE_AFTER - 60
+    abandoned = tmp_path / ".ck.pt.tmp-abandoned"
+    other = tmp_path / ".other.pt.tmp-x1"  # another checkpoint's, in the same folder
+    held = tmp_path / ".ck.pt.tmp-held"
+    fresh = tmp_path / ".ck.pt.tmp-fresh"
+    mine = tmp_path / "notes.tmp-1"  # not a name bnlab writes
+    for p in (abandoned, other, held, fresh, mine):
+        p.write_bytes(b"partial")
+    for p in (abandoned, other, held, mine):
+        os.utime(p, (old, old))
+    fd = os.open(held, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        model, opt = trained(1)
+        bnlab.save_checkpoint(tmp_path / "ck.pt", model, opt, 1)
+    finally:
+        os.close(fd)
+    left = sorted(p.name for p in tmp_path.iterdir())
+    assert left == sorted(["ck.pt", held.name, fresh.name, mine.name])

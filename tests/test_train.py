@@ -175,3 +175,27 @@ def test_fit_checks_its_arguments():
         fit(m, opt, (x, y[:-1]), steps=1, batch_size=8)
     with pytest.raises(ValueError, match="larger than"):
         fit(m, opt, (x, y), steps=1, batch_size=1000)
+
+
+def test_numpy_and_tensor_measurements_are_stored_as_numbers(tmp_path):
+    """``measure`` may return numpy scalars and one-element tensors: the rows keep Python numbers,
+    so the checkpoint holding them loads with weights_only=True and a resume works."""
+    import numpy as np
+
+    x, y = _data()
+
+    def measure(model, step):
+        w = model[0].weight.detach()
+        return {"np": np.float64(w.sum()), "t": w.norm(), "pair": (np.int64(step), w[0, :2])}
+
+    ckpt = tmp_path / "ck.pt"
+    m = _model()
+    res = fit(m, torch.optim.SGD(m.parameters(), lr=0.1), (x, y), steps=10, batch_size=16,
+              eval_every=5, measure=measure, checkpoint=ckpt)
+    row = res.history[-1]
+    assert type(row["np"]) is float and type(row["t"]) is float
+    assert type(row["pair"][0]) is int and type(row["pair"][1][0]) is float
+    m2 = _model()
+    again = fit(m2, torch.optim.SGD(m2.parameters(), lr=0.1), (x, y), steps=10, batch_size=16,
+                eval_every=5, measure=measure, checkpoint=ckpt)
+    assert again.resumed_from == 10 and again.history == res.history

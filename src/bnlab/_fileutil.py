@@ -1,13 +1,35 @@
 """Small file-system helpers shared by downloads, checkpoints and run directories (atomic,
-durable writes)."""
+durable writes, and the clean-up of temporary files that killed writers leave behind).
+
+Every temporary file bnlab writes beside a target (``.<name>.tmp-XXXX`` for checkpoints and
+text files, ``.<name>.XXXX.part`` for downloads) is held with an exclusive ``flock`` by its writer
+from creation until it has been renamed over the target. A process that dies (SIGKILL, power
+loss) releases the lock, so a temporary file that nobody holds is known to be abandoned:
+:func:`remove_stale` deletes such files at the next write into the same folder. Files modified
+in the last :data:`STALE_AFTER` seconds are left alone, which covers the instant between a
+file's creation and its lock, and writers that take no lock.
+"""
 
 from __future__ import annotations
 
+import fcntl
 import os
 import tempfile
+import time
+from collections.abc import Callable
 from pathlib import Path
 
-__all__ = ["fsync_dir", "atomic_write_text"]
+__all__ = [
+    "STALE_AFTER",
+    "atomic_write_text",
+    "fsync_dir",
+    "is_temp_name",
+    "locked_temp",
+    "remove_stale",
+]
+
+#: seconds a temporary file must have gone unmodified (and unlocked) to count as abandoned
+STALE_AFTER = 600.0
 
 
 def fsync_dir(directory: Path) -> None:
@@ -24,19 +46,75 @@ def fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
+def is_temp_name(name: str) -> bool:
+    """A temporary file of :func:`atomic_write_text` or ``save_checkpoint``
+    (``.<name>.tmp-XXXX``)."""
+    return name.startswith(".") and ".tmp-" in name
+
+
+def locked_temp(directory: Path, prefix: str, suffix: str = "") -> tuple[int, Path]:
+    """A new temporary file in ``directory`` (``mkstemp``), opened for writing and held with an
+    exclusive ``flock`` until its descriptor is closed. Returns ``(fd, path)``."""
+    fd, name = tempfile.mkstemp(prefix=prefix, suffix=suffix, dir=directory)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:  # a file system without flock: the age rule of remove_stale still applies
+        pass
+    return fd, Path(name)
+
+
+def remove_stale(
+    directory: Path, match: Callable[[str], bool], older_than: float = STALE_AFTER
+) -> list[Path]:
+    """Delete the temporary files in ``directory`` whose name satisfies ``match``, that no
+    process holds locked and that have not been modified for ``older_than`` seconds: those left
+    by writers that were killed. Returns the paths removed; never raises for a file it cannot
+    inspect (it is left alone)."""
+    removed: list[Path] = []
+    try:
+        entries = list(os.scandir(directory))
+    except OSError:
+        return removed
+    now = time.time()
+    for entry in entries:
+        if not match(entry.name):
+            continue
+        try:
+            if not entry.is_file(follow_symlinks=False):
+                continue
+            if now - entry.stat(follow_symlinks=False).st_mtime < older_than:
+                continue
+            fd = os.open(entry.path, os.O_RDONLY | os.O_NOFOLLOW)
+        except OSError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # held: its writer is alive
+            # the name still refers to the file we locked (not renamed over a target meanwhile)
+            if os.stat(entry.path, follow_symlinks=False).st_ino == os.fstat(fd).st_ino:
+                os.unlink(entry.path)
+                removed.append(Path(entry.path))
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
+    return removed
+
+
 def atomic_write_text(path: Path, text: str) -> None:
     """Replace ``path`` with ``text`` so that a reader (or a crash at any moment) sees either the
-    old file or the new one, never a part: temp file in the same folder, fsync, ``os.replace``,
-    fsync of the folder."""
+    old file or the new one, never a part: temp file in the same folder (locked until renamed),
+    fsync, ``os.replace``, fsync of the folder. Abandoned temp files of earlier writes in the
+    folder are removed first (:func:`remove_stale`)."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
+    remove_stale(path.parent, is_temp_name)
+    fd, tmp = locked_temp(path.parent, f".{path.name}.tmp-")
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
             fh.write(text)
             fh.flush()
             os.fsync(fh.fileno())
-        os.replace(tmp, path)
+            os.replace(tmp, path)  # while the lock is held: an unlocked temp file is abandoned
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
     fsync_dir(path.parent)

@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
@@ -162,6 +163,21 @@ def _slug(tags: Mapping[str, Any]) -> str:
     return re.sub(r"[^A-Za-z0-9_.=-]+", "_", text)
 
 
+def _plain(value: Any) -> Any:
+    """Numbers as Python numbers: numpy scalars and one-element tensors (what ``measure`` often
+    returns) via ``.item()``, inside lists and dicts too, so rows go into checkpoints (loaded with
+    ``weights_only=True``) and ``metrics.jsonl`` alike."""
+    if isinstance(value, Tensor | np.generic) and getattr(value, "ndim", 0) == 0:
+        return value.item()
+    if isinstance(value, Tensor | np.ndarray):
+        return value.tolist()
+    if isinstance(value, Mapping):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    return value
+
+
 def _matches(row: Mapping[str, Any], tags: Mapping[str, Any]) -> bool:
     return all(row.get(k) == v for k, v in tags.items())
 
@@ -269,6 +285,7 @@ def fit(
         torch.manual_seed(seed)
 
     def emit(row: dict) -> None:
+        row = _plain(row)
         history.append(row)
         if run is not None:
             run.log(row)
