@@ -171,12 +171,17 @@ def make_cifar_tarball(
 class LocalServer:
     """An HTTP server on 127.0.0.1 (ephemeral port, daemon thread) serving ``routes``:
     path -> bytes. ``truncate[path] = k`` announces the full length but sends only k bytes and
-    closes; ``stall[path] = seconds`` waits before answering. ``hits`` counts GETs per path."""
+    closes; ``stall[path] = seconds`` waits before answering; ``trickle[path] = seconds`` sends
+    the whole answer, status line and headers included, one byte per that many seconds;
+    ``drip[path] = seconds`` sends the headers at once and then the body in the same way.
+    ``hits`` counts GETs per path."""
 
     def __init__(self) -> None:
         self.routes: dict[str, bytes] = {}
         self.truncate: dict[str, int] = {}
         self.stall: dict[str, float] = {}
+        self.trickle: dict[str, float] = {}
+        self.drip: dict[str, float] = {}
         self.hits: dict[str, int] = {}
         outer = self
 
@@ -186,6 +191,18 @@ class LocalServer:
                 if self.path in outer.stall:
                     time.sleep(outer.stall[self.path])
                 body = outer.routes.get(self.path)
+                if body is not None and self.path in outer.trickle:
+                    raw = (
+                        f"HTTP/1.0 200 OK\r\nContent-Length: {len(body)}\r\n\r\n".encode()
+                        + body
+                    )
+                    with contextlib.suppress(OSError):  # the client may give up: that is the test
+                        for i in range(len(raw)):
+                            self.wfile.write(raw[i : i + 1])
+                            self.wfile.flush()
+                            time.sleep(outer.trickle[self.path])
+                    self.close_connection = True
+                    return
                 if body is None:
                     self.send_error(404, "not here")
                     return
@@ -195,6 +212,12 @@ class LocalServer:
                 self.end_headers()
                 k = outer.truncate.get(self.path)
                 with contextlib.suppress(OSError):
+                    if self.path in outer.drip:
+                        for i in range(len(body)):
+                            self.wfile.write(body[i : i + 1])
+                            self.wfile.flush()
+                            time.sleep(outer.drip[self.path])
+                        return
                     self.wfile.write(body if k is None else body[:k])
                     self.wfile.flush()
                 if k is not None:

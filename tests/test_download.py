@@ -281,3 +281,93 @@ def test_cli_data_fetch_and_list(tmp_path, server, served_mnist, capsys):
     assert main(["data", "fetch", "fashion-mnist", "--mirror", dead]) == 2
     assert "cannot download" in capsys.readouterr().err
     assert _no_temp_files(tmp_path / "cache" / "fashion-mnist")
+
+
+# ------------------------------------------------------------------ deadlines, signals, leftovers
+@pytest.mark.parametrize("what", ["body", "headers"])
+def test_a_trickling_server_misses_the_overall_deadline(tmp_path, server, what):
+    """One byte every 0.05 s never trips the per-read timeout; the deadline for the whole file
+    stops it, whether the server trickles the body or already the status line and headers."""
+    body = bytes(range(256)) * 8
+    server.routes["/slow"] = body
+    if what == "headers":
+        server.trickle["/slow"] = 0.05
+    else:  # fast headers, then the body byte by byte
+        server.drip["/slow"] = 0.05
+    with pytest.raises(DownloadError, match=r"/slow: no complete transfer within the 0.5 s "
+                                            r"deadline"):
+        download_file(server.url + "/slow", tmp_path / "slow", "0" * 32,
+                      timeout=2.0, progress=False, deadline=0.5)
+    assert list(tmp_path.iterdir()) == []
+    with pytest.raises(ValueError, match="deadline must be > 0"):
+        download_file(server.url + "/slow", tmp_path / "slow", "0" * 32, deadline=0)
+
+
+SIGNAL_SCRIPT = """
+import sys
+from bnlab.data.download import download_file
+download_file(sys.argv[1], sys.argv[2], "0" * 32, timeout=5, progress=False, deadline=600)
+"""
+
+
+@pytest.mark.parametrize("sig", ["SIGTERM", "SIGINT"])
+def test_a_signal_during_a_download_leaves_no_part_file(tmp_path, server, sig):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    server.routes["/big"] = b"x" * 100_000
+    server.drip["/big"] = 0.01
+    folder = tmp_path / "cache"
+    folder.mkdir()
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1] / "src"))
+    proc = subprocess.Popen([sys.executable, "-c", SIGNAL_SCRIPT, server.url + "/big",
+                             str(folder / "big.bin")], env=env, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 60
+        while not any(p.name.endswith(".part") for p in folder.iterdir()):
+            assert proc.poll() is None, proc.stderr.read()
+            assert time.monotonic() < deadline, "the download never started"
+            time.sleep(0.02)
+        time.sleep(0.3)  # well inside the transfer
+        proc.send_signal(getattr(signal, sig))
+        code = proc.wait(timeout=60)
+    finally:
+        proc.kill()
+        proc.wait()
+        proc.stderr.close()
+    assert code != 0
+    if sig == "SIGTERM":
+        assert code == -signal.SIGTERM  # passed on: the process ends as SIGTERM would end it
+    assert list(folder.iterdir()) == []
+
+
+def test_abandoned_part_files_are_removed_at_the_next_download(tmp_path, server):
+    """A .part nobody holds and untouched for a while was left by a killed download: the next
+    download into the folder removes it; a locked one (a download in progress) stays."""
+    import fcntl
+    import os
+    import time
+
+    from bnlab._fileutil import STALE_AFTER
+
+    payload = b"hello"
+    server.routes["/f"] = payload
+    abandoned = tmp_path / ".other.gz.k3j2.part"
+    held = tmp_path / ".f.abcd.part"
+    for p in (abandoned, held):
+        p.write_bytes(b"half")
+        old = time.time() - STALE_AFTER - 60
+        os.utime(p, (old, old))
+    fd = os.open(held, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        import hashlib
+
+        md5 = hashlib.md5(payload).hexdigest()
+        download_file(server.url + "/f", tmp_path / "f", md5, progress=False)
+    finally:
+        os.close(fd)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["f", held.name])

@@ -8,8 +8,12 @@ Downloads happen only on request (``bnlab data fetch NAME``, or ``download=True`
 streamed into a temporary file in the destination folder while its MD5 is computed, compared with
 the checksum the data set's authors publish, flushed with ``fsync`` and moved into place with
 ``os.replace``; so a cut connection, a truncated or corrupted transfer never replaces a good file
-and leaves no temporary file behind. Sockets time out after a few seconds; an unreachable host
-gives a ``DownloadError`` naming the URL and saying how to place the file by hand.
+and leaves no temporary file behind, nor does Ctrl-C or SIGTERM. Sockets time out after
+:data:`TIMEOUT` seconds without data, and each file has an overall deadline (:data:`DEADLINE`),
+so a server that trickles bytes cannot hold a download forever; an unreachable host gives a
+``DownloadError`` naming the URL and saying how to place the file by hand. The temporary
+``.<name>.*.part`` file is locked by its writer; one a killed process left behind (SIGKILL) is
+removed by the next download into the same folder.
 
 Mirror: ``mirror=`` or ``$BNLAB_DATA_MIRROR`` is a base URL laid out like the cache
 (``MIRROR/mnist/train-images-idx3-ubyte.gz``, ...); it replaces the official URLs. Tests use it to
@@ -18,16 +22,20 @@ point at a server on 127.0.0.1.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import http.client
 import os
-import tempfile
+import signal
+import socket
+import threading
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from .._fileutil import fsync_dir
+from .._fileutil import fsync_dir, locked_temp, remove_stale
 
 __all__ = [
     "RESOURCES",
@@ -49,6 +57,7 @@ __all__ = [
 ENV_DATA = "BNLAB_DATA"
 ENV_MIRROR = "BNLAB_DATA_MIRROR"
 TIMEOUT = 10.0  # seconds: for the connection, and for each read on the socket
+DEADLINE = 1800.0  # seconds: for a whole file (CIFAR-10's 170 MB at 100 kB/s takes 28 minutes)
 _CHUNK = 1 << 16
 _USER_AGENT = "bnlab-data/0.1 (python urllib)"
 
@@ -206,92 +215,218 @@ def _offline(reason: str, dest: Path, md5: str) -> DownloadError:
     return err
 
 
+def _is_part_name(name: str) -> bool:
+    """A temporary file of :func:`download_file` (``.<name>.XXXX.part``)."""
+    return name.startswith(".") and name.endswith(".part")
+
+
+class _Watchdog:
+    """The overall deadline of one download: every socket the request opens is recorded, and
+    when the deadline passes they are shut down, so a blocked read (of the headers or the body)
+    returns at once however slowly the server sends."""
+
+    def __init__(self, deadline: float) -> None:
+        self.expired = False
+        self._sockets: list[socket.socket] = []
+        self._lock = threading.Lock()
+        self._timer = threading.Timer(deadline, self._expire)
+        self._timer.daemon = True
+
+    def _expire(self) -> None:
+        with self._lock:
+            self.expired = True
+            for sock in self._sockets:
+                self._shut(sock)
+
+    @staticmethod
+    def _shut(sock: socket.socket) -> None:
+        with contextlib.suppress(OSError):
+            sock.shutdown(socket.SHUT_RDWR)
+
+    def add(self, sock: socket.socket) -> None:
+        with self._lock:
+            self._sockets.append(sock)
+            if self.expired:
+                self._shut(sock)
+
+    def connection_class(self, base: type) -> type:
+        watchdog = self
+
+        class Connection(base):  # type: ignore[misc, valid-type]
+            def connect(self) -> None:
+                super().connect()
+                watchdog.add(self.sock)
+
+        return Connection
+
+    def opener(self) -> urllib.request.OpenerDirector:
+        watchdog = self
+
+        class HTTP(urllib.request.HTTPHandler):
+            def do_open(self, http_class, req, **kwargs):  # type: ignore[no-untyped-def]
+                return super().do_open(watchdog.connection_class(http_class), req, **kwargs)
+
+        class HTTPS(urllib.request.HTTPSHandler):
+            def do_open(self, http_class, req, **kwargs):  # type: ignore[no-untyped-def]
+                return super().do_open(watchdog.connection_class(http_class), req, **kwargs)
+
+        return urllib.request.build_opener(HTTP(), HTTPS())
+
+    def __enter__(self) -> _Watchdog:
+        self._timer.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._timer.cancel()
+
+
+class _Terminated(BaseException):
+    """Raised by the SIGTERM handler of :func:`_sigterm_cleans_up` (a BaseException, like
+    KeyboardInterrupt, so that no ``except Exception`` swallows it)."""
+
+
+@contextlib.contextmanager
+def _sigterm_cleans_up() -> Iterator[None]:
+    """During the block, SIGTERM raises :class:`_Terminated` (so ``finally`` and ``except
+    BaseException`` clean-up runs); afterwards the signal is delivered again to the handler that
+    was in place (by default: the process ends, killed by SIGTERM, as it would have). Only in the
+    main thread; elsewhere, and when SIGTERM is ignored, the block runs unchanged."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.getsignal(signal.SIGTERM)
+    if previous is signal.SIG_IGN or previous is None:
+        yield
+        return
+
+    def handler(signum: int, frame: object) -> None:
+        raise _Terminated
+
+    signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    except _Terminated:
+        signal.signal(signal.SIGTERM, previous)
+        signal.raise_signal(signal.SIGTERM)  # the previous handler decides (default: exit)
+        raise DownloadError("the download was stopped by SIGTERM") from None
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def download_file(
     url: str,
     dest: str | Path,
     md5: str,
     timeout: float = TIMEOUT,
     progress: bool = True,
+    deadline: float = DEADLINE,
 ) -> Path:
     """Stream ``url`` into ``dest`` atomically, checking its MD5 against ``md5``.
 
     The bytes go to a temporary file beside ``dest`` (same folder, so the final rename is atomic),
     are hashed on the way, flushed and ``fsync``-ed, and moved over ``dest`` with ``os.replace``
-    only when the checksum matches. On any failure the temporary file is removed and ``dest``, if
-    it existed, is left untouched.
+    only when the checksum matches. On any failure (including Ctrl-C and SIGTERM, which is then
+    passed on to the handler that was in place) the temporary file is removed and ``dest``, if it
+    existed, is left untouched. Abandoned temporary files of killed downloads in the folder are
+    removed first.
+
+    ``timeout`` bounds the connection and each read; ``deadline`` the whole transfer, headers
+    included, however slowly the server sends (seconds).
 
     Raises ``DownloadError`` (an ``OSError``) when the host cannot be reached, answers with an
-    HTTP error, or the transfer stops short of its announced length (truncated); ``ChecksumError``
-    (a ``ValueError``) when the bytes arrive but their MD5 is not ``md5``.
+    HTTP error, the transfer stops short of its announced length (truncated) or misses the
+    deadline; ``ChecksumError`` (a ``ValueError``) when the bytes arrive but their MD5 is not
+    ``md5``.
     """
     dest = Path(dest)
+    if not deadline > 0:
+        raise ValueError(f"download_file: deadline must be > 0 seconds, got {deadline!r}")
     dest.parent.mkdir(parents=True, exist_ok=True)
-    request = urllib.request.Request(url, headers={"User-Agent": _USER_AGENT})
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".part", dir=dest.parent)
-    tmp = Path(tmp_name)
-    try:
-        with os.fdopen(fd, "wb") as out:
-            try:
-                response = urllib.request.urlopen(request, timeout=timeout)
-            except urllib.error.HTTPError as exc:
-                raise _offline(
-                    f"cannot download {url}: HTTP {exc.code} {exc.reason}", dest, md5
-                ) from exc
-            except (urllib.error.URLError, TimeoutError, OSError) as exc:
-                reason = getattr(exc, "reason", exc)
-                raise _offline(
-                    f"cannot download {url}: {reason} (offline, or host unreachable)", dest, md5
-                ) from exc
-            with response:
-                total = response.headers.get("Content-Length")
-                total = int(total) if total and total.isdigit() else None
-                digest = hashlib.md5(usedforsecurity=False)
-                received = 0
-                bar = _progress_bar(dest.name, total, progress)
-                try:
-                    while True:
-                        try:
-                            chunk = response.read(_CHUNK)
-                        except http.client.IncompleteRead as exc:
-                            chunk = exc.partial
-                            received += len(chunk)
-                            raise DownloadError(
-                                f"cannot download {url}: truncated, the connection closed after "
-                                f"{received} of {total} bytes; {dest} was not changed"
-                            ) from exc
-                        except OSError as exc:  # includes timeouts
-                            raise DownloadError(
-                                f"cannot download {url}: the transfer stopped after {received} "
-                                f"bytes ({exc}); {dest} was not changed"
-                            ) from exc
-                        if not chunk:
-                            break
-                        out.write(chunk)
-                        digest.update(chunk)
-                        received += len(chunk)
-                        bar.update(len(chunk))
-                finally:
-                    bar.close()
-            if total is not None and received != total:
-                raise DownloadError(
-                    f"cannot download {url}: truncated, received {received} of {total} bytes; "
-                    f"{dest} was not changed"
-                )
-            got = digest.hexdigest()
-            if got != md5.lower():
-                raise ChecksumError(
-                    f"{dest.name} from {url}: checksum mismatch, MD5 {got} but the published "
-                    f"one is {md5} (corrupted or incomplete transfer); {dest} was not changed"
-                )
-            out.flush()
-            os.fsync(out.fileno())
-        tmp.chmod(0o644)  # mkstemp makes it private; a cached data file is readable by all
-        os.replace(tmp, dest)
-        fsync_dir(dest.parent)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    remove_stale(dest.parent, _is_part_name)
+    with _sigterm_cleans_up(), _Watchdog(deadline) as watchdog:
+        fd, tmp = locked_temp(dest.parent, f".{dest.name}.", ".part")
+        try:
+            with os.fdopen(fd, "wb") as out:
+                _transfer(url, dest, md5, timeout, progress, deadline, watchdog, out)
+                tmp.chmod(0o644)  # mkstemp makes it private; a cached file is readable by all
+                os.replace(tmp, dest)  # while the lock is held: an unlocked .part is abandoned
+            fsync_dir(dest.parent)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
     return dest
+
+
+def _transfer(url, dest: Path, md5: str, timeout: float, progress: bool, deadline: float,
+              watchdog: _Watchdog, out) -> None:  # type: ignore[no-untyped-def]
+    """The request, the streamed body (hashed on the way) and its checks, into ``out``."""
+    request = urllib.request.Request(url, headers={"User-Agent": _USER_AGENT})
+    received = 0
+
+    def late() -> DownloadError:
+        return DownloadError(
+            f"cannot download {url}: no complete transfer within the {deadline:g} s deadline "
+            f"({received} bytes received; the server is too slow); {dest} was not changed"
+        )
+
+    try:
+        response = watchdog.opener().open(request, timeout=timeout)
+    except urllib.error.HTTPError as exc:
+        raise _offline(f"cannot download {url}: HTTP {exc.code} {exc.reason}", dest, md5) from exc
+    except (urllib.error.URLError, TimeoutError, OSError, http.client.HTTPException) as exc:
+        if watchdog.expired:
+            raise late() from exc
+        reason = getattr(exc, "reason", exc)
+        raise _offline(
+            f"cannot download {url}: {reason} (offline, or host unreachable)", dest, md5
+        ) from exc
+    with response:
+        total = response.headers.get("Content-Length")
+        total = int(total) if total and total.isdigit() else None
+        digest = hashlib.md5(usedforsecurity=False)
+        bar = _progress_bar(dest.name, total, progress)
+        try:
+            while True:
+                try:
+                    chunk = response.read(_CHUNK)
+                except http.client.IncompleteRead as exc:
+                    received += len(exc.partial)
+                    if watchdog.expired:
+                        raise late() from exc
+                    raise DownloadError(
+                        f"cannot download {url}: truncated, the connection closed after "
+                        f"{received} of {total} bytes; {dest} was not changed"
+                    ) from exc
+                except OSError as exc:  # includes timeouts
+                    if watchdog.expired:
+                        raise late() from exc
+                    raise DownloadError(
+                        f"cannot download {url}: the transfer stopped after {received} "
+                        f"bytes ({exc}); {dest} was not changed"
+                    ) from exc
+                if watchdog.expired:
+                    raise late()
+                if not chunk:
+                    break
+                out.write(chunk)
+                digest.update(chunk)
+                received += len(chunk)
+                bar.update(len(chunk))
+        finally:
+            bar.close()
+    if total is not None and received != total:
+        raise DownloadError(
+            f"cannot download {url}: truncated, received {received} of {total} bytes; "
+            f"{dest} was not changed"
+        )
+    got = digest.hexdigest()
+    if got != md5.lower():
+        raise ChecksumError(
+            f"{dest.name} from {url}: checksum mismatch, MD5 {got} but the published "
+            f"one is {md5} (corrupted or incomplete transfer); {dest} was not changed"
+        )
+    out.flush()
+    os.fsync(out.fileno())
 
 
 def _progress_bar(desc: str, total: int | None, enabled: bool):
@@ -321,14 +456,16 @@ def fetch(
     mirror: str | None = None,
     progress: bool = True,
     timeout: float = TIMEOUT,
+    deadline: float = DEADLINE,
 ) -> Path:
     """Download data set ``name`` (``mnist``, ``fashion-mnist``, ``cifar10``) into the cache.
 
     Files already present with the published MD5 are kept as they are; a missing or different
     file is downloaded (from ``mirror``/``$BNLAB_DATA_MIRROR`` if set, else from each official
-    URL in turn) and replaces the old one only once its checksum matches. Returns the data set's
-    cache folder. Raises ``DownloadError`` or ``ChecksumError`` naming the URL and the problem
-    when no source delivers a good copy.
+    URL in turn) and replaces the old one only once its checksum matches; ``timeout`` and
+    ``deadline`` are those of :func:`download_file`. Returns the data set's cache folder.
+    Raises ``DownloadError`` or ``ChecksumError`` naming the URL and the problem when no source
+    delivers a good copy.
     """
     resource = _resource(name)
     directory = dataset_dir(name, root)
@@ -341,7 +478,7 @@ def fetch(
         errors: list[Exception] = []
         for base in bases:
             try:
-                download_file(base + remote.name, dest, remote.md5, timeout, progress)
+                download_file(base + remote.name, dest, remote.md5, timeout, progress, deadline)
                 break
             except (DownloadError, ChecksumError) as exc:
                 errors.append(exc)
