@@ -124,6 +124,16 @@ def test_idx_bad_files_name_file_and_problem(tmp_path, mutate, message, compress
     assert message in str(info.value)
 
 
+def test_idx_header_sizes_whose_product_overflows_name_the_file(tmp_path):
+    """Four sizes of 65536 multiply to 2**64: in int64 that wraps to 0, which matched the empty
+    data and reached numpy's reshape error without the file's name."""
+    path = tmp_path / "huge.idx"
+    path.write_bytes(struct.pack(">HBB4I", 0, 0x08, 4, 65536, 65536, 65536, 65536))
+    with pytest.raises(ValueError, match=r"huge\.idx: truncated: header says shape \(65536, "
+                                         r"65536, 65536, 65536\) \(18446744073709551616 data"):
+        read_idx(path)
+
+
 def test_idx_truncated_gzip_stream(tmp_path):
     blob = gzip.compress(_good_idx(tmp_path) * 1)
     path = tmp_path / "cut.idx.gz"
@@ -221,6 +231,15 @@ def test_load_mnist_count_mismatch_in_cache(tmp_path):
     make_idx_set(d, n_train=6, n_test=3)
     write_idx(d / "t10k-labels-idx1-ubyte.gz", np.zeros(2, np.uint8))
     with pytest.raises(ValueError, match="3 images but .*t10k-labels-idx1-ubyte.gz has 2 labels"):
+        load_mnist()
+
+
+def test_train_and_test_images_of_different_sizes_are_refused_at_load(tmp_path):
+    d = cache_dir() / "mnist"
+    make_idx_set(d, n_train=6, n_test=3)
+    write_idx(d / "t10k-images-idx3-ubyte.gz", np.zeros((3, 32, 32), np.uint8))
+    with pytest.raises(ValueError, match=r"mnist: the training images are 28x28 \(.*train-images"
+                                         r".*\) but the test images are 32x32 \(.*t10k-images"):
         load_mnist()
 
 

@@ -225,8 +225,15 @@ def _idx_dataset(
         labels_path = find_file(directory, labels_name)
         if images_path is None or labels_path is None:  # removed since locate() looked
             raise _absent(name, root)
-        arrays.append(load_idx_pair(images_path, labels_path))
-    (xtr, ytr), (xte, yte) = arrays
+        arrays.append((load_idx_pair(images_path, labels_path), images_path))
+    ((xtr, ytr), train_path), ((xte, yte), test_path) = arrays
+    if xtr.shape[1:] != xte.shape[1:]:
+        raise ValueError(
+            f"{name}: the training images are {'x'.join(map(str, xtr.shape[1:]))} ({train_path}) "
+            f"but the test images are {'x'.join(map(str, xte.shape[1:]))} ({test_path}); a model "
+            "cannot take both. Replace the wrong file (bnlab data fetch "
+            f"{name} downloads the official ones)"
+        )
     return Dataset(
         name,
         _to_images(xtr),
