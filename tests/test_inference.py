@@ -530,6 +530,41 @@ def test_freeze_params_false_keeps_gamma_trainable_and_torch_layers_refused():
         bnlab.freeze(nn.Sequential(nn.Linear(3, 3), nn.BatchNorm1d(3)))
 
 
+def test_unfreeze_gives_back_only_the_gradients_freeze_took():
+    model = nn.Sequential(nn.Linear(3, 3), bnlab.BatchNorm1d(3), nn.Linear(3, 3),
+                          bnlab.BatchNorm1d(3))
+    model[1].weight.requires_grad_(False)  # the user's choice: gamma of layer 1 stays fixed
+    bnlab.freeze(model, params=False)
+    bnlab.unfreeze(model)
+    assert not model[1].weight.requires_grad and model[1].bias.requires_grad
+    bnlab.freeze(model)  # params=True: switches off what is on
+    bnlab.freeze(model)  # twice: still remembers what it switched off
+    assert not any(p.requires_grad for m in (model[1], model[3]) for p in m.parameters())
+    bnlab.unfreeze(model, params=False)  # the layers thaw, the parameters stay frozen
+    assert not model[1].frozen and not model[3].bias.requires_grad
+    bnlab.unfreeze(model)
+    assert not model[1].weight.requires_grad  # off before freeze: still off
+    assert model[1].bias.requires_grad and model[3].weight.requires_grad
+
+
+def test_convert_to_torch_refuses_a_frozen_layer_and_changes_nothing():
+    model = nn.Sequential(bnlab.BatchNorm1d(3), nn.Linear(3, 3), bnlab.BatchNorm1d(3))
+    bnlab.freeze(model[2:])
+    with pytest.raises(ValueError, match=r"layer '2' is frozen .*bnlab.unfreeze"):
+        bnlab.convert(model, to="torch")
+    # checked before anything was replaced: the first layer is still bnlab's
+    assert [type(m) for m in model] == [bnlab.BatchNorm1d, nn.Linear, bnlab.BatchNorm1d]
+    bnlab.unfreeze(model)
+    out = bnlab.convert(model, to="torch")
+    assert type(out[0]) is nn.BatchNorm1d and type(out[2]) is nn.BatchNorm1d
+
+
+def test_convert_replaces_a_layer_at_every_place_it_is_registered():
+    bn = nn.BatchNorm1d(3)
+    model = bnlab.convert(nn.Sequential(bn, nn.ReLU(), bn))
+    assert type(model[0]) is bnlab.BatchNorm1d and model[2] is model[0]
+
+
 # ------------------------------------------------------------------------------------ diagnose
 def test_diagnose_after_exact_recompute_reports_no_gap_and_restores_state():
     model = MLP(in_features=8, hidden=(6, 5), norm="batchnorm1d")
@@ -562,6 +597,22 @@ def test_diagnose_flags_and_hand_computed_shift():
     fresh = torch.nn.BatchNorm1d(2)
     (row,) = bnlab.diagnose(fresh, [x], file=None)
     assert "never-updated" in row.flags and row.kind == "torch.BatchNorm1d"
+
+
+def test_diagnose_says_when_the_data_has_one_value_per_channel():
+    """One value per channel has no variance (var_ratio is NaN): the flag says that, and 'stale'
+    is judged on the mean shift alone."""
+    bn = bnlab.BatchNorm2d(2)
+    with torch.no_grad():
+        bn.running_mean.copy_(torch.tensor([0.0, 1.0]))
+        bn.running_var.copy_(torch.tensor([4.0, 1.0]))
+        bn.num_batches_tracked.fill_(3)
+    (row,) = bnlab.diagnose(bn, [torch.tensor([[[[0.1]], [[1.0]]]])], file=None)
+    assert row.flags == ["one-value-per-channel"]
+    assert row.var_ratio_min != row.var_ratio_min  # NaN
+    (row,) = bnlab.diagnose(bn, [torch.tensor([[[[3.0]], [[1.0]]]])], file=None)
+    assert row.flags == ["one-value-per-channel", "stale"]
+    assert row.mean_shift_max == pytest.approx(3 / (4 + 1e-5) ** 0.5)
 
 
 # ------------------------------------------------------------------------------------ docs

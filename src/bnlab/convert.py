@@ -42,40 +42,75 @@ def _swap(old: nn.Module, cls: type[nn.Module]) -> nn.Module:
     return new
 
 
+def _refusal(module: nn.Module, name: str, to: str) -> str | None:
+    """Why ``module`` cannot be converted (None when it can)."""
+    label = name or type(module).__name__
+    lazy = isinstance(module, nn.modules.lazy.LazyModuleMixin)
+    if lazy and module.has_uninitialized_params():
+        return f"convert: lazy layer '{label}' is not initialized; run one forward pass first"
+    if to != "torch":
+        return None
+    if getattr(module, "activation", None) is not None:  # torch's BN has no fused activation
+        return (
+            f"convert: layer '{label}' has activation={module.activation!r}, which torch's "
+            "BatchNorm lacks"
+        )
+    if getattr(module, "frozen", False):  # nor a frozen mode
+        return (
+            f"convert: layer '{label}' is frozen (bnlab.freeze): torch's BatchNorm cannot use its "
+            "population statistics in training mode nor stop updating them. Call "
+            "bnlab.unfreeze(model) first, or keep bnlab's layers"
+        )
+    return None
+
+
 def convert(model: nn.Module, to: str = "bnlab") -> nn.Module:
     """Replace every ``torch.nn.BatchNorm1d/2d/3d`` in ``model`` by bnlab's (``to="bnlab"``) or
     every bnlab ``BatchNorm1d/2d/3d`` by torch's (``to="torch"``).
 
     Children are replaced in place; the return value is the converted model (a new module when
-    ``model`` itself is a BatchNorm layer). Subclasses of either family (e.g. ``SyncBatchNorm``,
-    bnlab variants) are left alone. Uninitialized lazy layers raise ``ValueError``.
+    ``model`` itself is a BatchNorm layer). A layer registered at several places (the same object
+    twice in an ``nn.Sequential``) is replaced by one new layer at all of them. Subclasses of
+    either family (e.g. ``SyncBatchNorm``, bnlab variants) are left alone. What the other family
+    cannot carry is refused, never dropped: ``ValueError`` naming the layer for an uninitialized
+    lazy layer and, with ``to="torch"``, for a bnlab layer with a fused ``activation`` or frozen
+    by :func:`bnlab.freeze`. Every layer is checked before the first is replaced, so a refused
+    conversion leaves the model as it was.
     """
     if to not in ("bnlab", "torch"):
         raise ValueError(f"convert: to must be 'bnlab' or 'torch', got {to!r}")
     table = _TO_BNLAB if to == "bnlab" else _TO_TORCH
 
-    def visit(module: nn.Module, name: str) -> nn.Module:
-        lazy = isinstance(module, nn.modules.lazy.LazyModuleMixin)
-        if lazy and module.has_uninitialized_params():
-            raise ValueError(
-                f"convert: lazy layer '{name or type(module).__name__}' is not initialized; "
-                "run one forward pass first"
-            )
-        cls = table.get(type(module))
-        if cls is not None and getattr(module, "activation", None) is not None:
-            raise ValueError(  # torch's BatchNorm has no fused activation: refuse to drop it
-                f"convert: layer '{name or type(module).__name__}' has "
-                f"activation={module.activation!r}, which torch's BatchNorm lacks"
-            )
-        if cls is not None:
-            return _swap(module, cls)
-        for child_name, child in list(module.named_children()):
-            new_child = visit(child, f"{name}.{child_name}" if name else child_name)
-            if new_child is not child:
-                setattr(module, child_name, new_child)
-        return module
+    def walk(module: nn.Module, name: str, seen: set[int]) -> None:
+        """Check every module (each object once), before anything is replaced."""
+        if id(module) in seen:
+            return
+        seen.add(id(module))
+        if type(module) in table or isinstance(module, nn.modules.lazy.LazyModuleMixin):
+            reason = _refusal(module, name, to)
+            if reason:
+                raise ValueError(reason)
+        if type(module) in table:
+            return
+        for child_name, child in module._modules.items():
+            if child is not None:
+                walk(child, f"{name}.{child_name}" if name else child_name, seen)
 
-    out = visit(model, "")
+    def visit(module: nn.Module, new: dict[int, nn.Module]) -> nn.Module:
+        if id(module) in new:
+            return new[id(module)]
+        cls = table.get(type(module))
+        new[id(module)] = _swap(module, cls) if cls is not None else module
+        if cls is None:
+            for child_name, child in list(module._modules.items()):
+                if child is not None:
+                    replaced = visit(child, new)
+                    if replaced is not child:
+                        module._modules[child_name] = replaced
+        return new[id(module)]
+
+    walk(model, "", set())
+    out = visit(model, {})
     if to == "bnlab":
         name_layers(out)
     return out

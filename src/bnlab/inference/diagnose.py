@@ -96,6 +96,9 @@ def diagnose(
     * ``stale``: some channel has ``mean_shift > shift_tol`` or ``var_ratio`` outside
       ``[1/var_tol, var_tol]``;
     * ``non-finite``: NaN/Inf in the stored statistics;
+    * ``one-value-per-channel``: the data gave the layer one value per channel (e.g. one
+      ``(1, C)`` batch), whose variance is undefined: ``var_ratio`` is NaN and ``stale`` looks at
+      the mean shift only; pass more (or larger) batches;
     * ``no-running-stats``: ``track_running_stats=False`` (always batch statistics; skipped).
 
     Returns one :class:`LayerDiagnosis` per layer, in execution order then registration order.
@@ -163,12 +166,18 @@ def diagnose(
             )
             continue
         shift = (mom.mean - rm).abs() / torch.sqrt(rv + m.eps)
-        ratio = mom.variance("unbiased") / rv
         if not math.isfinite(float(shift.max())) and "non-finite" not in flags:
             flags.append("non-finite")
-        if float(shift.max()) > shift_tol or not (
-            1.0 / var_tol <= float(ratio.min()) and float(ratio.max()) <= var_tol
-        ):
+        if mom.n < 2:  # an unbiased variance of one value is 0/0: say so, not "stale"
+            flags.append("one-value-per-channel")
+            ratio = torch.full_like(shift, math.nan)
+            stale = float(shift.max()) > shift_tol
+        else:
+            ratio = mom.variance("unbiased") / rv
+            stale = float(shift.max()) > shift_tol or not (
+                1.0 / var_tol <= float(ratio.min()) and float(ratio.max()) <= var_tol
+            )
+        if stale:
             flags.append("stale")
         rows.append(
             LayerDiagnosis(

@@ -29,6 +29,11 @@ def _bnlab_layers_for(fn: str, model: nn.Module) -> list[tuple[str, _BatchNorm]]
     return out
 
 
+# names of the parameters freeze() switched off, per layer (an instance attribute, so that
+# unfreeze() gives back exactly those and leaves the ones the user had switched off alone)
+_SWITCHED_OFF = "_bnlab_frozen_params"
+
+
 def freeze(model: nn.Module, params: bool = True) -> nn.Module:
     """Freeze every BatchNorm layer of ``model`` (bnlab layers; ``TypeError`` for torch ones).
 
@@ -36,8 +41,9 @@ def freeze(model: nn.Module, params: bool = True) -> nn.Module:
     ``y = gamma * (x - E[x]) / sqrt(Var[x] + eps) + beta``) in training *and* eval mode, never
     updates ``running_mean``/``running_var``/``num_batches_tracked``, and stays frozen across
     ``model.train()``; gradients still flow through it to earlier layers. With ``params=True``
-    gamma and beta are frozen too (``requires_grad=False``, gradients cleared). The layer's repr
-    shows ``frozen=True``. Returns ``model``.
+    gamma and beta are frozen too (``requires_grad=False``, gradients cleared); the layer
+    remembers which of them this switched off. The layer's repr shows ``frozen=True``. Every
+    layer is checked before any is changed. Returns ``model``.
     """
     layers = _bnlab_layers_for("freeze", model)
     for name, m in layers:
@@ -49,20 +55,29 @@ def freeze(model: nn.Module, params: bool = True) -> nn.Module:
     for _, m in layers:
         m.frozen = True
         if params:
-            for p in (m.weight, m.bias):
-                if p is not None:
+            off = set(vars(m).get(_SWITCHED_OFF, ()))
+            for pname in ("weight", "bias"):
+                p = getattr(m, pname)
+                if p is None:
+                    continue
+                if p.requires_grad:
+                    off.add(pname)
                     p.requires_grad_(False)
-                    p.grad = None
+                p.grad = None
+            vars(m)[_SWITCHED_OFF] = tuple(sorted(off))
     return model
 
 
 def unfreeze(model: nn.Module, params: bool = True) -> nn.Module:
     """Undo :func:`freeze`: layers follow train/eval again; with ``params=True`` gamma and beta
-    require gradients again. Returns ``model``."""
+    that :func:`freeze` switched off require gradients again. Parameters whose gradients were
+    off before ``freeze`` (or that ``freeze(params=False)`` left alone) keep ``requires_grad``
+    as it is. Returns ``model``."""
     for _, m in _bnlab_layers_for("unfreeze", model):
         m.frozen = False
         if params:
-            for p in (m.weight, m.bias):
+            for pname in vars(m).pop(_SWITCHED_OFF, ()):
+                p = getattr(m, pname, None)
                 if p is not None:
                     p.requires_grad_(True)
     return model
