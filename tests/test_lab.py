@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -222,3 +223,40 @@ def test_version_and_plain_help(capsys):
     text = capsys.readouterr().out
     assert "``" not in text and ":class:" not in text and "issue" not in text.lower()
     assert "{auto,mnist,mnist-5k" in text  # --dataset lists its choices
+
+
+def test_report_shows_values_from_the_files_as_text_never_as_markup(tmp_path, capsys):
+    """config.json is user-controlled: its strings reach report.md and report.html as literal
+    text (no HTML, no links, no emphasis), whatever they hold."""
+    out = tmp_path / "r"
+    assert main(["run", "toy", "--quick", "--out", str(out), "--no-progress"]) == 0
+    meta = json.loads((out / "config.json").read_text())
+    evil = "`x` <script>alert(1)</script> **bold** [a](javascript:alert(1)) | # _u_"
+    meta.update(command=f"bnlab run toy --out {evil}", description=f"<img src=x onerror=1> {evil}",
+                cpu=f"<b>cpu</b>{evil}", status="failed", error=f"ValueError: {evil}",
+                versions={"bnlab": evil}, dataset={"name": evil})
+    meta["config"]["norm"] = evil
+    (out / "config.json").write_text(json.dumps(meta))
+    assert main(["report", str(out)]) == 0
+    md = (out / "report.md").read_text()
+    html = (out / "report.html").read_text()
+    # every markup character arrives escaped: \<script\>, \*\*bold\*\*, \[a\](...
+    for raw in (r"<script", r"<img src", r"<b>cpu", r"\]\(javascript", r"\*\*bold"):
+        assert not re.search(r"(?<!\\)" + raw, md), raw
+    assert "\\<script\\>alert(1)\\</script\\>" in md
+    for raw in ("<script", "<img src=x", "<b>cpu", 'href="javascript', "<strong>bold"):
+        assert raw not in html, raw
+    # ... and the reader sees the text exactly as it was written
+    assert html.count("`x` &lt;script&gt;alert(1)&lt;/script&gt; **bold** "
+                      "[a](javascript:alert(1)) | # _u_") >= 6
+
+
+def test_report_on_a_broken_config_json_names_the_file(tmp_path, capsys):
+    out = tmp_path / "r"
+    assert main(["run", "toy", "--quick", "--out", str(out), "--no-progress"]) == 0
+    text = (out / "config.json").read_text()
+    (out / "config.json").write_text(text[: len(text) // 2])  # cut short
+    capsys.readouterr()
+    assert main(["report", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert f"{out / 'config.json'} is not valid JSON" in err and "Traceback" not in err

@@ -181,9 +181,11 @@ def test_bad_run_dir_and_bad_metrics(tmp_path, capsys):
         load_run(tmp_path)
     (tmp_path / "config.json").write_text(json.dumps({"experiment": "mnist"}))
     (tmp_path / "metrics.jsonl").write_text("{not json\n")
-    assert main(["report", str(tmp_path)]) == 2
-    err = capsys.readouterr().err
-    assert "mnist report needs" in err and "Traceback" not in err
+    # nothing usable: the report still says what it found, and why no claim can be judged
+    assert main(["report", str(tmp_path)]) == 0
+    assert "Claims: 4 not assessed" in capsys.readouterr().out
+    html = (tmp_path / "report.html").read_text()
+    assert "line 1 is not JSON" in html and "no test accuracy rows for the baseline" in html
 
 
 def test_cli_list_and_flag_types(capsys):
@@ -256,3 +258,75 @@ def test_cli_bench_help_reaches_the_bench_parser(capsys):
         main(["bench", "--help"])
     assert exc.value.code == 0
     assert "usage: bnlab bench" in capsys.readouterr().out
+
+
+def _hand_made_run(path, rows, **meta):
+    path.mkdir()
+    base = {"experiment": "mnist", "status": "finished", "config": {"steps": 20_000, "seeds": 1},
+            "dataset": {"name": "mnist", "train": 60_000, "test": 10_000}}
+    (path / "config.json").write_text(json.dumps({**base, **meta}))
+    (path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def _damage(rows: list[dict], how: str) -> list[dict]:
+    rows = [dict(r) for r in rows]
+    if how == "fields":
+        del rows[3]["seed"]
+        del rows[5]["step"]
+        rows[7]["test_acc"] = "high"
+        rows[9]["tracked_pct"] = [1, 2]
+        rows[11]["unit_pct"] = [[1, 2, 3]]  # one unit where the run has three
+        rows[13]["net"] = "other"
+        rows[15]["test_acc"] = None
+    elif how == "one network":
+        rows = [r for r in rows if r["net"] == "bn"]
+    return rows
+
+
+@pytest.mark.parametrize("how", ["fields", "one network", "number line", "truncated"])
+def test_report_builds_what_it_can_from_damaged_metrics(tmp_path, capsys, how):
+    """Damaged rows are left out with a warning naming what was wrong; a run with one network
+    only still gets its figures, with every claim not assessed and the reason given."""
+    rows = _damage(_hand_made_rows(20_000), how)
+    run = _hand_made_run(tmp_path / "run", rows)
+    text = (run / "metrics.jsonl").read_text()
+    if how == "number line":
+        lines = text.splitlines(keepends=True)
+        (run / "metrics.jsonl").write_text("".join(lines[:4] + ["42\n"] + lines[4:]))
+    elif how == "truncated":
+        (run / "metrics.jsonl").write_text(text + '{"step": 20000, "net": "bn", "se')
+    assert main(["report", str(run)]) == 0
+    out = capsys.readouterr().out
+    html = (run / "report.html").read_text()
+    assert (run / "figure1a.png").is_file() and (run / "figure1bc.png").is_file()
+    files = load_run(run)
+    verdicts = [c.verdict for c in mnist_report.summarize(files.meta, files.rows)["claims"]]
+    if how == "one network":
+        assert verdicts == ["not assessed"] * 4
+        assert "no test accuracy rows for the baseline network" in html
+        assert "baseline n/a" in out
+    else:  # the rest of the run still judges the claims
+        assert verdicts == ["holds"] * 4
+    if how == "fields":
+        for warning in ("3 row(s) of metrics.jsonl lack a valid net, step or seed",
+                        "1 row(s) of metrics.jsonl have an unusable test_acc",
+                        "1 row(s) of metrics.jsonl have an unusable tracked_pct",
+                        "1 row(s) of metrics.jsonl have an unusable unit_pct"):
+            assert warning in html
+    if how == "number line":
+        assert "line 5 is a JSON int, not an object; skipped" in html
+    if how == "truncated":
+        assert f"line {len(rows) + 1} is incomplete" in html
+
+
+def test_report_of_a_config_json_with_wrong_types(tmp_path, capsys):
+    """Every value of config.json is read defensively: wrong types show as they are or as '?',
+    never as a traceback."""
+    run = _hand_made_run(tmp_path / "run", _hand_made_rows(20_000), dataset=["mnist"],
+                         versions=["x"], steps_done="many", threads=None,
+                         config={"steps": "20000", "tracked_unit": "x", "seeds": [1]})
+    assert main(["report", str(run)]) == 0
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert "Status: <strong>finished</strong>; wall time ?" in (run / "report.html").read_text()

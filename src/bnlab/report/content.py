@@ -1,16 +1,42 @@
-"""What a report shows, as plain data: an experiment's ``report(files)`` returns a
+r"""What a report shows, as plain data: an experiment's ``report(files)`` returns a
 :class:`Summary` of :class:`Section` s holding :class:`Figure` s, text, :class:`Table` s and
 :class:`Claim` s; :mod:`bnlab.report.report` renders any summary to Markdown and HTML.
 
 Text fields may use a small inline markup, rendered in HTML and kept as is in Markdown:
-``**bold**``, ``*emphasis*``, ```code``` and ``[text](url)``.
+``**bold**``, ``*emphasis*``, ```code```, ``[text](url)`` and backslash escapes (``\*`` is a
+literal star). Values that come from a run's files (config strings, the command line, paths, a
+data set's note) are put in text through :func:`literal` or :func:`code`, so that whatever they
+contain is shown as it is in both renderers, never read as markup or HTML.
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
+from typing import Any
 
-__all__ = ["Claim", "Figure", "Section", "Summary", "Table", "VERDICTS"]
+__all__ = ["Claim", "Figure", "Section", "Summary", "Table", "VERDICTS", "code", "literal"]
+
+# characters with a meaning in Markdown (CommonMark + GitHub tables/strikethrough) or HTML
+_MARKUP = re.compile(r"([\\`*_\[\]<>&|~#!])")
+
+
+def literal(value: Any) -> str:
+    """``str(value)`` on one line, with every markup character backslash-escaped: Markdown
+    (CommonMark allows escaping any ASCII punctuation) and :func:`bnlab.report.report.inline_html`
+    both show it exactly as it is."""
+    text = " ".join(str(value).splitlines())
+    return _MARKUP.sub(r"\\\1", text)
+
+
+def code(value: Any) -> str:
+    """``value`` as a code span (shown verbatim: Markdown interprets nothing inside one), or as
+    :func:`literal` text when it holds a backtick or a line break, which would end the span."""
+    text = str(value)
+    if "`" in text or "\n" in text or "\r" in text or not text.strip():
+        return literal(text)
+    return f"`{text}`"
+
 
 #: A claim holds, fails, or cannot be judged from this run (too short, a variant missing...).
 VERDICTS = ("holds", "fails", "not assessed")

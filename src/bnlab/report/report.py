@@ -17,7 +17,7 @@ from typing import Any
 
 from .._fileutil import atomic_write_text
 from ..runs import RunFiles, load_run
-from .content import Claim, Figure, Summary, Table
+from .content import Claim, Figure, Summary, Table, code, literal
 
 __all__ = ["build_report", "write_report", "summarize_run", "render_markdown", "render_html",
            "inline_html"]
@@ -25,11 +25,25 @@ __all__ = ["build_report", "write_report", "summarize_run", "render_markdown", "
 _VERDICT_STYLE = {"holds": "holds", "fails": "fails", "not assessed": "na"}
 
 
+# a backslash escape (any ASCII punctuation, as in CommonMark) or a code span: both literal text
+_LITERAL = re.compile(r"\\([!-/:-@\[-`{-~])|`([^`]+)`")
+
+
 def inline_html(text: str) -> str:
     """Escape ``text`` for HTML and render the inline markup of
-    :mod:`bnlab.report.content` (bold, emphasis, code, links)."""
-    out = html.escape(str(text), quote=True)
-    out = re.sub(r"`([^`]+)`", r"<code>\1</code>", out)
+    :mod:`bnlab.report.content` (backslash escapes, code, bold, emphasis, links). Code spans and
+    escaped characters are taken out first, so nothing inside them is read as markup."""
+    literals: list[str] = []
+
+    def keep(m: re.Match) -> str:
+        if m.group(1) is not None:
+            literals.append(html.escape(m.group(1), quote=True))
+        else:
+            literals.append(f"<code>{html.escape(m.group(2), quote=True)}</code>")
+        return f"\x00{len(literals) - 1}\x00"
+
+    out = _LITERAL.sub(keep, str(text).replace("\x00", ""))
+    out = html.escape(out, quote=True)
     out = re.sub(r"\*\*([^*]+)\*\*", r"<strong>\1</strong>", out)
     out = re.sub(r"(?<![\w*])\*([^*\s][^*]*)\*(?![\w*])", r"<em>\1</em>", out)
     out = re.sub(
@@ -37,7 +51,7 @@ def inline_html(text: str) -> str:
         lambda m: f'<a href="{m.group(2)}">{m.group(1)}</a>',
         out,
     )
-    return out
+    return re.sub("\x00(\\d+)\x00", lambda m: literals[int(m.group(1))], out)
 
 
 def _md_cell(text: str) -> str:
@@ -55,40 +69,51 @@ def _md_table(t: Table) -> list[str]:
 
 
 def _setup_lines(files: RunFiles) -> list[str]:
-    """What every report states about how the run was made (from config.json)."""
+    """What every report states about how the run was made (from config.json). Every value
+    comes from the file, so it goes in as :func:`literal` or :func:`code` text, and a value of
+    the wrong type is shown as '?' rather than failing the report."""
     m = files.meta
     lines = []
     status = m.get("status", "?")
     steps = ""
-    if m.get("steps_done") is not None and isinstance(files.config.get("steps"), int):
-        steps = f", {m['steps_done']:,} of {files.config['steps']:,} steps"
+    done, total = m.get("steps_done"), files.config.get("steps")
+    if _is_int(done) and _is_int(total):
+        steps = f", {done:,} of {total:,} steps"
     lines.append(
-        f"Status: **{status}**{steps}; wall time {m.get('wall_time_s', '?')} s; started "
-        f"{m.get('started', '?')}, ended {m.get('finished', '?')}."
+        f"Status: **{literal(status)}**{steps}; wall time {literal(m.get('wall_time_s', '?'))} s; "
+        f"started {literal(m.get('started', '?'))}, ended {literal(m.get('finished', '?'))}."
     )
     if m.get("command"):
-        lines.append(f"Command: `{m['command']}`")
-    threads = m.get("threads", "?")
+        lines.append(f"Command: {code(m['command'])}")
+    threads = literal(m.get("threads", "?"))
     procs = m.get("processes")
+    versions = m.get("versions")
+    versions = versions if isinstance(versions, dict) else {}
     lines.append(
-        f"Machine: {m.get('cpu', '?')}; "
-        + (f"{procs} process(es) x {threads} thread(s)" if procs else f"{threads} thread(s)")
+        f"Machine: {literal(m.get('cpu', '?'))}; "
+        + (f"{literal(procs)} process(es) x {threads} thread(s)" if procs else
+           f"{threads} thread(s)")
         + "; versions "
-        + ", ".join(f"{k} {v}" for k, v in (m.get("versions") or {}).items())
+        + ", ".join(f"{literal(k)} {literal(v)}" for k, v in versions.items())
         + "."
     )
     ds = m.get("dataset")
     if isinstance(ds, dict) and ds.get("name"):
+        name = literal(ds["name"])
         lines.append(
-            f"Data: {ds['name']} ({ds.get('train', '?'):,} train / {ds.get('test', '?'):,} test)"
-            if isinstance(ds.get("train"), int) and isinstance(ds.get("test"), int)
-            else f"Data: {ds['name']}"
+            f"Data: {name} ({ds['train']:,} train / {ds['test']:,} test)"
+            if _is_int(ds.get("train")) and _is_int(ds.get("test"))
+            else f"Data: {name}"
         )
     if files.config:
         lines.append(
-            "Config: " + ", ".join(f"`{k}={_fmt_value(v)}`" for k, v in files.config.items())
+            "Config: " + ", ".join(code(f"{k}={_fmt_value(v)}") for k, v in files.config.items())
         )
     return lines
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
 
 
 def _fmt_value(v: Any) -> str:
@@ -111,14 +136,15 @@ def _caveats(files: RunFiles, summary: Summary) -> list[str]:
     if status == "interrupted":
         out.append(
             "**Interrupted** (Ctrl-C): this report shows what was measured up to then; "
-            f"`bnlab run {m.get('experiment', 'NAME')} --resume {files.path}` continues the run."
+            + code(f"bnlab run {m.get('experiment', 'NAME')} --resume {files.path}")
+            + " continues the run."
         )
     elif status == "failed":
-        out.append(f"**The run failed**: {m.get('error', 'see the terminal output')}.")
+        out.append(f"**The run failed**: {literal(m.get('error', 'see the terminal output'))}.")
     elif status == "running":
         out.append("**The run has not ended** (still running, or killed): numbers are partial.")
     out += summary.caveats
-    out += [f"While reading the run's files: {w}." for w in files.warnings]
+    out += [f"While reading the run's files: {literal(w)}." for w in files.warnings]
     return out
 
 
@@ -127,7 +153,7 @@ def render_markdown(files: RunFiles, summary: Summary) -> str:
     md = [f"# {summary.title}", ""]
     desc = files.meta.get("description")
     if desc:
-        md += [f"*{desc}*", ""]
+        md += [f"*{literal(desc)}*", ""]
     for c in _caveats(files, summary):
         md.append(f"> {c}")
         md.append(">")
@@ -223,7 +249,7 @@ def render_html(files: RunFiles, summary: Summary) -> str:
     h = [f"<h1>{inline_html(summary.title)}</h1>"]
     desc = files.meta.get("description")
     if desc:
-        h.append(f"<p class='desc'>{inline_html(desc)}</p>")
+        h.append(f"<p class='desc'>{inline_html(literal(desc))}</p>")
     h += [f"<div class='caveat'>{inline_html(c)}</div>" for c in _caveats(files, summary)]
     if summary.headline:
         h.append(
