@@ -330,3 +330,59 @@ def test_report_of_a_config_json_with_wrong_types(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "Traceback" not in err
     assert "Status: <strong>finished</strong>; wall time ?" in (run / "report.html").read_text()
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_ctrl_c_pressed_again_while_stopping_still_records_how_far_the_run_got(tmp_path,
+                                                                               monkeypatch,
+                                                                               workers):
+    """Ctrl-C while a row is being written, again while the workers are joined and again while
+    the final fields are written: config.json still gets the status, the end time and
+    steps_done (the last step every network was evaluated at), and the report says how far
+    the run got."""
+    import multiprocessing.process as mpp
+    import signal
+
+    from bnlab.experiments import execute
+    from bnlab.report.report import write_report
+    from bnlab.runs import RunDir
+
+    real_log, real_update, real_join = RunDir.log, RunDir.update, mpp.BaseProcess.join
+    calls = {"log": 0, "join": 0, "update": 0}
+
+    def log(self, rows):
+        calls["log"] += 1
+        if calls["log"] == 2:  # training under way
+            signal.raise_signal(signal.SIGINT)
+        return real_log(self, rows)
+
+    def join(self, timeout=None):
+        calls["join"] += 1
+        if calls["join"] == 1:
+            signal.raise_signal(signal.SIGINT)
+        return real_join(self, timeout)
+
+    def update(self, **fields):
+        if "steps_done" in fields:
+            calls["update"] += 1
+            signal.raise_signal(signal.SIGINT)
+        return real_update(self, **fields)
+
+    monkeypatch.setattr(RunDir, "log", log)
+    monkeypatch.setattr(RunDir, "update", update)
+    monkeypatch.setattr(mpp.BaseProcess, "join", join)
+    cfg = mnist.MnistConfig(steps=5000, eval_every=100, seeds=1, dataset="synthetic",
+                            workers=workers, threads=2, eval_batch=200)
+    out = tmp_path / "run"
+    run = execute(mnist.EXPERIMENT, cfg, out, progress=False)
+    monkeypatch.undo()
+    assert calls["update"] == 1 and (calls["join"] >= 1 or workers == 1)  # every press came
+    meta = json.loads((out / "config.json").read_text())
+    assert run.meta["status"] == meta["status"] == "interrupted" and meta["interrupted"] is True
+    assert meta["finished"] and meta["wall_time_s"] >= 0
+    rows = load_run(out).rows
+    last = {net: max(r["step"] for r in rows if r["net"] == net) for net in mnist.NETS}
+    assert 0 < meta["steps_done"] == min(last.values()) < cfg.steps
+    write_report(out)
+    md = (out / "report.md").read_text()
+    assert f"{meta['steps_done']:,} of 5,000 steps" in md and "? of" not in md

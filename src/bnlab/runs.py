@@ -191,9 +191,11 @@ class RunDir:
         return d
 
     def update(self, **fields: Any) -> None:
-        """Merge ``fields`` into ``config.json`` (atomic rewrite)."""
-        self.meta.update(fields)
-        atomic_write_text(self.path / CONFIG, _dumps(self.meta, indent=2))
+        """Merge ``fields`` into ``config.json`` (atomic rewrite; a Ctrl-C meanwhile is held
+        back until the file is written)."""
+        with deferred_sigint():
+            self.meta.update(fields)
+            atomic_write_text(self.path / CONFIG, _dumps(self.meta, indent=2))
 
     def log(self, rows: Mapping[str, Any] | Iterable[Mapping[str, Any]]) -> None:
         """Append one row or several to ``metrics.jsonl`` (whole lines, one write, flushed).
@@ -203,13 +205,14 @@ class RunDir:
         text = "".join(_dumps(dict(r)) + "\n" for r in rows)
         if not text:
             return
-        fd = os.open(self.path / METRICS, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-        try:
-            data = text.encode("utf-8")
-            while data:
-                data = data[os.write(fd, data) :]
-        finally:
-            os.close(fd)
+        with deferred_sigint():  # a Ctrl-C between two partial writes would cut a line
+            fd = os.open(self.path / METRICS, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+            try:
+                data = text.encode("utf-8")
+                while data:
+                    data = data[os.write(fd, data) :]
+            finally:
+                os.close(fd)
 
     def drop_rows(self, drop: Callable[[dict], bool]) -> int:
         """Rewrite ``metrics.jsonl`` without the rows for which ``drop(row)`` is true, and
@@ -331,8 +334,9 @@ def load_run(path: str | os.PathLike[str]) -> RunFiles:
 
 @contextlib.contextmanager
 def deferred_sigint() -> Iterator[None]:
-    """Hold back Ctrl-C (SIGINT) during a block that must finish (writing a run's final
-    status); a Ctrl-C pressed inside is raised as KeyboardInterrupt when the block ends. Works
+    """Hold back Ctrl-C (SIGINT) during a block that must finish (writing a run's final status,
+    appending a row); a Ctrl-C pressed inside is delivered again when the block ends, to the
+    handler that was in place before (Python's default raises KeyboardInterrupt there). Works
     only in the main thread; elsewhere the block runs unprotected."""
     import signal
     import threading
@@ -347,4 +351,4 @@ def deferred_sigint() -> Iterator[None]:
     finally:
         signal.signal(signal.SIGINT, previous)
     if pressed:
-        raise KeyboardInterrupt
+        signal.raise_signal(signal.SIGINT)

@@ -312,13 +312,56 @@ def _plan(cfg: MnistConfig) -> tuple[list[tuple[str, ...]], int]:
     return [(n,) for n in NETS], max(1, threads // len(NETS))
 
 
+class _CtrlC:
+    """Ctrl-C during a run, as state instead of an exception flying through arbitrary code.
+
+    While installed (main thread only), SIGINT is recorded: the first press asks the training
+    to stop (the workers finish the step they are in, evaluate and report); a second press
+    stops waiting for them (they are terminated). Raising is left to the caller, after it has
+    recorded how far the run got. ``abortable`` makes a press raise KeyboardInterrupt at once
+    (second press in the single-process loop, which has no one to wait for)."""
+
+    def __init__(self) -> None:
+        self.presses = 0
+        self.abortable = False
+        self._previous: Any = None
+        self.installed = False
+
+    def _on_sigint(self, signum: int, frame: Any) -> None:
+        self.presses += 1
+        if self.abortable and self.presses >= 2:
+            raise KeyboardInterrupt
+
+    @property
+    def pressed(self) -> bool:
+        return self.presses > 0
+
+    def __enter__(self) -> _CtrlC:
+        import signal
+        import threading
+
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._on_sigint)
+            self.installed = True
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        import signal
+
+        if self.installed:
+            signal.signal(signal.SIGINT, self._previous)
+            self.installed = False
+
+
 def run(cfg: MnistConfig, run_dir: RunDir, progress: bool = True) -> dict[str, Any]:
     """Train all networks, appending evaluation rows to the run's ``metrics.jsonl``; returns the
     fields ``config.json`` records about the training (steps done, speed).
 
     With ``workers=2`` (the default on 2+ threads) each network variant trains in its own process
     with half the threads; the numbers are the same as in one process (tested). Ctrl-C stops
-    cleanly: the workers evaluate at the step they reached, the rows so far stay on disk, and
+    cleanly: the networks evaluate at the step they reached and the rows so far stay on disk; a
+    second Ctrl-C stops waiting for that evaluation. Either way ``steps_done`` (the last step
+    every network was evaluated at) and the timing are written to ``config.json`` before
     KeyboardInterrupt propagates to the caller, which records the run as interrupted.
     """
     import multiprocessing as mp
@@ -353,6 +396,7 @@ def run(cfg: MnistConfig, run_dir: RunDir, progress: bool = True) -> dict[str, A
     bar = tqdm(total=cfg.steps, disable=not progress, unit="step", dynamic_ncols=True)
     last_acc: dict[str, float] = {}
     reached = dict.fromkeys(groups, 0)
+    evaluated = {n: 0 for g in groups for n in g}  # last step with evaluation rows, per net
 
     def emit(kind: str, payload: Any, group: tuple[str, ...] = NETS) -> None:
         if kind == "eval":
@@ -360,6 +404,7 @@ def run(cfg: MnistConfig, run_dir: RunDir, progress: bool = True) -> dict[str, A
             for n in {r["net"] for r in payload}:
                 accs = [r["test_acc"] for r in payload if r["net"] == n]
                 last_acc[n] = sum(accs) / len(accs)
+                evaluated[n] = max(r["step"] for r in payload if r["net"] == n)
             bar.set_postfix(
                 {f"acc_{n}": f"{a:.3f}" for n, a in sorted(last_acc.items())}, refresh=False
             )
@@ -368,26 +413,29 @@ def run(cfg: MnistConfig, run_dir: RunDir, progress: bool = True) -> dict[str, A
             bar.update(min(reached.values()) - bar.n)
 
     t0 = time.perf_counter()
-    interrupted = False
-    try:
-        if len(groups) == 1:
-            _set_threads(threads)
-            train_variants(cfg, NETS, data, emit, lambda: False)
-        else:
-            interrupted = _run_workers(cfg, groups, threads, emit, mp.get_context("spawn"))
-    except KeyboardInterrupt:
-        interrupted = True
-    finally:
-        bar.close()
-    wall = time.perf_counter() - t0
-    steps_done = min(reached.values())
-    result = {
-        "steps_done": steps_done,
-        "training_time_s": round(wall, 2),
-        "steps_per_s": round(steps_done / wall, 1) if wall > 0 else None,
-    }
-    if interrupted:
-        run_dir.update(**result)
+    with _CtrlC() as ctrl_c:
+        try:
+            if len(groups) == 1:
+                _set_threads(threads)
+                ctrl_c.abortable = True
+                train_variants(cfg, NETS, data, emit, lambda: ctrl_c.pressed)
+            else:
+                _run_workers(cfg, groups, threads, emit, mp.get_context("spawn"), ctrl_c)
+        except KeyboardInterrupt:  # a forced stop, or Ctrl-C where no handler could be set
+            ctrl_c.presses += 1
+        finally:
+            ctrl_c.abortable = False
+            bar.close()
+            wall = time.perf_counter() - t0
+            steps_done = min(evaluated.values())
+            result = {
+                "steps_done": steps_done,
+                "training_time_s": round(wall, 2),
+                "steps_per_s": round(steps_done / wall, 1) if wall > 0 else None,
+            }
+            if ctrl_c.pressed:
+                run_dir.update(**result)  # before the interrupt reaches the caller
+    if ctrl_c.pressed:
         raise KeyboardInterrupt
     return result
 
@@ -414,28 +462,37 @@ def _thread_env(threads: int):
                 os.environ[key] = value
 
 
-def _run_workers(cfg, groups, threads, emit, ctx) -> bool:
+def _run_workers(cfg, groups, threads, emit, ctx, ctrl_c: _CtrlC) -> None:
     """Start one process per group, relay their messages to ``emit`` until all are done.
-    Returns True when interrupted by Ctrl-C (the workers stop at their next check, evaluate,
-    and report)."""
+
+    The workers start with SIGINT ignored (inherited through exec), so a Ctrl-C in the terminal,
+    which reaches the whole process group, never kills one half-started. The first Ctrl-C
+    (``ctrl_c``) asks them to stop: they evaluate at the step reached and report; a second one
+    stops waiting. Workers still running at the end are terminated."""
     import queue as queue_mod
+    import signal
 
     q, stop = ctx.Queue(), ctx.Event()
     procs = [
         ctx.Process(target=_worker, args=(cfg, g, threads, q, stop), daemon=True) for g in groups
     ]
+    handler = signal.getsignal(signal.SIGINT)
     with _thread_env(threads):
-        for p in procs:
-            p.start()
-    pending, interrupted = set(groups), False
+        try:
+            if ctrl_c.installed:
+                signal.signal(signal.SIGINT, signal.SIG_IGN)  # inherited by the new processes
+            for p in procs:
+                p.start()
+        finally:
+            if ctrl_c.installed:
+                signal.signal(signal.SIGINT, handler)
+    pending = set(groups)
     try:
-        while pending:
-            try:
-                kind, group, payload = q.get(timeout=1.0)
-            except KeyboardInterrupt:
-                interrupted = True
+        while pending and ctrl_c.presses < 2:
+            if ctrl_c.pressed:
                 stop.set()
-                continue
+            try:
+                kind, group, payload = q.get(timeout=0.2)
             except queue_mod.Empty:
                 dead = [
                     g
@@ -456,11 +513,21 @@ def _run_workers(cfg, groups, threads, emit, ctx) -> bool:
                 emit(kind, payload, group)
     finally:
         stop.set()
-        for p in procs:
-            p.join(timeout=10)
-            if p.is_alive():
-                p.terminate()
-    return interrupted
+        _stop(procs, ctrl_c)
+
+
+def _stop(procs, ctrl_c: _CtrlC) -> None:
+    """Join the workers (they have been asked to stop); those still alive after a few seconds,
+    or once Ctrl-C has been pressed twice, are terminated."""
+    import time as time_mod
+
+    deadline = time_mod.monotonic() + 10
+    for p in procs:
+        while p.is_alive() and ctrl_c.presses < 2 and time_mod.monotonic() < deadline:
+            p.join(timeout=0.1)
+        if p.is_alive():
+            p.terminate()
+            p.join(timeout=5)
 
 
 # ------------------------------------------------------------------------------------ analysis
