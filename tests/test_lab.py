@@ -260,3 +260,48 @@ def test_report_on_a_broken_config_json_names_the_file(tmp_path, capsys):
     assert main(["report", str(out)]) == 2
     err = capsys.readouterr().err
     assert f"{out / 'config.json'} is not valid JSON" in err and "Traceback" not in err
+
+
+RACE = """
+import os, sys, time
+from bnlab.cli import main
+go = sys.argv[1]
+while not os.path.exists(go):  # both processes start main() at the same moment
+    time.sleep(0.001)
+sys.exit(main(sys.argv[2:]))
+"""
+
+
+def test_two_processes_started_on_one_out_directory(tmp_path):
+    """Two `bnlab run` processes racing for the same --out: exactly one gets it and writes a
+    complete run; the other is refused with a message and writes nothing there."""
+    out, go = tmp_path / "shared", tmp_path / "go"
+    env = dict(os.environ, BNLAB_EXPERIMENTS="lab_toy",
+               PYTHONPATH=os.pathsep.join([str(SRC), str(TESTS)]))
+    args = ["run", "toy", "--quick", "--out", str(out), "--no-progress"]
+    procs = [subprocess.Popen([sys.executable, "-c", RACE, str(go), *args], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for _ in range(2)]
+    try:
+        import time
+
+        time.sleep(3)  # both past their imports, waiting for the go file
+        go.touch()
+        results = [(p.wait(timeout=300), p.stdout.read(), p.stderr.read()) for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait()
+            p.stdout.close()
+            p.stderr.close()
+    codes = sorted(code for code, _, _ in results)
+    assert codes == [0, 2], results
+    refused = next(err for code, _, err in results if code == 2)
+    assert "Traceback" not in refused
+    assert any(m in refused for m in ("in use by another bnlab process", "already holds a run",
+                                      "claimed by another run", "is not empty")), refused
+    meta = json.loads((out / "config.json").read_text())
+    assert meta["status"] == "finished"
+    rows = _rows(out)
+    keys = [(r["variant"], r["seed"], r["step"]) for r in rows]
+    assert len(keys) == len(set(keys)) == 12  # one run's rows, each once: 4 trainings x 3 evals

@@ -386,3 +386,12 @@ def test_ctrl_c_pressed_again_while_stopping_still_records_how_far_the_run_got(t
     write_report(out)
     md = (out / "report.md").read_text()
     assert f"{meta['steps_done']:,} of 5,000 steps" in md and "? of" not in md
+
+
+def test_a_run_whose_data_is_missing_leaves_no_directory(tmp_path, capsys, isolated_data):
+    out = tmp_path / "run"
+    assert main(["run", "mnist", "--quick", "--dataset", "mnist", "--out", str(out),
+                 "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "bnlab data fetch mnist" in err and "--download" in err and "Traceback" not in err
+    assert not out.exists()
