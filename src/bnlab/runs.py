@@ -12,14 +12,15 @@
 Promises:
 
 * **Never overwritten.** :meth:`RunDir.create` claims a directory exclusively: it refuses one that
-  already holds a run or other files, and ``config.json`` is created with ``O_EXCL``, so two runs
-  started on the same directory cannot both get it. An existing run is only written into through
-  :meth:`RunDir.resume`, which takes the same lock.
-* **Atomic metadata.** ``config.json`` is rewritten with a temp file and ``os.replace``: a reader
-  or a crash sees the old or the new version, never a part.
-* **Append-only metrics.** Rows are appended as whole lines. A killed run may leave one
-  incomplete last line; :func:`read_metrics` skips it with a warning, and a resume removes it
-  before appending.
+  already holds a run or other files, and checks again once it holds the directory's lock, so of
+  two runs started on the same directory exactly one gets it. An existing run is only written
+  into through :meth:`RunDir.resume`, which takes the same lock.
+* **Atomic metadata.** ``config.json`` is written (and rewritten) with a temp file and
+  ``os.replace``: a reader or a crash sees the old or the new version, never a part.
+* **Append-only metrics.** Rows are appended as whole lines, with Ctrl-C held back meanwhile. A
+  killed run may leave one incomplete last line; :func:`read_metrics` skips it with a warning, a
+  resume removes it before appending, and :meth:`RunDir.log` ends it before appending so new rows
+  never merge into it.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ._fileutil import atomic_write_text, fsync_dir
+from ._fileutil import atomic_write_text, fsync_dir, is_temp_name, remove_stale
 
 __all__ = [
     "RunDir",
@@ -113,39 +114,42 @@ class RunDir:
             ) from None
         return fd
 
-    @classmethod
-    def create(cls, path: str | os.PathLike[str], meta: Mapping[str, Any]) -> RunDir:
-        """Claim ``path`` (made if missing) for a new run and write ``meta`` as its
-        ``config.json``. Refuses (``FileExistsError``, naming the directory) a directory that
-        holds a run or any other file, or that another process is creating a run in."""
-        path = Path(path)
-        if path.exists() and not path.is_dir():
-            raise FileExistsError(f"--out {path} is a file, not a directory")
-        path.mkdir(parents=True, exist_ok=True)
+    @staticmethod
+    def _check_free(path: Path) -> None:
         if (path / CONFIG).exists():
             raise FileExistsError(
                 f"{path} already holds a run ({CONFIG}); continue it with `--resume {path}` or "
                 "choose another --out"
             )
-        others = sorted(p.name for p in path.iterdir() if p.name != LOCK)
+        others = sorted(
+            p.name for p in path.iterdir() if p.name != LOCK and not is_temp_name(p.name)
+        )
         if others:
             raise FileExistsError(
                 f"--out {path} is not empty ({', '.join(others[:3])}"
                 f"{', ...' if len(others) > 3 else ''}); choose a new or empty directory"
             )
+
+    @classmethod
+    def create(cls, path: str | os.PathLike[str], meta: Mapping[str, Any]) -> RunDir:
+        """Claim ``path`` (made if missing) for a new run and write ``meta`` as its
+        ``config.json``. Refuses (``FileExistsError``, naming the directory) a directory that
+        holds a run or any other file, or that another process is creating a run in.
+
+        The checks are made again once the directory's lock is held, so of two processes
+        creating a run there at the same moment exactly one succeeds; ``config.json`` is
+        written atomically (a process killed meanwhile leaves no partial file, and the
+        temporary file it leaves is removed by the next attempt)."""
+        path = Path(path)
+        if path.exists() and not path.is_dir():
+            raise FileExistsError(f"--out {path} is a file, not a directory")
+        path.mkdir(parents=True, exist_ok=True)
+        cls._check_free(path)  # before the lock file is made in a directory that is not ours
         lock_fd = cls._lock(path)
         try:
-            text = _dumps(dict(meta), indent=2)
-            try:
-                fd = os.open(path / CONFIG, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-            except FileExistsError:
-                raise FileExistsError(
-                    f"{path} was claimed by another run at the same moment; choose another --out"
-                ) from None
-            with os.fdopen(fd, "w", encoding="utf-8") as fh:
-                fh.write(text)
-                fh.flush()
-                os.fsync(fh.fileno())
+            cls._check_free(path)  # again: another process may have created a run meanwhile
+            remove_stale(path, is_temp_name, older_than=0)  # a killed creation's temp file
+            atomic_write_text(path / CONFIG, _dumps(dict(meta), indent=2))
             (path / METRICS).touch()
             fsync_dir(path)
         except BaseException:
@@ -199,18 +203,30 @@ class RunDir:
 
     def log(self, rows: Mapping[str, Any] | Iterable[Mapping[str, Any]]) -> None:
         """Append one row or several to ``metrics.jsonl`` (whole lines, one write, flushed).
-        Non-finite floats are written as null."""
+        Non-finite floats are written as null. A write that fails part-way is taken back
+        out; a line an earlier, killed process left unfinished is ended first, so new rows
+        never merge into it."""
         if isinstance(rows, Mapping):
             rows = [rows]
         text = "".join(_dumps(dict(r)) + "\n" for r in rows)
         if not text:
             return
         with deferred_sigint():  # a Ctrl-C between two partial writes would cut a line
-            fd = os.open(self.path / METRICS, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+            fd = os.open(self.path / METRICS, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
             try:
+                size = os.fstat(fd).st_size
+                if size and os.pread(fd, 1, size - 1) != b"\n":
+                    # an earlier write stopped inside a line (disk full, a killed process):
+                    # end that line, so it stays one bad line and the new rows stay whole
+                    text = "\n" + text
                 data = text.encode("utf-8")
-                while data:
-                    data = data[os.write(fd, data) :]
+                try:
+                    while data:
+                        data = data[os.write(fd, data) :]
+                except BaseException:
+                    with contextlib.suppress(OSError):  # take the partial rows back out
+                        os.ftruncate(fd, size)
+                    raise
             finally:
                 os.close(fd)
 
