@@ -372,17 +372,11 @@ def test_fold_carries_the_fused_relu():
     """A bnlab BN with activation="relu" computes max(BN(x), 0): folded, the ReLU stays (as
     nn.ReLU after a folded conv, inside ChannelAffine for a lone BN)."""
     torch.manual_seed(0)
-    model = resnet20(fuse_relu=True)
-    opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    for _ in range(2):  # trained a few steps, so statistics and gamma/beta are not at their init
-        x, y = torch.randn(16, 3, 16, 16), torch.randint(10, (16,))
-        opt.zero_grad()
-        nn.functional.cross_entropy(model(x), y).backward()
-        opt.step()
-    model.eval()
+    model = randomize_bn(resnet20(fuse_relu=True)).eval()  # statistics away from their init
     x = torch.randn(4, 3, 16, 16)
     ref = model(x)
-    torch.testing.assert_close(bnlab.fold(model)(x), ref, rtol=1e-4, atol=1e-5)
+    tol = 1e-4 * ref.abs().max().item()
+    torch.testing.assert_close(bnlab.fold(model)(x), ref, rtol=1e-4, atol=tol)
     lone = randomize_bn(nn.Sequential(nn.ReLU(), bnlab.BatchNorm2d(3, activation="relu"))).eval()
     folded = bnlab.fold(lone)
     assert isinstance(folded[1], ChannelAffine) and folded[1].activation == "relu"

@@ -362,6 +362,8 @@ def deferred_sigint() -> Iterator[None]:
         return
     pressed: list[int] = []
     previous = signal.signal(signal.SIGINT, lambda signum, frame: pressed.append(signum))
+    if previous is None:  # installed outside Python: the closest is the default
+        previous = signal.SIG_DFL
     try:
         yield
     finally:

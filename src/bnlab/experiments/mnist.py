@@ -341,7 +341,8 @@ class _CtrlC:
         import threading
 
         if threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGINT, self._on_sigint)
+            previous = signal.signal(signal.SIGINT, self._on_sigint)
+            self._previous = signal.SIG_DFL if previous is None else previous
             self.installed = True
         return self
 
