@@ -18,9 +18,11 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import BinaryIO
 
 __all__ = [
     "STALE_AFTER",
+    "atomic_write",
     "atomic_write_text",
     "fsync_dir",
     "is_temp_name",
@@ -100,21 +102,29 @@ def remove_stale(
     return removed
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    """Replace ``path`` with ``text`` so that a reader (or a crash at any moment) sees either the
-    old file or the new one, never a part: temp file in the same folder (locked until renamed),
-    fsync, ``os.replace``, fsync of the folder. Abandoned temp files of earlier writes in the
-    folder are removed first (:func:`remove_stale`)."""
+def atomic_write(path: Path, write: Callable[[BinaryIO], object]) -> Path:
+    """Replace ``path`` with what ``write(fh)`` writes into a binary file handle, so that a
+    reader (or a crash at any moment) sees either the old file or the new one, never a part:
+    temp file in the same folder (locked until renamed), fsync, ``os.replace``, fsync of the
+    folder. Abandoned temp files of earlier writes in the folder are removed first
+    (:func:`remove_stale`). Returns ``path``."""
     path = Path(path)
-    remove_stale(path.parent, is_temp_name)
-    fd, tmp = locked_temp(path.parent, f".{path.name}.tmp-")
+    directory = path.parent if str(path.parent) else Path(".")
+    remove_stale(directory, is_temp_name)
+    fd, tmp = locked_temp(directory, f".{path.name}.tmp-")
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
+        with os.fdopen(fd, "wb") as fh:
+            write(fh)
             fh.flush()
             os.fsync(fh.fileno())
             os.replace(tmp, path)  # while the lock is held: an unlocked temp file is abandoned
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    fsync_dir(path.parent)
+    fsync_dir(directory)
+    return path
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """:func:`atomic_write` of ``text`` (UTF-8)."""
+    atomic_write(path, lambda fh: fh.write(text.encode("utf-8")))

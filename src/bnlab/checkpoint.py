@@ -40,7 +40,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from ._fileutil import fsync_dir, is_temp_name, locked_temp, remove_stale
+from ._fileutil import atomic_write
 
 __all__ = ["save_checkpoint", "load_checkpoint", "FORMAT"]
 
@@ -216,19 +216,7 @@ def save_checkpoint(
     directory = path.parent if str(path.parent) else Path(".")
     if not directory.is_dir():
         raise FileNotFoundError(f"save_checkpoint: directory {directory} of {path} does not exist")
-    remove_stale(directory, is_temp_name)
-    fd, tmp = locked_temp(directory, f".{path.name}.tmp-")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            torch.save(obj, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-            os.replace(tmp, path)  # while the lock is held: an unlocked temp file is abandoned
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    fsync_dir(directory)
-    return path
+    return atomic_write(path, lambda fh: torch.save(obj, fh))
 
 
 def _fill_num_batches_tracked(model: nn.Module, state: dict[str, Any]) -> None:
