@@ -357,7 +357,7 @@ def test_warm_up_compiles_every_kernel():
     K.warm_up()  # raises if any kernel fails to compile or run for float32/float64, both layouts
 
 
-@pytest.mark.parametrize("momentum", [0.1, None, 0.0, 1.0])
+@pytest.mark.parametrize("momentum", [0.1, None, 0.0, 1.0, -0.5, 1.5, 2])
 @pytest.mark.parametrize("update", [True, False])
 @pytest.mark.parametrize(
     "buffers", [torch.float32, torch.float64, None], ids=["f32", "f64", "none"]

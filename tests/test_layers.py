@@ -274,10 +274,70 @@ def test_non_finite_batch_leaves_running_stats_untouched(bad, momentum):
 def test_constructor_validation():
     with pytest.raises(ValueError, match="num_features"):
         bnlab.BatchNorm2d(0)
-    with pytest.raises(ValueError, match="momentum"):
-        bnlab.BatchNorm2d(3, momentum=1.5)
     with pytest.raises(ValueError, match="eps"):
         bnlab.BatchNorm2d(3, eps=0)
+
+
+# ------------------------------------------------------------------------- momentum
+MOMENTA = [None, 0, 0.1, 1, -0.5, 1.5]
+
+
+@pytest.mark.parametrize("momentum", MOMENTA, ids=[str(m) for m in MOMENTA])
+@pytest.mark.parametrize("shape", [(8, 5), (4, 3, 5, 6)], ids=["1d", "2d"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+@pytest.mark.parametrize("when", ["constructor", "set-later"])
+def test_running_stats_match_torch_for_every_momentum(momentum, shape, dtype, when):
+    """torch.nn.BatchNorm applies running <- (1 - f) running + f batch for ANY number f
+    (negative, above 1) and f = 1 / num_batches_tracked for None; every backend must give the
+    same running_mean/var and num_batches_tracked over several steps, whether momentum was
+    given to the constructor or set on the layer afterwards."""
+    ours, ref = make_pair(shape, dtype, momentum=momentum if when == "constructor" else 0.1)
+    if when == "set-later":  # one step at 0.1, then the momentum under test
+        x = torch.randn(shape, dtype=dtype)
+        ours(x), ref(x)
+        ours.momentum = ref.momentum = momentum
+    for step in range(5):
+        x = torch.randn(shape, dtype=torch.float64).to(dtype) * 2 + step
+        torch.testing.assert_close(ours(x), ref(x), **tol(dtype))
+        torch.testing.assert_close(ours.running_mean, ref.running_mean, **tol(dtype))
+        torch.testing.assert_close(ours.running_var, ref.running_var, **tol(dtype))
+        assert ours.num_batches_tracked.item() == ref.num_batches_tracked.item()
+
+
+BAD_MOMENTA = {
+    "str": ("0.1", TypeError),
+    "bool": (True, TypeError),
+    "tensor": (torch.tensor(0.1), TypeError),
+    "complex": (0.1 + 0j, TypeError),
+    "nan": (float("nan"), ValueError),
+    "inf": (float("inf"), ValueError),
+}
+
+
+@pytest.mark.parametrize("bad", list(BAD_MOMENTA), ids=list(BAD_MOMENTA))
+def test_bad_momentum_refused_at_construction_and_at_forward_state_untouched(bad):
+    """A momentum that is not None or a finite real number raises, naming the layer, both when
+    given to the constructor and when set later (at the next training forward, before any
+    buffer moves). torch counts the batch in num_batches_tracked before failing on a string:
+    that is the poisoning refused here."""
+    value, exc = BAD_MOMENTA[bad]
+    with pytest.raises(exc, match=r"BatchNorm1d\(4\): momentum"):
+        bnlab.BatchNorm1d(4, momentum=value)
+    bn = bnlab.BatchNorm1d(4)
+    bn.layer_name = "net.bn"
+    bn(torch.randn(8, 4))
+    before = {k: v.clone() for k, v in bn.state_dict().items()}
+    bn.momentum = value
+    with pytest.raises(exc, match=r"'net.bn' BatchNorm1d\(4\): momentum"):
+        bn(torch.randn(8, 4))
+    for k, v in bn.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    bn.eval()
+    bn(torch.randn(8, 4))  # inference never reads momentum (torch's neither)
+    bn.train()
+    bn.momentum = None
+    bn(torch.randn(8, 4))
+    assert bn.num_batches_tracked.item() == 2
 
 
 # ------------------------------------------------------------------------- convert

@@ -28,6 +28,7 @@ channels_last inputs stay channels_last.
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 from torch import Tensor
@@ -39,6 +40,7 @@ __all__ = [
     "batch_norm_train_backward",
     "batch_norm_eval_forward",
     "batch_norm_eval_backward",
+    "check_momentum",
     "commit_running_stats",
     "reduce_dims",
 ]
@@ -217,6 +219,27 @@ def batch_norm_eval_backward(
     return dx, dgamma, dbeta
 
 
+def check_momentum(momentum: object) -> None:
+    """Refuse a momentum that cannot weigh a moving average, before any state is touched.
+
+    Valid: ``None`` (cumulative average) or any finite real number (``int``, ``float``, numpy
+    scalars), including values outside [0, 1]: the update ``(1 - f) * running + f * batch`` is
+    defined for every ``f``, as in ``torch.nn.BatchNorm``. TypeError for anything else (a string, a
+    bool, a tensor: torch counts the batch in ``num_batches_tracked`` before its update fails on a
+    string or on a tensor that needs grad, and a bool is almost surely a misplaced argument);
+    ValueError for NaN or infinity (they would write non-finite running statistics).
+    """
+    if momentum is None:
+        return
+    if isinstance(momentum, bool) or not isinstance(momentum, numbers.Real):
+        raise TypeError(
+            f"momentum must be None or a real number, got {type(momentum).__name__} "
+            f"{momentum!r}"
+        )
+    if not math.isfinite(momentum):
+        raise ValueError(f"momentum must be finite, got {momentum!r}")
+
+
 def commit_running_stats(
     mean: Tensor,
     var: Tensor,
@@ -235,6 +258,7 @@ def commit_running_stats(
         running_mean <- running_mean + f * (mu_B - running_mean)
         running_var  <- running_var  + f * (m / (m - 1) * sigma_B^2 - running_var)   (unbiased)
 
+    ``momentum`` is None or a finite real number (see :func:`check_momentum`; callers check it).
     Returns False, touching nothing, when ``var`` holds a NaN or Inf (it is computed from the
     centred input, so any NaN/Inf in the batch shows there; ``max`` propagates NaN: one reduction
     of C values).
@@ -243,7 +267,7 @@ def commit_running_stats(
         return False
     if update and running_mean is not None:
         num_batches_tracked.add_(1)
-        f = momentum if momentum is not None else 1.0 / float(num_batches_tracked.item())
+        f = 1.0 / float(num_batches_tracked.item()) if momentum is None else float(momentum)
         dtype = running_mean.dtype
         running_mean.lerp_(_as(mean.detach(), dtype), f)
         running_var.lerp_(_as(var.detach() * (m / (m - 1)), dtype), f)

@@ -247,14 +247,15 @@ def commit_batch_stats(
     update: bool,
 ) -> bool:
     """:func:`bnlab.functional.commit_running_stats` in one compiled call (finiteness check, count,
-    both moving averages): False, touching nothing, for non-finite statistics."""
+    both moving averages): False, touching nothing, for non-finite statistics. ``momentum`` is
+    None (cumulative average) or a finite real number of any sign or size."""
     has = running_mean is not None
     empty = _NONE[mean.dtype]
     return _k().commit_stats(
         mean.detach().numpy(), var.detach().numpy(),
         running_mean.numpy() if has else empty, running_var.numpy() if has else empty,
         num_batches_tracked.numpy() if has else _NO_COUNT, bool(update and has),
-        -1.0 if momentum is None else float(momentum), float(m),
+        momentum is None, 0.0 if momentum is None else float(momentum), float(m),
     )  # fmt: skip
 
 
@@ -296,7 +297,7 @@ def batch_norm_train_forward_commit(
         _np(x), w, b, has_w, has_b, float(eps), bool(relu), y.numpy(), stats.numpy(),
         running_mean.numpy() if has else empty, running_var.numpy() if has else empty,
         num_batches_tracked.numpy() if has else _NO_COUNT, bool(update and has),
-        -1.0 if momentum is None else float(momentum),
+        momentum is None, 0.0 if momentum is None else float(momentum),
     )  # fmt: skip
     return ok, y, stats[0], stats[1], stats[2]
 
@@ -386,7 +387,8 @@ class DenseTrainStep:
         w, has_w, b, has_b, rm, rv, nbt, has = self._views
         return self._k.train_fwd_commit_small(
             self._x, w, b, has_w, has_b, float(eps), bool(relu), self._y, self._stats,
-            rm, rv, nbt, bool(update and has), -1.0 if momentum is None else float(momentum),
+            rm, rv, nbt, bool(update and has), momentum is None,
+            0.0 if momentum is None else float(momentum),
         )  # fmt: skip
 
     def backward(self, dy: Tensor, relu: bool, need_dparams: bool) -> bool:

@@ -7,7 +7,7 @@ checkpoints interchange in both directions.
 
 Running statistics (updated only in training mode with ``track_running_stats=True``)::
 
-    f = momentum                       if momentum is a float
+    f = momentum                       if momentum is a number (any finite value, as torch)
     f = 1 / num_batches_tracked        if momentum is None (cumulative moving average)
     running_mean <- (1 - f) * running_mean + f * mu_B
     running_var  <- (1 - f) * running_var  + f * m / (m - 1) * sigma_B^2   (unbiased, Alg. 2)
@@ -36,6 +36,7 @@ from torch import Tensor, nn
 
 from .. import backend as B
 from ..autograd import batch_norm_eval, batch_norm_train
+from ..functional import check_momentum
 
 # backward(dy) -> (dx, dgamma, dbeta) of BatchNorm.forward_with_backward
 Backward = Callable[[Tensor], tuple[Tensor, Tensor | None, Tensor | None]]
@@ -80,10 +81,6 @@ class _BatchNorm(nn.Module):
             )
         if not eps > 0:
             raise ValueError(f"{type(self).__name__}: eps must be > 0, got {eps!r}")
-        if momentum is not None and not 0.0 <= float(momentum) <= 1.0:
-            raise ValueError(
-                f"{type(self).__name__}: momentum must be in [0, 1] or None, got {momentum!r}"
-            )
         if activation not in (None, "relu"):
             raise ValueError(
                 f"{type(self).__name__}: activation must be None or 'relu', got {activation!r}"
@@ -96,6 +93,7 @@ class _BatchNorm(nn.Module):
         self.track_running_stats = track_running_stats
         self.activation = activation
         self.layer_name: str | None = None  # qualified name in a model, set by name_layers()
+        self._check_momentum()
         if affine:
             self.weight = nn.Parameter(torch.empty(num_features, **factory))
             if bias:
@@ -182,6 +180,15 @@ class _BatchNorm(nn.Module):
                 f"got input of shape {tuple(x.shape)}"
             )
 
+    def _check_momentum(self) -> None:
+        """TypeError/ValueError naming the layer for a momentum that is not None or a finite
+        real number (:func:`bnlab.functional.check_momentum`); checked at construction and
+        before every running-statistics update, since ``momentum`` may be set at any time."""
+        try:
+            check_momentum(self.momentum)
+        except (TypeError, ValueError) as exc:
+            raise type(exc)(f"{self._describe()}: {exc}") from None
+
     # ----------------------------------------------------------------------------- forward
     def _use_batch_stats(self) -> bool:
         """Training mode, or no population statistics to use (track_running_stats=False); a frozen
@@ -209,6 +216,8 @@ class _BatchNorm(nn.Module):
         """Refuse non-finite batch statistics before any buffer is touched, then (training mode
         with tracking) update the running averages; see the module docstring."""
         update = self.training and self.track_running_stats
+        if update:
+            self._check_momentum()
         ok = B.commit_stats(
             mean, var, self.running_mean, self.running_var, self.num_batches_tracked,
             self.momentum, m, update,
@@ -284,6 +293,8 @@ class _BatchNorm(nn.Module):
             return y, backward
         self._values_per_channel(x)
         update = self.training and self.track_running_stats
+        if update:
+            self._check_momentum()
         path, ok, y, mean, var, invstd = B.train_forward_commit(
             x, w, b, self.eps, relu, self.running_mean, self.running_var,
             self.num_batches_tracked, self.momentum, update,
@@ -370,6 +381,8 @@ class ExplicitBatchNorm:
         layer._values_per_channel(x)
         relu = layer.activation == "relu"
         update = layer.training and layer.track_running_stats
+        if update:
+            layer._check_momentum()
         layer._accept_batch(step.forward_commit(layer.eps, relu, layer.momentum, update), x, update)
         # gradients for the parameters that take them (freeze() stops gamma and beta)
         self._pending = (
