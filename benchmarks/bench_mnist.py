@@ -4,8 +4,9 @@ Measures, in one run on this machine:
   * a plain PyTorch loop, one network at a time (784-100-100-100-10 sigmoid, batch 60), with
     torch.nn.BatchNorm1d and with bnlab.BatchNorm1d, in ms per step per network;
   * one training step of a stack of 3 networks (one thread), the way `bnlab run mnist` takes it
-    (`StackedMLP.sgd_step`: backward written out, BN through `forward_with_backward`) against
-    forward + autograd + torch.optim.SGD on the same stack, interleaved rounds, ratio;
+    (`bnlab.experiments.mnist_step.StackedMLP.sgd_step`: backward written out, BN's transform
+    through the kernels' compiled loops) against forward + autograd + torch.optim.SGD on the same
+    stack, interleaved rounds, ratio;
   * the stacked run (`bnlab run mnist`) with 1 process and with 2 processes, at 3,000 and 9,000
     steps: steps/s for all 2 x seeds networks from the difference, the rest as start-up;
 and extrapolates each to the default run (2 networks x 3 seeds x 50,000 steps). Run:

@@ -108,8 +108,8 @@ def test_fused_matches_reference_random_shapes(rank, data, dtype, layout, params
         (3, 20000),  # huge C, dense
         (2, 20000, 1, 2),  # huge C, spatial
         (1000, 3),  # long dense, few channels
-        (60, 300),  # the MNIST MLP's stacked layer: the serial small-input kernels
-        (300, 300),  # dense above kernels SMALL: the chunked parallel kernels
+        (60, 300),  # dense, at most SERIAL_MAX values: the serial kernels
+        (300, 300),  # dense above SERIAL_MAX: the chunked parallel kernels
         (70000, 1),  # long dense, one channel (several row chunks)
         (3, 2, 70000),  # long rows
     ],
@@ -143,15 +143,15 @@ def test_large_mean_is_stable_in_float32_both_layouts(layout, offset):
     torch.testing.assert_close(y.double(), ref, rtol=0, atol=2e-3)
 
 
-@pytest.mark.parametrize("rows", [60, 400], ids=["small-kernel", "chunked-kernel"])
+@pytest.mark.parametrize("rows", [60, 400], ids=["serial-kernel", "chunked-kernel"])
 @pytest.mark.parametrize("offset", [1e4, -3e4])
 def test_large_mean_is_stable_in_float32_dense(rows, offset):
-    """The same for a dense (N, C) input on both the serial small-input kernel and the chunked
+    """The same for a dense (N, C) input on both the serial kernel and the chunked
     one, forward and backward (float64 oracle on the exact float32 input)."""
     g = torch.Generator().manual_seed(5)
     x = (torch.randn(rows, 300, dtype=torch.float64, generator=g) + offset).float()
     dy = torch.randn(rows, 300, generator=g)
-    assert (x.numel() <= _numba.SMALL) == (rows == 60)
+    assert (x.numel() <= _numba.SERIAL_MAX) == (rows == 60)
     with B.use_backend("fused"):
         path, y, mean, var, invstd = B.train_forward(x, None, None, 1e-5)
         dx, _, _ = B.train_backward(path, dy, x, mean, invstd, None)
@@ -393,30 +393,3 @@ def test_commit_kernel_refuses_non_finite_and_touches_nothing(bad, where):
     {"mean": mean, "var": var}[where][3] = bad
     assert K.commit_batch_stats(mean, var, rm, rv, nbt, 0.1, 8, True) is False
     assert torch.equal(rm, torch.zeros(5)) and torch.equal(rv, torch.ones(5)) and int(nbt) == 2
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
-@pytest.mark.parametrize("scale", [1.0, 1e3], ids=["plain", "huge-logits"])
-def test_grouped_cross_entropy_matches_torch(dtype, scale):
-    """Loss and gradient of the one-pass kernel against torch's cross_entropy + autograd
-    (float64 oracle); logits of magnitude 1e3 must not overflow."""
-    g = torch.Generator().manual_seed(7)
-    z = (torch.randn(3, 17, 10, generator=g, dtype=torch.float64) * scale).to(dtype)
-    t = torch.randint(10, (3, 17), generator=g)
-    loss, grad = K.grouped_cross_entropy(z, t)
-    zr = z.double().requires_grad_()
-    ref = torch.nn.functional.cross_entropy(zr.reshape(-1, 10), t.reshape(-1), reduction="none")
-    ref = ref.view(3, 17).mean(1)
-    ref.sum().backward()
-    tol = {torch.float64: 1e-12, torch.float32: 1e-5}[dtype]
-    torch.testing.assert_close(loss.double(), ref.detach(), rtol=tol, atol=tol * scale)
-    torch.testing.assert_close(grad.double(), zr.grad, rtol=tol, atol=tol)
-    assert loss.dtype == grad.dtype == dtype
-
-
-def test_grouped_cross_entropy_bad_target_and_unsupported_input():
-    z = torch.randn(2, 4, 5)
-    with pytest.raises(ValueError, match=r"outside \[0, 5\)"):
-        K.grouped_cross_entropy(z, torch.full((2, 4), 5))
-    assert K.grouped_cross_entropy(z.half(), torch.zeros(2, 4, dtype=torch.int64)) is None
-    assert K.grouped_cross_entropy(z.transpose(0, 1), torch.zeros(4, 2, dtype=torch.int64)) is None

@@ -5,87 +5,10 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
-from torch import nn
 
-import bnlab
 from bnlab.cli import main
 from bnlab.experiments import mnist, mnist_report
-from bnlab.models import MLP, StackedMLP
 from bnlab.runs import load_run
-
-
-def _separate_run(seed, norm, x, y, steps, cfg):
-    """One network, the plain way: nn.Linear layers, bnlab.BatchNorm1d(100), its own loop."""
-    model = MLP(norm=norm, init_std=cfg.init_std, init_seed=seed).double()
-    opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum)
-    idx = mnist.sample_indices(mnist.data_generator(seed), len(y), steps, cfg.batch_size)
-    for t in range(steps):
-        loss = nn.functional.cross_entropy(model(x[idx[t]]), y[idx[t]])
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    return model
-
-
-@pytest.mark.parametrize("how", ["sgd_step", "autograd"])
-@pytest.mark.parametrize("norm", [None, "batchnorm1d"])
-def test_batched_equals_separate_runs_for_20_steps(norm, how):
-    """The stack trained as the experiment trains it (``sgd_step``: hand-written backward) and
-    through autograd + torch.optim.SGD, against separate plain networks."""
-    steps = 20
-    cfg = mnist.MnistConfig(seeds=3, seed=5, lr=0.5, momentum=0.9, batch_size=16)
-    g = torch.Generator().manual_seed(0)
-    # float64, so the comparison is not blurred by bmm and mm rounding differently
-    x = torch.rand(200, 784, generator=g, dtype=torch.float64)
-    y = torch.randint(10, (200,), generator=g)
-    seeds = [5, 6, 7]
-    stacked = StackedMLP(3, norm=norm)
-    stacked.init_gaussian_(seeds, cfg.init_std)
-    stacked.double()
-    opt = torch.optim.SGD(stacked.parameters(), lr=cfg.lr, momentum=cfg.momentum)
-    idx = torch.stack(
-        [mnist.sample_indices(mnist.data_generator(s), 200, steps, cfg.batch_size) for s in seeds]
-    )
-    velocity = {p: torch.zeros_like(p) for p in stacked.parameters()}
-    for t in range(steps):
-        if how == "sgd_step":
-            stacked.sgd_step(x[idx[:, t]], y[idx[:, t]], cfg.lr, cfg.momentum, velocity)
-            continue
-        logits = stacked(x[idx[:, t]])
-        ce = (
-            nn.functional.cross_entropy(
-                logits.reshape(-1, 10), y[idx[:, t]].reshape(-1), reduction="none"
-            )
-            .view(3, -1)
-            .mean(1)
-        )
-        opt.zero_grad()
-        ce.sum().backward()
-        opt.step()
-    xt = torch.rand(50, 784, generator=g, dtype=torch.float64)
-    stacked.eval()
-    out = stacked(xt.expand(3, -1, -1))
-    for k, seed in enumerate(seeds):
-        ref = _separate_run(seed, norm, x, y, steps, cfg).eval()
-        torch.testing.assert_close(out[k], ref(xt), rtol=1e-9, atol=1e-10)
-        linears = [m for m in ref.modules() if isinstance(m, nn.Linear)]
-        for w, lin in zip(stacked.weights, linears, strict=True):
-            torch.testing.assert_close(w[k], lin.weight.t(), rtol=1e-9, atol=1e-11)
-        if norm:
-            bns = [m for m in ref.modules() if isinstance(m, bnlab.BatchNorm1d)]
-            for bs, b in zip(stacked.norms, bns, strict=True):
-                sl = slice(k * 100, (k + 1) * 100)
-                torch.testing.assert_close(
-                    bs.running_mean[sl], b.running_mean, atol=1e-11, rtol=1e-9
-                )
-                torch.testing.assert_close(bs.running_var[sl], b.running_var, atol=1e-11, rtol=1e-9)
-                torch.testing.assert_close(bs.weight[sl], b.weight, atol=1e-11, rtol=1e-9)
-
-
-def test_stacked_bn_is_bnlab_batchnorm():
-    m = StackedMLP(4, norm="batchnorm1d")
-    assert all(type(n) is bnlab.BatchNorm1d and n.num_features == 400 for n in m.norms)
 
 
 @pytest.fixture(scope="module")

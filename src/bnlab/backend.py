@@ -4,9 +4,10 @@
 
 Backends (process-wide; :func:`use_backend` sets one for a ``with`` block)::
 
-    "auto"       fused kernels when :func:`bnlab.kernels.supports` the input (CPU, float32/float64,
-                 contiguous or channels_last, parameters of the input's dtype) and Numba is
-                 installed; the reference path otherwise (bf16/fp16, other devices, other strides)
+    "auto"       fused kernels when they take the input (CPU, float32/float64, contiguous or
+                 channels_last, parameters of the input's dtype: :func:`bnlab.kernels.
+                 unsupported_reason`) and Numba is installed; the reference path otherwise
+                 (bf16/fp16, other devices, other strides)
     "fused"      fused kernels only; an unsupported input raises ValueError naming the reason
     "reference"  always the pure-torch functions of bnlab.functional
 
@@ -43,8 +44,6 @@ __all__ = [
     "eval_forward",
     "eval_backward",
     "commit_stats",
-    "train_forward_commit",
-    "dense_train_step",
 ]
 
 BACKENDS = ("auto", "fused", "reference")
@@ -75,7 +74,8 @@ def get_backend() -> str:
 
 def kernels_enabled() -> bool:
     """True when compiled kernels may be used: Numba is installed and the backend is not
-    "reference" (helpers with their own kernels, like the MLP's cross-entropy, ask this)."""
+    "reference". Code that calls compiled loops itself (rather than through the functions here)
+    asks this, so that ``use_backend("reference")`` reaches it too."""
     return _backend != "reference" and _HAVE_NUMBA
 
 
@@ -208,41 +208,3 @@ def commit_stats(
     ):
         return K.commit_batch_stats(*args)
     return F.commit_running_stats(*args)
-
-
-def train_forward_commit(
-    x: Tensor,
-    weight: Tensor | None,
-    bias: Tensor | None,
-    eps: float,
-    relu: bool,
-    running_mean: Tensor | None,
-    running_var: Tensor | None,
-    num_batches_tracked: Tensor | None,
-    momentum: float | None,
-    update: bool,
-) -> tuple[str, bool, Tensor, Tensor, Tensor, Tensor]:
-    """:func:`train_forward` then :func:`commit_stats` (one compiled call for small dense inputs
-    on the fused path). Returns ``(path, ok, y, mean, var, invstd)``; ``ok`` False: non-finite
-    statistics, running buffers untouched."""
-    path = choose(x, weight, bias)
-    if path == "fused":
-        return (path, *K.batch_norm_train_forward_commit(
-            x, weight, bias, eps, relu, running_mean, running_var, num_batches_tracked,
-            momentum, update,
-        ))  # fmt: skip
-    _, y, mean, var, invstd = train_forward(x, weight, bias, eps, relu)
-    m = x.numel() // x.shape[1]
-    buffers = (running_mean, running_var, num_batches_tracked)
-    ok = commit_stats(mean, var, *buffers, momentum, m, update)
-    return path, ok, y, mean, var, invstd
-
-
-def dense_train_step(x: Tensor) -> K.DenseTrainStep | None:
-    """A :class:`bnlab.kernels.DenseTrainStep` for repeated training calls on the input buffer
-    ``x``, or None when Numba is missing or the kernels never take ``x`` (not a small dense
-    float32/float64 CPU ``(N, C)``). Whether it may be used is decided per call, like every
-    path choice here: :func:`kernels_enabled` and the parameters it is given."""
-    if _HAVE_NUMBA and K.DenseTrainStep.takes(x):
-        return K.DenseTrainStep(x)
-    return None

@@ -26,10 +26,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..models.mlp import StackedMLP
 from ..probes import percentiles, record_inputs
 from ..runs import RunDir
 from . import mnist_report
+from .mnist_step import StackedMLP
 from .protocol import Experiment, register
 
 __all__ = ["MnistConfig", "run", "sample_indices", "NETS", "QUICK", "EXPERIMENT"]

@@ -16,9 +16,9 @@ first value ``x_0`` and accumulated in float64 (for float32 inputs too), one blo
 This is the shifted-data algorithm: its relative error in ``M2_b`` is about
 ``1e-16 * ((mean_b - x_0) / std_b)^2``, i.e. below 1e-12 unless the channel's first value is
 more than ~100 standard deviations from the rest, far below float32 resolution in any case, and
-hardly dependent on the block length (the sums are float64). An exact two-pass per block was
-measured 1.7x slower for the statistics (2.6 ms vs 1.5 ms on (64, 64, 32, 32) float32, one
-thread): the second pass makes the forward compute-bound instead of memory-bound.
+hardly dependent on the block length (the sums are float64). It reads x once; an exact two-pass
+per block would read it twice and make the forward compute-bound instead of memory-bound
+(figures in docs/kernels.md).
 
 Blocks are then merged per channel (Chan et al.'s pairwise formula)::
 
@@ -31,6 +31,14 @@ Gradient sums are accumulated in float64 as well.
 
 Elementwise passes run in the input's dtype with per-channel coefficients precomputed in float64
 and rounded once (``coef`` arrays).
+
+Small inputs run serially. A parallel region costs a launch and a join (waking every thread of
+the pool, then waiting for the slowest), a fixed cost of the order of the whole work of a few
+tens of thousands of values, and a thread gets no more than its own chunk of at least
+``_MIN_CHUNK`` values. So ``(M, C)`` inputs of at most ``SERIAL_MAX`` values take the serial
+``*_serial`` kernels: the same statistics with one block (the whole input) and the same
+coefficients, no parallel region, no scratch arrays beyond the (C,) sums.
+:func:`mc_train_loops` makes the choice.
 
 Floating-point flags: reductions need reassociation to vectorise, so the loops are compiled with
 ``reassoc``/``contract``/``arcp``/``nsz`` but *not* ``nnan``/``ninf``: NaN and Inf still propagate
@@ -52,17 +60,16 @@ __all__ = [
     "backward_ncs",
     "backward_mc",
     "commit_stats",
-    "train_fwd_small",
-    "train_fwd_commit_small",
-    "backward_small",
-    "grouped_cross_entropy",
-    "SMALL",
+    "train_fwd_serial",
+    "backward_serial",
+    "SERIAL_MAX",
     "mc_rows_per_chunk",
+    "mc_train_loops",
 ]
 
 _FM = {"reassoc", "contract", "arcp", "nsz"}
 _OPTS = dict(parallel=True, cache=True, fastmath=_FM, nogil=True)
-# Per-channel loops (C values) and the small-input kernels: no parallel region to launch.
+# Per-channel loops (C values) and the serial kernels: no parallel region to launch.
 _SERIAL = dict(cache=True, fastmath=_FM, nogil=True)
 
 # Rows per chunk for the (M, C) layout: at most 64 chunks (enough for any thread count here),
@@ -72,9 +79,9 @@ _MIN_CHUNK = 1 << 14
 _MAX_CHUNK = 1 << 18
 _MAX_CHUNKS = 64
 
-# (M, C) inputs of at most this many values take the serial *_small kernels: one block, no
-# parallel region, no scratch arrays beyond the (C,) sums. A dense layer's batch (60, 300) is 18K.
-SMALL = 1 << 16
+# (M, C) inputs of at most this many values take the serial kernels (module docstring): four
+# minimum-size chunks, too little work per thread to pay for a parallel region.
+SERIAL_MAX = 4 * _MIN_CHUNK
 
 
 @njit(cache=True)
@@ -482,7 +489,7 @@ def commit_stats(mean, var, rm, rv, nbt, update, cumulative, momentum, m):
 
 # ---------------------------------------------------------------------------- small (M, C) inputs
 @njit(**_SERIAL)
-def _stats_small(x, w, b, has_w, has_b, eps, stats):
+def _stats_serial(x, w, b, has_w, has_b, eps, stats):
     """Statistics and coefficients of a small (M, C) input into stats (6, C), as
     :func:`train_fwd_mc` computes them with one block (the whole batch), serial."""
     M, C = x.shape
@@ -505,7 +512,7 @@ def _stats_small(x, w, b, has_w, has_b, eps, stats):
 
 
 @njit(**_SERIAL)
-def _normalize_small(x, coef, relu, y):
+def _normalize_serial(x, coef, relu, y):
     """y = (x - mean) * (gamma * invstd) + beta [then max(., 0)], serial."""
     M, C = x.shape
     mu = coef[0]
@@ -524,28 +531,14 @@ def _normalize_small(x, coef, relu, y):
 
 
 @njit(**_SERIAL)
-def train_fwd_small(x, w, b, has_w, has_b, eps, relu, y, stats):
-    """:func:`train_fwd_mc` for a small (M, C) input (at most ``SMALL`` values)."""
-    _stats_small(x, w, b, has_w, has_b, eps, stats)
-    _normalize_small(x, stats[3:], relu, y)
+def train_fwd_serial(x, w, b, has_w, has_b, eps, relu, y, stats):
+    """:func:`train_fwd_mc` for a small (M, C) input (at most ``SERIAL_MAX`` values), serial."""
+    _stats_serial(x, w, b, has_w, has_b, eps, stats)
+    _normalize_serial(x, stats[3:], relu, y)
 
 
 @njit(**_SERIAL)
-def train_fwd_commit_small(
-    x, w, b, has_w, has_b, eps, relu, y, stats, rm, rv, nbt, update, cumulative, momentum
-):
-    """:func:`train_fwd_small` then :func:`commit_stats` in one call (a dense layer's training
-    step pays one crossing into compiled code, not two). Returns False, with the running
-    statistics untouched and y not written, for non-finite batch statistics."""
-    _stats_small(x, w, b, has_w, has_b, eps, stats)
-    if not commit_stats(stats[0], stats[1], rm, rv, nbt, update, cumulative, momentum, x.shape[0]):
-        return False
-    _normalize_small(x, stats[3:], relu, y)
-    return True
-
-
-@njit(**_SERIAL)
-def backward_small(dy, x, y, relu, mean, invstd, w, has_w, train, need_sums, need_dx, dx, grads):
+def backward_serial(dy, x, y, relu, mean, invstd, w, has_w, train, need_sums, need_dx, dx, grads):
     """:func:`backward_mc` for a small (M, C) input, serial."""
     M, C = x.shape
     sums = np.zeros((2, C), np.float64)
@@ -587,45 +580,10 @@ def backward_small(dy, x, y, relu, mean, invstd, w, has_w, train, need_sums, nee
                     dr[c] = a[c] * gr[c] - bb[c] * (xr[c] - mu[c]) - d[c]
 
 
-# ------------------------------------------------------------------------------- classifier head
-@njit(**_SERIAL)
-def grouped_cross_entropy(logits, target, loss, grad):
-    """Mean softmax cross-entropy of each of K groups of N rows, and its gradient, in one pass.
-
-    logits (K, N, C), target (K, N) class indices; fills loss (K,) and grad (K, N, C)::
-
-        loss_k = 1/N sum_n (logsumexp(z_kn) - z_kn[t_kn])
-        grad   = (softmax(z_kn) - onehot(t_kn)) / N
-
-    Row maxima are subtracted before exp (no overflow); sums in float64. Returns False, having
-    written nothing meaningful, if a target is outside [0, C).
-    """
-    K, N, C = logits.shape
-    for k in range(K):
-        for n in range(N):
-            t = target[k, n]
-            if t < 0 or t >= C:
-                return False
-    inv_n = 1.0 / N
-    for k in range(K):
-        total = 0.0
-        for n in range(N):
-            z = logits[k, n]
-            g = grad[k, n]
-            m = np.float64(z[0])
-            for c in range(1, C):
-                if z[c] > m:
-                    m = np.float64(z[c])
-            s = 0.0
-            for c in range(C):
-                e = math.exp(np.float64(z[c]) - m)
-                g[c] = e
-                s += e
-            t = target[k, n]
-            total += math.log(s) + m - z[t]
-            scale = inv_n / s
-            for c in range(C):
-                g[c] = g[c] * scale
-            g[t] -= inv_n
-        loss[k] = total * inv_n
-    return True
+def mc_train_loops(size: int):
+    """``(forward, backward)``: the compiled training loops for an ``(M, C)`` input of ``size``
+    values, :func:`train_fwd_serial` / :func:`backward_serial` up to ``SERIAL_MAX`` values, else
+    :func:`train_fwd_mc` / :func:`backward_mc` (each pair takes the same arguments)."""
+    if size <= SERIAL_MAX:
+        return train_fwd_serial, backward_serial
+    return train_fwd_mc, backward_mc

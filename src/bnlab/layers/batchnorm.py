@@ -28,7 +28,6 @@ Variants (batch renorm, ghost BN, ...) subclass :class:`_BatchNorm` and override
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -38,10 +37,7 @@ from .. import backend as B
 from ..autograd import batch_norm_eval, batch_norm_train
 from ..functional import check_momentum
 
-# backward(dy) -> (dx, dgamma, dbeta) of BatchNorm.forward_with_backward
-Backward = Callable[[Tensor], tuple[Tensor, Tensor | None, Tensor | None]]
-
-__all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "ExplicitBatchNorm", "name_layers"]
+__all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "name_layers"]
 
 
 class _BatchNorm(nn.Module):
@@ -213,8 +209,10 @@ class _BatchNorm(nn.Module):
         return m
 
     def _commit_batch_stats(self, x: Tensor, mean: Tensor, var: Tensor, m: int) -> None:
-        """Refuse non-finite batch statistics before any buffer is touched, then (training mode
-        with tracking) update the running averages; see the module docstring."""
+        """The one place where a batch's statistics are accepted or refused. Non-finite
+        statistics raise FloatingPointError before any buffer is touched; finite ones (training
+        mode with tracking) update the running averages, see the module docstring. A momentum
+        that is not None or a finite number is refused first, since it may be set at any time."""
         update = self.training and self.track_running_stats
         if update:
             self._check_momentum()
@@ -222,7 +220,13 @@ class _BatchNorm(nn.Module):
             mean, var, self.running_mean, self.running_var, self.num_batches_tracked,
             self.momentum, m, update,
         )  # fmt: skip
-        self._accept_batch(ok, x, update)
+        if not ok:
+            raise FloatingPointError(
+                f"{self._describe()}: non-finite batch statistics (NaN or Inf in the input of "
+                f"shape {tuple(x.shape)}); running statistics were left unchanged"
+            )
+        if update and self.population_estimator is not None:  # (read first: no __setattr__)
+            self.population_estimator = None  # a running average again, not a recomputed one
 
     def forward(self, x: Tensor) -> Tensor:
         self._check_input(x)
@@ -235,177 +239,6 @@ class _BatchNorm(nn.Module):
         y, mean, var = self._train_forward(x)
         self._commit_batch_stats(x, mean, var, m)
         return y
-
-    def _check_plain_transform(self) -> None:
-        """The explicit forward/backward pair computes Algorithm 1 itself: variants that override
-        :meth:`_train_forward` are refused."""
-        if type(self)._train_forward is not _BatchNorm._train_forward:
-            raise NotImplementedError(
-                f"{self._describe()}: forward_with_backward covers the plain transform only; "
-                f"{type(self).__name__} computes its statistics differently (use autograd)"
-            )
-
-    def _accept_batch(self, ok: bool, x: Tensor, update: bool) -> None:
-        """After a running-statistics commit (``ok``: the statistics were finite): refuse a
-        non-finite batch (the commit left the running buffers untouched), else note that the
-        running averages moved."""
-        if not ok:
-            raise FloatingPointError(
-                f"{self._describe()}: non-finite batch statistics (NaN or Inf in the input of "
-                f"shape {tuple(x.shape)}); running statistics were left unchanged"
-            )
-        if update and self.population_estimator is not None:  # (Module.__setattr__ is slow)
-            self.population_estimator = None  # a running average again, not a recomputed one
-
-    def forward_with_backward(self, x: Tensor) -> tuple[Tensor, Backward]:
-        """``forward(x)`` without autograd, and its backward as a function, for hand-written
-        training steps (the stacked MLP of the Figure 1 experiment uses it).
-
-        Returns ``(y, backward)``. ``y`` and the state update are exactly those of
-        ``forward(x)``: mini-batch statistics and running averages in training mode (Algorithm 1),
-        population statistics in eval mode or when frozen (Algorithm 2), the same checks and
-        errors. ``backward(dy)`` returns ``(dx, dgamma, dbeta)`` by the section 3 gradients on the
-        path the forward took (``None`` for a parameter that is absent or does not require grad,
-        e.g. after :func:`bnlab.freeze`); it records nothing on autograd's tape and leaves
-        ``.grad`` alone, so the caller applies the update it wants.
-        """
-        self._check_plain_transform()
-        if torch.is_grad_enabled():
-            with torch.no_grad():
-                return self.forward_with_backward(x)
-        self._check_input(x)
-        w, b, relu = self.weight, self.bias, self.activation == "relu"
-        # gradients for the parameters that take them (freeze() stops gamma and beta)
-        want_w = w is not None and w.requires_grad
-        want_b = b is not None and b.requires_grad
-        if not self._use_batch_stats():
-            rm = self.running_mean
-            path, y, invstd = B.eval_forward(x, rm, self.running_var, w, b, self.eps, relu=relu)
-
-            def backward(dy: Tensor) -> tuple[Tensor, Tensor | None, Tensor | None]:
-                with torch.no_grad():
-                    dx, dg, db = B.eval_backward(
-                        path, dy, x, rm, invstd, w, need_dparams=want_w or want_b,
-                        y=y if relu else None,
-                    )  # fmt: skip
-                return dx, dg if want_w else None, db if want_b else None
-
-            return y, backward
-        self._values_per_channel(x)
-        update = self.training and self.track_running_stats
-        if update:
-            self._check_momentum()
-        path, ok, y, mean, var, invstd = B.train_forward_commit(
-            x, w, b, self.eps, relu, self.running_mean, self.running_var,
-            self.num_batches_tracked, self.momentum, update,
-        )  # fmt: skip
-        self._accept_batch(ok, x, update)
-
-        def backward(dy: Tensor) -> tuple[Tensor, Tensor | None, Tensor | None]:  # noqa: F811
-            with torch.no_grad():
-                dx, dg, db = B.train_backward(
-                    path, dy, x, mean, invstd, w, need_dparams=want_w or want_b,
-                    y=y if relu else None,
-                )  # fmt: skip
-            return dx, dg if want_w else None, db if want_b else None
-
-        return y, backward
-
-    def prepare_forward_with_backward(
-        self, shape: tuple[int, ...], dtype: torch.dtype | None = None
-    ) -> ExplicitBatchNorm:
-        """An :class:`ExplicitBatchNorm`: :meth:`forward_with_backward` repeated on an input
-        buffer of this shape and dtype (default: the weight's or running_mean's) that the caller
-        refills, with the outputs in reused buffers. Checks the shape now, naming the layer."""
-        return ExplicitBatchNorm(self, shape, dtype)
-
-
-class ExplicitBatchNorm:
-    """``layer.forward_with_backward`` for a hand-written training loop that calls it again and
-    again with inputs of one shape (the stacked MLP: 3 layers x 50,000 steps), without the
-    per-call overhead that costs about as much as the arithmetic at that size.
-
-    The caller writes each input into :attr:`x` (e.g. ``torch.bmm(..., out=view_of_x)``), then
-    :meth:`forward` returns ``y`` and :meth:`backward` ``(dx, dgamma, dbeta)``, exactly what
-    ``layer.forward_with_backward(x)`` and its backward return, with the same checks, errors and
-    running-statistic updates: every call looks at the layer's current mode, parameters and the
-    backend. What differs: ``x``, ``y``, ``dx``, ``dgamma`` and ``dbeta`` are buffers owned by
-    this object, reused (overwritten) by every call.
-
-    Cached: on the path the kernels take (training statistics, a small dense ``(N, C)`` float
-    input, fused backend, parameters of x's dtype) the kernels' :class:`bnlab.kernels.
-    DenseTrainStep` keeps the output buffers and the numpy views of everything it passes to the
-    compiled code, re-validated per call (see there). Any other case (eval mode, frozen,
-    reference backend, other dtypes, a large input) calls ``layer.forward_with_backward`` and
-    copies its results into the buffers. The input shape was checked when this was made (it is
-    the buffer's).
-    """
-
-    def __init__(
-        self, layer: _BatchNorm, shape: tuple[int, ...], dtype: torch.dtype | None
-    ) -> None:
-        layer._check_plain_transform()
-        if dtype is None:
-            ref = layer.weight if layer.weight is not None else layer.running_mean
-            dtype = ref.dtype if ref is not None else torch.get_default_dtype()
-        self.layer = layer
-        self.x = torch.zeros(shape, dtype=dtype)
-        layer._check_input(self.x)
-        step = B.dense_train_step(self.x)
-        self._step = step
-        if step is not None:
-            self.y, self.dx, self.dgamma, self.dbeta = step.y, step.dx, step.dgamma, step.dbeta
-        else:
-            self.y, self.dx = torch.empty_like(self.x), torch.empty_like(self.x)
-            self.dgamma, self.dbeta = torch.empty(2, shape[1], dtype=dtype).unbind(0)
-        self._fallback: Backward | None = None  # the backward of a forward_with_backward call
-        self._pending: tuple[bool, bool, bool] | None = None  # relu, want dgamma, want dbeta
-
-    def forward(self) -> Tensor:
-        """``forward_with_backward(x)``'s output (the buffer ``y``) and state update."""
-        layer, step, x = self.layer, self._step, self.x
-        self._fallback = self._pending = None  # no backward until this forward succeeds
-        params, buffers = layer._parameters, layer._buffers  # (Module.__getattr__: ~0.5 us each)
-        w, b = params["weight"], params["bias"]
-        if (
-            step is None
-            or not B.kernels_enabled()
-            or not layer._use_batch_stats()
-            or not step.bind(
-                w, b, buffers["running_mean"], buffers["running_var"],
-                buffers["num_batches_tracked"],
-            )  # fmt: skip
-        ):
-            y, self._fallback = layer.forward_with_backward(x)
-            return self.y.copy_(y)
-        layer._values_per_channel(x)
-        relu = layer.activation == "relu"
-        update = layer.training and layer.track_running_stats
-        if update:
-            layer._check_momentum()
-        layer._accept_batch(step.forward_commit(layer.eps, relu, layer.momentum, update), x, update)
-        # gradients for the parameters that take them (freeze() stops gamma and beta)
-        self._pending = (
-            relu, w is not None and w.requires_grad, b is not None and b.requires_grad
-        )
-        return self.y
-
-    def backward(self, dy: Tensor) -> tuple[Tensor, Tensor | None, Tensor | None]:
-        """The backward of the last :meth:`forward`: ``(dx, dgamma, dbeta)`` (buffers; None for a
-        parameter that is absent or does not require grad), as ``forward_with_backward``'s."""
-        if self._fallback is not None:
-            dx, dg, db = self._fallback(dy)
-            return (
-                self.dx.copy_(dx),
-                None if dg is None else self.dgamma.copy_(dg),
-                None if db is None else self.dbeta.copy_(db),
-            )
-        if self._pending is None:
-            raise RuntimeError(f"{self.layer._describe()}: backward without a forward")
-        relu, want_w, want_b = self._pending
-        sums = self._step.backward(dy, relu, want_w or want_b)
-        dgamma = self.dgamma if sums and want_w else None
-        return self.dx, dgamma, self.dbeta if sums and want_b else None
 
 
 class BatchNorm1d(_BatchNorm):

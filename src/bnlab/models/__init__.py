@@ -1,6 +1,6 @@
 """Models that take ``norm=`` and ``act=``."""
 
-from .mlp import MLP, StackedMLP, gaussian_init_
+from .mlp import MLP, gaussian_init_
 from .resnet import ResNetCifar, resnet20, resnet110
 
-__all__ = ["MLP", "StackedMLP", "gaussian_init_", "ResNetCifar", "resnet20", "resnet110"]
+__all__ = ["MLP", "gaussian_init_", "ResNetCifar", "resnet20", "resnet110"]
