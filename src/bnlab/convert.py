@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from .layers.batchnorm import BatchNorm1d, BatchNorm2d, BatchNorm3d, _BatchNorm, name_layers
+from .layers.batchnorm import BatchNorm1d, BatchNorm2d, BatchNorm3d, name_layers
 
 __all__ = ["convert"]
 
@@ -114,8 +114,3 @@ def convert(model: nn.Module, to: str = "bnlab") -> nn.Module:
     if to == "bnlab":
         name_layers(out)
     return out
-
-
-def is_bnlab_norm(module: nn.Module) -> bool:
-    """True for bnlab BatchNorm layers and their variants."""
-    return isinstance(module, _BatchNorm)

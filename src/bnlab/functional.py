@@ -35,7 +35,6 @@ from torch import Tensor
 
 __all__ = [
     "acc_dtype",
-    "batch_stats",
     "batch_norm_train_forward",
     "batch_norm_train_backward",
     "batch_norm_eval_forward",
@@ -52,8 +51,8 @@ def acc_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def _as(t: Tensor, dtype: torch.dtype) -> Tensor:
-    """``t.to(dtype)`` without the call when it already has that dtype (per-call overhead
-    matters for the small layers of an MLP)."""
+    """``t.to(dtype)`` without the call when it already has that dtype (a call per tensor per
+    layer call is overhead that small layers feel)."""
     return t if t.dtype == dtype else t.to(dtype)
 
 
@@ -87,13 +86,6 @@ def _centre(x: Tensor) -> tuple[Tensor, Tensor]:
     mean_d = d.mean(reduce_dims(x), keepdim=True)  # (1, C, 1, ...)
     xc = d.sub_(mean_d)
     return pivot + mean_d.view(-1), xc
-
-
-def batch_stats(x: Tensor) -> tuple[Tensor, Tensor]:
-    """Per-channel mini-batch mean and biased variance ``mean((x - mu)^2)``, shapes (C,), in
-    ``acc_dtype`` (see :func:`_centre` for the numerics)."""
-    mean, xc = _centre(x)
-    return mean, xc.mul_(xc).mean(reduce_dims(x))
 
 
 def batch_norm_train_forward(

@@ -5,9 +5,9 @@ section 3 gradients, each as one Numba call that makes as few passes over memory
 
 * training forward: one read of x for the statistics (shifted float64 sums in blocks merged
   with Chan's formula, see :mod:`bnlab.kernels._numba`), one read of x and one write of y to
-  normalize (~1.5x a copy);
+  normalize (the memory traffic of 1.5 copies of x);
 * backward: one read of x and dy for the two per-channel sums ``sum g`` and
-  ``sum g (x - mu)``, one read of x and dy and one write of dx (~2.5x a copy);
+  ``sum g (x - mu)``, one read of x and dy and one write of dx (the traffic of 2.5 copies);
 * inference forward: one read, one write.
 
 Every function also takes ``relu``: the output is ``max(BN(x), 0)`` and the backward masks ``dy``

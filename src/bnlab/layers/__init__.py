@@ -8,7 +8,6 @@ from .registry import (
     get_layer,
     make_norm,
     norm_names,
-    register_layer,
     register_norm,
 )
 
@@ -22,6 +21,5 @@ __all__ = [
     "get_layer",
     "make_norm",
     "norm_names",
-    "register_layer",
     "register_norm",
 ]

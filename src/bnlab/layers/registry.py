@@ -19,8 +19,7 @@ from torch import nn
 
 from .batchnorm import BatchNorm1d, BatchNorm2d, BatchNorm3d
 
-__all__ = ["LAYERS", "NORMS", "get_layer", "register_layer", "register_norm", "make_norm",
-           "norm_names"]
+__all__ = ["LAYERS", "NORMS", "get_layer", "register_norm", "make_norm", "norm_names"]
 
 LAYERS: dict[str, type[nn.Module]] = {
     "batchnorm1d": BatchNorm1d,
@@ -30,16 +29,6 @@ LAYERS: dict[str, type[nn.Module]] = {
 
 NormFactory = Callable[..., nn.Module]
 NORMS: dict[str, NormFactory] = {}
-
-
-def register_layer(name: str, cls: type[nn.Module]) -> type[nn.Module]:
-    """Register ``cls`` under ``name`` (lower case) in ``LAYERS``. Returns cls, so it works as a
-    decorator."""
-    key = name.lower()
-    if key in LAYERS and LAYERS[key] is not cls:
-        raise ValueError(f"layer name {name!r} is already registered to {LAYERS[key].__name__}")
-    LAYERS[key] = cls
-    return cls
 
 
 def get_layer(name: str) -> type[nn.Module]:

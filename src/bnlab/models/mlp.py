@@ -57,9 +57,9 @@ class MLP(nn.Module):
 
 def gaussian_init_(weights: Sequence[torch.Tensor], seed: int, std: float) -> None:
     """Fill each ``(out, in)`` weight with N(0, std^2) draws from one generator seeded by ``seed``,
-    in order (float32 draws, copied into each weight's dtype). Anything that initializes from it
-    with the same seed gets the same weights as an :class:`MLP` (Figure 1's stacked networks do,
-    so batched and separate runs start identically)."""
+    in order (float32 draws, copied into each weight's dtype). Anything initialized from it with
+    the same seed (e.g. one network of a stack of copies) gets the same weights as an
+    :class:`MLP` built with ``init_seed=seed``."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for w in weights:
