@@ -28,6 +28,7 @@ from torch import nn
 import bnlab
 from bnlab.experiments import mnist
 from bnlab.models import MLP
+from bnlab.runs import RunDir
 
 DEFAULT_STEPS, DEFAULT_NETS = 50_000, 6
 
@@ -100,9 +101,9 @@ def stacked_wall(steps: int, workers: int, threads: int) -> float:
         steps=steps, eval_every=500, seeds=3, dataset="mnist-5k", workers=workers, threads=threads
     )
     with tempfile.TemporaryDirectory() as d:
-        mnist.run(cfg, Path(d), progress=False)
-        meta, _ = mnist.load_run(Path(d))
-    return meta["wall_time_s"]
+        with RunDir.create(Path(d) / "run", {"experiment": mnist.NAME}) as run_dir:
+            result = mnist.run(cfg, run_dir, progress=False)
+    return result["training_time_s"]
 
 
 def main(argv=None) -> None:

@@ -352,9 +352,10 @@ class _BatchNormStep:
         if self._np is None:
             k = K.compiled()
             fwd, bwd = k.mc_train_loops(self.x.numel())
+            stats = self._stats.numpy()  # rows: mean, var, invstd, 3 coefficients
             self._np = (
                 fwd, bwd, k.commit_stats, self.x.numpy(), self.y.numpy(), self.dy.numpy(),
-                self.dx.numpy(), self._stats.numpy(), self._grads.numpy(),
+                self.dx.numpy(), stats, stats[0], stats[1], stats[2], self._grads.numpy(),
             )  # fmt: skip
         empty = np.empty(0, self._np[3].dtype)  # placeholder for an absent tensor
         has = rm is not None
@@ -389,11 +390,11 @@ class _BatchNormStep:
         w, b = params["weight"], params["bias"]
         rm, rv, nbt = (buffers[k] for k in ("running_mean", "running_var", "num_batches_tracked"))
         if B.kernels_enabled() and self._bind((w, b, rm, rv, nbt)):
-            fwd, _, commit, x, y, _, _, stats, _ = self._np
+            fwd, _, commit, x, y, _, _, stats, mean, var, _, _ = self._np
             wv, has_w, bv, has_b, rmv, rvv, nbtv, has = self._views
             fwd(x, wv, bv, has_w, has_b, float(layer.eps), relu, y, stats)
             ok = commit(
-                stats[0], stats[1], rmv, rvv, nbtv, update and has, momentum is None,
+                mean, var, rmv, rvv, nbtv, update and has, momentum is None,
                 0.0 if momentum is None else float(momentum), float(self.n),
             )  # fmt: skip
             out, saved = self.y, None
@@ -422,10 +423,10 @@ class _BatchNormStep:
         saved, relu, y, w, want_w, want_b = self._last
         need = want_w or want_b
         if saved is None:
-            _, bwd, _, x, y_np, dy, dx, stats, grads = self._np
+            _, bwd, _, x, y_np, dy, dx, _, mean, _, invstd, grads = self._np
             wv, has_w = self._views[0], self._views[1]
             bwd(
-                dy, x, y_np if relu else x, relu, stats[0], stats[2], wv, has_w, True,
+                dy, x, y_np if relu else x, relu, mean, invstd, wv, has_w, True,
                 need and has_w, True, dx, grads,
             )  # fmt: skip
             dgamma, dbeta = self.dgamma, self.dbeta
