@@ -393,3 +393,59 @@ def test_commit_kernel_refuses_non_finite_and_touches_nothing(bad, where):
     {"mean": mean, "var": var}[where][3] = bad
     assert K.commit_batch_stats(mean, var, rm, rv, nbt, 0.1, 8, True) is False
     assert torch.equal(rm, torch.zeros(5)) and torch.equal(rv, torch.ones(5)) and int(nbt) == 2
+
+
+def _numba_threads_after(call) -> int:
+    """Numba's thread count in this thread right after ``call()`` ran a kernel."""
+    import numba
+
+    call()
+    return numba.get_num_threads()
+
+
+def test_kernels_follow_torch_set_num_threads():
+    import threading
+
+    import numba
+
+    pool = numba.config.NUMBA_NUM_THREADS
+    x = torch.randn(64, 3, 8, 8)
+    w = torch.ones(3)
+    before = torch.get_num_threads()
+    try:
+        for n in sorted({1, min(2, pool), pool}):
+            numba.set_num_threads(pool if n == 1 else 1)  # start from a different count
+            torch.set_num_threads(n)
+            assert _numba_threads_after(lambda: K.batch_norm_train_forward(x, w, w, 1e-5)) == n
+        torch.set_num_threads(pool + 3)  # more than Numba's pool: capped at the pool
+        got = _numba_threads_after(lambda: K.batch_norm_eval_forward(x, w, w, w, w, 1e-5))
+        assert got == pool
+        # Numba's count is per Python thread: a new thread's first kernel call sets its own
+        torch.set_num_threads(1)
+        seen = []
+        t = threading.Thread(
+            target=lambda: seen.append(
+                _numba_threads_after(lambda: K.batch_norm_train_forward(x, w, w, 1e-5))
+            )
+        )
+        t.start()
+        t.join()
+        assert seen == [1]
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_kernel_results_do_not_depend_on_the_thread_count():
+    x = torch.randn(512, 7, 5, 5, dtype=torch.float64) * 3 + 2
+    w, b = torch.rand(7, dtype=torch.float64) + 0.5, torch.randn(7, dtype=torch.float64)
+    before = torch.get_num_threads()
+    outs = []
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            outs.append(K.batch_norm_train_forward(x, w, b, 1e-5))
+    finally:
+        torch.set_num_threads(before)
+    ref = F.batch_norm_train_forward(x, w, b, 1e-5)
+    for out in outs:
+        torch.testing.assert_close(out[0], ref[0], rtol=1e-12, atol=1e-12)

@@ -24,6 +24,7 @@ shapes many times may keep its own views and call the compiled loops themselves
 from __future__ import annotations
 
 import math
+import threading
 
 import numpy as np
 import torch
@@ -44,11 +45,25 @@ __all__ = [
 _DTYPES = (torch.float32, torch.float64)
 
 
+_threads = threading.local()  # Numba's thread count is per calling thread; so is this cache
+
+
 def compiled():
     """The module of compiled loops, :mod:`bnlab.kernels._numba` (numpy arrays in, arrays
-    filled), imported on first use so that ``import bnlab`` does not import numba."""
+    filled), imported on first use so that ``import bnlab`` does not import numba.
+
+    Every call also makes the kernels follow ``torch.set_num_threads``: Numba's parallel loops
+    run on ``torch.get_num_threads()`` threads (capped by the pool Numba was started with,
+    ``NUMBA_NUM_THREADS``), so one setting governs torch's operators and bnlab's kernels alike.
+    The count is set on the first call in each Python thread and whenever torch's count has
+    changed since; a direct ``numba.set_num_threads`` holds until then.
+    """
     from . import _numba
 
+    n = torch.get_num_threads()
+    if getattr(_threads, "n", None) != n:
+        _numba.follow_threads(n)
+        _threads.n = n
     return _numba
 
 

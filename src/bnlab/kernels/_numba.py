@@ -49,6 +49,7 @@ from __future__ import annotations
 
 import math
 
+import numba
 import numpy as np
 from numba import njit, prange
 
@@ -65,7 +66,15 @@ __all__ = [
     "SERIAL_MAX",
     "mc_rows_per_chunk",
     "mc_train_loops",
+    "follow_threads",
 ]
+
+
+def follow_threads(n: int) -> None:
+    """Run the parallel loops called from this thread on ``n`` threads, at most the pool size
+    Numba was started with (``NUMBA_NUM_THREADS``) and at least one."""
+    numba.set_num_threads(max(1, min(int(n), numba.config.NUMBA_NUM_THREADS)))
+
 
 _FM = {"reassoc", "contract", "arcp", "nsz"}
 _OPTS = dict(parallel=True, cache=True, fastmath=_FM, nogil=True)
