@@ -1,8 +1,17 @@
-"""Probes: forward hooks that record what flows through a model, then remove themselves.
+"""Probes: hooks that record what flows through a model, then remove themselves; and the
+statistics the experiments compute from what they record.
 
-Used for Figure 1(b, c) of Ioffe & Szegedy (2015): the 15th, 50th and 85th percentiles of the
-input to a sigmoid over training. A probe only reads tensors: it never changes a module's
-train/eval mode, its parameters or the values it sees.
+* :func:`record_inputs`: a module's input (an activation hook); Figure 1(b, c) of Ioffe &
+  Szegedy (2015) takes percentiles of a sigmoid's input.
+* :func:`record_output_grads`: the gradient of the loss with respect to a module's output
+  (Bjorck et al. 2018, section 3: the output-gradient heatmap, the kernel gradients of a conv).
+* :func:`record_channel_stats`: per-channel mean and standard deviation of a module's output,
+  computed in the hook so that nothing of the size of an activation is kept (Bjorck et al. 2018:
+  channel statistics against depth for all 109 convolutions of ResNet-110).
+* :func:`percentiles` (exact, numpy's definition) and :func:`excess_kurtosis`.
+
+A probe only reads tensors: it never changes a module's train/eval mode, its parameters or the
+values it sees, and its module hooks are gone when its ``with`` block ends.
 """
 
 from __future__ import annotations
@@ -14,7 +23,13 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-__all__ = ["record_inputs", "percentiles"]
+__all__ = [
+    "record_inputs",
+    "record_output_grads",
+    "record_channel_stats",
+    "percentiles",
+    "excess_kurtosis",
+]
 
 
 @contextmanager
@@ -34,6 +49,84 @@ def record_inputs(modules: Mapping[str, nn.Module]) -> Iterator[dict[str, Tensor
     finally:
         for h in handles:
             h.remove()
+
+
+@contextmanager
+def record_output_grads(modules: Mapping[str, nn.Module]) -> Iterator[dict[str, Tensor]]:
+    """Context manager: ``with record_output_grads({"fc": model.fc}) as got: loss =
+    f(model(x)); loss.backward()`` leaves d loss / d (output of ``fc``) in ``got["fc"]``
+    (detached, the output's shape).
+
+    A forward hook attaches a gradient hook to each output that requires grad; the forward hooks
+    are removed when the block ends, so outputs computed afterwards carry no hook. For a module
+    called several times in one forward, the entry holds the gradient of the call whose gradient
+    autograd computed last. Modules whose output needs no gradient leave no entry.
+    """
+    captured: dict[str, Tensor] = {}
+    handles = []
+    for name, module in modules.items():
+
+        def hook(mod, args, out, name=name):
+            if isinstance(out, Tensor) and out.requires_grad:
+
+                def grad_hook(g, name=name):
+                    captured[name] = g.detach()
+
+                out.register_hook(grad_hook)
+
+        handles.append(module.register_forward_hook(hook))
+    try:
+        yield captured
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@contextmanager
+def record_channel_stats(modules: Mapping[str, nn.Module]) -> Iterator[dict[str, Tensor]]:
+    """Context manager: per-channel statistics of each module's output, ``(N, C, *spatial)`` or
+    ``(N, C)``, over the batch and spatial positions, computed in float64 inside the hook (only
+    the ``(2, C)`` result is kept): ``got[name][0]`` the channel means, ``got[name][1]`` the
+    channel standard deviations (biased: divided by the number of values per channel, as the
+    batch statistics of BN). A module called several times keeps its last call's statistics.
+    """
+    captured: dict[str, Tensor] = {}
+    handles = []
+    for name, module in modules.items():
+
+        def hook(mod, args, out, name=name):
+            if not isinstance(out, Tensor) or out.dim() < 2:
+                raise ValueError(
+                    f"record_channel_stats: '{name}' returned "
+                    f"{type(out).__name__ if not isinstance(out, Tensor) else tuple(out.shape)}"
+                    "; expected a tensor of shape (N, C, ...)"
+                )
+            v = out.detach().double().transpose(0, 1).reshape(out.shape[1], -1)  # (C, N*HW)
+            var, mean = torch.var_mean(v, dim=1, correction=0)
+            captured[name] = torch.stack([mean, var.sqrt()])
+
+        handles.append(module.register_forward_hook(hook))
+    try:
+        yield captured
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def excess_kurtosis(t: Tensor) -> float:
+    """Excess kurtosis of all values of ``t``: ``m4 / m2**2 - 3`` with the central moments
+    ``mk = mean((x - mean(x))**k)`` (population moments, no bias correction), in float64.
+    0 for a Gaussian, -1.2 for a uniform, 3 for a Laplace distribution; larger means heavier
+    tails and a sharper peak. ValueError for fewer than two values or all values equal."""
+    x = t.detach().double().flatten()
+    if x.numel() < 2:
+        raise ValueError(f"excess_kurtosis: need at least 2 values, got {x.numel()}")
+    d = x - x.mean()
+    m2 = float((d * d).mean())
+    if not m2 > 0:
+        raise ValueError("excess_kurtosis: all values are equal (zero variance)")
+    m4 = float((d**4).mean())
+    return m4 / (m2 * m2) - 3.0
 
 
 def percentiles(t: Tensor, qs: Sequence[float], dim: int = 0) -> Tensor:
