@@ -2,6 +2,7 @@
 models are built from."""
 
 from .batchnorm import BatchNorm1d, BatchNorm2d, BatchNorm3d, name_layers
+from .noisy import ScaleShiftNoise
 from .registry import (
     LAYERS,
     NORMS,
@@ -15,6 +16,7 @@ __all__ = [
     "BatchNorm1d",
     "BatchNorm2d",
     "BatchNorm3d",
+    "ScaleShiftNoise",
     "name_layers",
     "LAYERS",
     "NORMS",
