@@ -328,3 +328,61 @@ def test_resume_of_a_finished_part_recomputes_nothing(quick_run, tmp_path):
     assert run.meta["status"] == "finished"
     assert (copy / "metrics.jsonl").read_text() == before
     assert len(load_run(copy).rows) == len(before.splitlines())
+
+
+def _strip_seconds(rows):
+    return sorted(json.dumps({k: v for k, v in r.items() if k != "seconds"}, sort_keys=True)
+                  for r in rows)
+
+
+def test_resume_reruns_an_unrecorded_training_to_the_same_rows(quick_run, tmp_path):
+    """The last training's rows are removed (as if the run had stopped before they were
+    appended): --resume runs it again, from its checkpoint, to the same rows."""
+    import shutil
+
+    from bnlab.experiments import execute
+    from bnlab.runs import load_run
+
+    copy = tmp_path / "copy"
+    shutil.copytree(quick_run, copy)
+    rows = load_run(copy).rows
+    last = next(r for r in reversed(rows) if r.get("event") == "end")
+    key = {k: last[k] for k in ("section", "norm", "base_lr", "seed")}
+    keep = [r for r in rows if any(r.get(k) != v for k, v in key.items())]
+    assert len(keep) < len(rows) - 1
+    (copy / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in keep))
+    meta = json.loads((copy / "config.json").read_text())
+    meta["status"] = "interrupted"
+    (copy / "config.json").write_text(json.dumps(meta))
+    execute(why.EXPERIMENT, resume=copy, progress=False)
+    assert _strip_seconds(load_run(copy).rows) == _strip_seconds(rows)
+
+
+def test_trainings_in_worker_processes_give_the_rows_of_one_process(tmp_path):
+    from bnlab.experiments import execute
+    from bnlab.runs import load_run
+
+    common = {"only": "sweep", "dataset": "synthetic", "depth": 8, "lrs": "0.05", "seeds": 2,
+              "steps": 6, "eval_every": 3, "batch_size": 16, "eval_test": 50, "eval_train": 50}
+    out = {}
+    for workers, threads in ((1, 1), (2, 2)):  # (2, 2): two processes of one thread
+        cfg = why.EXPERIMENT.make_config(workers=workers, threads=threads, **common)
+        run = execute(why.EXPERIMENT, cfg, tmp_path / f"w{workers}", progress=False)
+        assert run.meta["processes"] == workers and run.meta["threads_per_process"] == 1
+        out[workers] = load_run(run.path).rows
+    assert len([r for r in out[1] if r.get("event") == "end"]) == 4
+    # same rows up to float rounding: a process started with one-thread pools may pick other
+    # convolution kernels than one whose pools were cut to one thread later
+    a, b = (sorted((json.loads(r) for r in _strip_seconds(out[k])),
+                   key=lambda r: json.dumps({k: v for k, v in r.items()
+                                             if not isinstance(v, float) or k in ("base_lr",
+                                                                                  "lr")},
+                                            sort_keys=True)) for k in (1, 2))
+    assert len(a) == len(b)
+    for ra, rb in zip(a, b, strict=True):
+        assert ra.keys() == rb.keys()
+        for k in ra:
+            if isinstance(ra[k], float):
+                assert ra[k] == pytest.approx(rb[k], rel=1e-5, abs=1e-6), k
+            else:
+                assert ra[k] == rb[k], k

@@ -191,11 +191,10 @@ class WhyConfig:
 
 
 QUICK = {
-    "depth": 8, "deep_depth": 20, "lrs": "0.0001,0.1", "seeds": 1, "steps": 40,
-    "eval_every": 20, "batch_size": 32, "eval_test": 200, "eval_train": 200,
-    "landscape_after": 20, "landscape_batches": 2,
-    "analysis_batch": 32, "matrix_size": 100, "noisy_steps": 40, "noisy_eval_every": 20,
-    "workers": 1, "threads": 1,
+    "depth": 8, "deep_depth": 20, "lrs": "0.0001,0.1", "seeds": 1, "steps": 30,
+    "eval_every": 15, "batch_size": 32, "eval_test": 200, "eval_train": 200,
+    "landscape_after": 15, "landscape_batches": 1, "analysis_batch": 32, "matrix_size": 100,
+    "noisy_steps": 30, "noisy_eval_every": 15, "workers": 1, "threads": 1,
 }
 
 
@@ -587,6 +586,8 @@ def run(cfg: WhyConfig, run_dir: RunDir, progress: bool = True) -> dict[str, Any
     run_dir.update(**update)
 
     timings: dict[str, float] = dict(run_dir.meta.get("timings") or {})
+    if cfg.threads:  # the analyses at initialization run here, with all the threads asked for
+        _set_threads(cfg.threads)
     t0 = time.perf_counter()
     for row in _init_analyses(cfg, data, done_analyses):
         run_dir.log(row)
