@@ -15,7 +15,7 @@ from collections import defaultdict
 import numpy as np
 
 from ..report import plots
-from ..report.content import Claim, Figure, Section, Summary, Table
+from ..report.content import Claim, Figure, Section, Summary, Table, literal
 from ..runs import RunFiles
 
 __all__ = ["SECTIONS", "PAPER", "report", "sweep_table", "safe_step", "MIN_TRAIN_STEPS"]
@@ -421,7 +421,7 @@ def _gradients_section(files: RunFiles) -> Section:
     b, n = nets["bn"], nets["none"]
     ratio = n["std"] / b["std"] if b["std"] > 0 else math.inf
     tab = Table(
-        f"Weight gradients of convolution {r['layer_index']} ({r['layer']}) of ResNet-"
+        f"Weight gradients of convolution {r['layer_index']} ({literal(r['layer'])}) of ResNet-"
         f"{r['depth']} at initialization, one batch of {r['batch']}",
         ["network", "std", "99.9th pct of |g|", "max |g|", "excess kurtosis", "loss",
          "paper: range"],
@@ -557,12 +557,14 @@ def _bias_section(files: RunFiles) -> Section:
     nets = r["nets"]
     b, n = nets["bn"], nets["none"]
     kb, kn = b["kernel"], n["kernel"]
+    conf = {k: _top_probability(v, r["labels"]) for k, v in nets.items()}
     tab = Table(
         f"Class bias and gradient similarity of ResNet-{r['depth']} at initialization (batch of "
-        f"{r['batch']}; kernel gradients of convolution {r['layer_index']}, {r['layer']})",
+        f"{r['batch']}; kernel gradients of convolution {r['layer_index']}, {literal(r['layer'])})",
         ["measure", "with BN", "without BN", "paper"],
         [["images predicted as the most common class", _fmt(b["bias"]["top_fraction"]),
           _fmt(n["bias"]["top_fraction"]), "nearly all without BN; not so with BN"],
+         ["mean softmax probability of that class", _fmt(conf["bn"]), _fmt(conf["none"]), ""],
          ["output gradients: mean pairwise cosine over images",
           _fmt(b["output_grad_cosine"]), _fmt(n["output_grad_cosine"]),
           "highly correlated without BN"],
@@ -609,14 +611,24 @@ def _bias_section(files: RunFiles) -> Section:
                     paper="a few input/output channels carry much larger gradients"),
     ]
     fig = Figure("why_bias.png", "Output gradients at initialization (images x classes)",
-                 "Look for one solid column (one class predicted for nearly every image) in the "
-                 "network without BN, and a scattered pattern that depends on the image with BN.")
+                 "Look for a solid dark row: one class predicted for nearly every image, "
+                 "with softmax near 1 (the paper's finding without BN); the paper sees no such "
+                 "row with BN. Dark blue cells are each image's own label.")
     return Section(TITLES["bias"], figures=[fig], tables=[tab], claims=claims)
+
+
+def _top_probability(net: dict, labels: list[int]) -> float:
+    """Mean softmax probability of the most common predicted class, from the stored output
+    gradients (softmax - one-hot) and labels."""
+    c = net["bias"]["top_class"]
+    g = net["output_grad"]
+    return sum(row[c] + (1.0 if y == c else 0.0) for row, y in zip(g, labels, strict=True)) / len(g)
 
 
 def _figure_bias(r: dict, path) -> None:
     with plots.style():
-        fig, axes = plots.figure(1, nrows=2, width=11, height=2.6)
+        fig, axes = plots.figure(1, nrows=2, width=11, height=2.9,
+                                 gridspec_kw={"hspace": 0.45})
         for ax, n in zip(axes, ("none", "bn"), strict=True):
             g = np.asarray(r["nets"][n]["output_grad"], dtype=float).T  # (classes, images)
             im = ax.imshow(g, aspect="auto", cmap="RdBu_r", vmin=-1, vmax=1,
@@ -833,31 +845,33 @@ def report(files: RunFiles) -> Summary:
             f"Wall time: analyses at initialization {timings.get('analyses_at_init_s', 'n/a')} s"
             + (f", trainings {timings['trainings_s']} s" if "trainings_s" in timings else "")
             + ".")
+    data_name = literal(ds.get("name", "?"))
+    seeds = f"{cfg.get('seed', 0)}..{cfg.get('seed', 0) + cfg.get('seeds', 1) - 1}"
     caveats = [
         f"**Scale**: the papers use ResNet-110 (Bjorck et al.) and VGG (Santurkar et al.) on "
         f"CIFAR-10 trained for many epochs; here the trainings are ResNet-{cfg.get('depth')} for "
         f"{cfg.get('steps')} steps (sweep) and {cfg.get('noisy_steps')} steps (noisy BN) on "
-        f"{ds.get('name', '?')}, so the accuracies are not comparable in level: compare the "
-        "shapes and orderings with the papers'. Claims that need training to convergence are "
-        "marked not assessed.",
+        f"{data_name}, so the accuracies are not comparable in level: compare the shapes and "
+        "orderings with the papers'. Claims that need training to convergence are marked not "
+        "assessed.",
         "**Paper numbers**: Bjorck et al.'s full text was not available; their numbers are read "
         "off figure images (about +-0.5 points on accuracy axes) or taken from notes on the "
         "paper. Santurkar et al.'s come from their text.",
     ]
     if ds.get("name") and ds["name"] != "cifar10":
         caveats.append(
-            f"**Data**: {ds['name']} ({ds.get('train', '?'):,} training images of "
+            f"**Data**: {data_name} ({ds.get('train', '?'):,} training images of "
             f"{'x'.join(str(v) for v in ds.get('shape', []))}), not CIFAR-10; inputs standardized "
             "per channel, no augmentation (the papers augment CIFAR-10).")
     setup = [
         f"Networks: ResNetCifar (He et al. 2016; option-A shortcuts) with and without BN, "
         f"depth {cfg.get('depth')} for (1), (2), (7) and {cfg.get('deep_depth')} for (3)-(5); "
-        f"BN layers: {cfg.get('bn_impl')}; channels_last: {cfg.get('channels_last')}.",
+        f"BN layers: {literal(cfg.get('bn_impl'))}; channels_last: "
+        f"{literal(cfg.get('channels_last'))}.",
         f"Sweep: SGD momentum {cfg.get('momentum')}, weight decay {cfg.get('weight_decay')}, "
-        f"batch {cfg.get('batch_size')}, rates {cfg.get('lrs')} dropped 10x at 50% and 75% of "
-        f"{cfg.get('steps')} steps, seeds {cfg.get('seed')}..{cfg.get('seed', 0) + cfg.get('seeds', 1) - 1}. "  # noqa: E501
-        f"Noisy BN: SGD lr {cfg.get('noisy_lr')}, momentum {cfg.get('noisy_momentum')}, constant "
-        "rate.",
+        f"batch {cfg.get('batch_size')}, rates {literal(cfg.get('lrs'))} dropped 10x at 50% and "
+        f"75% of {cfg.get('steps')} steps, seeds {seeds}. Noisy BN: SGD lr "
+        f"{cfg.get('noisy_lr')}, momentum {cfg.get('noisy_momentum')}, constant rate.",
     ]
     if meta.get("processes"):
         setup.append(f"Trainings ran in {meta['processes']} process(es) x "
