@@ -386,3 +386,13 @@ def test_trainings_in_worker_processes_give_the_rows_of_one_process(tmp_path):
                 assert ra[k] == pytest.approx(rb[k], rel=1e-5, abs=1e-6), k
             else:
                 assert ra[k] == rb[k], k
+
+
+def test_help_lists_the_flags(capsys):
+    from bnlab.cli import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(["run", "why", "--help"])
+    assert exc.value.code == 0
+    out = capsys.readouterr().out
+    assert "--only" in out and "--lrs" in out and "--noisy-lr" in out

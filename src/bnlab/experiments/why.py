@@ -124,7 +124,8 @@ class WhyConfig:
     seed: int = field(default=0, metadata={"help": "first seed (seeds are seed, seed+1, ...)",
                                            "min": 0})
     steps: int = field(default=800, metadata={
-        "help": "SGD steps of each sweep training; the rate drops 10x at 50% and 75%", "min": 1})
+        "help": "SGD steps of each sweep training; the rate drops 10x at half and at three "
+        "quarters of them", "min": 1})
     batch_size: int = field(default=128, metadata={"help": "mini-batch size", "min": 2})
     momentum: float = field(default=0.9, metadata={"help": "SGD momentum of the sweep",
                                                    "min": 0, "max": 1})
