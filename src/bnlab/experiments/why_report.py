@@ -222,7 +222,7 @@ def _sweep_section(files: RunFiles) -> Section:
     fig = Figure("why_sweep.png", "Final accuracy against the learning rate, with and without BN",
                  "Look for the blue curve (BN) peaking at a much larger rate than the red (no "
                  "BN), and the two meeting at the smallest rate; x marks trainings that "
-                 "diverged, grey diamonds the paper's ResNet-110 on CIFAR-10.")
+                 "diverged, open diamonds the paper's ResNet-110 on CIFAR-10.")
     return Section(TITLES["sweep"], figures=[fig], tables=[tab], claims=claims)
 
 
@@ -257,7 +257,8 @@ def _figure_sweep(table: dict, lrs: list[float], path) -> None:
             ax.set_xlabel("learning rate (base; same schedule for all)")
             ax.set_title(title)
         axes[0].set_ylabel("accuracy")
-        axes[0].legend(loc="lower left", fontsize=9)
+        # on the training panel, whose upper left is empty (the test panel has points there)
+        axes[1].legend(*axes[0].get_legend_handles_labels(), loc="upper left", fontsize=9)
         plots.save(fig, path)
 
 
