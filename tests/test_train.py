@@ -103,6 +103,41 @@ def test_evaluate_uses_population_statistics_and_restores_the_mode():
     assert ev["loss"] == pytest.approx(float(F.cross_entropy(out, y)))
 
 
+def test_fit_trains_a_regression_with_float_targets_and_no_accuracy():
+    """Floating-point targets (loss_fn=mse_loss): the same loop as by hand, accuracies None."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(120, 6, generator=g, dtype=torch.float64) * 3 + 1
+    steps, bs, seed = 12, 20, 2
+
+    def make():
+        torch.manual_seed(seed)
+        return bnlab.BatchNorm1d(6, dtype=torch.float64)
+
+    a = make()
+    res = fit(a, torch.optim.SGD(a.parameters(), lr=0.2), (x, x), (x[:40], x[:40]), steps=steps,
+              batch_size=bs, seed=seed, eval_every=6, loss_fn=F.mse_loss)
+    assert res.status == "finished" and [r["step"] for r in res.history] == [0, 6, 12]
+    for row in res.history:
+        assert row["train_acc"] is None and row["test_acc"] is None
+    assert res.history[0]["train_batch_acc"] is None and res.history[1]["train_batch_acc"] is None
+    b = make()
+    opt = torch.optim.SGD(b.parameters(), lr=0.2)
+    batches = Batches(len(x), bs, seed)
+    for t in range(steps):
+        idx = batches(t)
+        loss = F.mse_loss(b(x[idx]), x[idx])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    for pa, pb in zip(a.state_dict().values(), b.state_dict().values(), strict=True):
+        torch.testing.assert_close(pa, pb, rtol=0, atol=0)
+    ev = evaluate(b, x[:40], x[:40], loss_fn=F.mse_loss)
+    b.eval()
+    with torch.no_grad():
+        assert ev == {"loss": pytest.approx(float(F.mse_loss(b(x[:40]), x[:40]))), "acc": None}
+    assert res.history[-1]["test_loss"] == pytest.approx(ev["loss"])
+
+
 @pytest.mark.parametrize("bn", [False, True])
 def test_divergence_ends_the_training_and_is_recorded(tmp_path, bn):
     x, y = _data()

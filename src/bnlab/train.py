@@ -117,7 +117,8 @@ def evaluate(
     prepare: Callable[[Tensor], Tensor] | None = None,
 ) -> dict[str, float]:
     """Mean loss and accuracy of ``model`` on ``(x, y)`` in inference mode (BN with population
-    statistics). The model's train/eval mode is restored afterwards. Returns ``{"loss", "acc"}``."""
+    statistics). The model's train/eval mode is restored afterwards. Returns ``{"loss", "acc"}``;
+    ``acc`` is None when ``y`` holds floating-point targets (regression: no classes)."""
     was_training = model.training
     model.eval()
     try:
@@ -126,11 +127,13 @@ def evaluate(
             xb, yb = x[i : i + batch_size], y[i : i + batch_size]
             out = model(prepare(xb) if prepare is not None else xb)
             total += float(loss_fn(out, yb)) * len(yb)
-            correct += int((out.argmax(1) == yb).sum())
+            if not yb.is_floating_point():
+                correct += int((out.argmax(1) == yb).sum())
             n += len(yb)
     finally:
         model.train(was_training)
-    return {"loss": total / max(n, 1), "acc": correct / max(n, 1)}
+    acc = None if y.is_floating_point() else correct / max(n, 1)
+    return {"loss": total / max(n, 1), "acc": acc}
 
 
 @dataclass
@@ -215,7 +218,8 @@ def fit(
       over the steps since the last row), ``train_batch_acc`` (accuracy on those mini-batches,
       training mode), ``train_acc`` (inference mode, on the first ``train_eval_size`` training
       examples), ``test_loss``/``test_acc`` (when ``test`` is given), ``lr``, and whatever
-      ``measure(model, step)`` returns.
+      ``measure(model, step)`` returns. With floating-point targets ``y`` (regression, e.g.
+      ``loss_fn=F.mse_loss``) the accuracies are None.
     * ``run``: a :class:`bnlab.runs.RunDir`; rows are appended to its ``metrics.jsonl`` and the
       checkpoint defaults to ``<run>/checkpoints/<tags>.pt``. ``tags`` (e.g. ``{"variant":
       "bn", "seed": 0}``) identify this training's rows.
@@ -346,14 +350,15 @@ def fit(
                 sched.step()
             acc[0] += value
             acc[1] += 1
-            acc[2] += int((out.detach().argmax(1) == yb).sum())
-            acc[3] += len(yb)
+            if not yb.is_floating_point():  # classes (float targets: regression, no accuracy)
+                acc[2] += int((out.detach().argmax(1) == yb).sum())
+                acc[3] += len(yb)
             step = t + 1
             bar.update(1)
             if step == steps or (eval_every and step % eval_every == 0):
                 row = eval_row(step)
                 emit(row)
-                if "test_acc" in row:
+                if row.get("test_acc") is not None:
                     bar.set_postfix(test_acc=f"{row['test_acc']:.3f}", refresh=False)
                 save(step, "finished" if step == steps else "running")
         if diverged is not None:
