@@ -21,7 +21,15 @@ from .inference import (
     recompute_population_stats,
     unfreeze,
 )
-from .layers import BatchNorm1d, BatchNorm2d, BatchNorm3d, get_layer, name_layers
+from .layers import (
+    BatchNorm1d,
+    BatchNorm2d,
+    BatchNorm3d,
+    BatchWhitening,
+    StepBatchNorm1d,
+    get_layer,
+    name_layers,
+)
 
 __version__ = "0.1.0"
 
@@ -29,6 +37,8 @@ __all__ = [
     "BatchNorm1d",
     "BatchNorm2d",
     "BatchNorm3d",
+    "BatchWhitening",
+    "StepBatchNorm1d",
     "batch_norm_train",
     "batch_norm_eval",
     "convert",

@@ -3,6 +3,7 @@ models are built from."""
 
 from .batchnorm import BatchNorm1d, BatchNorm2d, BatchNorm3d, name_layers
 from .noisy import ScaleShiftNoise
+from .recurrent import StepBatchNorm1d
 from .registry import (
     LAYERS,
     NORMS,
@@ -11,12 +12,15 @@ from .registry import (
     norm_names,
     register_norm,
 )
+from .whitening import BatchWhitening  # registers the "whiten" family
 
 __all__ = [
     "BatchNorm1d",
     "BatchNorm2d",
     "BatchNorm3d",
+    "BatchWhitening",
     "ScaleShiftNoise",
+    "StepBatchNorm1d",
     "name_layers",
     "LAYERS",
     "NORMS",
