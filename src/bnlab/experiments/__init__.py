@@ -18,6 +18,7 @@ from .protocol import (
 # The built-in experiments register themselves on import.
 from . import mnist  # noqa: E402, F401  isort: skip
 from . import why  # noqa: E402, F401  isort: skip
+from . import questions  # noqa: E402, F401  isort: skip
 
 
 def load_plugins() -> list[str]:
