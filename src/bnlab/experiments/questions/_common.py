@@ -43,6 +43,8 @@ __all__ = [
 #: Below this ``--scale`` the trainings are too short for the claims that rest on them: such
 #: claims are "not assessed" (a smoke run checks that everything works, not what BN does).
 MIN_SCALE = 0.5
+#: Test images (and training images evaluated) in a smoke run.
+SMOKE_TEST = 300
 
 
 @dataclass
@@ -81,9 +83,11 @@ def seed_mix(*values: int) -> int:
 class Context:
     """What a question's ``run`` works with.
 
-    ``data`` is the run's data set (images ``(N, 1, 28, 28)`` in [0, 1]); ``x_train``/``x_test``
-    are the same images flattened to ``(N, 784)`` for the dense networks. ``seeds`` are the
-    training seeds; :meth:`steps` scales a question's default training length by ``--scale``.
+    ``images_train``/``images_test`` are the run's data set (``(N, 1, 28, 28)`` in [0, 1]) and
+    ``x_train``/``x_test`` the same images flattened to ``(N, 784)`` for the dense networks. In a
+    smoke run (``--scale`` below ``MIN_SCALE``) the test sets are cut to ``SMOKE_TEST``
+    images: a smoke run checks the machinery, not the numbers. ``seeds`` are the training
+    seeds; :meth:`steps` scales a question's default training length by ``--scale``.
     """
 
     def __init__(self, cfg: Any, run: RunDir, data: Dataset, question: Question,
@@ -93,10 +97,12 @@ class Context:
         self.data = data
         self.question = question
         self.progress = progress
+        n_test = SMOKE_TEST if self.smoke else len(data.y_test)
+        self.images_train, self.images_test = data.x_train, data.x_test[:n_test]
         self.x_train = data.x_train.flatten(1).contiguous()
-        self.x_test = data.x_test.flatten(1).contiguous()
+        self.x_test = self.images_test.flatten(1).contiguous()
         self.y_train = data.y_train
-        self.y_test = data.y_test
+        self.y_test = data.y_test[:n_test]
 
     @property
     def seeds(self) -> list[int]:
@@ -138,8 +144,9 @@ class Context:
         """:func:`bnlab.train.fit` with this question's tags (``question``, ``variant``,
         ``seed``), about ``evals`` evaluations, rows and checkpoints in the run directory.
         ``train``/``test`` default to the flattened data."""
-        if self.smoke:  # a smoke run checks the machinery: a few evaluations are enough
+        if self.smoke:  # a smoke run checks the machinery: a few, small evaluations
             evals = min(evals, 4)
+            kwargs.setdefault("train_eval_size", SMOKE_TEST)
         train = train if train is not None else (self.x_train, self.y_train)
         test = test if test is not None else (self.x_test, self.y_test)
         return fit(

@@ -53,12 +53,14 @@ METHODS = ("population (training)", "test-batch statistics", "recomputed on shif
 
 
 def small_cnn(norm: bool) -> nn.Sequential:
-    """conv3x3(16)-[BN]-ReLU-pool-conv3x3(32)-[BN]-ReLU-pool-linear: 1x28x28 -> 10."""
+    """conv3x3/2(16)-[BN]-ReLU-conv3x3/2(32)-[BN]-ReLU-linear: 1x28x28 -> 10 (strided
+    convolutions instead of pooling: the same 28 -> 14 -> 7 maps at a fraction of the cost on
+    a CPU)."""
     def block(cin, cout):
-        layers: list[nn.Module] = [nn.Conv2d(cin, cout, 3, padding=1, bias=not norm)]
+        layers: list[nn.Module] = [nn.Conv2d(cin, cout, 3, stride=2, padding=1, bias=not norm)]
         if norm:
             layers.append(BatchNorm2d(cout))
-        return layers + [nn.ReLU(), nn.MaxPool2d(2)]
+        return layers + [nn.ReLU()]
     return nn.Sequential(*block(1, 16), *block(16, 32), nn.Flatten(), nn.Linear(32 * 7 * 7, 10))
 
 
@@ -95,11 +97,8 @@ def test_batch_accuracy(model: nn.Module, x: Tensor, y: Tensor, batch: int) -> f
 
 def run(ctx: Context) -> None:
     steps = ctx.steps(STEPS)
-    data = ctx.data
-    xt, yt = data.x_test, data.y_test
-    # a smoke run checks the machinery on fewer images and strengths
-    n_eval = 300 if ctx.smoke else len(yt)
-    pick = (0, 2, 4) if ctx.smoke else range(5)
+    xt, yt = ctx.images_test, ctx.y_test
+    pick = (0, 2, 4) if ctx.smoke else range(5)  # a smoke run: fewer strengths
     for seed in ctx.seeds:
         nets = {}
         for norm in (True, False):
@@ -107,10 +106,10 @@ def run(ctx: Context) -> None:
             model = small_cnn(norm)
             opt = torch.optim.SGD(model.parameters(), lr=LR, momentum=MOMENTUM)
             ctx.fit(model, opt, "bn" if norm else "no BN", seed, steps=steps, batch_size=BATCH,
-                    train=(data.x_train, data.y_train), test=(xt, yt), evals=5)
+                    train=(ctx.images_train, ctx.y_train), test=(xt, yt), evals=5)
             nets[norm] = model
         rows = []
-        xe, ye = xt[:n_eval], yt[:n_eval]
+        xe, ye = xt, yt
         for kind, levels in CORRUPTIONS.items():
             for severity, level in enumerate((None, *levels)):
                 if severity and severity - 1 not in pick:
@@ -198,8 +197,9 @@ def report(view: View) -> Answer:
         + f"; on clean images it cost {pct(clean_pop - clean_tb, 1)}."
     )
     text = [
-        "**What was run.** A small CNN (conv 16 - BN - ReLU - pool - conv 32 - BN - ReLU - pool "
-        f"- linear) trained on clean images (SGD lr {LR}, momentum {MOMENTUM}, batch {BATCH}), "
+        "**What was run.** A small CNN (two 3x3 convolutions with stride 2, 16 and 32 maps, each "
+        "followed by BN and ReLU, then a linear layer) trained on clean images (SGD lr "
+        f"{LR}, momentum {MOMENTUM}, batch {BATCH}), "
         "and the same CNN without BN; then the test set, distorted three ways at five "
         "strengths, classified with the four normalizations above. Test-batch statistics need "
         f"a batch of images that share the shift ({TEST_BATCH} here); a single image cannot "

@@ -122,15 +122,14 @@ def train_mode_accuracy(model: nn.Module, x: Tensor, y: Tensor, batch: int = 100
 
 def run(ctx: Context) -> None:
     steps = ctx.steps(STEPS)
-    data = ctx.data
-    xt, yt = data.x_test, data.y_test
+    xt, yt = ctx.images_test, ctx.y_test
     for variant in VARIANTS:
         for seed in ctx.seeds:
             torch.manual_seed(seed)
             model = RowRNN(variant)
             opt = ClippedAdam(model.parameters(), lr=LR, clip=CLIP)
             ctx.fit(model, opt, variant, seed, steps=steps, batch_size=BATCH,
-                    train=(data.x_train, data.y_train), test=(xt, yt), evals=6)
+                    train=(ctx.images_train, ctx.y_train), test=(xt, yt), evals=6)
             rows = [{"variant": variant, "seed": seed, "extra_rows": k,
                      "acc": evaluate(model, longer(xt, k), yt)["acc"]} for k in EXTRA_ROWS]
             ctx.log("length", rows)
