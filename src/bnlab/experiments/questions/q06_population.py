@@ -11,7 +11,7 @@ all during training: normalizing with the whole training set at every step "is i
 using stochastic optimization"; at inference there is no such constraint.
 
 Run: the 784-100-100-100-10 ReLU network with BN before each ReLU, trained with batches of
-m = 2 ... 64 for the same number of epochs (learning rate proportional to m); then, for each
+m = 2 ... 64 on the same number of examples (learning rate proportional to m); then, for each
 trained network, test loss and accuracy with five sets of statistics:
 
 * **running average**: what the layer kept during training (momentum 0.1, unbiased batch
@@ -36,11 +36,21 @@ from torch.nn import functional as F
 
 from ...inference import recompute_population_stats
 from ...layers import BatchNorm1d
-from ...probes import record_inputs
 from ...report import plots
 from ...report.content import Claim, Figure, Table
 from ...train import evaluate
-from ._common import WITHIN_SPREAD, Answer, Context, Question, View, fmt, mlp, pct, seed_mean
+from ._common import (
+    ACTS,
+    WITHIN_SPREAD,
+    Answer,
+    Context,
+    Question,
+    View,
+    fmt,
+    mlp,
+    pct,
+    seed_mean,
+)
 from ._common import separated as _separated
 
 NAME = "population"
@@ -48,7 +58,8 @@ TITLE = ("Why the unbiased m/(m-1) variance at inference, and why mini-batch est
          "the whole data set?")
 
 SIZES = (2, 4, 8, 16, 64)
-EPOCHS = 3
+EXAMPLES = 12_000  # training examples seen at every batch size (3 epochs of mnist-5k)
+ALG2_EXAMPLES = 4_000  # one pass over (at most) this many training examples for Algorithm 2
 LR_PER_EXAMPLE = 0.1 / 64  # lr = LR_PER_EXAMPLE * m
 MOMENTUM = 0.9
 METHODS = ("running average", "Alg. 2, m/(m-1)", "Alg. 2, biased", "exact, whole set",
@@ -60,27 +71,49 @@ def _bn_layers(model: nn.Module) -> list[tuple[str, BatchNorm1d]]:
 
 
 @torch.no_grad()
-def batch_averaged_stats(model: nn.Module, x: torch.Tensor, m: int, seed: int
+def grouped_forward(model: nn.Sequential, x: torch.Tensor, m: int
+                    ) -> tuple[torch.Tensor, dict[str, tuple[torch.Tensor, torch.Tensor]]]:
+    """The training-mode forward of the ``k = len(x) // m`` consecutive batches of ``m`` rows of
+    ``x`` at once, each BN layer normalizing each batch with that batch's own statistics, as
+    ``k`` separate forwards would (the rest of ``x`` is dropped).
+
+    ``model`` is an ``nn.Sequential`` of ``Linear``, bnlab ``BatchNorm1d`` and elementwise
+    layers. Each BN layer of ``C`` features runs as one bnlab ``BatchNorm1d(k * C)`` (same eps,
+    gamma and beta repeated) on the ``(m, k * C)`` view: per-feature statistics over a batch
+    are exactly ``k`` separate BNs. Returns the ``(k * m, out)`` outputs and, per BN layer
+    name, the ``(k, C)`` batch means and biased variances (float64). The model is unchanged.
+    """
+    k = len(x) // m
+    z = x[: k * m]
+    stats: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    for name, module in model.named_children():
+        if isinstance(module, BatchNorm1d):
+            c = module.num_features
+            g = z.reshape(k, m, c)
+            stats[name] = (g.double().mean(1), g.double().var(1, unbiased=False))
+            wide = BatchNorm1d(k * c, eps=module.eps, dtype=z.dtype).train()
+            wide.weight.copy_(module.weight.repeat(k))
+            wide.bias.copy_(module.bias.repeat(k))
+            z = wide(g.transpose(0, 1).reshape(m, k * c)).reshape(m, k, c).transpose(0, 1)
+            z = z.reshape(k * m, c)
+        elif isinstance(module, (nn.Linear, *ACTS.values())):
+            z = module(z)
+        else:
+            raise TypeError(f"grouped_forward: layer {name!r} ({type(module).__name__}) is not "
+                            "Linear, BatchNorm1d or an elementwise activation")
+    return z, stats
+
+
+def batch_averaged_stats(model: nn.Sequential, x: torch.Tensor, m: int, seed: int
                          ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """Algorithm 2, step 10 (Ioffe & Szegedy 2015): over one pass of the rows of ``x`` in
     batches of ``m`` (a seeded permutation; an incomplete last batch is dropped), each BN
     layer's mean over batches of ``mu_B`` and of the biased ``sigma_B^2``, every layer
     normalizing with batch statistics as in training. Returns ``{layer name: (E_B[mu_B],
-    E_B[sigma_B^2])}`` in float64; the model is not changed (a copy runs)."""
-    net = copy.deepcopy(model).train()
-    layers = dict(_bn_layers(net))
-    sums = {n: [0.0, 0.0] for n in layers}
+    E_B[sigma_B^2])}`` in float64; the model is not changed."""
     perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))
-    count = 0
-    with record_inputs(layers) as got:
-        for k in range(len(x) // m):
-            net(x[perm[k * m:(k + 1) * m]])
-            for n in layers:
-                inp = got[n].double()
-                sums[n][0] = sums[n][0] + inp.mean(0)
-                sums[n][1] = sums[n][1] + inp.var(0, unbiased=False)
-            count += 1
-    return {n: (s[0] / count, s[1] / count) for n, s in sums.items()}
+    _, stats = grouped_forward(model, x[perm], m)
+    return {n: (mu.mean(0), var.mean(0)) for n, (mu, var) in stats.items()}
 
 
 def with_stats(model: nn.Module, stats: dict[str, tuple[torch.Tensor, torch.Tensor]],
@@ -95,29 +128,25 @@ def with_stats(model: nn.Module, stats: dict[str, tuple[torch.Tensor, torch.Tens
 
 
 @torch.no_grad()
-def batch_stat_eval(model: nn.Module, x: torch.Tensor, y: torch.Tensor, m: int) -> dict:
-    """Loss and accuracy with every test batch of ``m`` normalized by its own statistics (a copy
-    in training mode; the model's statistics are untouched)."""
-    net = copy.deepcopy(model).train()
-    total, correct, n = 0.0, 0, 0
-    for i in range(0, len(y) - m + 1, m):
-        out = net(x[i:i + m])
-        total += float(F.cross_entropy(out, y[i:i + m], reduction="sum"))
-        correct += int((out.argmax(1) == y[i:i + m]).sum())
-        n += m
-    return {"loss": total / n, "acc": correct / n}
+def batch_stat_eval(model: nn.Sequential, x: torch.Tensor, y: torch.Tensor, m: int) -> dict:
+    """Loss and accuracy with every test batch of ``m`` normalized by its own statistics, as in
+    training (an incomplete last batch is left out; the model's statistics are untouched)."""
+    out, _ = grouped_forward(model, x, m)
+    y = y[: len(out)]
+    return {"loss": float(F.cross_entropy(out, y)),
+            "acc": float((out.argmax(1) == y).double().mean())}
 
 
 def run(ctx: Context) -> None:
-    x, y = ctx.x_train, ctx.y_train
+    x = ctx.x_train
     for m in SIZES:
-        steps = ctx.steps(EPOCHS * len(y) // m, minimum=40)
+        steps = ctx.steps(EXAMPLES // m, minimum=40)
         for seed in ctx.seeds:
             torch.manual_seed(seed)
             model = mlp(norm="bn", act="relu")
             opt = torch.optim.SGD(model.parameters(), lr=LR_PER_EXAMPLE * m, momentum=MOMENTUM)
             ctx.fit(model, opt, f"m={m}", seed, steps=steps, batch_size=m, evals=5)
-            alg2 = batch_averaged_stats(model, x, m, seed)
+            alg2 = batch_averaged_stats(model, x[:ALG2_EXAMPLES], m, seed)
             exact = copy.deepcopy(model)
             recompute_population_stats(exact, x.split(1000), mode="eval")
             nets = {
@@ -137,7 +166,9 @@ def run(ctx: Context) -> None:
             ctx.log("stats", rows)
             # first BN layer: its input does not depend on BN, so the ratio of the mean batch
             # variance to the exact variance is (m-1)/m up to the sampling of one pass
-            name, layer = _bn_layers(exact)[0]
+            first = copy.deepcopy(model)  # the same images as Algorithm 2's pass
+            recompute_population_stats(first, x[:ALG2_EXAMPLES].split(1000), mode="eval")
+            name, layer = _bn_layers(first)[0]
             ratio = alg2[name][1] / layer.running_var.double()
             ctx.log("variance", {"m": m, "seed": seed, "ratio": float(ratio.mean()),
                                  "ratio_sd": float(ratio.std())})
@@ -234,10 +265,10 @@ def report(view: View) -> Answer:
     )
     text = [
         "**What was run.** The 784-100-100-100-10 ReLU network with BN before each ReLU, trained "
-        f"for {EPOCHS} epochs with batches of m = {', '.join(map(str, SIZES))} (SGD, momentum "
+        f"on {EXAMPLES:,} examples with batches of m = {', '.join(map(str, SIZES))} (SGD, momentum "
         f"{MOMENTUM}, lr = {LR_PER_EXAMPLE * 64:g} x m/64), then evaluated with the five sets of "
-        "statistics listed in the table. Algorithm 2's averages are over one pass of the "
-        "training set in batches of m.",
+        "statistics listed in the table. Algorithm 2's averages are over one pass of "
+        f"{ALG2_EXAMPLES:,} training images in batches of m.",
         f"**Answer.** {answer} Why batches during training: the statistics must be computed "
         "for the current weights at every step and take part in backpropagation (section 2); "
         "with the whole training set each step would cost a full pass. At inference the whole "
