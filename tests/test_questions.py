@@ -219,10 +219,10 @@ def test_test_batch_accuracy_leaves_the_model_alone():
 def test_row_rnn_lengths_and_clipped_adam():
     torch.manual_seed(0)
     x = torch.rand(6, 1, 28, 28)
-    longer = q09_recurrent.longer(x, 7)
-    assert longer.shape == (6, 1, 35, 28) and torch.equal(longer[:, :, :28], x)
-    assert float(longer[:, :, 28:].abs().max()) == 0
-    model = q09_recurrent.RowRNN("BN per step")
+    longer = q09_recurrent.delayed(x, 7)
+    assert longer.shape == (6, 1, 35, 28) and torch.equal(longer[:, :, 7:], x)
+    assert float(longer[:, :, :7].abs().max()) == 0
+    model = q09_recurrent.RowRNN("BN per step")  # statistics for the 28 training steps
     assert model(x).shape == (6, 10)
     with pytest.raises(ValueError, match="max_steps"):  # training beyond 28 steps is refused
         model(longer)

@@ -66,7 +66,7 @@ class QuestionsConfig:
                   + "); empty: all"},
     )
     seeds: int = field(
-        default=2, metadata={"help": "seeds per trained variant (seed, seed+1, ...)", "min": 1}
+        default=3, metadata={"help": "seeds per trained variant (seed, seed+1, ...)", "min": 1}
     )
     seed: int = field(default=0, metadata={"help": "first seed", "min": 0})
     scale: float = field(
@@ -242,7 +242,7 @@ EXPERIMENT = register(
         config=QuestionsConfig,
         run=run,
         report=report,
-        quick={"scale": 0.05},
+        quick={"scale": 0.05, "seeds": 2},
         about=(
             "The questions readers of Ioffe & Szegedy (2015) ask: " + "; ".join(
                 f"{q.number}. {q.title} ({q.name})" for q in QUESTIONS)

@@ -143,7 +143,7 @@ def _figure_identities(view: View, path) -> None:
             ("#2ca02c", "a dBN/d(aW) vs dBN/dW"))]
         handles += [Line2D([], [], color="#555", ls="-", label=f"eps = {TINY_EPS:g}"),
                     Line2D([], [], color="#555", ls="--", label=f"eps = {DEFAULT_EPS:g}")]
-        ax1.legend(handles=handles, fontsize=8, loc="upper right")
+        ax1.legend(handles=handles, fontsize=8, loc="center right")
         sel = sorted((r for r in rows if r["eps"] == TINY_EPS), key=lambda r: r["a"])
         a = [r["a"] for r in sel]
         ax2.plot(a, [1 / x for x in a], "-", color="#999", lw=3, alpha=0.6, label="1/a")

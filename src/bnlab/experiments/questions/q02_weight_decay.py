@@ -16,8 +16,10 @@ doubled (unchanged, in training mode).
 from __future__ import annotations
 
 import copy
+import math
 
 import torch
+from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
 from ...report import plots
 from ...report.content import Claim, Figure, Table
@@ -84,6 +86,24 @@ def _late_mean(view: View, variant: str, key: str) -> list[float]:
             for k in range(len(vals[0]))]
 
 
+def _trend(points: list[tuple[float, float]]) -> str:
+    """How accuracy moved as the effective learning rate rose, in words (from the seed means,
+    ordered by effective lr)."""
+    pts = sorted(p for p in points if all(map(math.isfinite, p)))
+    if len(pts) < 3:
+        return "was measured at too few settings to say"
+    acc = [a for _, a in pts]
+    top = acc.index(max(acc))
+    if top == 0:
+        return (f"fell as the effective rate rose, from {pct(acc[0])} to {pct(acc[-1])}: at this "
+                "learning rate, more decay meant steps that were too large")
+    if top == len(acc) - 1:
+        return (f"rose with the effective rate, from {pct(acc[0])} to {pct(acc[-1])}: at this "
+                "learning rate, decay kept the steps from becoming too small")
+    return (f"peaked at an intermediate effective rate ({pct(acc[top])}, against "
+            f"{pct(acc[0])} and {pct(acc[-1])} at the ends)")
+
+
 def report(view: View) -> Answer:
     fname = view.figure()
     variants = view.variants()
@@ -112,9 +132,12 @@ def report(view: View) -> Answer:
             ax.set_xlabel("SGD step")
         axes[0].legend(fontsize=9)
         axes[2].set_xscale("log")
+        axes[2].xaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
+        axes[2].xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+        axes[2].xaxis.set_minor_formatter(NullFormatter())
         axes[2].set_xlabel("effective lr, mean over the 2nd half")
         axes[2].set_ylabel("final test accuracy")
-        axes[2].set_title("(c) accuracy against the effective lr")
+        axes[2].set_title("(c) accuracy vs effective lr")
         plots.save(fig, view.path / fname)
     inv = view.kind("invariance")
     worst = max((r["rel_change"] for r in inv), default=float("nan"))
@@ -156,14 +179,14 @@ def report(view: View) -> Answer:
                    "test acc", "test acc range over seeds"], rows,
                   "Weight decay applies to the hidden (batch-normalized) weights only; the "
                   "output layer, gamma and beta are not decayed.")
-    base = seed_mean(summary[variants[0]][1]) if variants else None
     lo = fmt(min(effs.values(), default=None), 3)
     hi = fmt(max(effs.values(), default=None), 3)
+    trend = _trend([(effs[v], seed_mean(summary[v][1])) for v in ordered])
     answer = (
-        "On a batch-normalized layer weight decay cannot shrink the function, only the weights: "
-        f"it sets the effective learning rate (here {lo} to {hi} across the decays tried) and "
-        f"that is what it changes; test accuracy went from {pct(base)} without decay to "
-        f"{pct(best[1] if best else None)} at the best decay ({best[0] if best else 'n/a'})."
+        "On a batch-normalized layer weight decay cannot shrink the function, only the weights, "
+        f"so what it changes is the effective learning rate (here {lo} to {hi} from no decay "
+        f"to the largest); test accuracy {trend} (best: {best[0] if best else 'n/a'}, "
+        f"{pct(best[1] if best else None)})."
     )
     text = [
         "**What was run.** The 784-100-100-100-10 ReLU network with BN before each ReLU, SGD "

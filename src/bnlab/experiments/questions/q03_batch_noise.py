@@ -160,9 +160,9 @@ def report(view: View) -> Answer:
                    "gap (test - train loss)"], rows)
     order = sorted(variants, key=lambda v: seed_mean(gaps[v]))
     answer = (
-        "Measured gaps (train - test accuracy): " + ", ".join(
+        "Measured gaps (train - test accuracy, smallest first): " + ", ".join(
             f"{v} {pct(seed_mean(gaps[v]), 2)}" for v in order)
-        + f"; so {_verdict_words(c1, c2)}."
+        + f"; {_verdict_words(c1, c2)}."
     )
     text = [
         "**What was run.** The 784-100-100-100-10 ReLU network with BN before each ReLU, SGD "
@@ -194,8 +194,8 @@ def _verdict_words(*claims: Claim) -> str:
         return "less batch noise widened the gap, as a regularizing noise would"
     if all(x == "fails" for x in v):
         return "less batch noise did not widen the gap at this scale"
-    return ("at this scale the evidence is mixed: "
-            + "; ".join(f"claim {c.id} {c.verdict}" for c in claims))
+    return ("at this scale the differences between the BN variants are within the seed "
+            "spread: " + "; ".join(f"claim {c.id} {c.verdict}" for c in claims))
 
 
 QUESTION = Question(3, NAME, TITLE, run, report)

@@ -114,19 +114,28 @@ def report(view: View) -> Answer:
                                             "mean |beta|"], rows,
                   f"Weights always get lr {LR} and weight decay {WEIGHT_DECAY:g}.")
     means = {k: seed_mean(v) for k, v in acc.items()}
-    best = max(means, key=means.get) if means else None
-    worst = min(means, key=means.get) if means else None
-    spread = (means[best] - means[worst]) if means else float("nan")
     noise = seed_mean([max(v) - min(v) for v in acc.values()]) if acc else float("nan")
-    if best is None:
+    by_lr = {f: seed_mean([means[(f, d)] for d in DECAY if (f, d) in means])
+             for f in LR_FACTORS}
+    by_decay = {d: seed_mean([means[(f, d)] for f in LR_FACTORS if (f, d) in means])
+                for d in DECAY}
+    if not means:
         answer = "not measured"
     else:
-        size = ("hardly matters at this scale" if spread <= 2 * noise else "matters here")
+        lr_span = max(by_lr.values()) - min(by_lr.values())
+        decay_span = abs(by_decay["no decay"] - by_decay["decayed"])
+
+        def size(span: float) -> str:
+            return "mattered" if span > 2 * noise else "hardly mattered"
+
+        best_lr = max(by_lr, key=by_lr.get)
         answer = (
-            f"It {size}: the whole grid spans {fmt(100 * spread, 2)} accuracy points against a "
-            f"typical seed spread of {fmt(100 * noise, 2)} (best: lr x{best[0]:g}, {best[1]}, "
-            f"{pct(means[best], 2)}; worst: lr x{worst[0]:g}, {worst[1]}, "
-            f"{pct(means[worst], 2)}); the no-decay rule {claims[0].verdict}"
+            f"Their learning rate {size(lr_span)} (accuracy averaged over decay: "
+            + ", ".join(f"x{f:g} {pct(by_lr[f], 2)}" for f in LR_FACTORS)
+            + f"; best x{best_lr:g}), their weight decay {size(decay_span)} (no decay "
+            f"{pct(by_decay['no decay'], 2)}, decayed {pct(by_decay['decayed'], 2)}), against a "
+            f"typical seed spread of {fmt(100 * noise, 2)} points; the no-decay rule "
+            f"{claims[0].verdict}"
             + (" (within the seed spread)." if claims[0].verdict == "not assessed" else ".")
         )
     text = [
@@ -134,16 +143,16 @@ def report(view: View) -> Answer:
         f"(momentum {MOMENTUM}, batch {BATCH}), weights at lr {LR} with weight decay "
         f"{WEIGHT_DECAY:g}; gamma and beta at 0.1x, 1x or 10x that learning rate, with the same "
         "weight decay or none; same initial weights per seed.",
-        f"**Answer.** {answer} A reason the effect can be small with ReLU: decaying gamma and "
-        "beta shrinks a layer's output, but the next layer's BN undoes that scale (ReLU is "
+        f"**Answer.** {answer} Why decay of gamma and beta can matter little with ReLU: it "
+        "shrinks a layer's output, but the next layer's BN undoes that scale (ReLU is "
         "positively homogeneous), so for every layer but the last the decay mostly changes an "
         "effective learning rate again (question 2). Panel (b) shows what the decay does to "
-        "gamma.",
+        "gamma, and the table how far gamma and beta moved at each learning rate.",
         "**See also.** Question 2 (weight decay on the weights of a normalized layer).",
     ]
     fig = Figure(fname, "Learning rate and weight decay of gamma and beta",
-                 "Compare the two bars at each learning rate: they differ by about the spread "
-                 "of the dots (the seeds).")
+                 "Compare the two bars at each learning rate (decay) and the three groups "
+                 "(learning rate) with the spread of the dots (the seeds).")
     return Answer(answer, figures=[fig], text=text, tables=[table], claims=claims)
 
 

@@ -199,6 +199,8 @@ def report(view: View) -> Answer:
         f"{pct(seed_mean(view.final('BN', 'test_acc')), 1)}), with each step "
         + (f"{cost[full] / base:.1f}x as long as BN's" if base and full in cost else "n/a")
         + "; and it needs batches larger than the number of units whitened."
+        + (" Here it trained slower per step, not faster."
+           if any(c.id == "10b" and c.verdict == "fails" for c in claims) else "")
     )
     text = [
         "**What was run.** The 784-100-100-100-10 ReLU network with BN, group whitening (ZCA "
