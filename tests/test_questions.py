@@ -283,6 +283,30 @@ def test_saved_bytes_counts_activations_not_parameters_or_input():
     assert q11_cost.saved_bytes(bn, x, y) > q11_cost.saved_bytes(relu, x, y)
 
 
+# ------------------------------------------------------------------------------------- context
+def test_context_puts_class_sorted_data_in_a_fixed_random_order(tmp_path):
+    """mnist-5k is stored sorted by class: the questions see both sets shuffled once, so the
+    first images are a sample of every class and test batches are not one-class batches."""
+    from bnlab.data import Dataset
+    from bnlab.experiments.questions._common import Context
+    from bnlab.runs import RunDir
+
+    y = torch.arange(10).repeat_interleave(30)  # sorted by class
+    x = y.float().view(-1, 1, 1, 1).expand(-1, 1, 28, 28).contiguous()
+    data = Dataset("sorted", x, y, x.clone(), y.clone())
+    run = RunDir.create(tmp_path / "r", {"experiment": "questions"})
+    q = QUESTIONS[0]
+    ctx = Context(EXP.make_config(), run, data, q)
+    again = Context(EXP.make_config(seed=5), run, data, q)
+    assert len(set(ctx.y_train[:30].tolist())) >= 6 and len(set(ctx.y_test[:30].tolist())) >= 6
+    assert sorted(ctx.y_train.tolist()) == sorted(y.tolist())
+    assert torch.equal(ctx.x_train[:, 0], ctx.y_train.float())  # images follow their labels
+    assert torch.equal(ctx.y_train, again.y_train)  # one fixed order, whatever the seed
+    smoke = Context(EXP.make_config(quick=True), run, data, q)
+    assert len(smoke.y_test) == 300 and torch.equal(smoke.y_train, ctx.y_train)
+    run.close()
+
+
 # -------------------------------------------------------------------------------------- config
 def test_only_selects_questions_and_names_the_flag():
     assert [q.number for q in QUESTIONS] == list(range(1, 12))

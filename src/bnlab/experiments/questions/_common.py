@@ -45,6 +45,8 @@ __all__ = [
 MIN_SCALE = 0.5
 #: Test images (and training images evaluated) in a smoke run.
 SMOKE_TEST = 300
+#: The fixed order the training and test sets are put in (the same for every --seed).
+DATA_ORDER_SEED = 20150211
 
 
 @dataclass
@@ -84,10 +86,13 @@ class Context:
     """What a question's ``run`` works with.
 
     ``images_train``/``images_test`` are the run's data set (``(N, 1, 28, 28)`` in [0, 1]) and
-    ``x_train``/``x_test`` the same images flattened to ``(N, 784)`` for the dense networks. In a
-    smoke run (``--scale`` below ``MIN_SCALE``) the test sets are cut to ``SMOKE_TEST``
-    images: a smoke run checks the machinery, not the numbers. ``seeds`` are the training
-    seeds; :meth:`steps` scales a question's default training length by ``--scale``.
+    ``x_train``/``x_test`` the same images flattened to ``(N, 784)`` for the dense networks, each
+    set put once in a fixed random order (``DATA_ORDER_SEED``): mnist-5k is stored sorted by
+    class, so without it "the first 1,000 images" would be three digits and consecutive test
+    images would form one-class batches. In a smoke run (``--scale`` below ``MIN_SCALE``) the
+    test sets are cut to ``SMOKE_TEST`` images: a smoke run checks the machinery, not the
+    numbers. ``seeds`` are the training seeds; :meth:`steps` scales a question's default
+    training length by ``--scale``.
     """
 
     def __init__(self, cfg: Any, run: RunDir, data: Dataset, question: Question,
@@ -97,12 +102,16 @@ class Context:
         self.data = data
         self.question = question
         self.progress = progress
+        g = torch.Generator().manual_seed(DATA_ORDER_SEED)
+        order_train = torch.randperm(len(data.y_train), generator=g)
+        order_test = torch.randperm(len(data.y_test), generator=g)
         n_test = SMOKE_TEST if self.smoke else len(data.y_test)
-        self.images_train, self.images_test = data.x_train, data.x_test[:n_test]
-        self.x_train = data.x_train.flatten(1).contiguous()
+        self.images_train = data.x_train[order_train]
+        self.images_test = data.x_test[order_test[:n_test]]
+        self.y_train = data.y_train[order_train]
+        self.y_test = data.y_test[order_test[:n_test]]
+        self.x_train = self.images_train.flatten(1).contiguous()
         self.x_test = self.images_test.flatten(1).contiguous()
-        self.y_train = data.y_train
-        self.y_test = data.y_test[:n_test]
 
     @property
     def seeds(self) -> list[int]:

@@ -108,8 +108,11 @@ def report(view: View) -> Answer:
             _, te = view.curve(v, "test_acc")
             n = min(len(tr), len(te))
             gap = [[a - b for a, b in zip(tr[i], te[i], strict=True)] for i in range(n)]
-            plots.band(axes[0], steps[:n], te[:n], COLORS[v], v)
-            plots.band(axes[1], steps[:n], gap, COLORS[v], v)
+            # from the first evaluation after step 0 (at step 0 BN's population statistics
+            # are still their initial values)
+            k = 1 if n > 1 else 0
+            plots.band(axes[0], steps[k:n], te[k:n], COLORS[v], v)
+            plots.band(axes[1], steps[k:n], gap[k:], COLORS[v], v)
             gaps[v] = gap[-1] if gap else []
             test[v] = te[n - 1] if n else []
             _, tl = view.curve(v, "train_loss_inf")
@@ -130,7 +133,7 @@ def report(view: View) -> Answer:
             axes[2].plot([i] * len(gaps[v]), gaps[v], "k.", ms=9)
         axes[2].set_xticks(list(x), variants)
         axes[2].set_ylabel("final train - test accuracy")
-        axes[2].set_title("(c) final gap (bars: mean; dots: seeds)")
+        axes[2].set_title("(c) final gap (dots: seeds)")
         plots.save(fig, view.path / fname)
 
     def gap_claim(cid: str, other: str, what: str) -> Claim:
@@ -164,6 +167,11 @@ def report(view: View) -> Answer:
             f"{v} {pct(seed_mean(gaps[v]), 2)}" for v in order)
         + f"; {_verdict_words(c1, c2)}."
     )
+    if "no BN" in losses and "re-drawn" in losses:
+        bn_loss = [seed_mean(losses[v]) for v in variants if v != "no BN"]
+        answer += (f" In loss the gap was {fmt(seed_mean(losses['no BN']), 3)} without BN and "
+                   f"{fmt(min(bn_loss), 3)}-{fmt(max(bn_loss), 3)} with it, whatever the batch "
+                   "noise.")
     text = [
         "**What was run.** The 784-100-100-100-10 ReLU network with BN before each ReLU, SGD "
         f"(lr {LR}, momentum {MOMENTUM}, batch {BATCH}, no weight decay, no augmentation, "

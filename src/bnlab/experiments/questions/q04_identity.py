@@ -115,9 +115,11 @@ def report(view: View) -> Answer:
             trained = [r for r in rows if r["step"] > 0]  # step 0: running stats (0, 1), no data
             ls = "-" if sd == min(finals) else "--"
             axes[2].plot([r["step"] for r in trained], [r["rel_err_exact"] for r in trained], ls,
-                         color="#1f77b4", lw=1.5, label=f"exact statistics, seed {sd}")
+                         color="#1f77b4", lw=1.5,
+                         label="exact statistics" if sd == min(finals) else None)
             axes[2].plot([r["step"] for r in trained], [r["rel_err"] for r in trained], ls,
-                         color="#999", lw=1.2, label=f"running averages, seed {sd}")
+                         color="#999", lw=1.2,
+                         label="running averages" if sd == min(finals) else None)
         lim = (0.07, 14)
         axes[0].plot(lim, lim, "-", color="#999", lw=2, alpha=0.5, zorder=0)
         axes[0].set_xscale("log")
@@ -194,8 +196,8 @@ def report(view: View) -> Answer:
         "**See also.** What gamma and beta do when they are trained with their own learning "
         "rate or weight decay: question 7.",
     ]
-    fig = Figure(fname, "A BN layer trained to be the identity (filled: first seed; open: "
-                 "second)",
+    fig = Figure(fname, "A BN layer trained to be the identity (filled: first seed; open: the "
+                 "others)",
                  "Look for the points on the diagonal in (a) and (b) over two decades of std, "
                  "and the inference-mode error falling to about a percent in (c) with exact "
                  "population statistics (blue); the running averages (grey) add their own "

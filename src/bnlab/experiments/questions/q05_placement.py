@@ -222,7 +222,7 @@ def report(view: View) -> Answer:
                "seeds)", "Compare blue (before) and orange (after) within each panel."),
         Figure(f2, "The last hidden layer's nonlinearity inputs: over training (line: median "
                "unit's median, band: its 15th-85th percentiles; first seed) and at the end "
-               "(all units and probe images, both seeds)",
+               "(all units, probe images and seeds)",
                "Look for a flat, centred band with BN before, and a drifting or wide one after "
                "(for the sigmoid, mass beyond |z| = 4 is saturated)."),
     ]

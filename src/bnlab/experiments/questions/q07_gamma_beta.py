@@ -15,8 +15,18 @@ import torch
 from ...layers import BatchNorm1d
 from ...report import plots
 from ...report.content import Claim, Figure, Table
-from ._common import WITHIN_SPREAD, Answer, Context, Question, View, fmt, mlp, pct, seed_mean
-from ._common import separated as _separated
+from ._common import (
+    WITHIN_SPREAD,
+    Answer,
+    Context,
+    Question,
+    View,
+    fmt,
+    mlp,
+    pct,
+    seed_mean,
+    separated,
+)
 
 NAME = "gamma-beta"
 TITLE = "Should gamma and beta get their own learning rate, or no weight decay?"
@@ -91,7 +101,7 @@ def report(view: View) -> Answer:
     claims = []
     f0 = 1.0
     a, b = acc.get((f0, "no decay"), []), acc.get((f0, "decayed"), [])
-    verdict = _separated(a, b, lower=False)
+    verdict = separated(a, b, lower=False)
     claims.append(Claim.check(
         "7", "excluding gamma and beta from weight decay gives a higher test accuracy than "
         "decaying them (same learning rate for all parameters)",
@@ -114,28 +124,29 @@ def report(view: View) -> Answer:
                                             "mean |beta|"], rows,
                   f"Weights always get lr {LR} and weight decay {WEIGHT_DECAY:g}.")
     means = {k: seed_mean(v) for k, v in acc.items()}
-    noise = seed_mean([max(v) - min(v) for v in acc.values()]) if acc else float("nan")
-    by_lr = {f: seed_mean([means[(f, d)] for d in DECAY if (f, d) in means])
-             for f in LR_FACTORS}
-    by_decay = {d: seed_mean([means[(f, d)] for f in LR_FACTORS if (f, d) in means])
-                for d in DECAY}
+    runs_lr = {f: [a for d in DECAY for a in acc.get((f, d), [])] for f in LR_FACTORS}
+    runs_decay = {d: [a for f in LR_FACTORS for a in acc.get((f, d), [])] for d in DECAY}
     if not means:
         answer = "not measured"
     else:
-        lr_span = max(by_lr.values()) - min(by_lr.values())
-        decay_span = abs(by_decay["no decay"] - by_decay["decayed"])
+        by_lr = {f: seed_mean(v) for f, v in runs_lr.items() if v}
+        by_decay = {d: seed_mean(v) for d, v in runs_decay.items() if v}
+        hi, lo = max(by_lr, key=by_lr.get), min(by_lr, key=by_lr.get)
+        lr_sep = separated(runs_lr[lo], runs_lr[hi], lower=True)
+        dec_hi = max(by_decay, key=by_decay.get)
+        dec_lo = min(by_decay, key=by_decay.get)
+        dec_sep = separated(runs_decay[dec_lo], runs_decay[dec_hi], lower=True)
 
-        def size(span: float) -> str:
-            return "mattered" if span > 2 * noise else "hardly mattered"
+        def effect(sep: bool | None, worse: str, better: str) -> str:
+            return (f"{worse} below {better} on every run" if sep else
+                    "within the spread of the runs")
 
-        best_lr = max(by_lr, key=by_lr.get)
         answer = (
-            f"Their learning rate {size(lr_span)} (accuracy averaged over decay: "
-            + ", ".join(f"x{f:g} {pct(by_lr[f], 2)}" for f in LR_FACTORS)
-            + f"; best x{best_lr:g}), their weight decay {size(decay_span)} (no decay "
-            f"{pct(by_decay['no decay'], 2)}, decayed {pct(by_decay['decayed'], 2)}), against a "
-            f"typical seed spread of {fmt(100 * noise, 2)} points; the no-decay rule "
-            f"{claims[0].verdict}"
+            "Their learning rate: " + ", ".join(f"x{f:g} {pct(by_lr[f], 2)}" for f in by_lr)
+            + f" (averaged over decay; {effect(lr_sep, f'x{lo:g}', f'x{hi:g}')}); their weight "
+            f"decay: no decay {pct(by_decay.get('no decay'), 2)}, decayed "
+            f"{pct(by_decay.get('decayed'), 2)} (averaged over learning rates; "
+            f"{effect(dec_sep, dec_lo, dec_hi)}); the no-decay rule {claims[0].verdict}"
             + (" (within the seed spread)." if claims[0].verdict == "not assessed" else ".")
         )
     text = [

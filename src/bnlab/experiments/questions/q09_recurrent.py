@@ -187,6 +187,8 @@ def report(view: View) -> Answer:
         axes[2].set_xlabel("time step (row)")
         axes[2].set_title("(c) BN per step: statistics by step")
         axes[2].set_yscale("log")
+        top = max((s["var"] for r in stats for s in r["stats"]), default=1.0)
+        axes[2].set_ylim(bottom=1e-4 * top)  # blank first rows: (near) zero variance
         axes[2].legend(fontsize=9)
         plots.save(fig, view.path / fname)
     acc0 = {v: _length(view, v).get(0, []) for v in variants}
