@@ -285,8 +285,8 @@ def report(view: View) -> Answer:
         "their effective step is moderate; large weights learn slowly. Weight decay is what "
         "holds the norm back (question 2).",
         "**See also.** BN's tolerance of high learning rates at scale: `bnlab run "
-        "lr-acceleration` (the paper's Figures 2-3) and the learning-rate sweep of `bnlab run "
-        "why` (Bjorck et al. 2018).",
+        "lr-acceleration` (the paper's Figures 2-3; docs/lr-acceleration.md) and the "
+        "learning-rate sweep of `bnlab run why` (Bjorck et al. 2018; docs/why.md).",
     ]
     figures = [
         Figure(f1, "The section 3.3 identities on a real layer",

@@ -200,8 +200,8 @@ def report(view: View) -> Answer:
         "growth from the gradient steps balance. A layer that is not followed by BN (here the "
         "output layer, not decayed) is not scale-invariant, and there weight decay is the "
         "usual regularizer. The paper cut BN-Inception's L2 weight by 5x (section 4.2.1).",
-        "**See also.** Learning rates at scale: `bnlab run lr-acceleration`; decay of gamma and "
-        "beta: question 7.",
+        "**See also.** Learning rates at scale: `bnlab run lr-acceleration` "
+        "(docs/lr-acceleration.md); decay of gamma and beta: question 7.",
     ]
     fig = Figure(fname, "Weight decay on scale-invariant weights: weight norm, effective "
                  "learning rate and accuracy (band: min-max over seeds)",

@@ -13,7 +13,7 @@ same steps, three amounts of batch-composition noise:
   distortion rather than a random one;
 * **large set**: the batch's statistics come from the batch plus ``EXTRA`` other training
   examples drawn afresh each step (the loss sees the batch only): the same re-drawing with about
-  ten times less noise in the statistics;
+  a tenth of the sampling variance in the statistics;
 
 and the same network without BN for reference. The gap is train minus test accuracy, both in
 inference mode.
@@ -175,14 +175,20 @@ def report(view: View) -> Answer:
     text = [
         "**What was run.** The 784-100-100-100-10 ReLU network with BN before each ReLU, SGD "
         f"(lr {LR}, momentum {MOMENTUM}, batch {BATCH}, no weight decay, no augmentation, "
-        f"{_steps(view)} steps), with the three amounts of batch-composition noise described "
-        f"above (re-drawn, fixed, statistics from {BATCH + EXTRA} examples), and without BN. "
-        "The seeds share the initial weights across variants.",
+        f"{_steps(view)} steps), with three amounts of batch-composition noise: *re-drawn*, "
+        "batches re-drawn every epoch (the usual BN); *fixed*, one split into batches for the "
+        "whole run, so an example is always normalized with the same companions (a fixed "
+        "distortion instead of a random one); *large set*, each batch normalized together with "
+        f"{EXTRA} other training examples drawn afresh at every step (statistics from "
+        f"{BATCH + EXTRA} examples: the same re-drawing, with a tenth of the sampling "
+        "variance; the loss sees the batch only); and without BN. The gap is train minus test "
+        "accuracy, both in inference mode. The seeds share the initial weights across "
+        "variants.",
         f"**Answer.** {answer} Where the comparison is within the seed spread, this scale "
         "cannot separate the effect from chance; more seeds (`--seeds`) or a longer run "
         "(`--scale`) would.",
-        "**See also.** Santurkar et al.'s noisy BN (`bnlab run why`) and ghost batch "
-        "normalization across batch sizes (`bnlab run batch-size`).",
+        "**See also.** Santurkar et al.'s noisy BN (`bnlab run why`, docs/why.md) and ghost "
+        "batch normalization across batch sizes (`bnlab run batch-size`, docs/small-batches.md).",
     ]
     fig = Figure(fname, "Three amounts of batch-composition noise, same network and steps "
                  "(band: min-max over seeds)",

@@ -215,7 +215,8 @@ def report(view: View) -> Answer:
         "input un-normalized (it is W times normalized values plus b, free to drift and, for "
         "the sigmoid, to saturate); compare the orange and blue bands in the second figure.",
         "**See also.** Figure 1 of the paper (the sigmoid input with and without BN): `bnlab run "
-        "mnist`; BN-x5-Sigmoid in the paper's Figure 3: `bnlab run lr-acceleration`.",
+        "mnist`; BN-x5-Sigmoid in the paper's Figure 3: `bnlab run lr-acceleration` "
+        "(docs/lr-acceleration.md).",
     ]
     figs = [
         Figure(f1, "Test accuracy with BN before, after, or without BN (band: min-max over "

@@ -287,7 +287,8 @@ def report(view: View) -> Answer:
         "averages are a cheap estimate of the same thing that also lets one track accuracy "
         "during training.",
         "**See also.** How accuracy falls as batches shrink, and batch renorm, group and layer "
-        "norm: `bnlab run batch-size`; population statistics in the inference tools: "
+        "norm: `bnlab run batch-size` (docs/small-batches.md); population statistics in the "
+        "inference tools: "
         "docs/inference.md.",
     ]
     fig = Figure(fname, "Population statistics: with and without m/(m-1), exact, running "

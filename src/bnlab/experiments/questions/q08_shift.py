@@ -214,7 +214,7 @@ def report(view: View) -> Answer:
         f"{TEST_BATCH} are noisier than from all distorted images, which is what the gap "
         "between the green and purple lines shows.",
         "**See also.** Batch statistics from non-i.i.d. batches and batch renormalization: "
-        "`bnlab run non-iid`.",
+        "`bnlab run non-iid` (docs/small-batches.md).",
     ]
     fig = Figure(fname, "Accuracy on distorted test images with training statistics, "
                  "test-batch statistics, statistics recomputed on the distorted images, and "

@@ -248,7 +248,10 @@ def report(view: View) -> Answer:
     )
     text = [
         f"**What was run.** A tanh recurrent network with {HIDDEN} units reading the image one "
-        "row per step, classifying from the last state; the four normalizations above, "
+        "row per step, classifying from the last state, h_t = tanh(N(W_x x_t + W_h h_t-1)) "
+        "with N: none (a bias instead), one BN shared by all steps (each step's batch "
+        "statistics in training, one running average over all steps), BN per step "
+        "(`bnlab.StepBatchNorm1d`: statistics and running averages per step), or LayerNorm; "
         f"gamma initialized to {GAMMA_INIT} (Cooijmans et al., section 4), recurrent weights "
         f"orthogonal; Adam (lr {LR}, gradient norm clipped at {CLIP}), batch {BATCH}.",
         f"**Answer.** {answer} The shared layer trains with each step's own batch statistics "
@@ -264,7 +267,7 @@ def report(view: View) -> Answer:
         "length, which suits a sequence that continues in a steady state, not one whose "
         "content moves.",
         "**See also.** Layer and group normalization against batch size: `bnlab run "
-        "batch-size`.",
+        "batch-size` (docs/small-batches.md).",
     ]
     fig = Figure(fname, "Row-by-row recurrent network: four normalizations (band: min-max over "
                  "seeds)",
