@@ -31,6 +31,7 @@ import copy
 
 import numpy as np
 import torch
+from matplotlib.ticker import NullLocator
 from torch import nn
 from torch.nn import functional as F
 
@@ -203,11 +204,13 @@ def report(view: View) -> Answer:
         ms = sorted(var)
         grid = np.linspace(min(ms, default=2), max(ms, default=64), 200)
         axes[2].plot(grid, (grid - 1) / grid, "-", color="#999", lw=3, alpha=0.6,
-                     label="(m-1)/m")
+                     label="(m-1)/m (expected)")
         axes[2].plot(ms, [seed_mean(var[m]) for m in ms], "o", color="#d62728",
-                     label="E_B[sigma_B^2] / exact Var (measured)")
+                     label="measured:\nmean sigma_B^2 / Var")
         for ax in axes:
             ax.set_xscale("log", base=2)
+            ax.set_xticks(sizes, [str(m) for m in sizes])
+            ax.xaxis.set_minor_locator(NullLocator())
             ax.set_xlabel("batch size m")
         axes[0].set_yscale("log")
         axes[0].set_ylabel("test loss (inference)")
@@ -217,7 +220,7 @@ def report(view: View) -> Answer:
         axes[1].legend(fontsize=8, loc="lower right")
         axes[2].set_ylabel("ratio, first BN layer")
         axes[2].set_title("(c) the biased batch variance")
-        axes[2].legend(loc="lower right")
+        axes[2].legend(loc="lower right", fontsize=9)
         plots.save(fig, view.path / fname)
     # claim a: the (m-1)/m factor, measured at the first BN layer
     dev = max((abs(seed_mean(v) / ((m - 1) / m) - 1) for m, v in var.items()), default=None)
