@@ -184,7 +184,10 @@ def report(view: View) -> Answer:
                          pct(seed_mean(view.final(v, key)), 1),
                          fmt(seed_mean(instability(view, v)), 3)])
         win = max(("before", "after"), key=lambda p: accs[p])
-        winners.append(win)
+        ahead = separated(view.final(a, "test_acc"), view.final(b, "test_acc"), lower=True)
+        winners.append(f"BN before was the more accurate with {act}" if ahead is True else
+                       f"BN after was the more accurate with {act}" if ahead is False else
+                       f"with {act} the two were within the seed spread")
         parts.append(f"with {act}, BN {win} reached {pct(accs[win], 1)} (BN "
                      f"{'after' if win == 'before' else 'before'}: "
                      f"{pct(accs['after' if win == 'before' else 'before'], 1)}, no BN "
@@ -198,12 +201,13 @@ def report(view: View) -> Answer:
     stable = [c for c in claims if c.verdict == "holds"]
     answer = (
         _sentence("; ".join(parts)) + ". "
-        + ("BN before the nonlinearity gave it the more stable input, as section 3.2 argues"
-           + ("; the more stable input did not bring the higher accuracy here."
-              if "after" in winners else ".")
+        + ("BN before the nonlinearity gave it the more stable input with "
+           + ("both" if len(claims) > 1 else "these") + " units, as section 3.2 argues"
            if len(stable) == len(claims) and claims else
            "The stability comparison of section 3.2: " + ", ".join(
-               f"claim {c.id} {c.verdict}" for c in claims) + ".")
+               f"claim {c.id} {c.verdict}" for c in claims))
+        + ("; in accuracy (every seed against every seed), " + ", ".join(winners)
+           if winners else "") + "."
     )
     text = [
         "**What was run.** The 784-100-100-100-10 network with ReLU or sigmoid hidden units: BN "
