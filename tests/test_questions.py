@@ -30,7 +30,7 @@ from bnlab.experiments.questions import (
     q11_cost,
     selected,
 )
-from bnlab.experiments.questions._common import mlp, separated
+from bnlab.experiments.questions._common import interleaved_times, mlp, separated
 from bnlab.runs import load_run, read_metrics
 
 EXP = get_experiment("questions")
@@ -319,6 +319,35 @@ def test_only_selects_questions_and_names_the_flag():
         EXP.make_config(only="identity,nope")
     with pytest.raises(ValueError, match="--scale"):
         EXP.make_config(scale=0.0)
+
+
+def test_interleaved_times_divides_each_block_by_its_calls(monkeypatch):
+    """On a fake clock that each call advances by a fixed amount: the time per call is exact,
+    a call shorter than the block runs in blocks of block_s / duration calls, every call is
+    timed in every round, and warm-up rounds are not counted."""
+    import time
+
+    clock = [0.0]
+    counts = {"slow": 0, "fast": 0}
+    order: list[str] = []
+
+    def make(name: str, dt: float):
+        def call() -> None:
+            counts[name] += 1
+            clock[0] += dt
+            if not order or order[-1] != name:
+                order.append(name)
+        return call
+
+    monkeypatch.setattr(time, "perf_counter", lambda: clock[0])
+    times = interleaved_times({"slow": make("slow", 2.0 ** -4), "fast": make("fast", 2.0 ** -8)},
+                              repeats=3, warmup=1, block_s=2.0 ** -5)
+    assert times == {"slow": 2.0 ** -4, "fast": 2.0 ** -8}
+    # calibration: 2 calls each; then 4 rounds of blocks of 1 (slow) and 8 (fast) calls
+    assert counts == {"slow": 2 + 4 * 1, "fast": 2 + 4 * 8}
+    assert order == ["slow", "fast"] * 5  # calibration, then round by round
+    with pytest.raises(ValueError, match="repeats"):
+        interleaved_times({"slow": make("slow", 1.0)}, repeats=0)
 
 
 def test_separated_is_the_verdict_rule():

@@ -281,6 +281,41 @@ def pct(x: float | None, digits: int = 1) -> str:
     return f"{100 * x:.{digits}f}%"
 
 
+# ----------------------------------------------------------------------------------- timing
+#: Shortest block of calls one timing measurement covers: a single call of a small network
+#: (about a millisecond) is at the mercy of one scheduler time slice on a shared machine.
+BLOCK_S = 0.02
+
+
+def interleaved_times(calls: Mapping[str, Callable[[], object]], repeats: int,
+                      warmup: int = 2, block_s: float = BLOCK_S) -> dict[str, float]:
+    """Median seconds per call of each of ``calls``, measured round by round (every call timed
+    in every round, so that all share the machine's conditions). A measurement is a block of
+    ``n`` consecutive calls, ``n`` chosen once per call from its warm-up so that a block lasts
+    about ``block_s``; the time per call is the block's time divided by ``n``. ``warmup``
+    rounds (and the calibration) are not counted."""
+    import time
+
+    if repeats < 1:
+        raise ValueError(f"interleaved_times: repeats must be >= 1, got {repeats}")
+    per_block: dict[str, int] = {}
+    for k, fn in calls.items():
+        fn()
+        t0 = time.perf_counter()
+        fn()
+        per_block[k] = max(1, math.ceil(block_s / max(time.perf_counter() - t0, 1e-6)))
+    times: dict[str, list[float]] = {k: [] for k in calls}
+    for r in range(warmup + repeats):
+        for k, fn in calls.items():
+            n = per_block[k]
+            t0 = time.perf_counter()
+            for _ in range(n):
+                fn()
+            if r >= warmup:
+                times[k].append((time.perf_counter() - t0) / n)
+    return {k: sorted(v)[len(v) // 2] for k, v in times.items()}
+
+
 # ------------------------------------------------------------------------------------ models
 ACTS: dict[str, type[nn.Module]] = {"relu": nn.ReLU, "sigmoid": nn.Sigmoid, "tanh": nn.Tanh}
 

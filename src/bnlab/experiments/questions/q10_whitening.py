@@ -17,7 +17,7 @@ the same process (median of interleaved repeats).
 from __future__ import annotations
 
 import copy
-import time
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -27,7 +27,18 @@ from ...layers import BatchNorm1d, BatchWhitening
 from ...probes import record_inputs
 from ...report import plots
 from ...report.content import Claim, Figure, Table
-from ._common import WITHIN_SPREAD, Answer, Context, Question, View, fmt, mlp, pct, seed_mean
+from ._common import (
+    WITHIN_SPREAD,
+    Answer,
+    Context,
+    Question,
+    View,
+    fmt,
+    interleaved_times,
+    mlp,
+    pct,
+    seed_mean,
+)
 from ._common import separated as _separated
 
 NAME = "whitening"
@@ -67,20 +78,20 @@ def step_times(models: dict[str, nn.Module], x: torch.Tensor, y: torch.Tensor,
                repeats: int) -> dict[str, float]:
     """Median seconds of one training step (forward, backward, SGD update) of each model on the
     batch ``(x, y)``, the models interleaved round by round so that they share the machine's
-    conditions; copies are timed, the models are unchanged."""
+    conditions (:func:`._common.interleaved_times`); copies are timed, the models are
+    unchanged."""
     copies = {k: copy.deepcopy(m).train() for k, m in models.items()}
     opts = {k: torch.optim.SGD(m.parameters(), lr=1e-6) for k, m in copies.items()}
-    times: dict[str, list[float]] = {k: [] for k in copies}
-    for r in range(repeats + 3):
-        for k, m in copies.items():
-            t0 = time.perf_counter()
-            loss = F.cross_entropy(m(x), y)
+
+    def step(k: str) -> Callable[[], None]:
+        def call() -> None:
+            loss = F.cross_entropy(copies[k](x), y)
             opts[k].zero_grad()
             loss.backward()
             opts[k].step()
-            if r >= 3:  # warm-up rounds are not counted
-                times[k].append(time.perf_counter() - t0)
-    return {k: sorted(v)[len(v) // 2] for k, v in times.items()}
+        return call
+
+    return interleaved_times({k: step(k) for k in copies}, repeats, warmup=3)
 
 
 def covariance_rank(model: nn.Module, x: torch.Tensor) -> int:

@@ -22,7 +22,7 @@ normalization, with bnlab's BN and with torch's ``nn.BatchNorm``:
 from __future__ import annotations
 
 import copy
-import time
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -34,7 +34,7 @@ from ...layers import BatchNorm1d, BatchNorm2d, BatchNorm3d
 from ...models import ResNetCifar
 from ...report import plots
 from ...report.content import Claim, Figure, Table
-from ._common import Answer, Context, Question, View, mlp
+from ._common import Answer, Context, Question, View, interleaved_times, mlp
 
 NAME = "cost"
 TITLE = "What does BN cost?"
@@ -87,36 +87,35 @@ def saved_bytes(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> int:
 def timings(models: dict[str, nn.Module], x: torch.Tensor, y: torch.Tensor, repeats: int
             ) -> dict[str, dict[str, float]]:
     """Median seconds per training step and per inference forward of each model (copies),
-    interleaved round by round; inference of a model with BN also folded (key ``folded``)."""
+    interleaved round by round, each measurement a block of calls
+    (:func:`._common.interleaved_times`); inference of a model with BN also folded (key
+    ``folded``)."""
     train = {k: copy.deepcopy(m).train() for k, m in models.items()}
     opts = {k: torch.optim.SGD(m.parameters(), lr=1e-6) for k, m in train.items()}
     infer = {k: copy.deepcopy(m).eval() for k, m in models.items()}
     for k in list(infer):
         if k != "no norm":
             infer[f"{k} folded"] = fold(infer[k])
-    t_train: dict[str, list[float]] = {k: [] for k in train}
-    t_infer: dict[str, list[float]] = {k: [] for k in infer}
-    for r in range(repeats + 2):
-        for k, m in train.items():
-            t0 = time.perf_counter()
-            loss = F.cross_entropy(m(x), y)
+
+    def step(k: str) -> Callable[[], None]:
+        def call() -> None:
+            loss = F.cross_entropy(train[k](x), y)
             opts[k].zero_grad()
             loss.backward()
             opts[k].step()
-            if r >= 2:
-                t_train[k].append(time.perf_counter() - t0)
-        with torch.no_grad():
-            for k, m in infer.items():
-                t0 = time.perf_counter()
-                m(x)
-                if r >= 2:
-                    t_infer[k].append(time.perf_counter() - t0)
+        return call
 
-    def median(v: list[float]) -> float:
-        return sorted(v)[len(v) // 2]
+    def forward(k: str) -> Callable[[], None]:
+        def call() -> None:
+            with torch.no_grad():
+                infer[k](x)
+        return call
 
-    return {"train": {k: median(v) for k, v in t_train.items()},
-            "infer": {k: median(v) for k, v in t_infer.items()}}
+    calls = {("train", k): step(k) for k in train}
+    calls.update({("infer", k): forward(k) for k in infer})
+    t = interleaved_times(calls, repeats)
+    return {"train": {k: t[("train", k)] for k in train},
+            "infer": {k: t[("infer", k)] for k in infer}}
 
 
 def run(ctx: Context) -> None:
@@ -247,7 +246,8 @@ def report(view: View) -> Answer:
         "bnlab's BN (the fused CPU kernels) and with torch's `nn.BatchNorm`, on random inputs "
         "(timings do not depend on the values); BN's running statistics were set by three "
         "training-mode passes first so that folding works on a real state. Times are medians "
-        "over repeats interleaved across the networks, on this machine with the thread count "
+        "over repeats interleaved across the networks (each repeat a block of calls lasting about "
+        "20 ms), on this machine with the thread count "
         "shown; they move with the machine's load, the ratios less.",
         f"**Answer.** {answer} Without BN the normalized layers would carry a bias each, so the "
         "net increase is one parameter per normalized unit. The training cost is the extra "
