@@ -1,6 +1,7 @@
 """Models that take ``norm=`` and ``act=``."""
 
+from .inception import SmallInception
 from .mlp import MLP, gaussian_init_
 from .resnet import ResNetCifar, resnet20, resnet110
 
-__all__ = ["MLP", "gaussian_init_", "ResNetCifar", "resnet20", "resnet110"]
+__all__ = ["MLP", "gaussian_init_", "ResNetCifar", "resnet20", "resnet110", "SmallInception"]
