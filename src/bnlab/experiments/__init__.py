@@ -19,6 +19,7 @@ from .protocol import (
 from . import mnist  # noqa: E402, F401  isort: skip
 from . import why  # noqa: E402, F401  isort: skip
 from . import questions  # noqa: E402, F401  isort: skip
+from . import lr_acceleration  # noqa: E402, F401  isort: skip
 
 
 def load_plugins() -> list[str]:
