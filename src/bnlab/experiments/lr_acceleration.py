@@ -341,9 +341,11 @@ def load_data(cfg: LrAccelerationConfig) -> dict[str, Any]:
     if cfg.batch_size > len(ytr) - cfg.val_size:
         raise ValueError(f"--batch-size {cfg.batch_size} is larger than the "
                          f"{len(ytr) - cfg.val_size:,} training examples of the sweep")
-    mean = xtr.mean(dim=(0, 2, 3), keepdim=True)
-    std = xtr.std(dim=(0, 2, 3), keepdim=True).clamp_min(1e-6)
-    xtr, xte = (xtr - mean) / std, (xte - mean) / std
+    # statistics in float64, so the inputs do not depend on the thread count of the reduction
+    mean = xtr.double().mean(dim=(0, 2, 3), keepdim=True)
+    std = xtr.double().std(dim=(0, 2, 3), keepdim=True).clamp_min(1e-6)
+    xtr = ((xtr - mean) / std).float()
+    xte = ((xte - mean) / std).float()
     perm = torch.randperm(len(ytr), generator=torch.Generator().manual_seed(12345))
     val, rest = perm[: cfg.val_size], perm[cfg.val_size :]
     return {
@@ -377,7 +379,7 @@ def train_job(cfg: LrAccelerationConfig, job: Mapping[str, Any], data: Mapping[s
               run: Any) -> dict[str, Any]:
     """One training (a sweep rate or a variant and seed) through :func:`bnlab.train.fit`;
     returns how it ended (status, steps, divergence, best validation accuracy for the sweep,
-    seconds)."""
+    wall and CPU seconds of this process)."""
     from ..train import evaluate, fit
 
     sweep = job["split"] == "sweep"
@@ -396,7 +398,7 @@ def train_job(cfg: LrAccelerationConfig, job: Mapping[str, Any], data: Mapping[s
             ev = evaluate(m, xv, yv, 500, prepare=prepare)
             return {"val_loss": ev["loss"], "val_acc": ev["acc"]}
 
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     res = fit(
         model, opt, train, None if sweep else data["test"], steps=steps,
         batch_size=cfg.batch_size, seed=job["tags"]["seed"],
@@ -408,6 +410,7 @@ def train_job(cfg: LrAccelerationConfig, job: Mapping[str, Any], data: Mapping[s
     return {
         "status": res.status, "steps_done": res.steps_done, "diverged_at": res.diverged_at,
         "reason": res.reason, "seconds": round(time.perf_counter() - t0, 2),
+        "cpu_seconds": round(time.process_time() - c0, 2),
         "best_val_acc": max(vals) if vals else None, "resumed_from": res.resumed_from,
     }  # fmt: skip
 
@@ -632,18 +635,21 @@ def run(cfg: LrAccelerationConfig, run_dir: RunDir, progress: bool = True) -> di
     it was chosen, each training's status and time, the phases' wall times."""
     from tqdm.auto import tqdm
 
-    data = load_data(cfg)
     sweep_jobs = [] if cfg.base_lr else plan_jobs(cfg, None)
     n_main = len(_parse_variants(cfg.variants)) * cfg.seeds
     cores = os.cpu_count() or 1
     workers = cfg.workers or max(1, min(cores, max(n_main, len(sweep_jobs))))
     threads = cfg.threads or max(1, cores // workers)
+    if workers == 1:
+        _set_threads(threads)  # before any computation, the data's included
+    data = load_data(cfg)
     from ..models import SmallInception
 
     params = sum(p.numel() for p in SmallInception(
         data["in_channels"], data["num_classes"], norm=cfg.norm, width=cfg.width).parameters())
     run_dir.update(dataset=data["meta"], seeds=cfg.seed_list, processes=workers, threads=threads,
-                   variants=_parse_variants(cfg.variants), params=params)
+                   variants=_parse_variants(cfg.variants), params=params,
+                   load_average_start=[round(x, 2) for x in os.getloadavg()])
     bar = tqdm(total=cfg.steps * (len(sweep_jobs) + n_main), disable=not progress,
                unit="step", dynamic_ncols=True)
     reached: dict[str, int] = {}
@@ -676,6 +682,7 @@ def run(cfg: LrAccelerationConfig, run_dir: RunDir, progress: bool = True) -> di
     finally:
         bar.close()
         pool.close()
+        timing["load_average_end"] = [round(x, 2) for x in os.getloadavg()]
         run_dir.update(fits=fits, timing=timing)
     return {"base_lr": choice, "fits": fits, "timing": timing,
             "diverged": sorted(k for k, f in fits.items() if f["status"] == "diverged")}

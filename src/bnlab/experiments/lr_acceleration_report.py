@@ -149,9 +149,7 @@ def summarize(meta: dict, rows: list[dict], min_steps: int = MIN_STEPS) -> dict[
     chance = 1.0 / int(ds.get("num_classes") or 10)
     n_test = int(ds.get("test") or 10_000)
     grid = eval_grid(rows)
-    if not grid:
-        raise ValueError("no evaluation of the variants' trainings in metrics.jsonl")
-    total = grid[-1]
+    total = grid[-1] if grid else 0
     var: dict[str, dict[str, Any]] = {}
     for name in ORDER:
         steps, acc, div = variant_curve(rows, name, grid, chance)
@@ -198,8 +196,9 @@ def _div_text(v: dict) -> str:
 
 
 def _claims(var: dict, chance: float, n_test: int, total: int, min_steps: int) -> list[Claim]:
-    short = (f"the run has {total:,} steps; under {min_steps:,} (a smoke run) the curves say "
-             "nothing about the claims" if total < min_steps else "")
+    short = ("no variant has been evaluated yet (the run stopped during the sweep)" if not var
+             else f"the run has {total:,} steps; under {min_steps:,} (a smoke run) the curves "
+             "say nothing about the claims" if total < min_steps else "")
     base = var.get("baseline")
 
     def missing(*names: str) -> str:
@@ -285,7 +284,8 @@ def _claims(var: dict, chance: float, n_test: int, total: int, min_steps: int) -
 
 def _claim(cid: str, text: str, measured: str, holds: bool | None, why: str, paper: str,
            fails_note: str) -> Claim:
-    c = Claim.check(cid, text, measured, holds, not_assessed=why, paper=paper)
+    c = Claim.check(cid, text, measured or "nothing to measure", holds, not_assessed=why,
+                    paper=paper)
     if c.verdict == "fails":
         c.note = fails_note + " The scaled-down setting does not support this claim."
     return c
@@ -392,15 +392,17 @@ def report(files: RunFiles) -> Summary:
     choice = meta.get("base_lr") or {}
     base_lr = choice.get("base_lr", cfg.get("base_lr"))
 
-    _figure2(s, files.path / "figure2.png")
-    figs = [Figure(
-        "figure2.png", "Figure 2: test accuracy against training steps (seed mean; band: min-max "
-        "over seeds)",
-        "Look for the BN variants (solid) reaching the baseline's best (red dotted line, right) "
-        "long before the baseline (red) does, BN-x5 and BN-x30 first; the sigmoid network "
-        "training with BN (orange) and not without it (grey dashed); Baseline-x5 (brown "
-        "dashed) diverging or lagging.",
-    )]  # fmt: skip
+    figs = []
+    if var:
+        _figure2(s, files.path / "figure2.png")
+        figs.append(Figure(
+            "figure2.png", "Figure 2: test accuracy against training steps (seed mean; band: "
+            "min-max over seeds)",
+            "Look for the BN variants (solid) reaching the baseline's best (red dotted line, "
+            "right) long before the baseline (red) does, BN-x5 and BN-x30 first; the sigmoid "
+            "network training with BN (orange) and not without it (grey dashed); Baseline-x5 "
+            "(brown dashed) diverging or lagging.",
+        ))  # fmt: skip
 
     table_rows = []
     for name in ORDER:
@@ -445,7 +447,10 @@ def report(files: RunFiles) -> Summary:
                                            "best test accuracy", "final test accuracy"],
                         per_seed, "A diverged training counts as chance from its divergence on.")
 
-    sections = [Section("Figure 2: accuracy against steps", figures=figs),
+    fig2 = Section("Figure 2: accuracy against steps", figures=figs)
+    if not var:
+        fig2.text.append("No variant has been evaluated yet.")
+    sections = [fig2,
                 Section("Figure 3: steps to the baseline's best", tables=[fig3]),
                 Section("Claims", claims=s["claims"])]
 
@@ -511,9 +516,16 @@ def report(files: RunFiles) -> Summary:
         "mode (population statistics).",
     ]
     timing = meta.get("timing") or {}
-    if timing:
-        setup.append("Phases: " + ", ".join(f"{k.removesuffix('_s')} {v:,.0f} s"
-                                            for k, v in timing.items()) + ".")
+    phases = {k.removesuffix("_s"): v for k, v in timing.items() if k.endswith("_s")}
+    if phases:
+        fits = (meta.get("fits") or {}).values()
+        cpu = sum(f.get("cpu_seconds") or 0 for f in fits)
+        load = [meta.get("load_average_start"), timing.get("load_average_end")]
+        setup.append(
+            "Wall time of the phases: " + ", ".join(f"{k} {v:,.0f} s" for k, v in phases.items())
+            + f"; CPU time of all trainings {cpu:,.0f} s"
+            + (f"; 1-minute load average {load[0][0]:.1f} at the start, {load[1][0]:.1f} at the "
+               "end" if all(isinstance(x, list) and x for x in load) else "") + ".")
     return Summary(
         title="Figures 2-3 of Ioffe & Szegedy (2015): learning-rate acceleration with BN",
         headline=headline, caveats=caveats, sections=sections, setup=setup,
