@@ -311,16 +311,15 @@ def test_quick_run_trains_every_variant_and_reports_every_section(tmp_path, caps
     assert meta["status"] == "finished" and meta["quick"] is True
     assert meta["base_lr"]["how"] == "sweep" and meta["base_lr"]["base_lr"] in (0.01, 0.04)
     assert len(meta["fits"]) == 2 + 14
-    assert all(f["status"] == "finished" and f["steps_done"] == 60 for f in meta["fits"].values())
+    assert all(f["status"] == "finished" and f["steps_done"] == 40 for f in meta["fits"].values())
     rows = read_metrics(out / "metrics.jsonl")[0]
     main_rows = [r for r in rows if r["phase"] == "main"]
     assert {(r["variant"], r["seed"]) for r in main_rows} == {
         (v, s) for v in lra.VARIANT_NAMES for s in (0, 1)}
-    assert sorted({r["step"] for r in main_rows}) == [0, 20, 40, 60]
-    assert all(0 <= r["test_acc"] <= 1 for r in main_rows)
-    # a BN network learns something in 60 steps (chance: 0.1)
-    final = {(r["variant"], r["seed"]): r["test_acc"] for r in main_rows if r["step"] == 60}
-    assert max(final[("bn-baseline", s)] for s in (0, 1)) > 0.2
+    assert sorted({r["step"] for r in main_rows}) == [0, 20, 40]
+    assert len(main_rows) == 14 * 3 and all(0 <= r["test_acc"] <= 1 for r in main_rows)
+    assert {r["lr"] for r in main_rows if r["step"] == 0 and r["variant"] == "bn-x30"} == {
+        30 * meta["base_lr"]["base_lr"]}
     sweep_rows = [r for r in rows if r["phase"] == "sweep"]
     assert {r["sweep_lr"] for r in sweep_rows} == {0.01, 0.04}
     assert all("val_acc" in r and "test_acc" not in r for r in sweep_rows if r["step"] > 0)

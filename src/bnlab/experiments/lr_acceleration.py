@@ -265,8 +265,8 @@ class LrAccelerationConfig:
 
 
 # --quick: a smoke run, every variant and a two-rate sweep, in well under a minute.
-QUICK = {"steps": 60, "eval_every": 20, "seeds": 2, "sweep_lrs": "0.01,0.04", "width": 4,
-         "val_size": 500, "test_size": 1000}
+QUICK = {"steps": 40, "eval_every": 20, "seeds": 2, "sweep_lrs": "0.01,0.04", "width": 4,
+         "val_size": 300, "test_size": 500}
 
 
 # ------------------------------------------------------------------------------------ jobs
