@@ -30,13 +30,16 @@ def _set_thread_env(threads: int) -> None:
         os.environ[key] = str(threads)
 
 
-def _model(norm: str, fuse: bool, channels_last: bool, act: str = "relu", width: int = 16):
+WIDTH = 12  # the experiment's default (--width)
+
+
+def _model(norm: str, fuse: bool, channels_last: bool, act: str = "relu", width: int | None = None):
     import torch
 
     from bnlab.models import SmallInception
 
     torch.manual_seed(0)
-    m = SmallInception(1, norm=norm, act=act, fuse_relu=fuse, width=width)
+    m = SmallInception(1, norm=norm, act=act, fuse_relu=fuse, width=width or WIDTH)
     if channels_last:
         m = m.to(memory_format=torch.channels_last)
     return m
@@ -146,7 +149,7 @@ def parallel(batch: int, seconds: float, fuse: bool, channels_last: bool) -> dic
 
     def launch(threads: int) -> subprocess.Popen:
         args = [sys.executable, __file__, "--rate", str(seconds), "--threads", str(threads),
-                "--batch", str(batch)] + (["--fuse"] if fuse else []) + (
+                "--batch", str(batch), "--width", str(WIDTH)] + (["--fuse"] if fuse else []) + (
                 ["--channels-last"] if channels_last else [])  # fmt: skip
         return subprocess.Popen(args, stdout=subprocess.PIPE, text=True)
 
@@ -160,6 +163,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--threads", type=int, default=1, help="threads (torch, numba, OpenMP)")
     p.add_argument("--batch", type=int, default=32, help="training batch size")
+    p.add_argument("--width", type=int, default=WIDTH, help="SmallInception width")
     p.add_argument("--eval-batch", type=int, default=500, help="inference batch size")
     p.add_argument("--rounds", type=int, default=5, help="interleaved rounds")
     p.add_argument("--steps", type=int, default=10, help="steps per configuration per round")
@@ -169,6 +173,8 @@ def main() -> None:
     p.add_argument("--rate", type=float, default=0.0, help=argparse.SUPPRESS)
     p.add_argument("--skip", default="", help="comma list of parts to skip: step,eval,parallel")
     args = p.parse_args()
+    global WIDTH
+    WIDTH = args.width
     _set_thread_env(args.threads)
     import torch
 
@@ -179,8 +185,9 @@ def main() -> None:
     skip = set(filter(None, args.skip.split(",")))
     cpu = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo")
                 if ln.startswith("model name")), "?")
-    print(f"# {cpu}; torch {torch.__version__}; {torch.get_num_threads()} thread(s); batch "
-          f"{args.batch}; median of {args.rounds} interleaved rounds of {args.steps} steps")
+    print(f"# {cpu}; torch {torch.__version__}; {torch.get_num_threads()} thread(s); width "
+          f"{WIDTH}, batch {args.batch}; median of {args.rounds} interleaved rounds of "
+          f"{args.steps} steps; load average {os.getloadavg()[0]:.1f}")
     if "step" not in skip:
         times = step_times(args.batch, args.rounds, args.steps)
         ref = statistics.median(times[CONFIGS[2][0]])

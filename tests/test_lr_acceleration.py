@@ -153,15 +153,18 @@ def test_plan_applies_the_section_4_2_1_changes():
     cfg = lra.LrAccelerationConfig(dataset="synthetic", seeds=2, seed=3, weight_decay=1e-3,
                                    dropout=0.4, lr_decay=0.5)
     sweep = lra.plan_jobs(cfg, None)
-    assert [j["lr"] for j in sweep] == [0.005, 0.01, 0.02, 0.04]
+    assert [j["lr"] for j in sweep] == [0.01, 0.02, 0.04, 0.08]
     assert all(j["tags"]["phase"] == "sweep" and j["split"] == "sweep" and not j["bn"]
-               and j["dropout"] == 0.4 and j["tags"]["seed"] == 3 for j in sweep)
+               and j["dropout"] == 0.4 and j["tags"]["seed"] == 3 and j["steps"] == 1500
+               and j["decay"] == 0.5 for j in sweep)  # half the run, the same total decay
+    assert [j["lr"] for j in lra.plan_jobs(cfg, None, [0.3, 0.6])] == [0.3, 0.6]
     jobs = {(j["tags"]["variant"], j["tags"]["seed"]): j for j in lra.plan_jobs(cfg, 0.02)}
     assert len(jobs) == 14 and {s for _, s in jobs} == {3, 4}
     base, bnb = jobs[("baseline", 3)], jobs[("bn-baseline", 3)]
     assert (base["bn"], bnb["bn"]) == (False, True)
     for j in (base, bnb):
         assert (j["lr"], j["dropout"], j["weight_decay"], j["decay"]) == (0.02, 0.4, 1e-3, 0.5)
+        assert j["steps"] == 3000
     for name, lr, bn, act in [("bn-x5", 0.1, True, "relu"), ("bn-x30", 0.6, True, "relu"),
                               ("bn-x5-sigmoid", 0.1, True, "sigmoid"),
                               ("baseline-x5", 0.1, False, "relu"),
@@ -195,6 +198,43 @@ def test_base_rate_is_the_best_validation_accuracy_not_diverged():
     assert lr == 0.01 and choice["edge"] == "low"
     with pytest.raises(ValueError, match="diverged at every rate"):
         lra.choose_base_lr({0.1: {"status": "diverged", "best_val_acc": 0.5}})
+
+
+@pytest.mark.parametrize(
+    "extend, tried, chosen, edge",
+    [
+        # best at the high edge twice: 0.16, 0.32 then 0.64, 1.28 are added; 0.32 is inside
+        (2, [0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28], 0.32, ""),
+        # one extension allowed: the best stays at the edge, and the choice says so
+        (1, [0.01, 0.02, 0.04, 0.08, 0.16, 0.32], 0.32, "high"),
+        (0, [0.01, 0.02, 0.04, 0.08], 0.08, "high"),
+    ],
+)
+def test_the_sweep_grows_beyond_an_edge_until_the_best_rate_is_inside(
+        tmp_path, monkeypatch, extend, tried, chosen, edge):
+    """The sweep's control flow with the trainings replaced by a score peaked at 0.32."""
+    import math
+
+    from bnlab.experiments import execute, get_experiment
+
+    seen = []
+
+    def fake(cfg, job, data, run):
+        seen.append((job["tags"]["phase"], job["lr"]))
+        score = 0.9 - 0.05 * abs(math.log2(job["lr"] / 0.32))
+        return {"status": "finished", "steps_done": job["steps"], "best_val_acc": score,
+                "seconds": 0.0, "cpu_seconds": 0.0}
+
+    monkeypatch.setattr(lra, "train_job", fake)
+    exp = get_experiment("lr-acceleration")
+    cfg = exp.make_config(dataset="synthetic", steps=20, eval_every=10, seeds=1,
+                          variants="baseline", workers=1, threads=1, sweep_extend=extend)
+    run = execute(exp, cfg, tmp_path / "run", progress=False)
+    assert [lr for phase, lr in seen if phase == "sweep"] == pytest.approx(tried)
+    assert seen[-1] == ("main", pytest.approx(chosen))
+    choice = run.meta["base_lr"]
+    assert choice["base_lr"] == pytest.approx(chosen) and choice["edge"] == edge
+    assert choice["added"] == pytest.approx(tried[4:]) and choice["sweep_steps"] == 10
 
 
 @pytest.mark.parametrize(
@@ -261,7 +301,8 @@ def test_interrupted_run_resumes_to_the_same_numbers(tmp_path, monkeypatch):
     """Ctrl-C in the middle of a training (a row written, its checkpoint not yet), then
     `--resume`: the rows equal an uninterrupted run's, bit for bit (one process)."""
     flags = ["--dataset", "synthetic", "--steps", "30", "--eval-every", "10", "--seeds", "1",
-             "--variants", "baseline,bn-x5", "--sweep-lrs", "0.01,0.02", "--val-size", "200",
+             "--variants", "baseline,bn-x5", "--sweep-lrs", "0.01,0.02", "--sweep-extend", "0",
+             "--val-size", "200",
              "--test-size", "200", "--width", "4", "--workers", "1", "--threads", "1",
              "--no-progress"]
     ref = tmp_path / "ref"
@@ -272,7 +313,8 @@ def test_interrupted_run_resumes_to_the_same_numbers(tmp_path, monkeypatch):
 
     def interrupting(cfg, job, data, run):
         calls.append(job["tags"])
-        if len(calls) == 3:  # the first variant's training, after its row at step 20
+        if len(calls) == 3:  # the first variant's (after the sweep's 2), at its row at step 20
+            assert job["tags"]["phase"] == "main"
 
             class Stop:
                 path, checkpoint_dir, drop_rows = run.path, run.checkpoint_dir, run.drop_rows
@@ -311,7 +353,8 @@ def test_quick_run_trains_every_variant_and_reports_every_section(tmp_path, caps
     assert meta["status"] == "finished" and meta["quick"] is True
     assert meta["base_lr"]["how"] == "sweep" and meta["base_lr"]["base_lr"] in (0.01, 0.04)
     assert len(meta["fits"]) == 2 + 14
-    assert all(f["status"] == "finished" and f["steps_done"] == 40 for f in meta["fits"].values())
+    assert all(f["status"] == "finished" and f["steps_done"] == (20 if "sweep" in k else 40)
+               for k, f in meta["fits"].items())
     rows = read_metrics(out / "metrics.jsonl")[0]
     main_rows = [r for r in rows if r["phase"] == "main"]
     assert {(r["variant"], r["seed"]) for r in main_rows} == {

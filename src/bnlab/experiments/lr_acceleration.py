@@ -24,9 +24,12 @@ diverged; plain Inception with sigmoids stayed at chance); each is its BN varian
 normalization removed and everything else equal, so the comparison isolates BN.
 
 **The base learning rate** is tuned for the baseline, not borrowed: unless ``--base-lr`` is given,
-the baseline trains once per rate of ``--sweep-lrs`` (seed ``--seed``, the full run length) on the
-training set minus a held-out validation split, and the rate with the best validation accuracy
-becomes the base rate of every variant. The sweep's rows (``phase="sweep"``) stay in the run's
+the baseline trains once per rate of ``--sweep-lrs`` (seed ``--seed``, ``--sweep-fraction`` of the
+run's steps with the learning-rate schedule scaled to them) on the training set minus a held-out
+validation split, and the rate with the best validation accuracy becomes the base rate of every
+variant. When the best rate lies at an edge of the grid, the grid grows by two rates beyond it (x2
+and x4, or /2 and /4) and those train too, up to ``--sweep-extend`` times, so the optimum is
+bracketed rather than assumed. The sweep's rows (``phase="sweep"``) stay in the run's
 ``metrics.jsonl`` and the report shows them. The learning rate decays exponentially, by
 ``--lr-decay`` over the run for the baseline and 6 times faster (``lr_decay ** 6``) for the
 variants with the section 4.2.1 changes.
@@ -176,9 +179,19 @@ class LrAccelerationConfig:
                   "--sweep-lrs (paper: 0.0015 for its Inception)", "min": 0},
     )
     sweep_lrs: str = field(
-        default="0.005,0.01,0.02,0.04",
+        default="0.01,0.02,0.04,0.08",
         metadata={"help": "learning rates the baseline is tried at (comma-separated); the best "
                   "validation accuracy picks the base rate"},
+    )
+    sweep_fraction: float = field(
+        default=0.5,
+        metadata={"help": "fraction of --steps each sweep training runs (its learning-rate "
+                  "decay scaled to that length)", "gt": 0, "max": 1},
+    )
+    sweep_extend: int = field(
+        default=2,
+        metadata={"help": "times the sweep may add two rates beyond an edge of its grid when "
+                  "the best rate lies there", "min": 0},
     )
     val_size: int = field(
         default=5000,
@@ -208,8 +221,8 @@ class LrAccelerationConfig:
                   "gt": 0, "max": 1},
     )
     width: int = field(
-        default=16, metadata={"help": "channel width of the network (16: 0.12M parameters)",
-                              "min": 1}
+        default=12, metadata={"help": "channel width of the network (12: 68,000 parameters; "
+                              "16: 118,000)", "min": 1}
     )
     norm: str = field(
         default="bn",
@@ -265,24 +278,30 @@ class LrAccelerationConfig:
 
 
 # --quick: a smoke run, every variant and a two-rate sweep, in well under a minute.
-QUICK = {"steps": 40, "eval_every": 20, "seeds": 2, "sweep_lrs": "0.01,0.04", "width": 4,
-         "val_size": 300, "test_size": 500}
+QUICK = {"steps": 40, "eval_every": 20, "seeds": 2, "sweep_lrs": "0.01,0.04", "sweep_extend": 0,
+         "width": 4, "val_size": 300, "test_size": 500}
 
 
 # ------------------------------------------------------------------------------------ jobs
-def plan_jobs(cfg: LrAccelerationConfig, base_lr: float | None) -> list[dict[str, Any]]:
-    """The trainings of a run as plain dicts (what a worker needs): the sweep's (``base_lr``
-    None) or the variants' at ``base_lr``. ``tags`` identify each training's rows and
-    checkpoint."""
+def sweep_steps(cfg: LrAccelerationConfig) -> int:
+    """Steps of each sweep training: ``sweep_fraction`` of ``steps``, at least 1."""
+    return max(1, round(cfg.steps * cfg.sweep_fraction))
+
+
+def plan_jobs(cfg: LrAccelerationConfig, base_lr: float | None,
+              lrs: list[float] | None = None) -> list[dict[str, Any]]:
+    """The trainings of a run as plain dicts (what a worker needs): the sweep's at the rates
+    ``lrs`` (default ``--sweep-lrs``) when ``base_lr`` is None, else the variants' at
+    ``base_lr``. ``tags`` identify each training's rows and checkpoint."""
     jobs = []
     if base_lr is None:
-        for lr in _parse_lrs(cfg.sweep_lrs):
+        for lr in lrs if lrs is not None else _parse_lrs(cfg.sweep_lrs):
             jobs.append({
                 "tags": {"phase": "sweep", "variant": "baseline", "sweep_lr": lr,
                          "seed": cfg.seed},
                 "split": "sweep", "bn": False, "act": "relu", "lr": lr,
                 "dropout": cfg.dropout, "weight_decay": cfg.weight_decay,
-                "decay": cfg.lr_decay,
+                "decay": cfg.lr_decay, "steps": sweep_steps(cfg),
             })  # fmt: skip
         return jobs
     for name in _parse_variants(cfg.variants):
@@ -294,6 +313,7 @@ def plan_jobs(cfg: LrAccelerationConfig, base_lr: float | None) -> list[dict[str
                 "dropout": 0.0 if v.changes else cfg.dropout,
                 "weight_decay": cfg.weight_decay / (WD_DIVISOR if v.changes else 1.0),
                 "decay": cfg.lr_decay ** (DECAY_SPEEDUP if v.changes else 1.0),
+                "steps": cfg.steps,
             })  # fmt: skip
     return jobs
 
@@ -301,8 +321,8 @@ def plan_jobs(cfg: LrAccelerationConfig, base_lr: float | None) -> list[dict[str
 def choose_base_lr(results: Mapping[float, Mapping[str, Any]]) -> tuple[float, dict[str, Any]]:
     """The sweep's winner: the rate whose training reached the highest validation accuracy
     (``best_val_acc``), diverged trainings excluded, the smaller rate on a tie. Returns the rate
-    and a record of the choice (scores, whether it lies at an edge of the grid). ValueError
-    when every rate diverged."""
+    and a record of the choice (scores, whether it lies at an edge of the grid of every rate
+    tried, diverged ones included). ValueError when every rate diverged."""
     scores = {lr: r.get("best_val_acc") for lr, r in results.items()
               if r.get("status") != "diverged" and r.get("best_val_acc") is not None}
     if not scores:
@@ -321,6 +341,12 @@ def choose_base_lr(results: Mapping[float, Mapping[str, Any]]) -> tuple[float, d
     }  # fmt: skip
 
 
+def extend_grid(lr: float, edge: str) -> list[float]:
+    """The two rates the sweep adds beyond ``lr`` at the ``edge`` ("high": x2 and x4; "low": /2
+    and /4)."""
+    return [lr * 2, lr * 4] if edge == "high" else [lr / 4, lr / 2]
+
+
 # ------------------------------------------------------------------------------------ data
 def load_data(cfg: LrAccelerationConfig) -> dict[str, Any]:
     """Train / test tensors standardized per channel with the training set's mean and std, the
@@ -329,7 +355,7 @@ def load_data(cfg: LrAccelerationConfig) -> dict[str, Any]:
     from ..data import load_dataset, load_synthetic
 
     if cfg.dataset == "synthetic":
-        ds = load_synthetic(n_train=2000, n_test=1000, image_shape=(1, 28, 28), seed=0)
+        ds = load_synthetic(n_train=8000, n_test=2000, image_shape=(1, 28, 28), seed=0)
     else:
         ds = load_dataset(cfg.dataset, download=cfg.download, progress=False)
     xtr, ytr, xte, yte = ds.x_train, ds.y_train, ds.x_test, ds.y_test
@@ -389,7 +415,7 @@ def train_job(cfg: LrAccelerationConfig, job: Mapping[str, Any], data: Mapping[s
                           weight_decay=job["weight_decay"])
     prepare = ((lambda x: x.contiguous(memory_format=torch.channels_last))
                if cfg.channels_last else None)
-    decay, steps = job["decay"], cfg.steps
+    decay, steps = job["decay"], job["steps"]
     measure = None
     if sweep:
         xv, yv = data["val"]
@@ -464,6 +490,7 @@ def _worker(cfg, run_path, threads, index, jobs, results, ack) -> None:
     import traceback
 
     send = lambda msg: results.put((msg[0], index, msg[1]))  # noqa: E731
+    _exit_with_parent()
     try:
         _set_threads(threads)
         data = load_data(cfg)
@@ -477,6 +504,22 @@ def _worker(cfg, run_path, threads, index, jobs, results, ack) -> None:
     except BaseException:  # report, never hang the parent
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         send(("error", traceback.format_exc()))
+
+
+def _exit_with_parent() -> None:
+    """End this process when its parent is gone (killed without a chance to stop the workers),
+    instead of training on as an orphan: a thread checks the parent's pid every second."""
+    import threading
+
+    parent = os.getppid()
+
+    def watch() -> None:
+        while True:
+            time.sleep(1.0)
+            if os.getppid() != parent:
+                os._exit(1)
+
+    threading.Thread(target=watch, daemon=True, name="exit-with-parent").start()
 
 
 @contextlib.contextmanager
@@ -650,7 +693,7 @@ def run(cfg: LrAccelerationConfig, run_dir: RunDir, progress: bool = True) -> di
     run_dir.update(dataset=data["meta"], seeds=cfg.seed_list, processes=workers, threads=threads,
                    variants=_parse_variants(cfg.variants), params=params,
                    load_average_start=[round(x, 2) for x in os.getloadavg()])
-    bar = tqdm(total=cfg.steps * (len(sweep_jobs) + n_main), disable=not progress,
+    bar = tqdm(total=sweep_steps(cfg) * len(sweep_jobs) + cfg.steps * n_main, disable=not progress,
                unit="step", dynamic_ncols=True)
     reached: dict[str, int] = {}
 
@@ -667,12 +710,21 @@ def run(cfg: LrAccelerationConfig, run_dir: RunDir, progress: bool = True) -> di
     try:
         t0 = time.perf_counter()
         if sweep_jobs:
-            res = pool.map(sweep_jobs)
-            fits.update(res)
+            tried: dict[float, dict] = {}
+            jobs, added = sweep_jobs, []
+            for extension in range(cfg.sweep_extend + 1):
+                res = pool.map(jobs)
+                fits.update(res)
+                tried.update({j["lr"]: res[_key(j["tags"])] for j in jobs})
+                base_lr, choice = choose_base_lr(tried)
+                if not choice["edge"] or extension == cfg.sweep_extend:
+                    break
+                new = [lr for lr in extend_grid(base_lr, choice["edge"]) if lr not in tried]
+                jobs = plan_jobs(cfg, None, new)
+                added += new
+                bar.total += sweep_steps(cfg) * len(jobs)
             timing["sweep_s"] = round(time.perf_counter() - t0, 2)
-            base_lr, choice = choose_base_lr(
-                {j["lr"]: res[_key(j["tags"])] for j in sweep_jobs})
-            choice["how"] = "sweep"
+            choice.update(how="sweep", added=added, sweep_steps=sweep_steps(cfg))
         else:
             base_lr, choice = cfg.base_lr, {"base_lr": cfg.base_lr, "how": "given (--base-lr)"}
         run_dir.update(base_lr=choice)

@@ -461,20 +461,29 @@ def report(files: RunFiles) -> Summary:
             "sweep.png", "The base learning rate: the baseline trained at each rate of the sweep",
             "Look for a peak inside the grid: the chosen rate (dotted) should beat its "
             "neighbours on both sides, or the baseline may be under-tuned."))
+        added = choice.get("added") or []
+        n_sweep = choice.get("sweep_steps")
         sweep_sec.tables.append(Table(
-            "Sweep (baseline, seed {}, trained on the training set minus {} validation images)"
-            .format(cfg.get("seed", "?"), ds.get("val", "?")),
+            "Sweep (baseline, seed {}, {} steps, trained on the training set minus {} "
+            "validation images)".format(cfg.get("seed", "?"), f"{n_sweep:,}" if n_sweep else "?",
+                                        ds.get("val", "?")),
             ["learning rate", "best validation accuracy", "final validation accuracy", "status"],
-            [[f"{sw['lr']:g}" + (" (chosen)" if sw["lr"] == base_lr else ""),
+            [[f"{sw['lr']:g}" + (" (chosen)" if sw["lr"] == base_lr else "")
+              + (" (added)" if sw["lr"] in added else ""),
               "n/a" if sw["best"] is None else f"{sw['best']:.4f}",
               "n/a" if sw["final"] is None else f"{sw['final']:.4f}",
               "finished" if sw["diverged_at"] is None else f"diverged at step "
               f"{sw['diverged_at']:,}"] for sw in s["sweep"]],
         ))  # fmt: skip
+        grown = (f" The grid began as `{cfg.get('sweep_lrs')}`; the best rate lay at its edge, "
+                 f"so {', '.join(f'{x:g}' for x in added)} were added beyond it."
+                 if added else "")
         sweep_sec.text.append(
-            f"The base rate is the sweep's best by validation accuracy: **{base_lr:g}**. Every "
-            "variant's rate is a multiple of it (table above); the variants then train on the "
-            "whole training set and are measured on the test set, which the choice never saw."
+            f"The base rate is the sweep's best by validation accuracy: **{base_lr:g}**.{grown} "
+            "Each sweep training runs a shorter version of the baseline's training (the same "
+            "learning-rate decay over its steps). Every variant's rate is a multiple of the base "
+            "rate (Figure 3 table); the variants train on the whole training set and are "
+            "measured on the test set, which the choice never saw."
             if isinstance(base_lr, (int, float)) else "The sweep did not finish; no base rate.")
     else:
         sweep_sec.text.append(
