@@ -342,6 +342,10 @@ def _figure_sweep(sweep: list[dict], chosen: float | None, path) -> None:
             label = f"lr {sw['lr']:g}" + (" (chosen)" if sw["lr"] == chosen else "")
             axes[0].plot(sw["steps"], sw["val_acc"], color=color, lw=2.4 if sw["lr"] == chosen
                          else 1.4, label=label)
+        late = [a for sw in sweep for s, a in zip(sw["steps"], sw["val_acc"], strict=True)
+                if s >= 0.2 * max(sw["steps"] or [0])]
+        if late:  # the part of the curves that decides the choice
+            axes[0].set_ylim(max(0.0, min(late) - 0.02), min(1.0, max(late) + 0.01))
         axes[0].set_xlabel("training step")
         axes[0].set_ylabel("validation accuracy")
         axes[0].set_title("Baseline at each rate of the sweep")
@@ -355,6 +359,8 @@ def _figure_sweep(sweep: list[dict], chosen: float | None, path) -> None:
         if chosen is not None:
             axes[1].axvline(chosen, color="#555", ls=":", lw=1)
         axes[1].set_xscale("log")
+        axes[1].set_xticks(lrs, [f"{x:g}" for x in lrs])
+        axes[1].minorticks_off()
         axes[1].set_xlabel("learning rate")
         axes[1].set_ylabel("best validation accuracy")
         axes[1].set_title("Best validation accuracy against the rate")
@@ -390,7 +396,7 @@ def report(files: RunFiles) -> Summary:
     var = s["variants"]
     ds = meta.get("dataset") or {}
     choice = meta.get("base_lr") or {}
-    base_lr = choice.get("base_lr", cfg.get("base_lr"))
+    base_lr = choice.get("base_lr") or cfg.get("base_lr") or None  # None: not chosen yet
 
     figs = []
     if var:
