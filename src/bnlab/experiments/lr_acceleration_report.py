@@ -478,8 +478,8 @@ def report(files: RunFiles) -> Summary:
               + (" (added)" if sw["lr"] in added else ""),
               "n/a" if sw["best"] is None else f"{sw['best']:.4f}",
               "n/a" if sw["final"] is None else f"{sw['final']:.4f}",
-              "finished" if sw["diverged_at"] is None else f"diverged at step "
-              f"{sw['diverged_at']:,}"] for sw in s["sweep"]],
+              _sweep_status(sw, n_sweep or max(max(x["steps"] or [0]) for x in s["sweep"]))]
+             for sw in s["sweep"]],
         ))  # fmt: skip
         grown = (f" The grid began as `{cfg.get('sweep_lrs')}`; the best rate lay at its edge, "
                  f"so {', '.join(f'{x:g}' for x in added)} were added beyond it."
@@ -545,6 +545,13 @@ def report(files: RunFiles) -> Summary:
         title="Figures 2-3 of Ioffe & Szegedy (2015): learning-rate acceleration with BN",
         headline=headline, caveats=caveats, sections=sections, setup=setup,
     )
+
+
+def _sweep_status(sw: dict, steps: int) -> str:
+    if sw["diverged_at"] is not None:
+        return f"diverged at step {sw['diverged_at']:,}"
+    last = max(sw["steps"] or [0])
+    return "finished" if last >= steps else f"stopped at step {last:,}"
 
 
 def _start_lr(rows: list[dict], variant: str) -> float | None:
