@@ -160,6 +160,7 @@ def parallel(batch: int, seconds: float, fuse: bool, channels_last: bool) -> dic
 
 
 def main() -> None:
+    global WIDTH
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--threads", type=int, default=1, help="threads (torch, numba, OpenMP)")
     p.add_argument("--batch", type=int, default=32, help="training batch size")
@@ -173,7 +174,6 @@ def main() -> None:
     p.add_argument("--rate", type=float, default=0.0, help=argparse.SUPPRESS)
     p.add_argument("--skip", default="", help="comma list of parts to skip: step,eval,parallel")
     args = p.parse_args()
-    global WIDTH
     WIDTH = args.width
     _set_thread_env(args.threads)
     import torch

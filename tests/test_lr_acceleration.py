@@ -150,8 +150,8 @@ def test_variant_curve_skips_unreached_steps_and_counts_divergence_as_chance():
 
 
 def test_plan_applies_the_section_4_2_1_changes():
-    cfg = lra.LrAccelerationConfig(dataset="synthetic", seeds=2, seed=3, weight_decay=1e-3,
-                                   dropout=0.4, lr_decay=0.5)
+    cfg = lra.LrAccelerationConfig(dataset="synthetic", steps=3000, seeds=2, seed=3,
+                                   weight_decay=1e-3, dropout=0.4, lr_decay=0.5)
     sweep = lra.plan_jobs(cfg, None)
     assert [j["lr"] for j in sweep] == [0.01, 0.02, 0.04, 0.08]
     assert all(j["tags"]["phase"] == "sweep" and j["split"] == "sweep" and not j["bn"]

@@ -155,7 +155,7 @@ class LrAccelerationConfig:
                   "choices": DATASETS},
     )
     steps: int = field(
-        default=3000,
+        default=1600,
         metadata={"help": "SGD steps per training, every variant alike (paper: 31M for its "
                   "baseline on ImageNet)", "min": 1},
     )
@@ -163,7 +163,7 @@ class LrAccelerationConfig:
         default=32, metadata={"help": "examples per mini-batch (paper: 32)", "min": 2}
     )
     eval_every: int = field(
-        default=150, metadata={"help": "steps between evaluations on the test set", "min": 1}
+        default=80, metadata={"help": "steps between evaluations on the test set", "min": 1}
     )
     seeds: int = field(default=2, metadata={"help": "seeds per variant", "min": 1})
     seed: int = field(default=0, metadata={"help": "first seed; seeds are seed, seed+1, ...",
@@ -194,12 +194,12 @@ class LrAccelerationConfig:
                   "the best rate lies there", "min": 0},
     )
     val_size: int = field(
-        default=5000,
+        default=3000,
         metadata={"help": "training examples held out as the sweep's validation set (the sweep "
                   "trains on the rest; the variants train on all)", "min": 1},
     )
     test_size: int = field(
-        default=10000,
+        default=3000,
         metadata={"help": "test examples evaluated (the first ones; 0: all)", "min": 0},
     )
     momentum: float = field(default=0.9, metadata={"help": "SGD momentum (paper: momentum, "
