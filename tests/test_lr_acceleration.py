@@ -300,7 +300,7 @@ def _rows_by_key(path: Path) -> dict:
 def test_interrupted_run_resumes_to_the_same_numbers(tmp_path, monkeypatch):
     """Ctrl-C in the middle of a training (a row written, its checkpoint not yet), then
     `--resume`: the rows equal an uninterrupted run's, bit for bit (one process)."""
-    flags = ["--dataset", "synthetic", "--steps", "30", "--eval-every", "10", "--seeds", "1",
+    flags = ["--dataset", "synthetic", "--steps", "20", "--eval-every", "10", "--seeds", "1",
              "--variants", "baseline,bn-x5", "--sweep-lrs", "0.01,0.02", "--sweep-extend", "0",
              "--val-size", "200",
              "--test-size", "200", "--width", "4", "--workers", "1", "--threads", "1",
@@ -313,7 +313,7 @@ def test_interrupted_run_resumes_to_the_same_numbers(tmp_path, monkeypatch):
 
     def interrupting(cfg, job, data, run):
         calls.append(job["tags"])
-        if len(calls) == 3:  # the first variant's (after the sweep's 2), at its row at step 20
+        if len(calls) == 3:  # the first variant's (after the sweep's 2), at its row at step 10
             assert job["tags"]["phase"] == "main"
 
             class Stop:
@@ -321,7 +321,7 @@ def test_interrupted_run_resumes_to_the_same_numbers(tmp_path, monkeypatch):
 
                 def log(self, rows):
                     run.log(rows)
-                    if rows.get("step") == 20:
+                    if rows.get("step") == 10:
                         raise KeyboardInterrupt
 
             return real(cfg, job, data, Stop())
@@ -353,13 +353,13 @@ def test_quick_run_trains_every_variant_and_reports_every_section(tmp_path, caps
     assert meta["status"] == "finished" and meta["quick"] is True
     assert meta["base_lr"]["how"] == "sweep" and meta["base_lr"]["base_lr"] in (0.01, 0.04)
     assert len(meta["fits"]) == 2 + 14
-    assert all(f["status"] == "finished" and f["steps_done"] == (20 if "sweep" in k else 40)
+    assert all(f["status"] == "finished" and f["steps_done"] == (10 if "sweep" in k else 20)
                for k, f in meta["fits"].items())
     rows = read_metrics(out / "metrics.jsonl")[0]
     main_rows = [r for r in rows if r["phase"] == "main"]
     assert {(r["variant"], r["seed"]) for r in main_rows} == {
         (v, s) for v in lra.VARIANT_NAMES for s in (0, 1)}
-    assert sorted({r["step"] for r in main_rows}) == [0, 20, 40]
+    assert sorted({r["step"] for r in main_rows}) == [0, 10, 20]
     assert len(main_rows) == 14 * 3 and all(0 <= r["test_acc"] <= 1 for r in main_rows)
     assert {r["lr"] for r in main_rows if r["step"] == 0 and r["variant"] == "bn-x30"} == {
         30 * meta["base_lr"]["base_lr"]}

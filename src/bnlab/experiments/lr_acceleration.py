@@ -278,8 +278,8 @@ class LrAccelerationConfig:
 
 
 # --quick: a smoke run, every variant and a two-rate sweep, in well under a minute.
-QUICK = {"steps": 40, "eval_every": 20, "seeds": 2, "sweep_lrs": "0.01,0.04", "sweep_extend": 0,
-         "width": 4, "val_size": 300, "test_size": 500}
+QUICK = {"steps": 20, "eval_every": 10, "seeds": 2, "sweep_lrs": "0.01,0.04", "sweep_extend": 0,
+         "width": 4, "val_size": 300, "test_size": 300}
 
 
 # ------------------------------------------------------------------------------------ jobs
