@@ -376,3 +376,29 @@ def test_quick_run_trains_every_variant_and_reports_every_section(tmp_path, caps
     assert md.count("| not assessed |") == 5
     for label in rep.LABELS.values():
         assert f"| {label} |" in md, label
+
+
+def test_values_from_the_run_files_are_shown_literally(tmp_path):
+    """Strings from config.json (a data set's name, the norm, the sweep grid) are text in the
+    report, never markup: what the file holds is what the Markdown and HTML show."""
+    from bnlab.report.report import build_report
+    from bnlab.runs import RunDir
+
+    config = {"steps": 3000, "batch_size": 32, "eval_every": 300, "seeds": 2, "seed": 0,
+              "norm": "b*n*", "sweep_lrs": "0.01,`x`", "width": 12}
+    meta = {"experiment": "lr-acceleration", "config": config, "status": "finished",
+            "dataset": {"name": "<i>fm</i>", "train": 60000, "test": 10000, "image": [1, 28, 28],
+                        "num_classes": 10, "val": 5000},
+            "base_lr": {"base_lr": 0.02, "how": "sweep", "added": [0.04], "sweep_steps": 1500,
+                        "edge": ""}}
+    run = RunDir.create(tmp_path / "run", meta)
+    run.log(make_rows(HOLDS))
+    run.log([{"step": st, "phase": "sweep", "variant": "baseline", "sweep_lr": lr, "seed": 0,
+              "val_acc": acc} for lr, acc in ((0.01, 0.8), (0.02, 0.85), (0.04, 0.84))
+             for st in (0, 1500)])
+    md_path, html_path = build_report(tmp_path / "run")
+    md, html = md_path.read_text(), html_path.read_text()
+    assert "<i>fm" not in md and "<i>fm" not in html
+    assert r"**Scale**: \<i\>fm\</i\> (60,000" in md and "&lt;i&gt;fm&lt;/i&gt; (60,000" in html
+    assert "`b*n*`" in md and "<code>b*n*</code>" in html
+    assert r"began as 0.01,\`x\`;" in md and "began as 0.01,`x`;" in html

@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 
 from ..report import plots
-from ..report.content import Claim, Figure, Section, Summary, Table
+from ..report.content import Claim, Figure, Section, Summary, Table, code, literal
 from ..runs import RunFiles
 
 __all__ = ["ORDER", "LABELS", "PAPER", "MIN_STEPS", "CLEARLY_BELOW", "variant_curve",
@@ -431,8 +431,9 @@ def report(files: RunFiles) -> Summary:
         table_rows,
         "Paper: Ioffe & Szegedy (2015), section 4.2.2 and Figure 3 (ImageNet, single-crop "
         "top-1; the controls from the text). bnlab: seed means of test accuracy, evaluated "
-        f"every {cfg.get('eval_every', '?')} steps, so a step count is the first evaluation at or "
-        "above the target; a diverged seed counts as chance from its divergence on.",
+        f"every {literal(cfg.get('eval_every', '?'))} steps, so a step count is the first "
+        "evaluation at or above the target; a diverged seed counts as chance from its "
+        "divergence on.",
     )
 
     per_seed = []
@@ -471,8 +472,9 @@ def report(files: RunFiles) -> Summary:
         n_sweep = choice.get("sweep_steps")
         sweep_sec.tables.append(Table(
             "Sweep (baseline, seed {}, {} steps, trained on the training set minus {} "
-            "validation images)".format(cfg.get("seed", "?"), f"{n_sweep:,}" if n_sweep else "?",
-                                        ds.get("val", "?")),
+            "validation images)".format(literal(cfg.get("seed", "?")),
+                                        f"{n_sweep:,}" if n_sweep else "?",
+                                        literal(ds.get("val", "?"))),
             ["learning rate", "best validation accuracy", "final validation accuracy", "status"],
             [[f"{sw['lr']:g}" + (" (chosen)" if sw["lr"] == base_lr else "")
               + (" (added)" if sw["lr"] in added else ""),
@@ -481,7 +483,7 @@ def report(files: RunFiles) -> Summary:
               _sweep_status(sw, n_sweep or max(max(x["steps"] or [0]) for x in s["sweep"]))]
              for sw in s["sweep"]],
         ))  # fmt: skip
-        grown = (f" The grid began as `{cfg.get('sweep_lrs')}`; the best rate lay at its edge, "
+        grown = (f" The grid began as {code(cfg.get('sweep_lrs'))}; the best rate lay at its edge, "
                  f"so {', '.join(f'{x:g}' for x in added)} were added beyond it."
                  if added else "")
         sweep_sec.text.append(
@@ -501,10 +503,11 @@ def report(files: RunFiles) -> Summary:
     if ds.get("name") and ds.get("name") != "synthetic":
         ep = (cfg.get("steps", 0) * cfg.get("batch_size", 0)) / max(int(ds.get("train") or 1), 1)
         caveats.append(
-            f"**Scale**: {ds['name']} ({ds.get('train', 0):,} training images of "
-            f"{'x'.join(map(str, ds.get('image', [])))}, {ds.get('num_classes', 10)} classes), "
+            f"**Scale**: {literal(ds['name'])} ({ds.get('train', 0):,} training images of "
+            f"{literal('x'.join(map(str, ds.get('image', []))))}, "
+            f"{literal(ds.get('num_classes', 10))} classes), "
             f"a {_params_text(meta)} network and {cfg.get('steps', 0):,} steps (about "
-            f"{ep:.1f} epochs) per training, against the paper's ImageNet (1.28M images, 1,000 "
+            f"{ep:.2g} epochs) per training, against the paper's ImageNet (1.28M images, 1,000 "
             "classes), its 13.6M-parameter Inception and 31M steps for the baseline. Compare "
             "the ordering and the ratios with the paper's, not the accuracies.")
     elif ds.get("name") == "synthetic":
@@ -512,23 +515,27 @@ def report(files: RunFiles) -> Summary:
                        "not of the paper's claims.")
     if choice.get("edge"):
         caveats.append(
-            f"**The base rate lies at the {choice['edge']} edge of the sweep** ({base_lr:g}): a "
-            f"rate beyond the grid might suit the baseline better; rerun with a wider "
-            "`--sweep-lrs`.")
+            f"**The base rate lies at the {literal(choice['edge'])} edge of the sweep** "
+            f"({base_lr:g}): a rate beyond the grid might suit the baseline better; rerun "
+            "with a wider `--sweep-lrs`.")
     headline = _headline(s)
+    # values from config.json go into the text as literals (never read as markup)
+    c = {k: literal(cfg.get(k)) for k in ("width", "momentum", "batch_size", "lr_decay",
+                                          "weight_decay", "dropout", "seeds", "seed",
+                                          "eval_every")}
     setup = [
-        f"Network: SmallInception (bnlab.models), width {cfg.get('width')}, "
-        f"{_params_text(meta)}; BN variants use norm `{cfg.get('norm')}` before every "
+        f"Network: SmallInception (bnlab.models), width {c['width']}, "
+        f"{_params_text(meta)}; BN variants use norm {code(cfg.get('norm'))} before every "
         "nonlinearity, per feature map, without conv biases.",
-        f"SGD with momentum {cfg.get('momentum')}, batch {cfg.get('batch_size')}, "
+        f"SGD with momentum {c['momentum']}, batch {c['batch_size']}, "
         f"{cfg.get('steps', 0):,} steps, learning rate decaying exponentially by "
-        f"{cfg.get('lr_decay')} over the run (x{cfg.get('lr_decay', 0) ** 6:.2g} with the "
-        f"section 4.2.1 changes: 6x faster); weight decay {cfg.get('weight_decay')} (/5 with "
-        f"the changes); dropout {cfg.get('dropout')} (none with the changes). Inputs "
+        f"{c['lr_decay']} over the run (x{cfg.get('lr_decay', 0) ** 6:.2g} with the "
+        f"section 4.2.1 changes: 6x faster); weight decay {c['weight_decay']} (/5 with "
+        f"the changes); dropout {c['dropout']} (none with the changes). Inputs "
         "standardized per channel with the training set's statistics; no augmentation.",
-        f"{cfg.get('seeds')} seeds per variant from seed {cfg.get('seed')}; test accuracy on "
-        f"{ds.get('test', '?')} test images every {cfg.get('eval_every')} steps, BN in inference "
-        "mode (population statistics).",
+        f"{c['seeds']} seeds per variant from seed {c['seed']}; test accuracy on "
+        f"{literal(ds.get('test', '?'))} test images every {c['eval_every']} steps, BN in "
+        "inference mode (population statistics).",
     ]
     timing = meta.get("timing") or {}
     phases = {k.removesuffix("_s"): v for k, v in timing.items() if k.endswith("_s")}
