@@ -305,3 +305,14 @@ def test_two_processes_started_on_one_out_directory(tmp_path):
     rows = _rows(out)
     keys = [(r["variant"], r["seed"], r["step"]) for r in rows]
     assert len(keys) == len(set(keys)) == 12  # one run's rows, each once: 4 trainings x 3 evals
+
+
+def test_setup_line_gives_the_workers_thread_count(tmp_path):
+    from bnlab.report.report import _setup_lines
+    from bnlab.runs import RunFiles
+
+    meta = {"cpu": "x", "threads": 2, "processes": 2, "threads_per_process": 1}
+    text = "\n".join(_setup_lines(RunFiles(tmp_path, meta, [])))
+    assert "2 process(es) x 1 thread(s)" in text
+    meta = {"cpu": "x", "threads": 2}
+    assert "; 2 thread(s)" in "\n".join(_setup_lines(RunFiles(tmp_path, meta, [])))

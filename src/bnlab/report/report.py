@@ -85,7 +85,8 @@ def _setup_lines(files: RunFiles) -> list[str]:
     )
     if m.get("command"):
         lines.append(f"Command: {code(m['command'])}")
-    threads = literal(m.get("threads", "?"))
+    # a run of worker processes records their thread count as threads_per_process
+    threads = literal(m.get("threads_per_process", m.get("threads", "?")))
     procs = m.get("processes")
     versions = m.get("versions")
     versions = versions if isinstance(versions, dict) else {}
