@@ -273,8 +273,11 @@ def test_non_finite_batch_leaves_running_stats_untouched(bad, momentum):
 def test_constructor_validation():
     with pytest.raises(ValueError, match="num_features"):
         bnlab.BatchNorm2d(0)
-    with pytest.raises(ValueError, match="eps"):
-        bnlab.BatchNorm2d(3, eps=0)
+    with pytest.raises(TypeError, match=r"BatchNorm2d: eps must be a real number.*str"):
+        bnlab.BatchNorm2d(3, eps="1e-5")
+    with pytest.raises(TypeError, match=r"BatchNorm2d\(3\): momentum"):
+        bnlab.BatchNorm2d(3, momentum="0.1")
+    bnlab.BatchNorm2d(3, eps=0)  # as torch: eps is checked where it is used (see test_eps_*)
 
 
 # ------------------------------------------------------------------------- momentum

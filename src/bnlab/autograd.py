@@ -1,41 +1,59 @@
-"""``torch.autograd.Function`` wiring over :mod:`bnlab.functional`.
+"""The functional entry points of bnlab's batch norm, and their eager ``autograd.Function`` s.
 
-Two functions, one per behaviour of the paper:
+Three calls, one per step of the paper:
 
-* :class:`BatchNormTrain` - Algorithm 1 with mini-batch statistics; returns ``y`` and, as
+* :func:`batch_norm_train` - Algorithm 1 with mini-batch statistics; returns ``y`` and, as
   non-differentiable outputs, the per-channel ``mean`` and biased ``var`` so the caller can update
   running statistics (Algorithm 2) without computing them twice.
-* :class:`BatchNormEval` - the inference transform with given population statistics.
+* :func:`batch_norm_eval` - the inference transform with given population statistics.
+* :func:`commit_stats` - accept a batch's statistics (refuse non-finite ones) and fold them into
+  the running averages.
 
-Both are differentiable once: their backward is the hand-written one of section 3, not autograd's
-tape, so a double backward raises a clear error (``once_differentiable``) rather than returning
-wrong numbers.
+Each call takes the form :func:`bnlab.ops.route` picks: in eager mode the Functions below
+(:class:`BatchNormTrain`, :class:`BatchNormEval`), which run on the path :mod:`bnlab.backend`
+chooses (fused CPU kernels or the reference functions) and run their backward on the same path;
+bnlab's custom operators under ``torch.compile`` and fx tracing; the decomposition into standard
+ops under ``torch.export``, ``jit.trace``/``jit.script`` and ``torch.func`` (see :mod:`bnlab.ops`).
 
-Each forward runs on the path :mod:`bnlab.backend` chooses (fused CPU kernels or the reference
-functions) and its backward on the same path. ``activation="relu"`` fuses ``max(., 0)`` into the
-output; the backward then gates ``dy`` with the saved output's mask ``y > 0``.
+The backward is the hand-written one of section 3; when it must itself be differentiated
+(``create_graph=True``: double backward, gradient penalties) it is computed instead by autograd
+through the decomposition, so second derivatives are exact as well. ``activation="relu"`` fuses
+``max(., 0)`` into the output; the backward then gates ``dy`` with the saved output's mask
+``y > 0``.
 """
 
 from __future__ import annotations
 
 import torch
 from torch import Tensor
-from torch.autograd.function import once_differentiable
 
 from . import backend as B
+from . import ops
 
-__all__ = ["BatchNormTrain", "BatchNormEval", "batch_norm_train", "batch_norm_eval"]
+__all__ = [
+    "BatchNormTrain",
+    "BatchNormEval",
+    "batch_norm_train",
+    "batch_norm_eval",
+    "commit_stats",
+]
 
 
 def _relu_flag(activation: str | None) -> bool:
-    if activation not in (None, "relu"):
-        raise ValueError(f"activation must be None or 'relu', got {activation!r}")
-    return activation == "relu"
+    if activation is None:
+        return False
+    if activation != "relu":
+        raise ValueError(f"activation must be None or 'relu', got {activation}")
+    return True
 
 
-def _needs_graph(*tensors: Tensor | None) -> bool:
+def _needs_graph(x: Tensor, weight: Tensor | None, bias: Tensor | None) -> bool:
     """True when autograd would record the call (grad mode on and some input requires grad)."""
-    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+    return torch.is_grad_enabled() and (
+        x.requires_grad
+        or (weight is not None and weight.requires_grad)
+        or (bias is not None and bias.requires_grad)
+    )
 
 
 class BatchNormTrain(torch.autograd.Function):
@@ -44,22 +62,25 @@ class BatchNormTrain(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float, relu: bool):
         path, y, mean, var, invstd = B.train_forward(x, weight, bias, eps, relu=relu)
-        ctx.save_for_backward(x, weight, mean, invstd, y if relu else None)
-        ctx.has_bias = bias is not None
-        ctx.path = path
+        ctx.save_for_backward(x, weight, bias, mean, invstd, y if relu else None)
+        ctx.path, ctx.eps, ctx.relu = path, eps, relu
         ctx.mark_non_differentiable(mean, var)
         return y, mean, var
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, dy: Tensor, _dmean: Tensor | None, _dvar: Tensor | None):
-        x, weight, mean, invstd, y = ctx.saved_tensors
-        need_dx = ctx.needs_input_grad[0]
-        need_dparams = ctx.needs_input_grad[1] or ctx.needs_input_grad[2]
+        x, weight, bias, mean, invstd, y = ctx.saved_tensors
+        needs = tuple(ctx.needs_input_grad[:3])
+        if torch.is_grad_enabled():  # create_graph=True: a differentiable backward
+            dx, dgamma, dbeta = ops.differentiable_grads(
+                dy, x, weight, bias, ctx.eps, ctx.relu, None, None, needs
+            )
+            return dx, dgamma, dbeta, None, None
         dx, dgamma, dbeta = B.train_backward(
-            ctx.path, dy, x, mean, invstd, weight, need_dx=need_dx, need_dparams=need_dparams, y=y
-        )
-        return dx, dgamma, dbeta if ctx.has_bias else None, None, None
+            ctx.path, dy, x, mean, invstd, weight, need_dx=needs[0],
+            need_dparams=needs[1] or needs[2], y=y,
+        )  # fmt: skip
+        return dx, dgamma, dbeta if bias is not None else None, None, None
 
 
 class BatchNormEval(torch.autograd.Function):
@@ -77,22 +98,26 @@ class BatchNormEval(torch.autograd.Function):
         relu: bool,
     ):
         path, y, invstd = B.eval_forward(x, running_mean, running_var, weight, bias, eps, relu=relu)
-        ctx.save_for_backward(x, running_mean, invstd, weight, y if relu else None)
-        ctx.has_bias = bias is not None
-        ctx.path = path
+        ctx.save_for_backward(x, running_mean, running_var, invstd, weight, bias,
+                              y if relu else None)  # fmt: skip
+        ctx.path, ctx.eps, ctx.relu = path, eps, relu
         return y
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, dy: Tensor):
-        x, running_mean, invstd, weight, y = ctx.saved_tensors
-        need_dx = ctx.needs_input_grad[0]
-        need_dparams = ctx.needs_input_grad[3] or ctx.needs_input_grad[4]
+        x, running_mean, running_var, invstd, weight, bias, y = ctx.saved_tensors
+        n = ctx.needs_input_grad
+        needs = (n[0], n[3], n[4])
+        if torch.is_grad_enabled():  # create_graph=True: a differentiable backward
+            dx, dgamma, dbeta = ops.differentiable_grads(
+                dy, x, weight, bias, ctx.eps, ctx.relu, running_mean, running_var, needs
+            )
+            return dx, None, None, dgamma, dbeta, None, None
         dx, dgamma, dbeta = B.eval_backward(
-            ctx.path, dy, x, running_mean, invstd, weight, need_dx=need_dx,
-            need_dparams=need_dparams, y=y,
+            ctx.path, dy, x, running_mean, invstd, weight, need_dx=needs[0],
+            need_dparams=needs[1] or needs[2], y=y,
         )  # fmt: skip
-        return dx, None, None, dgamma, dbeta if ctx.has_bias else None, None, None
+        return dx, None, None, dgamma, dbeta if bias is not None else None, None, None
 
 
 def batch_norm_train(
@@ -105,9 +130,20 @@ def batch_norm_train(
     """Differentiable Algorithm 1: returns ``(y, mean, biased_var)``; ``activation="relu"`` returns
     ``max(y, 0)`` (fused on the kernel path)."""
     relu = _relu_flag(activation)
-    if not _needs_graph(x, weight, bias):  # no autograd bookkeeping when nothing needs it
-        return B.train_forward(x, weight, bias, eps, relu=relu)[1:4]
-    return BatchNormTrain.apply(x, weight, bias, eps, relu)
+    if torch.jit.is_scripting():
+        y, mean, var, _ = ops.decompose_train(x, weight, bias, eps, relu)
+        return y, mean, var
+    else:
+        how = ops.route(x)
+        if how == ops.EAGER:
+            if not _needs_graph(x, weight, bias):  # no autograd bookkeeping when nothing needs it
+                return B.train_forward(x, weight, bias, eps, relu=relu)[1:4]
+            return BatchNormTrain.apply(x, weight, bias, eps, relu)
+        if how == ops.OP:
+            y, stats = torch.ops.bnlab.batch_norm_train(x, weight, bias, eps, relu)
+            return y, stats[0], stats[1]
+        y, mean, var, _ = ops.decompose_train(x, weight, bias, eps, relu)
+        return y, mean, var
 
 
 def batch_norm_eval(
@@ -121,6 +157,49 @@ def batch_norm_eval(
 ) -> Tensor:
     """Differentiable inference transform with population statistics [then ReLU]."""
     relu = _relu_flag(activation)
-    if not _needs_graph(x, weight, bias):
-        return B.eval_forward(x, running_mean, running_var, weight, bias, eps, relu=relu)[1]
-    return BatchNormEval.apply(x, running_mean, running_var, weight, bias, eps, relu)
+    if torch.jit.is_scripting():
+        return ops.decompose_eval(x, running_mean, running_var, weight, bias, eps, relu)
+    else:
+        how = ops.route(x)
+        if how == ops.EAGER:
+            if not _needs_graph(x, weight, bias):
+                return B.eval_forward(x, running_mean, running_var, weight, bias, eps, relu=relu)[1]
+            return BatchNormEval.apply(x, running_mean, running_var, weight, bias, eps, relu)
+        if how == ops.OP:
+            return torch.ops.bnlab.batch_norm_eval(
+                x, running_mean, running_var, weight, bias, eps, relu
+            )
+        return ops.decompose_eval(x, running_mean, running_var, weight, bias, eps, relu)
+
+
+def commit_stats(
+    x: Tensor,
+    mean: Tensor,
+    var: Tensor,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    num_batches_tracked: Tensor | None,
+    momentum: float | None,
+    update: bool,
+    layer: str,
+) -> None:
+    """Accept the statistics ``mean``/``var`` of the batch ``x``: ``FloatingPointError`` naming
+    ``layer`` (touching nothing) if they are not finite; otherwise, when ``update``, fold them
+    into the running averages (:func:`bnlab.functional.commit_running_stats`: ``momentum`` None
+    for the cumulative average, any finite number as torch's factor). An empty batch is only
+    counted in ``num_batches_tracked``."""
+    if torch.jit.is_scripting():
+        ops.decompose_commit(x, mean, var, running_mean, running_var, num_batches_tracked,
+                             momentum, update, layer)  # fmt: skip
+    else:
+        how = ops.route(x)
+        args = (x, mean, var, running_mean, running_var, num_batches_tracked, momentum, update)
+        if how == ops.EAGER:
+            m = x.numel() // x.shape[1]
+            if not B.commit_stats(mean, var, running_mean, running_var, num_batches_tracked,
+                                  momentum, m, update):  # fmt: skip
+                raise FloatingPointError(ops.non_finite_message(layer, list(x.shape)))
+        elif how == ops.OP:
+            torch.ops.bnlab.commit_stats(*args, layer)
+        else:
+            ops.decompose_commit(*args, layer)

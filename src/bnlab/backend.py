@@ -201,9 +201,9 @@ def commit_stats(
     """:func:`bnlab.functional.commit_running_stats` (finiteness check, then the moving averages
     when ``update``), in one compiled call when the kernels take the tensors (CPU float32/float64;
     backend not "reference"), else with tensor ops. False, touching nothing, for non-finite
-    statistics."""
+    statistics; an empty batch (``m = 0``) is only counted."""
     args = (mean, var, running_mean, running_var, num_batches_tracked, momentum, m, update)
-    if _backend != "reference" and _HAVE_NUMBA and K.commit_supported(
+    if m > 0 and _backend != "reference" and _HAVE_NUMBA and K.commit_supported(
         mean, var, running_mean, running_var
     ):
         return K.commit_batch_stats(*args)

@@ -47,18 +47,22 @@ __all__ = [
 
 def acc_dtype(dtype: torch.dtype) -> torch.dtype:
     """Accumulation/statistics dtype for an input dtype: float32 for 16-bit floats, else itself."""
-    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+    if dtype == torch.float16 or dtype == torch.bfloat16:
+        return torch.float32
+    return dtype
 
 
 def _as(t: Tensor, dtype: torch.dtype) -> Tensor:
     """``t.to(dtype)`` without the call when it already has that dtype (a call per tensor per
     layer call is overhead that small layers feel)."""
-    return t if t.dtype == dtype else t.to(dtype)
+    if t.dtype == dtype:
+        return t
+    return t.to(dtype)
 
 
-def reduce_dims(x: Tensor) -> tuple[int, ...]:
+def reduce_dims(x: Tensor) -> list[int]:
     """Dimensions reduced for per-channel statistics: N and every spatial dim (all but dim 1)."""
-    return (0, *range(2, x.dim()))
+    return [0] + [d for d in range(2, x.dim())]
 
 
 def _per_channel(t: Tensor, x: Tensor) -> Tensor:
@@ -66,7 +70,7 @@ def _per_channel(t: Tensor, x: Tensor) -> Tensor:
     broadcasts against (N, C)."""
     if x.dim() == 2:
         return t
-    return t.view(1, -1, *([1] * (x.dim() - 2)))
+    return t.view([1, -1] + [1] * (x.dim() - 2))
 
 
 def _centre(x: Tensor) -> tuple[Tensor, Tensor]:
@@ -78,10 +82,13 @@ def _centre(x: Tensor) -> tuple[Tensor, Tensor]:
         d = x - K;   mean = K + mean(d);   x - mean = d - mean(d)
 
     This keeps an input with mean 1e4 and std 1 accurate in float32, where E[x^2] - E[x]^2 or even
-    a plain float32 mean of 1e4-sized values loses the digits that matter.
+    a plain float32 mean of 1e4-sized values loses the digits that matter. ``x`` has at least one
+    value per channel.
     """
     xa = _as(x, acc_dtype(x.dtype))
-    pivot = xa[(0, slice(None)) + (0,) * (x.dim() - 2)]  # (C,)
+    pivot = xa.select(0, 0)  # (C, *spatial) -> (C,): the first value of each channel
+    for _ in range(x.dim() - 2):
+        pivot = pivot.select(1, 0)
     d = xa - _per_channel(pivot, x)  # a new tensor: safe to modify in place below
     mean_d = d.mean(reduce_dims(x), keepdim=True)  # (1, C, 1, ...)
     xc = d.sub_(mean_d)
@@ -95,7 +102,23 @@ def batch_norm_train_forward(
 
     ``var`` is the biased mini-batch variance; the unbiased correction ``m / (m - 1)`` used for the
     population estimate (Algorithm 2, step 10) belongs to whoever updates running statistics.
+
+    An empty batch (``N * prod(spatial) = 0``, which torch accepts) has no statistics: ``y`` is
+    empty, mean 0 and var 1 are placeholders that nobody may commit (see
+    :func:`commit_running_stats`), and y still depends on gamma and beta so that their gradients
+    are zeros, as torch's.
+
+    Written in TorchScript-compatible torch ops: it is also the decomposition that captured graphs
+    (``torch.export``, ONNX, ``jit.trace``/``script``, ``torch.func``) contain.
     """
+    if x.numel() == 0:
+        c = x.shape[1]
+        acc = acc_dtype(x.dtype)
+        mean = torch.zeros(c, dtype=acc, device=x.device)
+        var = torch.ones(c, dtype=acc, device=x.device)
+        invstd = torch.rsqrt(var + eps)
+        y = _as(_scale_shift(_as(x, acc), invstd, weight, bias), x.dtype)
+        return y, mean, var, invstd
     mean, xc = _centre(x)  # xc = x - mu
     var = (xc * xc).mean(reduce_dims(x))  # (C,)
     invstd = torch.rsqrt(var + eps)  # 1 / sqrt(var + eps), (C,)
@@ -254,7 +277,14 @@ def commit_running_stats(
     Returns False, touching nothing, when ``var`` holds a NaN or Inf (it is computed from the
     centred input, so any NaN/Inf in the batch shows there; ``max`` propagates NaN: one reduction
     of C values).
+
+    An empty batch (``m = 0``, which torch accepts in training) has no statistics: it is counted
+    in ``num_batches_tracked`` and leaves the running averages as they are, as torch does.
     """
+    if m == 0:
+        if update and num_batches_tracked is not None:
+            num_batches_tracked.add_(1)
+        return True
     if not math.isfinite(float(var.max())):
         return False
     if update and running_mean is not None:

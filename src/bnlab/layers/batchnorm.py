@@ -1,9 +1,12 @@
-"""Drop-in ``BatchNorm1d/2d/3d``: state and mode around :mod:`bnlab.autograd`.
+"""Drop-in ``BatchNorm1d/2d/3d``: subclasses of ``torch.nn.BatchNorm1d/2d/3d`` with bnlab's forward.
 
 Ioffe & Szegedy (2015): Algorithm 1 in training mode (mini-batch statistics), Algorithm 2 at
-inference (population statistics kept as running averages). Constructor arguments, buffers,
-state_dict keys, ``extra_repr`` and train/eval semantics are those of ``torch.nn.BatchNorm*``, so
-checkpoints interchange in both directions.
+inference (population statistics kept as running averages). Each layer IS a torch BatchNorm
+layer (``isinstance(bnlab.BatchNorm2d(c), torch.nn.BatchNorm2d)``): constructor arguments,
+buffers, state_dict keys and versions, ``reset_*`` and train/eval semantics are torch's, so
+checkpoints interchange in both directions and torch's ``isinstance``-based tools
+(``SyncBatchNorm.convert_sync_batchnorm``, fusers, weight-decay filters) treat them as BN. Only
+``forward`` (and ``extra_repr``) are bnlab's.
 
 Running statistics (updated only in training mode with ``track_running_stats=True``)::
 
@@ -14,48 +17,59 @@ Running statistics (updated only in training mode with ``track_running_stats=Tru
 
 where ``m = N * prod(spatial)`` values per channel. Note PyTorch's momentum convention: ``f`` is the
 weight of the *new* batch (0.1 by default), the opposite of the "decay" of some other libraries.
+An empty batch (``m = 0``) gives an empty output and is counted in ``num_batches_tracked``
+without changing the averages, as torch.
 
-A batch that would corrupt state never reaches it: non-finite batch statistics raise
-``FloatingPointError`` before any buffer is touched (the check looks at the C per-channel
-statistics, not the input, so it costs one reduction of C values).
+Every input torch accepts gets torch's answer; what torch refuses is refused with the layer named
+(``layer_name``), and where torch would still change state before refusing (it counts a batch
+of one value per channel or with ``eps <= 0`` in ``num_batches_tracked`` first), bnlab refuses
+before touching anything. A batch that would corrupt state never reaches it: non-finite batch
+statistics raise ``FloatingPointError`` before any buffer is touched (the check looks at the C
+per-channel statistics, not the input, so it costs one reduction of C values).
 
 ``activation="relu"`` (bnlab only) returns ``max(BN(x), 0)``, fused into the kernel on the fused
-backend; the default ``None`` is the plain layer.
+backend; the default ``None`` is the plain layer. torch's own tools know nothing of it: use
+``bnlab.fold`` (and bnlab's entries for ``torch.ao.quantization.fuse_modules``) rather than
+``torch.nn.utils.fusion`` or ``convert_sync_batchnorm`` on such layers, which would drop the
+ReLU.
 
-Variants (batch renorm, ghost BN, ...) subclass :class:`_BatchNorm` and override
-:meth:`_BatchNorm._train_forward`, the one place where statistics are computed.
+The forward is one path for every tool (eager, ``torch.compile``, ``torch.export``, ONNX,
+``jit.trace``/``jit.script``, fx, ``torch.func``): :mod:`bnlab.autograd` picks the form of each
+call (:mod:`bnlab.ops`). Variants (batch renorm, ghost BN, ...) subclass :class:`_BatchNorm` and
+override :meth:`_BatchNorm._train_forward`, the one place where statistics are computed;
+:meth:`_BatchNorm._commit_batch_stats` is the one place where they are accepted or refused.
 """
 
 from __future__ import annotations
 
+import numbers
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from .. import backend as B
-from ..autograd import batch_norm_eval, batch_norm_train
+from ..autograd import batch_norm_eval, batch_norm_train, commit_stats
 from ..functional import check_momentum
+from ..ops import check_batch
 
 __all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "name_layers"]
 
+_HALF = (torch.float16, torch.bfloat16)
 
-class _BatchNorm(nn.Module):
-    """Common state and behaviour of the bnlab BatchNorm layers."""
 
-    _version = 2  # same state_dict version as torch's _NormBase (num_batches_tracked exists)
-    _valid_ranks: tuple[int, ...] = ()
+class _BatchNorm(nn.modules.batchnorm._BatchNorm):
+    """Common state and behaviour of the bnlab BatchNorm layers (torch's ``_BatchNorm`` with
+    bnlab's forward)."""
+
+    # (no class-level annotations here: torch.jit.script reads the class's annotations and
+    # torch's own, on _NormBase, describe the shared attributes)
+    _valid_ranks = ()
     _rank_text = ""
-
-    num_features: int
-    eps: float
-    momentum: float | None
-    affine: bool
-    track_running_stats: bool
-    # Inference state (bnlab.inference): class-level defaults so every construction path, including
-    # bnlab.convert, starts unfrozen with running averages from training.
-    frozen: bool = False  # freeze(): population statistics in train and eval, no updates
-    population_estimator: str | None = None  # recompute_population_stats(): "unbiased"/"biased"
+    # Inference state (bnlab.inference): class-level defaults, also set per instance in __init__
+    # (TorchScript reads instance attributes), so every construction path starts unfrozen with
+    # running averages from training.
+    frozen = False  # freeze(): population statistics in train and eval, no updates
+    population_estimator = None  # recompute_population_stats(): "unbiased"/"biased"
 
     def __init__(
         self,
@@ -70,111 +84,89 @@ class _BatchNorm(nn.Module):
         bias: bool = True,
         activation: str | None = None,
     ) -> None:
-        super().__init__()
+        name = type(self).__name__
         if isinstance(num_features, bool) or not isinstance(num_features, int) or num_features < 1:
-            raise ValueError(
-                f"{type(self).__name__}: num_features must be a positive int, got {num_features!r}"
-            )
-        if not eps > 0:
-            raise ValueError(f"{type(self).__name__}: eps must be > 0, got {eps!r}")
+            raise ValueError(f"{name}: num_features must be a positive int, got {num_features!r}")
+        if isinstance(eps, bool) or not isinstance(eps, numbers.Real):
+            raise TypeError(f"{name}: eps must be a real number, got {type(eps).__name__} {eps!r}")
         if activation not in (None, "relu"):
-            raise ValueError(
-                f"{type(self).__name__}: activation must be None or 'relu', got {activation!r}"
-            )
-        factory = {"device": device, "dtype": dtype}
-        self.num_features = num_features
-        self.eps = eps
-        self.momentum = momentum
-        self.affine = affine
-        self.track_running_stats = track_running_stats
+            raise ValueError(f"{name}: activation must be None or 'relu', got {activation!r}")
+        try:
+            check_momentum(momentum)
+        except (TypeError, ValueError) as exc:
+            raise type(exc)(f"{name}({num_features}): {exc}") from None
+        super().__init__(
+            num_features, eps, momentum, affine, track_running_stats, device, dtype, bias=bias
+        )
         self.activation = activation
         self.layer_name: str | None = None  # qualified name in a model, set by name_layers()
-        self._check_momentum()
-        if affine:
-            self.weight = nn.Parameter(torch.empty(num_features, **factory))
-            if bias:
-                self.bias = nn.Parameter(torch.empty(num_features, **factory))
-            else:  # scale without shift, as torch's bias=False
-                self.register_parameter("bias", None)
-        else:
-            self.register_parameter("weight", None)
-            self.register_parameter("bias", None)
-        if track_running_stats:
-            self.register_buffer("running_mean", torch.zeros(num_features, **factory))
-            self.register_buffer("running_var", torch.ones(num_features, **factory))
-            self.register_buffer(
-                "num_batches_tracked",
-                torch.tensor(0, dtype=torch.long, device=device),
-            )
-        else:
-            self.register_buffer("running_mean", None)
-            self.register_buffer("running_var", None)
-            self.register_buffer("num_batches_tracked", None)
-        self.reset_parameters()
-
-    # ----------------------------------------------------------------------------- state
-    def reset_running_stats(self) -> None:
-        """running_mean <- 0, running_var <- 1, num_batches_tracked <- 0."""
-        if self.track_running_stats:
-            self.running_mean.zero_()
-            self.running_var.fill_(1)
-            self.num_batches_tracked.zero_()
-
-    def reset_parameters(self) -> None:
-        """Reset running statistics, gamma <- 1, beta <- 0."""
-        self.reset_running_stats()
-        if self.affine:
-            nn.init.ones_(self.weight)
-            if self.bias is not None:
-                nn.init.zeros_(self.bias)
+        self.frozen = False
+        self.population_estimator = None
 
     def extra_repr(self) -> str:
-        text = (
-            "{num_features}, eps={eps}, momentum={momentum}, affine={affine}, "
-            "bias={use_bias}, track_running_stats={track_running_stats}".format(
-                **self.__dict__, use_bias=self.bias is not None
-            )
-            + (f", population={self.population_estimator}" if self.population_estimator else "")
-            + (", frozen=True" if self.frozen else "")
-        )
+        text = super().extra_repr()
+        if self.population_estimator:
+            text += f", population={self.population_estimator}"
+        if self.frozen:
+            text += ", frozen=True"
         return text if self.activation is None else f"{text}, activation={self.activation!r}"
-
-    def _load_from_state_dict(
-        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
-    ):
-        # Checkpoints written before num_batches_tracked existed (version < 2, as torch's own)
-        # load with num_batches_tracked = 0, exactly as torch.nn.BatchNorm does.
-        version = local_metadata.get("version", None)
-        if (version is None or version < 2) and self.track_running_stats:
-            key = prefix + "num_batches_tracked"
-            if key not in state_dict:
-                state_dict[key] = torch.tensor(0, dtype=torch.long)
-        super()._load_from_state_dict(
-            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
-        )
 
     # ----------------------------------------------------------------------------- checks
     def _describe(self) -> str:
-        name = f"'{self.layer_name}' " if self.layer_name else ""
-        return f"{name}{type(self).__name__}({self.num_features})"
+        kind = "BatchNorm"
+        if not torch.jit.is_scripting():
+            kind = type(self).__name__
+        name = self.layer_name
+        prefix = "" if name is None else "'" + name + "' "
+        return prefix + kind + "(" + str(self.num_features) + ")"
 
-    def _check_input(self, x: Tensor) -> None:
-        if not isinstance(x, Tensor):
-            raise TypeError(f"{self._describe()}: expected a Tensor, got {type(x).__name__}")
-        if not x.is_floating_point():
-            raise TypeError(
-                f"{self._describe()}: expected a floating-point input, got dtype {x.dtype}"
-            )
-        if x.dim() not in self._valid_ranks:
-            raise ValueError(
-                f"{self._describe()}: expected {self._rank_text} input, "
-                f"got {x.dim()}D input of shape {tuple(x.shape)}"
-            )
-        if x.shape[1] != self.num_features:
-            raise ValueError(
-                f"{self._describe()}: expected {self.num_features} channels in dim 1, "
-                f"got input of shape {tuple(x.shape)}"
-            )
+    def _check_input(self, x: Tensor, batch_stats: bool) -> None:
+        """Refuse, naming the layer, what torch refuses (and what it would refuse only after
+        counting the batch): a non-tensor or non-float input, a wrong rank or channel count,
+        mixed dtypes, one value per channel or ``eps <= 0`` with batch statistics, ``eps < 0``
+        with population statistics."""
+        if torch.jit.is_scripting():
+            self._check_input_dim(x)  # torch's rank check; the ops check the rest
+        else:
+            if isinstance(x, torch.fx.Proxy):  # symbolic tracing: no values to check yet
+                return
+            if not isinstance(x, Tensor):
+                raise TypeError(f"{self._describe()}: expected a Tensor, got {type(x).__name__}")
+            if not x.is_floating_point():
+                raise TypeError(
+                    f"{self._describe()}: expected a floating-point input, got dtype {x.dtype}"
+                )
+            if x.dim() not in self._valid_ranks:
+                raise ValueError(
+                    f"{self._describe()}: expected {self._rank_text} input, "
+                    f"got {x.dim()}D input of shape {tuple(x.shape)}"
+                )
+            if x.shape[1] != self.num_features:
+                raise ValueError(
+                    f"{self._describe()}: expected {self.num_features} channels in dim 1, "
+                    f"got input of shape {tuple(x.shape)}"
+                )
+            self._check_dtypes(x)
+        if x.numel() == x.shape[1] if batch_stats else False:  # m = 1
+            check_batch(x, self.eps, batch_stats, self._describe())
+        if not (self.eps > 0 if batch_stats else self.eps >= 0):
+            check_batch(x, self.eps, batch_stats, self._describe())
+
+    def _check_dtypes(self, x: Tensor) -> None:
+        """torch's CPU rule: the parameters and the running statistics it uses all have the
+        input's dtype, or the input is float16/bfloat16 and they are all float32."""
+        used = [self.weight, self.bias]
+        if not self.training or self.track_running_stats or self.frozen:
+            used += [self.running_mean, self.running_var]
+        dtypes = {t.dtype for t in used if t is not None}
+        if not dtypes or dtypes == {x.dtype} or (x.dtype in _HALF and dtypes == {torch.float32}):
+            return
+        raise TypeError(
+            f"{self._describe()}: input of dtype {x.dtype} with parameters/running statistics of "
+            f"dtype {', '.join(sorted(str(d) for d in dtypes))}; they must all have the input's "
+            "dtype (or be float32 for a float16/bfloat16 input): convert the input or the layer "
+            "(e.g. layer.to(x.dtype))"
+        )
 
     def _check_momentum(self) -> None:
         """TypeError/ValueError naming the layer for a momentum that is not None or a finite
@@ -198,64 +190,51 @@ class _BatchNorm(nn.Module):
         statistics. The one method variants override; ``y`` includes ``self.activation``."""
         return batch_norm_train(x, self.weight, self.bias, self.eps, self.activation)
 
-    def _values_per_channel(self, x: Tensor) -> int:
-        """m = N * prod(spatial); batch statistics need m >= 2."""
-        m = x.numel() // x.shape[1]
-        if m < 2:
-            raise ValueError(
-                f"{self._describe()}: expected more than 1 value per channel when using batch "
-                f"statistics, got input of shape {tuple(x.shape)} ({m} value per channel)"
-            )
-        return m
-
-    def _commit_batch_stats(self, x: Tensor, mean: Tensor, var: Tensor, m: int) -> None:
+    def _commit_batch_stats(self, x: Tensor, mean: Tensor, var: Tensor) -> None:
         """The one place where a batch's statistics are accepted or refused. Non-finite
         statistics raise FloatingPointError before any buffer is touched; finite ones (training
         mode with tracking) update the running averages, see the module docstring. A momentum
         that is not None or a finite number is refused first, since it may be set at any time."""
         update = self.training and self.track_running_stats
-        if update:
-            self._check_momentum()
-        ok = B.commit_stats(
-            mean, var, self.running_mean, self.running_var, self.num_batches_tracked,
-            self.momentum, m, update,
+        if not torch.jit.is_scripting():
+            if update:
+                self._check_momentum()
+        commit_stats(
+            x, mean, var, self.running_mean, self.running_var, self.num_batches_tracked,
+            self.momentum, update, self._describe(),
         )  # fmt: skip
-        if not ok:
-            raise FloatingPointError(
-                f"{self._describe()}: non-finite batch statistics (NaN or Inf in the input of "
-                f"shape {tuple(x.shape)}); running statistics were left unchanged"
-            )
-        if update and self.population_estimator is not None:  # (read first: no __setattr__)
-            self.population_estimator = None  # a running average again, not a recomputed one
+        if not torch.jit.is_scripting():
+            if update and self.population_estimator is not None:
+                self.population_estimator = None  # a running average again, not a recomputed one
 
-    def forward(self, x: Tensor) -> Tensor:
-        self._check_input(x)
-        if not self._use_batch_stats():
-            return batch_norm_eval(
-                x, self.running_mean, self.running_var, self.weight, self.bias, self.eps,
-                self.activation,
-            )  # fmt: skip
-        m = self._values_per_channel(x)
-        y, mean, var = self._train_forward(x)
-        self._commit_batch_stats(x, mean, var, m)
-        return y
+    def forward(self, input: Tensor) -> Tensor:
+        running_mean, running_var = self.running_mean, self.running_var
+        batch_stats = self._use_batch_stats() or running_mean is None or running_var is None
+        self._check_input(input, batch_stats)
+        if batch_stats or running_mean is None or running_var is None:
+            y, mean, var = self._train_forward(input)
+            self._commit_batch_stats(input, mean, var)
+            return y
+        return batch_norm_eval(
+            input, running_mean, running_var, self.weight, self.bias, self.eps, self.activation
+        )
 
 
-class BatchNorm1d(_BatchNorm):
+class BatchNorm1d(_BatchNorm, nn.BatchNorm1d):
     """Batch Normalization over ``(N, C)`` (per activation) or ``(N, C, L)`` (per channel)."""
 
     _valid_ranks = (2, 3)
     _rank_text = "2D (N, C) or 3D (N, C, L)"
 
 
-class BatchNorm2d(_BatchNorm):
+class BatchNorm2d(_BatchNorm, nn.BatchNorm2d):
     """Batch Normalization over ``(N, C, H, W)``, per feature map (section 3.2)."""
 
     _valid_ranks = (4,)
     _rank_text = "4D (N, C, H, W)"
 
 
-class BatchNorm3d(_BatchNorm):
+class BatchNorm3d(_BatchNorm, nn.BatchNorm3d):
     """Batch Normalization over ``(N, C, D, H, W)``, per feature map."""
 
     _valid_ranks = (5,)

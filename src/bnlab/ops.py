@@ -1,0 +1,500 @@
+"""bnlab's batch norm as PyTorch operators, so tools that look inside a model see real ops.
+
+Ioffe & Szegedy (2015): Algorithm 1 (training transform), Algorithm 2 (inference transform and
+the running averages it uses), the section 3 gradients. Three forms of the same contract:
+
+* **custom operators** (``torch.library.custom_op``, namespace ``bnlab``), each with a fake
+  (meta) implementation, registered autograd (``setup_context`` + backward), a vmap rule and a
+  decomposition into standard torch ops::
+
+      torch.ops.bnlab.batch_norm_train(x, weight?, bias?, eps, relu) -> (y, stats)
+          stats = (3, C): mean, biased var, invstd = 1 / sqrt(var + eps)  (acc dtype)
+      torch.ops.bnlab.batch_norm_eval(x, running_mean, running_var, weight?, bias?, eps, relu) -> y
+      torch.ops.bnlab.batch_norm_backward(dy, x, mean, invstd, weight?, y?, train, need_dx,
+                                          need_dparams) -> (dx, dparams)   dparams = (2, C)
+      torch.ops.bnlab.commit_stats(x, mean, var, running_mean!?, running_var!?,
+                                   num_batches_tracked!?, momentum?, update, layer) -> ()
+
+  Their implementations run on the path :mod:`bnlab.backend` chooses (the fused Numba kernels or
+  the reference functions), so compiled graphs keep bnlab's kernels; Numba is never called
+  while tracing (the fake implementations only make empty outputs of the right shape, dtype
+  and strides). ``commit_stats`` is the one place a batch's statistics are accepted: it raises
+  ``FloatingPointError`` naming ``layer`` on non-finite statistics before any buffer is touched,
+  and otherwise updates the running averages in place (so a compiled forward has no
+  data-dependent Python branch).
+
+* **decompositions** (:func:`decompose_train`, :func:`decompose_eval`,
+  :func:`decompose_commit`): the same math in TorchScript-compatible standard ops
+  (:mod:`bnlab.functional`; the inference transform is ``torch.nn.functional.batch_norm``, which
+  every exporter and runtime knows). Running statistics are updated through ``torch.where`` on
+  the finiteness flag, so a captured graph leaves them unchanged on a non-finite batch even
+  where it cannot raise. :func:`decompositions` maps each operator to its decomposition for
+  ``ExportedProgram.run_decompositions`` and ``make_fx``.
+
+* **eager** (:mod:`bnlab.autograd`): the ``torch.autograd.Function`` s that call the backend
+  directly, without the dispatcher's per-call cost.
+
+:func:`route` picks one per call: the custom operators under ``torch.compile`` and ``torch.fx``
+symbolic tracing; the decomposition under ``torch.export`` (and so ONNX with ``dynamo=True``),
+``torch.jit.trace`` (and the TorchScript ONNX exporter), ``torch.jit.script``, ``torch.func``
+transforms and on the meta device; eager otherwise.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as TF
+from torch import Tensor
+
+from . import backend as B
+from .functional import acc_dtype, batch_norm_train_forward
+
+__all__ = [
+    "EAGER",
+    "OP",
+    "DECOMPOSE",
+    "route",
+    "check_batch",
+    "shape_text",
+    "decompose_train",
+    "decompose_eval",
+    "decompose_commit",
+    "decompositions",
+    "differentiable_grads",
+    "non_finite_message",
+]
+
+EAGER, OP, DECOMPOSE = 0, 1, 2
+
+
+def route(x: Tensor) -> int:
+    """How a bnlab batch-norm call on ``x`` runs: ``OP`` (custom operators: ``torch.compile``,
+    fx symbolic tracing), ``DECOMPOSE`` (standard ops: ``torch.export``, ``jit.trace``,
+    ``torch.func`` transforms, meta tensors) or ``EAGER`` (the autograd Functions)."""
+    if torch.compiler.is_compiling():  # torch.compile and torch.export set it
+        return DECOMPOSE if torch.compiler.is_exporting() else OP
+    if isinstance(x, torch.fx.Proxy):
+        return OP
+    if torch._C._is_tracing() or torch._C._are_functorch_transforms_active() or x.is_meta:
+        return DECOMPOSE
+    return EAGER
+
+
+def shape_text(shape: list[int]) -> str:
+    """``(2, 3, 4)``, as a tuple prints (TorchScript-compatible)."""
+    if len(shape) == 1:
+        return "(" + str(shape[0]) + ",)"
+    return "(" + ", ".join([str(s) for s in shape]) + ")"
+
+
+def check_batch(x: Tensor, eps: float, batch_stats: bool, layer: str) -> None:
+    """Refuse, with ``layer`` named, what torch refuses before it computes anything: batch
+    statistics from one value per channel (``m = 1``; an empty batch, ``m = 0``, is accepted)
+    or with ``eps <= 0``, and population statistics with ``eps < 0`` (``eps = 0`` is fine)."""
+    if batch_stats:
+        m = x.numel() // x.shape[1]
+        if m == 1:
+            raise ValueError(
+                f"{layer}: expected more than 1 value per channel when using batch statistics, "
+                f"got input of shape {shape_text(list(x.shape))} (1 value per channel)"
+            )
+        if not eps > 0:
+            raise ValueError(f"{layer}: eps must be > 0 when using batch statistics, got {eps}")
+    elif not eps >= 0:
+        raise ValueError(f"{layer}: eps must be >= 0, got {eps}")
+
+
+def non_finite_message(layer: str, shape: list[int] | None = None) -> str:
+    where = "the input" if shape is None else "the input of shape " + shape_text(shape)
+    return (
+        f"{layer}: non-finite batch statistics (NaN or Inf in {where}); running statistics "
+        "were left unchanged"
+    )
+
+
+# ---------------------------------------------------------------------------- decompositions
+def decompose_train(
+    x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float, relu: bool
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Algorithm 1 [+ ReLU] in standard ops: ``(y, mean, biased var, invstd)``."""
+    y, mean, var, invstd = batch_norm_train_forward(x, weight, bias, eps)
+    if relu:
+        y = torch.relu(y)
+    return y, mean, var, invstd
+
+
+def decompose_eval(
+    x: Tensor,
+    running_mean: Tensor,
+    running_var: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    eps: float,
+    relu: bool,
+) -> Tensor:
+    """The inference transform [+ ReLU] as ``torch.nn.functional.batch_norm`` (exports as one
+    BatchNormalization node that runtimes fold into a preceding convolution)."""
+    y = TF.batch_norm(x, running_mean, running_var, weight, bias, False, 0.0, eps)
+    if relu:
+        y = torch.relu(y)
+    return y
+
+
+def decompose_commit(
+    x: Tensor,
+    mean: Tensor,
+    var: Tensor,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    num_batches_tracked: Tensor | None,
+    momentum: float | None,
+    update: bool,
+    layer: str,
+) -> None:
+    """The running-statistics commit of :func:`bnlab.functional.commit_running_stats` in
+    standard ops. Non-finite statistics raise ``FloatingPointError`` where the values can be
+    read (``jit.script``, ``torch.func.grad``), and an assertion (``RuntimeError``) in an exported
+    graph; in every case the running averages and the count are written through ``torch.where``
+    on the finiteness flag, so a graph that cannot raise (``jit.trace``) leaves them unchanged.
+    Under ``vmap`` the running statistics cannot take per-sample values (as for torch's
+    BatchNorm): a ValueError naming ``layer``."""
+    m = x.numel() // x.shape[1]
+    if m == 0:  # an empty batch: counted, statistics unchanged (as torch)
+        if update and num_batches_tracked is not None:
+            num_batches_tracked.add_(1)
+        return
+    ok = torch.isfinite(var).all()
+    if torch.jit.is_scripting():
+        if not bool(ok):
+            raise FloatingPointError(non_finite_message(layer))
+    else:
+        if not _accept_python(x, var, ok, running_mean, update, layer):
+            return
+    if update and running_mean is not None and running_var is not None:
+        if num_batches_tracked is None:
+            return
+        dtype = running_mean.dtype
+        count = num_batches_tracked + ok.to(num_batches_tracked.dtype)
+        new_mean = mean.detach().to(dtype)
+        new_var = (var.detach() * (m / (m - 1))).to(dtype)
+        if momentum is None:  # cumulative average: f = 1 / num_batches_tracked
+            f = torch.reciprocal(count.to(dtype))
+            new_mean = torch.lerp(running_mean, new_mean, f)
+            new_var = torch.lerp(running_var, new_var, f)
+        else:
+            new_mean = torch.lerp(running_mean, new_mean, momentum)
+            new_var = torch.lerp(running_var, new_var, momentum)
+        if torch.jit.is_scripting():
+            running_mean.copy_(new_mean)
+            running_var.copy_(new_var)
+            num_batches_tracked.copy_(count)
+        else:
+            _write_python(ok, (running_mean, running_var, num_batches_tracked),
+                          (new_mean, new_var, count), layer)  # fmt: skip
+
+
+def _accept_python(x, var, ok, running_mean, update, layer) -> bool:
+    """The finiteness refusal of :func:`decompose_commit` outside TorchScript: an assertion in a
+    graph being captured or on meta tensors, a FloatingPointError where values can be read
+    (eager ``torch.func.grad``), a ValueError for an update under ``vmap``. False when there is
+    nothing more to do (vmap without an update)."""
+    if torch.compiler.is_compiling() or torch.jit.is_tracing() or var.is_meta:
+        torch._assert_async(ok, non_finite_message(layer))
+        return True
+    try:
+        bad = not bool(ok)
+    except RuntimeError:  # vmap: per-sample statistics cannot be read (nor averaged in)
+        if update and running_mean is not None:
+            raise ValueError(
+                f"{layer}: running statistics cannot be updated from per-sample statistics "
+                "under vmap (torch.nn.BatchNorm refuses this too); use eval mode, "
+                "track_running_stats=False or bnlab.freeze"
+            ) from None
+        return False
+    if bad:
+        raise FloatingPointError(non_finite_message(layer, list(x.shape)))
+    return True
+
+
+def _write_python(ok, buffers, values, layer) -> None:
+    """buffer <- where(ok, value, buffer) for each; under a torch.func transform that cannot
+    write into buffers captured from outside (torch's BatchNorm cannot either), a RuntimeError
+    naming the layer, before any buffer is written."""
+    try:
+        for buffer, value in zip(buffers, values, strict=True):
+            buffer.copy_(torch.where(ok, value, buffer))
+    except RuntimeError as exc:
+        if "captured Tensor" not in str(exc):
+            raise
+        raise RuntimeError(
+            f"{layer}: cannot update running statistics inside this torch.func transform "
+            "(torch.nn.BatchNorm cannot either); use eval mode, track_running_stats=False or "
+            f"bnlab.freeze. ({exc})"
+        ) from None
+
+
+def differentiable_grads(
+    dy: Tensor,
+    x: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    eps: float,
+    relu: bool,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    needs: tuple[bool, bool, bool],
+) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+    """(dx, dgamma, dbeta) as differentiable functions of (dy, x, gamma, beta), for a backward
+    that must itself be differentiated (``create_graph=True``): the decomposition is recomputed
+    from the saved inputs and differentiated by autograd. ``running_mean`` None means the
+    training transform (batch statistics), else the inference one. ``needs`` says which
+    gradients are wanted (each such input requires grad)."""
+    inputs = [t for t, n in zip((x, weight, bias), needs, strict=True) if n and t is not None]
+    with torch.enable_grad():
+        if running_mean is None or running_var is None:
+            y = decompose_train(x, weight, bias, eps, relu)[0]
+        else:
+            y = decompose_eval(x, running_mean, running_var, weight, bias, eps, relu)
+        grads = list(torch.autograd.grad(y, inputs, dy, create_graph=True, allow_unused=True))
+    out: list[Tensor | None] = []
+    for t, n in zip((x, weight, bias), needs, strict=True):
+        g = grads.pop(0) if n and t is not None else None
+        if g is None and n and t is not None:
+            g = torch.zeros_like(t)
+        out.append(g)
+    return out[0], out[1], out[2]
+
+
+# ---------------------------------------------------------------------------- custom operators
+def _empty_like_out(y: Tensor, x: Tensor) -> Tensor:
+    """``y`` with the strides ``torch.empty_like(x)`` has, which is what the fake implementation
+    promises (the reference path may pick others for unusual input strides)."""
+    like = torch.empty_like(x)
+    if like.stride() == y.stride():
+        return y
+    return like.copy_(y)
+
+
+@torch.library.custom_op("bnlab::batch_norm_train", mutates_args=())
+def _train_op(
+    x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float, relu: bool
+) -> tuple[Tensor, Tensor]:
+    check_batch(x, eps, True, "bnlab::batch_norm_train")
+    path, y, mean, var, invstd = B.train_forward(x, weight, bias, eps, relu=relu)
+    if path == "reference":
+        y = _empty_like_out(y, x)
+    return y, torch.stack((mean, var, invstd))
+
+
+@_train_op.register_fake
+def _train_fake(x, weight, bias, eps, relu):
+    return torch.empty_like(x), x.new_empty((3, x.shape[1]), dtype=acc_dtype(x.dtype))
+
+
+@torch.library.custom_op("bnlab::batch_norm_eval", mutates_args=())
+def _eval_op(
+    x: Tensor,
+    running_mean: Tensor,
+    running_var: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    eps: float,
+    relu: bool,
+) -> Tensor:
+    check_batch(x, eps, False, "bnlab::batch_norm_eval")
+    path, y, _ = B.eval_forward(x, running_mean, running_var, weight, bias, eps, relu=relu)
+    return _empty_like_out(y, x) if path == "reference" else y
+
+
+@_eval_op.register_fake
+def _eval_fake(x, running_mean, running_var, weight, bias, eps, relu):
+    return torch.empty_like(x)
+
+
+@torch.library.custom_op("bnlab::batch_norm_backward", mutates_args=())
+def _backward_op(
+    dy: Tensor,
+    x: Tensor,
+    mean: Tensor,
+    invstd: Tensor,
+    weight: Tensor | None,
+    y: Tensor | None,
+    train: bool,
+    need_dx: bool,
+    need_dparams: bool,
+) -> tuple[Tensor, Tensor]:
+    """dx (x's shape; empty (0,) when not needed) and dparams = (dgamma; dbeta) as (2, C) in
+    the weight's dtype (empty (0,) when not needed or there is no weight)."""
+    path = B.choose(x, weight)
+    fn = B.train_backward if train else B.eval_backward
+    dx, dgamma, dbeta = fn(
+        path, dy, x, mean, invstd, weight, need_dx=need_dx, need_dparams=need_dparams, y=y
+    )
+    dx = x.new_empty(0) if dx is None else _empty_like_out(dx, x)
+    if dgamma is None or dbeta is None:
+        return dx, x.new_empty(0)
+    return dx, torch.stack((dgamma, dbeta))
+
+
+@_backward_op.register_fake
+def _backward_fake(dy, x, mean, invstd, weight, y, train, need_dx, need_dparams):
+    dx = torch.empty_like(x) if need_dx else x.new_empty(0)
+    if not need_dparams or weight is None:
+        return dx, x.new_empty(0)
+    return dx, weight.new_empty((2, x.shape[1]))
+
+
+@torch.library.custom_op(
+    "bnlab::commit_stats", mutates_args=("running_mean", "running_var", "num_batches_tracked")
+)
+def _commit_op(
+    x: Tensor,
+    mean: Tensor,
+    var: Tensor,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    num_batches_tracked: Tensor | None,
+    momentum: float | None,
+    update: bool,
+    layer: str,
+) -> None:
+    m = x.numel() // x.shape[1]
+    args = (mean, var, running_mean, running_var, num_batches_tracked, momentum, m, update)
+    if not B.commit_stats(*args):
+        raise FloatingPointError(non_finite_message(layer, list(x.shape)))
+
+
+@_commit_op.register_fake
+def _commit_fake(x, mean, var, running_mean, running_var, num_batches_tracked, momentum, update,
+                 layer):  # fmt: skip
+    return None
+
+
+# autograd: the backward operator; a backward that must itself be differentiated
+# (create_graph=True) goes through the decomposition instead.
+def _train_setup(ctx, inputs, output):
+    x, weight, bias, eps, relu = inputs
+    y, stats = output
+    ctx.mark_non_differentiable(stats)
+    ctx.save_for_backward(x, weight, bias, stats, y if relu else None)
+    ctx.eps, ctx.relu = eps, relu
+
+
+def _train_backward(ctx, dy, _dstats):
+    x, weight, bias, stats, y = ctx.saved_tensors
+    needs = tuple(ctx.needs_input_grad[:3])
+    if torch.is_grad_enabled():
+        dx, dw, db = differentiable_grads(dy, x, weight, bias, ctx.eps, ctx.relu, None, None,
+                                          needs)  # fmt: skip
+    else:
+        dxo, dparams = torch.ops.bnlab.batch_norm_backward(
+            dy, x, stats[0], stats[2], weight, y, True, needs[0], needs[1] or needs[2]
+        )
+        dx, dw, db = _split_grads(dxo, dparams, needs, bias)
+    return dx, dw, db, None, None
+
+
+def _split_grads(dx, dparams, needs, bias):
+    """(dx, dgamma, dbeta) from the backward operator's outputs, None where not needed."""
+    dx = dx if needs[0] else None
+    if dparams.numel() == 0:
+        return dx, None, None
+    dgamma = dparams[0] if needs[1] else None
+    return dx, dgamma, dparams[1] if needs[2] and bias is not None else None
+
+
+_train_op.register_autograd(_train_backward, setup_context=_train_setup)
+
+
+def _eval_setup(ctx, inputs, output):
+    x, running_mean, running_var, weight, bias, eps, relu = inputs
+    ctx.save_for_backward(x, running_mean, running_var, weight, bias, output if relu else None)
+    ctx.eps, ctx.relu = eps, relu
+
+
+def _eval_backward(ctx, dy):
+    x, running_mean, running_var, weight, bias, y = ctx.saved_tensors
+    n = ctx.needs_input_grad
+    needs = (n[0], n[3], n[4])
+    if torch.is_grad_enabled():
+        dx, dw, db = differentiable_grads(dy, x, weight, bias, ctx.eps, ctx.relu, running_mean,
+                                          running_var, needs)  # fmt: skip
+    else:
+        invstd = torch.rsqrt(running_var.to(acc_dtype(x.dtype)) + ctx.eps)
+        dxo, dparams = torch.ops.bnlab.batch_norm_backward(
+            dy, x, running_mean.to(invstd.dtype), invstd, weight, y, False, needs[0],
+            needs[1] or needs[2],
+        )  # fmt: skip
+        dx, dw, db = _split_grads(dxo, dparams, needs, bias)
+    return dx, None, None, dw, db, None, None
+
+
+_eval_op.register_autograd(_eval_backward, setup_context=_eval_setup)
+
+
+# vmap: each sample of the vmapped dimension is a batch of its own, computed by the
+# decomposition under torch.vmap.
+def _train_vmap(info, in_dims, x, weight, bias, eps, relu):
+    def one(x_, w_, b_):
+        y, mean, var, invstd = decompose_train(x_, w_, b_, eps, relu)
+        return y, torch.stack((mean, var, invstd))
+
+    out = torch.vmap(one, in_dims=tuple(in_dims[:3]))(x, weight, bias)
+    return out, (0, 0)
+
+
+def _eval_vmap(info, in_dims, x, running_mean, running_var, weight, bias, eps, relu):
+    def one(x_, rm_, rv_, w_, b_):
+        return decompose_eval(x_, rm_, rv_, w_, b_, eps, relu)
+
+    out = torch.vmap(one, in_dims=tuple(in_dims[:5]))(x, running_mean, running_var, weight, bias)
+    return out, 0
+
+
+def _commit_vmap(info, in_dims, x, mean, var, running_mean, running_var, num_batches_tracked,
+                 momentum, update, layer):  # fmt: skip
+    if update and running_mean is not None and in_dims[1] is not None:
+        raise ValueError(
+            f"{layer}: running statistics cannot be updated from per-sample statistics under "
+            "vmap (torch.nn.BatchNorm refuses this too); use eval mode, "
+            "track_running_stats=False or bnlab.freeze"
+        )
+    if not bool(torch.isfinite(var).all()):
+        raise FloatingPointError(non_finite_message(layer))
+    return None, None
+
+
+torch.library.register_vmap("bnlab::batch_norm_train", _train_vmap)
+torch.library.register_vmap("bnlab::batch_norm_eval", _eval_vmap)
+torch.library.register_vmap("bnlab::commit_stats", _commit_vmap)
+
+
+def _train_decomposition(x, weight, bias, eps, relu):
+    y, mean, var, invstd = decompose_train(x, weight, bias, eps, relu)
+    return y, torch.stack((mean, var, invstd))
+
+
+def _backward_decomposition(dy, x, mean, invstd, weight, y, train, need_dx, need_dparams):
+    from .functional import batch_norm_eval_backward, batch_norm_train_backward
+
+    g = dy if y is None else torch.where(y > 0, dy, torch.zeros((), dtype=dy.dtype))
+    fn = batch_norm_train_backward if train else batch_norm_eval_backward
+    dx, dgamma, dbeta = fn(g, x, mean, invstd, weight, need_dx=need_dx, need_dparams=need_dparams)
+    dx = x.new_empty(0) if dx is None else dx
+    if dgamma is None or dbeta is None:
+        return dx, x.new_empty(0)
+    return dx, torch.stack((dgamma, dbeta))
+
+
+def decompositions() -> dict:
+    """{bnlab operator overload: decomposition into standard ops}, for a graph that contains
+    bnlab's operators (e.g. from ``torch.fx.symbolic_trace``): pass it to
+    ``ExportedProgram.run_decompositions`` (merged into ``torch.export.default_decompositions()``)
+    or ``make_fx(..., decomposition_table=...)``."""
+    ops = torch.ops.bnlab
+    return {
+        ops.batch_norm_train.default: _train_decomposition,
+        ops.batch_norm_eval.default: decompose_eval,
+        ops.batch_norm_backward.default: _backward_decomposition,
+        ops.commit_stats.default: decompose_commit,
+    }
