@@ -1,17 +1,15 @@
-"""Per-call overhead of a bnlab BatchNorm layer call against torch's, in one process.
+"""Per-call Python/dispatch overhead of a bnlab BatchNorm layer call, against torch's.
 
-For each shape and mode the median time of
+bnlab's overhead is measured inside each call: every compiled Numba loop of
+``bnlab.kernels._numba`` is wrapped with a timer, and a layer call's overhead is its wall time
+minus the time spent inside those loops in the same call (so the noise of the kernels' own
+time, large on a shared machine, cancels). torch's kernels cannot be timed from inside, so its
+overhead is bounded by its whole call on a tiny input of the same rank (``(4, C, 2, 2)`` /
+``(4, C)``: microseconds of arithmetic), next to the same for bnlab.
 
-* ``bnlab``  - the bnlab layer call (``layer(x)``; ``layer(x).backward(dy)`` for ``f+b``),
-* ``kernel`` - the fused kernel calls that layer call makes, called directly through
-  ``bnlab.kernels`` (training forward + running-statistics commit; + backward for ``f+b``;
-  inference forward for ``eval``),
-* ``torch``  - ``torch.nn.BatchNorm*d`` on the same input,
-* ``native`` - torch's functional call (``torch.batch_norm``) that torch's layer makes,
-
-so ``bnlab - kernel`` is bnlab's Python/dispatch overhead per call and ``torch - native`` torch's
-module overhead; ``bnlab / torch`` is the whole call's ratio. Rounds are interleaved (each round
-times every variant once) and the median over rounds is printed, in microseconds. Run:
+Modes: ``fwd`` = training forward under ``no_grad``, ``f+b`` = training forward + backward,
+``eval`` = inference forward under ``no_grad``. Interleaved rounds (each round times every case
+once), medians in microseconds. Run (under the machine's lock for heavy measurements)::
 
     PYTHONPATH=src python benchmarks/bench_overhead.py [--rounds 400] [--threads 1]
 
@@ -31,91 +29,77 @@ from bnlab import kernels as K
 
 SHAPES = [(64, 16, 32, 32), (60, 100)]
 MODES = ("fwd", "f+b", "eval")
+_inside = [0.0]  # seconds spent inside compiled loops since the last reset
 
 
-def _layers(shape):
+def _instrument() -> None:
+    """Wrap every Numba dispatcher of bnlab.kernels._numba so its time adds to _inside."""
+    from numba.core.registry import CPUDispatcher
+
+    mod = K.compiled()
+    for name in dir(mod):
+        fn = getattr(mod, name)
+        if isinstance(fn, CPUDispatcher):
+
+            def timed(*args, _fn=fn):
+                t0 = time.perf_counter()
+                try:
+                    return _fn(*args)
+                finally:
+                    _inside[0] += time.perf_counter() - t0
+
+            setattr(mod, name, timed)
+
+
+def _pair(shape):
     c = shape[1]
-    pairs = {
+    classes = {
         2: (bnlab.BatchNorm1d, torch.nn.BatchNorm1d),
         4: (bnlab.BatchNorm2d, torch.nn.BatchNorm2d),
     }
-    ours, theirs = pairs[len(shape)]
+    ours, theirs = classes[len(shape)]
     return ours(c), theirs(c)
 
 
-def _cases(shape, mode):
-    """name -> zero-argument callable doing one call of that variant."""
-    torch.manual_seed(0)
-    x = torch.randn(shape)
-    dy = torch.randn(shape)
-    ours, theirs = _layers(shape)
-    if mode == "eval":
-        ours.eval()
-        theirs.eval()
-    w, b = ours.weight, ours.bias
-    rm, rv, nbt = ours.running_mean.clone(), ours.running_var.clone(), torch.tensor(0)
-    m = x.numel() // x.shape[1]
-    xg = x.clone().requires_grad_()
-
-    def kernel_fwd():
-        y, mean, var, _ = K.batch_norm_train_forward(x, w.detach(), b.detach(), 1e-5)
-        K.commit_batch_stats(mean, var, rm, rv, nbt, 0.1, m, True)
-        return y
-
-    def kernel_fb():
-        y, mean, var, inv = K.batch_norm_train_forward(x, w.detach(), b.detach(), 1e-5)
-        K.commit_batch_stats(mean, var, rm, rv, nbt, 0.1, m, True)
-        K.batch_norm_train_backward(dy, x, mean, inv, w.detach())
-
-    def kernel_eval():
-        K.batch_norm_eval_forward(x, rm, rv, w.detach(), b.detach(), 1e-5)
-
-    tm, tv = theirs.running_mean, theirs.running_var
-
-    def native(training):
-        return torch.batch_norm(x, theirs.weight, theirs.bias, tm, tv, training, 0.1, 1e-5, False)
-
-    def fb(layer):
-        xg.grad = None
-        layer(xg).backward(dy)
-
-    if mode == "fwd":
-        with_ng = {"bnlab": lambda: ours(x), "kernel": kernel_fwd, "torch": lambda: theirs(x),
-                   "native": lambda: native(True)}  # fmt: skip
-    elif mode == "eval":
-        with_ng = {"bnlab": lambda: ours(x), "kernel": kernel_eval, "torch": lambda: theirs(x),
-                   "native": lambda: native(False)}  # fmt: skip
+def _call(layer, mode, x, dy):
+    if mode == "f+b":
+        x.grad = None
+        layer(x).backward(dy)
     else:
-        def native_fb():
-            xg.grad = None
-            torch.batch_norm(xg, theirs.weight, theirs.bias, tm, tv, True, 0.1, 1e-5,
-                             False).backward(dy)  # fmt: skip
-
-        return {"bnlab": lambda: fb(ours), "kernel": kernel_fb, "torch": lambda: fb(theirs),
-                "native": native_fb}  # fmt: skip
-
-    def no_grad(fn):
-        def call():
-            with torch.no_grad():
-                fn()
-
-        return call
-
-    return {k: no_grad(v) for k, v in with_ng.items()}
+        with torch.no_grad():
+            layer(x)
 
 
 def measure(shape, mode, rounds: int) -> dict[str, float]:
-    cases = _cases(shape, mode)
-    for fn in cases.values():  # warm-up (kernel compilation/loading, allocator)
+    torch.manual_seed(0)
+    tiny = (4, shape[1]) if len(shape) == 2 else (4, shape[1], 2, 2)
+    cases = {}
+    for key, shp in (("", shape), ("tiny ", tiny)):
+        ours, theirs = _pair(shp)
+        if mode == "eval":
+            ours.eval()
+            theirs.eval()
+        x = torch.randn(shp).requires_grad_(mode == "f+b")
+        dy = torch.randn(shp)
+        cases[key + "bnlab"] = (ours, x, dy)
+        cases[key + "torch"] = (theirs, x, dy)
+    for layer, x, dy in cases.values():  # warm-up (kernel loading, allocator)
         for _ in range(20):
-            fn()
-    times: dict[str, list[float]] = {k: [] for k in cases}
+            _call(layer, mode, x, dy)
+    total: dict[str, list[float]] = {k: [] for k in cases}
+    over: list[float] = []
     for _ in range(rounds):
-        for name, fn in cases.items():
+        for name, (layer, x, dy) in cases.items():
+            _inside[0] = 0.0
             t0 = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - t0)
-    return {k: statistics.median(v) * 1e6 for k, v in times.items()}
+            _call(layer, mode, x, dy)
+            t = time.perf_counter() - t0
+            total[name].append(t)
+            if name == "bnlab":
+                over.append(t - _inside[0])
+    out = {k: statistics.median(v) * 1e6 for k, v in total.items()}
+    out["overhead"] = statistics.median(over) * 1e6
+    return out
 
 
 def main(argv=None) -> None:
@@ -128,22 +112,23 @@ def main(argv=None) -> None:
 
     numba.set_num_threads(min(args.threads, numba.config.NUMBA_NUM_THREADS))
     K.warm_up()
+    _instrument()
     print(
         f"torch {torch.__version__}, threads={torch.get_num_threads()} (numba "
         f"{numba.get_num_threads()}), float32, backend={bnlab.get_backend()}, median of "
         f"{args.rounds} interleaved rounds, microseconds per call"
     )
     print(
-        f"{'shape':>18} {'mode':>5} | {'bnlab':>8} {'kernel':>8} {'overhead':>8} | "
-        f"{'torch':>8} {'native':>8} {'overhead':>8} | {'bnlab/torch':>11}"
+        f"{'shape':>18} {'mode':>5} | {'bnlab':>8} {'of which':>8} {'torch':>8} | "
+        f"{'tiny:':>5} {'bnlab':>7} {'torch':>7}"
     )
+    print(f"{'':>18} {'':>5} | {'':>8} {'overhead':>8} {'':>8} | {'':>5}")
     for shape in SHAPES:
         for mode in MODES:
             r = measure(shape, mode, args.rounds)
             print(
-                f"{str(shape):>18} {mode:>5} | {r['bnlab']:8.1f} {r['kernel']:8.1f} "
-                f"{r['bnlab'] - r['kernel']:8.1f} | {r['torch']:8.1f} {r['native']:8.1f} "
-                f"{r['torch'] - r['native']:8.1f} | {r['bnlab'] / r['torch']:11.2f}"
+                f"{str(shape):>18} {mode:>5} | {r['bnlab']:8.1f} {r['overhead']:8.1f} "
+                f"{r['torch']:8.1f} | {'':>5} {r['tiny bnlab']:7.1f} {r['tiny torch']:7.1f}"
             )
 
 

@@ -5,9 +5,12 @@ hand-written backward (:mod:`bnlab.functional`), and conversion of existing mode
 (:func:`convert`); inference and state (:mod:`bnlab.inference`: population statistics, folding,
 freezing, diagnosis; :mod:`bnlab.checkpoint`: atomic, exactly resumable checkpoints). On the CPU
 the layers run fused Numba kernels (:mod:`bnlab.kernels`) where they apply; :func:`set_backend`
-selects "auto", "fused" or "reference".
+selects "auto", "fused" or "reference". The layers are subclasses of torch's BatchNorm layers,
+and their calls are PyTorch operators (:mod:`bnlab.ops`) that ``torch.compile``,
+``torch.export``, ONNX, TorchScript, fx and ``torch.func`` see.
 """
 
+from . import fusers, ops  # noqa: F401  (ops: registers the torch.ops.bnlab operators)
 from .autograd import batch_norm_eval, batch_norm_train
 from .backend import get_backend, set_backend, use_backend
 from .checkpoint import load_checkpoint, save_checkpoint
@@ -30,6 +33,9 @@ from .layers import (
     get_layer,
     name_layers,
 )
+from .ops import decompositions
+
+fusers.register()  # torch.ao.quantization.fuse_modules finds bnlab's layers
 
 __version__ = "0.1.0"
 
@@ -42,6 +48,7 @@ __all__ = [
     "batch_norm_train",
     "batch_norm_eval",
     "convert",
+    "decompositions",
     "get_backend",
     "set_backend",
     "use_backend",

@@ -184,7 +184,8 @@ def commit_stats(
     layer: str,
 ) -> None:
     """Accept the statistics ``mean``/``var`` of the batch ``x``: ``FloatingPointError`` naming
-    ``layer`` (touching nothing) if they are not finite; otherwise, when ``update``, fold them
+    ``layer`` (a name; outside TorchScript also a callable that makes it), touching nothing, if
+    they are not finite; otherwise, when ``update``, fold them
     into the running averages (:func:`bnlab.functional.commit_running_stats`: ``momentum`` None
     for the cumulative average, any finite number as torch's factor). An empty batch is only
     counted in ``num_batches_tracked``."""
@@ -193,13 +194,16 @@ def commit_stats(
                              momentum, update, layer)  # fmt: skip
     else:
         how = ops.route(x)
-        args = (x, mean, var, running_mean, running_var, num_batches_tracked, momentum, update)
         if how == ops.EAGER:
             m = x.numel() // x.shape[1]
             if not B.commit_stats(mean, var, running_mean, running_var, num_batches_tracked,
                                   momentum, m, update):  # fmt: skip
-                raise FloatingPointError(ops.non_finite_message(layer, list(x.shape)))
-        elif how == ops.OP:
-            torch.ops.bnlab.commit_stats(*args, layer)
+                name = layer if isinstance(layer, str) else layer()
+                raise FloatingPointError(ops.non_finite_message(name, list(x.shape)))
+            return
+        args = (x, mean, var, running_mean, running_var, num_batches_tracked, momentum, update)
+        name = layer if isinstance(layer, str) else layer()
+        if how == ops.OP:
+            torch.ops.bnlab.commit_stats(*args, name)
         else:
-            ops.decompose_commit(*args, layer)
+            ops.decompose_commit(*args, name)

@@ -89,9 +89,9 @@ def _centre(x: Tensor) -> tuple[Tensor, Tensor]:
     pivot = xa.select(0, 0)  # (C, *spatial) -> (C,): the first value of each channel
     for _ in range(x.dim() - 2):
         pivot = pivot.select(1, 0)
-    d = xa - _per_channel(pivot, x)  # a new tensor: safe to modify in place below
+    d = xa - _per_channel(pivot, x)
     mean_d = d.mean(reduce_dims(x), keepdim=True)  # (1, C, 1, ...)
-    xc = d.sub_(mean_d)
+    xc = d - mean_d  # (out of place: decompositions must be functional)
     return pivot + mean_d.view(-1), xc
 
 

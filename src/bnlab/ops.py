@@ -47,7 +47,7 @@ import torch.nn.functional as TF
 from torch import Tensor
 
 from . import backend as B
-from .functional import acc_dtype, batch_norm_train_forward
+from .functional import acc_dtype, batch_norm_train_forward, reduce_dims
 
 __all__ = [
     "EAGER",
@@ -432,23 +432,49 @@ def _eval_backward(ctx, dy):
 _eval_op.register_autograd(_eval_backward, setup_context=_eval_setup)
 
 
-# vmap: each sample of the vmapped dimension is a batch of its own, computed by the
-# decomposition under torch.vmap.
-def _train_vmap(info, in_dims, x, weight, bias, eps, relu):
-    def one(x_, w_, b_):
-        y, mean, var, invstd = decompose_train(x_, w_, b_, eps, relu)
-        return y, torch.stack((mean, var, invstd))
+# vmap: each slice of the vmapped dimension B is a batch norm of its own. The rules fold B into
+# the channels (x: (B, N, C, *s) -> (N, B*C, *s); per-channel tensors -> (B*C,)) and call the
+# operator once, which computes exactly those B*C per-channel statistics.
+def _fold_channels(x, bdim, size):
+    """x with its vmapped dim (or a broadcast one when bdim is None) folded into channels."""
+    x = x.unsqueeze(0).expand(size, *x.shape) if bdim is None else x.movedim(bdim, 0)
+    x = x.movedim(0, 1)  # (N, B, C, *s)
+    return x.reshape(x.shape[0], -1, *x.shape[3:])
 
-    out = torch.vmap(one, in_dims=tuple(in_dims[:3]))(x, weight, bias)
-    return out, (0, 0)
+
+def _fold_param(t, bdim, size):
+    if t is None:
+        return None
+    t = t.unsqueeze(0).expand(size, *t.shape) if bdim is None else t.movedim(bdim, 0)
+    return t.reshape(-1)
+
+
+def _unfold_channels(y, size):
+    """(N, B*C, *s) -> (B, N, C, *s)."""
+    return y.reshape(y.shape[0], size, -1, *y.shape[2:]).movedim(1, 0)
+
+
+def _train_vmap(info, in_dims, x, weight, bias, eps, relu):
+    size = info.batch_size
+    y, stats = torch.ops.bnlab.batch_norm_train(
+        _fold_channels(x, in_dims[0], size), _fold_param(weight, in_dims[1], size),
+        _fold_param(bias, in_dims[2], size), eps, relu,
+    )  # fmt: skip
+    return (_unfold_channels(y, size), stats.reshape(3, size, -1)), (0, 1)
 
 
 def _eval_vmap(info, in_dims, x, running_mean, running_var, weight, bias, eps, relu):
-    def one(x_, rm_, rv_, w_, b_):
-        return decompose_eval(x_, rm_, rv_, w_, b_, eps, relu)
-
-    out = torch.vmap(one, in_dims=tuple(in_dims[:5]))(x, running_mean, running_var, weight, bias)
-    return out, 0
+    size = info.batch_size
+    if all(d is None for d in in_dims[1:5]):  # shared statistics: B joins N
+        xb = x.movedim(in_dims[0], 0) if in_dims[0] is not None else x.expand(size, *x.shape)
+        y = torch.ops.bnlab.batch_norm_eval(
+            xb.reshape(-1, *xb.shape[2:]), running_mean, running_var, weight, bias, eps, relu
+        )
+        return y.reshape(xb.shape), 0
+    folded = [_fold_param(t, d, size) for t, d in zip(
+        (running_mean, running_var, weight, bias), in_dims[1:5], strict=True)]  # fmt: skip
+    y = torch.ops.bnlab.batch_norm_eval(_fold_channels(x, in_dims[0], size), *folded, eps, relu)
+    return _unfold_channels(y, size), 0
 
 
 def _commit_vmap(info, in_dims, x, mean, var, running_mean, running_var, num_batches_tracked,
@@ -475,15 +501,23 @@ def _train_decomposition(x, weight, bias, eps, relu):
 
 
 def _backward_decomposition(dy, x, mean, invstd, weight, y, train, need_dx, need_dparams):
-    from .functional import batch_norm_eval_backward, batch_norm_train_backward
-
-    g = dy if y is None else torch.where(y > 0, dy, torch.zeros((), dtype=dy.dtype))
-    fn = batch_norm_train_backward if train else batch_norm_eval_backward
-    dx, dgamma, dbeta = fn(g, x, mean, invstd, weight, need_dx=need_dx, need_dparams=need_dparams)
-    dx = x.new_empty(0) if dx is None else dx
-    if dgamma is None or dbeta is None:
+    """bnlab::batch_norm_backward in functional standard ops (the section 3 gradients)."""
+    acc = acc_dtype(x.dtype)
+    dims = reduce_dims(x)
+    shape = [1, -1] + [1] * (x.dim() - 2)
+    g = (dy if y is None else torch.where(y > 0, dy, torch.zeros((), dtype=dy.dtype))).to(acc)
+    x_hat = (x.to(acc) - mean.view(shape)) * invstd.view(shape)
+    sum_g, sum_gx = g.sum(dims), (g * x_hat).sum(dims)
+    dx = x.new_empty(0)
+    if need_dx:
+        scale = invstd if weight is None else invstd * weight.to(acc)
+        if train:
+            m = x.numel() // x.shape[1]
+            g = g - (sum_g / m).view(shape) - x_hat * (sum_gx / m).view(shape)
+        dx = (g * scale.view(shape)).to(x.dtype)
+    if not need_dparams or weight is None:
         return dx, x.new_empty(0)
-    return dx, torch.stack((dgamma, dbeta))
+    return dx, torch.stack((sum_gx, sum_g)).to(weight.dtype)
 
 
 def decompositions() -> dict:

@@ -120,11 +120,20 @@ class _BatchNorm(nn.modules.batchnorm._BatchNorm):
         prefix = "" if name is None else "'" + name + "' "
         return prefix + kind + "(" + str(self.num_features) + ")"
 
-    def _check_input(self, x: Tensor, batch_stats: bool) -> None:
+    def _check_input(
+        self,
+        x: Tensor,
+        batch_stats: bool,
+        weight: Tensor | None,
+        bias: Tensor | None,
+        running_mean: Tensor | None,
+        running_var: Tensor | None,
+    ) -> None:
         """Refuse, naming the layer, what torch refuses (and what it would refuse only after
         counting the batch): a non-tensor or non-float input, a wrong rank or channel count,
         mixed dtypes, one value per channel or ``eps <= 0`` with batch statistics, ``eps < 0``
-        with population statistics."""
+        with population statistics. The running statistics are given when this call uses or
+        updates them."""
         if torch.jit.is_scripting():
             self._check_input_dim(x)  # torch's rank check; the ops check the rest
         else:
@@ -146,20 +155,25 @@ class _BatchNorm(nn.modules.batchnorm._BatchNorm):
                     f"{self._describe()}: expected {self.num_features} channels in dim 1, "
                     f"got input of shape {tuple(x.shape)}"
                 )
-            self._check_dtypes(x)
-        if x.numel() == x.shape[1] if batch_stats else False:  # m = 1
-            check_batch(x, self.eps, batch_stats, self._describe())
-        if not (self.eps > 0 if batch_stats else self.eps >= 0):
-            check_batch(x, self.eps, batch_stats, self._describe())
+            dt = x.dtype
+            if not (
+                (weight is None or weight.dtype == dt)
+                and (bias is None or bias.dtype == dt)
+                and (running_mean is None or running_mean.dtype == dt)
+                and (running_var is None or running_var.dtype == dt)
+            ):
+                self._check_mixed_dtypes(x, (weight, bias, running_mean, running_var))
+        if batch_stats:
+            if x.numel() == x.shape[1] or not self.eps > 0:  # m = 1, or no eps
+                check_batch(x, self.eps, True, self._describe())
+        elif not self.eps >= 0:
+            check_batch(x, self.eps, False, self._describe())
 
-    def _check_dtypes(self, x: Tensor) -> None:
-        """torch's CPU rule: the parameters and the running statistics it uses all have the
-        input's dtype, or the input is float16/bfloat16 and they are all float32."""
-        used = [self.weight, self.bias]
-        if not self.training or self.track_running_stats or self.frozen:
-            used += [self.running_mean, self.running_var]
-        dtypes = {t.dtype for t in used if t is not None}
-        if not dtypes or dtypes == {x.dtype} or (x.dtype in _HALF and dtypes == {torch.float32}):
+    def _check_mixed_dtypes(self, x: Tensor, tensors: tuple[Tensor | None, ...]) -> None:
+        """torch's CPU rule for parameters and running statistics of another dtype than the
+        input: allowed only as float32 for a float16/bfloat16 input (all of them)."""
+        dtypes = {t.dtype for t in tensors if t is not None}
+        if x.dtype in _HALF and dtypes == {torch.float32}:
             return
         raise TypeError(
             f"{self._describe()}: input of dtype {x.dtype} with parameters/running statistics of "
@@ -196,27 +210,37 @@ class _BatchNorm(nn.modules.batchnorm._BatchNorm):
         mode with tracking) update the running averages, see the module docstring. A momentum
         that is not None or a finite number is refused first, since it may be set at any time."""
         update = self.training and self.track_running_stats
-        if not torch.jit.is_scripting():
+        if torch.jit.is_scripting():
+            commit_stats(
+                x, mean, var, self.running_mean, self.running_var, self.num_batches_tracked,
+                self.momentum, update, self._describe(),
+            )  # fmt: skip
+        else:
             if update:
                 self._check_momentum()
-        commit_stats(
-            x, mean, var, self.running_mean, self.running_var, self.num_batches_tracked,
-            self.momentum, update, self._describe(),
-        )  # fmt: skip
-        if not torch.jit.is_scripting():
+            commit_stats(
+                x, mean, var, self.running_mean, self.running_var, self.num_batches_tracked,
+                self.momentum, update, self._describe,  # (the name is made only when needed)
+            )  # fmt: skip
             if update and self.population_estimator is not None:
                 self.population_estimator = None  # a running average again, not a recomputed one
 
     def forward(self, input: Tensor) -> Tensor:
+        weight, bias = self.weight, self.bias
         running_mean, running_var = self.running_mean, self.running_var
-        batch_stats = self._use_batch_stats() or running_mean is None or running_var is None
-        self._check_input(input, batch_stats)
+        use_population = self.frozen and running_mean is not None
+        batch_stats = not use_population and (self.training or running_mean is None)
+        tracked = not batch_stats or self.track_running_stats
+        self._check_input(
+            input, batch_stats, weight, bias, running_mean if tracked else None,
+            running_var if tracked else None,
+        )  # fmt: skip
         if batch_stats or running_mean is None or running_var is None:
             y, mean, var = self._train_forward(input)
             self._commit_batch_stats(input, mean, var)
             return y
         return batch_norm_eval(
-            input, running_mean, running_var, self.weight, self.bias, self.eps, self.activation
+            input, running_mean, running_var, weight, bias, self.eps, self.activation
         )
 
 
