@@ -43,6 +43,7 @@ transforms and on the meta device; eager otherwise.
 from __future__ import annotations
 
 import torch
+import torch.autograd.forward_ad as _forward_ad
 import torch.nn.functional as TF
 from torch import Tensor
 
@@ -70,12 +71,18 @@ EAGER, OP, DECOMPOSE = 0, 1, 2
 def route(x: Tensor) -> int:
     """How a bnlab batch-norm call on ``x`` runs: ``OP`` (custom operators: ``torch.compile``,
     fx symbolic tracing), ``DECOMPOSE`` (standard ops: ``torch.export``, ``jit.trace``,
-    ``torch.func`` transforms, meta tensors) or ``EAGER`` (the autograd Functions)."""
+    ``torch.func`` transforms, forward-mode AD, meta tensors) or ``EAGER`` (the autograd
+    Functions)."""
     if torch.compiler.is_compiling():  # torch.compile and torch.export set it
         return DECOMPOSE if torch.compiler.is_exporting() else OP
     if isinstance(x, torch.fx.Proxy):
         return OP
-    if torch._C._is_tracing() or torch._C._are_functorch_transforms_active() or x.is_meta:
+    if (
+        torch._C._is_tracing()
+        or torch._C._are_functorch_transforms_active()
+        or x.is_meta
+        or _forward_ad._current_level >= 0  # inside torch.autograd.forward_ad.dual_level()
+    ):
         return DECOMPOSE
     return EAGER
 
@@ -90,7 +97,8 @@ def shape_text(shape: list[int]) -> str:
 def check_batch(x: Tensor, eps: float, batch_stats: bool, layer: str) -> None:
     """Refuse, with ``layer`` named, what torch refuses before it computes anything: batch
     statistics from one value per channel (``m = 1``; an empty batch, ``m = 0``, is accepted)
-    or with ``eps <= 0``, and population statistics with ``eps < 0`` (``eps = 0`` is fine)."""
+    or with ``eps <= 0``, and population statistics with ``eps < 0`` (``eps = 0`` is fine; a NaN
+    eps passes both checks, as in torch, and gives a NaN output)."""
     if batch_stats:
         m = x.numel() // x.shape[1]
         if m == 1:
@@ -98,9 +106,9 @@ def check_batch(x: Tensor, eps: float, batch_stats: bool, layer: str) -> None:
                 f"{layer}: expected more than 1 value per channel when using batch statistics, "
                 f"got input of shape {shape_text(list(x.shape))} (1 value per channel)"
             )
-        if not eps > 0:
+        if eps <= 0:
             raise ValueError(f"{layer}: eps must be > 0 when using batch statistics, got {eps}")
-    elif not eps >= 0:
+    elif eps < 0:
         raise ValueError(f"{layer}: eps must be >= 0, got {eps}")
 
 

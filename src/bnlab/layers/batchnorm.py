@@ -164,9 +164,9 @@ class _BatchNorm(nn.modules.batchnorm._BatchNorm):
             ):
                 self._check_mixed_dtypes(x, (weight, bias, running_mean, running_var))
         if batch_stats:
-            if x.numel() == x.shape[1] or not self.eps > 0:  # m = 1, or no eps
+            if x.numel() == x.shape[1] or self.eps <= 0:  # m = 1, or no eps (NaN passes: torch)
                 check_batch(x, self.eps, True, self._describe())
-        elif not self.eps >= 0:
+        elif self.eps < 0:
             check_batch(x, self.eps, False, self._describe())
 
     def _check_mixed_dtypes(self, x: Tensor, tensors: tuple[Tensor | None, ...]) -> None:
@@ -228,8 +228,7 @@ class _BatchNorm(nn.modules.batchnorm._BatchNorm):
     def forward(self, input: Tensor) -> Tensor:
         weight, bias = self.weight, self.bias
         running_mean, running_var = self.running_mean, self.running_var
-        use_population = self.frozen and running_mean is not None
-        batch_stats = not use_population and (self.training or running_mean is None)
+        batch_stats = self._use_batch_stats()
         tracked = not batch_stats or self.track_running_stats
         self._check_input(
             input, batch_stats, weight, bias, running_mean if tracked else None,

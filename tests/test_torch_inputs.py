@@ -1,0 +1,260 @@
+"""torch's answer on every input torch accepts, side by side with ``torch.nn.BatchNorm*``.
+
+The same inputs go through torch's layer and bnlab's (both backends): outputs, gradients, running
+statistics, ``num_batches_tracked``, and whether each raises. The inputs follow PyTorch's own
+BatchNorm tests: empty batches (zero samples or zero positions), one sample with several
+positions, momentum None, affine off, ``track_running_stats`` off (in training and in eval,
+where torch then uses batch statistics) and switched after construction, ``eps = 0`` and
+negative eps, and every combination of input and parameter dtypes. Where torch refuses after
+having counted the batch in ``num_batches_tracked`` (one value per channel, ``eps <= 0`` in
+training), bnlab refuses the same input before touching anything: the one documented
+difference.
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+
+import pytest
+import torch
+from torch import nn
+
+import bnlab
+from conftest import family_classes
+
+pytestmark = pytest.mark.usefixtures("backend")  # every test once per backend (conftest)
+
+
+def pair(shape, **kwargs):
+    ours_cls, torch_cls = family_classes(shape)
+    ours = ours_cls(shape[1], **kwargs)
+    theirs = torch_cls(shape[1], **kwargs)
+    with torch.no_grad():
+        if theirs.weight is not None:
+            theirs.weight.uniform_(0.5, 1.5)
+            ours.weight.copy_(theirs.weight)
+        if theirs.bias is not None:
+            theirs.bias.normal_()
+            ours.bias.copy_(theirs.bias)
+        if theirs.running_mean is not None:
+            theirs.running_mean.normal_()
+            theirs.running_var.uniform_(0.5, 2)
+            ours.running_mean.copy_(theirs.running_mean)
+            ours.running_var.copy_(theirs.running_var)
+    return ours, theirs
+
+
+def tol(dtype):
+    return {
+        torch.float64: dict(rtol=1e-10, atol=1e-10),
+        torch.float32: dict(rtol=1e-5, atol=2e-5),
+        torch.bfloat16: dict(rtol=2e-2, atol=4e-2),
+        torch.float16: dict(rtol=2e-3, atol=4e-3),
+    }[dtype]
+
+
+def run(layer, x, dy):
+    """(output, x grad, param grads, state, exception type) of one call (+ backward)."""
+    x = x.clone().requires_grad_()
+    layer.zero_grad(set_to_none=True)
+    try:
+        y = layer(x)
+        y.backward(dy)
+    except Exception as exc:  # noqa: BLE001 - the test compares what each raises
+        return None, None, None, copy.deepcopy(layer.state_dict()), type(exc)
+    grads = [p.grad for p in layer.parameters()]
+    return y.detach(), x.grad, grads, copy.deepcopy(layer.state_dict()), None
+
+
+def assert_same(ours, theirs, x, dy=None, raises_only_ours=False):
+    """Run x through both; compare what comes out. ``raises_only_ours``: torch's refusal
+    happens after it counted the batch; bnlab refuses before (the state stays as it was)."""
+    dy = torch.randn_like(x) if dy is None else dy
+    before = copy.deepcopy(ours.state_dict())
+    yo, go, po, so, eo = run(ours, x, dy)
+    yt, gt, pt, st, et = run(theirs, x, dy)
+    assert (eo is None) == (et is None), f"bnlab raised {eo}, torch raised {et}"
+    if eo is not None:
+        assert issubclass(eo, (ValueError, TypeError, RuntimeError)), eo
+        if raises_only_ours:
+            for k in before:
+                assert torch.equal(so[k], before[k]), f"{k} changed by a refused batch"
+        return eo
+    t = dict(tol(x.dtype), equal_nan=True)  # (a negative momentum can make running_var < 0)
+    assert yo.dtype == yt.dtype and yo.shape == yt.shape
+    torch.testing.assert_close(yo, yt, **t)
+    torch.testing.assert_close(go, gt, **t)
+    for a, b in zip(po, pt, strict=True):
+        torch.testing.assert_close(a, b, **t)
+    assert so.keys() == st.keys()
+    for k in so:
+        torch.testing.assert_close(so[k], st[k], **t, msg=k)
+    return None
+
+
+# ----------------------------------------------------------------------------- empty batches
+@pytest.mark.parametrize("momentum", [0.1, None])
+@pytest.mark.parametrize("track", [True, False])
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("shape", [(0, 3, 4, 4), (0, 3), (4, 3, 0), (2, 3, 0, 5)])
+def test_empty_batch(shape, training, track, momentum):
+    """torch returns an empty output, zero gradients for gamma and beta, counts the batch in
+    training (with tracking) and leaves the running averages as they are."""
+    ours, theirs = pair(shape, momentum=momentum, track_running_stats=track)
+    ours.train(training)
+    theirs.train(training)
+    assert assert_same(ours, theirs, torch.randn(shape)) is None
+    # and the next real batch averages as torch does (with momentum None the empty batch counted)
+    full = (4,) + shape[1:2] + tuple(max(s, 2) for s in shape[2:])
+    assert assert_same(ours, theirs, torch.randn(full) * 2 + 1) is None
+
+
+# ----------------------------------------------------------------------------- batch sizes
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("shape", [(1, 3, 5, 5), (1, 3, 2), (2, 3), (1, 3, 1, 2)])
+def test_small_batches_torch_accepts(shape, training):
+    ours, theirs = pair(shape)
+    ours.train(training)
+    theirs.train(training)
+    assert assert_same(ours, theirs, torch.randn(shape) * 3) is None
+
+
+@pytest.mark.parametrize("track", [True, False])
+@pytest.mark.parametrize("shape", [(1, 3), (1, 3, 1), (1, 3, 1, 1)])
+def test_one_value_per_channel_refused_as_torch_but_before_counting(shape, track):
+    ours, theirs = pair(shape, track_running_stats=track)
+    exc = assert_same(ours, theirs, torch.randn(shape), raises_only_ours=True)
+    assert exc is ValueError
+    if track:  # torch counted the refused batch; bnlab did not
+        assert theirs.num_batches_tracked.item() == 1
+        assert ours.num_batches_tracked.item() == 0
+        theirs.num_batches_tracked.zero_()
+    # eval mode with running statistics: accepted by both
+    ours.eval()
+    theirs.eval()
+    x = torch.randn(shape)
+    assert assert_same(ours, theirs, x) is (None if track else ValueError)
+
+
+# ----------------------------------------------------------------------------- eps
+@pytest.mark.parametrize("eps", [0.0, -1e-5, float("nan"), 1e-3])
+@pytest.mark.parametrize("training", [True, False])
+def test_eps(eps, training):
+    """torch refuses eps <= 0 with batch statistics and eps < 0 with population statistics;
+    eps = 0 in eval mode (and a NaN eps anywhere) is computed."""
+    shape = (4, 3, 5, 5)
+    ours, theirs = pair(shape, eps=eps)
+    ours.train(training)
+    theirs.train(training)
+    x = torch.randn(shape)
+    if eps != eps:  # NaN: both compute a NaN output, running statistics from the data
+        with torch.no_grad():
+            yo, yt = ours(x), theirs(x)
+        assert yo.isnan().all() and yt.isnan().all()
+        torch.testing.assert_close(ours.running_var, theirs.running_var)
+        return
+    exc = assert_same(ours, theirs, x, raises_only_ours=True)
+    refused = eps <= 0 if training else eps < 0
+    assert (exc is ValueError) == refused
+
+
+def test_eps_set_after_construction_names_the_layer():
+    model = nn.Sequential(nn.Linear(4, 3), bnlab.BatchNorm1d(3))
+    bnlab.name_layers(model)
+    model[1].eps = 0
+    with pytest.raises(ValueError, match=r"'1' BatchNorm1d\(3\): eps must be > 0"):
+        model(torch.randn(5, 4))
+    assert model[1].num_batches_tracked.item() == 0
+    model.eval()
+    model(torch.randn(5, 4))  # eps = 0 with population statistics: as torch, computed
+
+
+# ----------------------------------------------------------------------------- dtypes
+DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
+
+
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("x_dtype", DTYPES, ids=str)
+def test_dtype_combinations(x_dtype, training):
+    """torch's CPU rule: parameters and running statistics all of the input's dtype, or all
+    float32 under a float16/bfloat16 input; anything else raises on both, bnlab naming the
+    layer."""
+    shape = (6, 3, 4, 4)
+    for p_dtype, r_dtype in itertools.product(DTYPES, DTYPES):
+        ours, theirs = pair(shape)
+        for layer in (ours, theirs):
+            layer.train(training)
+            layer.weight.data = layer.weight.data.to(p_dtype)
+            layer.bias.data = layer.bias.data.to(p_dtype)
+            layer.running_mean = layer.running_mean.to(r_dtype)
+            layer.running_var = layer.running_var.to(r_dtype)
+        x = (torch.randn(shape) * 2 + 1).to(x_dtype)
+        exc = assert_same(ours, theirs, x, dy=torch.randn(shape).to(x_dtype))
+        ok = {p_dtype, r_dtype} == {x_dtype} or (
+            x_dtype in (torch.float16, torch.bfloat16) and {p_dtype, r_dtype} == {torch.float32}
+        )
+        assert (exc is None) == ok, (p_dtype, r_dtype)
+        if not ok:
+            with pytest.raises(TypeError, match=r"BatchNorm2d\(3\): input of dtype"):
+                ours(x)
+
+
+# ----------------------------------------------------------------------------- bookkeeping
+@pytest.mark.parametrize("momentum", [None, 0.1, 0.0, 1.0, -0.5, 1.5])
+@pytest.mark.parametrize("affine", [True, False])
+def test_num_batches_tracked_and_averages_over_modes(momentum, affine):
+    """num_batches_tracked exactly as torch's through training steps, eval steps, switching
+    track_running_stats off and on after construction, and back to training."""
+    shape = (5, 3, 4)
+    ours, theirs = pair(shape, momentum=momentum, affine=affine)
+    for training, track in [(True, True), (True, True), (False, True), (True, False),
+                            (False, False), (True, True)]:  # fmt: skip
+        for layer in (ours, theirs):
+            layer.train(training)
+            layer.track_running_stats = track
+        assert assert_same(ours, theirs, torch.randn(shape) * 2 + 0.5) is None
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_no_running_stats_uses_batch_statistics_in_both_modes(training):
+    shape = (6, 4, 3, 3)
+    ours, theirs = pair(shape, track_running_stats=False)
+    ours.train(training)
+    theirs.train(training)
+    assert ours.num_batches_tracked is None
+    for _ in range(2):
+        assert assert_same(ours, theirs, torch.randn(shape) - 1) is None
+
+
+@pytest.mark.parametrize("layout", ["channels_last", "sliced"])
+def test_strided_inputs(layout):
+    shape = (4, 3, 6, 6)
+    ours, theirs = pair(shape)
+    x = torch.randn(shape)
+    x = x.to(memory_format=torch.channels_last) if layout == "channels_last" else x[:, :, ::2, 1:]
+    assert assert_same(ours, theirs, x) is None
+    with torch.no_grad():
+        assert ours(x).is_contiguous(memory_format=torch.channels_last) == (
+            theirs(x).is_contiguous(memory_format=torch.channels_last)
+        )
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_forward_mode_ad(training):
+    """Dual tensors (torch.autograd.forward_ad): the same output, tangent and running
+    statistics as torch's layer."""
+    import torch.autograd.forward_ad as fwAD
+
+    shape = (4, 3, 5, 5)
+    ours, theirs = pair(shape)
+    x, t = torch.randn(shape), torch.randn(shape)
+    out = []
+    for layer in (ours, theirs):
+        layer.train(training)
+        with fwAD.dual_level():
+            out.append(fwAD.unpack_dual(layer(fwAD.make_dual(x, t))))
+    torch.testing.assert_close(out[0].primal, out[1].primal, **tol(torch.float32))
+    torch.testing.assert_close(out[0].tangent, out[1].tangent, **tol(torch.float32))
+    for k, v in theirs.state_dict().items():
+        torch.testing.assert_close(ours.state_dict()[k], v, **tol(torch.float32), msg=k)
