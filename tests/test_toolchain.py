@@ -65,19 +65,28 @@ BUILDERS = {
 
 def build(name: str, mode: str, seed: int = 0):
     """A model with random BN parameters and running statistics from three training batches,
-    in ``mode``, and two inputs of its shape."""
+    in ``mode``, and two inputs of its shape.
+
+    ResNet-18 trains in float64 here: with 2 samples its last stage normalizes 8 values per
+    channel, some of them ReLU-dead (variance 0, so 1/sqrt(eps) scales whatever rounding
+    reaches them), and the input gradient then differs by ~1% between two correct float32
+    implementations (torch's BN and bnlab's standard-op form round differently from the fused
+    kernels, which agree with torch's to 1e-6). In float64 every form agrees to 1e-12, which
+    separates "the tool computes the same function" from float32 conditioning."""
     torch.manual_seed(seed)
     make, shape = BUILDERS[name]
     model = make()
+    dtype = torch.float64 if (name, mode) == ("resnet18", "train") else torch.float32
+    model = model.to(dtype)
     with torch.no_grad():
         for m in model.modules():
             if isinstance(m, nn.BatchNorm2d):
                 m.weight.uniform_(0.5, 1.5)
                 m.bias.normal_(0, 0.3)
         for _ in range(3):
-            model(torch.randn(shape) * 2 + 0.5)
+            model(torch.randn(shape, dtype=dtype) * 2 + 0.5)
     model.train(mode == "train")
-    return model, torch.randn(shape), torch.randn(shape) * 1.5 - 0.5
+    return model, torch.randn(shape, dtype=dtype), torch.randn(shape, dtype=dtype) * 1.5 - 0.5
 
 
 def bn_states(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -126,7 +135,7 @@ def bnlab_op_targets(graph: torch.fx.Graph) -> set[str]:
 
 # ----------------------------------------------------------------------------- torch.compile
 @pytest.mark.parametrize("mode", MODES)
-@pytest.mark.parametrize("name", list(BUILDERS))
+@pytest.mark.parametrize("name", ["cnn", "resnet20", "resnet20-fused-relu", "resnet18"])
 def test_compile_has_no_graph_break_and_matches_eager(name, mode):
     """fullgraph=True raises on any graph break; one frame is compiled; two steps give eager's
     outputs, gradients and running statistics."""
