@@ -42,6 +42,10 @@ transforms and on the meta device; eager otherwise.
 
 from __future__ import annotations
 
+import contextlib
+import os
+from collections.abc import Iterator
+
 import torch
 import torch.autograd.forward_ad as _forward_ad
 import torch.nn.functional as TF
@@ -55,6 +59,11 @@ __all__ = [
     "OP",
     "DECOMPOSE",
     "route",
+    "COMPILE_FORMS",
+    "COMPILE_DECOMPOSE_MAX",
+    "set_compile_form",
+    "get_compile_form",
+    "compile_form",
     "check_batch",
     "shape_text",
     "decompose_train",
@@ -66,15 +75,53 @@ __all__ = [
 ]
 
 EAGER, OP, DECOMPOSE = 0, 1, 2
+COMPILE_FORMS = ("auto", "ops", "decompose")
+# Under torch.compile, "auto" lets Inductor fuse the decomposition of inputs of at most this many
+# values, where a custom operator's fixed cost (a Python call through the dispatcher per operator)
+# outweighs the arithmetic, and calls the operators (bnlab's kernels) above it.
+COMPILE_DECOMPOSE_MAX = 1 << 16
+_compile_form = os.environ.get("BNLAB_COMPILE_FORM", "auto")
+
+
+def set_compile_form(form: str) -> None:
+    """How bnlab's BN is traced by ``torch.compile``: ``"ops"`` (its custom operators, which
+    run bnlab's kernels), ``"decompose"`` (standard ops that Inductor fuses with their
+    neighbours) or ``"auto"`` (the decomposition for inputs of at most
+    :data:`COMPILE_DECOMPOSE_MAX` values, the operators above). Read when a graph is traced:
+    a compiled function is traced again when the form changes."""
+    global _compile_form
+    if form not in COMPILE_FORMS:
+        raise ValueError(f"compile form must be one of {', '.join(COMPILE_FORMS)}; got {form!r}")
+    _compile_form = form
+
+
+def get_compile_form() -> str:
+    return _compile_form
+
+
+@contextlib.contextmanager
+def compile_form(form: str) -> Iterator[None]:
+    """``with compile_form("ops"): ...`` for a block, then restored."""
+    previous = _compile_form
+    set_compile_form(form)
+    try:
+        yield
+    finally:
+        set_compile_form(previous)
 
 
 def route(x: Tensor) -> int:
     """How a bnlab batch-norm call on ``x`` runs: ``OP`` (custom operators: ``torch.compile``,
     fx symbolic tracing), ``DECOMPOSE`` (standard ops: ``torch.export``, ``jit.trace``,
-    ``torch.func`` transforms, forward-mode AD, meta tensors) or ``EAGER`` (the autograd
-    Functions)."""
+    ``torch.func`` transforms, forward-mode AD, meta tensors; under ``torch.compile`` as
+    :func:`set_compile_form` says) or ``EAGER`` (the autograd Functions)."""
     if torch.compiler.is_compiling():  # torch.compile and torch.export set it
-        return DECOMPOSE if torch.compiler.is_exporting() else OP
+        if torch.compiler.is_exporting():
+            return DECOMPOSE
+        form = _compile_form
+        if form == "decompose" or (form == "auto" and x.numel() <= COMPILE_DECOMPOSE_MAX):
+            return DECOMPOSE
+        return OP
     if isinstance(x, torch.fx.Proxy):
         return OP
     if (
