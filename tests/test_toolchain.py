@@ -632,3 +632,18 @@ def test_vmap_rules_of_the_operators():
     with pytest.raises(ValueError, match="vmap"):
         torch.vmap(lambda x, m, v: ops.commit_stats(x, m, v, rm, rv, torch.tensor(0), 0.1, True,
                                                     "L"))(xs, stats[:, 0], stats[:, 1])  # fmt: skip
+
+
+def test_every_test_named_in_the_readme_works_with_table_exists():
+    """The README's "works with" table names the tests behind each row; each one must exist
+    (in this file unless the row names another)."""
+    import re
+
+    root = Path(__file__).resolve().parents[1]
+    readme = (root / "README.md").read_text()
+    table = readme.split("## Works with", 1)[1].split("\n## ", 1)[0]
+    named = re.findall(r"`(?:(tests/test_\w+\.py)::)?(test_\w+)`", table)
+    assert len(named) > 20
+    for file, name in named:
+        source = (root / (file or "tests/test_toolchain.py")).read_text()
+        assert re.search(rf"^def {name}\(", source, re.M), f"{file or 'here'}::{name} is missing"

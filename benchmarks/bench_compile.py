@@ -1,0 +1,138 @@
+"""bnlab's BatchNorm under torch.compile: its custom operators vs its standard-op decomposition
+(which Inductor fuses) vs torch's BatchNorm, compiled, in one process.
+
+Per shape: median microseconds of a training forward (``fwd``, no_grad), a training forward +
+backward (``f+b``) and an inference forward (``eval``), each compiled with Inductor
+(``fullgraph=True``): ``ops`` = bnlab with ``bnlab.ops.set_compile_form("ops")``, ``decomp`` =
+``set_compile_form("decompose")``, ``torch`` = ``torch.nn.BatchNorm*``. Then a whole
+ResNet-20 training step (forward, backward, SGD) compiled the same three ways. Interleaved rounds,
+medians; torch and Numba threads set to ``--threads``. Run::
+
+    PYTHONPATH=src python benchmarks/bench_compile.py [--rounds 100] [--threads 1]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+import bnlab
+from bnlab import ops
+from bnlab.models import resnet20
+
+SHAPES = [(60, 100), (64, 16, 32, 32), (128, 16, 32, 32), (128, 64, 8, 8), (32, 128, 56, 56)]
+
+
+def _layer(shape, lib):
+    classes = {2: (bnlab.BatchNorm1d, torch.nn.BatchNorm1d),
+               4: (bnlab.BatchNorm2d, torch.nn.BatchNorm2d)}  # fmt: skip
+    ours, theirs = classes[len(shape)]
+    return (ours if lib == "bnlab" else theirs)(shape[1])
+
+
+def _compiled(fn, form):
+    """fn compiled with bnlab's operators or decomposition (traced on first call)."""
+    compiled = torch.compile(fn, fullgraph=True)
+
+    def call(*args):
+        with ops.compile_form(form):
+            return compiled(*args)
+
+    return call
+
+
+def layer_cases(shape, mode):
+    x = torch.randn(shape, requires_grad=(mode == "f+b"))
+    dy = torch.randn(shape)
+    cases = {}
+    for name, lib, form in (("ops", "bnlab", "ops"), ("decomp", "bnlab", "decompose"),
+                            ("torch", "torch", "ops")):  # fmt: skip
+        layer = _layer(shape, lib).train(mode != "eval")
+        fn = _compiled(layer, form)
+
+        def run(fn=fn):
+            if mode == "f+b":
+                x.grad = None
+                fn(x).backward(dy)
+            else:
+                with torch.no_grad():
+                    fn(x)
+
+        cases[name] = run
+    return cases
+
+
+def model_cases(batch):
+    x = torch.randn(batch, 3, 32, 32)
+    target = torch.randint(0, 10, (batch,))
+    cases = {}
+    for name, form in (("ops", "ops"), ("decomp", "decompose"), ("torch", "ops")):
+        torch.manual_seed(0)
+        model = resnet20()
+        if name == "torch":
+            model = bnlab.convert(model, to="torch")
+        opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+
+        def step(model=model, opt=opt):
+            opt.zero_grad(set_to_none=True)
+            loss = torch.nn.functional.cross_entropy(model(x), target)
+            loss.backward()
+            opt.step()
+
+        cases[name] = _compiled(step, form)
+    return cases
+
+
+def measure(cases, rounds):
+    for fn in cases.values():  # compile + warm up
+        for _ in range(3):
+            fn()
+    times = {k: [] for k in cases}
+    for _ in range(rounds):
+        for k, fn in cases.items():
+            t0 = time.perf_counter()
+            fn()
+            times[k].append(time.perf_counter() - t0)
+    return {k: statistics.median(v) * 1e6 for k, v in times.items()}
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--rounds", type=int, default=100, help="interleaved timed rounds (median)")
+    p.add_argument("--threads", type=int, default=1, help="torch and Numba threads")
+    p.add_argument("--batch", type=int, default=128, help="ResNet-20 batch")
+    p.add_argument("--skip-model", action="store_true", help="layers only")
+    p.add_argument("--shapes", default=None,
+                   help=f"layer shapes, e.g. '60x100,64x16x32x32' (default: {SHAPES})")
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    import numba
+
+    numba.set_num_threads(min(args.threads, numba.config.NUMBA_NUM_THREADS))
+    bnlab.kernels.warm_up()
+    print(f"torch {torch.__version__}, threads={torch.get_num_threads()}, float32, Inductor, "
+          f"median of {args.rounds} interleaved rounds, microseconds")  # fmt: skip
+    print(f"{'shape':>18} {'mode':>5} | {'ops':>9} {'decomp':>9} {'torch':>9} | "
+          f"{'ops/torch':>9} {'decomp/torch':>12}")  # fmt: skip
+    shapes = SHAPES
+    if args.shapes:
+        shapes = [tuple(int(n) for n in s.split("x")) for s in args.shapes.split(",")]
+    for shape in shapes:
+        for mode in ("fwd", "f+b", "eval"):
+            r = measure(layer_cases(shape, mode), args.rounds)
+            print(f"{str(shape):>18} {mode:>5} | {r['ops']:9.0f} {r['decomp']:9.0f} "
+                  f"{r['torch']:9.0f} | {r['ops'] / r['torch']:9.2f} "
+                  f"{r['decomp'] / r['torch']:12.2f}")  # fmt: skip
+    if not args.skip_model:
+        r = measure(model_cases(args.batch), max(5, args.rounds // 10))
+        print(f"ResNet-20 training step, batch {args.batch}: ops {r['ops'] / 1e3:.1f} ms, "
+              f"decomp {r['decomp'] / 1e3:.1f} ms, torch {r['torch'] / 1e3:.1f} ms; "
+              f"torch/ops {r['torch'] / r['ops']:.2f}, torch/decomp "
+              f"{r['torch'] / r['decomp']:.2f}")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()

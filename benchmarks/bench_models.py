@@ -1,0 +1,140 @@
+"""Whole-model steps with bnlab's BatchNorm against torch's, eager and under ``torch.compile``.
+
+For ResNet-20 (``bnlab.models.resnet20``, CIFAR 3x32x32) and a torchvision-style ResNet-18
+(``tests/tv_resnet.py``) built three ways with the same weights - torch's ``BatchNorm2d``
+(``torch``), bnlab's (``bnlab``) and bnlab's with the fused ReLU (``bnlab+relu``, every BN
+followed by a ReLU built with ``activation="relu"``) - two steps are timed:
+
+* ``train`` - forward, cross-entropy, backward and an SGD step (momentum 0.9);
+* ``eval``  - an inference forward under ``torch.no_grad()``.
+
+Each eagerly and with the model compiled by Inductor (``torch.compile(model)``; the loss,
+backward and optimizer stay eager) as ``--compiled`` lists, ``variant:form`` with a form of
+:func:`bnlab.ops.set_compile_form` (``ops``: bnlab's operators and kernels inside the graph;
+``decompose``: standard ops that Inductor fuses; ``auto``: by input size). Rounds are
+interleaved (each round times every case once); medians in milliseconds and the ratio
+``torch time / case time`` (above 1: faster than torch BN in the same setting). torch and Numba
+threads are both set to ``--threads``. Run (the machine otherwise idle)::
+
+    PYTHONPATH=src python benchmarks/bench_models.py --threads 1 [--rounds 20] \
+        [--compiled torch,bnlab:auto,bnlab+relu:ops,bnlab+relu:decompose]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+import bnlab
+from bnlab import ops
+from bnlab.models import resnet20
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from tv_resnet import resnet18  # noqa: E402  (a torch.nn-only model, shared with the tests)
+
+
+def variants(name: str) -> dict[str, torch.nn.Module]:
+    """torch BN, bnlab BN and bnlab BN+ReLU versions of one architecture (the fused model
+    has no separate ReLU modules; the timing does not depend on the weights' values)."""
+    torch.manual_seed(0)
+    if name == "resnet20":
+        plain, fused = resnet20(), resnet20(fuse_relu=True)
+    else:
+        plain = bnlab.convert(resnet18())
+        fused = resnet18(norm=bnlab.BatchNorm2d, fuse_relu=True)
+    return {"torch": bnlab.convert(copy.deepcopy(plain), to="torch"), "bnlab": plain,
+            "bnlab+relu": fused}  # fmt: skip
+
+
+def cases(name: str, shape, mode: str, compiled: list[tuple[str, str]]):
+    """{case name: a callable running one step}: every variant eagerly, and the compiled
+    ``(variant, form)`` pairs."""
+    torch.manual_seed(1)
+    x = torch.randn(shape)
+    target = torch.randint(0, 10, (shape[0],))
+    out = {}
+    for variant, model in variants(name).items():
+        model.train(mode == "train")
+        settings = [("eager", None)] + [("compiled", f) for v, f in compiled if v == variant]
+        for how, form in settings:
+            net = copy.deepcopy(model)
+            run_net = torch.compile(net) if how == "compiled" else net
+            opt = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9)
+            label = f"{variant} {how}" + (f" {form}" if form and variant != "torch" else "")
+
+            def step(run_net=run_net, opt=opt, form=form or "ops"):
+                with ops.compile_form(form):
+                    if mode == "train":
+                        opt.zero_grad(set_to_none=True)
+                        loss = F.cross_entropy(run_net(x)[:, :10], target)
+                        loss.backward()
+                        opt.step()
+                    else:
+                        with torch.no_grad():
+                            run_net(x)
+
+            out[label] = step
+    return out
+
+
+def measure(steps: dict, rounds: int, warmup: int = 3) -> dict[str, float]:
+    for fn in steps.values():  # compile (traced on first call) and warm up
+        for _ in range(warmup):
+            fn()
+    times: dict[str, list[float]] = {k: [] for k in steps}
+    for _ in range(rounds):
+        for k, fn in steps.items():
+            t0 = time.perf_counter()
+            fn()
+            times[k].append(time.perf_counter() - t0)
+    return {k: statistics.median(v) * 1e3 for k, v in times.items()}
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--threads", type=int, default=1, help="torch and Numba threads")
+    p.add_argument("--rounds", type=int, default=20, help="interleaved timed rounds (median)")
+    p.add_argument("--models", default="resnet20,resnet18", help="comma-separated")
+    p.add_argument("--batch20", type=int, default=128, help="ResNet-20 batch (3x32x32)")
+    p.add_argument("--batch18", type=int, default=16, help="ResNet-18 batch (3x112x112)")
+    p.add_argument("--compiled", default="torch,bnlab:auto,bnlab+relu:auto",
+                   help="compiled cases, variant[:form] comma-separated ('' for eager only)")
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    import numba
+
+    numba.set_num_threads(min(args.threads, numba.config.NUMBA_NUM_THREADS))
+    bnlab.kernels.warm_up()
+    compiled = []
+    for item in filter(None, args.compiled.split(",")):
+        variant, _, form = item.partition(":")
+        if variant not in ("torch", "bnlab", "bnlab+relu"):
+            p.error(f"--compiled: unknown variant {variant!r}")
+        ops.set_compile_form(form or "auto")  # validates
+        compiled.append((variant, form or "auto"))
+    ops.set_compile_form("auto")
+    print(f"torch {torch.__version__}, threads={torch.get_num_threads()} (numba "
+          f"{numba.get_num_threads()}), float32, median of {args.rounds} interleaved rounds, "
+          "ms; ratio = torch's time in the same setting / this case's time")  # fmt: skip
+    print("| model | step | case | ms | torch / case |")
+    print("|---|---|---|---:|---:|")
+    shapes = {"resnet20": (args.batch20, 3, 32, 32), "resnet18": (args.batch18, 3, 112, 112)}
+    for name in args.models.split(","):
+        for mode in ("train", "eval"):
+            r = measure(cases(name, shapes[name], mode, compiled), args.rounds)
+            for label, ms in r.items():
+                key = "torch compiled" if "compiled" in label else "torch eager"
+                ref = r.get(key, float("nan"))
+                print(f"| {name} {shapes[name]} | {mode} | {label} | {ms:.2f} | {ref / ms:.2f} |",
+                      flush=True)  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
