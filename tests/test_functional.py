@@ -97,7 +97,7 @@ def test_large_mean_variance_is_stable_in_float32():
 
 
 @pytest.mark.parametrize("relu", [None, "relu"])
-@pytest.mark.parametrize("shape", [(6, 3), (3, 2, 2, 3)])
+@pytest.mark.parametrize("shape", [(6, 3), (2, 2, 2, 2)])
 def test_double_backward_matches_finite_differences(shape, relu):
     """A backward taken with create_graph=True (double backward, gradient penalties) is itself
     differentiable: gradgradcheck compares second derivatives with finite differences, for the

@@ -219,6 +219,32 @@ def test_compiled_layer_refuses_a_non_finite_batch_and_keeps_its_state(form):
     assert_same_states(bn_states(bn), before)
 
 
+def test_auto_compile_form_decomposes_small_inputs_and_calls_the_operators_above():
+    """"auto" (the default) traces inputs of at most COMPILE_DECOMPOSE_MAX values as standard
+    ops and larger ones as bnlab's operators; both give eager's step."""
+    assert bnlab.get_compile_form() == "auto"
+    limit = bnlab.ops.COMPILE_DECOMPOSE_MAX
+    for shape, has_ops in (((4, 4, 8, 8), False), ((1, 4, 128, limit // 512 + 1), True)):
+        torch._dynamo.reset()
+        bn = bnlab.BatchNorm2d(4)
+        ref = copy.deepcopy(bn)
+        counter = torch._dynamo.testing.CompileCounterWithBackend("aot_eager")
+        compiled = torch.compile(bn, backend=counter, fullgraph=True)
+        x = torch.randn(shape) * 2 + 1
+        assert_same_step(step(compiled, x), step(ref, x))
+        assert_same_states(bn, ref)
+        assert bool(bnlab_op_targets(counter.graphs[0].graph)) == has_ops, shape
+
+
+def test_compile_form_is_checked_and_restored():
+    with pytest.raises(ValueError, match="compile form must be one of auto, ops, decompose"):
+        bnlab.set_compile_form("inductor")
+    with pytest.raises(KeyError), bnlab.compile_form("ops"):
+        assert bnlab.get_compile_form() == "ops"
+        raise KeyError
+    assert bnlab.get_compile_form() == "auto"
+
+
 # ----------------------------------------------------------------------------- torch.export
 EXPORT_CASES = [("cnn", "train"), ("cnn", "eval"), ("resnet20-fused-relu", "train"),
                 ("resnet20-fused-relu", "eval"), ("resnet18", "eval")]  # fmt: skip

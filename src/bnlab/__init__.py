@@ -5,7 +5,8 @@ hand-written backward (:mod:`bnlab.functional`), and conversion of existing mode
 (:func:`convert`); inference and state (:mod:`bnlab.inference`: population statistics, folding,
 freezing, diagnosis; :mod:`bnlab.checkpoint`: atomic, exactly resumable checkpoints). On the CPU
 the layers run fused Numba kernels (:mod:`bnlab.kernels`) where they apply; :func:`set_backend`
-selects "auto", "fused" or "reference". The layers are subclasses of torch's BatchNorm layers,
+selects "auto", "fused" or "reference" (and :func:`set_compile_form` how ``torch.compile`` sees
+them: bnlab's operators or standard ops). The layers are subclasses of torch's BatchNorm layers,
 and their calls are PyTorch operators (:mod:`bnlab.ops`) that ``torch.compile``,
 ``torch.export``, ONNX, TorchScript, fx and ``torch.func`` see.
 """
@@ -33,7 +34,7 @@ from .layers import (
     get_layer,
     name_layers,
 )
-from .ops import decompositions
+from .ops import compile_form, decompositions, get_compile_form, set_compile_form
 
 fusers.register()  # torch.ao.quantization.fuse_modules finds bnlab's layers
 
@@ -49,6 +50,9 @@ __all__ = [
     "batch_norm_eval",
     "convert",
     "decompositions",
+    "set_compile_form",
+    "get_compile_form",
+    "compile_form",
     "get_backend",
     "set_backend",
     "use_backend",

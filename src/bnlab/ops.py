@@ -80,7 +80,15 @@ COMPILE_FORMS = ("auto", "ops", "decompose")
 # values, where a custom operator's fixed cost (a Python call through the dispatcher per operator)
 # outweighs the arithmetic, and calls the operators (bnlab's kernels) above it.
 COMPILE_DECOMPOSE_MAX = 1 << 16
-_compile_form = os.environ.get("BNLAB_COMPILE_FORM", "auto")
+
+
+def _check_form(form: str, where: str = "compile form") -> str:
+    if form not in COMPILE_FORMS:
+        raise ValueError(f"{where} must be one of {', '.join(COMPILE_FORMS)}; got {form!r}")
+    return form
+
+
+_compile_form = _check_form(os.environ.get("BNLAB_COMPILE_FORM", "auto"), "BNLAB_COMPILE_FORM")
 
 
 def set_compile_form(form: str) -> None:
@@ -90,12 +98,11 @@ def set_compile_form(form: str) -> None:
     :data:`COMPILE_DECOMPOSE_MAX` values, the operators above). Read when a graph is traced:
     a compiled function is traced again when the form changes."""
     global _compile_form
-    if form not in COMPILE_FORMS:
-        raise ValueError(f"compile form must be one of {', '.join(COMPILE_FORMS)}; got {form!r}")
-    _compile_form = form
+    _compile_form = _check_form(form)
 
 
 def get_compile_form() -> str:
+    """The selected compile form name."""
     return _compile_form
 
 
