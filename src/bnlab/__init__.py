@@ -1,14 +1,16 @@
 """bnlab: Batch Normalization (Ioffe & Szegedy, 2015) on PyTorch.
 
-The layer (``BatchNorm1d/2d/3d``, drop-in for ``torch.nn``), the functional transform and its
-hand-written backward (:mod:`bnlab.functional`), and conversion of existing models
-(:func:`convert`); inference and state (:mod:`bnlab.inference`: population statistics, folding,
-freezing, diagnosis; :mod:`bnlab.checkpoint`: atomic, exactly resumable checkpoints). On the CPU
-the layers run fused Numba kernels (:mod:`bnlab.kernels`) where they apply; :func:`set_backend`
-selects "auto", "fused" or "reference" (and :func:`set_compile_form` how ``torch.compile`` sees
-them: bnlab's operators or standard ops). The layers are subclasses of torch's BatchNorm layers,
-and their calls are PyTorch operators (:mod:`bnlab.ops`) that ``torch.compile``,
-``torch.export``, ONNX, TorchScript, fx and ``torch.func`` see.
+The layer (``BatchNorm1d/2d/3d``, drop-in for ``torch.nn``) and its variants for small,
+non-i.i.d. and distributed batches (``BatchRenorm*d``, ``GhostBatchNorm*d``, ``SyncBatchNorm``),
+the functional transform and its hand-written backward (:mod:`bnlab.functional`), and
+conversion of existing models (:func:`convert`, :func:`convert_sync`); inference and state
+(:mod:`bnlab.inference`: population statistics, folding, freezing, diagnosis;
+:mod:`bnlab.checkpoint`: atomic, exactly resumable checkpoints). On the CPU the layers run fused
+Numba kernels (:mod:`bnlab.kernels`) where they apply; :func:`set_backend` selects "auto",
+"fused" or "reference" (and :func:`set_compile_form` how ``torch.compile`` sees them: bnlab's
+operators or standard ops). The layers are subclasses of torch's BatchNorm layers, and their calls
+are PyTorch operators (:mod:`bnlab.ops`) that ``torch.compile``, ``torch.export``, ONNX,
+TorchScript, fx and ``torch.func`` see. Training on several processes: :mod:`bnlab.distributed`.
 """
 
 from . import fusers, ops  # noqa: F401  (ops: registers the torch.ops.bnlab operators)
@@ -29,10 +31,19 @@ from .layers import (
     BatchNorm1d,
     BatchNorm2d,
     BatchNorm3d,
+    BatchRenorm1d,
+    BatchRenorm2d,
+    BatchRenorm3d,
     BatchWhitening,
+    GhostBatchNorm1d,
+    GhostBatchNorm2d,
+    GhostBatchNorm3d,
     StepBatchNorm1d,
+    SyncBatchNorm,
+    convert_sync,
     get_layer,
     name_layers,
+    renorm_schedule,
 )
 from .ops import compile_form, decompositions, get_compile_form, set_compile_form
 
@@ -46,6 +57,15 @@ __all__ = [
     "BatchNorm3d",
     "BatchWhitening",
     "StepBatchNorm1d",
+    "BatchRenorm1d",
+    "BatchRenorm2d",
+    "BatchRenorm3d",
+    "GhostBatchNorm1d",
+    "GhostBatchNorm2d",
+    "GhostBatchNorm3d",
+    "SyncBatchNorm",
+    "convert_sync",
+    "renorm_schedule",
     "batch_norm_train",
     "batch_norm_eval",
     "convert",

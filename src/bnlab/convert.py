@@ -64,9 +64,11 @@ def _refusal(module: nn.Module, name: str, to: str) -> str | None:
     return None
 
 
-def convert(model: nn.Module, to: str = "bnlab") -> nn.Module:
+def convert(model: nn.Module, to: str = "bnlab", *, sync: bool = False) -> nn.Module:
     """Replace every ``torch.nn.BatchNorm1d/2d/3d`` in ``model`` by bnlab's (``to="bnlab"``) or
-    every bnlab ``BatchNorm1d/2d/3d`` by torch's (``to="torch"``).
+    every bnlab ``BatchNorm1d/2d/3d`` by torch's (``to="torch"``). With ``sync=True`` (only
+    with ``to="bnlab"``) every BatchNorm, torch's or bnlab's, becomes bnlab's
+    :class:`~bnlab.SyncBatchNorm` instead (:func:`bnlab.convert_sync`).
 
     Children are replaced in place; the return value is the converted model (a new module when
     ``model`` itself is a BatchNorm layer). A layer registered at several places (the same object
@@ -79,6 +81,15 @@ def convert(model: nn.Module, to: str = "bnlab") -> nn.Module:
     """
     if to not in ("bnlab", "torch"):
         raise ValueError(f"convert: to must be 'bnlab' or 'torch', got {to!r}")
+    if sync:
+        if to != "bnlab":
+            raise ValueError(
+                "convert: sync=True converts to bnlab's SyncBatchNorm (to='bnlab'); torch's "
+                "torch.nn.SyncBatchNorm.convert_sync_batchnorm makes torch's, which run on GPUs"
+            )
+        from .layers.sync import convert_sync
+
+        return convert_sync(model)
     table = _TO_BNLAB if to == "bnlab" else _TO_TORCH
 
     def walk(module: nn.Module, name: str, seen: set[int]) -> None:

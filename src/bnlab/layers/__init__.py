@@ -2,6 +2,7 @@
 models are built from."""
 
 from .batchnorm import BatchNorm1d, BatchNorm2d, BatchNorm3d, name_layers
+from .ghost import GhostBatchNorm1d, GhostBatchNorm2d, GhostBatchNorm3d
 from .noisy import ScaleShiftNoise
 from .recurrent import StepBatchNorm1d
 from .registry import (
@@ -12,6 +13,8 @@ from .registry import (
     norm_names,
     register_norm,
 )
+from .renorm import BatchRenorm1d, BatchRenorm2d, BatchRenorm3d, renorm_schedule
+from .sync import SyncBatchNorm, convert_sync
 from .whitening import BatchWhitening  # registers the "whiten" family
 
 __all__ = [
@@ -21,6 +24,15 @@ __all__ = [
     "BatchWhitening",
     "ScaleShiftNoise",
     "StepBatchNorm1d",
+    "BatchRenorm1d",
+    "BatchRenorm2d",
+    "BatchRenorm3d",
+    "GhostBatchNorm1d",
+    "GhostBatchNorm2d",
+    "GhostBatchNorm3d",
+    "SyncBatchNorm",
+    "convert_sync",
+    "renorm_schedule",
     "name_layers",
     "LAYERS",
     "NORMS",

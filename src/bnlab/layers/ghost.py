@@ -1,0 +1,173 @@
+"""Ghost Batch Normalization (Hoffer et al. 2017): ``GhostBatchNorm1d/2d/3d``.
+
+In training mode the batch is cut along dim 0 into "ghost" (virtual) batches of
+``virtual_batch_size`` examples, and each is normalized with its own statistics (Algorithm 1 of
+Ioffe & Szegedy 2015 per ghost batch); the gradient is that of each ghost batch's BN. A large
+batch then sees the normalization noise of small ones, which Hoffer et al. (section 4.1) use to
+close the generalization gap of large-batch training; the same layer also simulates the
+per-device statistics of data-parallel training (per-GPU BN) inside one process.
+
+Ghost batches are consecutive: examples ``[0, v)``, ``[v, 2v)``, ...; a batch that is not a
+multiple of ``v`` ends with a smaller ghost batch of the remaining examples, except that a
+remainder with one value per channel (one example of an ``(N, C)`` input), which cannot be
+normalized, joins the ghost batch before it. A batch of at most ``v`` examples is one ghost
+batch: the layer is then exactly BatchNorm (statistics, output, gradient, running averages).
+
+**Population statistics** are Algorithm 2's, with the ghost batches as the mini-batches: one
+moving-average update per forward (same ``momentum`` meaning as BN, whatever ``v``), with
+
+    mu_B     = mean of the whole batch         (= the count-weighted mean of the ghost means)
+    var_unb  = sum_k sum_i (x_ki - mu_k)^2 / (M - K)     pooled within-ghost-batch variance
+
+for ``K`` ghost batches of ``M`` values per channel in all; for ghost batches of equal size
+``var_unb`` is the mean of their unbiased variances, Algorithm 2's ``m/(m-1) E_B[sigma_B^2]``.
+So inference normalizes with the spread that training normalized with; it is BN's inference
+transform, and :func:`bnlab.fold`, :func:`bnlab.freeze` and
+:func:`bnlab.recompute_population_stats` treat the layer as BN (the latter, in its default
+``mode="train"``, runs the ghost normalization while it collects).
+
+State dict, constructor (+ ``virtual_batch_size``), checks and the refusal of non-finite
+batches (``FloatingPointError`` naming the layer, no buffer changed) are BatchNorm's.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ..autograd import batch_norm_train
+from ..ops import shape_text
+from .batchnorm import _BatchNorm
+
+__all__ = ["GhostBatchNorm1d", "GhostBatchNorm2d", "GhostBatchNorm3d", "ghost_sizes"]
+
+
+def ghost_sizes(n: int, virtual_batch_size: int, values_per_example: int = 2) -> list[int]:
+    """Sizes of the consecutive ghost batches a batch of ``n`` examples is cut into: ``v``
+    each and a smaller remainder, which joins the ghost batch before it when it would hold a
+    single value per channel (``remainder * values_per_example == 1``)."""
+    v = virtual_batch_size
+    if n <= v:
+        return [n]
+    k, rest = divmod(n, v)
+    sizes = [v] * k
+    if rest and rest * values_per_example == 1:
+        sizes[-1] += rest
+    elif rest:
+        sizes.append(rest)
+    return sizes
+
+
+class _GhostBatchNorm(_BatchNorm):
+    """BatchNorm with statistics per ghost batch of ``virtual_batch_size`` examples in
+    training (see the module docstring)."""
+
+    def __init__(
+        self,
+        num_features: int,
+        eps: float = 1e-5,
+        momentum: float | None = 0.1,
+        affine: bool = True,
+        track_running_stats: bool = True,
+        device: Any = None,
+        dtype: Any = None,
+        *,
+        virtual_batch_size: int = 32,
+        bias: bool = True,
+        activation: str | None = None,
+    ) -> None:
+        v = virtual_batch_size
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ValueError(
+                f"{type(self).__name__}: virtual_batch_size must be a positive int, got {v!r}"
+            )
+        super().__init__(
+            num_features, eps, momentum, affine, track_running_stats, device, dtype,
+            bias=bias, activation=activation,
+        )  # fmt: skip
+        self.virtual_batch_size = v
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, virtual_batch_size={self.virtual_batch_size}"
+
+    def _train_forward(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Normalize each ghost batch with its own statistics; returns ``(y, mean, var)`` with
+        the whole batch's mean and the biased-variance equivalent of the pooled within-ghost
+        variance (``var * M / (M - 1) = var_unb``), which the running-average update expects."""
+        n, c = x.shape[0], x.shape[1]
+        v = self.virtual_batch_size
+        per_example = x.numel() // max(n, 1) // c if x.numel() else 0
+        if n <= v or x.numel() == 0:
+            return super()._train_forward(x)
+        if v * per_example == 1:
+            raise ValueError(
+                f"{self._describe()}: virtual_batch_size=1 gives ghost batches of one value per "
+                f"channel for input of shape {shape_text(list(x.shape))}, which cannot be "
+                "normalized; use virtual_batch_size >= 2"
+            )
+        sizes = ghost_sizes(n, v, per_example)
+        full = sum(1 for s in sizes if s == v)  # the leading ghost batches of v examples
+        ys, means, vars_, counts = [], [], [], []
+        if full:
+            # (full*v, C, *S) -> (full, v, C, *S) -> (v, full, C, *S) -> (v, full*C, *S): each
+            # (ghost batch, channel) pair becomes a channel of one BN call on bnlab's kernels
+            spatial = list(x.shape[2:])
+            xs = x[: full * v].reshape([full, v, c] + spatial).transpose(0, 1)
+            xs = xs.reshape([v, full * c] + spatial)
+            w = None if self.weight is None else self.weight.repeat(full)
+            b = None if self.bias is None else self.bias.repeat(full)
+            y, mean, var = batch_norm_train(xs, w, b, self.eps, self.activation)
+            y = y.reshape([v, full, c] + spatial).transpose(0, 1).reshape([full * v, c] + spatial)
+            ys.append(y)
+            means.append(mean.view(full, c))
+            vars_.append(var.view(full, c))
+            counts += [v * per_example] * full
+        for size in sizes[full:]:  # the last ghost batch, when its size differs
+            start = full * v
+            y, mean, var = batch_norm_train(x[start : start + size], self.weight, self.bias,
+                                            self.eps, self.activation)  # fmt: skip
+            ys.append(y)
+            means.append(mean.view(1, c))
+            vars_.append(var.view(1, c))
+            counts.append(size * per_example)
+        y = torch.cat(ys) if len(ys) > 1 else ys[0]
+        if x.dim() > 2 and x.is_contiguous(memory_format=_memory_format(x)):
+            y = y.contiguous(memory_format=_memory_format(x))
+        mean_k, var_k = torch.cat(means), torch.cat(vars_)  # (K, C) each
+        w_k = torch.tensor(counts, dtype=mean_k.dtype, device=mean_k.device).view(-1, 1)
+        total, groups = float(sum(counts)), len(counts)
+        mean = (w_k * mean_k).sum(0) / total
+        within = (w_k * var_k).sum(0)  # sum of squared deviations from each ghost mean, (C,)
+        var = within * ((total - 1.0) / (total * (total - groups)))
+        return y, mean, var
+
+
+def _memory_format(x: Tensor) -> torch.memory_format:
+    if x.dim() == 4:
+        return torch.channels_last
+    if x.dim() == 5:
+        return torch.channels_last_3d
+    return torch.contiguous_format
+
+
+class GhostBatchNorm1d(_GhostBatchNorm, nn.BatchNorm1d):
+    """Ghost BN over ``(N, C)`` (per activation) or ``(N, C, L)`` (per channel)."""
+
+    _valid_ranks = (2, 3)
+    _rank_text = "2D (N, C) or 3D (N, C, L)"
+
+
+class GhostBatchNorm2d(_GhostBatchNorm, nn.BatchNorm2d):
+    """Ghost BN over ``(N, C, H, W)``, per feature map."""
+
+    _valid_ranks = (4,)
+    _rank_text = "4D (N, C, H, W)"
+
+
+class GhostBatchNorm3d(_GhostBatchNorm, nn.BatchNorm3d):
+    """Ghost BN over ``(N, C, D, H, W)``, per feature map."""
+
+    _valid_ranks = (5,)
+    _rank_text = "5D (N, C, D, H, W)"

@@ -1,0 +1,290 @@
+"""Batch Renormalization (Ioffe 2017): ``BatchRenorm1d/2d/3d``.
+
+Batch Normalization normalizes with the statistics of the mini-batch in training and with
+population statistics at inference; with small or non-i.i.d. mini-batches the two differ, and
+the network learns on activations it will not see at inference. Batch Renormalization (Ioffe
+2017, Algorithm 1) keeps the mini-batch normalization but corrects it towards the moving
+averages ``mu`` and ``sigma`` by a per-channel affine map that is treated as a constant::
+
+    sigma_B = sqrt(var_B + eps)                          var_B biased (1/m), as in BN
+    r = stop_gradient(clip(sigma_B / sigma, 1/rmax, rmax))
+    d = stop_gradient(clip((mu_B - mu) / sigma, -dmax, dmax))
+    x_hat = (x - mu_B) / sigma_B * r + d
+    y = gamma * x_hat + beta
+
+Without clipping ``x_hat = (x - mu) / sigma``: the training output is the inference output,
+whatever the batch. ``r`` and ``d`` are constants in the backward, so the gradient is BN's
+(section 3 of Ioffe & Szegedy 2015, through ``mu_B`` and ``sigma_B``) scaled by ``r``.
+
+**Running statistics** are the paper's moving averages of the mean and of the *standard
+deviation* (Algorithm 1 of Ioffe 2017)::
+
+    mu    <- mu    + f * (mu_B    - mu)
+    sigma <- sigma + f * (sigma_B - sigma)
+
+with ``f`` the torch momentum (weight of the new batch; ``1 / num_batches_tracked`` for
+``momentum=None``). They are kept in torch's buffers so state dicts, :func:`bnlab.fold`,
+:func:`bnlab.freeze` and the inference transform are BN's: ``running_var`` holds
+``sigma^2 - eps`` (clamped at 0), so ``sqrt(running_var + eps) = sigma``, and the inference
+transform ``(x - running_mean) / sqrt(running_var + eps)`` is the paper's ``(x - mu) / sigma``.
+(BN averages the unbiased variance instead; the two estimate the same population for large
+``m`` and differ by ``m / (m - 1)`` for small ones.)
+
+**Schedule.** ``rmax`` and ``dmax`` start at 1 and 0 (plain BN, while the moving averages
+settle) for ``warmup_steps`` training steps, then rise linearly to ``rmax`` at ``rmax_steps``
+and to ``dmax`` at ``dmax_steps``. The defaults are the paper's (Ioffe 2017, section 4: rmax = 1,
+dmax = 0 for the first 5k steps, rmax 3 by 40k, dmax 5 by 25k; a secondary source for the exact
+numbers, see docs/small-batches.md). For shorter runs pass :func:`renorm_schedule`'s scaled
+values. The step is counted in the buffer ``renorm_steps`` (one per training-mode forward with
+``track_running_stats=True``), so it is in the state dict and a resumed run continues the
+schedule. :meth:`reset_running_stats` restarts it.
+
+**Drop-in rules.** Constructor, buffers and inference are BN's (+ ``renorm_steps`` and the
+schedule arguments). A BN state dict (torch's or bnlab's) loads into a BatchRenorm layer, whose
+schedule then starts at step 0; torch's BatchNorm refuses the extra key ``renorm_steps`` in
+strict mode (``load_state_dict(sd, strict=False)`` drops it). A non-finite batch raises
+``FloatingPointError`` naming the layer and changes no buffer (neither the averages nor the
+counters). With ``track_running_stats=False`` there are no moving averages to correct towards:
+``r = 1``, ``d = 0``, the layer is BN.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ..autograd import batch_norm_train
+from ..functional import acc_dtype
+from ..ops import non_finite_message
+from .batchnorm import _BatchNorm
+
+__all__ = [
+    "BatchRenorm1d",
+    "BatchRenorm2d",
+    "BatchRenorm3d",
+    "PAPER_SCHEDULE",
+    "renorm_schedule",
+    "renorm_limits",
+]
+
+#: Ioffe (2017), section 4: the clipping schedule over the paper's 160k-step run.
+PAPER_SCHEDULE = {"warmup_steps": 5_000, "rmax_steps": 40_000, "dmax_steps": 25_000}
+PAPER_STEPS = 160_000
+
+
+def renorm_schedule(steps: int, paper_steps: int = PAPER_STEPS) -> dict[str, int]:
+    """The paper's schedule scaled to a run of ``steps`` training steps (the same fractions of
+    the run: warm-up 5k/160k, rmax reached at 40k/160k, dmax at 25k/160k), as constructor
+    keyword arguments: ``BatchRenorm2d(c, **renorm_schedule(2000))``."""
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"renorm_schedule: steps must be a positive int, got {steps!r}")
+    if isinstance(paper_steps, bool) or not isinstance(paper_steps, int) or paper_steps < 1:
+        raise ValueError(
+            f"renorm_schedule: paper_steps must be a positive int, got {paper_steps!r}"
+        )
+    return {k: round(v * steps / paper_steps) for k, v in PAPER_SCHEDULE.items()}
+
+
+def renorm_limits(
+    step: int, rmax: float, dmax: float, warmup_steps: int, rmax_steps: int, dmax_steps: int
+) -> tuple[float, float]:
+    """``(rmax, dmax)`` in force at training step ``step`` (0-based): ``(1, 0)`` before
+    ``warmup_steps``, then linear to ``(rmax, dmax)`` at ``rmax_steps`` / ``dmax_steps``."""
+    return (
+        1.0 + (rmax - 1.0) * _ramp(step, warmup_steps, rmax_steps),
+        dmax * _ramp(step, warmup_steps, dmax_steps),
+    )
+
+
+def _ramp(step: float, start: int, end: int) -> float:
+    if step < start:
+        return 0.0
+    if end <= start:
+        return 1.0
+    return min(1.0, (step - start) / (end - start))
+
+
+def _per_channel(t: Tensor, x: Tensor) -> Tensor:
+    return t if x.dim() == 2 else t.view([1, -1] + [1] * (x.dim() - 2))
+
+
+def _check_schedule(name: str, rmax: Any, dmax: Any, steps: dict[str, Any]) -> None:
+    for key, value in (("rmax", rmax), ("dmax", dmax)):
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):
+            raise TypeError(f"{name}: {key} must be a real number, got {value!r}")
+        if not math.isfinite(value):
+            raise ValueError(f"{name}: {key} must be finite, got {value!r}")
+    if rmax < 1:
+        raise ValueError(f"{name}: rmax must be >= 1 (r is clipped to [1/rmax, rmax]), got {rmax}")
+    if dmax < 0:
+        raise ValueError(f"{name}: dmax must be >= 0 (d is clipped to [-dmax, dmax]), got {dmax}")
+    for key, value in steps.items():
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ValueError(f"{name}: {key} must be an int >= 0, got {value!r}")
+    for key in ("rmax_steps", "dmax_steps"):
+        if steps[key] < steps["warmup_steps"]:
+            raise ValueError(
+                f"{name}: {key} ({steps[key]}) must be >= warmup_steps ({steps['warmup_steps']})"
+            )
+
+
+class _BatchRenorm(_BatchNorm):
+    """Batch Renormalization: BN whose training-mode statistics are corrected towards the
+    moving averages (see the module docstring)."""
+
+    def __init__(
+        self,
+        num_features: int,
+        eps: float = 1e-5,
+        momentum: float | None = 0.1,
+        affine: bool = True,
+        track_running_stats: bool = True,
+        device: Any = None,
+        dtype: Any = None,
+        *,
+        bias: bool = True,
+        activation: str | None = None,
+        rmax: float = 3.0,
+        dmax: float = 5.0,
+        warmup_steps: int = PAPER_SCHEDULE["warmup_steps"],
+        rmax_steps: int = PAPER_SCHEDULE["rmax_steps"],
+        dmax_steps: int = PAPER_SCHEDULE["dmax_steps"],
+    ) -> None:
+        steps = {"warmup_steps": warmup_steps, "rmax_steps": rmax_steps, "dmax_steps": dmax_steps}
+        _check_schedule(type(self).__name__, rmax, dmax, steps)
+        super().__init__(
+            num_features, eps, momentum, affine, track_running_stats, device, dtype,
+            bias=bias, activation=activation,
+        )  # fmt: skip
+        self.rmax, self.dmax = float(rmax), float(dmax)
+        self.warmup_steps, self.rmax_steps, self.dmax_steps = warmup_steps, rmax_steps, dmax_steps
+        if track_running_stats:
+            self.register_buffer(
+                "renorm_steps", torch.tensor(0, dtype=torch.long, device=device)
+            )
+        else:
+            self.register_buffer("renorm_steps", None)
+
+    def reset_running_stats(self) -> None:
+        super().reset_running_stats()
+        steps = getattr(self, "renorm_steps", None)  # torch's __init__ calls this before we exist
+        if steps is not None:
+            steps.zero_()
+
+    def extra_repr(self) -> str:
+        return (
+            f"{super().extra_repr()}, rmax={self.rmax:g}, dmax={self.dmax:g}, "
+            f"warmup_steps={self.warmup_steps}, rmax_steps={self.rmax_steps}, "
+            f"dmax_steps={self.dmax_steps}"
+        )
+
+    def limits(self) -> tuple[float, float]:
+        """``(rmax, dmax)`` the next training step will use."""
+        step = 0 if self.renorm_steps is None else int(self.renorm_steps)
+        return renorm_limits(step, self.rmax, self.dmax, self.warmup_steps, self.rmax_steps,
+                             self.dmax_steps)  # fmt: skip
+
+    def _limit_tensors(self, acc: torch.dtype) -> tuple[Tensor, Tensor]:
+        """:meth:`limits` as 0-d tensors computed from the ``renorm_steps`` buffer (no Python
+        number is read from a tensor, so a captured graph keeps the schedule)."""
+        step = self.renorm_steps.to(acc)
+
+        def ramp(end: int) -> Tensor:
+            if end <= self.warmup_steps:
+                return (step >= self.warmup_steps).to(acc)
+            return ((step - self.warmup_steps) / (end - self.warmup_steps)).clamp(0.0, 1.0)
+
+        return 1.0 + (self.rmax - 1.0) * ramp(self.rmax_steps), self.dmax * ramp(self.dmax_steps)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs) -> None:  # fmt: skip
+        key = prefix + "renorm_steps"
+        if self.renorm_steps is not None and key not in state_dict:
+            # a BatchNorm state dict: its statistics and parameters, the schedule from step 0
+            state_dict[key] = torch.zeros_like(self.renorm_steps)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)  # fmt: skip
+
+    # ----------------------------------------------------------------------------- forward
+    def _train_forward(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """``y = gamma * (r * x_hat_B + d) + beta`` with ``x_hat_B`` Algorithm 1's normalized
+        batch (bnlab's kernels, differentiable) and ``r``, ``d`` constants; returns
+        ``(y, mu_B, biased var_B)``."""
+        running_mean, running_var = self.running_mean, self.running_var
+        if running_mean is None or running_var is None or self.renorm_steps is None:
+            return super()._train_forward(x)
+        x_hat, mean, var = batch_norm_train(x, None, None, self.eps, None)
+        acc = acc_dtype(x.dtype)
+        with torch.no_grad():
+            rmax, dmax = self._limit_tensors(acc)
+            sigma = torch.sqrt(running_var.to(acc) + self.eps)
+            r = torch.minimum(torch.maximum(torch.sqrt(var + self.eps) / sigma, 1.0 / rmax), rmax)
+            d = torch.minimum(torch.maximum((mean - running_mean.to(acc)) / sigma, -dmax), dmax)
+        scale, shift = r, d
+        if self.weight is not None:
+            scale = self.weight.to(acc) * r
+            shift = self.weight.to(acc) * d
+        if self.bias is not None:
+            shift = shift + self.bias.to(acc)
+        y = torch.addcmul(_per_channel(shift, x), x_hat.to(acc), _per_channel(scale, x))
+        if self.activation == "relu":
+            y = torch.relu(y)
+        return y.to(x.dtype), mean, var
+
+    def _commit_batch_stats(self, x: Tensor, mean: Tensor, var: Tensor) -> None:
+        """Refuse non-finite statistics (FloatingPointError naming the layer, nothing
+        changed); in training mode with tracking, count the step and update the moving
+        averages of ``mu`` and ``sigma`` (module docstring). An empty batch is counted only."""
+        update = self.training and self.track_running_stats
+        running_mean, running_var = self.running_mean, self.running_var
+        if running_mean is None or running_var is None or self.renorm_steps is None:
+            return super()._commit_batch_stats(x, mean, var)
+        if update:
+            self._check_momentum()
+        m = x.numel() // x.shape[1]
+        if m > 0 and not bool(torch.isfinite(var).all() and torch.isfinite(mean).all()):
+            raise FloatingPointError(non_finite_message(self._describe(), list(x.shape)))
+        if not update:
+            return
+        with torch.no_grad():
+            counted = self.num_batches_tracked
+            if counted is not None:
+                counted.add_(1)
+            self.renorm_steps.add_(1)
+            if m == 0:
+                return
+            if self.momentum is None:  # cumulative average over the batches counted
+                f = 1.0 / float(counted.item()) if counted is not None else 1.0
+            else:
+                f = float(self.momentum)
+            dtype = running_mean.dtype
+            acc = mean.dtype
+            sigma = torch.sqrt(running_var.to(acc) + self.eps)
+            sigma_new = torch.lerp(sigma, torch.sqrt(var.detach() + self.eps), f)
+            running_mean.lerp_(mean.detach().to(dtype), f)
+            running_var.copy_((sigma_new.square() - self.eps).clamp_min(0.0).to(dtype))
+
+
+class BatchRenorm1d(_BatchRenorm, nn.BatchNorm1d):
+    """Batch Renormalization over ``(N, C)`` (per activation) or ``(N, C, L)`` (per channel)."""
+
+    _valid_ranks = (2, 3)
+    _rank_text = "2D (N, C) or 3D (N, C, L)"
+
+
+class BatchRenorm2d(_BatchRenorm, nn.BatchNorm2d):
+    """Batch Renormalization over ``(N, C, H, W)``, per feature map."""
+
+    _valid_ranks = (4,)
+    _rank_text = "4D (N, C, H, W)"
+
+
+class BatchRenorm3d(_BatchRenorm, nn.BatchNorm3d):
+    """Batch Renormalization over ``(N, C, D, H, W)``, per feature map."""
+
+    _valid_ranks = (5,)
+    _rank_text = "5D (N, C, D, H, W)"
