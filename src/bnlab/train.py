@@ -21,6 +21,19 @@ function of ``(seed, step)``. Around that, what an experiment needs and nothing 
 The loop seeds torch's global generator with ``seed`` when it starts fresh (dropout and any other
 randomness in the forward draw from it); a resume restores the generator states saved with the
 checkpoint.
+
+**Several processes.** Called in every process of an initialized ``torch.distributed`` group
+(``torchrun``, or :func:`bnlab.distributed.launch`), :func:`fit` trains data-parallel: every rank
+draws the same global mini-batch (the same ``(seed, step)``) and takes its contiguous part
+(:func:`bnlab.distributed.shard`), the model runs under ``DistributedDataParallel``, each rank's
+loss is weighted by its share of the batch so the averaged gradient is the global batch's, and
+losses, accuracies, evaluations (each rank evaluates its part) and the divergence decision are
+reduced over the ranks, so every rank returns the same rows. Rank 0 alone writes rows and
+checkpoints (its checkpoint path is used by all ranks, which load it on a resume). BN layers
+normalize each rank's part on its own (per-device BN) unless the model was converted with
+:func:`bnlab.convert_sync`, in which case training computes what one process computes on the
+global batch (up to the order of floating-point sums), provided the forward draws no random
+numbers (dropout masks are drawn per rank).
 """
 
 from __future__ import annotations
@@ -39,8 +52,9 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from .checkpoint import load_checkpoint, save_checkpoint
+from .distributed import shard, world
 
-__all__ = ["Batches", "FitResult", "SAMPLING", "evaluate", "fit"]
+__all__ = ["Batches", "LabelBatches", "FitResult", "SAMPLING", "evaluate", "fit"]
 
 #: How :class:`Batches` draws mini-batches.
 SAMPLING = ("shuffle", "fixed", "replacement")
@@ -105,6 +119,45 @@ def _mix(*values: int) -> int:
         h = ((h ^ (int(v) & 0xFFFFFFFFFFFFFFFF)) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
         h ^= h >> 31
     return h & 0x7FFFFFFFFFFFFFFF
+
+
+class LabelBatches:
+    """Non-i.i.d. mini-batches drawn from a few classes, as a pure function of ``(seed, step)``:
+    each step picks ``labels_per_batch`` distinct labels uniformly at random and ``per_label``
+    distinct examples of each (uniformly, independently of other steps), then shuffles their
+    order within the batch. (The Batch Renormalization paper's non-i.i.d. setting, Ioffe 2017
+    section 4.3: mini-batches of 16 labels x 2 images.) Batch size ``labels_per_batch *
+    per_label``; pass it to :func:`fit` as ``sampler=``."""
+
+    def __init__(self, labels: Tensor, labels_per_batch: int, per_label: int, seed: int) -> None:
+        labels = torch.as_tensor(labels)
+        if labels.dim() != 1 or labels.dtype in (torch.float16, torch.float32, torch.float64):
+            raise ValueError("LabelBatches: labels must be a 1-D tensor of integer class labels")
+        for name, v in (("labels_per_batch", labels_per_batch), ("per_label", per_label)):
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"LabelBatches: {name} must be a positive int, got {v!r}")
+        classes, counts = torch.unique(labels, return_counts=True)
+        usable = classes[counts >= per_label]
+        if len(usable) < labels_per_batch:
+            raise ValueError(
+                f"LabelBatches: {labels_per_batch} labels per batch with {per_label} examples "
+                f"each, but only {len(usable)} classes have {per_label} or more examples"
+            )
+        self.classes = usable
+        self.members = [torch.nonzero(labels == c).flatten() for c in usable.tolist()]
+        self.labels_per_batch, self.per_label, self.seed = labels_per_batch, per_label, seed
+        self.batch_size = labels_per_batch * per_label
+
+    def __call__(self, step: int) -> Tensor:
+        """The ``(labels_per_batch * per_label,)`` int64 indices of step ``step``."""
+        g = torch.Generator().manual_seed(_mix(self.seed, 4, step))
+        picked = torch.randperm(len(self.members), generator=g)[: self.labels_per_batch]
+        parts = []
+        for k in picked.tolist():
+            members = self.members[k]
+            parts.append(members[torch.randperm(len(members), generator=g)[: self.per_label]])
+        idx = torch.cat(parts)
+        return idx[torch.randperm(len(idx), generator=g)]
 
 
 @torch.no_grad()
@@ -185,6 +238,11 @@ def _matches(row: Mapping[str, Any], tags: Mapping[str, Any]) -> bool:
     return all(row.get(k) == v for k, v in tags.items())
 
 
+def _correct(out: torch.Tensor, yb: torch.Tensor) -> int:
+    """Correct class predictions in a batch (0 for float targets: regression has no accuracy)."""
+    return 0 if yb.is_floating_point() else int((out.detach().argmax(1) == yb).sum())
+
+
 def fit(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
@@ -192,7 +250,7 @@ def fit(
     test: tuple[Tensor, Tensor] | None = None,
     *,
     steps: int,
-    batch_size: int,
+    batch_size: int | None = None,
     seed: int = 0,
     schedule: Callable[[int], float] | torch.optim.lr_scheduler.LRScheduler | None = None,
     eval_every: int = 0,
@@ -207,6 +265,7 @@ def fit(
     measure: Callable[[nn.Module, int], Mapping[str, Any]] | None = None,
     train_eval_size: int = 1000,
     eval_batch_size: int = 1000,
+    sampler: Callable[[int], Tensor] | None = None,
 ) -> FitResult:
     """Train ``model`` with ``optimizer`` for ``steps`` mini-batch steps on ``train = (x, y)``.
 
@@ -224,7 +283,11 @@ def fit(
       checkpoint defaults to ``<run>/checkpoints/<tags>.pt``. ``tags`` (e.g. ``{"variant":
       "bn", "seed": 0}``) identify this training's rows.
     * ``prepare``: applied to every input batch before the forward (e.g. a memory format).
-    * ``sampling``: see :class:`Batches`.
+    * ``sampling``: see :class:`Batches`; or ``sampler``, a function ``step -> indices``
+      (a pure function of the step, so a resume draws the same batches; e.g.
+      :class:`LabelBatches`), used instead (``batch_size`` is then not needed).
+    * Under an initialized ``torch.distributed`` group it trains data-parallel (module
+      docstring); ``measure`` runs on every rank and rank 0's values are recorded.
 
     Returns a :class:`FitResult`. KeyboardInterrupt propagates after the progress bar closes.
     """
@@ -238,7 +301,18 @@ def fit(
     if not diverge_above > 0:
         raise ValueError(f"fit: diverge_above must be > 0, got {diverge_above!r}")
     tags = dict(tags or {})
-    batches = Batches(len(y), batch_size, seed, sampling)
+    if sampler is not None:
+        if not callable(sampler):
+            raise TypeError(f"fit: sampler must be a function step -> indices, got {sampler!r}")
+        batches: Callable[[int], Tensor] = sampler
+    elif batch_size is None:
+        raise ValueError("fit: give batch_size (or a sampler)")
+    else:
+        batches = Batches(len(y), batch_size, seed, sampling)
+    rank, world_size = world()
+    main = rank == 0
+    if world_size > 1 and not main:
+        run = None  # rank 0 writes the rows and the checkpoints
     if schedule is None:
         sched = None
     elif isinstance(schedule, torch.optim.lr_scheduler.LRScheduler):
@@ -247,6 +321,12 @@ def fit(
         sched = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
     if checkpoint is None and run is not None:
         checkpoint = run.checkpoint_dir / f"{_slug(tags)}.pt"
+    if world_size > 1:  # every rank resumes from (and rank 0 saves to) rank 0's path
+        import torch.distributed as dist
+
+        shared = [None if checkpoint is None else str(checkpoint)]
+        dist.broadcast_object_list(shared, src=0)
+        checkpoint = shared[0]
     ckpt = Path(checkpoint) if checkpoint is not None else None
 
     # (sum of losses, steps, correct predictions, examples) since the last evaluation row
@@ -255,7 +335,7 @@ def fit(
     start, resumed_from = 0, None
 
     def save(step: int, status: str = "running", diverged: dict | None = None) -> None:
-        if ckpt is None:
+        if ckpt is None or not main:
             return
         extra = {
             "tags": dict(tags), "seed": seed, "status": status, "accum": list(acc),
@@ -287,6 +367,13 @@ def fit(
         if run is not None:  # rows of an attempt that stopped before its first checkpoint
             run.drop_rows(lambda r: _matches(r, tags))
         torch.manual_seed(seed)
+    train_model: nn.Module = model
+    if world_size > 1:
+        import torch.distributed as dist
+        from torch.nn.parallel import DistributedDataParallel
+
+        dist.barrier()  # every rank has decided fresh start or resume before rank 0 saves
+        train_model = DistributedDataParallel(model)  # broadcasts rank 0's parameters
 
     def emit(row: dict) -> None:
         row = _plain(row)
@@ -294,18 +381,27 @@ def fit(
         if run is not None:
             run.log(row)
 
+    def evaluate_all(xs: Tensor, ys: Tensor) -> dict[str, float]:
+        if world_size == 1:
+            return evaluate(model, xs, ys, eval_batch_size, loss_fn, prepare)
+        part = shard(len(ys), rank, world_size)  # each rank its part, the sums reduced
+        ev = evaluate(model, xs[part], ys[part], eval_batch_size, loss_fn, prepare)
+        n = part.stop - part.start
+        sums = _all_sum([ev["loss"] * n, ev["acc"] * n, n])
+        return {"loss": sums[0] / max(sums[2], 1), "acc": sums[1] / max(sums[2], 1)}
+
     def eval_row(step: int) -> dict:
+        if world_size > 1:  # rank 0's running averages, as DDP's next forward would set them
+            _broadcast_buffers(model)
         row: dict[str, Any] = {"step": step, **tags}
         row["train_loss"] = acc[0] / acc[1] if acc[1] else None
         row["train_batch_acc"] = acc[2] / acc[3] if acc[3] else None
         row["lr"] = optimizer.param_groups[0]["lr"]
         n = min(train_eval_size, len(y))
         if n:
-            row["train_acc"] = evaluate(model, x[:n], y[:n], eval_batch_size, loss_fn, prepare)[
-                "acc"
-            ]
+            row["train_acc"] = evaluate_all(x[:n], y[:n])["acc"]
         if test is not None:
-            ev = evaluate(model, test[0], test[1], eval_batch_size, loss_fn, prepare)
+            ev = evaluate_all(test[0], test[1])
             row["test_loss"], row["test_acc"] = ev["loss"], ev["acc"]
         if measure is not None:
             row.update(measure(model, step))
@@ -315,8 +411,8 @@ def fit(
     from tqdm.auto import tqdm
 
     desc = " ".join(f"{k}={v}" for k, v in tags.items()) or None
-    bar = tqdm(total=steps, initial=start, desc=desc, disable=not progress, unit="step",
-               dynamic_ncols=True, leave=False)
+    bar = tqdm(total=steps, initial=start, desc=desc, disable=not (progress and main),
+               unit="step", dynamic_ncols=True, leave=False)
     status, diverged = "finished", None
     try:
         if start == 0:
@@ -325,16 +421,32 @@ def fit(
         model.train()
         for t in range(start, steps):
             idx = batches(t)
+            n_global = len(idx)
+            if world_size > 1:
+                idx = idx[shard(n_global, rank, world_size)]
             xb, yb = x[idx], y[idx]
             if prepare is not None:
                 xb = prepare(xb)
+            refused = None
             try:
-                out = model(xb)
+                out = train_model(xb)
                 loss = loss_fn(out, yb)
             except FloatingPointError as exc:  # a bnlab layer refused non-finite statistics
-                diverged = {"step": t, "reason": str(exc), "loss": None}
+                refused = str(exc)
+            if world_size > 1:  # every rank takes the same decision, from the global batch
+                ok = refused is None
+                local = [loss.item() * len(yb) if ok else 0.0,
+                         _correct(out, yb) if ok else 0,
+                         len(yb), 0.0 if ok else 1.0]  # fmt: skip
+                total = _all_sum(local)
+                if total[3] > 0:
+                    refused = _first_reason(refused)
+                value, correct = total[0] / total[2], int(total[1])
+            elif refused is None:
+                value, correct = loss.item(), _correct(out, yb)
+            if refused is not None:
+                diverged = {"step": t, "reason": refused, "loss": None}
                 break
-            value = loss.item()
             if not math.isfinite(value) or value > diverge_above:
                 diverged = {
                     "step": t,
@@ -344,6 +456,9 @@ def fit(
                 }
                 break
             optimizer.zero_grad(set_to_none=True)
+            if world_size > 1 and len(yb) * world_size != n_global:
+                # DDP averages the ranks' gradients: weight each rank's mean loss by its share
+                loss = loss * (len(yb) * world_size / n_global)
             loss.backward()
             optimizer.step()
             if sched is not None:
@@ -351,8 +466,8 @@ def fit(
             acc[0] += value
             acc[1] += 1
             if not yb.is_floating_point():  # classes (float targets: regression, no accuracy)
-                acc[2] += int((out.detach().argmax(1) == yb).sum())
-                acc[3] += len(yb)
+                acc[2] += correct
+                acc[3] += n_global
             step = t + 1
             bar.update(1)
             if step == steps or (eval_every and step % eval_every == 0):
@@ -373,3 +488,32 @@ def fit(
         d.get("step", steps) if diverged else steps, status, history, d.get("step"),
         d.get("reason", ""), resumed_from,
     )  # fmt: skip
+
+
+def _all_sum(values: list[float]) -> list[float]:
+    """The sums over every rank of ``values`` (float64, one all_reduce)."""
+    import torch.distributed as dist
+
+    t = torch.tensor(values, dtype=torch.float64)
+    dist.all_reduce(t)
+    return t.tolist()
+
+
+def _first_reason(mine: str | None) -> str:
+    """The refusal message of the lowest rank that refused (every rank gets the same text)."""
+    import torch.distributed as dist
+
+    reasons: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(reasons, mine)
+    for r, text in enumerate(reasons):
+        if text is not None:
+            return text if dist.get_world_size() == 1 else f"rank {r}: {text}"
+    return "a rank refused its batch"
+
+
+def _broadcast_buffers(model: nn.Module) -> None:
+    """Every rank takes rank 0's buffers (per-rank BN layers' running averages differ)."""
+    import torch.distributed as dist
+
+    for b in model.buffers():
+        dist.broadcast(b, src=0)
