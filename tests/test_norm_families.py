@@ -68,3 +68,29 @@ def test_family_errors_name_the_family_and_argument():
         make_norm("brn", 4, 4)
     with pytest.raises(TypeError, match="normalization 'ln'"):
         make_norm("ln", 4, 2, virtual_batch_size=2)
+
+
+@pytest.mark.parametrize("norm", ["bn", "brn", "ghost", "sync", "gn", "ln", "none"])
+def test_small_cnn_builds_with_every_family_and_backpropagates(norm):
+    from bnlab.models import SmallCNN
+
+    kw = {"virtual_batch_size": 2} if norm == "ghost" else {}
+    torch.manual_seed(0)
+    model = SmallCNN(1, 10, norm=norm, norm_kwargs=kw)
+    out = model(torch.randn(4, 1, 28, 28))
+    assert out.shape == (4, 10)
+    out.square().sum().backward()
+    assert all(p.grad is not None for p in model.parameters())
+    convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
+    assert all((m.bias is None) == (norm != "none") for m in convs)
+    norms = [m for m in model.modules() if isinstance(m, (nn.GroupNorm, nn.LayerNorm,
+             nn.modules.batchnorm._BatchNorm))]  # fmt: skip
+    assert len(norms) == (0 if norm == "none" else 3)
+    if norm in ("bn", "brn"):
+        assert norms[1].layer_name == "features.5"
+    torch.manual_seed(0)
+    again = SmallCNN(1, 10, norm="gn")  # same seed, same convolutions whatever the norm layer
+    last = [m for m in again.modules() if isinstance(m, nn.Conv2d)][-1]
+    assert torch.equal(convs[-1].weight, last.weight) == (norm != "none")
+    with pytest.raises(ValueError, match="widths"):
+        SmallCNN(widths=(8, 16))
