@@ -20,6 +20,8 @@ from . import mnist  # noqa: E402, F401  isort: skip
 from . import why  # noqa: E402, F401  isort: skip
 from . import questions  # noqa: E402, F401  isort: skip
 from . import lr_acceleration  # noqa: E402, F401  isort: skip
+from . import batch_size  # noqa: E402, F401  isort: skip
+from . import non_iid  # noqa: E402, F401  isort: skip
 
 
 def load_plugins() -> list[str]:
