@@ -24,7 +24,7 @@ import traceback
 from collections.abc import Callable, Sequence
 from typing import Any
 
-__all__ = ["world", "is_distributed", "shard", "launch", "loopback_interface"]
+__all__ = ["world", "is_distributed", "shard", "launch", "loopback_interface", "warm_kernels"]
 
 
 def world(group: Any = None) -> tuple[int, int]:
@@ -62,6 +62,20 @@ def loopback_interface() -> str | None:
         if name == "lo" or name.startswith("lo"):
             return name
     return None
+
+
+def warm_kernels() -> None:
+    """Compile bnlab's Numba kernels in this process (or load them from Numba's on-disk cache)
+    before starting processes that use them. Processes compiling the same kernels at the same
+    time write the cache concurrently; that has left index entries pointing at another
+    signature's machine code, and a later process crashed (SIGSEGV) loading them. Nothing to do
+    when the kernels are off (backend "reference" or no Numba)."""
+    from . import backend
+
+    if backend.kernels_enabled():
+        from .kernels import warm_up
+
+        warm_up()
 
 
 def _rank_main(rank: int, nproc: int, store: str, fn: Callable[..., Any], args: Sequence[Any],
@@ -103,7 +117,8 @@ def launch(
 
     ``fn`` and ``args`` must be picklable (a module-level function). Each process uses
     ``threads`` torch threads (Numba's pool is sized the same) and ignores Ctrl-C; the parent
-    stops them when it is interrupted. A process that raises makes :func:`launch` raise
+    stops them when it is interrupted. The kernels are compiled here first
+    (:func:`warm_kernels`). A process that raises makes :func:`launch` raise
     ``RuntimeError`` with its traceback (the others are stopped); collectives time out after
     ``timeout`` seconds.
     """
@@ -112,6 +127,7 @@ def launch(
 
     if isinstance(nproc, bool) or not isinstance(nproc, int) or nproc < 1:
         raise ValueError(f"launch: nproc must be a positive int, got {nproc!r}")
+    warm_kernels()
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
     env = {"NUMBA_NUM_THREADS": str(threads), "OMP_NUM_THREADS": str(threads),

@@ -309,10 +309,11 @@ def run_jobs(
 
     from tqdm.auto import tqdm
 
-    from ..distributed import loopback_interface
+    from ..distributed import loopback_interface, warm_kernels
 
     if not jobs:
         return
+    warm_kernels()  # once here, not in every worker at the same time
     by_key = {j["key"]: j for j in jobs}
     groups = max(1, min(workers, len(jobs)))
     ctx = mp.get_context("spawn")
