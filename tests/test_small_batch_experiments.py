@@ -193,6 +193,19 @@ def test_batch_size_verdicts_on_hand_made_errors():
     assert {c.verdict for c in claims} == {"not assessed"}
 
 
+def test_batch_size_ghost_observation_names_the_nearer_bn():
+    from bnlab.experiments.batch_size_report import _observations
+
+    errors = {("bn", 2): [30, 31], ("bn", 32): [20, 21], ("ghost", 2): [29, 29]}
+    s = summarize_batch({"config": {"examples": 24000}}, _bs_rows(errors))
+    assert "29.0% against BN's 30.5% at 2 and 20.5% at 32, nearer to BN with the same " \
+        "normalization batch (2)" in _observations(s, 32)[0]
+    errors[("ghost", 2)] = [22, 23]
+    s = summarize_batch({"config": {"examples": 24000}}, _bs_rows(errors))
+    assert "nearer to BN with the same SGD batch (32)" in _observations(s, 32)[0]
+    assert "nearer" not in _observations(s, 64)[0]  # no BN at the ghost variant's SGD batch
+
+
 def test_non_iid_verdicts_on_hand_made_accuracies():
     acc = {"bn-iid": [90, 91], "bn": [80, 81], "brn": [89, 90], "ghost": [80.5, 81],
            "gn": [85, 85]}  # fmt: skip

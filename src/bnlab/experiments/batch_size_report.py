@@ -382,12 +382,17 @@ def _observations(s: dict, ghost_batch: Any) -> list[str]:
     small = sizes[0]
     e = s["errors"]
     if e.get(("ghost", small)) and e.get(("bn", small)):
-        out.append(
-            f"Ghost BN normalizes over {small} examples like BN at {small}, but takes SGD steps "
-            f"of {ghost_batch} examples: its error at {small} is "
-            f"{_fmt(mean(e[('ghost', small)]))}% against BN's {_fmt(mean(e[('bn', small)]))}%, "
-            "so this much of BN's small-batch loss comes with the normalization batch itself "
-            "rather than with the small SGD batch.")  # fmt: skip
+        ghost, bn_small = mean(e[("ghost", small)]), mean(e[("bn", small)])
+        line = (f"Ghost BN at {small} normalizes over {small} examples like BN at {small}, but "
+                f"takes SGD steps of {ghost_batch} examples: its error is {_fmt(ghost)}% against "
+                f"BN's {_fmt(bn_small)}% at {small}")  # fmt: skip
+        if e.get(("bn", ghost_batch)):
+            bn_big = mean(e[("bn", ghost_batch)])
+            nearer = (f"normalization batch ({small})" if abs(ghost - bn_small)
+                      < abs(ghost - bn_big) else f"SGD batch ({ghost_batch})")  # fmt: skip
+            line += (f" and {_fmt(bn_big)}% at {ghost_batch}, nearer to BN with the same "
+                     f"{nearer}")  # fmt: skip
+        out.append(line + ".")
     if s["precise"].get(("bn", small)) and e.get(("bn", small)):
         out.append(
             f"BN at {small} with population statistics recomputed after training (precise BN): "
