@@ -323,8 +323,15 @@ def test_a_signal_during_a_download_leaves_no_part_file(tmp_path, server, sig):
     folder = tmp_path / "cache"
     folder.mkdir()
     env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1] / "src"))
+    # the child starts with SIGINT and SIGTERM at their defaults whatever this test process has
+    # (a disposition inherited as "ignored" would make the child ignore the signal)
+    def defaults() -> None:
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
     proc = subprocess.Popen([sys.executable, "-c", SIGNAL_SCRIPT, server.url + "/big",
-                             str(folder / "big.bin")], env=env, stderr=subprocess.PIPE)
+                             str(folder / "big.bin")], env=env, stderr=subprocess.PIPE,
+                            preexec_fn=defaults)
     try:
         deadline = time.monotonic() + 60
         while not any(p.name.endswith(".part") for p in folder.iterdir()):
