@@ -1,4 +1,4 @@
-"""Benchmark of the batch-norm implementations on the CPU (issue 4): ``bnlab bench``.
+"""Benchmark of the batch-norm implementations on the CPU: ``bnlab bench``.
 
 For each shape (from real networks) and each mode - ``fwd`` (training forward), ``fwd+bwd``
 (training forward and backward), ``eval`` (inference forward, no autograd) - it times, in one run:
@@ -265,8 +265,8 @@ def bench_resnet(repeats: int, batch: int = 128, log: Callable[[str], None] = pr
 
 
 def _write_results(path: str, section: str) -> None:
-    """Replace (or append) the '## Fused kernels (issue 4)' section of the Markdown file."""
-    heading = "## Fused kernels (issue 4)"
+    """Replace (or append) the '## Fused kernels' section of the Markdown file."""
+    heading = "## Fused kernels"
     try:
         with open(path) as f:
             text = f.read()
@@ -336,7 +336,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.write:
         argv_text = " ".join(argv) if argv is not None else ""
         section = (
-            "## Fused kernels (issue 4)\n\n"
+            "## Fused kernels\n\n"
             f"Command: `bnlab bench {argv_text}` (or `python benchmarks/bench_kernels.py`), "
             f"{_dt.datetime.now(_dt.UTC):%Y-%m-%d %H:%M} UTC, {threads}, float32, "
             f"median of {args.repeats} runs, times in ms.\n\n" + table + "\n" + resnet
