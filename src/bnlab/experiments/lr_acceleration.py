@@ -45,7 +45,7 @@ from __future__ import annotations
 import contextlib
 import os
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -53,6 +53,8 @@ import torch
 
 from ..runs import RunDir, read_metrics
 from . import lr_acceleration_report as analysis
+from ._workers import set_threads as _set_threads
+from ._workers import thread_env as _thread_env
 from .protocol import Experiment, register
 
 __all__ = ["LrAccelerationConfig", "VARIANTS", "Variant", "QUICK", "EXPERIMENT", "run",
@@ -476,13 +478,6 @@ class _RunProxy:
         return len(rows)
 
 
-def _set_threads(threads: int) -> None:
-    torch.set_num_threads(threads)
-    import numba
-
-    numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
-
-
 def _worker(cfg, run_path, threads, index, jobs, results, ack) -> None:
     """A worker process: trains the jobs it takes from ``jobs`` until it gets None; every
     message to the parent is ``(kind, worker index, payload)``."""
@@ -520,24 +515,6 @@ def _exit_with_parent() -> None:
                 os._exit(1)
 
     threading.Thread(target=watch, daemon=True, name="exit-with-parent").start()
-
-
-@contextlib.contextmanager
-def _thread_env(threads: int) -> Iterator[None]:
-    """Thread pools of the processes started inside: at most ``threads`` each, from the start
-    (Numba's and OpenMP's pools are sized when they start; a pool larger than the worker's
-    share spins on the other workers' cores)."""
-    keys = ("NUMBA_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
-    saved = {key: os.environ.get(key) for key in keys}
-    os.environ.update(dict.fromkeys(keys, str(threads)))
-    try:
-        yield
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
 
 
 class _Pool:

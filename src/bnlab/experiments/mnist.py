@@ -17,8 +17,6 @@ seed and network), then the figures, ``report.md`` and ``report.html`` from thos
 
 from __future__ import annotations
 
-import contextlib
-import os
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -29,6 +27,8 @@ from torch import Tensor
 from ..probes import percentiles, record_inputs
 from ..runs import RunDir
 from . import mnist_report
+from ._workers import set_threads as _set_threads
+from ._workers import thread_env as _thread_env
 from .mnist_step import StackedMLP
 from .protocol import Experiment, register
 
@@ -274,15 +274,6 @@ def train_variants(cfg: MnistConfig, nets: tuple[str, ...], data, emit, should_s
     return step
 
 
-def _set_threads(threads: int) -> None:
-    """Threads for torch and for the Numba kernels' pool alike, so processes side by side do not
-    oversubscribe the cores."""
-    torch.set_num_threads(threads)
-    import numba
-
-    numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
-
-
 def _worker(cfg: MnistConfig, nets: tuple[str, ...], threads: int, queue, stop) -> None:
     """One process per network variant: trains ``nets`` and sends what it measures to ``queue``.
     It ignores SIGINT; the parent asks it to stop through the ``stop`` event."""
@@ -439,28 +430,6 @@ def run(cfg: MnistConfig, run_dir: RunDir, progress: bool = True) -> dict[str, A
     if ctrl_c.pressed:
         raise KeyboardInterrupt
     return result
-
-
-@contextlib.contextmanager
-def _thread_env(threads: int):
-    """Thread pools of the processes started inside: at most ``threads`` each, from the start.
-
-    ``torch.set_num_threads`` / ``numba.set_num_threads`` in a worker are not enough: Numba's
-    OpenMP pool is created with ``NUMBA_NUM_THREADS`` threads (default: every core) whose idle
-    spinning took the other worker's core - two 1-thread workers side by side measured 3-5x
-    slower per step than alone, and back to ~1.1x with these variables set (2 cores).
-    """
-    keys = ("NUMBA_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
-    saved = {key: os.environ.get(key) for key in keys}
-    os.environ.update(dict.fromkeys(keys, str(threads)))
-    try:
-        yield
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
 
 
 def _run_workers(cfg, groups, threads, emit, ctx, ctrl_c: _CtrlC) -> None:

@@ -26,6 +26,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ._workers import set_threads as _set_threads
+
 __all__ = [
     "DATASETS",
     "Data",
@@ -235,16 +237,6 @@ def tail_mean(rows: Sequence[Mapping[str, Any]], key: str, tags: Mapping[str, An
 
 
 # ------------------------------------------------------------------------------ workers
-def _set_threads(threads: int) -> None:
-    torch.set_num_threads(threads)
-    try:
-        import numba
-
-        numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
-    except ImportError:  # pragma: no cover - numba is a dependency
-        pass
-
-
 def _worker_main(group: int, rank: int, nproc: int, store: str, cfg: Any,
                  setup: Callable[[Any], Any], train: Callable[[Any, Any, dict], dict],
                  jobs: Any, results: Any, threads: int) -> None:  # fmt: skip

@@ -26,10 +26,8 @@ continues the others from their checkpoints. The report is :mod:`bnlab.experimen
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import math
-import os
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -41,6 +39,8 @@ from torch import Tensor
 
 from ..runs import RunDir
 from . import why_report
+from ._workers import set_threads as _set_threads
+from ._workers import thread_env as _thread_env
 from .protocol import Experiment, register
 from .why_analyses import (
     channel_stats_by_depth,
@@ -391,32 +391,6 @@ def run_job(cfg: WhyConfig, job: Job, data: Data, checkpoint: Path) -> dict:
     end = {**job.tags(), "event": "end", "status": res.status, "steps_done": res.steps_done,
            "diverged_at": res.diverged_at, "reason": res.reason, "seconds": round(seconds, 2)}
     return {"rows": [*res.history, end], "seconds": seconds}
-
-
-def _set_threads(threads: int) -> None:
-    """Threads for torch and for the Numba kernels' pool alike."""
-    torch.set_num_threads(threads)
-    import numba
-
-    numba.set_num_threads(max(1, min(threads, numba.config.NUMBA_NUM_THREADS)))
-
-
-@contextlib.contextmanager
-def _thread_env(threads: int):
-    """Start processes with thread pools of ``threads`` from the beginning (Numba's OpenMP pool
-    is sized by NUMBA_NUM_THREADS when it starts; idle spinning threads of two workers' default
-    pools take each other's cores)."""
-    keys = ("NUMBA_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
-    saved = {key: os.environ.get(key) for key in keys}
-    os.environ.update(dict.fromkeys(keys, str(threads)))
-    try:
-        yield
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
 
 
 def _worker(cfg: WhyConfig, threads: int, ckpt_dir: str, todo, done) -> None:
