@@ -110,6 +110,9 @@ def test_fused_matches_reference_random_shapes(rank, data, dtype, layout, params
         (1000, 3),  # long dense, few channels
         (60, 300),  # dense, at most SERIAL_MAX values: the serial kernels
         (300, 300),  # dense above SERIAL_MAX: the chunked parallel kernels
+        (16, 8, 512),  # (N, C, S) of exactly SERIAL_MAX values: the serial loops
+        (16, 8, 513),  # one row value more: the parallel loops, chunks of (n, c) rows
+        (3, 16, 41, 43),  # channels_last: 5,289 rows of 16, not a whole number of flat tiles
         (70000, 1),  # long dense, one channel (several row chunks)
         (3, 2, 70000),  # long rows
     ],

@@ -302,11 +302,11 @@ class _BatchNormStep:
     Every call reads the layer's current parameters, ``eps``, ``momentum``, ``activation`` and
     mode. Two paths with the same arithmetic: when the kernels are enabled and take the tensors
     (:func:`bnlab.backend.kernels_enabled`, :func:`bnlab.kernels.unsupported_reason`), the
-    compiled loops the kernels' wrappers would pick (:func:`bnlab.kernels._numba.mc_train_loops`,
-    ``commit_stats``) are called directly, with numpy views of this object's buffers made once
-    and of the layer's tensors re-made only when a tensor object or its storage changes (checked
-    every call); otherwise :func:`bnlab.backend.train_forward`, ``commit_stats`` and
-    ``train_backward``, which also give the reference backend.
+    compiled loops the kernels' wrappers call (``train_fwd_mc``, ``backward_mc``,
+    ``commit_stats`` of :mod:`bnlab.kernels._numba`) are called directly, with numpy views of
+    this object's buffers made once and of the layer's tensors re-made only when a tensor object
+    or its storage changes (checked every call); otherwise :func:`bnlab.backend.train_forward`,
+    ``commit_stats`` and ``train_backward``, which also give the reference backend.
     """
 
     def __init__(self, layer: nn.Module, n: int, dtype: torch.dtype) -> None:
@@ -351,7 +351,7 @@ class _BatchNormStep:
             return False
         if self._np is None:
             k = K.compiled()
-            fwd, bwd = k.mc_train_loops(self.x.numel())
+            fwd, bwd = k.train_fwd_mc, k.backward_mc
             stats = self._stats.numpy()  # rows: mean, var, invstd, 3 coefficients
             self._np = (
                 fwd, bwd, k.commit_stats, self.x.numpy(), self.y.numpy(), self.dy.numpy(),

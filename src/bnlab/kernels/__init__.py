@@ -140,7 +140,7 @@ def batch_norm_train_forward(
     stats = torch.empty(6, x.shape[1], dtype=x.dtype)  # mean, var, invstd, 3 coefficients
     w, has_w = _param(weight, x.dtype)
     b, has_b = _param(bias, x.dtype)
-    fn = k.train_fwd_ncs if kind == "ncs" else k.mc_train_loops(x.numel())[0]
+    fn = k.train_fwd_ncs if kind == "ncs" else k.train_fwd_mc
     fn(_np(xv), w, b, has_w, has_b, float(eps), bool(relu), yv.numpy(), stats.numpy())
     return y, stats[0], stats[1], stats[2]
 
@@ -181,7 +181,7 @@ def _backward(dy, x, mean, invstd, weight, need_dx, need_dparams, y, train):
     dxv = _np(_kernel_view(dx)[0]) if need_dx else _NONE[x.dtype].reshape((0,) * len(shape))
     grads = torch.empty(2, x.shape[1], dtype=x.dtype)  # dgamma, dbeta
     w, has_w = _param(weight, x.dtype)
-    fn = k.backward_ncs if kind == "ncs" else k.mc_train_loops(x.numel())[1]
+    fn = k.backward_ncs if kind == "ncs" else k.backward_mc
     fn(
         _np(dyv), _np(xv), _np(yv), y is not None,
         _np(mean if mean.is_contiguous() else mean.contiguous()),
@@ -282,7 +282,7 @@ def warm_up() -> None:
                 batch_norm_eval_backward(ye, x, mean, inv, w)
         rm, rv = torch.zeros(3, dtype=dtype), torch.ones(3, dtype=dtype)
         commit_batch_stats(mean, inv, rm, rv, torch.tensor(0), None, 4, True)
-        # the chunked parallel (M, C) loops (above SERIAL_MAX values)
+        # run the parallel loops once (above SERIAL_MAX values): starts Numba's thread pool
         x = torch.randn(compiled().SERIAL_MAX // 3 + 1, 3, dtype=dtype)
         y, mean, _, inv = batch_norm_train_forward(x, w, w, 1e-5, relu=True)
         batch_norm_train_backward(y, x, mean, inv, w, y=y)

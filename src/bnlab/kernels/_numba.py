@@ -32,13 +32,14 @@ Gradient sums are accumulated in float64 as well.
 Elementwise passes run in the input's dtype with per-channel coefficients precomputed in float64
 and rounded once (``coef`` arrays).
 
-Small inputs run serially. A parallel region costs a launch and a join (waking every thread of
-the pool, then waiting for the slowest), a fixed cost of the order of the whole work of a few
-tens of thousands of values, and a thread gets no more than its own chunk of at least
-``_MIN_CHUNK`` values. So ``(M, C)`` inputs of at most ``SERIAL_MAX`` values take the serial
-``*_serial`` kernels: the same statistics with one block (the whole input) and the same
-coefficients, no parallel region, no scratch arrays beyond the (C,) sums.
-:func:`mc_train_loops` makes the choice.
+Serial or parallel. Each loop is written once, over a range of rows; a parallel call runs it
+per chunk inside ``prange``, a serial call once over the whole input, so both give the same
+statistics up to the float64 rounding of the block merge. A parallel region costs a launch and a
+join (waking every thread of the pool, then waiting for the slowest), a fixed cost of the order
+of the whole work of a few tens of thousands of values, and a thread gets no more than its own
+chunk. So a call on at most ``SERIAL_MAX`` values runs serially (:func:`use_serial`). The
+public kernels are plain (non-parallel) functions that make that choice and call the ``*_par``
+loops when it pays.
 
 Floating-point flags: reductions need reassociation to vectorise, so the loops are compiled with
 ``reassoc``/``contract``/``arcp``/``nsz`` but *not* ``nnan``/``ninf``: NaN and Inf still propagate
@@ -61,11 +62,9 @@ __all__ = [
     "backward_ncs",
     "backward_mc",
     "commit_stats",
-    "train_fwd_serial",
-    "backward_serial",
     "SERIAL_MAX",
+    "use_serial",
     "mc_rows_per_chunk",
-    "mc_train_loops",
     "follow_threads",
 ]
 
@@ -88,8 +87,8 @@ _MIN_CHUNK = 1 << 14
 _MAX_CHUNK = 1 << 18
 _MAX_CHUNKS = 64
 
-# (M, C) inputs of at most this many values take the serial kernels (module docstring): four
-# minimum-size chunks, too little work per thread to pay for a parallel region.
+# Inputs of at most this many values (any layout) run serially (module docstring, use_serial):
+# four minimum-size chunks, too little work per thread to pay for a parallel region.
 SERIAL_MAX = 4 * _MIN_CHUNK
 
 
@@ -99,6 +98,39 @@ def mc_rows_per_chunk(M: int, C: int) -> int:
     r = max((M + _MAX_CHUNKS - 1) // _MAX_CHUNKS, _MIN_CHUNK // C)
     r = min(r, max(1, _MAX_CHUNK // C))
     return max(1, min(r, M))
+
+
+# ------------------------------------------------------------------------------- serial or parallel
+@njit(cache=True)
+def use_serial(size: int) -> bool:
+    """True when a call on ``size`` values runs its loops serially: at most ``SERIAL_MAX``
+    values, too little work per thread to pay for a parallel region. (On one thread a parallel
+    region costs about a microsecond, a few percent of the work above that size; the thread
+    count is not read inside the loops, which keeps them in Numba's on-disk cache.)"""
+    return size <= SERIAL_MAX
+
+
+@njit(cache=True)
+def _chunks(rows: int) -> tuple[int, int]:
+    """``(R, K)``: K chunks of R consecutive (n, c) rows for the ``ncs`` parallel loops (at most
+    ``_MAX_CHUNKS``; rows all have the same length, so equal chunks balance the threads)."""
+    K = min(rows, _MAX_CHUNKS)
+    R = (rows + K - 1) // K
+    return R, (rows + R - 1) // R
+
+
+# Channels-innermost loops read runs of rows ("tiles") as one flat vector, so the inner loop is
+# long enough to vectorize well whatever C is (a 16-channel float32 row alone is one SIMD
+# register), with per-channel values tiled to the same length. A tile is short: reductions keep
+# two float64 accumulators per tile value, read and written on every sweep, and longer tiles
+# make more of them; a row of a wide layer (C >= _TILE) is a tile by itself, as without tiling.
+_TILE = 64
+
+
+@njit(cache=True)
+def _tile_rows(C: int) -> int:
+    """Rows per flat tile of an (M, C) layout: ``_TILE // C`` rows, at least one."""
+    return max(1, _TILE // C)
 
 
 # ----------------------------------------------------------------------------------- statistics
@@ -120,11 +152,60 @@ def _finish_stats(mean, var, w, b, has_w, has_b, eps, stats):
         stats[5, c] = b[c] if has_b else 0.0
 
 
-@njit(**_OPTS)
-def _normalize_ncs(x, coef, relu, y):
-    """y = (x - mean) * (gamma * invstd) + beta [then max(., 0)], rows (n, c) in parallel."""
+# The loops proper work on a range of rows, ``(n, c)`` rows i0 <= i < i1 (i = n * C + c) for
+# ``ncs`` and rows r0 <= r < r1 of (M, C) for ``mc``; a serial call runs one range over the whole
+# input, a parallel one a range per chunk inside ``prange``. Same code, same results.
+@njit(**_SERIAL)
+def _ncs_sums(x, i0, i1, bmean, bm2):
+    """Shifted sums of rows [i0, i1): ``bmean[n, c]`` = row mean - x_0, ``bm2[n, c]`` = the
+    row's sum of squared deviations (one pass, see module docstring)."""
     N, C, S = x.shape
-    for i in prange(N * C):
+    for i in range(i0, i1):
+        n = i // C
+        c = i - n * C
+        xr = x[n, c]
+        x0 = np.float64(x[0, c, 0])  # the channel's shift (see module docstring)
+        s = 0.0
+        q = 0.0
+        for k in range(S):
+            d = xr[k] - x0
+            s += d
+            q += d * d
+        mb = s / S  # block mean - x0
+        bmean[n, c] = mb
+        bm2[n, c] = max(q - s * mb, 0.0)
+
+
+@njit(**_SERIAL)
+def _merge(x0, bmean, bm2, counts, mean, var):
+    """Merge blocks per channel (Chan's formula): block k of ``counts[k]`` values has mean
+    ``x0 + bmean[k, c]`` and squared deviations ``bm2[k, c]``. Blocks outer, channels inner:
+    contiguous reads, whatever the number of blocks."""
+    K, C = bmean.shape
+    m = 0.0
+    for k in range(K):
+        m += counts[k]
+    mu = np.zeros(C, np.float64)
+    for k in range(K):
+        f = counts[k] / m
+        for c in range(C):
+            mu[c] += f * bmean[k, c]
+    q = np.zeros(C, np.float64)
+    for k in range(K):
+        nk = counts[k]
+        for c in range(C):
+            d = bmean[k, c] - mu[c]
+            q[c] += bm2[k, c] + nk * d * d
+    for c in range(C):
+        mean[c] = x0[c] + mu[c]
+        var[c] = q[c] / m
+
+
+@njit(**_SERIAL)
+def _ncs_normalize(x, coef, relu, y, i0, i1):
+    """y = (x - mean) * (gamma * invstd) + beta [then max(., 0)] on rows [i0, i1)."""
+    N, C, S = x.shape
+    for i in range(i0, i1):
         n = i // C
         c = i - n * C
         mu = coef[0, c]
@@ -141,121 +222,197 @@ def _normalize_ncs(x, coef, relu, y):
                 yr[k] = (xr[k] - mu) * a + bb
 
 
+@njit(**_SERIAL)
+def _tile(v, r, dtype):
+    """``v`` (C,) repeated r times, as ``dtype``: per-channel values for a run of r rows of an
+    (M, C) layout read as one flat vector."""
+    C = v.shape[0]
+    t = np.empty(C * r, dtype)
+    for j in range(r):
+        for c in range(C):
+            t[j * C + c] = v[c]
+    return t
+
+
+@njit(**_SERIAL)
+def _fold(t, C, out):
+    """out[c] = sum over j of t[j * C + c]: a tiled accumulator back to (C,) values."""
+    for c in range(C):
+        out[c] = 0.0
+    for k in range(t.shape[0]):
+        out[k % C] += t[k]
+
+
+@njit(**_SERIAL)
+def _mc_sums(x, x0, r0, r1, cmean, cm2):
+    """Shifted sums of rows [r0, r1) of (M, C) into ``cmean`` (C,) = mean - x0 and ``cm2`` (C,)
+    = sum of squared deviations, float64: s1 = sum d, s2 = sum d^2 with d = x - x0, then
+    M2 = s2 - s1^2 / n (see module docstring). Rows are read in tiles of
+    ``_tile_rows(C)`` rows, each one flat vector of P values, with P accumulators."""
+    C = x.shape[1]
+    xf = x.reshape(-1)
+    r = _tile_rows(C)
+    P = r * C
+    z = _tile(x0, r, np.float64)
+    s1t = np.zeros(P, np.float64)
+    s2t = np.zeros(P, np.float64)
+    # (loops over tile counts, not strided while loops: a variable stride makes LLVM compute
+    # trip counts with 128-bit division, which Numba cannot link)
+    tiles = (r1 - r0) // r
+    for t in range(tiles // 4):  # 4 tiles per sweep: 4x fewer accumulator loads/stores
+        a = (r0 + 4 * t * r) * C
+        xa = xf[a : a + P]
+        xb = xf[a + P : a + 2 * P]
+        xc = xf[a + 2 * P : a + 3 * P]
+        xd = xf[a + 3 * P : a + 4 * P]
+        for p in range(P):
+            zp = z[p]
+            da = xa[p] - zp
+            db = xb[p] - zp
+            dc = xc[p] - zp
+            dd = xd[p] - zp
+            s1t[p] += (da + db) + (dc + dd)
+            s2t[p] += (da * da + db * db) + (dc * dc + dd * dd)
+    for t in range(tiles - tiles % 4, tiles):
+        xa = xf[(r0 + t * r) * C : (r0 + (t + 1) * r) * C]
+        for p in range(P):
+            d = xa[p] - z[p]
+            s1t[p] += d
+            s2t[p] += d * d
+    xa = xf[(r0 + tiles * r) * C : r1 * C]  # fewer rows than a tile
+    for q in range(xa.shape[0]):
+        d = xa[q] - z[q]
+        s1t[q] += d
+        s2t[q] += d * d
+    s1 = np.empty(C, np.float64)
+    s2 = np.empty(C, np.float64)
+    _fold(s1t, C, s1)
+    _fold(s2t, C, s2)
+    inv_n = 1.0 / (r1 - r0)
+    for c in range(C):
+        cmean[c] = s1[c] * inv_n
+        cm2[c] = max(s2[c] - s1[c] * s1[c] * inv_n, 0.0)
+
+
+@njit(**_SERIAL)
+def _mc_normalize(x, coef, relu, y, r0, r1):
+    """:func:`_ncs_normalize` for rows [r0, r1) of an (M, C) layout, in flat tiles of
+    ``_tile_rows(C)`` rows with the coefficients tiled alike."""
+    C = x.shape[1]
+    xf = x.reshape(-1)
+    yf = y.reshape(-1)
+    r = _tile_rows(C)
+    mu = _tile(coef[0], r, x.dtype)
+    a = _tile(coef[1], r, x.dtype)
+    bb = _tile(coef[2], r, x.dtype)
+    P = r * C
+    for t in range((r1 - r0 + r - 1) // r):  # whole tiles, then the rows left
+        base = (r0 + t * r) * C
+        n = min(P, (r1 - r0 - t * r) * C)
+        xs = xf[base : base + n]  # (slices: indices known non-negative, so loops vectorize)
+        ys = yf[base : base + n]
+        if relu:
+            for p in range(n):
+                v = (xs[p] - mu[p]) * a[p] + bb[p]
+                ys[p] = v if v > 0 else 0.0
+        else:
+            for p in range(n):
+                ys[p] = (xs[p] - mu[p]) * a[p] + bb[p]
+
+
 @njit(**_OPTS)
-def _normalize_mc(x, coef, relu, y, R):
-    """Same as :func:`_normalize_ncs` for an (M, C) layout, chunks of R rows in parallel."""
-    M, C = x.shape
-    K = (M + R - 1) // R
-    mu = coef[0]
-    a = coef[1]
-    bb = coef[2]
+def _ncs_sums_par(x, bmean, bm2):
+    N, C, S = x.shape
+    R, K = _chunks(N * C)
     for k in prange(K):
-        for r in range(k * R, min(M, (k + 1) * R)):
-            xr = x[r]
-            yr = y[r]
-            if relu:
-                for c in range(C):
-                    v = (xr[c] - mu[c]) * a[c] + bb[c]
-                    yr[c] = v if v > 0 else 0.0
-            else:
-                for c in range(C):
-                    yr[c] = (xr[c] - mu[c]) * a[c] + bb[c]
+        _ncs_sums(x, k * R, min(N * C, (k + 1) * R), bmean, bm2)
 
 
 @njit(**_OPTS)
+def _ncs_normalize_par(x, coef, relu, y):
+    N, C, S = x.shape
+    R, K = _chunks(N * C)
+    for k in prange(K):
+        _ncs_normalize(x, coef, relu, y, k * R, min(N * C, (k + 1) * R))
+
+
+@njit(**_OPTS)
+def _mc_sums_par(x, x0, R, cmean, cm2):
+    M = x.shape[0]
+    for k in prange(cmean.shape[0]):
+        _mc_sums(x, x0, k * R, min(M, (k + 1) * R), cmean[k], cm2[k])
+
+
+@njit(**_OPTS)
+def _mc_normalize_par(x, coef, relu, y, R):
+    M = x.shape[0]
+    for k in prange((M + R - 1) // R):
+        _mc_normalize(x, coef, relu, y, k * R, min(M, (k + 1) * R))
+
+
+@njit(**_SERIAL)
+def _ncs_norm(x, coef, relu, y):
+    N, C, S = x.shape
+    if use_serial(x.size):
+        _ncs_normalize(x, coef, relu, y, 0, N * C)
+    else:
+        _ncs_normalize_par(x, coef, relu, y)
+
+
+@njit(**_SERIAL)
+def _mc_norm(x, coef, relu, y):
+    M, C = x.shape
+    if use_serial(x.size):
+        _mc_normalize(x, coef, relu, y, 0, M)
+    else:
+        _mc_normalize_par(x, coef, relu, y, mc_rows_per_chunk(M, C))
+
+
+@njit(**_SERIAL)
 def train_fwd_ncs(x, w, b, has_w, has_b, eps, relu, y, stats):
     """Training forward on (N, C, S): fills y (N, C, S) and stats (6, C) in x's dtype: rows
-    mean, biased var, invstd, then the normalize coefficients (see :func:`_finish_stats`)."""
+    mean, biased var, invstd, then the normalize coefficients (see :func:`_finish_stats`).
+    Blocks are the (n, c) rows."""
     N, C, S = x.shape
-    mean = np.empty(C, np.float64)
-    var = np.empty(C, np.float64)
     bmean = np.empty((N, C), np.float64)
     bm2 = np.empty((N, C), np.float64)
-    for i in prange(N * C):  # shifted sums of each row
-        n = i // C
-        c = i - n * C
-        xr = x[n, c]
-        x0 = np.float64(x[0, c, 0])  # the channel's shift (see module docstring)
-        s = 0.0
-        q = 0.0
-        for k in range(S):
-            d = xr[k] - x0
-            s += d
-            q += d * d
-        mb = s / S  # block mean - x0
-        bmean[n, c] = mb
-        bm2[n, c] = max(q - s * mb, 0.0)
-    for c in prange(C):  # merge the N rows of each channel (equal counts S)
-        s = 0.0
-        for n in range(N):
-            s += bmean[n, c]
-        mu = s / N
-        q = 0.0
-        for n in range(N):
-            d = bmean[n, c] - mu
-            q += bm2[n, c] + S * d * d
-        mean[c] = x[0, c, 0] + mu
-        var[c] = q / (N * S)
-    _finish_stats(mean, var, w, b, has_w, has_b, eps, stats)
-    _normalize_ncs(x, stats[3:], relu, y)
-
-
-@njit(**_OPTS)
-def train_fwd_mc(x, w, b, has_w, has_b, eps, relu, y, stats):
-    """Training forward on (M, C), channels innermost; same outputs as :func:`train_fwd_ncs`."""
-    M, C = x.shape
+    if use_serial(x.size):
+        _ncs_sums(x, 0, N * C, bmean, bm2)
+    else:
+        _ncs_sums_par(x, bmean, bm2)
+    x0 = np.empty(C, np.float64)
+    for c in range(C):
+        x0[c] = x[0, c, 0]
     mean = np.empty(C, np.float64)
     var = np.empty(C, np.float64)
-    R = mc_rows_per_chunk(M, C)
+    _merge(x0, bmean, bm2, np.full(N, np.float64(S)), mean, var)
+    _finish_stats(mean, var, w, b, has_w, has_b, eps, stats)
+    _ncs_norm(x, stats[3:], relu, y)
+
+
+@njit(**_SERIAL)
+def train_fwd_mc(x, w, b, has_w, has_b, eps, relu, y, stats):
+    """Training forward on (M, C), channels innermost; same outputs as :func:`train_fwd_ncs`.
+    Blocks are chunks of ``mc_rows_per_chunk`` rows (one block, the whole input, when serial)."""
+    M, C = x.shape
+    x0 = x[0].astype(np.float64)
+    serial = use_serial(x.size)
+    R = M if serial else mc_rows_per_chunk(M, C)
     K = (M + R - 1) // R
     cmean = np.empty((K, C), np.float64)
     cm2 = np.empty((K, C), np.float64)
-    for k in prange(K):  # shifted sums of each chunk of rows
-        r0 = k * R
-        r1 = min(M, r0 + R)
-        # One pass of shifted sums (see module docstring): s1 = sum d, s2 = sum d^2 with
-        # d = x - x0 in float64, then M2 = s2 - s1^2 / n for the chunk.
-        x0 = x[0].astype(np.float64)
-        s1 = np.zeros(C, np.float64)
-        s2 = np.zeros(C, np.float64)
-        r = r0
-        while r + 4 <= r1:  # 4 rows per sweep: 4x fewer accumulator loads/stores
-            xa = x[r]
-            xb = x[r + 1]
-            xc = x[r + 2]
-            xd = x[r + 3]
-            for c in range(C):
-                z = x0[c]
-                da = xa[c] - z
-                db = xb[c] - z
-                dc = xc[c] - z
-                dd = xd[c] - z
-                s1[c] += (da + db) + (dc + dd)
-                s2[c] += (da * da + db * db) + (dc * dc + dd * dd)
-            r += 4
-        for rr in range(r, r1):
-            xr = x[rr]
-            for c in range(C):
-                d = xr[c] - x0[c]
-                s1[c] += d
-                s2[c] += d * d
-        inv_n = 1.0 / (r1 - r0)
-        for c in range(C):
-            cmean[k, c] = s1[c] * inv_n  # chunk mean - x0
-            cm2[k, c] = max(s2[c] - s1[c] * s1[c] * inv_n, 0.0)
-    for c in prange(C):  # merge chunks (the last may be shorter)
-        s = 0.0
-        for k in range(K):
-            s += cmean[k, c] * (min(M, (k + 1) * R) - k * R)
-        mu = s / M
-        q = 0.0
-        for k in range(K):
-            d = cmean[k, c] - mu
-            q += cm2[k, c] + (min(M, (k + 1) * R) - k * R) * d * d
-        mean[c] = x[0, c] + mu
-        var[c] = q / M
+    if serial:
+        _mc_sums(x, x0, 0, M, cmean[0], cm2[0])
+    else:
+        _mc_sums_par(x, x0, R, cmean, cm2)
+    counts = np.empty(K, np.float64)
+    for k in range(K):
+        counts[k] = min(M, (k + 1) * R) - k * R  # the last chunk may be shorter
+    mean = np.empty(C, np.float64)
+    var = np.empty(C, np.float64)
+    _merge(x0, cmean, cm2, counts, mean, var)
     _finish_stats(mean, var, w, b, has_w, has_b, eps, stats)
-    _normalize_mc(x, stats[3:], relu, y, R)
+    _mc_norm(x, stats[3:], relu, y)
 
 
 # ----------------------------------------------------------------------------------- inference
@@ -271,18 +428,18 @@ def _eval_coef(rm, rv, w, b, has_w, has_b, eps, stats):
         stats[3, c] = b[c] if has_b else 0.0
 
 
-@njit(cache=True, nogil=True)
+@njit(**_SERIAL)
 def eval_fwd_ncs(x, rm, rv, w, b, has_w, has_b, eps, relu, y, stats):
     """Inference forward on (N, C, S) with population statistics (Algorithm 2)."""
     _eval_coef(rm, rv, w, b, has_w, has_b, eps, stats)
-    _normalize_ncs(x, stats[1:], relu, y)
+    _ncs_norm(x, stats[1:], relu, y)
 
 
-@njit(cache=True, nogil=True)
+@njit(**_SERIAL)
 def eval_fwd_mc(x, rm, rv, w, b, has_w, has_b, eps, relu, y, stats):
     """Inference forward on (M, C) with population statistics (Algorithm 2)."""
     _eval_coef(rm, rv, w, b, has_w, has_b, eps, stats)
-    _normalize_mc(x, stats[1:], relu, y, mc_rows_per_chunk(x.shape[0], x.shape[1]))
+    _mc_norm(x, stats[1:], relu, y)
 
 
 # ----------------------------------------------------------------------------------- backward
@@ -303,14 +460,12 @@ def _bwd_coef(sums, mean, invstd, w, has_w, train, m, coef, grads):
         coef[3, c] = a * s1 / m if train else 0.0
 
 
-@njit(**_OPTS)
-def _sums_ncs(dy, x, y, relu, mean, sums):
-    """sums[0] = sum g, sums[1] = sum g (x - mean) per channel, float64; rows in parallel.
+@njit(**_SERIAL)
+def _ncs_gsums(dy, x, y, relu, mean, i0, i1, p1, p2):
+    """Per row of [i0, i1): ``p1[n, c]`` = sum g, ``p2[n, c]`` = sum g (x - mean), float64;
     ``g = dy`` or, for the fused ReLU, ``g = dy * (y > 0)``."""
     N, C, S = x.shape
-    p1 = np.empty((N, C), np.float64)
-    p2 = np.empty((N, C), np.float64)
-    for i in prange(N * C):
+    for i in range(i0, i1):
         n = i // C
         c = i - n * C
         mu = mean[c]
@@ -331,72 +486,68 @@ def _sums_ncs(dy, x, y, relu, mean, sums):
                 s2 += g * (xr[k] - mu)
         p1[n, c] = s1
         p2[n, c] = s2
-    for c in prange(C):
-        s1 = 0.0
-        s2 = 0.0
-        for n in range(N):
-            s1 += p1[n, c]
-            s2 += p2[n, c]
-        sums[0, c] = s1
-        sums[1, c] = s2
 
 
-@njit(**_OPTS)
-def _sums_mc(dy, x, y, relu, mean, sums):
-    """(M, C) version of :func:`_sums_ncs`, chunks of rows in parallel."""
-    M, C = x.shape
-    R = mc_rows_per_chunk(M, C)
-    K = (M + R - 1) // R
-    p1 = np.zeros((K, C), np.float64)
-    p2 = np.zeros((K, C), np.float64)
-    for k in prange(K):
-        s1 = p1[k]
-        s2 = p2[k]
-        r0 = k * R
-        r1 = min(M, (k + 1) * R)
-        if not relu:  # 2 rows per sweep: half the accumulator loads/stores
-            while r0 + 2 <= r1:
-                xa = x[r0]
-                xb = x[r0 + 1]
-                ga = dy[r0]
-                gb = dy[r0 + 1]
-                for c in range(C):
-                    s1[c] += ga[c] + gb[c]
-                    s2[c] += ga[c] * (xa[c] - mean[c]) + gb[c] * (xb[c] - mean[c])
-                r0 += 2
-        for r in range(r0, r1):
-            xr = x[r]
-            gr = dy[r]
-            if relu:
-                yr = y[r]
-                for c in range(C):
-                    g = gr[c] if yr[c] > 0 else 0.0
-                    s1[c] += g
-                    s2[c] += g * (xr[c] - mean[c])
-            else:
-                for c in range(C):
-                    g = gr[c]
-                    s1[c] += g
-                    s2[c] += g * (xr[c] - mean[c])
-    for c in prange(C):
-        s1 = 0.0
-        s2 = 0.0
-        for k in range(K):
-            s1 += p1[k, c]
-            s2 += p2[k, c]
-        sums[0, c] = s1
-        sums[1, c] = s2
+@njit(**_SERIAL)
+def _mc_gsums(dy, x, y, relu, mean, r0, r1, s1, s2):
+    """Add sum g and sum g (x - mean) over rows [r0, r1) of (M, C) to s1, s2 (C,) float64, in
+    flat tiles of ``_tile_rows(C)`` rows with tiled accumulators."""
+    C = x.shape[1]
+    xf = x.reshape(-1)
+    gf = dy.reshape(-1)
+    yf = y.reshape(-1)
+    r = _tile_rows(C)
+    P = r * C
+    mu = _tile(mean, r, x.dtype)
+    s1t = np.zeros(P, np.float64)
+    s2t = np.zeros(P, np.float64)
+    tiles = (r1 - r0) // r
+    for t in range(tiles // 2):  # 2 tiles per sweep: half the accumulator loads/stores
+        a = (r0 + 2 * t * r) * C
+        xa = xf[a : a + P]
+        xb = xf[a + P : a + 2 * P]
+        ga = gf[a : a + P]
+        gb = gf[a + P : a + 2 * P]
+        if relu:
+            ya = yf[a : a + P]
+            yb = yf[a + P : a + 2 * P]
+            for p in range(P):
+                u = ga[p] if ya[p] > 0 else 0.0
+                v = gb[p] if yb[p] > 0 else 0.0
+                s1t[p] += u + v
+                s2t[p] += u * (xa[p] - mu[p]) + v * (xb[p] - mu[p])
+        else:
+            for p in range(P):
+                s1t[p] += ga[p] + gb[p]
+                s2t[p] += ga[p] * (xa[p] - mu[p]) + gb[p] * (xb[p] - mu[p])
+    for t in range(2 * (tiles // 2), (r1 - r0 + r - 1) // r):  # a last tile, then the rows left
+        base = (r0 + t * r) * C
+        n = min(P, (r1 - r0 - t * r) * C)
+        xs = xf[base : base + n]
+        gs = gf[base : base + n]
+        ys = yf[base : base + n]
+        for p in range(n):
+            g = gs[p] if (not relu or ys[p] > 0) else 0.0
+            s1t[p] += g
+            s2t[p] += g * (xs[p] - mu[p])
+    t1 = np.empty(C, np.float64)
+    t2 = np.empty(C, np.float64)
+    _fold(s1t, C, t1)
+    _fold(s2t, C, t2)
+    for c in range(C):
+        s1[c] += t1[c]
+        s2[c] += t2[c]
 
 
-@njit(**_OPTS)
-def _dx_ncs(dy, x, y, relu, coef, dx):
-    """dx = A g - B (x - mean) - D per channel, coef rows (mean, A, B, D); (N, C, S) rows.
+@njit(**_SERIAL)
+def _ncs_dx(dy, x, y, relu, coef, dx, i0, i1):
+    """dx = A g - B (x - mean) - D per channel on rows [i0, i1), coef rows (mean, A, B, D).
 
     Training (section 3, collected): A = gamma invstd, B = A invstd^2 sum(g (x-mu)) / m,
     D = A sum(g) / m.  Inference: B = D = 0.
     """
     N, C, S = x.shape
-    for i in prange(N * C):
+    for i in range(i0, i1):
         n = i // C
         c = i - n * C
         mu = coef[0, c]
@@ -416,56 +567,124 @@ def _dx_ncs(dy, x, y, relu, coef, dx):
                 dr[k] = a * gr[k] - bb * (xr[k] - mu) - d
 
 
+@njit(**_SERIAL)
+def _mc_dx(dy, x, y, relu, coef, dx, r0, r1):
+    """:func:`_ncs_dx` for rows [r0, r1) of an (M, C) layout, in flat tiles of
+    ``_tile_rows(C)`` rows with the coefficients tiled alike."""
+    C = x.shape[1]
+    xf = x.reshape(-1)
+    gf = dy.reshape(-1)
+    yf = y.reshape(-1)
+    df = dx.reshape(-1)
+    r = _tile_rows(C)
+    P = r * C
+    mu = _tile(coef[0], r, x.dtype)
+    a = _tile(coef[1], r, x.dtype)
+    bb = _tile(coef[2], r, x.dtype)
+    d = _tile(coef[3], r, x.dtype)
+    for t in range((r1 - r0 + r - 1) // r):  # whole tiles, then the rows left
+        base = (r0 + t * r) * C
+        n = min(P, (r1 - r0 - t * r) * C)
+        xs = xf[base : base + n]
+        gs = gf[base : base + n]
+        ds = df[base : base + n]
+        if relu:
+            ys = yf[base : base + n]
+            for p in range(n):
+                g = gs[p] if ys[p] > 0 else 0.0
+                ds[p] = a[p] * g - bb[p] * (xs[p] - mu[p]) - d[p]
+        else:
+            for p in range(n):
+                ds[p] = a[p] * gs[p] - bb[p] * (xs[p] - mu[p]) - d[p]
+
+
 @njit(**_OPTS)
-def _dx_mc(dy, x, y, relu, coef, dx):
-    """(M, C) version of :func:`_dx_ncs`."""
-    M, C = x.shape
-    R = mc_rows_per_chunk(M, C)
-    K = (M + R - 1) // R
-    mu = coef[0]
-    a = coef[1]
-    bb = coef[2]
-    d = coef[3]
+def _ncs_gsums_par(dy, x, y, relu, mean, p1, p2):
+    N, C, S = x.shape
+    R, K = _chunks(N * C)
     for k in prange(K):
-        for r in range(k * R, min(M, (k + 1) * R)):
-            xr = x[r]
-            gr = dy[r]
-            dr = dx[r]
-            if relu:
-                yr = y[r]
-                for c in range(C):
-                    g = gr[c] if yr[c] > 0 else 0.0
-                    dr[c] = a[c] * g - bb[c] * (xr[c] - mu[c]) - d[c]
-            else:
-                for c in range(C):
-                    dr[c] = a[c] * gr[c] - bb[c] * (xr[c] - mu[c]) - d[c]
+        _ncs_gsums(dy, x, y, relu, mean, k * R, min(N * C, (k + 1) * R), p1, p2)
 
 
-@njit(cache=True, nogil=True)
+@njit(**_OPTS)
+def _mc_gsums_par(dy, x, y, relu, mean, R, p1, p2):
+    M = x.shape[0]
+    for k in prange(p1.shape[0]):
+        _mc_gsums(dy, x, y, relu, mean, k * R, min(M, (k + 1) * R), p1[k], p2[k])
+
+
+@njit(**_OPTS)
+def _ncs_dx_par(dy, x, y, relu, coef, dx):
+    N, C, S = x.shape
+    R, K = _chunks(N * C)
+    for k in prange(K):
+        _ncs_dx(dy, x, y, relu, coef, dx, k * R, min(N * C, (k + 1) * R))
+
+
+@njit(**_OPTS)
+def _mc_dx_par(dy, x, y, relu, coef, dx, R):
+    M = x.shape[0]
+    for k in prange((M + R - 1) // R):
+        _mc_dx(dy, x, y, relu, coef, dx, k * R, min(M, (k + 1) * R))
+
+
+@njit(**_SERIAL)
+def _add_rows(p1, p2, sums):
+    """sums[0] = sum of p1's rows, sums[1] = sum of p2's rows (rows outer: contiguous reads)."""
+    K, C = p1.shape
+    for k in range(K):
+        for c in range(C):
+            sums[0, c] += p1[k, c]
+            sums[1, c] += p2[k, c]
+
+
+@njit(**_SERIAL)
 def backward_ncs(dy, x, y, relu, mean, invstd, w, has_w, train, need_sums, need_dx, dx, grads):
     """Backward on (N, C, S): grads (2, C) = (dgamma, dbeta) when need_sums or train, dx when
     need_dx. ``train`` selects Algorithm 1's gradient (batch statistics) over the inference one."""
-    C = mean.shape[0]
+    N, C, S = x.shape
+    serial = use_serial(x.size)
     sums = np.zeros((2, C), np.float64)
     if need_sums or train:
-        _sums_ncs(dy, x, y, relu, mean, sums)
+        p1 = np.empty((N, C), np.float64)
+        p2 = np.empty((N, C), np.float64)
+        if serial:
+            _ncs_gsums(dy, x, y, relu, mean, 0, N * C, p1, p2)
+        else:
+            _ncs_gsums_par(dy, x, y, relu, mean, p1, p2)
+        _add_rows(p1, p2, sums)
     coef = np.empty((4, C), x.dtype)
     _bwd_coef(sums, mean, invstd, w, has_w, train, x.size // C, coef, grads)
     if need_dx:
-        _dx_ncs(dy, x, y, relu, coef, dx)
+        if serial:
+            _ncs_dx(dy, x, y, relu, coef, dx, 0, N * C)
+        else:
+            _ncs_dx_par(dy, x, y, relu, coef, dx)
 
 
-@njit(cache=True, nogil=True)
+@njit(**_SERIAL)
 def backward_mc(dy, x, y, relu, mean, invstd, w, has_w, train, need_sums, need_dx, dx, grads):
-    """(M, C) version of :func:`backward_ncs`."""
-    C = mean.shape[0]
+    """(M, C) version of :func:`backward_ncs`; partial sums per chunk of rows."""
+    M, C = x.shape
+    serial = use_serial(x.size)
+    R = M if serial else mc_rows_per_chunk(M, C)
     sums = np.zeros((2, C), np.float64)
     if need_sums or train:
-        _sums_mc(dy, x, y, relu, mean, sums)
+        if serial:
+            _mc_gsums(dy, x, y, relu, mean, 0, M, sums[0], sums[1])
+        else:
+            K = (M + R - 1) // R
+            p1 = np.zeros((K, C), np.float64)
+            p2 = np.zeros((K, C), np.float64)
+            _mc_gsums_par(dy, x, y, relu, mean, R, p1, p2)
+            _add_rows(p1, p2, sums)
     coef = np.empty((4, C), x.dtype)
-    _bwd_coef(sums, mean, invstd, w, has_w, train, x.size // C, coef, grads)
+    _bwd_coef(sums, mean, invstd, w, has_w, train, M, coef, grads)
     if need_dx:
-        _dx_mc(dy, x, y, relu, coef, dx)
+        if serial:
+            _mc_dx(dy, x, y, relu, coef, dx, 0, M)
+        else:
+            _mc_dx_par(dy, x, y, relu, coef, dx, R)
 
 
 # ----------------------------------------------------------------------------- running statistics
@@ -494,105 +713,3 @@ def commit_stats(mean, var, rm, rv, nbt, update, cumulative, momentum, m):
             rm[c] = rm[c] + f * (mu - rm[c])
             rv[c] = rv[c] + f * (v - rv[c])
     return True
-
-
-# ---------------------------------------------------------------------------- small (M, C) inputs
-@njit(**_SERIAL)
-def _stats_serial(x, w, b, has_w, has_b, eps, stats):
-    """Statistics and coefficients of a small (M, C) input into stats (6, C), as
-    :func:`train_fwd_mc` computes them with one block (the whole batch), serial."""
-    M, C = x.shape
-    s1 = np.zeros(C, np.float64)
-    s2 = np.zeros(C, np.float64)
-    x0 = x[0]
-    for r in range(M):
-        xr = x[r]
-        for c in range(C):
-            d = np.float64(xr[c]) - x0[c]
-            s1[c] += d
-            s2[c] += d * d
-    mean = np.empty(C, np.float64)
-    var = np.empty(C, np.float64)
-    for c in range(C):
-        mu = s1[c] / M  # mean - x0
-        mean[c] = x0[c] + mu
-        var[c] = max(s2[c] - s1[c] * mu, 0.0) / M
-    _finish_stats(mean, var, w, b, has_w, has_b, eps, stats)
-
-
-@njit(**_SERIAL)
-def _normalize_serial(x, coef, relu, y):
-    """y = (x - mean) * (gamma * invstd) + beta [then max(., 0)], serial."""
-    M, C = x.shape
-    mu = coef[0]
-    a = coef[1]
-    bb = coef[2]
-    for r in range(M):
-        xr = x[r]
-        yr = y[r]
-        if relu:
-            for c in range(C):
-                v = (xr[c] - mu[c]) * a[c] + bb[c]
-                yr[c] = v if v > 0 else 0.0
-        else:
-            for c in range(C):
-                yr[c] = (xr[c] - mu[c]) * a[c] + bb[c]
-
-
-@njit(**_SERIAL)
-def train_fwd_serial(x, w, b, has_w, has_b, eps, relu, y, stats):
-    """:func:`train_fwd_mc` for a small (M, C) input (at most ``SERIAL_MAX`` values), serial."""
-    _stats_serial(x, w, b, has_w, has_b, eps, stats)
-    _normalize_serial(x, stats[3:], relu, y)
-
-
-@njit(**_SERIAL)
-def backward_serial(dy, x, y, relu, mean, invstd, w, has_w, train, need_sums, need_dx, dx, grads):
-    """:func:`backward_mc` for a small (M, C) input, serial."""
-    M, C = x.shape
-    sums = np.zeros((2, C), np.float64)
-    if need_sums or train:
-        s1 = sums[0]
-        s2 = sums[1]
-        for r in range(M):
-            xr = x[r]
-            gr = dy[r]
-            if relu:
-                yr = y[r]
-                for c in range(C):
-                    g = gr[c] if yr[c] > 0 else 0.0
-                    s1[c] += g
-                    s2[c] += g * (xr[c] - mean[c])
-            else:
-                for c in range(C):
-                    g = gr[c]
-                    s1[c] += g
-                    s2[c] += g * (xr[c] - mean[c])
-    coef = np.empty((4, C), x.dtype)
-    _bwd_coef(sums, mean, invstd, w, has_w, train, M, coef, grads)
-    if need_dx:
-        mu = coef[0]
-        a = coef[1]
-        bb = coef[2]
-        d = coef[3]
-        for r in range(M):
-            xr = x[r]
-            gr = dy[r]
-            dr = dx[r]
-            if relu:
-                yr = y[r]
-                for c in range(C):
-                    g = gr[c] if yr[c] > 0 else 0.0
-                    dr[c] = a[c] * g - bb[c] * (xr[c] - mu[c]) - d[c]
-            else:
-                for c in range(C):
-                    dr[c] = a[c] * gr[c] - bb[c] * (xr[c] - mu[c]) - d[c]
-
-
-def mc_train_loops(size: int):
-    """``(forward, backward)``: the compiled training loops for an ``(M, C)`` input of ``size``
-    values, :func:`train_fwd_serial` / :func:`backward_serial` up to ``SERIAL_MAX`` values, else
-    :func:`train_fwd_mc` / :func:`backward_mc` (each pair takes the same arguments)."""
-    if size <= SERIAL_MAX:
-        return train_fwd_serial, backward_serial
-    return train_fwd_mc, backward_mc
