@@ -100,7 +100,7 @@ def unsupported_reason(x: Tensor, *params: Tensor | None) -> str | None:
                 f"a parameter/statistic of dtype {p.dtype} on {p.device} for an input of "
                 f"dtype {dtype} on the CPU"
             )
-    if not (x.dim() == 2 and x.is_contiguous()) and _kernel_view(x) is None:
+    if not x.is_contiguous() and _kernel_view(x) is None:  # (contiguous: always a view)
         return f"strides {x.stride()} (contiguous or channels_last only)"
     return None
 
@@ -109,6 +109,16 @@ def _np(t: Tensor):
     """numpy view of a CPU tensor (``detach`` only for a tensor that requires grad: the call
     itself is per-call overhead)."""
     return t.detach().numpy() if t.requires_grad else t.numpy()
+
+
+def _output(x: Tensor, xv: Tensor) -> tuple[Tensor, Tensor]:
+    """A new tensor like ``x`` (same strides) and its kernel view, shaped like ``xv``."""
+    y = torch.empty_like(x)
+    if xv is x:
+        return y, y
+    if x.is_contiguous():
+        return y, y.view(xv.shape)
+    return y, _kernel_view(y)[0]
 
 
 def _like(t: Tensor, x: Tensor) -> Tensor:
@@ -135,8 +145,7 @@ def batch_norm_train_forward(
     statistics in x's dtype, ``var`` biased. With ``relu``, ``y = max(BN(x), 0)``."""
     k = compiled()
     xv, kind = _kernel_view(x)
-    y = torch.empty_like(x)
-    yv = y if xv is x else _kernel_view(y)[0]
+    y, yv = _output(x, xv)
     stats = torch.empty(6, x.shape[1], dtype=x.dtype)  # mean, var, invstd, 3 coefficients
     w, has_w = _param(weight, x.dtype)
     b, has_b = _param(bias, x.dtype)
@@ -158,14 +167,14 @@ def batch_norm_eval_forward(
     Returns ``(y, invstd)``."""
     k = compiled()
     xv, kind = _kernel_view(x)
-    y = torch.empty_like(x)
+    y, yv = _output(x, xv)
     stats = torch.empty(4, x.shape[1], dtype=x.dtype)  # invstd, 3 coefficients
     w, has_w = _param(weight, x.dtype)
     b, has_b = _param(bias, x.dtype)
     fn = k.eval_fwd_ncs if kind == "ncs" else k.eval_fwd_mc
     fn(
         _np(xv), _np(running_mean.contiguous()), _np(running_var.contiguous()), w, b,
-        has_w, has_b, float(eps), bool(relu), _np(_kernel_view(y)[0]), _np(stats),
+        has_w, has_b, float(eps), bool(relu), yv.numpy(), stats.numpy(),
     )  # fmt: skip
     return y, stats[0]
 
@@ -177,8 +186,11 @@ def _backward(dy, x, mean, invstd, weight, need_dx, need_dparams, y, train):
     dyv = _like(dy, x).view(shape) if kind == "ncs" else _kernel_view(_like(dy, x))[0]
     yv = xv if y is None else (_kernel_view(_like(y, x))[0])
     need_sums = need_dparams and weight is not None
-    dx = torch.empty_like(x) if need_dx else None
-    dxv = _np(_kernel_view(dx)[0]) if need_dx else _NONE[x.dtype].reshape((0,) * len(shape))
+    if need_dx:
+        dx, dxv = _output(x, xv)
+        dxv = dxv.numpy()
+    else:
+        dx, dxv = None, _NONE[x.dtype].reshape((0,) * len(shape))
     grads = torch.empty(2, x.shape[1], dtype=x.dtype)  # dgamma, dbeta
     w, has_w = _param(weight, x.dtype)
     fn = k.backward_ncs if kind == "ncs" else k.backward_mc
@@ -259,7 +271,7 @@ def commit_batch_stats(
     has = running_mean is not None
     empty = _NONE[mean.dtype]
     return compiled().commit_stats(
-        mean.detach().numpy(), var.detach().numpy(),
+        _np(mean), _np(var),
         running_mean.numpy() if has else empty, running_var.numpy() if has else empty,
         num_batches_tracked.numpy() if has else _NO_COUNT, bool(update and has),
         momentum is None, 0.0 if momentum is None else float(momentum), float(m),
