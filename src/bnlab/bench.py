@@ -3,17 +3,25 @@
 For each shape (from real networks) and each mode - ``fwd`` (training forward), ``fwd+bwd``
 (training forward and backward), ``eval`` (inference forward, no autograd) - it times, in one run:
 
-    fused      bnlab layer, fused kernels (backend "fused")
-    reference  bnlab layer, reference path (backend "reference")
-    torch      torch.nn.BatchNorm1d/2d/3d, contiguous input
-    torch_cl   torch.nn.BatchNorm2d, channels_last input (4D shapes only)
-    fused_cl   bnlab layer, fused kernels, channels_last input (4D shapes only)
-    compiled   torch.compile of the reference math (Algorithm 1 in plain torch ops)
-    copy       y.copy_(x) of the same tensor: reads and writes each byte once
+    fused       bnlab layer, fused kernels (backend "fused")
+    reference   bnlab layer, reference path (backend "reference"; skipped with --no-reference)
+    torch       torch.nn.BatchNorm1d/2d/3d, contiguous input
+    fused_cl    bnlab layer, fused kernels, channels_last input (4D shapes only)
+    torch_cl    torch.nn.BatchNorm2d, channels_last input (4D shapes only)
+    fused_bf16  bnlab layer (backend "auto") on a bfloat16 input with float32 parameters, as
+                under ``torch.autocast("cpu", torch.bfloat16)`` (4D shapes only)
+    torch_bf16  torch.nn.BatchNorm2d on the same
+    compiled    torch.compile of the reference math (Algorithm 1 in plain torch ops)
+    copy        y.copy_(x) into a preallocated tensor: reads and writes each byte once
+    copy_new    torch.empty_like(x).copy_(x): the same into a fresh tensor, as every BN output
+                is (first touch of new memory included)
 
-and reports the median of ``--repeats`` runs (after warm-up) and the ratios to ``torch`` and to
-``copy``. Also one end-to-end training step (forward, backward, SGD update) of ResNet-20 on
-random CIFAR-sized data with bnlab layers vs torch's. All tensors float32.
+Rounds are interleaved: each round times every variant of a mode once, so drift in the
+machine's load hits every variant alike; the table gives the median over ``--repeats`` rounds
+and ratios (torch / fused: above 1 when bnlab is faster; fused / copy: bnlab's time in plain
+copies of the same bytes). Also one end-to-end training step (forward, backward, SGD update) of
+ResNet-20 on random CIFAR-sized data with bnlab layers vs torch's. Inputs float32 except the
+bf16 columns. ``--threads`` sets torch's thread count, which bnlab's kernels follow.
 """
 
 from __future__ import annotations
@@ -43,7 +51,10 @@ SHAPES: dict[str, tuple[int, ...]] = {
 }
 QUICK = ("target (64,64,32,32)", "mnist mlp (batch 60)")
 MODES = ("fwd", "fwd+bwd", "eval")
-VARIANTS = ("fused", "reference", "torch", "torch_cl", "fused_cl", "compiled", "copy")
+VARIANTS = (
+    "fused", "reference", "torch", "fused_cl", "torch_cl", "fused_bf16", "torch_bf16",
+    "compiled", "copy", "copy_new",
+)  # fmt: skip
 
 
 @dataclass
@@ -54,16 +65,23 @@ class Row:
     times: dict[str, float]  # variant -> median seconds (missing = not applicable/skipped)
 
 
-def _median_time(fn: Callable[[], object], repeats: int, warmup: int = 3) -> float:
-    """Median wall time of ``fn()`` over ``repeats`` runs after ``warmup`` runs, seconds."""
-    for _ in range(warmup):
-        fn()
-    ts = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t0)
-    return statistics.median(ts)
+def machine_text() -> str:
+    """The CPU model and the load average now (Linux; what is unknown is left out)."""
+    parts = []
+    try:
+        with open("/proc/cpuinfo") as f:
+            names = [ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")]
+        model = names[0] if names else ""
+        if model:
+            parts.append(f"CPU {model}")
+    except OSError:
+        pass
+    try:
+        with open("/proc/loadavg") as f:
+            parts.append("load average " + " ".join(f.read().split()[:3]))
+    except OSError:
+        pass
+    return ", ".join(parts)
 
 
 def _layer(shape: tuple[int, ...], kind: str) -> nn.Module:
@@ -124,17 +142,21 @@ def bench_shape(
     repeats: int,
     compiled: bool,
     log: Callable[[str], None] = print,
+    reference: bool = True,
 ) -> list[Row]:
-    """Time every variant and mode on one float32 shape. Training-mode forward runs under
-    no_grad for ``fwd`` (statistics + normalize + running-stat update, no autograd graph)."""
+    """Time every variant and mode on one shape, in interleaved rounds (module docstring).
+    Training-mode forward runs under no_grad for ``fwd`` (statistics + normalize + running-stat
+    update, no autograd graph)."""
     g = torch.Generator().manual_seed(0)
     x = torch.randn(shape, generator=g) * 2 + 1
     dy = torch.randn(shape, generator=g)
-    cl = len(shape) == 4
-    xcl = x.contiguous(memory_format=torch.channels_last) if cl else None
-    dycl = dy.contiguous(memory_format=torch.channels_last) if cl else None
+    four_d = len(shape) == 4
+    inputs = {"": (x, dy)}
+    if four_d:
+        cl = torch.channels_last
+        inputs["_cl"] = (x.contiguous(memory_format=cl), dy.contiguous(memory_format=cl))
+        inputs["_bf16"] = (x.bfloat16(), dy.bfloat16())
     out = torch.empty_like(x)
-    copy_t = _median_time(lambda: out.copy_(x), repeats)
     comp = None
     if compiled:
         w = torch.ones(shape[1], requires_grad=True)
@@ -147,32 +169,49 @@ def bench_shape(
         comp.parameters = lambda: [w, b]  # type: ignore[attr-defined]
     rows = []
     for mode in MODES:
-        times = {"copy": copy_t}
-        for variant in VARIANTS[:-1]:
-            if variant in ("torch_cl", "fused_cl") and not cl:
+        runs: dict[str, Callable[[], object]] = {
+            "copy": lambda: out.copy_(x),
+            "copy_new": lambda: torch.empty_like(x).copy_(x),
+        }
+        for variant in VARIANTS:
+            if variant in runs or (variant == "reference" and not reference):
                 continue
-            xin, dyin = (xcl, dycl) if variant.endswith("_cl") else (x, dy)
-            backend = "reference" if variant == "reference" else "fused"
+            suffix = next((s for s in ("_cl", "_bf16") if variant.endswith(s)), "")
+            if suffix not in inputs:
+                continue
+            xin, dyin = inputs[suffix]
+            backend = {"reference": "reference", "fused_bf16": "auto"}.get(variant, "fused")
             if variant == "compiled":
                 if comp is None or mode == "eval":
                     continue
-                layer = comp
-                backend = "reference"
+                layer, backend = comp, "reference"
+                t0 = time.perf_counter()
+                _step_fn(layer, xin, dyin, mode, backend)()
+                log(f"  torch.compile of the reference math on {shape}, {mode}: "
+                    f"{time.perf_counter() - t0:.1f} s")  # fmt: skip
             else:
                 layer = _layer(shape, "torch" if variant.startswith("torch") else "bnlab")
                 layer.train(mode != "eval")
-            if variant.startswith("torch"):
-                backend = "reference"  # irrelevant to torch layers
-            run = _step_fn(layer, xin, dyin, mode, backend)
-            if variant == "compiled" and mode == "fwd":
-                t0 = time.perf_counter()
-                run()
-                dt = time.perf_counter() - t0
-                log(f"  torch.compile of the reference math on {shape}: {dt:.1f} s")
-            times[variant] = _median_time(run, repeats)
-        rows.append(Row(name, shape, mode, times))
+            runs[variant] = _step_fn(layer, xin, dyin, mode, backend)
+        times = _interleaved(runs, repeats)
+        rows.append(Row(name, shape, mode, {v: times[v] for v in VARIANTS if v in times}))
         log(_format_row(rows[-1]))
     return rows
+
+
+def _interleaved(runs: dict[str, Callable[[], object]], repeats: int, warmup: int = 3):
+    """Median seconds of each callable over ``repeats`` rounds, each round calling every one
+    once (after ``warmup`` such rounds)."""
+    for _ in range(warmup):
+        for fn in runs.values():
+            fn()
+    samples: dict[str, list[float]] = {k: [] for k in runs}
+    for _ in range(repeats):
+        for k, fn in runs.items():
+            t0 = time.perf_counter()
+            fn()
+            samples[k].append(time.perf_counter() - t0)
+    return {k: statistics.median(v) for k, v in samples.items()}
 
 
 def _ms(t: float | None) -> str:
@@ -187,13 +226,23 @@ def _format_row(r: Row) -> str:
     return " ".join(parts)
 
 
+RATIOS = (
+    ("torch", "fused"),
+    ("torch_cl", "fused_cl"),
+    ("torch_bf16", "fused_bf16"),
+    ("fused", "copy"),
+    ("fused_cl", "copy"),
+    ("torch", "copy"),
+    ("copy_new", "copy"),
+)
+
+
 def format_table(rows: list[Row]) -> str:
-    """Markdown table: times in ms, then fused and torch as ratios to torch and to copy."""
-    head = (
-        "| shape | mode | fused | reference | torch | torch_cl | fused_cl | compiled | copy "
-        "| torch / fused | fused / copy | torch / copy | torch_cl / fused_cl |\n"
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|\n"
-    )
+    """Markdown table: times in ms of the variants measured, then the ratios of ``RATIOS``."""
+    cols = [v for v in VARIANTS if any(v in r.times for r in rows)]
+    names = [f"{a} / {b}" for a, b in RATIOS]
+    head = "| shape | mode | " + " | ".join(cols + names) + " |\n"
+    head += "|---|---|" + "---|" * (len(cols) + len(names)) + "\n"
     lines = []
     for r in rows:
         t = r.times
@@ -202,13 +251,8 @@ def format_table(rows: list[Row]) -> str:
             return "-" if a not in t or b not in t else f"{t[a] / t[b]:.2f}"
 
         cells = [f"{r.shape_name} {tuple(r.shape)}", r.mode]
-        cells += [_ms(t.get(v)) for v in VARIANTS]
-        cells += [
-            ratio("torch", "fused"),
-            ratio("fused", "copy"),
-            ratio("torch", "copy"),
-            ratio("torch_cl", "fused_cl"),
-        ]
+        cells += [_ms(t.get(v)) for v in cols]
+        cells += [ratio(a, b) for a, b in RATIOS]
         lines.append("| " + " | ".join(cells) + " |")
     return head + "\n".join(lines) + "\n"
 
@@ -292,6 +336,7 @@ def main(argv: list[str] | None = None) -> int:
         help=f"subset of shapes; known: {', '.join(SHAPES)}",
     )  # fmt: skip
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile column")
+    p.add_argument("--no-reference", action="store_true", help="skip the reference-path column")
     p.add_argument("--no-resnet", action="store_true", help="skip the ResNet-20 step")
     p.add_argument("--threads", type=int, default=None, help="torch and numba threads")
     p.add_argument("--write", metavar="PATH", help="write the tables into this Markdown file")
@@ -314,19 +359,20 @@ def main(argv: list[str] | None = None) -> int:
     kernels.warm_up()
     warm = time.perf_counter() - t0
     threads = f"torch threads {torch.get_num_threads()}, numba threads {numba.get_num_threads()}"
-    print(f"bnlab bench: float32, median of {args.repeats}, {threads}")
+    print(f"bnlab bench: median of {args.repeats} interleaved rounds, {threads}; {machine_text()}")
     print(f"kernel warm-up (compile or load from cache): {warm:.1f} s")
     compiled = not (args.no_compile or args.quick)
+    reference = not args.no_reference
     rows: list[Row] = []
     for name in names:
         try:
-            rows += bench_shape(name, SHAPES[name], args.repeats, compiled)
+            rows += bench_shape(name, SHAPES[name], args.repeats, compiled, print, reference)
         except Exception as e:  # torch.compile may be unavailable (no compiler): say so, go on
             if not compiled:
                 raise
             print(f"  torch.compile failed ({type(e).__name__}: {e}); skipping that column")
             compiled = False
-            rows += bench_shape(name, SHAPES[name], args.repeats, compiled)
+            rows += bench_shape(name, SHAPES[name], args.repeats, compiled, print, reference)
     table = format_table(rows)
     print(table)
     resnet = ""
@@ -338,8 +384,11 @@ def main(argv: list[str] | None = None) -> int:
         section = (
             "## Fused kernels\n\n"
             f"Command: `bnlab bench {argv_text}` (or `python benchmarks/bench_kernels.py`), "
-            f"{_dt.datetime.now(_dt.UTC):%Y-%m-%d %H:%M} UTC, {threads}, float32, "
-            f"median of {args.repeats} runs, times in ms.\n\n" + table + "\n" + resnet
+            f"{_dt.datetime.now(_dt.UTC):%Y-%m-%d %H:%M} UTC, {threads}, {machine_text()} (at "
+            f"the end), median of {args.repeats} interleaved rounds, times in ms.\n\n"
+            + table
+            + "\n"
+            + resnet
         )
         _write_results(args.write, section)
     return 0
