@@ -440,6 +440,7 @@ def _run_jobs(cfg: WhyConfig, todo: list[Job], data: Data, run_dir: RunDir, work
         for p in procs:
             p.start()
     pending = len(todo)
+    finished = False
     try:
         while pending:
             try:
@@ -453,11 +454,21 @@ def _run_jobs(cfg: WhyConfig, todo: list[Job], data: Data, run_dir: RunDir, work
                 raise RuntimeError(f"why: a training worker failed:\n{payload}")
             pending -= 1
             on_done(job, payload)
+        finished = True
     finally:
+        # Done: every worker has its None and exits by itself (flushing its queue ends), so it
+        # is waited for; only one that hangs, or any on an error or Ctrl-C, is terminated.
+        # Then both queues are closed here, so their semaphores are released with them.
         for p in procs:
+            if finished:
+                p.join(timeout=30)
             if p.is_alive():
                 p.terminate()
             p.join(timeout=10)
+        for q in (jobs_q, done_q):
+            if not finished:
+                q.cancel_join_thread()  # data nobody will read must not block this exit
+            q.close()
 
 
 # -------------------------------------------------------------------------------- analyses at init
