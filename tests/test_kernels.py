@@ -203,16 +203,71 @@ def test_choose_and_fallbacks():
         assert B.choose(x) == "fused"
         assert B.choose(to_format(x, "channels_last")) == "fused"
         assert B.choose(x[:, :, ::2]) == "reference"  # unsupported strides
-        assert B.choose(x.bfloat16()) == "reference"
-        assert B.choose(x.half()) == "reference"
+        # 16-bit floats: the kernels in float32, with parameters of their dtype or float32
+        assert B.choose(x.bfloat16()) == "fused32"
+        assert B.choose(x.half(), torch.ones(3), torch.ones(3, dtype=torch.half)) == "fused32"
+        assert B.choose(x.bfloat16(), torch.ones(3, dtype=torch.float64)) == "reference"
+        assert B.choose(x.bfloat16()[:, :, ::2]) == "reference"
         assert B.choose(x, torch.ones(3, dtype=torch.float64)) == "reference"  # mixed dtypes
     with bnlab.use_backend("reference"):
         assert B.choose(x) == "reference"
     with bnlab.use_backend("fused"):
+        assert B.choose(x.bfloat16()) == "fused32"
         with pytest.raises(ValueError, match="bfloat16"):
-            B.choose(x.bfloat16())
+            B.choose(x.bfloat16()[:, :, ::2])
         with pytest.raises(ValueError, match="strides"):
             bnlab.BatchNorm2d(3)(x[:, :, ::2])
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "f16"])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("relu", [False, True], ids=["bn", "bn-relu"])
+@pytest.mark.parametrize("params", ["float32", "input"])
+def test_16_bit_inputs_take_the_kernels_in_float32(dtype, layout, relu, params):
+    """A bf16/fp16 input (parameters float32, as under autocast, or of the input's dtype) on the
+    "fused32" path. Oracle: torch's BatchNorm2d (+ ReLU) in float32 on the same values, results
+    rounded once to the 16-bit dtype (what the path claims); outputs also against torch's own
+    16-bit BatchNorm2d (torch's parameter gradients in 16-bit parameters come out of other
+    roundings and are not the oracle). Training (outputs, gradients, running statistics), then
+    eval."""
+    g = torch.Generator().manual_seed(8)
+    x = _layout(torch.randn(6, 5, 7, 9, generator=g) * 3 + 2, layout).to(dtype)
+    dy = _layout(torch.randn(x.shape, generator=g), layout).to(dtype)
+    p_dtype = torch.float32 if params == "float32" else dtype
+    ours = bnlab.BatchNorm2d(5, activation="relu" if relu else None).to(p_dtype)
+    ref = torch.nn.BatchNorm2d(5)  # float32
+    native = torch.nn.BatchNorm2d(5).to(p_dtype)  # torch's 16-bit kernel
+    w, b = torch.rand(5, generator=g) + 0.5, torch.randn(5, generator=g)
+    w, b = w.to(p_dtype).float(), b.to(p_dtype).float()  # the oracle gets the rounded values
+    with torch.no_grad():
+        for m in (ours, ref, native):
+            m.weight.copy_(w)
+            m.bias.copy_(b)
+    assert B.choose(x, ours.weight, ours.bias, ours.running_mean) == "fused32"
+    one = dict(rtol=1e-2, atol=1e-2) if dtype == torch.bfloat16 else dict(rtol=2e-3, atol=2e-3)
+    for train in (True, False):
+        for m in (ours, ref, native):
+            m.train(train)
+        xo, xr = x.clone().requires_grad_(), x.float().requires_grad_()
+        yo = ours(xo)
+        zr = ref(xr)
+        yr = torch.relu(zr) if relu else zr
+        assert yo.dtype == dtype and yo.stride() == x.stride()
+        torch.testing.assert_close(yo, yr.to(dtype), **one)
+        with torch.no_grad():
+            yn = native(x)
+            torch.testing.assert_close(yo, torch.relu(yn) if relu else yn, rtol=3e-2, atol=4e-2)
+        yo.backward(dy)
+        yr.backward(dy.float())
+        assert xo.grad.dtype == dtype and ours.weight.grad.dtype == p_dtype
+        # (where the BN output rounds to 0 in fp16 but not in float32, the masks differ: left out)
+        keep = (zr.detach().abs() > one["atol"]) | (not relu)
+        torch.testing.assert_close(xo.grad[keep], xr.grad.to(dtype)[keep], **one)
+        for a, r in ((ours.weight, ref.weight), (ours.bias, ref.bias)):
+            torch.testing.assert_close(a.grad, r.grad.to(p_dtype), rtol=one["rtol"], atol=0.1)
+            a.grad = r.grad = None
+        torch.testing.assert_close(ours.running_mean.float(), ref.running_mean, **one)
+        torch.testing.assert_close(ours.running_var.float(), ref.running_var, **one)
 
 
 def test_set_backend_validates_and_context_restores():

@@ -6,17 +6,20 @@ Backends (process-wide; :func:`use_backend` sets one for a ``with`` block)::
 
     "auto"       fused kernels when they take the input (CPU, float32/float64, contiguous or
                  channels_last, parameters of the input's dtype: :func:`bnlab.kernels.
-                 unsupported_reason`) and Numba is installed; the reference path otherwise
-                 (bf16/fp16, other devices, other strides)
+                 unsupported_reason`) and Numba is installed; for a bfloat16/float16 input
+                 (with parameters of its dtype or float32, as under ``torch.autocast``) the
+                 same kernels in float32 (path "fused32": the input converted once, the
+                 statistics in float32, the output rounded to the input's dtype); the reference
+                 path otherwise (other devices, other strides)
     "fused"      fused kernels only; an unsupported input raises ValueError naming the reason
     "reference"  always the pure-torch functions of bnlab.functional
 
 The default is ``"auto"``, or the value of the ``BNLAB_BACKEND`` environment variable.
 
 The choice is made once per forward call and recorded for its backward, so a forward and its
-backward always run on the same path. Functions here have the signatures of
-:mod:`bnlab.functional` plus ``relu`` (forward) / ``y`` (backward: the ReLU output, whose
-mask ``y > 0`` gates ``dy``).
+backward always run on the same path ("fused", "fused32" or "reference"). Functions here have
+the signatures of :mod:`bnlab.functional` plus ``relu`` (forward) / ``y`` (backward: the ReLU
+output, whose mask ``y > 0`` gates ``dy``).
 """
 
 from __future__ import annotations
@@ -91,19 +94,42 @@ def use_backend(name: str) -> Iterator[None]:
 
 
 def choose(x: Tensor, *params: Tensor | None) -> str:
-    """The path ("fused" or "reference") a call on ``x`` with these parameters/statistics takes
-    under the selected backend. ValueError under "fused" when the kernels cannot take it."""
+    """The path ("fused", "fused32" or "reference") a call on ``x`` with these
+    parameters/statistics takes under the selected backend. ValueError under "fused" when the
+    kernels cannot take it (in its dtype or, for a 16-bit float input, in float32)."""
     if _backend == "reference" or not _HAVE_NUMBA:
         return "reference"
     reason = K.unsupported_reason(x, *params)
     if reason is None:
         return "fused"
+    if x.dtype in _HALF and _upcast_reason(x, params) is None:
+        return "fused32"
     if _backend == "fused":
         raise ValueError(
             f"bnlab backend 'fused' cannot take this input: {reason}; "
             "use set_backend('auto') to fall back to the reference path"
         )
     return "reference"
+
+
+_HALF = (torch.float16, torch.bfloat16)
+
+
+def _upcast_reason(x: Tensor, params: tuple[Tensor | None, ...]) -> str | None:
+    """Why a 16-bit float CPU input cannot take the kernels in float32, or None: every
+    parameter or statistic is of x's dtype or float32 and on the CPU, and x's shape and strides
+    are ones the kernels take (its float32 copy keeps them)."""
+    if not x.is_cpu:
+        return f"device {x.device} (CPU only)"
+    for p in params:
+        if p is not None and (p.dtype not in (x.dtype, torch.float32) or not p.is_cpu):
+            return f"a parameter/statistic of dtype {p.dtype} on {p.device}"
+    return K.layout_reason(x)
+
+
+def _f32(t: Tensor | None) -> Tensor | None:
+    """``t`` as float32 (itself if it is; None stays None)."""
+    return t if t is None or t.dtype == torch.float32 else t.float()
 
 
 def train_forward(
@@ -113,6 +139,11 @@ def train_forward(
     path = choose(x, weight, bias)
     if path == "fused":
         return (path, *K.batch_norm_train_forward(x, weight, bias, eps, relu=relu))
+    if path == "fused32":
+        y, mean, var, invstd = K.batch_norm_train_forward(
+            x.float(), _f32(weight), _f32(bias), eps, relu=relu
+        )
+        return path, y.to(x.dtype), mean, var, invstd
     y, mean, var, invstd = F.batch_norm_train_forward(x, weight, bias, eps)
     if relu:
         y = y.clamp_min_(0)
@@ -122,6 +153,17 @@ def train_forward(
 def _relu_mask(dy: Tensor, y: Tensor | None) -> Tensor:
     """dL/d(BN output) from dL/dy through y = max(., 0): dy where y > 0, else 0."""
     return dy if y is None else torch.where(y > 0, dy, torch.zeros((), dtype=dy.dtype))
+
+
+def _from32(x: Tensor, weight: Tensor | None, grads: tuple) -> tuple:
+    """Gradients computed in float32 for a 16-bit input: dx in x's dtype, dgamma/dbeta in the
+    weight's (the ``fused32`` path)."""
+    dx, dgamma, dbeta = grads
+    if dx is not None:
+        dx = dx.to(x.dtype)
+    if weight is not None and dgamma is not None:
+        dgamma, dbeta = dgamma.to(weight.dtype), dbeta.to(weight.dtype)
+    return dx, dgamma, dbeta
 
 
 def train_backward(
@@ -140,6 +182,11 @@ def train_backward(
         return K.batch_norm_train_backward(
             dy, x, mean, invstd, weight, need_dx=need_dx, need_dparams=need_dparams, y=y
         )
+    if path == "fused32":
+        return _from32(x, weight, K.batch_norm_train_backward(
+            dy.float(), x.float(), mean, invstd, _f32(weight), need_dx=need_dx,
+            need_dparams=need_dparams, y=None if y is None else y.float(),
+        ))  # fmt: skip
     return F.batch_norm_train_backward(
         _relu_mask(dy, y), x, mean, invstd, weight, need_dx=need_dx, need_dparams=need_dparams
     )
@@ -160,6 +207,12 @@ def eval_forward(
         return (path, *K.batch_norm_eval_forward(
             x, running_mean, running_var, weight, bias, eps, relu=relu
         ))  # fmt: skip
+    if path == "fused32":
+        y, invstd = K.batch_norm_eval_forward(
+            x.float(), _f32(running_mean), _f32(running_var), _f32(weight), _f32(bias), eps,
+            relu=relu,
+        )  # fmt: skip
+        return path, y.to(x.dtype), invstd
     y, invstd = F.batch_norm_eval_forward(x, running_mean, running_var, weight, bias, eps)
     if relu:
         y = y.clamp_min_(0)
@@ -182,6 +235,11 @@ def eval_backward(
         return K.batch_norm_eval_backward(
             dy, x, running_mean, invstd, weight, need_dx=need_dx, need_dparams=need_dparams, y=y
         )
+    if path == "fused32":
+        return _from32(x, weight, K.batch_norm_eval_backward(
+            dy.float(), x.float(), _f32(running_mean), invstd, _f32(weight),
+            need_dx=need_dx, need_dparams=need_dparams, y=None if y is None else y.float(),
+        ))  # fmt: skip
     return F.batch_norm_eval_backward(
         _relu_mask(dy, y), x, running_mean, invstd, weight, need_dx=need_dx,
         need_dparams=need_dparams,
@@ -203,8 +261,11 @@ def commit_stats(
     backend not "reference"), else with tensor ops. False, touching nothing, for non-finite
     statistics; an empty batch (``m = 0``) is only counted."""
     args = (mean, var, running_mean, running_var, num_batches_tracked, momentum, m, update)
-    if m > 0 and _backend != "reference" and _HAVE_NUMBA and K.commit_supported(
-        mean, var, running_mean, running_var
+    if (
+        m > 0
+        and _backend != "reference"
+        and _HAVE_NUMBA
+        and K.commit_supported(mean, var, running_mean, running_var)
     ):
         return K.commit_batch_stats(*args)
     return F.commit_running_stats(*args)

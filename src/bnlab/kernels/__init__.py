@@ -32,6 +32,7 @@ from torch import Tensor
 
 __all__ = [
     "unsupported_reason",
+    "layout_reason",
     "batch_norm_train_forward",
     "batch_norm_train_backward",
     "batch_norm_eval_forward",
@@ -92,14 +93,19 @@ def unsupported_reason(x: Tensor, *params: Tensor | None) -> str | None:
     dtype = x.dtype
     if dtype not in _DTYPES:
         return f"dtype {dtype} (float32/float64 only)"
-    if x.dim() < 2 or x.numel() == 0:
-        return f"shape {tuple(x.shape)} (need (N, C, ...) with N*C > 0)"
     for p in params:
         if p is not None and (p.dtype != dtype or not p.is_cpu):
             return (
                 f"a parameter/statistic of dtype {p.dtype} on {p.device} for an input of "
                 f"dtype {dtype} on the CPU"
             )
+    return layout_reason(x)
+
+
+def layout_reason(x: Tensor) -> str | None:
+    """Why the kernels cannot take ``x``'s shape and strides (whatever its dtype), or None."""
+    if x.dim() < 2 or x.numel() == 0:
+        return f"shape {tuple(x.shape)} (need (N, C, ...) with N*C > 0)"
     if not x.is_contiguous() and _kernel_view(x) is None:  # (contiguous: always a view)
         return f"strides {x.stride()} (contiguous or channels_last only)"
     return None
@@ -250,9 +256,7 @@ _NO_COUNT = np.zeros((), np.int64)
 def commit_supported(*stats: Tensor | None) -> bool:
     """True if :func:`commit_batch_stats` takes these (C,) statistics and buffers: CPU, float32 or
     float64, contiguous (``None`` buffers allowed)."""
-    return all(
-        t is None or (t.is_cpu and t.dtype in _DTYPES and t.is_contiguous()) for t in stats
-    )
+    return all(t is None or (t.is_cpu and t.dtype in _DTYPES and t.is_contiguous()) for t in stats)
 
 
 def commit_batch_stats(
