@@ -402,3 +402,59 @@ def test_values_from_the_run_files_are_shown_literally(tmp_path):
     assert r"**Scale**: \<i\>fm\</i\> (60,000" in md and "&lt;i&gt;fm&lt;/i&gt; (60,000" in html
     assert "`b*n*`" in md and "<code>b*n*</code>" in html
     assert r"began as 0.01,\`x\`;" in md and "began as 0.01,`x`;" in html
+
+
+class _FakeProc:
+    def __init__(self):
+        self.alive, self.terminated = True, False
+
+    def is_alive(self):
+        return self.alive
+
+    def terminate(self):
+        self.terminated, self.alive = True, False
+
+    def join(self, timeout=None):
+        pass
+
+
+class _PressesThenEmpty:
+    """A result queue whose get() raises KeyboardInterrupt ``presses`` times, then is empty."""
+
+    def __init__(self, presses):
+        self.presses = presses
+
+    def get(self, timeout=None):
+        import queue
+
+        if self.presses:
+            self.presses -= 1
+            raise KeyboardInterrupt
+        raise queue.Empty
+
+
+@pytest.mark.parametrize("presses", [1, 2])
+def test_ctrl_c_stops_the_workers_and_a_second_one_terminates_them(presses):
+    """The pool's wait for results, with stand-ins for the processes and queues: one Ctrl-C is
+    passed on to the workers (which then exit by themselves) and nothing is terminated; a
+    second one while they are still running terminates them. Either way KeyboardInterrupt."""
+    import queue
+
+    pool = lra._Pool.__new__(lra._Pool)
+    pool.procs = [_FakeProc(), _FakeProc()]
+    pool.results = _PressesThenEmpty(presses)
+    pool.jobs = queue.Queue()
+    passed_on = []
+
+    def interrupt():
+        passed_on.append(1)
+        if presses == 1:  # the workers stop and exit
+            for p in pool.procs:
+                p.alive = False
+
+    pool._interrupt = interrupt
+    with pytest.raises(KeyboardInterrupt):
+        pool.map([{"tags": {"variant": "bn-x5", "seed": 0}}])
+    assert passed_on == [1]
+    assert all(p.terminated for p in pool.procs) == (presses == 2)
+    assert not any(p.alive for p in pool.procs)

@@ -542,8 +542,9 @@ class _Pool:
 
         Ctrl-C (in the terminal: every process gets it; or in this process only: passed on to
         the workers) stops the workers inside their training; what they sent before stopping
-        is still written, then KeyboardInterrupt propagates. A worker's failure raises
-        RuntimeError with its traceback."""
+        is still written, then KeyboardInterrupt propagates. A second Ctrl-C stops waiting for
+        them: the workers are terminated (a resumed run continues from their last checkpoints).
+        A worker's failure raises RuntimeError with its traceback."""
         import queue as queue_mod
 
         for job in jobs:
@@ -551,12 +552,17 @@ class _Pool:
         pending = {_key(j["tags"]) for j in jobs}
         out: dict[str, dict] = {}
         stopping = False
+        presses = 0
         while pending:
             try:
                 msg = self.results.get(timeout=1.0)
             except KeyboardInterrupt:
                 stopping = True
-                self._interrupt()
+                presses += 1
+                if presses == 1:
+                    self._interrupt()
+                else:
+                    self._terminate()
                 continue
             except queue_mod.Empty:
                 msg = None
@@ -609,6 +615,13 @@ class _Pool:
             if p.is_alive() and p.pid is not None:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(p.pid, signal.SIGINT)
+
+    def _terminate(self) -> None:
+        for p in self.procs:
+            if p.is_alive():
+                p.terminate()
+        for p in self.procs:
+            p.join(timeout=10)
 
     def close(self) -> None:
         for _ in self.procs:
