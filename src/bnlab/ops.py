@@ -77,9 +77,12 @@ __all__ = [
 EAGER, OP, DECOMPOSE = 0, 1, 2
 COMPILE_FORMS = ("auto", "ops", "decompose")
 # Under torch.compile, "auto" lets Inductor fuse the decomposition of inputs of at most this many
-# values, where a custom operator's fixed cost (a Python call through the dispatcher per operator)
-# outweighs the arithmetic, and calls the operators (bnlab's kernels) above it.
-COMPILE_DECOMPOSE_MAX = 1 << 16
+# values and calls the operators (bnlab's kernels) above it. A custom operator is an opaque call
+# back into Python per operator, and it keeps Inductor from fusing BN with the convolution's
+# output and the ReLU; the decomposition was the faster form at every BN input of a ResNet-20
+# step measured (up to 2,097,152 values: 128 x 16 x 32 x 32), so the bound is that size; beyond
+# it the kernels' fewer passes over memory are not known to lose (docs/kernels.md).
+COMPILE_DECOMPOSE_MAX = 1 << 21
 
 
 def _check_form(form: str, where: str = "compile form") -> str:
