@@ -52,7 +52,9 @@ from .small_batch_common import (
     evaluate_sharded,
     jobs_left,
     load_data,
+    parse_choices,
     parse_ints,
+    parse_widths,
     run_jobs,
 )
 
@@ -140,8 +142,7 @@ class BatchSizeConfig:
 
     @property
     def norm_list(self) -> list[str]:
-        names = [n.strip() for n in self.norms.split(",") if n.strip()]
-        return [n for n in NORMS if n in names]
+        return parse_choices(self.norms, NORMS, "--norms")
 
     @property
     def size_list(self) -> list[int]:
@@ -149,21 +150,10 @@ class BatchSizeConfig:
 
     @property
     def width_list(self) -> list[int]:
-        try:
-            widths = [int(v) for v in self.widths.split(",") if v.strip()]
-        except ValueError:
-            widths = []
-        if len(widths) != 3 or min(widths) < 1:
-            raise ValueError(f"--widths must be 3 positive channel counts, e.g. 16,32,64; got "
-                             f"{self.widths!r}")  # fmt: skip
-        return widths
+        return parse_widths(self.widths)
 
     def validate(self) -> None:
-        names = [n.strip() for n in self.norms.split(",") if n.strip()]
-        unknown = [n for n in names if n not in NORMS]
-        if not names or unknown:
-            raise ValueError(f"--norms must be a comma-separated list of {', '.join(NORMS)}; "
-                             f"got {self.norms!r}")  # fmt: skip
+        self.norm_list  # noqa: B018  (checks --norms)
         sizes = self.size_list
         self.width_list  # noqa: B018  (checks --widths)
         if self.examples < max(sizes + [self.ghost_batch]):

@@ -44,6 +44,8 @@ from .small_batch_common import (
     evaluate_sharded,
     jobs_left,
     load_data,
+    parse_choices,
+    parse_widths,
     run_jobs,
 )
 
@@ -108,26 +110,14 @@ class NonIidConfig:
 
     @property
     def variant_list(self) -> list[str]:
-        names = [n.strip() for n in self.variants.split(",") if n.strip()]
-        return [v for v in VARIANTS if v in names]
+        return parse_choices(self.variants, VARIANTS, "--variants")
 
     @property
     def width_list(self) -> list[int]:
-        try:
-            widths = [int(v) for v in self.widths.split(",") if v.strip()]
-        except ValueError:
-            widths = []
-        if len(widths) != 3 or min(widths) < 1:
-            raise ValueError(f"--widths must be 3 positive channel counts, e.g. 16,32,64; got "
-                             f"{self.widths!r}")  # fmt: skip
-        return widths
+        return parse_widths(self.widths)
 
     def validate(self) -> None:
-        names = [n.strip() for n in self.variants.split(",") if n.strip()]
-        unknown = [n for n in names if n not in VARIANTS]
-        if not names or unknown:
-            raise ValueError(f"--variants must be a comma-separated list of "
-                             f"{', '.join(VARIANTS)}; got {self.variants!r}")  # fmt: skip
+        self.variant_list  # noqa: B018  (checks --variants)
         self.width_list  # noqa: B018  (checks --widths)
         if self.batch_size % self.labels_per_batch:
             raise ValueError(f"--batch-size {self.batch_size} must be a multiple of "

@@ -38,6 +38,8 @@ __all__ = [
     "evaluate_batch_stats",
     "evaluate_recomputed",
     "run_jobs",
+    "parse_widths",
+    "parse_choices",
     "seed_spread",
     "mean",
     "tail_mean",
@@ -58,6 +60,28 @@ def parse_ints(text: str, flag: str, *, minimum: int = 1) -> list[int]:
     if len(set(values)) != len(values):
         raise ValueError(f"{flag} lists a value twice: {text!r}")
     return sorted(values)
+
+
+def parse_widths(text: str) -> list[int]:
+    """``--widths``: ``"16,32,64"`` -> the 3 channel counts of ``SmallCNN``, else ValueError."""
+    try:
+        widths = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        widths = []
+    if len(widths) != 3 or min(widths) < 1:
+        raise ValueError(f"--widths must be 3 positive channel counts, e.g. 16,32,64; got "
+                         f"{text!r}")  # fmt: skip
+    return widths
+
+
+def parse_choices(text: str, known: tuple[str, ...], flag: str) -> list[str]:
+    """The names of a comma-separated ``text`` in ``known``'s order; ValueError naming ``flag``
+    when it names none or one that is not known."""
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    if not names or any(n not in known for n in names):
+        raise ValueError(f"{flag} must be a comma-separated list of {', '.join(known)}; "
+                         f"got {text!r}")  # fmt: skip
+    return [n for n in known if n in names]
 
 
 def data_problem(dataset: str) -> str | None:
