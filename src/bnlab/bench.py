@@ -286,18 +286,10 @@ def bench_resnet(repeats: int, batch: int = 128, log: Callable[[str], None] = pr
                 nn.functional.cross_entropy(model(x), y).backward()
                 opt.step()
 
-        for _ in range(2):  # warm-up
-            step()
         steps[label] = step
     # Interleaved (one step of each model per round), so load drift on a shared machine hits
     # every model alike.
-    samples: dict[str, list[float]] = {label: [] for label in steps}
-    for _ in range(repeats):
-        for label, step in steps.items():
-            t0 = time.perf_counter()
-            step()
-            samples[label].append(time.perf_counter() - t0)
-    results = {label: statistics.median(ts) for label, ts in samples.items()}
+    results = _interleaved(steps, repeats, warmup=2)
     for label, t in results.items():
         log(f"  resnet20 step, {label}: {t * 1e3:.1f} ms")
     base = results["torch BatchNorm2d"]

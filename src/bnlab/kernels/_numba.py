@@ -223,14 +223,17 @@ def _ncs_normalize(x, coef, relu, y, i0, i1):
 
 
 @njit(**_SERIAL)
-def _tile(v, r, dtype):
-    """``v`` (C,) repeated r times, as ``dtype``: per-channel values for a run of r rows of an
-    (M, C) layout read as one flat vector."""
-    C = v.shape[0]
-    t = np.empty(C * r, dtype)
-    for j in range(r):
-        for c in range(C):
-            t[j * C + c] = v[c]
+def _tile(v, dtype):
+    """``v`` (K, C) with each row repeated ``_tile_rows(C)`` times, as ``dtype``: per-channel
+    values for a flat tile of rows of an (M, C) layout. Made once per call, shared by every
+    chunk."""
+    K, C = v.shape
+    r = _tile_rows(C)
+    t = np.empty((K, C * r), dtype)
+    for i in range(K):
+        for j in range(r):
+            for c in range(C):
+                t[i, j * C + c] = v[i, c]
     return t
 
 
@@ -244,16 +247,16 @@ def _fold(t, C, out):
 
 
 @njit(**_SERIAL)
-def _mc_sums(x, x0, r0, r1, cmean, cm2):
+def _mc_sums(x, z, r0, r1, cmean, cm2):
     """Shifted sums of rows [r0, r1) of (M, C) into ``cmean`` (C,) = mean - x0 and ``cm2`` (C,)
     = sum of squared deviations, float64: s1 = sum d, s2 = sum d^2 with d = x - x0, then
     M2 = s2 - s1^2 / n (see module docstring). Rows are read in tiles of
-    ``_tile_rows(C)`` rows, each one flat vector of P values, with P accumulators."""
+    ``_tile_rows(C)`` rows, each one flat vector of P values, with P accumulators; ``z`` is x0
+    tiled (:func:`_tile`)."""
     C = x.shape[1]
     xf = x.reshape(-1)
     r = _tile_rows(C)
     P = r * C
-    z = _tile(x0, r, np.float64)
     s1t = np.zeros(P, np.float64)
     s2t = np.zeros(P, np.float64)
     # (loops over tile counts, not strided while loops: a variable stride makes LLVM compute
@@ -295,16 +298,16 @@ def _mc_sums(x, x0, r0, r1, cmean, cm2):
 
 
 @njit(**_SERIAL)
-def _mc_normalize(x, coef, relu, y, r0, r1):
+def _mc_normalize(x, t, relu, y, r0, r1):
     """:func:`_ncs_normalize` for rows [r0, r1) of an (M, C) layout, in flat tiles of
-    ``_tile_rows(C)`` rows with the coefficients tiled alike."""
+    ``_tile_rows(C)`` rows; ``t`` holds the coefficients tiled alike (:func:`_tile`)."""
     C = x.shape[1]
     xf = x.reshape(-1)
     yf = y.reshape(-1)
     r = _tile_rows(C)
-    mu = _tile(coef[0], r, x.dtype)
-    a = _tile(coef[1], r, x.dtype)
-    bb = _tile(coef[2], r, x.dtype)
+    mu = t[0]
+    a = t[1]
+    bb = t[2]
     P = r * C
     for t in range((r1 - r0 + r - 1) // r):  # whole tiles, then the rows left
         base = (r0 + t * r) * C
@@ -337,17 +340,17 @@ def _ncs_normalize_par(x, coef, relu, y):
 
 
 @njit(**_OPTS)
-def _mc_sums_par(x, x0, R, cmean, cm2):
+def _mc_sums_par(x, z, R, cmean, cm2):
     M = x.shape[0]
     for k in prange(cmean.shape[0]):
-        _mc_sums(x, x0, k * R, min(M, (k + 1) * R), cmean[k], cm2[k])
+        _mc_sums(x, z, k * R, min(M, (k + 1) * R), cmean[k], cm2[k])
 
 
 @njit(**_OPTS)
-def _mc_normalize_par(x, coef, relu, y, R):
+def _mc_normalize_par(x, t, relu, y, R):
     M = x.shape[0]
     for k in prange((M + R - 1) // R):
-        _mc_normalize(x, coef, relu, y, k * R, min(M, (k + 1) * R))
+        _mc_normalize(x, t, relu, y, k * R, min(M, (k + 1) * R))
 
 
 @njit(**_SERIAL)
@@ -362,10 +365,11 @@ def _ncs_norm(x, coef, relu, y):
 @njit(**_SERIAL)
 def _mc_norm(x, coef, relu, y):
     M, C = x.shape
+    t = _tile(coef, x.dtype)
     if use_serial(x.size):
-        _mc_normalize(x, coef, relu, y, 0, M)
+        _mc_normalize(x, t, relu, y, 0, M)
     else:
-        _mc_normalize_par(x, coef, relu, y, mc_rows_per_chunk(M, C))
+        _mc_normalize_par(x, t, relu, y, mc_rows_per_chunk(M, C))
 
 
 @njit(**_SERIAL)
@@ -401,10 +405,11 @@ def train_fwd_mc(x, w, b, has_w, has_b, eps, relu, y, stats):
     K = (M + R - 1) // R
     cmean = np.empty((K, C), np.float64)
     cm2 = np.empty((K, C), np.float64)
+    z = _tile(x0.reshape(1, C), np.float64)[0]
     if serial:
-        _mc_sums(x, x0, 0, M, cmean[0], cm2[0])
+        _mc_sums(x, z, 0, M, cmean[0], cm2[0])
     else:
-        _mc_sums_par(x, x0, R, cmean, cm2)
+        _mc_sums_par(x, z, R, cmean, cm2)
     counts = np.empty(K, np.float64)
     for k in range(K):
         counts[k] = min(M, (k + 1) * R) - k * R  # the last chunk may be shorter
@@ -489,16 +494,16 @@ def _ncs_gsums(dy, x, y, relu, mean, i0, i1, p1, p2):
 
 
 @njit(**_SERIAL)
-def _mc_gsums(dy, x, y, relu, mean, r0, r1, s1, s2):
+def _mc_gsums(dy, x, y, relu, mu, r0, r1, s1, s2):
     """Add sum g and sum g (x - mean) over rows [r0, r1) of (M, C) to s1, s2 (C,) float64, in
-    flat tiles of ``_tile_rows(C)`` rows with tiled accumulators."""
+    flat tiles of ``_tile_rows(C)`` rows with tiled accumulators; ``mu`` is the mean tiled
+    (:func:`_tile`)."""
     C = x.shape[1]
     xf = x.reshape(-1)
     gf = dy.reshape(-1)
     yf = y.reshape(-1)
     r = _tile_rows(C)
     P = r * C
-    mu = _tile(mean, r, x.dtype)
     s1t = np.zeros(P, np.float64)
     s2t = np.zeros(P, np.float64)
     tiles = (r1 - r0) // r
@@ -568,7 +573,7 @@ def _ncs_dx(dy, x, y, relu, coef, dx, i0, i1):
 
 
 @njit(**_SERIAL)
-def _mc_dx(dy, x, y, relu, coef, dx, r0, r1):
+def _mc_dx(dy, x, y, relu, t, dx, r0, r1):
     """:func:`_ncs_dx` for rows [r0, r1) of an (M, C) layout, in flat tiles of
     ``_tile_rows(C)`` rows with the coefficients tiled alike."""
     C = x.shape[1]
@@ -578,10 +583,10 @@ def _mc_dx(dy, x, y, relu, coef, dx, r0, r1):
     df = dx.reshape(-1)
     r = _tile_rows(C)
     P = r * C
-    mu = _tile(coef[0], r, x.dtype)
-    a = _tile(coef[1], r, x.dtype)
-    bb = _tile(coef[2], r, x.dtype)
-    d = _tile(coef[3], r, x.dtype)
+    mu = t[0]
+    a = t[1]
+    bb = t[2]
+    d = t[3]
     for t in range((r1 - r0 + r - 1) // r):  # whole tiles, then the rows left
         base = (r0 + t * r) * C
         n = min(P, (r1 - r0 - t * r) * C)
@@ -607,10 +612,10 @@ def _ncs_gsums_par(dy, x, y, relu, mean, p1, p2):
 
 
 @njit(**_OPTS)
-def _mc_gsums_par(dy, x, y, relu, mean, R, p1, p2):
+def _mc_gsums_par(dy, x, y, relu, mu, R, p1, p2):
     M = x.shape[0]
     for k in prange(p1.shape[0]):
-        _mc_gsums(dy, x, y, relu, mean, k * R, min(M, (k + 1) * R), p1[k], p2[k])
+        _mc_gsums(dy, x, y, relu, mu, k * R, min(M, (k + 1) * R), p1[k], p2[k])
 
 
 @njit(**_OPTS)
@@ -622,10 +627,10 @@ def _ncs_dx_par(dy, x, y, relu, coef, dx):
 
 
 @njit(**_OPTS)
-def _mc_dx_par(dy, x, y, relu, coef, dx, R):
+def _mc_dx_par(dy, x, y, relu, t, dx, R):
     M = x.shape[0]
     for k in prange((M + R - 1) // R):
-        _mc_dx(dy, x, y, relu, coef, dx, k * R, min(M, (k + 1) * R))
+        _mc_dx(dy, x, y, relu, t, dx, k * R, min(M, (k + 1) * R))
 
 
 @njit(**_SERIAL)
@@ -670,21 +675,23 @@ def backward_mc(dy, x, y, relu, mean, invstd, w, has_w, train, need_sums, need_d
     R = M if serial else mc_rows_per_chunk(M, C)
     sums = np.zeros((2, C), np.float64)
     if need_sums or train:
+        mu = _tile(mean.reshape(1, C), x.dtype)[0]
         if serial:
-            _mc_gsums(dy, x, y, relu, mean, 0, M, sums[0], sums[1])
+            _mc_gsums(dy, x, y, relu, mu, 0, M, sums[0], sums[1])
         else:
             K = (M + R - 1) // R
             p1 = np.zeros((K, C), np.float64)
             p2 = np.zeros((K, C), np.float64)
-            _mc_gsums_par(dy, x, y, relu, mean, R, p1, p2)
+            _mc_gsums_par(dy, x, y, relu, mu, R, p1, p2)
             _add_rows(p1, p2, sums)
     coef = np.empty((4, C), x.dtype)
     _bwd_coef(sums, mean, invstd, w, has_w, train, M, coef, grads)
     if need_dx:
+        t = _tile(coef, x.dtype)
         if serial:
-            _mc_dx(dy, x, y, relu, coef, dx, 0, M)
+            _mc_dx(dy, x, y, relu, t, dx, 0, M)
         else:
-            _mc_dx_par(dy, x, y, relu, coef, dx, R)
+            _mc_dx_par(dy, x, y, relu, t, dx, R)
 
 
 # ----------------------------------------------------------------------------- running statistics
