@@ -109,14 +109,7 @@ def _step_fn(layer: nn.Module | Callable, x: torch.Tensor, dy: torch.Tensor, mod
     """A zero-argument callable running one ``mode`` step of ``layer`` on ``x``."""
     import bnlab
 
-    if mode == "eval":
-
-        def run():
-            with bnlab.use_backend(backend), torch.no_grad():
-                layer(x)
-
-        return run
-    if mode == "fwd":
+    if mode in ("eval", "fwd"):  # (the layer's mode, set by the caller, tells them apart)
 
         def run():
             with bnlab.use_backend(backend), torch.no_grad():
