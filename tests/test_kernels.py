@@ -127,6 +127,28 @@ def test_odd_sizes(shape, layout, dtype):
     check_fused_matches_reference(x, w, None, relu=True, gen=gen)
 
 
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda g: torch.randn(4, 3, 1, generator=g).transpose(1, 2),  # (4, 1, 3), strides (3, 1, 1)
+        lambda g: torch.randn(5, 1, 3, 4, generator=g).transpose(0, 1),  # (1, 5, 3, 4), N stride 12
+        lambda g: torch.randn(4, 1, 1, 6, generator=g).permute(0, 3, 1, 2),  # (4, 6, 1, 1), both
+        lambda g: torch.randn(3, 1, generator=g).t().expand(1, 3).contiguous().t(),  # (3, 1)
+    ],
+    ids=["C=1", "N=1", "HW=1", "dense"],
+)
+def test_contiguous_inputs_with_unusual_size_one_strides(make):
+    """torch calls a tensor contiguous whatever the strides of its size-1 dimensions; the kernels'
+    numpy views of such inputs and of their outputs must still be views (not copies the kernel
+    would write into unseen), and the outputs keep the input's strides."""
+    gen = torch.Generator().manual_seed(5)
+    x = make(gen) * 2 + 1
+    assert x.is_contiguous()
+    w, b = _params(x.shape[1], x.dtype, "affine", gen)
+    check_fused_matches_reference(x, w, b, relu=False, gen=gen)
+    check_fused_matches_reference(x, w, None, relu=True, gen=gen)
+
+
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 @pytest.mark.parametrize("offset", [1e4, -3e4])
 def test_large_mean_is_stable_in_float32_both_layouts(layout, offset):

@@ -117,14 +117,33 @@ def _np(t: Tensor):
     return t.detach().numpy() if t.requires_grad else t.numpy()
 
 
-def _output(x: Tensor, xv: Tensor) -> tuple[Tensor, Tensor]:
-    """A new tensor like ``x`` (same strides) and its kernel view, shaped like ``xv``."""
-    y = torch.empty_like(x)
-    if xv is x:
-        return y, y
+def _arrays(x: Tensor, out: bool = True):
+    """``(xa, kind, y, ya)``: x as a numpy array in its kernel layout ("ncs" or "mc"), and a new
+    tensor ``y`` like x (same strides) with its numpy view in the same layout (None, None
+    without ``out``). For a contiguous x the layout is made by numpy reshapes, which cost less
+    than torch views and are views themselves: a C-contiguous array always reshapes in place,
+    and a torch-contiguous tensor's array is C-contiguous whatever the strides of its size-1
+    dimensions (numpy ignores them, as torch does)."""
     if x.is_contiguous():
-        return y, y.view(xv.shape)
-    return y, _kernel_view(y)[0]
+        y = torch.empty_like(x) if out else None  # (x's strides, size-1 dimensions' too)
+        xa = _np(x)
+        ya = None if y is None else y.numpy()
+        if x.dim() == 2:
+            return xa, "mc", y, ya
+        n, c = x.shape[0], x.shape[1]
+        s = xa.size // (n * c)
+        shape, kind = ((n, c), "mc") if s == 1 else ((n, c, s), "ncs")
+        return xa.reshape(shape), kind, y, None if y is None else ya.reshape(shape)
+    xv, kind = _kernel_view(x)
+    if not out:
+        return _np(xv), kind, None, None
+    y = torch.empty_like(x)
+    return _np(xv), kind, y, _kernel_view(y)[0].numpy()
+
+
+def _vec(t: Tensor):
+    """numpy view of a (C,) statistic (a contiguous copy if it is strided)."""
+    return _np(t if t.is_contiguous() else t.contiguous())
 
 
 def _like(t: Tensor, x: Tensor) -> Tensor:
@@ -150,14 +169,14 @@ def batch_norm_train_forward(
     """Algorithm 1, fused. Returns ``(y, mean, var, invstd)``: y like x (same strides), (C,)
     statistics in x's dtype, ``var`` biased. With ``relu``, ``y = max(BN(x), 0)``."""
     k = compiled()
-    xv, kind = _kernel_view(x)
-    y, yv = _output(x, xv)
-    stats = torch.empty(6, x.shape[1], dtype=x.dtype)  # mean, var, invstd, 3 coefficients
+    xa, kind, y, ya = _arrays(x)
+    stats = np.empty((6, x.shape[1]), xa.dtype)  # mean, var, invstd, 3 coefficients
     w, has_w = _param(weight, x.dtype)
     b, has_b = _param(bias, x.dtype)
     fn = k.train_fwd_ncs if kind == "ncs" else k.train_fwd_mc
-    fn(_np(xv), w, b, has_w, has_b, float(eps), bool(relu), yv.numpy(), stats.numpy())
-    return y, stats[0], stats[1], stats[2]
+    fn(xa, w, b, has_w, has_b, float(eps), bool(relu), ya, stats)
+    f = torch.from_numpy
+    return y, f(stats[0]), f(stats[1]), f(stats[2])
 
 
 def batch_norm_eval_forward(
@@ -172,43 +191,37 @@ def batch_norm_eval_forward(
     """Algorithm 2, fused: ``y = (x - E[x]) * gamma / sqrt(Var[x] + eps) + beta`` in one pass.
     Returns ``(y, invstd)``."""
     k = compiled()
-    xv, kind = _kernel_view(x)
-    y, yv = _output(x, xv)
-    stats = torch.empty(4, x.shape[1], dtype=x.dtype)  # invstd, 3 coefficients
+    xa, kind, y, ya = _arrays(x)
+    stats = np.empty((4, x.shape[1]), xa.dtype)  # invstd, 3 coefficients
     w, has_w = _param(weight, x.dtype)
     b, has_b = _param(bias, x.dtype)
     fn = k.eval_fwd_ncs if kind == "ncs" else k.eval_fwd_mc
     fn(
-        _np(xv), _np(running_mean.contiguous()), _np(running_var.contiguous()), w, b,
-        has_w, has_b, float(eps), bool(relu), yv.numpy(), stats.numpy(),
+        xa, _vec(running_mean), _vec(running_var), w, b, has_w, has_b, float(eps), bool(relu),
+        ya, stats,
     )  # fmt: skip
-    return y, stats[0]
+    return y, torch.from_numpy(stats[0])
 
 
 def _backward(dy, x, mean, invstd, weight, need_dx, need_dparams, y, train):
     k = compiled()
-    xv, kind = _kernel_view(x)
-    shape = xv.shape
-    dyv = _like(dy, x).view(shape) if kind == "ncs" else _kernel_view(_like(dy, x))[0]
-    yv = xv if y is None else (_kernel_view(_like(y, x))[0])
+    xa, kind, dx, dxa = _arrays(x, out=need_dx)
+    dya = _arrays(_like(dy, x), out=False)[0]
+    ya = xa if y is None else _arrays(_like(y, x), out=False)[0]
+    if dxa is None:
+        dxa = _NONE[x.dtype].reshape((0,) * xa.ndim)
     need_sums = need_dparams and weight is not None
-    if need_dx:
-        dx, dxv = _output(x, xv)
-        dxv = dxv.numpy()
-    else:
-        dx, dxv = None, _NONE[x.dtype].reshape((0,) * len(shape))
-    grads = torch.empty(2, x.shape[1], dtype=x.dtype)  # dgamma, dbeta
+    grads = np.empty((2, x.shape[1]), xa.dtype)  # dgamma, dbeta
     w, has_w = _param(weight, x.dtype)
     fn = k.backward_ncs if kind == "ncs" else k.backward_mc
     fn(
-        _np(dyv), _np(xv), _np(yv), y is not None,
-        _np(mean if mean.is_contiguous() else mean.contiguous()),
-        _np(invstd if invstd.is_contiguous() else invstd.contiguous()),
-        w, has_w, train, need_sums, need_dx, dxv, grads.numpy(),
+        dya, xa, ya, y is not None, _vec(mean), _vec(invstd), w, has_w, train, need_sums,
+        need_dx, dxa, grads,
     )  # fmt: skip
     if not need_sums:
         return dx, None, None
-    return dx, grads[0], grads[1]  # in x's dtype, which is the weight's (see unsupported_reason)
+    # (in x's dtype, which is the weight's: see unsupported_reason)
+    return dx, torch.from_numpy(grads[0]), torch.from_numpy(grads[1])
 
 
 def batch_norm_train_backward(
@@ -256,7 +269,10 @@ _NO_COUNT = np.zeros((), np.int64)
 def commit_supported(*stats: Tensor | None) -> bool:
     """True if :func:`commit_batch_stats` takes these (C,) statistics and buffers: CPU, float32 or
     float64, contiguous (``None`` buffers allowed)."""
-    return all(t is None or (t.is_cpu and t.dtype in _DTYPES and t.is_contiguous()) for t in stats)
+    for t in stats:  # (a loop, not all() over a generator: this runs on every training call)
+        if t is not None and not (t.is_cpu and t.dtype in _DTYPES and t.is_contiguous()):
+            return False
+    return True
 
 
 def commit_batch_stats(
