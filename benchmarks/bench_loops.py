@@ -6,7 +6,8 @@ arrays (no allocation, no Python wrapper): what a change to the loops themselves
 ``--old`` is a copy of the module from another commit (e.g. ``git show REV:src/bnlab/kernels/
 _numba.py > /tmp/old_numba.py``); ``--new`` defaults to this checkout's. For each shape, contiguous
 (``ncs``) and channels_last (``mc``): training forward with the ReLU fused, backward, eval
-forward; the minimum over ``--calls`` calls, microseconds, old and new interleaved. Both copies
+forward; the median over ``--calls`` rounds, microseconds, old and new interleaved in a shuffled
+order within each round, and old / new. Both copies
 compile into a private Numba cache directory (a module loaded from a path must not share the
 package's on-disk cache).
 """
@@ -16,6 +17,8 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import os
+import random
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -31,14 +34,21 @@ def _load(path: str, name: str):
     return mod
 
 
-def _min_us(fn, calls: int) -> float:
-    fn()
-    best = float("inf")
-    for _ in range(calls):
-        t0 = time.perf_counter()
+def _interleaved_us(fns: dict, calls: int) -> dict:
+    """Median microseconds of each callable over ``calls`` rounds, each round calling every one
+    once in a shuffled order (so a slow spell of the machine hits old and new alike)."""
+    for fn in fns.values():
         fn()
-        best = min(best, time.perf_counter() - t0)
-    return best * 1e6
+    times: dict = {k: [] for k in fns}
+    order = list(fns.items())
+    rng = random.Random(0)
+    for _ in range(calls):
+        rng.shuffle(order)
+        for k, fn in order:
+            t0 = time.perf_counter()
+            fn()
+            times[k].append(time.perf_counter() - t0)
+    return {k: statistics.median(v) * 1e6 for k, v in times.items()}
 
 
 def _loops(k, ncs: bool, size: int):
@@ -58,16 +68,17 @@ def _arrays(np, rng, shape, c):
                 w=np.ones(c, np.float32))  # fmt: skip
 
 
-def _time(k, ncs: bool, a: dict, calls: int) -> tuple[float, float, float]:
-    """(forward with ReLU, backward, eval) minimum microseconds of module ``k``'s loops."""
+def _calls(k, ncs: bool, a: dict) -> dict:
+    """{"fwd": forward with ReLU, "bwd": backward, "eval": eval forward} of module ``k``'s loops
+    on the arrays ``a``, as zero-argument callables."""
     fwd, bwd, ev = _loops(k, ncs, a["x"].size)
     x, y, dy, dx, st, gr, w = (a[n] for n in ("x", "y", "dy", "dx", "st", "gr", "w"))
     on = True
-    return (
-        _min_us(lambda: fwd(x, w, w, True, True, 1e-5, True, y, st), calls),
-        _min_us(lambda: bwd(dy, x, y, on, st[0], st[2], w, on, on, on, on, dx, gr), calls),
-        _min_us(lambda: ev(x, st[0], st[1], w, w, True, True, 1e-5, False, y, st[:4]), calls),
-    )
+    return {
+        "fwd": lambda: fwd(x, w, w, True, True, 1e-5, True, y, st),
+        "bwd": lambda: bwd(dy, x, y, on, st[0], st[2], w, on, on, on, on, dx, gr),
+        "eval": lambda: ev(x, st[0], st[1], w, w, True, True, 1e-5, False, y, st[:4]),
+    }
 
 
 def main(argv=None) -> None:
@@ -84,7 +95,8 @@ def main(argv=None) -> None:
 
     old, new = _load(args.old, "bnlab_loops_old"), _load(args.new, "bnlab_loops_new")
     numba.set_num_threads(args.threads)
-    print(f"threads {numba.get_num_threads()}, minimum of {args.calls} calls, microseconds")
+    print(f"threads {numba.get_num_threads()}, median of {args.calls} interleaved rounds, "
+          "microseconds")  # fmt: skip
     rng = np.random.default_rng(0)
     for n, c, h, w in SHAPES:
         s = h * w
@@ -93,11 +105,15 @@ def main(argv=None) -> None:
                 continue
             shape = (n, c, s) if ncs else (n * s, c)
             a = _arrays(np, rng, shape, c)
-            res = {name: _time(k, ncs, a, args.calls) for name, k in (("old", old), ("new", new))}
-            o, nw = res["old"], res["new"]
-            print(f"{(n, c, h, w)} {'ncs' if ncs else 'mc '} fwd old {o[0]:.0f} new {nw[0]:.0f} | "
-                  f"bwd old {o[1]:.0f} new {nw[1]:.0f} | eval old {o[2]:.0f} new {nw[2]:.0f}",
-                  flush=True)  # fmt: skip
+            fns = {}
+            for name, k in (("old", old), ("new", new)):
+                for step, fn in _calls(k, ncs, a).items():
+                    fns[step, name] = fn
+            t = _interleaved_us(fns, args.calls)
+            print(f"{(n, c, h, w)} {'ncs' if ncs else 'mc '} " + " | ".join(
+                f"{step} old {t[step, 'old']:.0f} new {t[step, 'new']:.0f} "
+                f"({t[step, 'old'] / t[step, 'new']:.2f}x)" for step in ("fwd", "bwd", "eval")
+            ), flush=True)  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -16,8 +16,9 @@ For each shape (from real networks) and each mode - ``fwd`` (training forward), 
     copy_new    torch.empty_like(x).copy_(x): the same into a fresh tensor, as every BN output
                 is (first touch of new memory included)
 
-Rounds are interleaved: each round times every variant of a mode once, so drift in the
-machine's load hits every variant alike; the table gives the median over ``--repeats`` rounds
+Rounds are interleaved: each round times every variant of a mode once, in a shuffled order,
+so drift in the machine's load hits every variant alike and no variant always follows the same
+neighbour; the table gives the median over ``--repeats`` rounds
 and ratios (torch / fused: above 1 when bnlab is faster; fused / copy: bnlab's time in plain
 copies of the same bytes). Also one end-to-end training step (forward, backward, SGD update) of
 ResNet-20 on random CIFAR-sized data with bnlab layers vs torch's. Inputs float32 except the
@@ -28,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
+import random
 import statistics
 import time
 from collections.abc import Callable
@@ -45,6 +47,7 @@ SHAPES: dict[str, tuple[int, ...]] = {
     "resnet20/110 stage3": (128, 64, 8, 8),
     "target (64,64,32,32)": (64, 64, 32, 32),
     "target (128,256,14,14)": (128, 256, 14, 14),
+    "target (32,128,56,56)": (32, 128, 56, 56),
     "inception-like": (32, 256, 28, 28),
     "mnist mlp (batch 60)": (60, 100),
     "dense (4096,1024)": (4096, 1024),
@@ -194,13 +197,18 @@ def bench_shape(
 
 def _interleaved(runs: dict[str, Callable[[], object]], repeats: int, warmup: int = 3):
     """Median seconds of each callable over ``repeats`` rounds, each round calling every one
-    once (after ``warmup`` such rounds)."""
+    once (after ``warmup`` such rounds), in an order shuffled per round: what a call finds in
+    the caches and the allocator depends on the call before it, and a fixed order would give
+    every variant the same neighbour in every round."""
     for _ in range(warmup):
         for fn in runs.values():
             fn()
     samples: dict[str, list[float]] = {k: [] for k in runs}
+    order = list(runs.items())
+    rng = random.Random(0)
     for _ in range(repeats):
-        for k, fn in runs.items():
+        rng.shuffle(order)
+        for k, fn in order:
             t0 = time.perf_counter()
             fn()
             samples[k].append(time.perf_counter() - t0)
