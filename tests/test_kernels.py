@@ -292,6 +292,97 @@ def test_16_bit_inputs_take_the_kernels_in_float32(dtype, layout, relu, params):
         torch.testing.assert_close(ours.running_var.float(), ref.running_var, **one)
 
 
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("shape", [(6, 5, 7, 9), (16, 8, 32, 33)], ids=["serial", "parallel"])
+@pytest.mark.parametrize("relu", [False, True], ids=["bn", "bn-relu"])
+def test_bfloat16_is_read_as_it_is_and_matches_its_float32_copy(layout, shape, relu):
+    """The kernels read bfloat16 bits directly. Oracle: the same kernels on the float32 copy of
+    the input (exact: a bfloat16 value widens to float32 without rounding), outputs rounded once
+    by torch. The loops are compiled with reassociation and contraction allowed, so the two
+    specializations may round an intermediate differently in its last bit: statistics and
+    parameter gradients agree to float32 rounding, outputs and dx to one bfloat16 rounding step
+    (nearly all identical). Also the backend's backward with a float32 gradient for a bfloat16
+    input (converted to float32 whole), against the same oracle."""
+    g = torch.Generator().manual_seed(11)
+    x = _layout(torch.randn(shape, generator=g) * 3 + 2, layout).bfloat16()
+    dy = _layout(torch.randn(shape, generator=g), layout).bfloat16()
+    c = shape[1]
+    w, b = torch.rand(c, generator=g) + 0.5, torch.randn(c, generator=g)
+    x32 = x.float()
+    f32 = dict(rtol=2e-6, atol=2e-6)
+
+    def same_bf16(a, r32):
+        """a (bfloat16) is r32 rounded, or one rounding step away where r32 sits at a tie."""
+        r = r32.bfloat16()
+        assert a.dtype == torch.bfloat16 and a.stride() == x.stride()
+        torch.testing.assert_close(a.float(), r.float(), rtol=2**-7, atol=1e-30)
+        assert (a != r).float().mean() < 1e-3
+
+    y, mean, var, inv = K.batch_norm_train_forward(x, w, b, 1e-5, relu=relu)
+    y32, mean32, var32, inv32 = K.batch_norm_train_forward(x32, w, b, 1e-5, relu=relu)
+    same_bf16(y, y32)
+    for a, r in ((mean, mean32), (var, var32), (inv, inv32)):
+        assert a.dtype == torch.float32
+        torch.testing.assert_close(a, r, **f32)
+    dx, dw, db = K.batch_norm_train_backward(dy, x, mean, inv, w, y=y if relu else None)
+    ref = K.batch_norm_train_backward(
+        dy.float(), x32, mean, inv, w, y=y.float() if relu else None
+    )  # (same statistics and the same rounded output's mask on both sides)
+    same_bf16(dx, ref[0])
+    m = x.numel() // c
+    for a, r in ((dw, ref[1]), (db, ref[2])):
+        torch.testing.assert_close(a, r, rtol=2e-6, atol=2e-6 * m**0.5)
+    got = B.train_backward("fused32", dy.float(), x, mean, inv, w, y=y if relu else None)
+    assert torch.equal(got[0], ref[0].bfloat16())  # (the float32 kernels themselves)
+    assert torch.equal(got[1], ref[1]) and torch.equal(got[2], ref[2])
+    ye, _ = K.batch_norm_eval_forward(x, mean + 0.1, var + 0.5, w, b, 1e-5, relu=relu)
+    ye32, _ = K.batch_norm_eval_forward(x32, mean + 0.1, var + 0.5, w, b, 1e-5, relu=relu)
+    same_bf16(ye, ye32)
+
+
+def test_bfloat16_conversions_are_torchs():
+    """The loops' element conversions against torch's: every one of the 65,536 bfloat16 bit
+    patterns widened to float32, and float32 values (ties, subnormals, the largest finite,
+    infinities, NaN, random) rounded to bfloat16."""
+    import numba
+    import numpy as np
+
+    @numba.njit
+    def widen(src, dst):
+        for i in range(src.size):
+            dst[i] = _numba._ld(src[i])
+
+    @numba.njit
+    def narrow(src, dst):
+        for i in range(src.size):
+            dst[i] = _numba._st(src[i], dst)
+
+    bits = torch.arange(65536, dtype=torch.int32).to(torch.uint16)
+    out = np.empty(65536, np.float32)
+    widen(bits.numpy(), out)
+    expect = bits.view(torch.bfloat16).float()
+    got = torch.from_numpy(out)
+    nan = expect.isnan()
+    assert torch.equal(got.isnan(), nan)
+    assert torch.equal(got[~nan].view(torch.int32), expect[~nan].view(torch.int32))
+
+    g = torch.Generator().manual_seed(2)
+    specials = torch.tensor(
+        [0.0, -0.0, 1.0, 1.00390625, 1.01171875, 1.0 + 2**-8, 1.0 + 3 * 2**-8, -(1.0 + 2**-8),
+         3.4028235e38, -3.4028235e38, 1e-40, -1e-40, 1e-45, float("inf"), float("-inf"),
+         float("nan")], dtype=torch.float32,
+    )  # fmt: skip
+    src = torch.cat([specials, torch.randn(10000, generator=g) * 10 ** torch.randint(
+        -30, 30, (10000,), generator=g).float()])  # fmt: skip
+    dst = np.empty(src.numel(), np.uint16)
+    narrow(src.numpy(), dst)
+    got = torch.from_numpy(dst).view(torch.bfloat16)
+    expect = src.bfloat16()
+    nan = expect.isnan()
+    assert torch.equal(got.isnan(), nan)
+    assert torch.equal(got[~nan].view(torch.int16), expect[~nan].view(torch.int16))
+
+
 def test_set_backend_validates_and_context_restores():
     before = bnlab.get_backend()
     with pytest.raises(ValueError, match="backend must be one of"):

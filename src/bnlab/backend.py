@@ -8,8 +8,11 @@ Backends (process-wide; :func:`use_backend` sets one for a ``with`` block)::
                  channels_last, parameters of the input's dtype: :func:`bnlab.kernels.
                  unsupported_reason`) and Numba is installed; for a bfloat16/float16 input
                  (with parameters of its dtype or float32, as under ``torch.autocast``) the
-                 same kernels in float32 (path "fused32": the input converted once, the
-                 statistics in float32, the output rounded to the input's dtype); the reference
+                 same kernels in float32 (path "fused32": statistics and arithmetic in
+                 float32, the output rounded to the input's dtype; a bfloat16 tensor is read
+                 and written by the kernels as it is, a float16 one converted once each way,
+                 since a bfloat16 value widens to float32 by a shift and float16 does not);
+                 the reference
                  path otherwise (other devices, other strides)
     "fused"      fused kernels only; an unsupported input raises ValueError naming the reason
     "reference"  always the pure-torch functions of bnlab.functional
@@ -132,6 +135,21 @@ def _f32(t: Tensor | None) -> Tensor | None:
     return t if t is None or t.dtype == torch.float32 else t.float()
 
 
+def _in32(t: Tensor) -> Tensor:
+    """A 16-bit tensor as the kernels take it on the ``fused32`` path: bfloat16 as it is (the
+    kernels widen each value exactly), float16 converted to float32."""
+    return t if t.dtype == torch.bfloat16 else t.float()
+
+
+def _grads32(dy: Tensor, x: Tensor, y: Tensor | None) -> tuple:
+    """``(dy, x, y)`` as the kernels take them in a ``fused32`` backward: a bfloat16 x with a
+    bfloat16 dy as they are (autograd hands a bfloat16 output's backward a bfloat16 gradient),
+    anything else converted to float32."""
+    if x.dtype == torch.bfloat16 and dy.dtype == torch.bfloat16:
+        return dy, x, y
+    return dy.float(), x.float(), None if y is None else y.float()
+
+
 def train_forward(
     x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float, relu: bool = False
 ) -> tuple[str, Tensor, Tensor, Tensor, Tensor]:
@@ -141,7 +159,7 @@ def train_forward(
         return (path, *K.batch_norm_train_forward(x, weight, bias, eps, relu=relu))
     if path == "fused32":
         y, mean, var, invstd = K.batch_norm_train_forward(
-            x.float(), _f32(weight), _f32(bias), eps, relu=relu
+            _in32(x), _f32(weight), _f32(bias), eps, relu=relu
         )
         return path, y.to(x.dtype), mean, var, invstd
     y, mean, var, invstd = F.batch_norm_train_forward(x, weight, bias, eps)
@@ -183,9 +201,10 @@ def train_backward(
             dy, x, mean, invstd, weight, need_dx=need_dx, need_dparams=need_dparams, y=y
         )
     if path == "fused32":
+        g, x32, y32 = _grads32(dy, x, y)
         return _from32(x, weight, K.batch_norm_train_backward(
-            dy.float(), x.float(), mean, invstd, _f32(weight), need_dx=need_dx,
-            need_dparams=need_dparams, y=None if y is None else y.float(),
+            g, x32, mean, invstd, _f32(weight), need_dx=need_dx, need_dparams=need_dparams,
+            y=y32,
         ))  # fmt: skip
     return F.batch_norm_train_backward(
         _relu_mask(dy, y), x, mean, invstd, weight, need_dx=need_dx, need_dparams=need_dparams
@@ -209,7 +228,7 @@ def eval_forward(
         ))  # fmt: skip
     if path == "fused32":
         y, invstd = K.batch_norm_eval_forward(
-            x.float(), _f32(running_mean), _f32(running_var), _f32(weight), _f32(bias), eps,
+            _in32(x), _f32(running_mean), _f32(running_var), _f32(weight), _f32(bias), eps,
             relu=relu,
         )  # fmt: skip
         return path, y.to(x.dtype), invstd
@@ -236,9 +255,10 @@ def eval_backward(
             dy, x, running_mean, invstd, weight, need_dx=need_dx, need_dparams=need_dparams, y=y
         )
     if path == "fused32":
+        g, x32, y32 = _grads32(dy, x, y)
         return _from32(x, weight, K.batch_norm_eval_backward(
-            dy.float(), x.float(), _f32(running_mean), invstd, _f32(weight),
-            need_dx=need_dx, need_dparams=need_dparams, y=None if y is None else y.float(),
+            g, x32, _f32(running_mean), invstd, _f32(weight), need_dx=need_dx,
+            need_dparams=need_dparams, y=y32,
         ))  # fmt: skip
     return F.batch_norm_eval_backward(
         _relu_mask(dy, y), x, running_mean, invstd, weight, need_dx=need_dx,

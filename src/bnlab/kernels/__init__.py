@@ -14,7 +14,10 @@ Every function also takes ``relu``: the output is ``max(BN(x), 0)`` and the back
 with ``y > 0`` (the fused BN+ReLU). Supported inputs are decided by :func:`unsupported_reason`: a
 CPU float32 or float64 tensor, contiguous (``(N, C)``, ``(N, C, *spatial)``) or channels_last
 (``(N, *spatial, C)`` in memory), with parameters/statistics of the same dtype. Shapes and
-statistic dtypes are those of :mod:`bnlab.functional` (statistics in the input's dtype).
+statistic dtypes are those of :mod:`bnlab.functional` (statistics in the input's dtype). A
+bfloat16 tensor of those layouts is taken too, with float32 parameters and statistics (the
+backend's ``fused32`` path): read and written as it is, computed in float32, with float32
+statistics and parameter gradients; its ``dy`` and ``y`` are bfloat16 as well.
 
 The wrappers here convert tensors to numpy views on every call. A caller that runs the same
 shapes many times may keep its own views and call the compiled loops themselves
@@ -112,9 +115,21 @@ def layout_reason(x: Tensor) -> str | None:
 
 
 def _np(t: Tensor):
-    """numpy view of a CPU tensor (``detach`` only for a tensor that requires grad: the call
-    itself is per-call overhead)."""
-    return t.detach().numpy() if t.requires_grad else t.numpy()
+    """numpy view of a CPU tensor, a bfloat16 one as uint16 bits (what the loops read and write,
+    see :mod:`bnlab.kernels._numba`). ``detach`` only for a tensor that requires grad: the call
+    itself is per-call overhead."""
+    if t.requires_grad:
+        t = t.detach()
+    return t.view(torch.uint16).numpy() if t.dtype == torch.bfloat16 else t.numpy()
+
+
+def _compute(dtype: torch.dtype) -> torch.dtype:
+    """The dtype of the statistics, parameters and coefficients for an input of ``dtype``:
+    float32 for bfloat16, else the input's."""
+    return torch.float32 if dtype == torch.bfloat16 else dtype
+
+
+_NP = {torch.float32: np.float32, torch.float64: np.float64}
 
 
 def _arrays(x: Tensor, out: bool = True):
@@ -127,7 +142,7 @@ def _arrays(x: Tensor, out: bool = True):
     if x.is_contiguous():
         y = torch.empty_like(x) if out else None  # (x's strides, size-1 dimensions' too)
         xa = _np(x)
-        ya = None if y is None else y.numpy()
+        ya = None if y is None else _np(y)
         if x.dim() == 2:
             return xa, "mc", y, ya
         n, c = x.shape[0], x.shape[1]
@@ -138,7 +153,7 @@ def _arrays(x: Tensor, out: bool = True):
     if not out:
         return _np(xv), kind, None, None
     y = torch.empty_like(x)
-    return _np(xv), kind, y, _kernel_view(y)[0].numpy()
+    return _np(xv), kind, y, _np(_kernel_view(y)[0])
 
 
 def _vec(t: Tensor):
@@ -153,7 +168,11 @@ def _like(t: Tensor, x: Tensor) -> Tensor:
     return torch.empty_like(x).copy_(t)
 
 
-_NONE = {torch.float32: np.empty(0, np.float32), torch.float64: np.empty(0, np.float64)}
+_NONE = {
+    torch.float32: np.empty(0, np.float32),
+    torch.float64: np.empty(0, np.float64),
+    torch.bfloat16: np.empty(0, np.uint16),
+}
 
 
 def _param(p: Tensor | None, dtype: torch.dtype):
@@ -170,9 +189,10 @@ def batch_norm_train_forward(
     statistics in x's dtype, ``var`` biased. With ``relu``, ``y = max(BN(x), 0)``."""
     k = compiled()
     xa, kind, y, ya = _arrays(x)
-    stats = np.empty((6, x.shape[1]), xa.dtype)  # mean, var, invstd, 3 coefficients
-    w, has_w = _param(weight, x.dtype)
-    b, has_b = _param(bias, x.dtype)
+    cdt = _compute(x.dtype)
+    stats = np.empty((6, x.shape[1]), _NP[cdt])  # mean, var, invstd, 3 coefficients
+    w, has_w = _param(weight, cdt)
+    b, has_b = _param(bias, cdt)
     fn = k.train_fwd_ncs if kind == "ncs" else k.train_fwd_mc
     fn(xa, w, b, has_w, has_b, float(eps), bool(relu), ya, stats)
     f = torch.from_numpy
@@ -192,9 +212,10 @@ def batch_norm_eval_forward(
     Returns ``(y, invstd)``."""
     k = compiled()
     xa, kind, y, ya = _arrays(x)
-    stats = np.empty((4, x.shape[1]), xa.dtype)  # invstd, 3 coefficients
-    w, has_w = _param(weight, x.dtype)
-    b, has_b = _param(bias, x.dtype)
+    cdt = _compute(x.dtype)
+    stats = np.empty((4, x.shape[1]), _NP[cdt])  # invstd, 3 coefficients
+    w, has_w = _param(weight, cdt)
+    b, has_b = _param(bias, cdt)
     fn = k.eval_fwd_ncs if kind == "ncs" else k.eval_fwd_mc
     fn(
         xa, _vec(running_mean), _vec(running_var), w, b, has_w, has_b, float(eps), bool(relu),
@@ -211,8 +232,9 @@ def _backward(dy, x, mean, invstd, weight, need_dx, need_dparams, y, train):
     if dxa is None:
         dxa = _NONE[x.dtype].reshape((0,) * xa.ndim)
     need_sums = need_dparams and weight is not None
-    grads = np.empty((2, x.shape[1]), xa.dtype)  # dgamma, dbeta
-    w, has_w = _param(weight, x.dtype)
+    cdt = _compute(x.dtype)
+    grads = np.empty((2, x.shape[1]), _NP[cdt])  # dgamma, dbeta
+    w, has_w = _param(weight, cdt)
     fn = k.backward_ncs if kind == "ncs" else k.backward_mc
     fn(
         dya, xa, ya, y is not None, _vec(mean), _vec(invstd), w, has_w, train, need_sums,
@@ -220,7 +242,7 @@ def _backward(dy, x, mean, invstd, weight, need_dx, need_dparams, y, train):
     )  # fmt: skip
     if not need_sums:
         return dx, None, None
-    # (in x's dtype, which is the weight's: see unsupported_reason)
+    # (in the compute dtype: x's, which is the weight's, or float32 for bfloat16)
     return dx, torch.from_numpy(grads[0]), torch.from_numpy(grads[1])
 
 

@@ -30,7 +30,10 @@ so no ``E[x^2] - E[x]^2`` cancellation at full magnitude appears anywhere (an in
 Gradient sums are accumulated in float64 as well.
 
 Elementwise passes run in the input's dtype with per-channel coefficients precomputed in float64
-and rounded once (``coef`` arrays).
+and rounded once (``coef`` arrays). A bfloat16 input comes as a uint16 array of its bits; the
+loops read and write every element through ``_ld``/``_st`` (below), so it is computed as its
+float32 copy would be (coefficients, statistics and sums in float32/float64), outputs rounded
+once to bfloat16.
 
 Serial or parallel. Each loop is written once, over a range of rows; a parallel call runs it
 per chunk inside ``prange``, a serial call once over the whole input, so both give the same
@@ -52,7 +55,10 @@ import math
 
 import numba
 import numpy as np
+from llvmlite import ir
 from numba import njit, prange
+from numba.core import types
+from numba.extending import intrinsic, overload
 
 __all__ = [
     "train_fwd_ncs",
@@ -73,6 +79,71 @@ def follow_threads(n: int) -> None:
     """Run the parallel loops called from this thread on ``n`` threads, at most the pool size
     Numba was started with (``NUMBA_NUM_THREADS``) and at least one."""
     numba.set_num_threads(max(1, min(int(n), numba.config.NUMBA_NUM_THREADS)))
+
+
+# -------------------------------------------------------------------------------- bfloat16 values
+# A bfloat16 tensor comes in as a uint16 array of its bits (Numba has no 16-bit float type). Every
+# loop reads its inputs through _ld and writes its outputs through _st, which are the identity for
+# float32/float64 arrays and, for bfloat16 bits, the exact widening to float32 (the bits are the
+# top half of a float32) and float32 -> bfloat16 rounding to nearest even (NaN -> 0x7FC0), as
+# torch rounds. Statistics, coefficients and sums are float32/float64 as for a float32 input, so
+# a bfloat16 input gives what its float32 copy would, rounded once at the output (up to the last
+# bit of an intermediate: reassociation and contraction are allowed, and LLVM may vectorize the
+# two specializations differently).
+@intrinsic
+def _bits_f32(typingctx, u):
+    """float32 with the bits of the low 32 bits of the integer ``u``."""
+    if not isinstance(u, types.Integer) or u.bitwidth < 32:
+        return None
+
+    def codegen(context, builder, sig, args):
+        v = args[0]
+        if u.bitwidth > 32:
+            v = builder.trunc(v, ir.IntType(32))
+        return builder.bitcast(v, ir.FloatType())
+
+    return types.float32(u), codegen
+
+
+@intrinsic
+def _f32_bits(typingctx, f):
+    """The bits of float32 ``f`` as a uint32."""
+    if f != types.float32:
+        return None
+
+    def codegen(context, builder, sig, args):
+        return builder.bitcast(args[0], ir.IntType(32))
+
+    return types.uint32(types.float32), codegen
+
+
+def _ld(v):
+    """A loaded element as a float (see above)."""
+
+
+def _st(v, dst):
+    """``v`` as an element of the array ``dst`` (see above)."""
+
+
+@overload(_ld, inline="always")
+def _ld_impl(v):
+    if v == types.uint16:
+        return lambda v: _bits_f32(np.uint32(v) << np.uint32(16))
+    return lambda v: v
+
+
+@overload(_st, inline="always")
+def _st_impl(v, dst):
+    if dst.dtype == types.uint16:
+
+        def to_bf16(v, dst):
+            u = _f32_bits(np.float32(v))
+            if (u & np.uint32(0x7FFFFFFF)) > np.uint32(0x7F800000):
+                return np.uint16(0x7FC0)
+            return np.uint16((u + np.uint32(0x7FFF) + ((u >> np.uint32(16)) & np.uint32(1))) >> 16)
+
+        return to_bf16
+    return lambda v, dst: v
 
 
 _FM = {"reassoc", "contract", "arcp", "nsz"}
@@ -164,11 +235,11 @@ def _ncs_sums(x, i0, i1, bmean, bm2):
         n = i // C
         c = i - n * C
         xr = x[n, c]
-        x0 = np.float64(x[0, c, 0])  # the channel's shift (see module docstring)
+        x0 = np.float64(_ld(x[0, c, 0]))  # the channel's shift (see module docstring)
         s = 0.0
         q = 0.0
         for k in range(S):
-            d = xr[k] - x0
+            d = _ld(xr[k]) - x0
             s += d
             q += d * d
         mb = s / S  # block mean - x0
@@ -215,11 +286,11 @@ def _ncs_normalize(x, coef, relu, y, i0, i1):
         yr = y[n, c]
         if relu:
             for k in range(S):
-                v = (xr[k] - mu) * a + bb
-                yr[k] = v if v > 0 else 0.0
+                v = (_ld(xr[k]) - mu) * a + bb
+                yr[k] = _st(v if v > 0 else 0.0, yr)
         else:
             for k in range(S):
-                yr[k] = (xr[k] - mu) * a + bb
+                yr[k] = _st((_ld(xr[k]) - mu) * a + bb, yr)
 
 
 @njit(**_SERIAL)
@@ -270,21 +341,21 @@ def _mc_sums(x, z, r0, r1, cmean, cm2):
         xd = xf[a + 3 * P : a + 4 * P]
         for p in range(P):
             zp = z[p]
-            da = xa[p] - zp
-            db = xb[p] - zp
-            dc = xc[p] - zp
-            dd = xd[p] - zp
+            da = _ld(xa[p]) - zp
+            db = _ld(xb[p]) - zp
+            dc = _ld(xc[p]) - zp
+            dd = _ld(xd[p]) - zp
             s1t[p] += (da + db) + (dc + dd)
             s2t[p] += (da * da + db * db) + (dc * dc + dd * dd)
     for t in range(tiles - tiles % 4, tiles):
         xa = xf[(r0 + t * r) * C : (r0 + (t + 1) * r) * C]
         for p in range(P):
-            d = xa[p] - z[p]
+            d = _ld(xa[p]) - z[p]
             s1t[p] += d
             s2t[p] += d * d
     xa = xf[(r0 + tiles * r) * C : r1 * C]  # fewer rows than a tile
     for q in range(xa.shape[0]):
-        d = xa[q] - z[q]
+        d = _ld(xa[q]) - z[q]
         s1t[q] += d
         s2t[q] += d * d
     s1 = np.empty(C, np.float64)
@@ -316,11 +387,11 @@ def _mc_normalize(x, t, relu, y, r0, r1):
         ys = yf[base : base + n]
         if relu:
             for p in range(n):
-                v = (xs[p] - mu[p]) * a[p] + bb[p]
-                ys[p] = v if v > 0 else 0.0
+                v = (_ld(xs[p]) - mu[p]) * a[p] + bb[p]
+                ys[p] = _st(v if v > 0 else 0.0, ys)
         else:
             for p in range(n):
-                ys[p] = (xs[p] - mu[p]) * a[p] + bb[p]
+                ys[p] = _st((_ld(xs[p]) - mu[p]) * a[p] + bb[p], ys)
 
 
 @njit(**_OPTS)
@@ -365,7 +436,7 @@ def _ncs_norm(x, coef, relu, y):
 @njit(**_SERIAL)
 def _mc_norm(x, coef, relu, y):
     M, C = x.shape
-    t = _tile(coef, x.dtype)
+    t = _tile(coef, coef.dtype)
     if use_serial(x.size):
         _mc_normalize(x, t, relu, y, 0, M)
     else:
@@ -386,7 +457,7 @@ def train_fwd_ncs(x, w, b, has_w, has_b, eps, relu, y, stats):
         _ncs_sums_par(x, bmean, bm2)
     x0 = np.empty(C, np.float64)
     for c in range(C):
-        x0[c] = x[0, c, 0]
+        x0[c] = _ld(x[0, c, 0])
     mean = np.empty(C, np.float64)
     var = np.empty(C, np.float64)
     _merge(x0, bmean, bm2, np.full(N, np.float64(S)), mean, var)
@@ -399,7 +470,9 @@ def train_fwd_mc(x, w, b, has_w, has_b, eps, relu, y, stats):
     """Training forward on (M, C), channels innermost; same outputs as :func:`train_fwd_ncs`.
     Blocks are chunks of ``mc_rows_per_chunk`` rows (one block, the whole input, when serial)."""
     M, C = x.shape
-    x0 = x[0].astype(np.float64)
+    x0 = np.empty(C, np.float64)
+    for c in range(C):
+        x0[c] = _ld(x[0, c])
     serial = use_serial(x.size)
     R = M if serial else mc_rows_per_chunk(M, C)
     K = (M + R - 1) // R
@@ -481,14 +554,14 @@ def _ncs_gsums(dy, x, y, relu, mean, i0, i1, p1, p2):
         if relu:
             yr = y[n, c]
             for k in range(S):
-                g = gr[k] if yr[k] > 0 else 0.0
+                g = _ld(gr[k]) if _ld(yr[k]) > 0 else 0.0
                 s1 += g
-                s2 += g * (xr[k] - mu)
+                s2 += g * (_ld(xr[k]) - mu)
         else:
             for k in range(S):
-                g = gr[k]
+                g = _ld(gr[k])
                 s1 += g
-                s2 += g * (xr[k] - mu)
+                s2 += g * (_ld(xr[k]) - mu)
         p1[n, c] = s1
         p2[n, c] = s2
 
@@ -517,14 +590,14 @@ def _mc_gsums(dy, x, y, relu, mu, r0, r1, s1, s2):
             ya = yf[a : a + P]
             yb = yf[a + P : a + 2 * P]
             for p in range(P):
-                u = ga[p] if ya[p] > 0 else 0.0
-                v = gb[p] if yb[p] > 0 else 0.0
+                u = _ld(ga[p]) if _ld(ya[p]) > 0 else 0.0
+                v = _ld(gb[p]) if _ld(yb[p]) > 0 else 0.0
                 s1t[p] += u + v
-                s2t[p] += u * (xa[p] - mu[p]) + v * (xb[p] - mu[p])
+                s2t[p] += u * (_ld(xa[p]) - mu[p]) + v * (_ld(xb[p]) - mu[p])
         else:
             for p in range(P):
-                s1t[p] += ga[p] + gb[p]
-                s2t[p] += ga[p] * (xa[p] - mu[p]) + gb[p] * (xb[p] - mu[p])
+                s1t[p] += _ld(ga[p]) + _ld(gb[p])
+                s2t[p] += _ld(ga[p]) * (_ld(xa[p]) - mu[p]) + _ld(gb[p]) * (_ld(xb[p]) - mu[p])
     for t in range(2 * (tiles // 2), (r1 - r0 + r - 1) // r):  # a last tile, then the rows left
         base = (r0 + t * r) * C
         n = min(P, (r1 - r0 - t * r) * C)
@@ -532,9 +605,9 @@ def _mc_gsums(dy, x, y, relu, mu, r0, r1, s1, s2):
         gs = gf[base : base + n]
         ys = yf[base : base + n]
         for p in range(n):
-            g = gs[p] if (not relu or ys[p] > 0) else 0.0
+            g = _ld(gs[p]) if (not relu or _ld(ys[p]) > 0) else 0.0
             s1t[p] += g
-            s2t[p] += g * (xs[p] - mu[p])
+            s2t[p] += g * (_ld(xs[p]) - mu[p])
     t1 = np.empty(C, np.float64)
     t2 = np.empty(C, np.float64)
     _fold(s1t, C, t1)
@@ -565,11 +638,11 @@ def _ncs_dx(dy, x, y, relu, coef, dx, i0, i1):
         if relu:
             yr = y[n, c]
             for k in range(S):
-                g = gr[k] if yr[k] > 0 else 0.0
-                dr[k] = a * g - bb * (xr[k] - mu) - d
+                g = _ld(gr[k]) if _ld(yr[k]) > 0 else 0.0
+                dr[k] = _st(a * g - bb * (_ld(xr[k]) - mu) - d, dr)
         else:
             for k in range(S):
-                dr[k] = a * gr[k] - bb * (xr[k] - mu) - d
+                dr[k] = _st(a * _ld(gr[k]) - bb * (_ld(xr[k]) - mu) - d, dr)
 
 
 @njit(**_SERIAL)
@@ -596,11 +669,11 @@ def _mc_dx(dy, x, y, relu, t, dx, r0, r1):
         if relu:
             ys = yf[base : base + n]
             for p in range(n):
-                g = gs[p] if ys[p] > 0 else 0.0
-                ds[p] = a[p] * g - bb[p] * (xs[p] - mu[p]) - d[p]
+                g = _ld(gs[p]) if _ld(ys[p]) > 0 else 0.0
+                ds[p] = _st(a[p] * g - bb[p] * (_ld(xs[p]) - mu[p]) - d[p], ds)
         else:
             for p in range(n):
-                ds[p] = a[p] * gs[p] - bb[p] * (xs[p] - mu[p]) - d[p]
+                ds[p] = _st(a[p] * _ld(gs[p]) - bb[p] * (_ld(xs[p]) - mu[p]) - d[p], ds)
 
 
 @njit(**_OPTS)
@@ -658,7 +731,7 @@ def backward_ncs(dy, x, y, relu, mean, invstd, w, has_w, train, need_sums, need_
         else:
             _ncs_gsums_par(dy, x, y, relu, mean, p1, p2)
         _add_rows(p1, p2, sums)
-    coef = np.empty((4, C), x.dtype)
+    coef = np.empty((4, C), mean.dtype)  # (the compute dtype: float32 for bfloat16 bits)
     _bwd_coef(sums, mean, invstd, w, has_w, train, x.size // C, coef, grads)
     if need_dx:
         if serial:
@@ -675,7 +748,7 @@ def backward_mc(dy, x, y, relu, mean, invstd, w, has_w, train, need_sums, need_d
     R = M if serial else mc_rows_per_chunk(M, C)
     sums = np.zeros((2, C), np.float64)
     if need_sums or train:
-        mu = _tile(mean.reshape(1, C), x.dtype)[0]
+        mu = _tile(mean.reshape(1, C), mean.dtype)[0]
         if serial:
             _mc_gsums(dy, x, y, relu, mu, 0, M, sums[0], sums[1])
         else:
@@ -684,10 +757,10 @@ def backward_mc(dy, x, y, relu, mean, invstd, w, has_w, train, need_sums, need_d
             p2 = np.zeros((K, C), np.float64)
             _mc_gsums_par(dy, x, y, relu, mu, R, p1, p2)
             _add_rows(p1, p2, sums)
-    coef = np.empty((4, C), x.dtype)
+    coef = np.empty((4, C), mean.dtype)  # (the compute dtype: float32 for bfloat16 bits)
     _bwd_coef(sums, mean, invstd, w, has_w, train, M, coef, grads)
     if need_dx:
-        t = _tile(coef, x.dtype)
+        t = _tile(coef, coef.dtype)
         if serial:
             _mc_dx(dy, x, y, relu, t, dx, 0, M)
         else:
