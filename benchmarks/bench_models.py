@@ -11,19 +11,21 @@ followed by a ReLU built with ``activation="relu"``) - two steps are timed:
 Each eagerly and with the model compiled by Inductor (``torch.compile(model)``; the loss,
 backward and optimizer stay eager) as ``--compiled`` lists, ``variant:form`` with a form of
 :func:`bnlab.ops.set_compile_form` (``ops``: bnlab's operators and kernels inside the graph;
-``decompose``: standard ops that Inductor fuses; ``auto``: by input size). Rounds are
-interleaved (each round times every case once); medians in milliseconds and the ratio
+``decompose``: standard ops that Inductor fuses; ``auto``: by input size); ``--autocast`` runs
+the forward under bfloat16 autocast. Rounds are interleaved (each round times every case once,
+in a shuffled order); medians in milliseconds and the ratio
 ``torch time / case time`` (above 1: faster than torch BN in the same setting). torch and Numba
 threads are both set to ``--threads``. Run (the machine otherwise idle)::
 
     PYTHONPATH=src python benchmarks/bench_models.py --threads 1 [--rounds 20] \
-        [--compiled torch,bnlab:auto,bnlab+relu:ops,bnlab+relu:decompose]
+        [--compiled torch,bnlab:auto,bnlab+relu:ops,bnlab+relu:decompose] [--autocast]
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import random
 import statistics
 import sys
 import time
@@ -53,9 +55,11 @@ def variants(name: str) -> dict[str, torch.nn.Module]:
             "bnlab+relu": fused}  # fmt: skip
 
 
-def cases(name: str, shape, mode: str, compiled: list[tuple[str, str]]):
+def cases(name: str, shape, mode: str, compiled: list[tuple[str, str]], autocast: bool = False):
     """{case name: a callable running one step}: every variant eagerly, and the compiled
-    ``(variant, form)`` pairs."""
+    ``(variant, form)`` pairs; with ``autocast`` the forward runs under
+    ``torch.autocast("cpu", torch.bfloat16)`` (bfloat16 convolution outputs, so every BN layer
+    gets a bfloat16 input and keeps float32 parameters)."""
     torch.manual_seed(1)
     x = torch.randn(shape)
     target = torch.randint(0, 10, (shape[0],))
@@ -70,14 +74,16 @@ def cases(name: str, shape, mode: str, compiled: list[tuple[str, str]]):
             label = f"{variant} {how}" + (f" {form}" if form and variant != "torch" else "")
 
             def step(run_net=run_net, opt=opt, form=form or "ops"):
+                amp = torch.autocast("cpu", torch.bfloat16, enabled=autocast)
                 with ops.compile_form(form):
                     if mode == "train":
                         opt.zero_grad(set_to_none=True)
-                        loss = F.cross_entropy(run_net(x)[:, :10], target)
+                        with amp:
+                            loss = F.cross_entropy(run_net(x)[:, :10], target)
                         loss.backward()
                         opt.step()
                     else:
-                        with torch.no_grad():
+                        with torch.no_grad(), amp:
                             run_net(x)
 
             out[label] = step
@@ -89,8 +95,11 @@ def measure(steps: dict, rounds: int, warmup: int = 3) -> dict[str, float]:
         for _ in range(warmup):
             fn()
     times: dict[str, list[float]] = {k: [] for k in steps}
+    order = list(steps.items())
+    rng = random.Random(0)
     for _ in range(rounds):
-        for k, fn in steps.items():
+        rng.shuffle(order)  # (no case always follows the same neighbour)
+        for k, fn in order:
             t0 = time.perf_counter()
             fn()
             times[k].append(time.perf_counter() - t0)
@@ -106,6 +115,8 @@ def main(argv=None) -> None:
     p.add_argument("--batch18", type=int, default=16, help="ResNet-18 batch (3x112x112)")
     p.add_argument("--compiled", default="torch,bnlab:auto,bnlab+relu:auto",
                    help="compiled cases, variant[:form] comma-separated ('' for eager only)")
+    p.add_argument("--autocast", action="store_true",
+                   help="run the forward under torch.autocast('cpu', torch.bfloat16)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     import numba
@@ -121,14 +132,15 @@ def main(argv=None) -> None:
         compiled.append((variant, form or "auto"))
     ops.set_compile_form("auto")
     print(f"torch {torch.__version__}, threads={torch.get_num_threads()} (numba "
-          f"{numba.get_num_threads()}), float32, median of {args.rounds} interleaved rounds, "
+          f"{numba.get_num_threads()}), {'bf16 autocast' if args.autocast else 'float32'}, "
+          f"median of {args.rounds} interleaved rounds (shuffled order), "
           "ms; ratio = torch's time in the same setting / this case's time")  # fmt: skip
     print("| model | step | case | ms | torch / case |")
     print("|---|---|---|---:|---:|")
     shapes = {"resnet20": (args.batch20, 3, 32, 32), "resnet18": (args.batch18, 3, 112, 112)}
     for name in args.models.split(","):
         for mode in ("train", "eval"):
-            r = measure(cases(name, shapes[name], mode, compiled), args.rounds)
+            r = measure(cases(name, shapes[name], mode, compiled, args.autocast), args.rounds)
             for label, ms in r.items():
                 key = "torch compiled" if "compiled" in label else "torch eager"
                 ref = r.get(key, float("nan"))
