@@ -525,7 +525,22 @@ def test_resnet20_fused_relu_matches_unfused():
 
 
 def test_warm_up_compiles_every_kernel():
-    K.warm_up()  # raises if any kernel fails to compile or run for float32/float64, both layouts
+    """warm_up() compiles (or loads) the kernels a layer can reach, so that processes started
+    after it (distributed ranks) do not compile them concurrently: each public kernel then has
+    its float32, float64 and bfloat16 (uint16 bits) versions. (Compiling a public kernel
+    compiles the serial and parallel loops it calls.)"""
+    import numba
+
+    K.warm_up()  # (raises if any kernel fails to compile or run)
+    for name in ("train_fwd_ncs", "train_fwd_mc", "eval_fwd_ncs", "eval_fwd_mc", "backward_ncs",
+                 "backward_mc"):  # fmt: skip
+        seen = {
+            a.dtype
+            for sig in getattr(_numba, name).signatures
+            for a in sig[:2]
+            if isinstance(a, numba.types.Array)
+        }
+        assert {numba.float32, numba.float64, numba.uint16} <= seen, (name, seen)
 
 
 @pytest.mark.parametrize("momentum", [0.1, None, 0.0, 1.0, -0.5, 1.5, 2])

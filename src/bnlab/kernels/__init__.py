@@ -321,22 +321,27 @@ def commit_batch_stats(
 
 
 def warm_up() -> None:
-    """Compile (or load from the on-disk cache) every kernel for float32 and float64."""
-    for dtype in _DTYPES:
+    """Compile (or load from the on-disk cache) every kernel: float32 and float64 inputs, and
+    bfloat16 ones with float32 parameters, both layouts. Compiling a public kernel compiles the
+    loops it calls, serial and parallel alike, whatever the input's size; one call above
+    ``SERIAL_MAX`` values also starts Numba's thread pool."""
+    for dtype in (*_DTYPES, torch.bfloat16):
+        cdt = _compute(dtype)
         for shape in [(4, 3), (2, 3, 4), (2, 3, 2, 2)]:
             for cl in (False, True):
-                x = torch.randn(shape, dtype=dtype)
+                x = torch.randn(shape).to(dtype)
                 if cl:
                     x = x.permute(0, *range(2, x.dim()), 1).contiguous()
                     x = x.permute(0, x.dim() - 1, *range(1, x.dim() - 1))
-                w = torch.ones(shape[1], dtype=dtype)
+                w = torch.ones(shape[1], dtype=cdt)
                 y, mean, _, inv = batch_norm_train_forward(x, w, w, 1e-5, relu=True)
                 batch_norm_train_backward(y, x, mean, inv, w, y=y)
                 ye, inv = batch_norm_eval_forward(x, mean, inv, w, None, 1e-5)
                 batch_norm_eval_backward(ye, x, mean, inv, w)
-        rm, rv = torch.zeros(3, dtype=dtype), torch.ones(3, dtype=dtype)
+        rm, rv = torch.zeros(3, dtype=cdt), torch.ones(3, dtype=cdt)
         commit_batch_stats(mean, inv, rm, rv, torch.tensor(0), None, 4, True)
-        # run the parallel loops once (above SERIAL_MAX values): starts Numba's thread pool
-        x = torch.randn(compiled().SERIAL_MAX // 3 + 1, 3, dtype=dtype)
-        y, mean, _, inv = batch_norm_train_forward(x, w, w, 1e-5, relu=True)
-        batch_norm_train_backward(y, x, mean, inv, w, y=y)
+    # run the parallel loops once (above SERIAL_MAX values): starts Numba's thread pool
+    x = torch.randn(compiled().SERIAL_MAX // 3 + 1, 3)
+    w = torch.ones(3)
+    y, mean, _, inv = batch_norm_train_forward(x, w, w, 1e-5, relu=True)
+    batch_norm_train_backward(y, x, mean, inv, w, y=y)
