@@ -17,10 +17,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import os
-import random
-import statistics
 import tempfile
-import time
 from pathlib import Path
 
 SHAPES = [(128, 16, 32, 32), (128, 32, 16, 16), (128, 64, 8, 8), (64, 64, 32, 32), (32, 8, 8, 8),
@@ -32,23 +29,6 @@ def _load(path: str, name: str):
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
-
-
-def _interleaved_us(fns: dict, calls: int) -> dict:
-    """Median microseconds of each callable over ``calls`` rounds, each round calling every one
-    once in a shuffled order (so a slow spell of the machine hits old and new alike)."""
-    for fn in fns.values():
-        fn()
-    times: dict = {k: [] for k in fns}
-    order = list(fns.items())
-    rng = random.Random(0)
-    for _ in range(calls):
-        rng.shuffle(order)
-        for k, fn in order:
-            t0 = time.perf_counter()
-            fn()
-            times[k].append(time.perf_counter() - t0)
-    return {k: statistics.median(v) * 1e6 for k, v in times.items()}
 
 
 def _loops(k, ncs: bool, size: int):
@@ -93,6 +73,8 @@ def main(argv=None) -> None:
     import numba
     import numpy as np
 
+    from bnlab.bench import _interleaved  # (median seconds, shuffled rounds)
+
     old, new = _load(args.old, "bnlab_loops_old"), _load(args.new, "bnlab_loops_new")
     numba.set_num_threads(args.threads)
     print(f"threads {numba.get_num_threads()}, median of {args.calls} interleaved rounds, "
@@ -109,7 +91,7 @@ def main(argv=None) -> None:
             for name, k in (("old", old), ("new", new)):
                 for step, fn in _calls(k, ncs, a).items():
                     fns[step, name] = fn
-            t = _interleaved_us(fns, args.calls)
+            t = {k: v * 1e6 for k, v in _interleaved(fns, args.calls, warmup=1).items()}
             print(f"{(n, c, h, w)} {'ncs' if ncs else 'mc '} " + " | ".join(
                 f"{step} old {t[step, 'old']:.0f} new {t[step, 'new']:.0f} "
                 f"({t[step, 'old'] / t[step, 'new']:.2f}x)" for step in ("fwd", "bwd", "eval")

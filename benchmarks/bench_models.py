@@ -25,10 +25,7 @@ from __future__ import annotations
 
 import argparse
 import copy
-import random
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -36,6 +33,7 @@ import torch.nn.functional as F
 
 import bnlab
 from bnlab import ops
+from bnlab.bench import _interleaved
 from bnlab.models import resnet20
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
@@ -91,19 +89,9 @@ def cases(name: str, shape, mode: str, compiled: list[tuple[str, str]], autocast
 
 
 def measure(steps: dict, rounds: int, warmup: int = 3) -> dict[str, float]:
-    for fn in steps.values():  # compile (traced on first call) and warm up
-        for _ in range(warmup):
-            fn()
-    times: dict[str, list[float]] = {k: [] for k in steps}
-    order = list(steps.items())
-    rng = random.Random(0)
-    for _ in range(rounds):
-        rng.shuffle(order)  # (no case always follows the same neighbour)
-        for k, fn in order:
-            t0 = time.perf_counter()
-            fn()
-            times[k].append(time.perf_counter() - t0)
-    return {k: statistics.median(v) * 1e3 for k, v in times.items()}
+    """Median milliseconds per step over ``rounds`` interleaved rounds in a shuffled order (the
+    timer of ``bnlab bench``), after ``warmup`` rounds (which also compile the compiled cases)."""
+    return {k: t * 1e3 for k, t in _interleaved(steps, rounds, warmup=warmup).items()}
 
 
 def main(argv=None) -> None:
