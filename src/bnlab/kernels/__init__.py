@@ -186,7 +186,8 @@ def batch_norm_train_forward(
     x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float, relu: bool = False
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Algorithm 1, fused. Returns ``(y, mean, var, invstd)``: y like x (same strides), (C,)
-    statistics in x's dtype, ``var`` biased. With ``relu``, ``y = max(BN(x), 0)``."""
+    statistics in x's dtype (float32 for a bfloat16 x), ``var`` biased. With ``relu``,
+    ``y = max(BN(x), 0)``."""
     k = compiled()
     xa, kind, y, ya = _arrays(x)
     cdt = _compute(x.dtype)
