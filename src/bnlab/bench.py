@@ -11,6 +11,8 @@ For each shape (from real networks) and each mode - ``fwd`` (training forward), 
     fused_bf16  bnlab layer (backend "auto") on a bfloat16 input with float32 parameters, as
                 under ``torch.autocast("cpu", torch.bfloat16)`` (4D shapes only)
     torch_bf16  torch.nn.BatchNorm2d on the same
+    fused_bf16_cl, torch_bf16_cl
+                the same two on a channels_last bfloat16 input (4D shapes only)
     compiled    torch.compile of the reference math (Algorithm 1 in plain torch ops)
     copy        y.copy_(x) into a preallocated tensor: reads and writes each byte once
     copy_new    torch.empty_like(x).copy_(x): the same into a fresh tensor, as every BN output
@@ -56,6 +58,7 @@ QUICK = ("target (64,64,32,32)", "mnist mlp (batch 60)")
 MODES = ("fwd", "fwd+bwd", "eval")
 VARIANTS = (
     "fused", "reference", "torch", "fused_cl", "torch_cl", "fused_bf16", "torch_bf16",
+    "fused_bf16_cl", "torch_bf16_cl",
     "compiled", "copy", "copy_new",
 )  # fmt: skip
 
@@ -152,6 +155,7 @@ def bench_shape(
         cl = torch.channels_last
         inputs["_cl"] = (x.contiguous(memory_format=cl), dy.contiguous(memory_format=cl))
         inputs["_bf16"] = (x.bfloat16(), dy.bfloat16())
+        inputs["_bf16_cl"] = tuple(t.bfloat16() for t in inputs["_cl"])
     out = torch.empty_like(x)
     comp = None
     if compiled:
@@ -172,11 +176,13 @@ def bench_shape(
         for variant in VARIANTS:
             if variant in runs or (variant == "reference" and not reference):
                 continue
-            suffix = next((s for s in ("_cl", "_bf16") if variant.endswith(s)), "")
+            suffix = next((s for s in ("_bf16_cl", "_cl", "_bf16") if variant.endswith(s)), "")
             if suffix not in inputs:
                 continue
             xin, dyin = inputs[suffix]
-            backend = {"reference": "reference", "fused_bf16": "auto"}.get(variant, "fused")
+            backend = {"reference": "reference", "fused_bf16": "auto", "fused_bf16_cl": "auto"}.get(
+                variant, "fused"
+            )
             if variant == "compiled":
                 if comp is None or mode == "eval":
                     continue
@@ -231,6 +237,7 @@ RATIOS = (
     ("torch", "fused"),
     ("torch_cl", "fused_cl"),
     ("torch_bf16", "fused_bf16"),
+    ("torch_bf16_cl", "fused_bf16_cl"),
     ("fused", "copy"),
     ("fused_cl", "copy"),
     ("torch", "copy"),
