@@ -171,7 +171,12 @@ def test_a_non_finite_batch_in_a_bn_layer_is_a_divergence_not_a_crash():
         assert torch.equal(v, state[k]), k
 
 
-def test_interrupted_fit_resumes_from_its_checkpoint_to_the_same_rows(tmp_path):
+@pytest.mark.parametrize("stop_at, resumed_at", [(24, 16), (8, 0)])
+def test_interrupted_fit_resumes_from_its_checkpoint_to_the_same_rows(tmp_path, stop_at,
+                                                                       resumed_at):
+    """Stopped at an evaluation, then continued from the last checkpoint: the same rows and
+    weights as a run never stopped, also when that checkpoint is the one of step 0 (whose
+    evaluation row is already logged and must not be logged again)."""
     x, y = _data()
 
     def train(path, stop_at=None):
@@ -191,10 +196,10 @@ def test_interrupted_fit_resumes_from_its_checkpoint_to_the_same_rows(tmp_path):
 
     ref, m_ref, rows_ref = train(tmp_path / "ref")
     with pytest.raises(KeyboardInterrupt):
-        train(tmp_path / "cut", stop_at=24)
-    # rows up to step 16 were kept, the step-24 evaluation never completed
+        train(tmp_path / "cut", stop_at=stop_at)
+    # rows up to the last checkpoint were kept, the evaluation at stop_at never completed
     res, m_cut, rows = train(tmp_path / "cut")
-    assert res.resumed_from == 16
+    assert res.resumed_from == resumed_at
     assert rows == rows_ref
     for a, b in zip(m_cut.state_dict().values(), m_ref.state_dict().values(), strict=True):
         assert torch.equal(a, b)

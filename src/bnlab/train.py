@@ -415,7 +415,7 @@ def fit(
                unit="step", dynamic_ncols=True, leave=False)
     status, diverged = "finished", None
     try:
-        if start == 0:
+        if resumed_from is None:  # (a resume from step 0's checkpoint has its row logged)
             emit(eval_row(0))
             save(0)
         model.train()
