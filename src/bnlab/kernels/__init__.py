@@ -157,7 +157,7 @@ def _arrays(x: Tensor, out: bool = True):
 
 
 def _vec(t: Tensor):
-    """numpy view of a (C,) statistic (a contiguous copy if it is strided)."""
+    """numpy view of a (C,) statistic or parameter (a contiguous copy if it is strided)."""
     return _np(t if t.is_contiguous() else t.contiguous())
 
 
@@ -179,7 +179,7 @@ def _param(p: Tensor | None, dtype: torch.dtype):
     """numpy view of a (C,) parameter, or an empty placeholder of the dtype when absent."""
     if p is None:
         return _NONE[dtype], False
-    return _np(p if p.is_contiguous() else p.contiguous()), True
+    return _vec(p), True
 
 
 def batch_norm_train_forward(
