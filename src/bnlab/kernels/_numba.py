@@ -127,6 +127,20 @@ def _st(v, dst):
     """``v`` as an element of the array ``dst`` (see above)."""
 
 
+@intrinsic
+def _keep(typingctx, v, keep):
+    """``v`` if ``keep`` else zero, in ``v``'s own float type: ``v if keep else 0.0`` would
+    widen a float32 ``v`` to float64 and with it the arithmetic that follows (the ReLU masks of
+    the elementwise passes, which run in the input's dtype)."""
+    if not isinstance(v, types.Float) or keep != types.boolean:
+        return None
+
+    def codegen(context, builder, sig, args):
+        return builder.select(args[1], args[0], ir.Constant(args[0].type, 0.0))
+
+    return v(v, keep), codegen
+
+
 @overload(_ld)
 def _ld_impl(v):
     if v == types.uint16:
@@ -289,7 +303,7 @@ def _ncs_normalize(x, coef, relu, y, i0, i1):
         if relu:
             for k in range(S):
                 v = (_ld(xr[k]) - mu) * a + bb
-                yr[k] = _st(v if v > 0 else 0.0, yr)
+                yr[k] = _st(_keep(v, v > 0), yr)
         else:
             for k in range(S):
                 yr[k] = _st((_ld(xr[k]) - mu) * a + bb, yr)
@@ -390,7 +404,7 @@ def _mc_normalize(x, t, relu, y, r0, r1):
         if relu:
             for p in range(n):
                 v = (_ld(xs[p]) - mu[p]) * a[p] + bb[p]
-                ys[p] = _st(v if v > 0 else 0.0, ys)
+                ys[p] = _st(_keep(v, v > 0), ys)
         else:
             for p in range(n):
                 ys[p] = _st((_ld(xs[p]) - mu[p]) * a[p] + bb[p], ys)
@@ -556,7 +570,7 @@ def _ncs_gsums(dy, x, y, relu, mean, i0, i1, p1, p2):
         if relu:
             yr = y[n, c]
             for k in range(S):
-                g = _ld(gr[k]) if _ld(yr[k]) > 0 else 0.0
+                g = _keep(_ld(gr[k]), _ld(yr[k]) > 0)
                 s1 += g
                 s2 += g * (_ld(xr[k]) - mu)
         else:
@@ -592,8 +606,8 @@ def _mc_gsums(dy, x, y, relu, mu, r0, r1, s1, s2):
             ya = yf[a : a + P]
             yb = yf[a + P : a + 2 * P]
             for p in range(P):
-                u = _ld(ga[p]) if _ld(ya[p]) > 0 else 0.0
-                v = _ld(gb[p]) if _ld(yb[p]) > 0 else 0.0
+                u = _keep(_ld(ga[p]), _ld(ya[p]) > 0)
+                v = _keep(_ld(gb[p]), _ld(yb[p]) > 0)
                 s1t[p] += u + v
                 s2t[p] += u * (_ld(xa[p]) - mu[p]) + v * (_ld(xb[p]) - mu[p])
         else:
@@ -607,7 +621,7 @@ def _mc_gsums(dy, x, y, relu, mu, r0, r1, s1, s2):
         gs = gf[base : base + n]
         ys = yf[base : base + n]
         for p in range(n):
-            g = _ld(gs[p]) if (not relu or _ld(ys[p]) > 0) else 0.0
+            g = _keep(_ld(gs[p]), not relu or _ld(ys[p]) > 0)
             s1t[p] += g
             s2t[p] += g * (_ld(xs[p]) - mu[p])
     t1 = np.empty(C, np.float64)
@@ -640,7 +654,7 @@ def _ncs_dx(dy, x, y, relu, coef, dx, i0, i1):
         if relu:
             yr = y[n, c]
             for k in range(S):
-                g = _ld(gr[k]) if _ld(yr[k]) > 0 else 0.0
+                g = _keep(_ld(gr[k]), _ld(yr[k]) > 0)
                 dr[k] = _st(a * g - bb * (_ld(xr[k]) - mu) - d, dr)
         else:
             for k in range(S):
@@ -671,7 +685,7 @@ def _mc_dx(dy, x, y, relu, t, dx, r0, r1):
         if relu:
             ys = yf[base : base + n]
             for p in range(n):
-                g = _ld(gs[p]) if _ld(ys[p]) > 0 else 0.0
+                g = _keep(_ld(gs[p]), _ld(ys[p]) > 0)
                 ds[p] = _st(a[p] * g - bb[p] * (_ld(xs[p]) - mu[p]) - d[p], ds)
         else:
             for p in range(n):
