@@ -213,6 +213,12 @@ def _chunks(rows: int) -> tuple[int, int]:
 # make more of them; a row of a wide layer (C >= _TILE) is a tile by itself, as without tiling.
 _TILE = 64
 
+# The reductions sweep several tiles at once (fewer accumulator loads and stores) only when a tile
+# is short (at most _TILE values): a sweep over k wide rows reads k streams a row apart in short
+# runs, which the hardware prefetchers follow poorly, and one row per sweep keeps the read one
+# sequential stream (wide-channel statistics ran about 1.6x faster that way; figures in
+# benchmarks/RESULTS.md).
+
 
 @njit(cache=True)
 def _tile_rows(C: int) -> int:
@@ -349,7 +355,8 @@ def _mc_sums(x, z, r0, r1, cmean, cm2):
     # (loops over tile counts, not strided while loops: a variable stride makes LLVM compute
     # trip counts with 128-bit division, which Numba cannot link)
     tiles = (r1 - r0) // r
-    for t in range(tiles // 4):  # 4 tiles per sweep: 4x fewer accumulator loads/stores
+    quads = tiles // 4 if P <= _TILE else 0  # (see _TILE)
+    for t in range(quads):  # 4 tiles per sweep: 4x fewer accumulator loads/stores
         a = (r0 + 4 * t * r) * C
         xa = xf[a : a + P]
         xb = xf[a + P : a + 2 * P]
@@ -363,7 +370,7 @@ def _mc_sums(x, z, r0, r1, cmean, cm2):
             dd = _ld(xd[p]) - zp
             s1t[p] += (da + db) + (dc + dd)
             s2t[p] += (da * da + db * db) + (dc * dc + dd * dd)
-    for t in range(tiles - tiles % 4, tiles):
+    for t in range(4 * quads, tiles):
         xa = xf[(r0 + t * r) * C : (r0 + (t + 1) * r) * C]
         for p in range(P):
             d = _ld(xa[p]) - z[p]
@@ -596,7 +603,8 @@ def _mc_gsums(dy, x, y, relu, mu, r0, r1, s1, s2):
     s1t = np.zeros(P, np.float64)
     s2t = np.zeros(P, np.float64)
     tiles = (r1 - r0) // r
-    for t in range(tiles // 2):  # 2 tiles per sweep: half the accumulator loads/stores
+    pairs = tiles // 2 if P <= _TILE else 0  # (see _TILE)
+    for t in range(pairs):  # 2 tiles per sweep: half the accumulator loads/stores
         a = (r0 + 2 * t * r) * C
         xa = xf[a : a + P]
         xb = xf[a + P : a + 2 * P]
@@ -614,7 +622,7 @@ def _mc_gsums(dy, x, y, relu, mu, r0, r1, s1, s2):
             for p in range(P):
                 s1t[p] += _ld(ga[p]) + _ld(gb[p])
                 s2t[p] += _ld(ga[p]) * (_ld(xa[p]) - mu[p]) + _ld(gb[p]) * (_ld(xb[p]) - mu[p])
-    for t in range(2 * (tiles // 2), (r1 - r0 + r - 1) // r):  # a last tile, then the rows left
+    for t in range(2 * pairs, (r1 - r0 + r - 1) // r):  # the other tiles, then the rows left
         base = (r0 + t * r) * C
         n = min(P, (r1 - r0 - t * r) * C)
         xs = xf[base : base + n]
