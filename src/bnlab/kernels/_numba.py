@@ -215,9 +215,8 @@ _TILE = 64
 
 # The reductions sweep several tiles at once (fewer accumulator loads and stores) only when a tile
 # is short (at most _TILE values): a sweep over k wide rows reads k streams a row apart in short
-# runs, which the hardware prefetchers follow poorly, and one row per sweep keeps the read one
-# sequential stream (wide-channel statistics ran about 1.6x faster that way; figures in
-# benchmarks/RESULTS.md).
+# runs, which the hardware prefetchers follow poorly, where one row per sweep keeps the read one
+# sequential stream (measurements in docs/kernels.md).
 
 
 @njit(cache=True)
