@@ -18,18 +18,16 @@ preallocated float32 arrays (the compiled loops called directly: no allocation, 
 wrapper) beside two loops over the same bytes compiled the same way: a read (the sum of x) and
 a copy (x into y). A pass's floor is ``reads * read + writes * (copy - read)`` from the same
 run; the table prints each pass as a multiple of its floor, and the whole step (the four passes)
-and its floor as multiples of a copy. By default every call finds cold caches (a 96 MB buffer is
-written before it), as a layer of a real model finds its tensors after the other layers' have
-passed through the caches; ``--warm`` skips that, for tensors that fit in the last-level cache.
+and its floor as multiples of a copy. By default every call finds cold caches (a buffer larger
+than any last-level cache is written before it, :func:`bnlab.bench.cache_flusher`), as a layer
+of a real model finds its tensors after the other layers' have passed through the caches;
+``--warm`` skips that, for tensors that fit in the last-level cache.
 Medians of interleaved rounds in a shuffled order, thread count as given (torch's and Numba's).
 """
 
 from __future__ import annotations
 
 import argparse
-import random
-import statistics
-import time
 
 SHAPES = [(128, 16, 32, 32), (128, 32, 16, 16), (128, 64, 8, 8), (64, 64, 32, 32),
           (128, 256, 14, 14), (32, 128, 56, 56)]  # fmt: skip
@@ -103,41 +101,29 @@ def main(argv=None) -> None:
     import numpy as np
     import torch
 
-    from bnlab.bench import machine_text
+    from bnlab.bench import _interleaved, cache_flusher, machine_text
     from bnlab.kernels import compiled
 
     torch.set_num_threads(args.threads)
     K = compiled()  # (follows torch's thread count)
     read, copy = _references(numba, np)
-    flush = np.ones(96 << 18, np.float32)  # 96 MB, more than any last-level cache here
+    flush = None if args.warm else cache_flusher()
     print(machine_text())
+    caches, relu = ("warm" if args.warm else "cold"), ("fused" if args.relu else "off")
     print(f"threads {numba.get_num_threads()}, median of {args.rounds} rounds, float32, "
-          f"{'warm' if args.warm else 'cold'} caches, ReLU {'fused' if args.relu else 'off'}; "
-          "each pass as a multiple of its floor (reads * read + writes * (copy - read))")  # fmt: skip
+          f"{caches} caches, ReLU {relu}; each pass as a multiple of its floor "
+          "(reads * read + writes * (copy - read))")  # fmt: skip
     print("| shape | layout | read ms | copy ms | stats | normalize | grad sums | dx "
           "| step / copy | floor / copy |")  # fmt: skip
     print("|---|---|---|---|---|---|---|---|---|---|")
-    rng = random.Random(0)
     for n, c, h, w in SHAPES:
         for layout in ("ncs", "mc"):
             shape = (n, c, h * w) if layout == "ncs" else (n * h * w, c)
-            x, y, passes = _passes(compiled(), np, shape, args.relu)
+            x, y, passes = _passes(K, np, shape, args.relu)
             xf, yf = x.reshape(-1), y.reshape(-1)
-            runs = {"read": lambda: read(xf), "copy": lambda: copy(xf, yf)}
+            runs = {"read": lambda xf=xf: read(xf), "copy": lambda xf=xf, yf=yf: copy(xf, yf)}
             runs.update({name: v[0] for name, v in passes.items()})
-            for fn in runs.values():  # compile / load, and touch every page
-                fn()
-            samples: dict[str, list[float]] = {k: [] for k in runs}
-            order = list(runs.items())
-            for _ in range(args.rounds):
-                rng.shuffle(order)
-                for k, fn in order:
-                    if not args.warm:
-                        flush += 1.0
-                    t0 = time.perf_counter()
-                    fn()
-                    samples[k].append(time.perf_counter() - t0)
-            t = {k: statistics.median(v) for k, v in samples.items()}
+            t = _interleaved(runs, args.rounds, warmup=1, before=flush)
             write = max(t["copy"] - t["read"], 0.0)
             floors = {k: r * t["read"] + wr * write for k, (_, r, wr) in passes.items()}
             cells = " | ".join(f"{t[k] / floors[k]:.2f}" for k in passes)

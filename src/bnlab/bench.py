@@ -25,6 +25,12 @@ and ratios (torch / fused: above 1 when bnlab is faster; fused / copy: bnlab's t
 copies of the same bytes). Also one end-to-end training step (forward, backward, SGD update) of
 ResNet-20 on random CIFAR-sized data with bnlab layers vs torch's. Inputs float32 except the
 bf16 columns. ``--threads`` sets torch's thread count, which bnlab's kernels follow.
+
+By default a call finds in the caches whatever the calls before it left there (a tensor that fits
+in the last-level cache is often still in it). ``--cold`` writes a buffer larger than any
+last-level cache before every timed call, untimed, so that every call reads its tensors from
+memory, as a layer of a large model does when the other layers' tensors have passed through the
+caches since.
 """
 
 from __future__ import annotations
@@ -142,10 +148,11 @@ def bench_shape(
     compiled: bool,
     log: Callable[[str], None] = print,
     reference: bool = True,
+    before: Callable[[], object] | None = None,
 ) -> list[Row]:
     """Time every variant and mode on one shape, in interleaved rounds (module docstring).
     Training-mode forward runs under no_grad for ``fwd`` (statistics + normalize + running-stat
-    update, no autograd graph)."""
+    update, no autograd graph). ``before`` runs untimed before every timed call (``--cold``)."""
     g = torch.Generator().manual_seed(0)
     x = torch.randn(shape, generator=g) * 2 + 1
     dy = torch.randn(shape, generator=g)
@@ -195,17 +202,23 @@ def bench_shape(
                 layer = _layer(shape, "torch" if variant.startswith("torch") else "bnlab")
                 layer.train(mode != "eval")
             runs[variant] = _step_fn(layer, xin, dyin, mode, backend)
-        times = _interleaved(runs, repeats)
+        times = _interleaved(runs, repeats, before=before)
         rows.append(Row(name, shape, mode, {v: times[v] for v in VARIANTS if v in times}))
         log(_format_row(rows[-1]))
     return rows
 
 
-def _interleaved(runs: dict[str, Callable[[], object]], repeats: int, warmup: int = 3):
+def _interleaved(
+    runs: dict[str, Callable[[], object]],
+    repeats: int,
+    warmup: int = 3,
+    before: Callable[[], object] | None = None,
+):
     """Median seconds of each callable over ``repeats`` rounds, each round calling every one
     once (after ``warmup`` such rounds), in an order shuffled per round: what a call finds in
     the caches and the allocator depends on the call before it, and a fixed order would give
-    every variant the same neighbour in every round."""
+    every variant the same neighbour in every round. ``before``, if given, runs (untimed)
+    before every timed call."""
     for _ in range(warmup):
         for fn in runs.values():
             fn()
@@ -215,10 +228,27 @@ def _interleaved(runs: dict[str, Callable[[], object]], repeats: int, warmup: in
     for _ in range(repeats):
         rng.shuffle(order)
         for k, fn in order:
+            if before is not None:
+                before()
             t0 = time.perf_counter()
             fn()
             samples[k].append(time.perf_counter() - t0)
     return {k: statistics.median(v) for k, v in samples.items()}
+
+
+# More than the last-level cache a core sees on current CPUs (up to 96 MB per CCD or socket).
+COLD_BYTES = 128 << 20
+
+
+def cache_flusher(nbytes: int = COLD_BYTES) -> Callable[[], None]:
+    """A callable that writes ``nbytes`` of a buffer of its own, evicting other data from the
+    caches (written, not only read, so that the lines it leaves are its own)."""
+    buf = torch.empty(nbytes // 4)
+
+    def flush() -> None:
+        buf.fill_(1.0)
+
+    return flush
 
 
 def _ms(t: float | None) -> str:
@@ -339,6 +369,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-reference", action="store_true", help="skip the reference-path column")
     p.add_argument("--no-resnet", action="store_true", help="skip the ResNet-20 step")
     p.add_argument("--threads", type=int, default=None, help="torch and numba threads")
+    p.add_argument(
+        "--cold", action="store_true",
+        help="evict the caches before every timed call (module docstring)",
+    )  # fmt: skip
     p.add_argument("--write", metavar="PATH", help="write the tables into this Markdown file")
     args = p.parse_args(argv)
     if args.repeats < 1:
@@ -359,20 +393,29 @@ def main(argv: list[str] | None = None) -> int:
     kernels.warm_up()
     warm = time.perf_counter() - t0
     threads = f"torch threads {torch.get_num_threads()}, numba threads {numba.get_num_threads()}"
-    print(f"bnlab bench: median of {args.repeats} interleaved rounds, {threads}; {machine_text()}")
+    caches = ", cold caches" if args.cold else ""
+    print(
+        f"bnlab bench: median of {args.repeats} interleaved rounds{caches}, {threads}; "
+        f"{machine_text()}"
+    )
     print(f"kernel warm-up (compile or load from cache): {warm:.1f} s")
     compiled = not (args.no_compile or args.quick)
     reference = not args.no_reference
+    before = cache_flusher() if args.cold else None
     rows: list[Row] = []
     for name in names:
         try:
-            rows += bench_shape(name, SHAPES[name], args.repeats, compiled, print, reference)
+            rows += bench_shape(
+                name, SHAPES[name], args.repeats, compiled, print, reference, before
+            )
         except Exception as e:  # torch.compile may be unavailable (no compiler): say so, go on
             if not compiled:
                 raise
             print(f"  torch.compile failed ({type(e).__name__}: {e}); skipping that column")
             compiled = False
-            rows += bench_shape(name, SHAPES[name], args.repeats, compiled, print, reference)
+            rows += bench_shape(
+                name, SHAPES[name], args.repeats, compiled, print, reference, before
+            )
     table = format_table(rows)
     print(table)
     resnet = ""
@@ -385,7 +428,7 @@ def main(argv: list[str] | None = None) -> int:
             "## Fused kernels\n\n"
             f"Command: `bnlab bench {argv_text}` (or `python benchmarks/bench_kernels.py`), "
             f"{_dt.datetime.now(_dt.UTC):%Y-%m-%d %H:%M} UTC, {threads}, {machine_text()} (at "
-            f"the end), median of {args.repeats} interleaved rounds, times in ms.\n\n"
+            f"the end), median of {args.repeats} interleaved rounds{caches}, times in ms.\n\n"
             + table
             + "\n"
             + resnet
