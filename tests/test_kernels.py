@@ -635,3 +635,45 @@ def test_kernel_results_do_not_depend_on_the_thread_count():
     ref = F.batch_norm_train_forward(x, w, b, 1e-5)
     for out in outs:
         torch.testing.assert_close(out[0], ref[0], rtol=1e-12, atol=1e-12)
+
+
+def _smaps_field(addr: int, field: str) -> str | None:
+    """The value of ``field`` in /proc/self/smaps for the mapping holding ``addr``, or None."""
+    try:
+        text = open("/proc/self/smaps").read()
+    except OSError:
+        return None
+    inside = False
+    for line in text.splitlines():
+        head = line.split(" ", 1)[0]
+        if "-" in head and ":" not in head:  # a mapping's first line: "start-end perms ..."
+            start, end = (int(v, 16) for v in head.split("-"))
+            inside = start <= addr < end
+        elif inside and line.startswith(field + ":"):
+            return line.split(":", 1)[1].strip()
+    return None
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_large_fresh_outputs_are_advised_onto_huge_pages(layout):
+    """Outputs of 4 MB and more are fresh tensors advised onto transparent huge pages (their
+    first touch maps them 2 MB at a time): on Linux with THP in "madvise" mode the mapping
+    holding an output's aligned interior is THP-eligible, which only the advice makes it. The
+    values are those of the ordinary path (the other tests)."""
+    hp = K._HugePages()
+    if hp.size == 0:
+        pytest.skip("no transparent huge pages here")
+    with open("/sys/kernel/mm/transparent_hugepage/enabled") as f:
+        if "[madvise]" not in f.read():  # ("always": eligible without the advice)
+            pytest.skip("transparent huge pages not in madvise mode here")
+    x = to_format(torch.randn(32, 64, 32, 32), layout)  # 8 MB
+    dy = torch.randn_like(x)
+    y, mean, _, invstd = K.batch_norm_train_forward(x, None, None, 1e-5)
+    dx, _, _ = K.batch_norm_train_backward(dy, x, mean, invstd, None)
+    for out in (y, dx):
+        assert out.stride() == x.stride()
+        inner = -(-out.data_ptr() // hp.size) * hp.size
+        eligible = _smaps_field(inner, "THPeligible")
+        if eligible is None:
+            pytest.skip("/proc/self/smaps has no THPeligible field on this kernel")
+        assert eligible == "1"
