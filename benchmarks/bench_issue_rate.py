@@ -9,8 +9,9 @@ write alone (a fill) the same two ways; and torch's own ``torch.mul(x, 1.5, out=
 On the AMD EPYC of benchmarks/RESULTS.md ("session 3") the blocked read+write loop was about
 1.2-1.4x faster than the flat one while reads alone and writes alone were not, and torch's
 plain two-vector AVX2 loop faster than both in this mix (not in every mix: see RESULTS.md):
-part of why bnlab's channels_last eval trails torch's there. Run it on another CPU (``NUMBA_CPU_NAME=haswell`` compiles the Numba loops for AVX2, in a
-separate ``NUMBA_CACHE_DIR``) to see whether the effect is general before tuning a kernel for it.
+part of why bnlab's channels_last eval trails torch's there. Run it on another CPU
+(``NUMBA_CPU_NAME=haswell`` compiles the Numba loops for AVX2, in a separate
+``NUMBA_CACHE_DIR``) to see whether the effect is general before tuning a kernel for it.
 """
 
 from __future__ import annotations

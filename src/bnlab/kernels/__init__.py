@@ -229,7 +229,7 @@ def _like(t: Tensor, x: Tensor) -> Tensor:
     """``t`` with exactly x's strides (a copy only if they differ, e.g. an expanded dy)."""
     if t.stride() == x.stride():
         return t
-    return torch.empty_like(x).copy_(t)
+    return _empty_like(x).copy_(t)
 
 
 _NONE = {
