@@ -640,7 +640,8 @@ def test_kernel_results_do_not_depend_on_the_thread_count():
 def _smaps_field(addr: int, field: str) -> str | None:
     """The value of ``field`` in /proc/self/smaps for the mapping holding ``addr``, or None."""
     try:
-        text = open("/proc/self/smaps").read()
+        with open("/proc/self/smaps") as f:
+            text = f.read()
     except OSError:
         return None
     inside = False

@@ -170,10 +170,10 @@ class _HugePages:
         except (OSError, ValueError, AttributeError):
             self.size = 0
 
-    def advise(self, t: Tensor) -> None:
-        """Ask for huge pages under the whole huge pages inside ``t``'s bytes (best effort)."""
-        n = t.numel() * t.element_size()
-        if self.size == 0 or n < self.MIN_BYTES:
+    def advise(self, t: Tensor, n: int) -> None:
+        """Ask for huge pages under the whole huge pages inside ``t``'s ``n`` bytes (best
+        effort; the caller decides which tensors are worth it, see ``MIN_BYTES``)."""
+        if self.size == 0:
             return
         a = t.data_ptr()
         lo = -(-a // self.size) * self.size
@@ -189,10 +189,11 @@ def _empty_like(x: Tensor) -> Tensor:
     """``torch.empty_like(x)`` (x's strides), on huge pages when large (:class:`_HugePages`)."""
     global _huge
     y = torch.empty_like(x)
-    if y.numel() * y.element_size() >= _HugePages.MIN_BYTES:
+    n = y.numel() * y.element_size()
+    if n >= _HugePages.MIN_BYTES:
         if _huge is None:
             _huge = _HugePages()
-        _huge.advise(y)
+        _huge.advise(y, n)
     return y
 
 
