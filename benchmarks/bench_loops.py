@@ -21,7 +21,7 @@ import tempfile
 from pathlib import Path
 
 SHAPES = [(128, 16, 32, 32), (128, 32, 16, 16), (128, 64, 8, 8), (64, 64, 32, 32), (32, 8, 8, 8),
-          (60, 100, 1, 1)]  # fmt: skip
+          (128, 256, 14, 14), (60, 100, 1, 1)]  # fmt: skip
 
 
 def _load(path: str, name: str):

@@ -59,6 +59,7 @@ def _passes(K, np, shape, relu: bool):
     dy = rng.standard_normal(shape, dtype=np.float32)
     y, dx = np.empty_like(x), np.empty_like(x)
     c = shape[1]
+    # normalize: (a, c); dx: (mean, A, B, D) (see bnlab.kernels._numba)
     coef = np.stack([np.zeros(c), np.ones(c), np.full(c, 0.1), np.full(c, 0.01)]).astype(np.float32)
     extra = 1 if relu else 0
     if len(shape) == 3:
@@ -67,7 +68,7 @@ def _passes(K, np, shape, relu: bool):
         mean = np.zeros(c, np.float32)
         calls = {
             "stats": lambda: K._ncs_sums_par(x, bm, bm2),
-            "normalize": lambda: K._ncs_normalize_par(x, coef[:3], relu, y),
+            "normalize": lambda: K._ncs_normalize_par(x, coef[1:3], relu, y),
             "grad sums": lambda: K._ncs_gsums_par(dy, x, y, relu, mean, p1, p2),
             "dx": lambda: K._ncs_dx_par(dy, x, y, relu, coef, dx),
         }
@@ -78,11 +79,11 @@ def _passes(K, np, shape, relu: bool):
         cm, cm2 = np.empty((k, c)), np.empty((k, c))
         p1, p2 = np.zeros((k, c)), np.zeros((k, c))
         z = K._tile(x[:1].astype(np.float64), np.float64)[0]  # the shift x_0, tiled
-        t3, t4 = K._tile(coef[:3], np.float32), K._tile(coef, np.float32)
+        t2, t4 = K._tile(coef[1:3], np.float32), K._tile(coef, np.float32)
         calls = {
             "stats": lambda: K._mc_sums_par(x, z, r, cm, cm2),
-            "normalize": lambda: K._mc_normalize_par(x, t3, relu, y, r),
-            "grad sums": lambda: K._mc_gsums_par(dy, x, y, relu, t3[0], r, p1, p2),
+            "normalize": lambda: K._mc_normalize_par(x, t2, relu, y, r),
+            "grad sums": lambda: K._mc_gsums_par(dy, x, y, relu, t4[0], r, p1, p2),
             "dx": lambda: K._mc_dx_par(dy, x, y, relu, t4, dx, r),
         }
     traffic = {"stats": (1, 0), "normalize": (1, 1), "grad sums": (2 + extra, 0),

@@ -256,7 +256,7 @@ def batch_norm_train_forward(
     k = compiled()
     xa, kind, y, ya = _arrays(x)
     cdt = _compute(x.dtype)
-    stats = np.empty((6, x.shape[1]), _NP[cdt])  # mean, var, invstd, 3 coefficients
+    stats = np.empty((5, x.shape[1]), _NP[cdt])  # mean, var, invstd, 2 coefficients
     w, has_w = _param(weight, cdt)
     b, has_b = _param(bias, cdt)
     fn = k.train_fwd_ncs if kind == "ncs" else k.train_fwd_mc
@@ -279,7 +279,7 @@ def batch_norm_eval_forward(
     k = compiled()
     xa, kind, y, ya = _arrays(x)
     cdt = _compute(x.dtype)
-    stats = np.empty((4, x.shape[1]), _NP[cdt])  # invstd, 3 coefficients
+    stats = np.empty((3, x.shape[1]), _NP[cdt])  # invstd, 2 coefficients
     w, has_w = _param(weight, cdt)
     b, has_b = _param(bias, cdt)
     fn = k.eval_fwd_ncs if kind == "ncs" else k.eval_fwd_mc

@@ -30,10 +30,16 @@ so no ``E[x^2] - E[x]^2`` cancellation at full magnitude appears anywhere (an in
 Gradient sums are accumulated in float64 as well.
 
 Elementwise passes run in the input's dtype with per-channel coefficients precomputed in float64
-and rounded once (``coef`` arrays). A bfloat16 input comes as a uint16 array of its bits; the
-loops read and write every element through ``_ld``/``_st`` (below), so it is computed as its
-float32 copy would be (coefficients, statistics and sums in float32/float64), outputs rounded
-once to bfloat16.
+and rounded once (``coef`` arrays). The normalize pass applies ``y = a x + c`` (one fused
+multiply-add): against the centred form ``(x - mean) a + beta``, one coefficient fewer to load
+per value where channels are innermost, at the same precision (:func:`_affine`). The dx pass
+keeps the centred form ``A g - B (x - mean) - D``: folded the same way, its ``B x`` and ``B mean``
+would cancel to far less than either where a channel's variance is tiny (``B`` grows as
+``invstd^3``), which costs precision the centred form keeps.
+
+A bfloat16 input comes as a uint16 array of its bits; the loops read and write every element
+through ``_ld``/``_st`` (below), so it is computed as its float32 copy would be (coefficients,
+statistics and sums in float32/float64), outputs rounded once to bfloat16.
 
 Serial or parallel. Each loop is written once, over a range of rows; a parallel call runs it
 per chunk inside ``prange``, a serial call once over the whole input, so both give the same
@@ -228,10 +234,11 @@ def _tile_rows(C: int) -> int:
 # ----------------------------------------------------------------------------------- statistics
 @njit(**_SERIAL)
 def _finish_stats(mean, var, w, b, has_w, has_b, eps, stats):
-    """From (C,) float64 mean/var, fill stats (6, C) in the input dtype::
+    """From (C,) float64 mean/var, fill stats (5, C) in the input dtype::
 
     stats[0:3] = mean, var, invstd = 1 / sqrt(var + eps)
-    stats[3:6] = mean, gamma * invstd, beta          (the normalize coefficients)
+    stats[3:5] = a, c  with  y = a x + c,  a = gamma invstd,  c = beta - mean a
+                                                     (the normalize coefficients, _affine)
     """
     C = mean.shape[0]
     for c in range(C):
@@ -239,9 +246,22 @@ def _finish_stats(mean, var, w, b, has_w, has_b, eps, stats):
         stats[0, c] = mean[c]
         stats[1, c] = var[c]
         stats[2, c] = inv
-        stats[3, c] = mean[c]
-        stats[4, c] = inv * w[c] if has_w else inv
-        stats[5, c] = b[c] if has_b else 0.0
+        _affine(mean[c], inv * w[c] if has_w else inv, b[c] if has_b else 0.0, stats[3:], c)
+
+
+@njit(**_SERIAL)
+def _affine(mean, a, beta, coef, c):
+    """``coef[0, c], coef[1, c] = a, beta - mean * a``: BN's ``(x - mean) a + beta`` as the
+    affine map ``a x + c`` that the elementwise loops apply (one fused multiply-add, two
+    per-channel values to load where channels are innermost).
+
+    ``c`` is computed in float64 from the *rounded* ``a``, so ``a x + c`` differs from
+    ``(x - mean) a + beta`` by the rounding of ``c`` alone: at most half an ulp of
+    ``|mean a|``, which is also what rounding ``mean`` to the input's dtype (the centred form's
+    own coefficient) costs, and no more than the input itself carries (a value near ``mean``
+    is known to half an ulp of ``mean``)."""
+    coef[0, c] = a
+    coef[1, c] = beta - mean * np.float64(coef[0, c])
 
 
 # The loops proper work on a range of rows, ``(n, c)`` rows i0 <= i < i1 (i = n * C + c) for
@@ -295,23 +315,22 @@ def _merge(x0, bmean, bm2, counts, mean, var):
 
 @njit(**_SERIAL)
 def _ncs_normalize(x, coef, relu, y, i0, i1):
-    """y = (x - mean) * (gamma * invstd) + beta [then max(., 0)] on rows [i0, i1)."""
+    """y = a x + c [then max(., 0)] on rows [i0, i1), coef rows (a, c) (:func:`_affine`)."""
     N, C, S = x.shape
     for i in range(i0, i1):
         n = i // C
         c = i - n * C
-        mu = coef[0, c]
-        a = coef[1, c]
-        bb = coef[2, c]
+        a = coef[0, c]
+        cc = coef[1, c]
         xr = x[n, c]
         yr = y[n, c]
         if relu:
             for k in range(S):
-                v = (_ld(xr[k]) - mu) * a + bb
+                v = _ld(xr[k]) * a + cc
                 yr[k] = _st(_keep(v, v > 0), yr)
         else:
             for k in range(S):
-                yr[k] = _st((_ld(xr[k]) - mu) * a + bb, yr)
+                yr[k] = _st(_ld(xr[k]) * a + cc, yr)
 
 
 @njit(**_SERIAL)
@@ -398,9 +417,8 @@ def _mc_normalize(x, t, relu, y, r0, r1):
     xf = x.reshape(-1)
     yf = y.reshape(-1)
     r = _tile_rows(C)
-    mu = t[0]
-    a = t[1]
-    bb = t[2]
+    a = t[0]
+    cc = t[1]
     P = r * C
     for t in range((r1 - r0 + r - 1) // r):  # whole tiles, then the rows left
         base = (r0 + t * r) * C
@@ -409,11 +427,11 @@ def _mc_normalize(x, t, relu, y, r0, r1):
         ys = yf[base : base + n]
         if relu:
             for p in range(n):
-                v = (_ld(xs[p]) - mu[p]) * a[p] + bb[p]
+                v = _ld(xs[p]) * a[p] + cc[p]
                 ys[p] = _st(_keep(v, v > 0), ys)
         else:
             for p in range(n):
-                ys[p] = _st((_ld(xs[p]) - mu[p]) * a[p] + bb[p], ys)
+                ys[p] = _st(_ld(xs[p]) * a[p] + cc[p], ys)
 
 
 @njit(**_OPTS)
@@ -467,7 +485,7 @@ def _mc_norm(x, coef, relu, y):
 
 @njit(**_SERIAL)
 def train_fwd_ncs(x, w, b, has_w, has_b, eps, relu, y, stats):
-    """Training forward on (N, C, S): fills y (N, C, S) and stats (6, C) in x's dtype: rows
+    """Training forward on (N, C, S): fills y (N, C, S) and stats (5, C) in x's dtype: rows
     mean, biased var, invstd, then the normalize coefficients (see :func:`_finish_stats`).
     Blocks are the (n, c) rows."""
     N, C, S = x.shape
@@ -484,7 +502,7 @@ def train_fwd_ncs(x, w, b, has_w, has_b, eps, relu, y, stats):
     var = np.empty(C, np.float64)
     _merge(x0, bmean, bm2, np.full(N, np.float64(S)), mean, var)
     _finish_stats(mean, var, w, b, has_w, has_b, eps, stats)
-    _ncs_norm(x, stats[3:], relu, y)
+    _ncs_norm(x, stats[3:5], relu, y)
 
 
 @njit(**_SERIAL)
@@ -512,34 +530,33 @@ def train_fwd_mc(x, w, b, has_w, has_b, eps, relu, y, stats):
     var = np.empty(C, np.float64)
     _merge(x0, cmean, cm2, counts, mean, var)
     _finish_stats(mean, var, w, b, has_w, has_b, eps, stats)
-    _mc_norm(x, stats[3:], relu, y)
+    _mc_norm(x, stats[3:5], relu, y)
 
 
 # ----------------------------------------------------------------------------------- inference
 @njit(**_SERIAL)
 def _eval_coef(rm, rv, w, b, has_w, has_b, eps, stats):
-    """stats (4, C): invstd, then the normalize coefficients (mean, gamma invstd, beta)."""
+    """stats (3, C): invstd, then the normalize coefficients (a, c) of :func:`_affine`."""
     C = rm.shape[0]
     for c in range(C):
         inv = 1.0 / math.sqrt(np.float64(rv[c]) + eps)
         stats[0, c] = inv
-        stats[1, c] = rm[c]
-        stats[2, c] = inv * w[c] if has_w else inv
-        stats[3, c] = b[c] if has_b else 0.0
+        _affine(np.float64(rm[c]), inv * w[c] if has_w else inv, b[c] if has_b else 0.0,
+                stats[1:], c)  # fmt: skip
 
 
 @njit(**_SERIAL)
 def eval_fwd_ncs(x, rm, rv, w, b, has_w, has_b, eps, relu, y, stats):
     """Inference forward on (N, C, S) with population statistics (Algorithm 2)."""
     _eval_coef(rm, rv, w, b, has_w, has_b, eps, stats)
-    _ncs_norm(x, stats[1:], relu, y)
+    _ncs_norm(x, stats[1:3], relu, y)
 
 
 @njit(**_SERIAL)
 def eval_fwd_mc(x, rm, rv, w, b, has_w, has_b, eps, relu, y, stats):
     """Inference forward on (M, C) with population statistics (Algorithm 2)."""
     _eval_coef(rm, rv, w, b, has_w, has_b, eps, stats)
-    _mc_norm(x, stats[1:], relu, y)
+    _mc_norm(x, stats[1:3], relu, y)
 
 
 # ----------------------------------------------------------------------------------- backward
