@@ -3,6 +3,10 @@ Markdown file's own section, other sections are kept. No timing is asserted."""
 
 from __future__ import annotations
 
+import re
+
+import pytest
+
 from bnlab.bench import main
 
 
@@ -32,3 +36,53 @@ def test_cold_rounds_flush_before_every_timed_call_only():
     warm, timed = events[: 2 * len(runs)], events[2 * len(runs) :]
     assert "flush" not in warm
     assert timed[0::2] == ["flush"] * 12 and sorted(timed[1::2]) == sorted(["a", "b", "c"] * 4)
+
+
+def test_spread_table_takes_each_ratio_within_a_process():
+    """``--processes``' table: times are the median of the per-process medians, each ratio the
+    median and range of the ratios taken inside each process (hand-computed here)."""
+    from bnlab.bench import Row, format_spread
+
+    shape = (60, 100)
+    per_process = [(2.0, 1.0), (9.0, 3.0), (3.0, 2.0)]  # (torch, fused) seconds; ratios 2, 3, 1.5
+    runs = [[Row("s", shape, "eval", {"torch": t, "fused": f, "copy": 0.5})]
+            for t, f in per_process]  # fmt: skip
+    head, _, line = format_spread(runs).splitlines()
+    cells = dict(zip(_cells(head), _cells(line), strict=True))
+    assert (cells["fused"], cells["torch"], cells["copy"]) == ("2000.000", "3000.000", "500.000")
+    assert cells["torch / fused"] == "2.00 (1.50-3.00)"
+    assert cells["fused / copy"] == "4.00 (2.00-6.00)"
+    assert cells["torch_cl / fused_cl"] == "-"
+
+
+def _cells(line: str) -> list[str]:
+    return [c.strip() for c in line.strip().strip("|").split("|")]
+
+
+def test_processes_run_the_benchmark_in_fresh_processes(tmp_path, capsys):
+    out = tmp_path / "RESULTS.md"
+    argv = ["--shapes", "mnist mlp (batch 60)", "--repeats", "1", "--no-compile", "--no-resnet",
+            "--threads", "1", "--processes", "2"]  # fmt: skip
+    assert main([*argv, "--write", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "process 1/2" in printed and "process 2/2" in printed
+    text = out.read_text()
+    assert "2 processes" in text and "threads 1" in text
+    lines = text.splitlines()
+    head = _cells(next(ln for ln in lines if ln.startswith("| shape |")))
+    for mode in ("fwd", "fwd+bwd", "eval"):
+        cells = dict(
+            zip(head, _cells(next(ln for ln in lines if f"| {mode} |" in ln)), strict=True)
+        )
+        med, lo, hi = (
+            float(v)
+            for v in re.fullmatch(r"(\S+) \((\S+)-(\S+)\)", cells["torch / fused"]).groups()
+        )
+        assert lo <= med <= hi
+
+
+def test_a_failing_process_stops_the_run_with_its_output():
+    from bnlab.bench import _run_processes
+
+    with pytest.raises(RuntimeError, match="(?s)process 1 of 2 failed.*--repeats must be >= 1"):
+        _run_processes(2, ["--repeats", "0"])

@@ -26,6 +26,12 @@ copies of the same bytes). Also one end-to-end training step (forward, backward,
 ResNet-20 on random CIFAR-sized data with bnlab layers vs torch's. Inputs float32 except the
 bf16 columns. ``--threads`` sets torch's thread count, which bnlab's kernels follow.
 
+A ratio from one process measures that process's luck as well as the code: on a shared or
+virtual machine the same loop can run at different speeds in two processes (where the
+allocator, the page mappings and the neighbours left it). ``--processes N`` runs the whole
+benchmark in N fresh processes, one after the other, and reports for every cell the median of
+the per-process medians and, for every ratio, its median and range over the processes.
+
 By default a call finds in the caches whatever the calls before it left there (a tensor that fits
 in the last-level cache is often still in it). ``--cold`` writes a buffer larger than any
 last-level cache before every timed call, untimed, so that every call reads its tensors from
@@ -37,8 +43,13 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
+import json
+import os
 import random
 import statistics
+import subprocess
+import sys
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -46,7 +57,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-__all__ = ["SHAPES", "main", "bench_shape", "bench_resnet", "format_table"]
+__all__ = ["SHAPES", "main", "bench_shape", "bench_resnet", "format_table", "format_spread"]
 
 # name -> (N, C[, H, W]); the BN inputs of real networks
 SHAPES: dict[str, tuple[int, ...]] = {
@@ -295,9 +306,67 @@ def format_table(rows: list[Row]) -> str:
     return head + "\n".join(lines) + "\n"
 
 
+RESNET_BASE = "torch BatchNorm2d"
+
+
+def format_spread(runs: list[list[Row]]) -> str:
+    """Markdown table of the same benchmark run in several processes (``runs``, one list of
+    rows per process, same cells): each time the median of the per-process medians, each ratio
+    of ``RATIOS`` as ``median (min-max)`` of the per-process ratios (a ratio is taken within
+    one process, never across two)."""
+    cols = [v for v in VARIANTS if any(v in r.times for r in runs[0])]
+    names = [f"{a} / {b}" for a, b in RATIOS]
+    head = "| shape | mode | " + " | ".join(cols + names) + " |\n"
+    head += "|---|---|" + "---|" * (len(cols) + len(names)) + "\n"
+    lines = []
+    for i, r in enumerate(runs[0]):
+        same = [run[i] for run in runs]
+        cells = [f"{r.shape_name} {tuple(r.shape)}", r.mode]
+        for v in cols:
+            ts = [x.times[v] for x in same if v in x.times]
+            cells.append(_ms(statistics.median(ts)) if ts else "-")
+        for a, b in RATIOS:
+            rs = [x.times[a] / x.times[b] for x in same if a in x.times and b in x.times]
+            cells.append(_spread(rs) if rs else "-")
+        lines.append("| " + " | ".join(cells) + " |")
+    return head + "\n".join(lines) + "\n"
+
+
+def _run_processes(n: int, child_argv: list[str]) -> tuple[list[list[Row]], list[dict]]:
+    """Run ``bnlab bench *child_argv`` in ``n`` fresh Python processes, one at a time (two at
+    once would share the cores), and collect each one's rows and ResNet-20 steps. A failing
+    process stops the run with its output."""
+    rows_runs, resnet_runs = [], []
+    with tempfile.TemporaryDirectory(prefix="bnlab-bench-") as d:
+        for i in range(n):
+            path = os.path.join(d, f"rows{i}.json")
+            cmd = [sys.executable, "-m", "bnlab.bench", *child_argv, "--rows-json", path]
+            t0 = time.perf_counter()
+            done = subprocess.run(cmd, capture_output=True, text=True)
+            if done.returncode != 0:
+                raise RuntimeError(
+                    f"bnlab bench: process {i + 1} of {n} failed (exit {done.returncode}):\n"
+                    f"{done.stdout}{done.stderr}"
+                )
+            with open(path) as f:
+                data = json.load(f)
+            rows_runs.append([Row(r["shape_name"], tuple(r["shape"]), r["mode"], r["times"])
+                              for r in data["rows"]])  # fmt: skip
+            resnet_runs.append(data["resnet"])
+            print(f"process {i + 1}/{n}: {time.perf_counter() - t0:.1f} s", flush=True)
+    return rows_runs, resnet_runs
+
+
 def bench_resnet(repeats: int, batch: int = 128, log: Callable[[str], None] = print) -> str:
     """One SGD training step of ResNet-20 on random (batch, 3, 32, 32) data: torch BatchNorm2d,
     bnlab (reference), bnlab (fused), bnlab fused with BN+ReLU fused. Markdown table."""
+    return format_resnet([resnet_times(repeats, batch, log)], batch)
+
+
+def resnet_times(
+    repeats: int, batch: int = 128, log: Callable[[str], None] = print
+) -> dict[str, float]:
+    """The steps of :func:`bench_resnet`: {configuration: median seconds}."""
     import bnlab
     from bnlab.models import resnet20
 
@@ -305,7 +374,7 @@ def bench_resnet(repeats: int, batch: int = 128, log: Callable[[str], None] = pr
     x = torch.randn(batch, 3, 32, 32, generator=g)
     y = torch.randint(0, 10, (batch,), generator=g)
     configs = [
-        ("torch BatchNorm2d", "torch", False, "reference"),
+        (RESNET_BASE, "torch", False, "reference"),
         ("bnlab reference", "bnlab", False, "reference"),
         ("bnlab fused", "bnlab", False, "fused"),
         ("bnlab fused + BN-ReLU fusion", "bnlab", True, "fused"),
@@ -330,11 +399,28 @@ def bench_resnet(repeats: int, batch: int = 128, log: Callable[[str], None] = pr
     results = _interleaved(steps, repeats, warmup=2)
     for label, t in results.items():
         log(f"  resnet20 step, {label}: {t * 1e3:.1f} ms")
-    base = results["torch BatchNorm2d"]
-    text = f"| ResNet-20 training step (batch {batch}) | median ms | torch / this |\n"
+    return results
+
+
+def _spread(values: list[float]) -> str:
+    """``median`` of one value, ``median (min-max)`` of several."""
+    med = statistics.median(values)
+    if len(values) == 1:
+        return f"{med:.2f}"
+    return f"{med:.2f} ({min(values):.2f}-{max(values):.2f})"
+
+
+def format_resnet(runs: list[dict[str, float]], batch: int = 128) -> str:
+    """Markdown table of :func:`resnet_times` results, one dict per process: median ms over
+    the processes and ``torch / this`` per process (median and range when several)."""
+    n = len(runs)
+    ms = "median ms" if n == 1 else f"median ms ({n} processes)"
+    text = f"| ResNet-20 training step (batch {batch}) | {ms} | torch / this |\n"
     text += "|---|---|---|\n"
-    for label, t in results.items():
-        text += f"| {label} | {t * 1e3:.1f} | {base / t:.2f} |\n"
+    for label in runs[0]:
+        t = statistics.median(r[label] for r in runs)
+        ratio = _spread([r[RESNET_BASE] / r[label] for r in runs])
+        text += f"| {label} | {t * 1e3:.1f} | {ratio} |\n"
     return text
 
 
@@ -373,13 +459,22 @@ def main(argv: list[str] | None = None) -> int:
         "--cold", action="store_true",
         help="evict the caches before every timed call (module docstring)",
     )  # fmt: skip
+    p.add_argument(
+        "--processes", type=int, default=1, metavar="N",
+        help="run the benchmark in N fresh processes; report medians and ranges over them",
+    )  # fmt: skip
     p.add_argument("--write", metavar="PATH", help="write the tables into this Markdown file")
+    p.add_argument("--rows-json", metavar="PATH", help=argparse.SUPPRESS)  # (--processes' child)
     args = p.parse_args(argv)
     if args.repeats < 1:
         p.error("--repeats must be >= 1")
+    if args.processes < 1:
+        p.error("--processes must be >= 1")
     if args.quick:
         args.repeats = min(args.repeats, 5)
     names = args.shapes or (list(QUICK) if args.quick else list(SHAPES))
+    if args.processes > 1:
+        return _main_processes(args, names, argv)
     if args.threads:
         torch.set_num_threads(args.threads)
         import numba
@@ -418,22 +513,56 @@ def main(argv: list[str] | None = None) -> int:
             )
     table = format_table(rows)
     print(table)
-    resnet = ""
+    resnet, steps = "", {}
     if not (args.no_resnet or args.quick):
-        resnet = bench_resnet(args.repeats)
+        steps = resnet_times(args.repeats)
+        resnet = format_resnet([steps])
+        print(resnet)
+    if args.rows_json:
+        with open(args.rows_json, "w") as f:
+            json.dump({"rows": [vars(r) for r in rows], "resnet": steps}, f)
+    if args.write:
+        how = f"median of {args.repeats} interleaved rounds{caches}"
+        _write_section(args.write, argv, f"{threads}, {machine_text()} (at the end), {how}",
+                       table, resnet)  # fmt: skip
+    return 0
+
+
+def _write_section(path: str, argv: list[str] | None, how: str, table: str, resnet: str) -> None:
+    argv_text = " ".join(argv) if argv is not None else " ".join(sys.argv[1:])
+    section = (
+        "## Fused kernels\n\n"
+        f"Command: `bnlab bench {argv_text}` (or `python benchmarks/bench_kernels.py`), "
+        f"{_dt.datetime.now(_dt.UTC):%Y-%m-%d %H:%M} UTC, {how}, times in ms.\n\n"
+        + table
+        + "\n"
+        + resnet
+    )
+    _write_results(path, section)
+
+
+def _main_processes(args: argparse.Namespace, names: list[str], argv: list[str] | None) -> int:
+    """``--processes N``: the same benchmark in N fresh processes (module docstring)."""
+    child = ["--repeats", str(args.repeats), "--shapes", *names]
+    flags = ("quick", "no_compile", "no_reference", "no_resnet", "cold")
+    child += [f"--{f.replace('_', '-')}" for f in flags if getattr(args, f)]
+    if args.threads:
+        child += ["--threads", str(args.threads)]
+    caches = ", cold caches" if args.cold else ""
+    threads = f"threads {args.threads}" if args.threads else "default threads"
+    how = (f"{args.processes} processes, each the median of {args.repeats} interleaved "
+           f"rounds{caches}, {threads}; times: median over the processes; ratios: median "
+           "(min-max) of the per-process ratios")  # fmt: skip
+    print(f"bnlab bench: {how}; {machine_text()}", flush=True)
+    rows_runs, resnet_runs = _run_processes(args.processes, child)
+    table = format_spread(rows_runs)
+    print(table)
+    resnet = ""
+    if resnet_runs[0]:
+        resnet = format_resnet(resnet_runs)
         print(resnet)
     if args.write:
-        argv_text = " ".join(argv) if argv is not None else ""
-        section = (
-            "## Fused kernels\n\n"
-            f"Command: `bnlab bench {argv_text}` (or `python benchmarks/bench_kernels.py`), "
-            f"{_dt.datetime.now(_dt.UTC):%Y-%m-%d %H:%M} UTC, {threads}, {machine_text()} (at "
-            f"the end), median of {args.repeats} interleaved rounds{caches}, times in ms.\n\n"
-            + table
-            + "\n"
-            + resnet
-        )
-        _write_results(args.write, section)
+        _write_section(args.write, argv, f"{how}, {machine_text()} (at the end)", table, resnet)
     return 0
 
 
