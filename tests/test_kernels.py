@@ -106,6 +106,8 @@ def test_fused_matches_reference_random_shapes(rank, data, dtype, layout, params
         (2, 5, 1, 1),  # HW = 1 (a (N, C) tensor in disguise)
         (1, 6, 1, 2),  # N*H*W = 2
         (3, 20000),  # huge C, dense
+        (7, 1100),  # rows of a page or more (f32 and f64): four rows per sweep, three left over
+        (2, 1030, 3, 1),  # the same in channels_last: six rows of 1030 channels
         (2, 20000, 1, 2),  # huge C, spatial
         (1000, 3),  # long dense, few channels
         (60, 300),  # dense, at most SERIAL_MAX values: the serial kernels

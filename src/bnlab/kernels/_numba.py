@@ -219,10 +219,20 @@ def _chunks(rows: int) -> tuple[int, int]:
 # make more of them; a row of a wide layer (C >= _TILE) is a tile by itself, as without tiling.
 _TILE = 64
 
-# The reductions sweep several tiles at once (fewer accumulator loads and stores) only when a tile
-# is short (at most _TILE values): a sweep over k wide rows reads k streams a row apart in short
-# runs, which the hardware prefetchers follow poorly, where one row per sweep keeps the read one
-# sequential stream (measurements in docs/kernels.md).
+# The reductions sweep several tiles at once (fewer accumulator loads and stores) when a tile is
+# short (at most _TILE values) or a row fills a memory page (_LONG_ROW bytes). A sweep over k
+# rows reads k streams a row apart: in runs of a few hundred bytes to a few KB the hardware
+# prefetchers (which track accesses within a page) follow them poorly, and one row per sweep
+# (one sequential stream) is faster; with a page or more per row each stream is long enough to
+# prefetch, and the accumulator traffic, which one row per sweep multiplies, decides
+# (measurements in docs/kernels.md).
+_LONG_ROW = 4096
+
+
+@njit(cache=True)
+def _multi_sweep(P: int, itemsize: int) -> bool:
+    """Whether the channels_last reductions sweep several tiles of ``P`` values at once (above)."""
+    return P <= _TILE or P * itemsize >= _LONG_ROW
 
 
 @njit(cache=True)
@@ -373,7 +383,7 @@ def _mc_sums(x, z, r0, r1, cmean, cm2):
     # (loops over tile counts, not strided while loops: a variable stride makes LLVM compute
     # trip counts with 128-bit division, which Numba cannot link)
     tiles = (r1 - r0) // r
-    quads = tiles // 4 if P <= _TILE else 0  # (see _TILE)
+    quads = tiles // 4 if _multi_sweep(P, x.itemsize) else 0
     for t in range(quads):  # 4 tiles per sweep: 4x fewer accumulator loads/stores
         a = (r0 + 4 * t * r) * C
         xa = xf[a : a + P]
@@ -619,7 +629,7 @@ def _mc_gsums(dy, x, y, relu, mu, r0, r1, s1, s2):
     s1t = np.zeros(P, np.float64)
     s2t = np.zeros(P, np.float64)
     tiles = (r1 - r0) // r
-    pairs = tiles // 2 if P <= _TILE else 0  # (see _TILE)
+    pairs = tiles // 2 if _multi_sweep(P, x.itemsize) else 0
     for t in range(pairs):  # 2 tiles per sweep: half the accumulator loads/stores
         a = (r0 + 2 * t * r) * C
         xa = xf[a : a + P]
