@@ -81,8 +81,18 @@ def test_processes_run_the_benchmark_in_fresh_processes(tmp_path, capsys):
         assert lo <= med <= hi
 
 
-def test_a_failing_process_stops_the_run_with_its_output():
-    from bnlab.bench import _run_processes
+def test_a_failing_process_stops_the_run_with_its_output(monkeypatch):
+    import subprocess
 
+    from bnlab import bench
+
+    calls = []
+
+    def run(cmd, **kw):  # a child that fails as argparse makes it fail (without starting one)
+        calls.append(cmd)
+        return subprocess.CompletedProcess(cmd, 2, "", "error: --repeats must be >= 1\n")
+
+    monkeypatch.setattr(bench.subprocess, "run", run)
     with pytest.raises(RuntimeError, match="(?s)process 1 of 2 failed.*--repeats must be >= 1"):
-        _run_processes(2, ["--repeats", "0"])
+        bench._run_processes(2, ["--repeats", "0"])
+    assert len(calls) == 1 and calls[0][1:3] == ["-m", "bnlab.bench"]
