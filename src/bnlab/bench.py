@@ -288,23 +288,9 @@ RATIOS = (
 
 
 def format_table(rows: list[Row]) -> str:
-    """Markdown table: times in ms of the variants measured, then the ratios of ``RATIOS``."""
-    cols = [v for v in VARIANTS if any(v in r.times for r in rows)]
-    names = [f"{a} / {b}" for a, b in RATIOS]
-    head = "| shape | mode | " + " | ".join(cols + names) + " |\n"
-    head += "|---|---|" + "---|" * (len(cols) + len(names)) + "\n"
-    lines = []
-    for r in rows:
-        t = r.times
-
-        def ratio(a, b, t=t):
-            return "-" if a not in t or b not in t else f"{t[a] / t[b]:.2f}"
-
-        cells = [f"{r.shape_name} {tuple(r.shape)}", r.mode]
-        cells += [_ms(t.get(v)) for v in cols]
-        cells += [ratio(a, b) for a, b in RATIOS]
-        lines.append("| " + " | ".join(cells) + " |")
-    return head + "\n".join(lines) + "\n"
+    """Markdown table: times in ms of the variants measured, then the ratios of ``RATIOS`` (the
+    one-process case of :func:`format_spread`)."""
+    return format_spread([rows])
 
 
 RESNET_BASE = "torch BatchNorm2d"

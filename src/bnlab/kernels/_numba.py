@@ -251,12 +251,13 @@ def _finish_stats(mean, var, w, b, has_w, has_b, eps, stats):
                                                      (the normalize coefficients, _affine)
     """
     C = mean.shape[0]
+    coef = stats[3:5]
     for c in range(C):
         inv = 1.0 / math.sqrt(var[c] + eps)
         stats[0, c] = mean[c]
         stats[1, c] = var[c]
         stats[2, c] = inv
-        _affine(mean[c], inv * w[c] if has_w else inv, b[c] if has_b else 0.0, stats[3:], c)
+        _affine(mean[c], inv * w[c] if has_w else inv, b[c] if has_b else 0.0, coef, c)
 
 
 @njit(**_SERIAL)
@@ -548,11 +549,11 @@ def train_fwd_mc(x, w, b, has_w, has_b, eps, relu, y, stats):
 def _eval_coef(rm, rv, w, b, has_w, has_b, eps, stats):
     """stats (3, C): invstd, then the normalize coefficients (a, c) of :func:`_affine`."""
     C = rm.shape[0]
+    coef = stats[1:3]
     for c in range(C):
         inv = 1.0 / math.sqrt(np.float64(rv[c]) + eps)
         stats[0, c] = inv
-        _affine(np.float64(rm[c]), inv * w[c] if has_w else inv, b[c] if has_b else 0.0,
-                stats[1:], c)  # fmt: skip
+        _affine(np.float64(rm[c]), inv * w[c] if has_w else inv, b[c] if has_b else 0.0, coef, c)
 
 
 @njit(**_SERIAL)
