@@ -623,6 +623,37 @@ def test_kernels_follow_torch_set_num_threads():
         torch.set_num_threads(before)
 
 
+_KEEP_THREADS = """
+import torch, bnlab, numba
+torch.set_num_threads(1)
+torch.get_num_threads()  # torch has read its count (as after any parallel torch operator)
+x = torch.randn(8, 3, 4, 4)
+bnlab.BatchNorm2d(3)(x)  # the first kernel call starts Numba's pool
+print(torch.get_num_threads(), numba.get_num_threads())
+torch.set_num_threads(2)
+bnlab.BatchNorm2d(3)(x)
+print(torch.get_num_threads(), numba.get_num_threads())
+"""
+
+
+def test_starting_the_kernels_keeps_torchs_thread_count():
+    """In a fresh process with a pool of two Numba threads, a user who set torch to one thread
+    keeps one thread for torch and the kernels after the first kernel call (starting Numba's
+    OpenMP pool resets the OpenMP count torch reads), and a later setting still governs both."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    src = str(Path(__file__).resolve().parents[1] / "src")
+    env = dict(os.environ, PYTHONPATH=src, NUMBA_NUM_THREADS="2")
+    env.pop("OMP_NUM_THREADS", None)
+    res = subprocess.run([sys.executable, "-c", _KEEP_THREADS], env=env, capture_output=True,
+                         text=True, timeout=300)  # fmt: skip
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.split() == ["1", "1", "2", "2"]
+
+
 def test_kernel_results_do_not_depend_on_the_thread_count():
     x = torch.randn(512, 7, 5, 5, dtype=torch.float64) * 3 + 2
     w, b = torch.rand(7, dtype=torch.float64) + 0.5, torch.randn(7, dtype=torch.float64)

@@ -61,12 +61,20 @@ def compiled():
     ``NUMBA_NUM_THREADS``), so one setting governs torch's operators and bnlab's kernels alike.
     The count is set on the first call in each Python thread and whenever torch's count has
     changed since; a direct ``numba.set_num_threads`` holds until then.
+
+    Starting Numba's thread pool (the first ``follow_threads`` in the process) also sets the
+    OpenMP thread count of the calling thread to the pool's size, and with Numba's OpenMP layer
+    that is the count torch itself reads (both use the same ``libgomp``): the user's
+    ``torch.set_num_threads`` would be lost, for torch's operators as well as the kernels. It is
+    put back here.
     """
     from . import _numba
 
     n = torch.get_num_threads()
     if getattr(_threads, "n", None) != n:
         _numba.follow_threads(n)
+        if torch.get_num_threads() != n:
+            torch.set_num_threads(n)
         _threads.n = n
     return _numba
 
