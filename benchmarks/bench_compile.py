@@ -109,9 +109,7 @@ def main(argv=None) -> None:
                    help=f"layer shapes, e.g. '60x100,64x16x32x32' (default: {SHAPES})")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
-    import numba
-
-    numba.set_num_threads(min(args.threads, numba.config.NUMBA_NUM_THREADS))
+    bnlab.kernels.compiled()  # (Numba follows torch's count; starting it keeps torch's)
     bnlab.kernels.warm_up()
     print(f"torch {torch.__version__}, threads={torch.get_num_threads()}, float32, Inductor, "
           f"median of {args.rounds} interleaved rounds, microseconds")  # fmt: skip

@@ -109,7 +109,7 @@ def main(argv=None) -> None:
     torch.set_num_threads(args.threads)
     import numba
 
-    numba.set_num_threads(min(args.threads, numba.config.NUMBA_NUM_THREADS))
+    bnlab.kernels.compiled()  # (Numba follows torch's count; starting it keeps torch's)
     bnlab.kernels.warm_up()
     compiled = []
     for item in filter(None, args.compiled.split(",")):

@@ -464,12 +464,11 @@ def main(argv: list[str] | None = None) -> int:
         return _main_processes(args, names, argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-        import numba
-
-        numba.set_num_threads(args.threads)
     import numba
 
     from . import kernels
+
+    kernels.compiled()  # (Numba follows torch's thread count; starting it keeps torch's)
 
     t0 = time.perf_counter()
     kernels.warm_up()
