@@ -688,6 +688,15 @@ def _smaps_field(addr: int, field: str) -> str | None:
     return None
 
 
+@pytest.mark.parametrize(
+    "text, advise",
+    [("always [madvise] never", True), ("[always] madvise never", False),
+     ("always madvise [never]", False)],
+)  # fmt: skip
+def test_huge_page_advice_only_where_it_changes_the_mapping(text, advise):
+    assert K.advice_changes_pages(text) is advise
+
+
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 def test_large_fresh_outputs_are_advised_onto_huge_pages(layout):
     """Outputs of 4 MB and more are fresh tensors advised onto transparent huge pages (their

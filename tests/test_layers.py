@@ -413,3 +413,120 @@ def test_convert_rejects_bad_target_and_uninitialized_lazy():
         bnlab.convert(small_cnn(), to="jax")
     with pytest.raises(ValueError, match="lazy layer '0'"):
         bnlab.convert(torch.nn.Sequential(torch.nn.LazyBatchNorm2d()))
+
+
+def _random_state(ours, ref):
+    """Random running statistics (and the parameters of make_pair) on both layers."""
+    with torch.no_grad():
+        c = ours.num_features
+        ours.running_mean.copy_(torch.randn(c))
+        ours.running_var.copy_(torch.rand(c) + 0.5)
+        ref.running_mean.copy_(ours.running_mean)
+        ref.running_var.copy_(ours.running_var)
+
+
+@pytest.mark.parametrize("shape", list(SHAPES.values()), ids=list(SHAPES))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+@pytest.mark.parametrize("affine", [True, False], ids=["affine", "noaffine"])
+@pytest.mark.parametrize("fmt", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("act", [None, "relu"])
+def test_inference_without_grad_is_the_general_path(shape, dtype, affine, fmt, act, backend):
+    """Inference under no_grad (the common call, which takes a shorter path when it can: see
+    ``_BatchNorm._eval_fast``) gives torch's answer and exactly what bnlab's general path
+    gives; with the kernels, it does take the short path."""
+    from bnlab import backend as B
+
+    ours, ref = make_pair(shape, dtype, affine=affine)
+    ours.activation = act
+    _random_state(ours, ref)
+    ours.eval(), ref.eval()
+    x = to_format(torch.randn(shape, dtype=dtype) * 2 + 1, fmt)
+    with torch.no_grad():
+        y = ours(x)
+        want = ref(x) if act is None else torch.relu(ref(x))
+        torch.testing.assert_close(y, want, **tol(dtype))
+        general = B.eval_forward(x, ours.running_mean, ours.running_var, ours.weight,
+                                 ours.bias, ours.eps, relu=act is not None)[1]  # fmt: skip
+        assert torch.equal(y, general) and y.stride() == general.stride()
+        if backend == "auto":
+            assert ours._eval_fast(x) is not None
+
+
+def test_short_inference_path_sees_every_change_of_state(backend):
+    """The short inference path keeps numpy views of the statistics and parameters between
+    calls; every way of changing them (in place, ``.data``, new buffers, dtype conversion,
+    load_state_dict, deep copies) shows in the next output, as in torch's layer."""
+    shape = (4, 3, 5, 6)
+    ours, ref = make_pair(shape)
+    _random_state(ours, ref)
+    ours.eval(), ref.eval()
+    x = torch.randn(shape) * 2 + 1
+
+    def check(o=ours, r=ref, inp=x):
+        with torch.no_grad():
+            torch.testing.assert_close(o(inp), r(inp), **tol(inp.dtype))
+
+    check()
+    for layer in (ours, ref):  # in place
+        with torch.no_grad():
+            layer.weight.mul_(2)
+            layer.running_var.fill_(3.0)
+    check()
+    w, m, v = torch.rand(3) + 0.5, torch.randn(3), torch.rand(3) + 0.5
+    for layer in (ours, ref):  # new storage under the same tensor
+        layer.weight.data = w.clone()
+    check()
+    for layer in (ours, ref):  # a new buffer object
+        layer.running_mean = m.clone()
+    check()
+    for layer in (ours, ref):
+        layer.running_var.data = v.clone()
+    check()
+    for layer in (ours, ref):
+        layer.bias = torch.nn.Parameter(m.clone())
+    check()
+    other = copy.deepcopy(ours)
+    with torch.no_grad():
+        other.bias.add_(5)
+    check()  # the original does not see the copy's change
+    with torch.no_grad():
+        torch.testing.assert_close(other(x), ours(x) + 5)
+    source, _ = make_pair(shape)
+    _random_state(source, ref)
+    ref.load_state_dict(source.state_dict())
+    ours.load_state_dict(source.state_dict())
+    check()
+    ours.double(), ref.double()  # conversion: new storage of another dtype
+    check(inp=x.double())
+
+
+def test_short_inference_path_declines_what_it_does_not_take(backend):
+    """Calls the short inference path leaves to the general one (which checks them, raises
+    or records a graph): training mode, an autograd graph to record, strides that are neither
+    contiguous nor channels_last, 16-bit or
+    mismatched dtypes, meta tensors, a tensor subclass, a wrong rank or channel count, a
+    negative eps, the reference backend."""
+    layer = bnlab.BatchNorm2d(3).eval()
+    x = torch.randn(2, 3, 4, 4)
+    with torch.no_grad():
+        if backend == "reference":
+            assert layer._eval_fast(x) is None
+            return
+        assert layer._eval_fast(x) is not None
+        assert layer.train()._eval_fast(x) is None
+        layer.eval()
+        assert layer._eval_fast(x.transpose(2, 3)) is None  # (neither layout)
+        assert layer._eval_fast(x.bfloat16()) is None
+        assert layer._eval_fast(x.double()) is None  # (float32 parameters: torch refuses)
+        assert layer._eval_fast(x.to("meta")) is None
+        assert layer._eval_fast(torch.nn.Parameter(x)) is None
+        assert layer._eval_fast(x[:, :2]) is None
+        assert layer._eval_fast(x[0]) is None
+        layer.eps = -1.0
+        assert layer._eval_fast(x) is None
+        layer.eps = 1e-5
+    assert layer._eval_fast(x) is None  # grad mode: the parameters require grad
+    with torch.no_grad():
+        layer.train()
+        layer.frozen = True  # frozen: population statistics in training mode too
+        assert layer._eval_fast(x) is not None

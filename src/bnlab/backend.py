@@ -211,6 +211,24 @@ def train_backward(
     )
 
 
+def eval_fast(
+    x: Tensor,
+    running_mean: Tensor,
+    running_var: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    eps: float,
+    relu: bool = False,
+    views: list | None = None,
+) -> Tensor | None:
+    """The fused inference forward of a common eager call (:func:`K.eval_forward_fast`, with
+    its cache ``views``), or None when the reference backend is selected or the call is not a
+    common one; the caller then takes :func:`eval_forward`'s general path."""
+    if _backend == "reference" or not _HAVE_NUMBA:
+        return None
+    return K.eval_forward_fast(x, running_mean, running_var, weight, bias, eps, relu, views)
+
+
 def eval_forward(
     x: Tensor,
     running_mean: Tensor,

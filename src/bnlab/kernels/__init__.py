@@ -140,6 +140,13 @@ def _compute(dtype: torch.dtype) -> torch.dtype:
 _NP = {torch.float32: np.float32, torch.float64: np.float64}
 
 
+def advice_changes_pages(thp_enabled: str) -> bool:
+    """Whether ``madvise(MADV_HUGEPAGE)`` changes how memory is mapped, given the text of
+    ``/sys/kernel/mm/transparent_hugepage/enabled`` (the selected mode in brackets): only in
+    ``madvise`` mode; ``never`` maps no huge pages, ``always`` maps them unasked."""
+    return "[madvise]" in thp_enabled
+
+
 class _HugePages:
     """Transparent huge pages for large fresh outputs (Linux only).
 
@@ -149,7 +156,10 @@ class _HugePages:
     heap has been trimmed). Advising the kernel to back the output with transparent huge pages
     (``madvise(MADV_HUGEPAGE)`` on its aligned interior, before anything touches it) maps it 2 MB
     at a time, as numpy does for its own large arrays. The advice changes no value and no
-    layout; where the system does not offer it (another OS, THP set to ``never``) it is skipped.
+    layout; where it would change nothing it is skipped: another OS, THP set to ``never``, or
+    to ``always``, where the kernel backs large allocations with huge pages unasked (and the
+    call itself, which splits and merges the heap's mappings, costs more than the pass over a
+    few MB when the caches are cold).
     """
 
     MIN_BYTES = 4 << 20  # numpy's threshold too: below it, little to gain per call
@@ -166,8 +176,9 @@ class _HugePages:
                 return
             thp = "/sys/kernel/mm/transparent_hugepage/"
             with open(thp + "enabled") as f:
-                if "[never]" in f.read():
-                    return
+                mode = f.read()
+            if not advice_changes_pages(mode):
+                return
             with open(thp + "hpage_pmd_size") as f:
                 size = int(f.read())
             libc = ctypes.CDLL(None, use_errno=True)
@@ -296,6 +307,114 @@ def batch_norm_eval_forward(
         ya, stats,
     )  # fmt: skip
     return y, torch.from_numpy(stats[0])
+
+
+def _fast_vec(t: Tensor, dt: torch.dtype, c: int):
+    """numpy view of a contiguous (c,) CPU tensor of dtype ``dt`` (detached), else None."""
+    if t.dtype != dt or t.dim() != 1 or t.shape[0] != c or not t.is_contiguous():
+        return None
+    return t.detach().numpy()  # (TypeError for a tensor off the CPU: the caller's fallback)
+
+
+def _fast_params(dt, c, running_mean, running_var, weight, bias, views):
+    """numpy views ``(rm, rv, w, b)`` of the statistics and parameters (placeholders for absent
+    ones) for :func:`eval_forward_fast`, or None if one is not a contiguous (c,) CPU tensor of
+    dtype ``dt``.
+
+    ``views`` (a list ``[key, arrays]`` its caller keeps, or None) caches them between calls:
+    making a numpy view of a tensor is most of a small call's cost. A cached view holds its
+    tensor's storage (its base is a detached alias of it), so no other storage can start at
+    the same address while it is cached: the same data pointers and dtypes mean the same
+    memory, whatever was assigned since (a new tensor, ``.data``, ``.to()``), and values
+    changed in place are read through the views."""
+    if (
+        running_mean.dtype != dt
+        or running_var.dtype != dt
+        or (weight is not None and weight.dtype != dt)
+        or (bias is not None and bias.dtype != dt)
+    ):
+        return None
+    key = (
+        c,
+        running_mean.data_ptr(),
+        running_var.data_ptr(),
+        0 if weight is None else weight.data_ptr(),
+        0 if bias is None else bias.data_ptr(),
+    )
+    if views is not None and views[0] == key:
+        return views[1]
+    arrays = (
+        _fast_vec(running_mean, dt, c),
+        _fast_vec(running_var, dt, c),
+        _NONE[dt] if weight is None else _fast_vec(weight, dt, c),
+        _NONE[dt] if bias is None else _fast_vec(bias, dt, c),
+    )
+    if any(a is None for a in arrays):
+        return None
+    if views is not None:
+        views[0], views[1] = key, arrays
+    return arrays
+
+
+def eval_forward_fast(
+    x: Tensor,
+    running_mean: Tensor,
+    running_var: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    eps: float,
+    relu: bool,
+    views: list | None = None,
+) -> Tensor | None:
+    """:func:`batch_norm_eval_forward` for the common call, in fewer steps: a contiguous or
+    channels_last float32/float64 CPU input with at least one value, statistics and parameters
+    of its dtype, contiguous, on the CPU, with one value per channel. Returns y, or None for
+    any other call, which the general path then takes with its checks and errors (nothing here
+    raises for a call it does not take, and nothing here changes any state but ``views``, a
+    cache of the parameters' numpy views the caller keeps, see :func:`_fast_params`).
+
+    An inference layer runs between other layers, which leave the caches full of their own
+    data and code: there every step of the Python path costs many times what it costs in a
+    loop of calls, so the common call takes as few as possible."""
+    dt = x.dtype
+    if dt not in _NP or x.dim() < 2:
+        return None
+    shape = x.shape
+    n, c = shape[0], shape[1]
+    size = x.numel()
+    if size == 0:
+        return None
+    flat = x.is_contiguous()
+    try:
+        p = _fast_params(dt, c, running_mean, running_var, weight, bias, views)
+        if p is None:
+            return None
+        if flat:
+            xa = x.numpy()
+        else:
+            view = _kernel_view(x)  # channels_last: the (M, C) layout
+            if view is None:
+                return None
+            xa = view[0].numpy()
+    except (TypeError, RuntimeError):  # off the CPU, or a tensor numpy cannot view
+        return None
+    k = compiled()
+    y = _empty_like(x)  # (x's strides)
+    stats = np.empty((3, c), _NP[dt])
+    has_w, has_b = weight is not None, bias is not None
+    if not flat:
+        k.eval_fwd_mc(xa, p[0], p[1], p[2], p[3], has_w, has_b, float(eps), bool(relu),
+                      _kernel_view(y)[0].numpy(), stats)  # fmt: skip
+        return y
+    ya = y.numpy()
+    s = size // (n * c)
+    if s == 1:
+        k.eval_fwd_mc(xa.reshape(n, c), p[0], p[1], p[2], p[3], has_w, has_b, float(eps),
+                      bool(relu), ya.reshape(n, c), stats)  # fmt: skip
+    else:
+        k.eval_fwd_ncs(xa.reshape(n, c, s), p[0], p[1], p[2], p[3], has_w, has_b, float(eps),
+                       bool(relu), ya.reshape(n, c, s), stats)  # fmt: skip
+    return y
 
 
 def _backward(dy, x, mean, invstd, weight, need_dx, need_dparams, y, train):

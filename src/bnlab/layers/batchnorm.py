@@ -48,9 +48,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from .. import backend as B
 from ..autograd import batch_norm_eval, batch_norm_train, commit_stats
 from ..functional import check_momentum
-from ..ops import check_batch
+from ..ops import EAGER, check_batch, route
 
 __all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "name_layers"]
 
@@ -69,6 +70,7 @@ class _BatchNorm(nn.modules.batchnorm._BatchNorm):
     # (TorchScript reads instance attributes), so every construction path starts unfrozen with
     # running averages from training.
     frozen = False  # freeze(): population statistics in train and eval, no updates
+    _fast_views = None  # numpy views of the statistics and parameters, made on first use
     population_estimator = None  # recompute_population_stats(): "unbiased"/"biased"
 
     def __init__(
@@ -225,7 +227,51 @@ class _BatchNorm(nn.modules.batchnorm._BatchNorm):
             if update and self.population_estimator is not None:
                 self.population_estimator = None  # a running average again, not a recomputed one
 
+    @torch.jit.unused
+    def _eval_fast(self, x: Tensor) -> Tensor | None:
+        """The inference forward of a common eager call in few steps, or None: the general path
+        of :meth:`forward` then takes the call, with every check and error. Same result as that
+        path (:func:`bnlab.backend.eval_fast`). The call has population statistics to use, a
+        plain tensor of a valid rank and channel count, ``eps >= 0``, no autograd graph to
+        record and no tool looking inside it (:func:`bnlab.ops.route`); an inference layer runs
+        between layers that leave the caches cold, where every step of the general path costs
+        many times what it costs in a loop of calls."""
+        if self.training and not self.frozen:
+            return None
+        if type(x) is not Tensor or route(x) != EAGER or x.dim() not in self._valid_ranks:
+            return None
+        weight, bias = self.weight, self.bias
+        if torch.is_grad_enabled() and (
+            x.requires_grad
+            or (weight is not None and weight.requires_grad)
+            or (bias is not None and bias.requires_grad)
+        ):
+            return None
+        act = self.activation
+        if x.shape[1] != self.num_features or not self.eps >= 0 or act not in (None, "relu"):
+            return None
+        running_mean, running_var = self.running_mean, self.running_var
+        if running_mean is None or running_var is None:
+            return None
+        views = self._fast_views
+        if views is None:
+            views = self._fast_views = [None, None]
+        return B.eval_fast(
+            x, running_mean, running_var, weight, bias, self.eps, act is not None, views
+        )
+
+    def __getstate__(self) -> dict[str, Any]:
+        """The module's state without the cache of numpy views (:meth:`_eval_fast`): pickles
+        and deep copies carry only tensors, and a copy makes its own views."""
+        state = self.__dict__.copy()
+        state.pop("_fast_views", None)
+        return state
+
     def forward(self, input: Tensor) -> Tensor:
+        if not torch.jit.is_scripting():
+            y = self._eval_fast(input)
+            if y is not None:
+                return y
         weight, bias = self.weight, self.bias
         running_mean, running_var = self.running_mean, self.running_var
         batch_stats = self._use_batch_stats()
