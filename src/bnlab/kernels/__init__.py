@@ -321,8 +321,10 @@ def _fast_params(dt, c, running_mean, running_var, weight, bias, views):
     ones) for :func:`eval_forward_fast`, or None if one is not a contiguous (c,) CPU tensor of
     dtype ``dt``.
 
-    ``views`` (a list ``[key, arrays]`` its caller keeps, or None) caches them between calls:
-    making a numpy view of a tensor is most of a small call's cost. A cached view holds its
+    ``views`` (a one-item list holding ``(key, arrays)`` or None, which its caller keeps; or
+    None) caches them between calls: making a numpy view of a tensor is most of a small call's
+    cost. The item is replaced whole, so threads sharing a layer never pair a key with another
+    key's views. A cached view holds its
     tensor's storage (its base is a detached alias of it), so no other storage can start at
     the same address while it is cached: the same data pointers and dtypes mean the same
     memory, whatever was assigned since (a new tensor, ``.data``, ``.to()``), and values
@@ -341,8 +343,9 @@ def _fast_params(dt, c, running_mean, running_var, weight, bias, views):
         0 if weight is None else weight.data_ptr(),
         0 if bias is None else bias.data_ptr(),
     )
-    if views is not None and views[0] == key:
-        return views[1]
+    cached = None if views is None else views[0]
+    if cached is not None and cached[0] == key:
+        return cached[1]
     arrays = (
         _fast_vec(running_mean, dt, c),
         _fast_vec(running_var, dt, c),
@@ -352,7 +355,7 @@ def _fast_params(dt, c, running_mean, running_var, weight, bias, views):
     if any(a is None for a in arrays):
         return None
     if views is not None:
-        views[0], views[1] = key, arrays
+        views[0] = (key, arrays)
     return arrays
 
 

@@ -255,7 +255,7 @@ class _BatchNorm(nn.modules.batchnorm._BatchNorm):
             return None
         views = self._fast_views
         if views is None:
-            views = self._fast_views = [None, None]
+            views = self._fast_views = [None]
         return B.eval_fast(
             x, running_mean, running_var, weight, bias, self.eps, act is not None, views
         )
@@ -263,7 +263,7 @@ class _BatchNorm(nn.modules.batchnorm._BatchNorm):
     def __getstate__(self) -> dict[str, Any]:
         """The module's state without the cache of numpy views (:meth:`_eval_fast`): pickles
         and deep copies carry only tensors, and a copy makes its own views."""
-        state = self.__dict__.copy()
+        state = super().__getstate__()
         state.pop("_fast_views", None)
         return state
 
