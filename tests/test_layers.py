@@ -452,6 +452,32 @@ def test_inference_without_grad_is_the_general_path(shape, dtype, affine, fmt, a
             assert ours._eval_fast(x) is not None
 
 
+@pytest.mark.parametrize("shape", list(SHAPES.values()), ids=list(SHAPES))
+@pytest.mark.parametrize("fmt", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("act", [None, "relu"])
+def test_bfloat16_inference_without_grad_is_the_general_path(shape, fmt, act, backend):
+    """A bfloat16 input with float32 statistics and parameters (as under torch.autocast) at
+    inference: torch's answer within bfloat16's precision, exactly the general path's, and with
+    the kernels the short path takes it."""
+    from bnlab import backend as B
+
+    ours, ref = make_pair(shape)
+    ours.activation = act
+    _random_state(ours, ref)
+    ours.eval(), ref.eval()
+    x = to_format(torch.randn(shape) * 2 + 1, fmt).bfloat16()
+    with torch.no_grad():
+        y = ours(x)
+        want = ref(x) if act is None else torch.relu(ref(x))
+        assert y.dtype == torch.bfloat16
+        torch.testing.assert_close(y, want, **tol(torch.bfloat16))
+        general = B.eval_forward(x, ours.running_mean, ours.running_var, ours.weight,
+                                 ours.bias, ours.eps, relu=act is not None)[1]  # fmt: skip
+        assert torch.equal(y, general) and y.stride() == general.stride()
+        if backend == "auto":
+            assert ours._eval_fast(x) is not None
+
+
 def test_short_inference_path_sees_every_change_of_state(backend):
     """The short inference path keeps numpy views of the statistics and parameters between
     calls; every way of changing them (in place, ``.data``, new buffers, dtype conversion,
@@ -503,9 +529,9 @@ def test_short_inference_path_sees_every_change_of_state(backend):
 def test_short_inference_path_declines_what_it_does_not_take(backend):
     """Calls the short inference path leaves to the general one (which checks them, raises
     or records a graph): training mode, an autograd graph to record, strides that are neither
-    contiguous nor channels_last, 16-bit or
-    mismatched dtypes, meta tensors, a tensor subclass, a wrong rank or channel count, a
-    negative eps, the reference backend."""
+    contiguous nor channels_last, float16, 16-bit parameters, other mismatched dtypes, meta
+    tensors, a tensor subclass, a wrong rank or channel count, a negative eps, the reference
+    backend."""
     layer = bnlab.BatchNorm2d(3).eval()
     x = torch.randn(2, 3, 4, 4)
     with torch.no_grad():
@@ -516,7 +542,9 @@ def test_short_inference_path_declines_what_it_does_not_take(backend):
         assert layer.train()._eval_fast(x) is None
         layer.eval()
         assert layer._eval_fast(x.transpose(2, 3)) is None  # (neither layout)
-        assert layer._eval_fast(x.bfloat16()) is None
+        assert layer._eval_fast(x.half()) is None
+        half_params = copy.deepcopy(layer).bfloat16()
+        assert half_params._eval_fast(x.bfloat16()) is None
         assert layer._eval_fast(x.double()) is None  # (float32 parameters: torch refuses)
         assert layer._eval_fast(x.to("meta")) is None
         assert layer._eval_fast(torch.nn.Parameter(x)) is None

@@ -371,7 +371,9 @@ def eval_forward_fast(
 ) -> Tensor | None:
     """:func:`batch_norm_eval_forward` for the common call, in fewer steps: a contiguous or
     channels_last float32/float64 CPU input with at least one value, statistics and parameters
-    of its dtype, contiguous, on the CPU, with one value per channel. Returns y, or None for
+    of its dtype, contiguous, on the CPU, with one value per channel; or such a bfloat16 input
+    with float32 statistics and parameters (as under ``torch.autocast``; the ``fused32`` path
+    of :mod:`bnlab.backend`, which reads bfloat16 as it is). Returns y, or None for
     any other call, which the general path then takes with its checks and errors (nothing here
     raises for a call it does not take, and nothing here changes any state but ``views``, a
     cache of the parameters' numpy views the caller keeps, see :func:`_fast_params`).
@@ -380,7 +382,13 @@ def eval_forward_fast(
     data and code: there every step of the Python path costs many times what it costs in a
     loop of calls, so the common call takes as few as possible."""
     dt = x.dtype
-    if dt not in _NP or x.dim() < 2:
+    if dt in _NP:
+        pdt = dt  # the statistics' and parameters' dtype, and the computation's
+    elif dt == torch.bfloat16:
+        pdt = torch.float32
+    else:
+        return None
+    if x.dim() < 2:
         return None
     shape = x.shape
     n, c = shape[0], shape[1]
@@ -389,27 +397,27 @@ def eval_forward_fast(
         return None
     flat = x.is_contiguous()
     try:
-        p = _fast_params(dt, c, running_mean, running_var, weight, bias, views)
+        p = _fast_params(pdt, c, running_mean, running_var, weight, bias, views)
         if p is None:
             return None
         if flat:
-            xa = x.numpy()
+            xa = _np(x)
         else:
             view = _kernel_view(x)  # channels_last: the (M, C) layout
             if view is None:
                 return None
-            xa = view[0].numpy()
+            xa = _np(view[0])
     except (TypeError, RuntimeError):  # off the CPU, or a tensor numpy cannot view
         return None
     k = compiled()
     y = _empty_like(x)  # (x's strides)
-    stats = np.empty((3, c), _NP[dt])
+    stats = np.empty((3, c), _NP[pdt])
     has_w, has_b = weight is not None, bias is not None
     if not flat:
         k.eval_fwd_mc(xa, p[0], p[1], p[2], p[3], has_w, has_b, float(eps), bool(relu),
-                      _kernel_view(y)[0].numpy(), stats)  # fmt: skip
+                      _np(_kernel_view(y)[0]), stats)  # fmt: skip
         return y
-    ya = y.numpy()
+    ya = _np(y)
     s = size // (n * c)
     if s == 1:
         k.eval_fwd_mc(xa.reshape(n, c), p[0], p[1], p[2], p[3], has_w, has_b, float(eps),
