@@ -68,15 +68,22 @@ def compiled():
     ``torch.set_num_threads`` would be lost, for torch's operators as well as the kernels. It is
     put back here.
     """
-    from . import _numba
+    global _loops
+    mod = _loops
+    if mod is None:  # (kept in a global: an import statement costs more than the rest here)
+        from . import _numba as mod
 
+        _loops = mod
     n = torch.get_num_threads()
     if getattr(_threads, "n", None) != n:
-        _numba.follow_threads(n)
+        mod.follow_threads(n)
         if torch.get_num_threads() != n:
             torch.set_num_threads(n)
         _threads.n = n
-    return _numba
+    return mod
+
+
+_loops = None  # bnlab.kernels._numba once imported (compiled)
 
 
 def _kernel_view(t: Tensor) -> tuple[Tensor, str] | None:
