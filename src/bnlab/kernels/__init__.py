@@ -215,11 +215,12 @@ def _empty_like(x: Tensor) -> Tensor:
     """``torch.empty_like(x)`` (x's strides), on huge pages when large (:class:`_HugePages`)."""
     global _huge
     y = torch.empty_like(x)
-    n = y.numel() * y.element_size()
-    if n >= _HugePages.MIN_BYTES:
-        if _huge is None:
-            _huge = _HugePages()
-        _huge.advise(y, n)
+    if _huge is None:
+        _huge = _HugePages()
+    if _huge.size:  # (where no advice is given, not even the size is looked at)
+        n = y.numel() * y.element_size()
+        if n >= _HugePages.MIN_BYTES:
+            _huge.advise(y, n)
     return y
 
 
