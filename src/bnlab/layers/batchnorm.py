@@ -49,7 +49,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import backend as B
-from ..autograd import batch_norm_eval, batch_norm_train, commit_stats
+from ..autograd import _needs_graph, batch_norm_eval, batch_norm_train, commit_stats
 from ..functional import check_momentum
 from ..ops import EAGER, check_batch, route
 
@@ -241,11 +241,7 @@ class _BatchNorm(nn.modules.batchnorm._BatchNorm):
         if type(x) is not Tensor or route(x) != EAGER or x.dim() not in self._valid_ranks:
             return None
         weight, bias = self.weight, self.bias
-        if torch.is_grad_enabled() and (
-            x.requires_grad
-            or (weight is not None and weight.requires_grad)
-            or (bias is not None and bias.requires_grad)
-        ):
+        if _needs_graph(x, weight, bias):
             return None
         act = self.activation
         if x.shape[1] != self.num_features or not self.eps >= 0 or act not in (None, "relu"):
