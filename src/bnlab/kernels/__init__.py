@@ -398,41 +398,21 @@ def eval_forward_fast(
         return None
     if x.dim() < 2:
         return None
-    shape = x.shape
-    n, c = shape[0], shape[1]
-    size = x.numel()
-    if size == 0:
+    c = x.shape[1]
+    if x.numel() == 0:
         return None
-    flat = x.is_contiguous()
     try:
         p = _fast_params(pdt, c, running_mean, running_var, weight, bias, views)
         if p is None:
             return None
-        if flat:
-            xa = _np(x)
-        else:
-            view = _kernel_view(x)  # channels_last: the (M, C) layout
-            if view is None:
-                return None
-            xa = _np(view[0])
-    except (TypeError, RuntimeError):  # off the CPU, or a tensor numpy cannot view
+        xa, kind, y, ya = _arrays(x)  # (TypeError off the CPU or for strides the loops refuse)
+    except (TypeError, RuntimeError):
         return None
-    k = compiled()
-    y = _empty_like(x)  # (x's strides)
     stats = np.empty((3, c), _NP[pdt])
-    has_w, has_b = weight is not None, bias is not None
-    if not flat:
-        k.eval_fwd_mc(xa, p[0], p[1], p[2], p[3], has_w, has_b, float(eps), bool(relu),
-                      _np(_kernel_view(y)[0]), stats)  # fmt: skip
-        return y
-    ya = _np(y)
-    s = size // (n * c)
-    if s == 1:
-        k.eval_fwd_mc(xa.reshape(n, c), p[0], p[1], p[2], p[3], has_w, has_b, float(eps),
-                      bool(relu), ya.reshape(n, c), stats)  # fmt: skip
-    else:
-        k.eval_fwd_ncs(xa.reshape(n, c, s), p[0], p[1], p[2], p[3], has_w, has_b, float(eps),
-                       bool(relu), ya.reshape(n, c, s), stats)  # fmt: skip
+    k = compiled()
+    fn = k.eval_fwd_ncs if kind == "ncs" else k.eval_fwd_mc
+    fn(xa, p[0], p[1], p[2], p[3], weight is not None, bias is not None, float(eps), bool(relu),
+       ya, stats)  # fmt: skip
     return y
 
 
