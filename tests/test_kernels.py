@@ -699,17 +699,17 @@ def test_huge_page_advice_only_where_it_changes_the_mapping(text, advise):
 
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 def test_large_fresh_outputs_are_advised_onto_huge_pages(layout):
-    """Outputs of 4 MB and more are fresh tensors advised onto transparent huge pages (their
-    first touch maps them 2 MB at a time): on Linux with THP in "madvise" mode the mapping
-    holding an output's aligned interior is THP-eligible, which only the advice makes it. The
-    values are those of the ordinary path (the other tests)."""
+    """Outputs of 32 MiB and more (fresh mappings from glibc) are advised onto transparent huge
+    pages (their first touch maps them 2 MB at a time): on Linux with THP in "madvise" mode the
+    mapping holding an output's aligned interior is THP-eligible, which only the advice makes
+    it. The values are those of the ordinary path (the other tests)."""
     hp = K._HugePages()
     if hp.size == 0:
         pytest.skip("no transparent huge pages here")
     with open("/sys/kernel/mm/transparent_hugepage/enabled") as f:
         if "[madvise]" not in f.read():  # ("always": eligible without the advice)
             pytest.skip("transparent huge pages not in madvise mode here")
-    x = to_format(torch.randn(32, 64, 32, 32), layout)  # 8 MB
+    x = to_format(torch.randn(32, 64, 64, 64), layout)  # 32 MiB
     dy = torch.randn_like(x)
     y, mean, _, invstd = K.batch_norm_train_forward(x, None, None, 1e-5)
     dx, _, _ = K.batch_norm_train_backward(dy, x, mean, invstd, None)
@@ -720,3 +720,25 @@ def test_large_fresh_outputs_are_advised_onto_huge_pages(layout):
         if eligible is None:
             pytest.skip("/proc/self/smaps has no THPeligible field on this kernel")
         assert eligible == "1"
+
+
+def test_only_outputs_of_32_mib_and_more_are_advised(monkeypatch):
+    """Smaller outputs come from glibc's heap, already mapped in the steady state; advice there
+    changes nothing but makes the heap's regrowth stall on compaction (``_HugePages``). The
+    advice goes to every output of at least ``MIN_BYTES``, whatever its layout."""
+    advised = []
+
+    class Recorder:
+        size = 2 << 20
+
+        def advise(self, t, n):
+            advised.append((t.data_ptr(), n))
+
+    monkeypatch.setattr(K, "_huge", Recorder())
+    mib = 1 << 20
+    small = torch.empty(mib // 4 * 32 - 1)  # one float32 short of 32 MiB
+    large = torch.empty(8, 16, 256, 256).to(memory_format=torch.channels_last)  # 32 MiB
+    assert K._empty_like(small).shape == small.shape and advised == []
+    y = K._empty_like(large)
+    assert y.stride() == large.stride()
+    assert advised == [(y.data_ptr(), 32 * mib)]

@@ -159,17 +159,20 @@ class _HugePages:
 
     Every kernel output is a fresh tensor, and its pages are mapped in on first touch, inside the
     kernel: 4 KB at a time, a 51 MB output costs about 12,500 page faults, more than the pass
-    over it (glibc maps allocations above 32 MB afresh on every call, and smaller ones after the
-    heap has been trimmed). Advising the kernel to back the output with transparent huge pages
-    (``madvise(MADV_HUGEPAGE)`` on its aligned interior, before anything touches it) maps it 2 MB
-    at a time, as numpy does for its own large arrays. The advice changes no value and no
-    layout; where it would change nothing it is skipped: another OS, THP set to ``never``, or
-    to ``always``, where the kernel backs large allocations with huge pages unasked (and the
-    call itself, which splits and merges the heap's mappings, costs more than the pass over a
-    few MB when the caches are cold).
+    over it. glibc serves a request of ``MIN_BYTES`` (32 MiB) or more with a fresh mapping
+    unless its heap has a free chunk that large (its mmap threshold rises with frees, but not
+    above 32 MiB on 64-bit systems); advising the kernel to back such an output with transparent
+    huge pages (``madvise(MADV_HUGEPAGE)`` on its aligned interior, before anything touches it)
+    maps it 2 MB at a time. Smaller outputs are not advised: glibc
+    serves them from its heap, whose pages are already mapped in the steady state (the advice
+    changes nothing there), and when the heap is trimmed and grows again, advised pages fault in
+    with the kernel's synchronous compaction (THP ``defrag`` in its default ``madvise`` mode),
+    which stalls a call for milliseconds. The advice changes no value and no layout; where it
+    would change nothing it is skipped: another OS, THP set to ``never``, or to ``always``,
+    where the kernel backs large allocations with huge pages unasked.
     """
 
-    MIN_BYTES = 4 << 20  # numpy's threshold too: below it, little to gain per call
+    MIN_BYTES = 32 << 20  # glibc's largest mmap threshold on 64-bit systems (see above)
 
     def __init__(self) -> None:
         self.size = 0  # huge-page size in bytes; 0: unavailable, skip
