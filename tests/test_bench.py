@@ -1,5 +1,6 @@
-"""``bnlab bench`` (bnlab.bench.main) in a tiny configuration: the table is written into the
-Markdown file's own section, other sections are kept. No timing is asserted."""
+"""``bnlab bench`` (bnlab.bench.main) in a tiny configuration: each written run is added to the
+Markdown file's own section, before the earlier runs, which are kept with everything else. No
+timing is asserted."""
 
 from __future__ import annotations
 
@@ -9,19 +10,57 @@ import pytest
 
 from bnlab.bench import main
 
+_TINY = ["--shapes", "mnist mlp (batch 60)", "--repeats", "1", "--no-compile", "--no-resnet"]
+_INTRO = "# Results\n\n## Other section\n\nkept\n\n## Fused kernels\n\nColumns: intro.\n\n"
+_OLD = "Old CPU, 2026-01-01: an earlier run\n\nold table\n\n## After\n\nalso kept\n"
+_FILE = _INTRO + "### " + _OLD
 
-def test_bench_writes_its_section_and_keeps_others(tmp_path, capsys):
+
+def test_bench_adds_its_run_and_keeps_earlier_runs_and_other_sections(tmp_path, capsys):
     out = tmp_path / "RESULTS.md"
-    out.write_text("## Other section\n\nkept\n\n## Fused kernels\n\nold table\n")
-    argv = ["--shapes", "mnist mlp (batch 60)", "--repeats", "1", "--no-compile", "--no-resnet"]
-    assert main([*argv, "--cold", "--write", str(out)]) == 0
+    out.write_text(_FILE)
+    assert main([*_TINY, "--cold", "--write", str(out)]) == 0
     text = out.read_text()
-    assert text.startswith("## Other section\n\nkept\n")
-    assert "old table" not in text and text.count("## Fused kernels") == 1
+    intro, rest = text.split("### ", 1)
+    assert intro == _INTRO
+    new, old = rest.split("\n### ", 1)
+    assert old == _OLD
+    assert re.match(r".+, \d{4}-\d\d-\d\d \d\d:\d\d UTC: `bnlab bench`\n", new)
     for mode in ("fwd", "fwd+bwd", "eval"):
-        assert f"| mnist mlp (batch 60) (60, 100) | {mode} |" in text
-    assert "cold caches" in text
+        assert f"| mnist mlp (batch 60) (60, 100) | {mode} |" in new
+    assert "cold caches" in new
     assert "torch threads" in capsys.readouterr().out
+    assert main([*_TINY, "--write", str(out)]) == 0  # a second run goes first, the rest stays
+    second = out.read_text()
+    assert second.count("\n### ") == 3 and second.endswith(rest)
+    assert "cold caches" not in second.split("### ", 2)[1]
+
+
+@pytest.mark.parametrize("start", ["", "# Notes\n\nmine\n"])
+def test_bench_starts_the_section_where_there_is_none(tmp_path, start):
+    out = tmp_path / "RESULTS.md"
+    if start:
+        out.write_text(start)
+    assert main([*_TINY, "--write", str(out)]) == 0
+    text = out.read_text()
+    head = (start + "\n" if start else "") + "## Fused kernels\n\n### "
+    assert text.startswith(head) and "| mnist mlp (batch 60) (60, 100) | eval |" in text
+
+
+def test_an_interrupted_write_leaves_the_results_file_as_it_was(tmp_path, monkeypatch):
+    import os
+
+    out = tmp_path / "RESULTS.md"
+    out.write_text(_FILE)
+
+    def fail(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(os, "replace", fail)
+    with pytest.raises(KeyboardInterrupt):
+        main([*_TINY, "--write", str(out)])
+    assert out.read_text() == _FILE
+    assert [p.name for p in tmp_path.iterdir()] == ["RESULTS.md"]
 
 
 def test_cold_rounds_flush_before_every_timed_call_only():

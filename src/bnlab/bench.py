@@ -411,22 +411,35 @@ def format_resnet(runs: list[dict[str, float]], batch: int = 128) -> str:
     return text
 
 
-def _write_results(path: str, section: str) -> None:
-    """Replace (or append) the '## Fused kernels' section of the Markdown file."""
-    heading = "## Fused kernels"
+SECTION = "## Fused kernels"
+
+
+def _write_results(path: str, run: str) -> None:
+    """Add ``run`` (a ``### ...`` subsection) to the Markdown file's ``## Fused kernels``
+    section, before the runs already there (after the section's own introduction), keeping
+    every other line of the file; a file or section that does not exist yet is started. The
+    file is replaced atomically: an interrupted write leaves it as it was."""
+    from pathlib import Path
+
+    from bnlab._fileutil import atomic_write_text
+
     try:
-        with open(path) as f:
-            text = f.read()
+        text = Path(path).read_text(encoding="utf-8")
     except FileNotFoundError:
         text = ""
-    if heading in text:
-        start = text.index(heading)
-        nxt = text.find("\n## ", start + len(heading))
-        text = text[:start] + section + ("" if nxt < 0 else text[nxt + 1 :])
+    run = run.rstrip("\n") + "\n"
+    if SECTION in text:
+        start = text.index(SECTION) + len(SECTION)
+        end = text.find("\n## ", start)
+        end = len(text) if end < 0 else end + 1
+        first = text.find("\n### ", start, end)
+        at = end if first < 0 else first + 1
+        before = text[:at].rstrip("\n") + "\n\n"
+        after = text[at:]
+        text = before + run + ("\n" + after if after.strip() else "")
     else:
-        text = (text.rstrip() + "\n\n" if text.strip() else "") + section
-    with open(path, "w") as f:
-        f.write(text)
+        text = (text.rstrip("\n") + "\n\n" if text.strip() else "") + f"{SECTION}\n\n{run}"
+    atomic_write_text(Path(path), text)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -450,7 +463,11 @@ def main(argv: list[str] | None = None) -> int:
         "--processes", type=int, default=1, metavar="N",
         help="run the benchmark in N fresh processes; report medians and ranges over them",
     )  # fmt: skip
-    p.add_argument("--write", metavar="PATH", help="write the tables into this Markdown file")
+    p.add_argument(
+        "--write", metavar="PATH",
+        help="add the tables to this Markdown file as a new dated run at the top of its "
+             "'## Fused kernels' section (earlier runs and other sections are kept)",
+    )  # fmt: skip
     p.add_argument("--rows-json", metavar="PATH", help=argparse.SUPPRESS)  # (--processes' child)
     args = p.parse_args(argv)
     if args.repeats < 1:
@@ -516,15 +533,17 @@ def main(argv: list[str] | None = None) -> int:
 
 def _write_section(path: str, argv: list[str] | None, how: str, table: str, resnet: str) -> None:
     argv_text = " ".join(argv) if argv is not None else " ".join(sys.argv[1:])
-    section = (
-        "## Fused kernels\n\n"
+    now = _dt.datetime.now(_dt.UTC)
+    cpu = machine_text().split(", load average")[0].removeprefix("CPU ") or "unknown CPU"
+    run = (
+        f"### {cpu}, {now:%Y-%m-%d %H:%M} UTC: `bnlab bench`\n\n"
         f"Command: `bnlab bench {argv_text}` (or `python benchmarks/bench_kernels.py`), "
-        f"{_dt.datetime.now(_dt.UTC):%Y-%m-%d %H:%M} UTC, {how}, times in ms.\n\n"
+        f"{how}, times in ms.\n\n"
         + table
         + "\n"
         + resnet
     )
-    _write_results(path, section)
+    _write_results(path, run)
 
 
 def _main_processes(args: argparse.Namespace, names: list[str], argv: list[str] | None) -> int:
