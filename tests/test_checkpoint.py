@@ -475,3 +475,22 @@ def test_abandoned_temp_files_are_removed_at_the_next_save(tmp_path):
         os.close(fd)
     left = sorted(p.name for p in tmp_path.iterdir())
     assert left == sorted(["ck.pt", held.name, fresh.name, mine.name])
+
+
+@pytest.mark.parametrize("existing", [None, 0o640, 0o604])
+def test_atomic_writes_keep_the_files_permissions(tmp_path, existing):
+    """An atomically replaced file keeps the old file's permission bits, and a new one gets what
+    ``open(path, "w")`` gives (0o666 less the umask), not the owner-only mode of its temp file."""
+    from bnlab._fileutil import atomic_write_text
+
+    path = tmp_path / "notes.md"
+    plain = tmp_path / "plain.md"
+    plain.write_text("x")  # the mode a plain write gives under this process's umask
+    if existing is not None:
+        path.write_text("old")
+        path.chmod(existing)
+    atomic_write_text(path, "new")
+    assert path.read_text() == "new"
+    want = existing if existing is not None else plain.stat().st_mode & 0o7777
+    assert path.stat().st_mode & 0o7777 == want
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.md", "plain.md"]

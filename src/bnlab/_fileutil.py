@@ -102,11 +102,36 @@ def remove_stale(
     return removed
 
 
+def _umask() -> int:
+    """The process's umask, read without changing it where Linux reports it."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)  # (elsewhere: read by setting it, and set it back at once)
+    os.umask(mask)
+    return mask
+
+
+def _mode_for(path: Path) -> int:
+    """Permission bits for a file about to replace ``path``: those of the file there, or what
+    ``open(path, "w")`` would give a new one (0o666 less the umask); ``mkstemp`` alone would
+    leave every atomically written file private to its owner."""
+    try:
+        return os.stat(path).st_mode & 0o7777
+    except OSError:
+        return 0o666 & ~_umask()
+
+
 def atomic_write(path: Path, write: Callable[[BinaryIO], object]) -> Path:
     """Replace ``path`` with what ``write(fh)`` writes into a binary file handle, so that a
     reader (or a crash at any moment) sees either the old file or the new one, never a part:
     temp file in the same folder (locked until renamed), fsync, ``os.replace``, fsync of the
-    folder. Abandoned temp files of earlier writes in the folder are removed first
+    folder. The new file keeps the old one's permission bits (a new file gets those of
+    ``open``). Abandoned temp files of earlier writes in the folder are removed first
     (:func:`remove_stale`). Returns ``path``."""
     path = Path(path)
     directory = path.parent if str(path.parent) else Path(".")
@@ -114,6 +139,7 @@ def atomic_write(path: Path, write: Callable[[BinaryIO], object]) -> Path:
     fd, tmp = locked_temp(directory, f".{path.name}.tmp-")
     try:
         with os.fdopen(fd, "wb") as fh:
+            os.fchmod(fh.fileno(), _mode_for(path))
             write(fh)
             fh.flush()
             os.fsync(fh.fileno())
