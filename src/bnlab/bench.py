@@ -53,9 +53,12 @@ import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
+
+from ._fileutil import atomic_write_text
 
 __all__ = ["SHAPES", "main", "bench_shape", "bench_resnet", "format_table", "format_spread"]
 
@@ -419,10 +422,6 @@ def _write_results(path: str, run: str) -> None:
     section, before the runs already there (after the section's own introduction), keeping
     every other line of the file; a file or section that does not exist yet is started. The
     file is replaced atomically: an interrupted write leaves it as it was."""
-    from pathlib import Path
-
-    from bnlab._fileutil import atomic_write_text
-
     try:
         text = Path(path).read_text(encoding="utf-8")
     except FileNotFoundError:

@@ -163,11 +163,11 @@ class _HugePages:
     unless its heap has a free chunk that large (its mmap threshold rises with frees, but not
     above 32 MiB on 64-bit systems); advising the kernel to back such an output with transparent
     huge pages (``madvise(MADV_HUGEPAGE)`` on its aligned interior, before anything touches it)
-    maps it 2 MB at a time. Smaller outputs are not advised: glibc
-    serves them from its heap, whose pages are already mapped in the steady state (the advice
-    changes nothing there), and when the heap is trimmed and grows again, advised pages fault in
-    with the kernel's synchronous compaction (THP ``defrag`` in its default ``madvise`` mode),
-    which stalls a call for milliseconds. The advice changes no value and no layout; where it
+    maps it 2 MB at a time. Smaller outputs are not advised: glibc serves them from its heap,
+    whose pages are already mapped in the steady state (the advice changes nothing there), and
+    when the heap is trimmed and grows again, advised pages fault in with the kernel's
+    synchronous compaction (THP ``defrag`` in its default ``madvise`` mode), which stalls a call
+    for milliseconds. The advice changes no value and no layout; where it
     would change nothing it is skipped: another OS, THP set to ``never``, or to ``always``,
     where the kernel backs large allocations with huge pages unasked.
     """
