@@ -697,6 +697,23 @@ def test_huge_page_advice_only_where_it_changes_the_mapping(text, advise):
     assert K.advice_changes_pages(text) is advise
 
 
+@pytest.mark.parametrize(
+    "text, mode",
+    [("always [madvise] never\n", "madvise"), ("[always] madvise never", "always"),
+     ("always madvise [never]", "never"), ("always madvise never", ""), ("", "")],
+)  # fmt: skip
+def test_thp_mode_reads_the_selected_mode(text, mode, tmp_path, monkeypatch):
+    """The mode that decides the advice, and that ``bnlab bench`` prints beside the CPU."""
+    from bnlab import bench
+
+    assert K.thp_mode(text) == mode
+    f = tmp_path / "enabled"
+    f.write_text(text)
+    monkeypatch.setattr(bench, "THP_ENABLED", str(f))
+    assert ("transparent huge pages " + mode in bench.machine_text()) is bool(mode)
+    assert ("transparent huge pages" in bench.machine_text()) is bool(mode)
+
+
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 def test_large_fresh_outputs_are_advised_onto_huge_pages(layout):
     """Outputs of 32 MiB and more (fresh mappings from glibc) are advised onto transparent huge

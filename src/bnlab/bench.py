@@ -59,6 +59,7 @@ import torch
 from torch import nn
 
 from ._fileutil import atomic_write_text
+from .kernels import THP_ENABLED, thp_mode
 
 __all__ = ["SHAPES", "main", "bench_shape", "bench_resnet", "format_table", "format_spread"]
 
@@ -92,15 +93,29 @@ class Row:
     times: dict[str, float]  # variant -> median seconds (missing = not applicable/skipped)
 
 
-def machine_text() -> str:
-    """The CPU model and the load average now (Linux; what is unknown is left out)."""
-    parts = []
+def cpu_model() -> str:
+    """The CPU's model name from /proc/cpuinfo, or "" where it is not known."""
     try:
         with open("/proc/cpuinfo") as f:
             names = [ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")]
-        model = names[0] if names else ""
-        if model:
-            parts.append(f"CPU {model}")
+    except OSError:
+        return ""
+    return names[0] if names else ""
+
+
+def machine_text() -> str:
+    """The CPU model, the transparent huge pages mode (it decides how fresh outputs are mapped,
+    see ``bnlab.kernels._HugePages``) and the load average now (Linux; what is unknown is left
+    out)."""
+    parts = []
+    model = cpu_model()
+    if model:
+        parts.append(f"CPU {model}")
+    try:
+        with open(THP_ENABLED) as f:
+            mode = thp_mode(f.read())
+        if mode:
+            parts.append(f"transparent huge pages {mode}")
     except OSError:
         pass
     try:
@@ -533,7 +548,7 @@ def main(argv: list[str] | None = None) -> int:
 def _write_section(path: str, argv: list[str] | None, how: str, table: str, resnet: str) -> None:
     argv_text = " ".join(argv) if argv is not None else " ".join(sys.argv[1:])
     now = _dt.datetime.now(_dt.UTC)
-    cpu = machine_text().split(", load average")[0].removeprefix("CPU ") or "unknown CPU"
+    cpu = cpu_model() or "unknown CPU"
     run = (
         f"### {cpu}, {now:%Y-%m-%d %H:%M} UTC: `bnlab bench`\n\n"
         f"Command: `bnlab bench {argv_text}` (or `python benchmarks/bench_kernels.py`), "

@@ -147,11 +147,23 @@ def _compute(dtype: torch.dtype) -> torch.dtype:
 _NP = {torch.float32: np.float32, torch.float64: np.float64}
 
 
+_THP = "/sys/kernel/mm/transparent_hugepage/"
+THP_ENABLED = _THP + "enabled"
+
+
+def thp_mode(thp_enabled: str) -> str:
+    """The selected mode in the text of ``THP_ENABLED`` (``always [madvise] never`` ->
+    ``madvise``), or "" if none is marked."""
+    start = thp_enabled.find("[")
+    end = thp_enabled.find("]", start + 1)
+    return thp_enabled[start + 1 : end] if 0 <= start < end else ""
+
+
 def advice_changes_pages(thp_enabled: str) -> bool:
     """Whether ``madvise(MADV_HUGEPAGE)`` changes how memory is mapped, given the text of
-    ``/sys/kernel/mm/transparent_hugepage/enabled`` (the selected mode in brackets): only in
-    ``madvise`` mode; ``never`` maps no huge pages, ``always`` maps them unasked."""
-    return "[madvise]" in thp_enabled
+    ``THP_ENABLED``: only in ``madvise`` mode; ``never`` maps no huge pages, ``always`` maps
+    them unasked."""
+    return thp_mode(thp_enabled) == "madvise"
 
 
 class _HugePages:
@@ -184,12 +196,11 @@ class _HugePages:
 
             if not sys.platform.startswith("linux") or not hasattr(mmap, "MADV_HUGEPAGE"):
                 return
-            thp = "/sys/kernel/mm/transparent_hugepage/"
-            with open(thp + "enabled") as f:
+            with open(THP_ENABLED) as f:
                 mode = f.read()
             if not advice_changes_pages(mode):
                 return
-            with open(thp + "hpage_pmd_size") as f:
+            with open(_THP + "hpage_pmd_size") as f:
                 size = int(f.read())
             libc = ctypes.CDLL(None, use_errno=True)
             fn = libc.madvise
