@@ -36,7 +36,10 @@ def test_bench_adds_its_run_and_keeps_earlier_runs_and_other_sections(tmp_path, 
     assert "cold caches" not in second.split("### ", 2)[1]
 
 
-@pytest.mark.parametrize("start", ["", "# Notes\n\nmine\n"])
+_NOT_THE_SECTION = "### Fused kernels of another tool\n\n## Fused kernels tried\n"
+
+
+@pytest.mark.parametrize("start", ["", "# Notes\n\nmine\n", _NOT_THE_SECTION])
 def test_bench_starts_the_section_where_there_is_none(tmp_path, start):
     out = tmp_path / "RESULTS.md"
     if start:

@@ -46,6 +46,7 @@ import datetime as _dt
 import json
 import os
 import random
+import re
 import statistics
 import subprocess
 import sys
@@ -442,8 +443,9 @@ def _write_results(path: str, run: str) -> None:
     except FileNotFoundError:
         text = ""
     run = run.rstrip("\n") + "\n"
-    if SECTION in text:
-        start = text.index(SECTION) + len(SECTION)
+    heading = re.search("^" + re.escape(SECTION) + "[ \t]*$", text, re.MULTILINE)  # (a line)
+    if heading:
+        start = heading.end()
         end = text.find("\n## ", start)
         end = len(text) if end < 0 else end + 1
         first = text.find("\n### ", start, end)
