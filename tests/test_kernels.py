@@ -723,8 +723,8 @@ def test_large_fresh_outputs_are_advised_onto_huge_pages(layout):
     hp = K._HugePages()
     if hp.size == 0:
         pytest.skip("no transparent huge pages here")
-    with open("/sys/kernel/mm/transparent_hugepage/enabled") as f:
-        if "[madvise]" not in f.read():  # ("always": eligible without the advice)
+    with open(K.THP_ENABLED) as f:
+        if not K.advice_changes_pages(f.read()):  # ("always": eligible without the advice)
             pytest.skip("transparent huge pages not in madvise mode here")
     x = to_format(torch.randn(32, 64, 64, 64), layout)  # 32 MiB
     dy = torch.randn_like(x)
