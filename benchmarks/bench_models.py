@@ -12,13 +12,16 @@ Each eagerly and with the model compiled by Inductor (``torch.compile(model)``; 
 backward and optimizer stay eager) as ``--compiled`` lists, ``variant:form`` with a form of
 :func:`bnlab.ops.set_compile_form` (``ops``: bnlab's operators and kernels inside the graph;
 ``decompose``: standard ops that Inductor fuses; ``auto``: by input size); ``--autocast`` runs
-the forward under bfloat16 autocast. Rounds are interleaved (each round times every case once,
+the forward under bfloat16 autocast; ``--channels-last`` runs models and input in channels_last
+memory format (what a CPU user picks for oneDNN's convolutions; every BN layer then gets a
+channels_last input). Rounds are interleaved (each round times every case once,
 in a shuffled order); medians in milliseconds and the ratio
 ``torch time / case time`` (above 1: faster than torch BN in the same setting). torch and Numba
 threads are both set to ``--threads``. Run (the machine otherwise idle)::
 
     PYTHONPATH=src python benchmarks/bench_models.py --threads 1 [--rounds 20] \
-        [--compiled torch,bnlab:auto,bnlab+relu:ops,bnlab+relu:decompose] [--autocast]
+        [--compiled torch,bnlab:auto,bnlab+relu:ops,bnlab+relu:decompose] [--autocast] \
+        [--channels-last]
 """
 
 from __future__ import annotations
@@ -53,20 +56,29 @@ def variants(name: str) -> dict[str, torch.nn.Module]:
             "bnlab+relu": fused}  # fmt: skip
 
 
-def cases(name: str, shape, mode: str, compiled: list[tuple[str, str]], autocast: bool = False):
+def cases(
+    name: str,
+    shape,
+    mode: str,
+    compiled: list[tuple[str, str]],
+    autocast: bool = False,
+    channels_last: bool = False,
+):
     """{case name: a callable running one step}: every variant eagerly, and the compiled
     ``(variant, form)`` pairs; with ``autocast`` the forward runs under
     ``torch.autocast("cpu", torch.bfloat16)`` (bfloat16 convolution outputs, so every BN layer
-    gets a bfloat16 input and keeps float32 parameters)."""
+    gets a bfloat16 input and keeps float32 parameters); with ``channels_last`` the models and
+    the input are in that memory format."""
     torch.manual_seed(1)
-    x = torch.randn(shape)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    x = torch.randn(shape).contiguous(memory_format=fmt)
     target = torch.randint(0, 10, (shape[0],))
     out = {}
     for variant, model in variants(name).items():
         model.train(mode == "train")
         settings = [("eager", None)] + [("compiled", f) for v, f in compiled if v == variant]
         for how, form in settings:
-            net = copy.deepcopy(model)
+            net = copy.deepcopy(model).to(memory_format=fmt)
             run_net = torch.compile(net) if how == "compiled" else net
             opt = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9)
             label = f"{variant} {how}" + (f" {form}" if form and variant != "torch" else "")
@@ -105,6 +117,8 @@ def main(argv=None) -> None:
                    help="compiled cases, variant[:form] comma-separated ('' for eager only)")
     p.add_argument("--autocast", action="store_true",
                    help="run the forward under torch.autocast('cpu', torch.bfloat16)")
+    p.add_argument("--channels-last", action="store_true",
+                   help="models and input in channels_last memory format")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     import numba
@@ -121,6 +135,7 @@ def main(argv=None) -> None:
     ops.set_compile_form("auto")
     print(f"torch {torch.__version__}, threads={torch.get_num_threads()} (numba "
           f"{numba.get_num_threads()}), {'bf16 autocast' if args.autocast else 'float32'}, "
+          f"{'channels_last' if args.channels_last else 'contiguous'}, "
           f"median of {args.rounds} interleaved rounds (shuffled order), "
           "ms; ratio = torch's time in the same setting / this case's time")  # fmt: skip
     print("| model | step | case | ms | torch / case |")
@@ -128,7 +143,8 @@ def main(argv=None) -> None:
     shapes = {"resnet20": (args.batch20, 3, 32, 32), "resnet18": (args.batch18, 3, 112, 112)}
     for name in args.models.split(","):
         for mode in ("train", "eval"):
-            r = measure(cases(name, shapes[name], mode, compiled, args.autocast), args.rounds)
+            steps = cases(name, shapes[name], mode, compiled, args.autocast, args.channels_last)
+            r = measure(steps, args.rounds)
             for label, ms in r.items():
                 key = "torch compiled" if "compiled" in label else "torch eager"
                 ref = r.get(key, float("nan"))
