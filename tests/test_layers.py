@@ -526,6 +526,49 @@ def test_short_inference_path_sees_every_change_of_state(backend):
     check(inp=x.double())
 
 
+def test_short_inference_path_reads_every_dense_layout(backend):
+    """The short inference path hands the loops the addresses of x and y: inputs with a storage
+    offset, size-1 dimensions of any stride, and channels innermost at every rank (a 3-D input
+    in (N, L, C) memory order too) give exactly the general path's output, with x's strides and
+    torch's values; a strided input that is not dense is left to the general path."""
+    from bnlab import backend as B
+
+    torch.manual_seed(0)
+    cl = torch.randn(3, 4, 5, 6).contiguous(memory_format=torch.channels_last) * 2 + 1
+    dense = [
+        (torch.randn(3, 4, 5, 6) * 2 + 1)[1:],  # storage offset
+        cl[1:],  # channels_last with a storage offset
+        torch.randn(2, 4, 1, 5).as_strided((2, 4, 1, 5), (20, 5, 7, 1)),  # size-1 dim, stride 7
+        cl[:1].as_strided((1, 4, 5, 6), (999, 1, 24, 4)),  # batch of one, any batch stride
+        torch.randn(3, 7, 4).transpose(1, 2) * 2 + 1,  # (N, C, L) with channels innermost
+        (torch.randn(5, 4) * 2 + 1)[1:],  # dense (N, C) with an offset
+    ]
+    not_dense = [cl[:, :, :, :4], torch.randn(2, 7, 5)[:, :, :4].transpose(1, 2)]
+    for x in dense + not_dense:
+        c = x.shape[1]
+        ours = bnlab.BatchNorm2d(c) if x.dim() == 4 else bnlab.BatchNorm1d(c)
+        ref = torch.nn.BatchNorm2d(c) if x.dim() == 4 else torch.nn.BatchNorm1d(c)
+        with torch.no_grad():
+            ours.running_mean.normal_()
+            ours.running_var.uniform_(0.5, 2)
+            ours.weight.normal_()
+            ours.bias.normal_()
+        ref.load_state_dict(ours.state_dict())
+        ours.eval(), ref.eval()
+        with torch.no_grad():
+            y = ours(x)
+            torch.testing.assert_close(y, ref(x), **tol(x.dtype))
+            general = B.eval_forward(x, ours.running_mean, ours.running_var, ours.weight,
+                                     ours.bias, ours.eps)[1]  # fmt: skip
+            assert torch.equal(y, general)
+            short = ours._eval_fast(x)
+            if backend == "auto" and any(x is d for d in dense):
+                assert short is not None and torch.equal(short, general)
+                assert short.stride() == x.stride()
+            else:
+                assert short is None
+
+
 def test_short_inference_path_declines_what_it_does_not_take(backend):
     """Calls the short inference path leaves to the general one (which checks them, raises
     or records a graph): training mode, an autograd graph to record, strides that are neither

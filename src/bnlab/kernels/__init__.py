@@ -381,6 +381,20 @@ def _fast_params(dt, c, running_mean, running_var, weight, bias, views):
     return arrays
 
 
+def _channels_last_dense(shape, strides) -> bool:
+    """Whether a tensor of ``shape`` and ``strides`` (at least 3 dimensions) is dense with its
+    channels innermost, then its spatial dimensions last to first, then the batch (the memory
+    order of ``torch.channels_last``, for any rank); like torch, the strides of size-1
+    dimensions are not looked at."""
+    expected = 1
+    for d in (1, *range(len(shape) - 1, 1, -1), 0):
+        if shape[d] != 1:
+            if strides[d] != expected:
+                return False
+            expected *= shape[d]
+    return True
+
+
 def eval_forward_fast(
     x: Tensor,
     running_mean: Tensor,
@@ -402,7 +416,9 @@ def eval_forward_fast(
 
     An inference layer runs between other layers, which leave the caches full of their own
     data and code: there every step of the Python path costs many times what it costs in a
-    loop of calls, so the common call takes as few as possible."""
+    loop of calls, so the common call takes as few as possible. x and y go to the loop as
+    addresses (:func:`bnlab.kernels._numba.eval_fwd_at`), checked here to be dense in the
+    loop's layout: y is made with x's strides, and both stay referenced for the call."""
     dt = x.dtype
     if dt in _NP:
         pdt = dt  # the statistics' and parameters' dtype, and the computation's
@@ -410,23 +426,31 @@ def eval_forward_fast(
         pdt = torch.float32
     else:
         return None
-    if x.dim() < 2:
+    shape = x.shape
+    if len(shape) < 2 or not x.is_cpu:
         return None
-    c = x.shape[1]
-    if x.numel() == 0:
+    numel = x.numel()
+    if numel == 0:
+        return None
+    c = shape[1]
+    if x.is_contiguous():  # (N, C, S), or (N, C) rows where S is 1
+        rows = shape[0]
+        s = numel // (rows * c)
+    elif len(shape) > 2 and _channels_last_dense(shape, x.stride()):  # (M, C) rows
+        rows, s = numel // c, 1
+    else:
         return None
     try:
         p = _fast_params(pdt, c, running_mean, running_var, weight, bias, views)
-        if p is None:
-            return None
-        xa, kind, y, ya = _arrays(x)  # (TypeError off the CPU or for strides the loops refuse)
-    except (TypeError, RuntimeError):
+    except (TypeError, RuntimeError):  # (a parameter off the CPU)
         return None
-    stats = np.empty((3, c), _NP[pdt])
-    k = compiled()
-    fn = k.eval_fwd_ncs if kind == "ncs" else k.eval_fwd_mc
-    fn(xa, p[0], p[1], p[2], p[3], weight is not None, bias is not None, float(eps), bool(relu),
-       ya, stats)  # fmt: skip
+    if p is None:
+        return None
+    y = _empty_like(x)  # (x's strides: x is dense, so empty_like keeps them)
+    compiled().eval_fwd_at(
+        x.data_ptr(), y.data_ptr(), rows, c, s, p[0], p[1], p[2], p[3], weight is not None,
+        bias is not None, float(eps), bool(relu), _NONE[dt],
+    )  # fmt: skip
     return y
 
 
@@ -544,6 +568,7 @@ def warm_up() -> None:
                 batch_norm_train_backward(y, x, mean, inv, w, y=y)
                 ye, inv = batch_norm_eval_forward(x, mean, inv, w, None, 1e-5)
                 batch_norm_eval_backward(ye, x, mean, inv, w)
+                eval_forward_fast(x, mean, inv, w, None, 1e-5, False)
         rm, rv = torch.zeros(3, dtype=cdt), torch.ones(3, dtype=cdt)
         commit_batch_stats(mean, inv, rm, rv, torch.tensor(0), None, 4, True)
     # run the parallel loops once (above SERIAL_MAX values): starts Numba's thread pool

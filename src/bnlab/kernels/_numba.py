@@ -62,7 +62,7 @@ import math
 import numba
 import numpy as np
 from llvmlite import ir
-from numba import njit, prange
+from numba import carray, njit, prange
 from numba.core import cgutils, types
 from numba.extending import intrinsic, overload
 
@@ -78,6 +78,7 @@ __all__ = [
     "use_serial",
     "mc_rows_per_chunk",
     "follow_threads",
+    "eval_fwd_at",
 ]
 
 
@@ -608,6 +609,36 @@ def eval_fwd_mc(x, rm, rv, w, b, has_w, has_b, eps, relu, y, stats):
     """Inference forward on (M, C) with population statistics (Algorithm 2)."""
     _eval_coef(rm, rv, w, b, has_w, has_b, eps, stats)
     _mc_norm(x, stats[1:3], relu, y)
+
+
+@intrinsic
+def _at(typingctx, address, like):
+    """A pointer to elements of ``like``'s dtype at the integer ``address``."""
+    if not isinstance(address, types.Integer) or not isinstance(like, types.Array):
+        return None
+    sig = types.CPointer(like.dtype)(address, like)
+
+    def codegen(context, builder, sig, args):
+        return builder.inttoptr(args[0], context.get_value_type(sig.return_type))
+
+    return sig, codegen
+
+
+@njit(**_SERIAL)
+def eval_fwd_at(xp, yp, rows, C, S, rm, rv, w, b, has_w, has_b, eps, relu, like):
+    """:func:`eval_fwd_ncs` (``S > 1``: ``rows`` = N) or :func:`eval_fwd_mc` (``S == 1``:
+    ``rows`` = M) on the tensors at addresses ``xp`` and ``yp``: each ``rows * C * S``
+    elements of ``like``'s dtype, dense in that layout, the caller's to keep alive for the call
+    and to have checked. Taking addresses rather than arrays saves the caller making two numpy
+    views and reshaping them, which inside a model is most of a small call's cost."""
+    stats = np.empty((3, C), rm.dtype)
+    _eval_coef(rm, rv, w, b, has_w, has_b, eps, stats)
+    if S > 1:
+        _ncs_norm(carray(_at(xp, like), (rows, C, S)), stats[1:3], relu,
+                  carray(_at(yp, like), (rows, C, S)))  # fmt: skip
+    else:
+        _mc_norm(carray(_at(xp, like), (rows, C)), stats[1:3], relu,
+                 carray(_at(yp, like), (rows, C)))  # fmt: skip
 
 
 # ----------------------------------------------------------------------------------- backward
