@@ -19,14 +19,15 @@ bfloat16 tensor of those layouts is taken too, with float32 parameters and stati
 backend's ``fused32`` path): read and written as it is, computed in float32, with float32
 statistics and parameter gradients; its ``dy`` and ``y`` are bfloat16 as well.
 
-The wrappers here convert tensors to numpy views on every call. A caller that runs the same
-shapes many times may keep its own views and call the compiled loops themselves
-(:func:`compiled`, whose contracts are in :mod:`bnlab.kernels._numba`).
+The wrappers here hand the loops the addresses of the large tensors (x, y, dy, dx), after
+checking that each is dense in the loop's layout (:func:`_layout`; outputs are made with x's
+strides), and numpy views of the (C,) ones; the ``*_at`` loops of :mod:`bnlab.kernels._numba`
+read them as arrays. A caller that runs the same shapes many times may call the compiled loops
+themselves (:func:`compiled`, whose contracts are in :mod:`bnlab.kernels._numba`).
 """
 
 from __future__ import annotations
 
-import math
 import threading
 
 import numpy as np
@@ -86,20 +87,33 @@ def compiled():
 _loops = None  # bnlab.kernels._numba once imported (compiled)
 
 
-def _kernel_view(t: Tensor) -> tuple[Tensor, str] | None:
-    """A copy-free view of ``t`` as ``(N, C, S)`` ("ncs") or ``(M, C)`` ("mc"), or None."""
-    if t.dim() == 2 and t.is_contiguous():  # the dense case first: no view to make
-        return t, "mc"
-    n, c = t.shape[0], t.shape[1]
-    if t.is_contiguous():
-        s = math.prod(t.shape[2:])
-        if s == 1:
-            return t.view(n, c), "mc"
-        return t.view(n, c, s), "ncs"
-    if t.dim() >= 3:
-        p = t.permute(0, *range(2, t.dim()), 1)  # channels last in memory?
-        if p.is_contiguous():
-            return p.view(-1, c), "mc"
+def _channels_last_dense(shape, strides) -> bool:
+    """Whether a tensor of ``shape`` and ``strides`` (at least 3 dimensions) is dense with its
+    channels innermost, then its spatial dimensions last to first, then the batch (the memory
+    order of ``torch.channels_last``, for any rank); like torch, the strides of size-1
+    dimensions are not looked at."""
+    expected = 1
+    for d in (1, *range(len(shape) - 1, 1, -1), 0):
+        if shape[d] != 1:
+            if strides[d] != expected:
+                return False
+            expected *= shape[d]
+    return True
+
+
+def _layout(x: Tensor) -> tuple[int, int, int] | None:
+    """``(rows, C, S)``: x (at least 2 dimensions, at least one value) dense as ``(N, C, S)``
+    with ``S > 1`` (contiguous: ``rows`` = N), or as ``(M, C)`` rows with ``S == 1``
+    (contiguous with one value per (n, c), or channels innermost: ``rows`` = M); None for any
+    other strides. The layouts of the loops (:mod:`bnlab.kernels._numba`), which take x's
+    address: a tensor made by ``empty_like(x)`` has x's strides, so the same layout."""
+    shape = x.shape
+    c = shape[1]
+    if x.is_contiguous():
+        n = shape[0]
+        return n, c, x.numel() // (n * c)
+    if len(shape) > 2 and _channels_last_dense(shape, x.stride()):
+        return x.numel() // c, c, 1
     return None
 
 
@@ -124,7 +138,7 @@ def layout_reason(x: Tensor) -> str | None:
     """Why the kernels cannot take ``x``'s shape and strides (whatever its dtype), or None."""
     if x.dim() < 2 or x.numel() == 0:
         return f"shape {tuple(x.shape)} (need (N, C, ...) with N*C > 0)"
-    if not x.is_contiguous() and _kernel_view(x) is None:  # (contiguous: always a view)
+    if _layout(x) is None:
         return f"strides {x.stride()} (contiguous or channels_last only)"
     return None
 
@@ -238,28 +252,13 @@ def _empty_like(x: Tensor) -> Tensor:
     return y
 
 
-def _arrays(x: Tensor, out: bool = True):
-    """``(xa, kind, y, ya)``: x as a numpy array in its kernel layout ("ncs" or "mc"), and a new
-    tensor ``y`` like x (same strides) with its numpy view in the same layout (None, None
-    without ``out``). For a contiguous x the layout is made by numpy reshapes, which cost less
-    than torch views and are views themselves: a C-contiguous array always reshapes in place,
-    and a torch-contiguous tensor's array is C-contiguous whatever the strides of its size-1
-    dimensions (numpy ignores them, as torch does)."""
-    if x.is_contiguous():
-        y = _empty_like(x) if out else None  # (x's strides, size-1 dimensions' too)
-        xa = _np(x)
-        ya = None if y is None else _np(y)
-        if x.dim() == 2:
-            return xa, "mc", y, ya
-        n, c = x.shape[0], x.shape[1]
-        s = xa.size // (n * c)
-        shape, kind = ((n, c), "mc") if s == 1 else ((n, c, s), "ncs")
-        return xa.reshape(shape), kind, y, None if y is None else ya.reshape(shape)
-    xv, kind = _kernel_view(x)
-    if not out:
-        return _np(xv), kind, None, None
-    y = _empty_like(x)
-    return _np(xv), kind, y, _np(_kernel_view(y)[0])
+def _checked_layout(x: Tensor) -> tuple[int, int, int]:
+    """:func:`_layout` of an input the kernels take; a ValueError naming the strides for any
+    other (the loops read the tensors by address, so nothing else may reach them)."""
+    lay = _layout(x) if x.dim() >= 2 and x.numel() > 0 else None
+    if lay is None:
+        raise ValueError(f"fused kernels: {layout_reason(x)}")
+    return lay
 
 
 def _vec(t: Tensor):
@@ -268,11 +267,14 @@ def _vec(t: Tensor):
 
 
 def _like(t: Tensor, x: Tensor) -> Tensor:
-    """``t`` with exactly x's strides (a copy only if they differ, e.g. an expanded dy)."""
-    if t.stride() == x.stride():
+    """``t`` (x's shape) with exactly x's strides and dtype, so x's layout: a copy only if they
+    differ (an expanded dy, say)."""
+    if t.stride() == x.stride() and t.dtype == x.dtype and t.is_cpu:
         return t
     return _empty_like(x).copy_(t)
 
+
+_NO_STATS = {t: np.empty((0, 0), d) for t, d in _NP.items()}  # (see eval_fwd_at)
 
 _NONE = {
     torch.float32: np.empty(0, np.float32),
@@ -295,13 +297,14 @@ def batch_norm_train_forward(
     statistics in x's dtype (float32 for a bfloat16 x), ``var`` biased. With ``relu``,
     ``y = max(BN(x), 0)``."""
     k = compiled()
-    xa, kind, y, ya = _arrays(x)
+    rows, c, s = _checked_layout(x)
+    y = _empty_like(x)
     cdt = _compute(x.dtype)
-    stats = np.empty((5, x.shape[1]), _NP[cdt])  # mean, var, invstd, 2 coefficients
+    stats = np.empty((5, c), _NP[cdt])  # mean, var, invstd, 2 coefficients
     w, has_w = _param(weight, cdt)
     b, has_b = _param(bias, cdt)
-    fn = k.train_fwd_ncs if kind == "ncs" else k.train_fwd_mc
-    fn(xa, w, b, has_w, has_b, float(eps), bool(relu), ya, stats)
+    k.train_fwd_at(x.data_ptr(), y.data_ptr(), rows, c, s, w, b, has_w, has_b, float(eps),
+                   bool(relu), stats, _NONE[x.dtype])  # fmt: skip
     f = torch.from_numpy
     return y, f(stats[0]), f(stats[1]), f(stats[2])
 
@@ -318,15 +321,15 @@ def batch_norm_eval_forward(
     """Algorithm 2, fused: ``y = (x - E[x]) * gamma / sqrt(Var[x] + eps) + beta`` in one pass.
     Returns ``(y, invstd)``."""
     k = compiled()
-    xa, kind, y, ya = _arrays(x)
+    rows, c, s = _checked_layout(x)
+    y = _empty_like(x)
     cdt = _compute(x.dtype)
-    stats = np.empty((3, x.shape[1]), _NP[cdt])  # invstd, 2 coefficients
     w, has_w = _param(weight, cdt)
     b, has_b = _param(bias, cdt)
-    fn = k.eval_fwd_ncs if kind == "ncs" else k.eval_fwd_mc
-    fn(
-        xa, _vec(running_mean), _vec(running_var), w, b, has_w, has_b, float(eps), bool(relu),
-        ya, stats,
+    stats = np.empty((3, c), _NP[cdt])  # invstd, 2 coefficients
+    k.eval_fwd_at(
+        x.data_ptr(), y.data_ptr(), rows, c, s, _vec(running_mean), _vec(running_var), w, b,
+        has_w, has_b, float(eps), bool(relu), stats, _NONE[x.dtype],
     )  # fmt: skip
     return y, torch.from_numpy(stats[0])
 
@@ -381,20 +384,6 @@ def _fast_params(dt, c, running_mean, running_var, weight, bias, views):
     return arrays
 
 
-def _channels_last_dense(shape, strides) -> bool:
-    """Whether a tensor of ``shape`` and ``strides`` (at least 3 dimensions) is dense with its
-    channels innermost, then its spatial dimensions last to first, then the batch (the memory
-    order of ``torch.channels_last``, for any rank); like torch, the strides of size-1
-    dimensions are not looked at."""
-    expected = 1
-    for d in (1, *range(len(shape) - 1, 1, -1), 0):
-        if shape[d] != 1:
-            if strides[d] != expected:
-                return False
-            expected *= shape[d]
-    return True
-
-
 def eval_forward_fast(
     x: Tensor,
     running_mean: Tensor,
@@ -426,20 +415,12 @@ def eval_forward_fast(
         pdt = torch.float32
     else:
         return None
-    shape = x.shape
-    if len(shape) < 2 or not x.is_cpu:
+    if x.dim() < 2 or not x.is_cpu or x.numel() == 0:
         return None
-    numel = x.numel()
-    if numel == 0:
+    lay = _layout(x)
+    if lay is None:
         return None
-    c = shape[1]
-    if x.is_contiguous():  # (N, C, S), or (N, C) rows where S is 1
-        rows = shape[0]
-        s = numel // (rows * c)
-    elif len(shape) > 2 and _channels_last_dense(shape, x.stride()):  # (M, C) rows
-        rows, s = numel // c, 1
-    else:
-        return None
+    rows, c, s = lay
     try:
         p = _fast_params(pdt, c, running_mean, running_var, weight, bias, views)
     except (TypeError, RuntimeError):  # (a parameter off the CPU)
@@ -449,26 +430,27 @@ def eval_forward_fast(
     y = _empty_like(x)  # (x's strides: x is dense, so empty_like keeps them)
     compiled().eval_fwd_at(
         x.data_ptr(), y.data_ptr(), rows, c, s, p[0], p[1], p[2], p[3], weight is not None,
-        bias is not None, float(eps), bool(relu), _NONE[dt],
+        bias is not None, float(eps), bool(relu), _NO_STATS[pdt], _NONE[dt],
     )  # fmt: skip
     return y
 
 
 def _backward(dy, x, mean, invstd, weight, need_dx, need_dparams, y, train):
     k = compiled()
-    xa, kind, dx, dxa = _arrays(x, out=need_dx)
-    dya = _arrays(_like(dy, x), out=False)[0]
-    ya = xa if y is None else _arrays(_like(y, x), out=False)[0]
-    if dxa is None:
-        dxa = _NONE[x.dtype].reshape((0,) * xa.ndim)
+    rows, c, s = _checked_layout(x)
+    dy = _like(dy, x)  # (x's layout, so the loops may read it by address)
+    if y is not None:
+        y = _like(y, x)
+    dx = _empty_like(x) if need_dx else None
     need_sums = need_dparams and weight is not None
     cdt = _compute(x.dtype)
-    grads = np.empty((2, x.shape[1]), _NP[cdt])  # dgamma, dbeta
+    grads = np.empty((2, c), _NP[cdt])  # dgamma, dbeta
     w, has_w = _param(weight, cdt)
-    fn = k.backward_ncs if kind == "ncs" else k.backward_mc
-    fn(
-        dya, xa, ya, y is not None, _vec(mean), _vec(invstd), w, has_w, train, need_sums,
-        need_dx, dxa, grads,
+    xp = x.data_ptr()
+    k.backward_at(
+        dy.data_ptr(), xp, xp if y is None else y.data_ptr(), y is not None, rows, c, s,
+        _vec(mean), _vec(invstd), w, has_w, train, need_sums, 0 if dx is None else dx.data_ptr(),
+        grads, _NONE[x.dtype],
     )  # fmt: skip
     if not need_sums:
         return dx, None, None

@@ -78,7 +78,9 @@ __all__ = [
     "use_serial",
     "mc_rows_per_chunk",
     "follow_threads",
+    "train_fwd_at",
     "eval_fwd_at",
+    "backward_at",
 ]
 
 
@@ -205,6 +207,20 @@ def _prefetch(typingctx, a, i):
         return context.get_dummy_value()
 
     return types.void(a, i), codegen
+
+
+@intrinsic
+def _at(typingctx, address, like):
+    """A pointer to elements of ``like``'s dtype at the integer ``address``: the ``*_at``
+    kernels take the large tensors as addresses (see :func:`train_fwd_at`)."""
+    if not isinstance(address, types.Integer) or not isinstance(like, types.Array):
+        return None
+    sig = types.CPointer(like.dtype)(address, like)
+
+    def codegen(context, builder, sig, args):
+        return builder.inttoptr(args[0], context.get_value_type(sig.return_type))
+
+    return sig, codegen
 
 
 # Rows per chunk for the (M, C) layout: at most 64 chunks (enough for any thread count here),
@@ -585,6 +601,21 @@ def train_fwd_mc(x, w, b, has_w, has_b, eps, relu, y, stats):
     _mc_norm(x, stats[3:5], relu, y)
 
 
+@njit(**_SERIAL)
+def train_fwd_at(xp, yp, rows, C, S, w, b, has_w, has_b, eps, relu, stats, like):
+    """:func:`train_fwd_ncs` (``S > 1``: ``rows`` = N) or :func:`train_fwd_mc` (``S == 1``:
+    ``rows`` = M) on the tensors at the addresses ``xp`` and ``yp``: each ``rows * C * S``
+    elements of ``like``'s dtype, dense in that layout, which the caller has checked and keeps
+    alive for the call. Addresses rather than arrays save the caller two numpy views and their
+    reshapes per tensor, which inside a model cost a small call more than its loops do."""
+    if S > 1:
+        train_fwd_ncs(carray(_at(xp, like), (rows, C, S)), w, b, has_w, has_b, eps, relu,
+                      carray(_at(yp, like), (rows, C, S)), stats)  # fmt: skip
+    else:
+        train_fwd_mc(carray(_at(xp, like), (rows, C)), w, b, has_w, has_b, eps, relu,
+                     carray(_at(yp, like), (rows, C)), stats)  # fmt: skip
+
+
 # ----------------------------------------------------------------------------------- inference
 @njit(**_SERIAL)
 def _eval_coef(rm, rv, w, b, has_w, has_b, eps, stats):
@@ -611,27 +642,13 @@ def eval_fwd_mc(x, rm, rv, w, b, has_w, has_b, eps, relu, y, stats):
     _mc_norm(x, stats[1:3], relu, y)
 
 
-@intrinsic
-def _at(typingctx, address, like):
-    """A pointer to elements of ``like``'s dtype at the integer ``address``."""
-    if not isinstance(address, types.Integer) or not isinstance(like, types.Array):
-        return None
-    sig = types.CPointer(like.dtype)(address, like)
-
-    def codegen(context, builder, sig, args):
-        return builder.inttoptr(args[0], context.get_value_type(sig.return_type))
-
-    return sig, codegen
-
-
 @njit(**_SERIAL)
-def eval_fwd_at(xp, yp, rows, C, S, rm, rv, w, b, has_w, has_b, eps, relu, like):
-    """:func:`eval_fwd_ncs` (``S > 1``: ``rows`` = N) or :func:`eval_fwd_mc` (``S == 1``:
-    ``rows`` = M) on the tensors at addresses ``xp`` and ``yp``: each ``rows * C * S``
-    elements of ``like``'s dtype, dense in that layout, the caller's to keep alive for the call
-    and to have checked. Taking addresses rather than arrays saves the caller making two numpy
-    views and reshaping them, which inside a model is most of a small call's cost."""
-    stats = np.empty((3, C), rm.dtype)
+def eval_fwd_at(xp, yp, rows, C, S, rm, rv, w, b, has_w, has_b, eps, relu, stats, like):
+    """:func:`eval_fwd_ncs` / :func:`eval_fwd_mc` on the tensors at addresses ``xp``, ``yp``
+    (see :func:`train_fwd_at`); ``stats`` (3, C) as there, or an empty (0, 0) array when the
+    caller does not need them (made here then, which costs less than in Python)."""
+    if stats.shape[0] == 0:
+        stats = np.empty((3, C), rm.dtype)
     _eval_coef(rm, rv, w, b, has_w, has_b, eps, stats)
     if S > 1:
         _ncs_norm(carray(_at(xp, like), (rows, C, S)), stats[1:3], relu,
@@ -887,6 +904,24 @@ def backward_mc(dy, x, y, relu, mean, invstd, w, has_w, train, need_sums, need_d
             _mc_dx(dy, x, y, relu, t, dx, 0, M)
         else:
             _mc_dx_par(dy, x, y, relu, t, dx, R)
+
+
+@njit(**_SERIAL)
+def backward_at(dyp, xp, yp, relu, rows, C, S, mean, invstd, w, has_w, train, need_sums, dxp,
+                grads, like):  # fmt: skip
+    """:func:`backward_ncs` / :func:`backward_mc` on the tensors at the addresses ``dyp``,
+    ``xp``, ``yp`` (the fused ReLU's output; x's address without it) and ``dxp`` (0: no dx),
+    as :func:`train_fwd_at` takes them."""
+    n = rows if dxp != 0 else 0  # (no dx: an empty array, never read)
+    if S > 1:
+        shape = (rows, C, S)
+        backward_ncs(carray(_at(dyp, like), shape), carray(_at(xp, like), shape),
+                     carray(_at(yp, like), shape), relu, mean, invstd, w, has_w, train,
+                     need_sums, dxp != 0, carray(_at(dxp, like), (n, C, S)), grads)  # fmt: skip
+    else:
+        backward_mc(carray(_at(dyp, like), (rows, C)), carray(_at(xp, like), (rows, C)),
+                    carray(_at(yp, like), (rows, C)), relu, mean, invstd, w, has_w, train,
+                    need_sums, dxp != 0, carray(_at(dxp, like), (n, C)), grads)  # fmt: skip
 
 
 # ----------------------------------------------------------------------------- running statistics
