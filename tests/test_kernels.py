@@ -526,6 +526,33 @@ def test_resnet20_fused_relu_matches_unfused():
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
 
+def test_kernel_calls_refuse_what_the_loops_cannot_read():
+    """The kernels hand the loops tensor addresses, so a call with a tensor off the CPU (meta
+    here), of another dtype or of strides the loops do not read raises a ValueError naming it,
+    before any loop runs; a dy of other strides or dtype is brought to x's."""
+    x = torch.randn(4, 3, 5, 5)
+    w = torch.ones(3)
+    for bad, what in [
+        (x.to("meta"), "meta"),
+        (x.half(), "float16"),
+        (x.transpose(2, 3), "strides"),
+        (x[:, :, :, :3].contiguous(memory_format=torch.channels_last)[:, :, :2], "strides"),
+    ]:
+        with pytest.raises(ValueError, match=what):
+            K.batch_norm_train_forward(bad, w, w, 1e-5)
+        with pytest.raises(ValueError, match=what):
+            K.batch_norm_eval_forward(bad, w, w, w, w, 1e-5)
+        with pytest.raises(ValueError, match=what):
+            K.batch_norm_train_backward(x, bad, w, w, w)
+    _, mean, _, invstd = K.batch_norm_train_forward(x, w, w, 1e-5)
+    g = torch.randn(1, 3, 1, 5).expand(4, 3, 5, 5)  # (stride 0 along two dimensions)
+    want = K.batch_norm_train_backward(g.contiguous(), x, mean, invstd, w)
+    for dy in (g, g.double(), g.contiguous(memory_format=torch.channels_last)):
+        got = K.batch_norm_train_backward(dy, x, mean, invstd, w)
+        for a, b in zip(got, want, strict=True):
+            torch.testing.assert_close(a, b)
+
+
 def test_warm_up_compiles_every_kernel():
     """warm_up() compiles (or loads) the kernels a layer can reach, so that processes started
     after it (distributed ranks) do not compile them concurrently: each public kernel then has

@@ -253,8 +253,12 @@ def _empty_like(x: Tensor) -> Tensor:
 
 
 def _checked_layout(x: Tensor) -> tuple[int, int, int]:
-    """:func:`_layout` of an input the kernels take; a ValueError naming the strides for any
-    other (the loops read the tensors by address, so nothing else may reach them)."""
+    """:func:`_layout` of an input the kernels take (a CPU float32, float64 or bfloat16 tensor
+    of a dense layout); a ValueError naming what is wrong for any other: the loops read the
+    tensors by address, so nothing else may reach them."""
+    if not x.is_cpu or x.dtype not in _NONE:
+        raise ValueError(f"fused kernels: a {x.dtype} tensor on {x.device} (CPU float32, "
+                         "float64 or bfloat16 only)")  # fmt: skip
     lay = _layout(x) if x.dim() >= 2 and x.numel() > 0 else None
     if lay is None:
         raise ValueError(f"fused kernels: {layout_reason(x)}")
