@@ -178,11 +178,11 @@ _SERIAL = dict(cache=True, fastmath=_FM, nogil=True)
 
 # Software prefetch. The channels_last statistics of narrow layers do two float64 multiply-adds
 # per value read and load and store their accumulators every sweep; with their input out of the
-# caches the hardware prefetchers did not keep that loop fed (on Zen 5 it read at a third to half
-# the speed of a plain read of the same bytes). So it names each line it will read
-# ``_AHEAD_BYTES`` ahead of its sweep (``_prefetch``: a hint, which changes no value and cannot
-# fault). Where the data is in the caches already the hints are pure cost, a few percent there
-# (figures in docs/kernels.md). The other passes do less per value and kept up without them.
+# caches the hardware prefetchers did not keep that loop fed, and it read far below a plain
+# read's speed. So it names each line it will read ``_AHEAD_BYTES`` ahead of its sweep
+# (``_prefetch``: a hint, which changes no value and cannot fault). Where the data is in the
+# caches already the hints are pure cost, a small one (figures in docs/kernels.md). The other
+# passes did not gain from them.
 _AHEAD_BYTES = 4096
 _LINE_BYTES = 64
 
