@@ -569,6 +569,39 @@ def test_short_inference_path_reads_every_dense_layout(backend):
                 assert short is None
 
 
+@pytest.mark.parametrize("fmt", ["contiguous", "channels_last"])
+def test_negative_views_get_torchs_answer(fmt, backend):
+    """A negative view (``torch._neg_view``: memory holding -x, read as x) as input, upstream
+    gradient or parameter gets torch's outputs, gradients and running statistics: the kernels,
+    which read memory as it is, never see one (such a call takes the reference path, a dy is
+    copied first)."""
+    torch.manual_seed(0)
+    shape = (4, 3, 5, 6)
+    ours, ref = make_pair(shape)
+    _random_state(ours, ref)
+    base = to_format(torch.randn(shape) * 2 + 1, fmt)
+    g = to_format(torch.randn(shape), fmt)
+    for negative_input in (True, False):  # (a plain input: the kernels' backward gets the dy)
+        make = torch._neg_view if negative_input else torch.clone
+        xs = [make(base.clone()).requires_grad_() for _ in range(2)]
+        ys = [layer(x) for layer, x in zip((ours, ref), xs, strict=True)]
+        torch.testing.assert_close(ys[0], ys[1], **tol(base.dtype))
+        for layer, y in zip((ours, ref), ys, strict=True):
+            layer.zero_grad()
+            y.backward(torch._neg_view(g.clone()))
+        torch.testing.assert_close(xs[0].grad, xs[1].grad, **tol(base.dtype))
+        torch.testing.assert_close(ours.weight.grad, ref.weight.grad, **tol(base.dtype))
+        torch.testing.assert_close(ours.running_mean, ref.running_mean, **tol(base.dtype))
+        torch.testing.assert_close(ours.running_var, ref.running_var, **tol(base.dtype))
+    ours.eval(), ref.eval()
+    with torch.no_grad():
+        n = torch._neg_view(base.clone())
+        torch.testing.assert_close(ours(n), ref(n), **tol(base.dtype))
+        for layer in (ours, ref):
+            layer.weight.data = torch._neg_view(layer.weight.data.clone())
+        torch.testing.assert_close(ours(base), ref(base), **tol(base.dtype))
+
+
 def test_short_inference_path_declines_what_it_does_not_take(backend):
     """Calls the short inference path leaves to the general one (which checks them, raises
     or records a graph): training mode, an autograd graph to record, strides that are neither

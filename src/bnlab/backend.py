@@ -127,6 +127,8 @@ def _upcast_reason(x: Tensor, params: tuple[Tensor | None, ...]) -> str | None:
     for p in params:
         if p is not None and (p.dtype not in (x.dtype, torch.float32) or not p.is_cpu):
             return f"a parameter/statistic of dtype {p.dtype} on {p.device}"
+        if p is not None and p.is_neg():
+            return "a parameter/statistic that is a negative view"
     return K.layout_reason(x)
 
 

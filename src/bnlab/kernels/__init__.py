@@ -131,13 +131,20 @@ def unsupported_reason(x: Tensor, *params: Tensor | None) -> str | None:
                 f"a parameter/statistic of dtype {p.dtype} on {p.device} for an input of "
                 f"dtype {dtype} on the CPU"
             )
+        if p is not None and p.is_neg():
+            return f"a parameter/statistic that is {_NEG}"
     return layout_reason(x)
+
+
+_NEG = "a negative view (torch._neg_view: its memory holds -x, which the kernels would read)"
 
 
 def layout_reason(x: Tensor) -> str | None:
     """Why the kernels cannot take ``x``'s shape and strides (whatever its dtype), or None."""
     if x.dim() < 2 or x.numel() == 0:
         return f"shape {tuple(x.shape)} (need (N, C, ...) with N*C > 0)"
+    if x.is_neg():
+        return f"an input that is {_NEG}"
     if _layout(x) is None:
         return f"strides {x.stride()} (contiguous or channels_last only)"
     return None
@@ -259,6 +266,8 @@ def _checked_layout(x: Tensor) -> tuple[int, int, int]:
     if not x.is_cpu or x.dtype not in _NONE:
         raise ValueError(f"fused kernels: a {x.dtype} tensor on {x.device} (CPU float32, "
                          "float64 or bfloat16 only)")  # fmt: skip
+    if x.is_neg():
+        raise ValueError(f"fused kernels: {_NEG}")
     lay = _layout(x) if x.dim() >= 2 and x.numel() > 0 else None
     if lay is None:
         raise ValueError(f"fused kernels: {layout_reason(x)}")
@@ -273,7 +282,7 @@ def _vec(t: Tensor):
 def _like(t: Tensor, x: Tensor) -> Tensor:
     """``t`` (x's shape) with exactly x's strides and dtype, so x's layout: a copy only if they
     differ (an expanded dy, say)."""
-    if t.stride() == x.stride() and t.dtype == x.dtype and t.is_cpu:
+    if t.stride() == x.stride() and t.dtype == x.dtype and t.is_cpu and not t.is_neg():
         return t
     return _empty_like(x).copy_(t)
 
@@ -419,7 +428,7 @@ def eval_forward_fast(
         pdt = torch.float32
     else:
         return None
-    if x.dim() < 2 or not x.is_cpu or x.numel() == 0:
+    if x.dim() < 2 or not x.is_cpu or x.numel() == 0 or x.is_neg():
         return None
     lay = _layout(x)
     if lay is None:
