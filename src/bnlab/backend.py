@@ -128,7 +128,7 @@ def _upcast_reason(x: Tensor, params: tuple[Tensor | None, ...]) -> str | None:
         if p is not None and (p.dtype not in (x.dtype, torch.float32) or not p.is_cpu):
             return f"a parameter/statistic of dtype {p.dtype} on {p.device}"
         if p is not None and p.is_neg():
-            return "a parameter/statistic that is a negative view"
+            return f"a parameter/statistic that is {K._NEG}"
     return K.layout_reason(x)
 
 

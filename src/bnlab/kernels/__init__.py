@@ -140,7 +140,8 @@ _NEG = "a negative view (torch._neg_view: its memory holds -x, which the kernels
 
 
 def layout_reason(x: Tensor) -> str | None:
-    """Why the kernels cannot take ``x``'s shape and strides (whatever its dtype), or None."""
+    """Why the kernels cannot take ``x``'s shape, strides or memory (whatever its dtype), or
+    None."""
     if x.dim() < 2 or x.numel() == 0:
         return f"shape {tuple(x.shape)} (need (N, C, ...) with N*C > 0)"
     if x.is_neg():
