@@ -602,6 +602,31 @@ def test_negative_views_get_torchs_answer(fmt, backend):
         torch.testing.assert_close(ours(base), ref(base), **tol(base.dtype))
 
 
+@pytest.mark.parametrize("shape", [SHAPES["2d"], SHAPES["3d"]], ids=["2d", "3d"])
+def test_mkldnn_inputs_get_torchs_answer(shape, backend):
+    """An MKL-DNN tensor, which torch's BatchNorm2d takes in training (gradients included) and
+    inference and BatchNorm3d in inference: the same output (an MKL-DNN tensor too), running
+    statistics and parameter gradients as torch's."""
+    torch.manual_seed(0)
+    ours, ref = make_pair(shape)
+    _random_state(ours, ref)
+    x = (torch.randn(shape) * 2 + 1).to_mkldnn()
+    if len(shape) == 4:  # (torch trains on 2-D MKL-DNN inputs only)
+        ys = [layer(x) for layer in (ours, ref)]
+        assert ys[0].layout == ys[1].layout == torch._mkldnn
+        torch.testing.assert_close(ys[0].to_dense(), ys[1].to_dense(), **tol(torch.float32))
+        for y in ys:
+            y.to_dense().square().sum().backward()
+        torch.testing.assert_close(ours.weight.grad, ref.weight.grad, **tol(torch.float32))
+        torch.testing.assert_close(ours.bias.grad, ref.bias.grad, **tol(torch.float32))
+        torch.testing.assert_close(ours.running_var, ref.running_var, **tol(torch.float32))
+    ours.eval(), ref.eval()
+    with torch.no_grad():
+        ys = [layer(x) for layer in (ours, ref)]
+    assert ys[0].layout == ys[1].layout == torch._mkldnn
+    torch.testing.assert_close(ys[0].to_dense(), ys[1].to_dense(), **tol(torch.float32))
+
+
 def test_short_inference_path_declines_what_it_does_not_take(backend):
     """Calls the short inference path leaves to the general one (which checks them, raises
     or records a graph): training mode, an autograd graph to record, strides that are neither

@@ -263,8 +263,17 @@ class _BatchNorm(nn.modules.batchnorm._BatchNorm):
         state.pop("_fast_views", None)
         return state
 
+    @torch.jit.unused
+    def _mkldnn_forward(self, x: Tensor) -> Tensor:
+        """The forward of an MKL-DNN tensor, which torch's layers take (training and inference,
+        gradients included) and which has no strides to compute on: through a dense copy, the
+        output converted back, as torch's layer returns it."""
+        return self.forward(x.to_dense()).to_mkldnn()
+
     def forward(self, input: Tensor) -> Tensor:
         if not torch.jit.is_scripting():
+            if type(input) is Tensor and input.is_mkldnn:  # (a Proxy or subclass: not one)
+                return self._mkldnn_forward(input)
             y = self._eval_fast(input)
             if y is not None:
                 return y
