@@ -260,16 +260,23 @@ def _empty_like(x: Tensor) -> Tensor:
     return y
 
 
+def _readable_layout(x: Tensor) -> tuple[int, int, int] | None:
+    """:func:`_layout` of a tensor whose memory the loops may read by address (on the CPU, at
+    least 2 dimensions and one value, not a negative view, dense in a loop layout), else None;
+    :func:`layout_reason` says why (or the device)."""
+    if not x.is_cpu or x.dim() < 2 or x.numel() == 0 or x.is_neg():
+        return None
+    return _layout(x)
+
+
 def _checked_layout(x: Tensor) -> tuple[int, int, int]:
-    """:func:`_layout` of an input the kernels take (a CPU float32, float64 or bfloat16 tensor
-    of a dense layout); a ValueError naming what is wrong for any other: the loops read the
-    tensors by address, so nothing else may reach them."""
+    """:func:`_readable_layout` of an input the kernels take (also a float32, float64 or
+    bfloat16 one); a ValueError naming what is wrong for any other: the loops read the tensors
+    by address, so nothing else may reach them."""
     if not x.is_cpu or x.dtype not in _NONE:
         raise ValueError(f"fused kernels: a {x.dtype} tensor on {x.device} (CPU float32, "
                          "float64 or bfloat16 only)")  # fmt: skip
-    if x.is_neg():
-        raise ValueError(f"fused kernels: {_NEG}")
-    lay = _layout(x) if x.dim() >= 2 and x.numel() > 0 else None
+    lay = _readable_layout(x)
     if lay is None:
         raise ValueError(f"fused kernels: {layout_reason(x)}")
     return lay
@@ -429,9 +436,7 @@ def eval_forward_fast(
         pdt = torch.float32
     else:
         return None
-    if x.dim() < 2 or not x.is_cpu or x.numel() == 0 or x.is_neg():
-        return None
-    lay = _layout(x)
+    lay = _readable_layout(x)
     if lay is None:
         return None
     rows, c, s = lay
