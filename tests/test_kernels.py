@@ -553,6 +553,45 @@ def test_kernel_calls_refuse_what_the_loops_cannot_read():
             torch.testing.assert_close(a, b)
 
 
+@pytest.mark.parametrize("C", [1, 16, 64, 48])  # (48: a tile is not _TILE values, the array loop)
+@pytest.mark.parametrize("dtype", ["float32", "float64", "bfloat16"])
+def test_channels_last_sums_match_float64_sums(C, dtype):
+    """The channels_last reductions, narrow layers' vector sweeps held in registers included,
+    against float64 sums by numpy over rows [r0, r1) of an (M, C) array (bfloat16 as its bits,
+    summed as their exact float32 values): the statistics' shifted sums and the backward's
+    gradient sums, with and without the ReLU mask, from an offset and with rows left over
+    after the last whole tile, with and without software prefetch."""
+    import numpy as np
+
+    rng = np.random.default_rng(C)
+    M, r0, r1 = 3001, 3, 2994
+    x32, g32, y32 = (rng.standard_normal((M, C), dtype=np.float32) * 2 + 1 for _ in range(3))
+    if dtype == "bfloat16":  # (the bits of values exact in bfloat16)
+        x, g, y = ((a.view(np.uint32) >> 16).astype(np.uint16) for a in (x32, g32, y32))
+        x32, g32, y32 = ((a.astype(np.uint32) << 16).view(np.float32) for a in (x, g, y))
+    else:
+        x, g, y = (a.astype(dtype) for a in (x32, g32, y32))
+    x64, g64, y64 = (a.astype(np.float64) for a in ((x, g, y) if dtype == "float64" else
+                                                    (x32, g32, y32)))  # fmt: skip
+    reps = max(1, 64 // C)
+    x0 = x64[r0]
+    z = np.tile(x0, reps)
+    cmean, cm2 = np.zeros(C), np.zeros(C)
+    _numba._mc_sums(x, z, r0, r1, cmean, cm2)
+    d = x64[r0:r1] - x0
+    np.testing.assert_allclose(cmean, d.mean(0), rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(cm2, ((d - d.mean(0)) ** 2).sum(0), rtol=1e-10)
+    mean = x64[r0:r1].mean(0).astype(np.float64 if dtype == "float64" else np.float32)
+    for relu in (False, True):
+        s1, s2 = np.zeros(C), np.zeros(C)
+        _numba._mc_gsums(g, x, y, relu, np.tile(mean, reps), r0, r1, s1, s2)
+        gm = g64[r0:r1] * (y64[r0:r1] > 0) if relu else g64[r0:r1]
+        # (the vector sweeps add every value in float64; the array loop adds pairs first)
+        np.testing.assert_allclose(s1, gm.sum(0), rtol=1e-12 if 64 % C == 0 else 1e-6, atol=1e-9)
+        want = (gm * (x64[r0:r1] - mean.astype(np.float64))).sum(0)
+        np.testing.assert_allclose(s2, want, rtol=1e-6, atol=1e-4 * np.abs(gm).sum(0).max())
+
+
 def test_warm_up_compiles_every_kernel():
     """warm_up() compiles (or loads) the kernels a layer can reach, so that processes started
     after it (distributed ranks) do not compile them concurrently: each public kernel then has

@@ -265,17 +265,18 @@ def _chunks(rows: int) -> tuple[int, int]:
 # Channels-innermost loops read runs of rows ("tiles") as one flat vector, so the inner loop is
 # long enough to vectorize well whatever C is (a 16-channel float32 row alone is one SIMD
 # register), with per-channel values tiled to the same length. A tile is short: reductions keep
-# two float64 accumulators per tile value, read and written on every sweep, and longer tiles
-# make more of them; a row of a wide layer (C >= _TILE) is a tile by itself, as without tiling.
+# two float64 accumulators per tile value (in registers where C divides _TILE, see the vector
+# sweeps below; elsewhere read and written on every sweep), and longer tiles make more of them;
+# a row of a wide layer (C >= _TILE) is a tile by itself, as without tiling.
 _TILE = 64
 
-# The reductions sweep several tiles at once (fewer accumulator loads and stores) when a tile is
-# short (at most _TILE values) or a row fills a memory page (_LONG_ROW bytes). A sweep over k
-# rows reads k streams a row apart: in runs of a few hundred bytes to a few KB the hardware
-# prefetchers (which track accesses within a page) follow them poorly, and one row per sweep
-# (one sequential stream) is faster; with a page or more per row each stream is long enough to
-# prefetch, and the accumulator traffic, which one row per sweep multiplies, decides
-# (measurements in docs/kernels.md).
+# The array loops of the reductions sweep several tiles at once (fewer accumulator loads and
+# stores) when a tile is short (at most _TILE values) or a row fills a memory page (_LONG_ROW
+# bytes). A sweep over k rows reads k streams a row apart: in runs of a few hundred bytes to a
+# few KB the hardware prefetchers (which track accesses within a page) follow them poorly, and
+# one row per sweep (one sequential stream) is faster; with a page or more per row each stream
+# is long enough to prefetch, and the accumulator traffic, which one row per sweep multiplies,
+# decides (measurements in docs/kernels.md).
 _LONG_ROW = 4096
 
 
@@ -289,6 +290,180 @@ def _multi_sweep(P: int, itemsize: int) -> bool:
 def _tile_rows(C: int) -> int:
     """Rows per flat tile of an (M, C) layout: ``_TILE // C`` rows, at least one."""
     return max(1, _TILE // C)
+
+
+# ---------------------------------------------------------------- tile sweeps held in registers
+# The channels_last reductions of narrow layers (C divides _TILE, so a tile is exactly _TILE
+# values) add every tile into _TILE float64 accumulators per sum. Written as array loops, those
+# accumulators live in memory and are loaded and stored on every sweep (LLVM keeps no array of
+# runtime length in registers), and with the data in the caches the sums took about twice a
+# plain read of their input. The two sweeps below are built as LLVM vector code over a tile of
+# _TILE values known at compile time: _TILE // _LANES vectors of _LANES values per sum, held in
+# registers (16 of AVX-512's 32 vector registers; a CPU with fewer spills some, as the array
+# loop spills all) and written back once per call. Each takes flat arrays, the offset of the
+# first tile, the tile count and the step between tiles; the caller keeps every tile inside the
+# arrays and gives per-lane arrays of _TILE values.
+_LANES = 16
+
+
+def _lanes(context, builder, aryty, ary, index):
+    """``_LANES`` values of the 1-d array ``ary`` from ``index`` as a vector of their compute
+    type: float32 (for float32, and bfloat16 bits widened exactly as ``_ld`` does) or float64."""
+    data = context.make_array(aryty)(context, builder, ary).data
+    elt = data.type.pointee
+    vty = ir.VectorType(elt, _LANES)
+    v = builder.load(builder.bitcast(builder.gep(data, [index]), vty.as_pointer()),
+                     align=aryty.dtype.bitwidth // 8)  # fmt: skip
+    if aryty.dtype == types.uint16:
+        i32 = ir.IntType(32)
+        v = builder.zext(v, ir.VectorType(i32, _LANES))
+        v = builder.shl(v, ir.Constant(ir.VectorType(i32, _LANES), [i32(16)] * _LANES))
+        v = builder.bitcast(v, ir.VectorType(ir.FloatType(), _LANES))
+    return v
+
+
+def _wide(builder, v):
+    """A vector of float32 or float64 values as float64."""
+    if isinstance(v.type.element, ir.DoubleType):
+        return v
+    return builder.fpext(v, ir.VectorType(ir.DoubleType(), _LANES))
+
+
+def _sweep(context, builder, sums, n, body):
+    """Load the _TILE float64 accumulators of both arrays of ``sums`` (pairs of array type and
+    value) into vector slots, run ``body(k, acc1, acc2)`` for tiles ``k < n`` (``acc1``,
+    ``acc2``: the slots of each array, which LLVM keeps in registers), store them back."""
+    vd = ir.VectorType(ir.DoubleType(), _LANES)
+    accs = []
+    for aryty, ary in sums:
+        data = context.make_array(aryty)(context, builder, ary).data
+        slots = []
+        for j in range(_TILE // _LANES):
+            p = builder.bitcast(builder.gep(data, [ir.IntType(64)(j * _LANES)]), vd.as_pointer())
+            slot = cgutils.alloca_once(builder, vd)
+            builder.store(builder.load(p, align=8), slot)
+            slots.append((slot, p))
+        accs.append(slots)
+    with cgutils.for_range(builder, n) as loop:
+        body(loop.index, [s for s, _ in accs[0]], [s for s, _ in accs[1]])
+    for slots in accs:
+        for slot, p in slots:
+            builder.store(builder.load(slot), p, align=8)
+
+
+def _sweep_types(arrays):
+    """Whether ``arrays`` are 1-d contiguous arrays of one element type the loops read (float32,
+    float64, bfloat16 bits)."""
+    dt = getattr(arrays[0], "dtype", None)
+    return dt in (types.float32, types.float64, types.uint16) and all(
+        isinstance(a, types.Array) and a.ndim == 1 and a.layout == "C" and a.dtype == dt
+        for a in arrays
+    )
+
+
+@intrinsic
+def _sweep_sums(typingctx, xf, z, a, n, step, ahead, s1, s2):
+    """For tiles ``k < n`` of ``_TILE`` values of ``xf`` from ``a + k * step``:
+    ``s1[p] += d``, ``s2[p] += d * d`` with ``d = x - z[p]`` in float64 (``z``: float64, ``_TILE``
+    values), the statistics' shifted sums of :func:`_mc_sums`. ``ahead > 0``: each tile first
+    names the lines ``ahead`` elements further on (software prefetch; the caller keeps them inside
+    ``xf``)."""
+    f64 = types.Array(types.float64, 1, "C")
+    if not _sweep_types([xf]) or z != f64 or s1 != f64 or s2 != f64:
+        return None
+    if not all(isinstance(i, types.Integer) for i in (a, n, step, ahead)):
+        return None
+    sig = types.void(xf, z, types.intp, types.intp, types.intp, types.intp, s1, s2)
+
+    def codegen(context, builder, sig, args):
+        xfv, zv, av, nv, stepv, aheadv, s1v, s2v = args
+        i64 = ir.IntType(64)
+        zs = [_lanes(context, builder, sig.args[1], zv, i64(j * _LANES))
+              for j in range(_TILE // _LANES)]  # fmt: skip
+        itemsize = sig.args[0].dtype.bitwidth // 8
+        data = context.make_array(sig.args[0])(context, builder, xfv).data
+        i8p = ir.IntType(8).as_pointer()
+        i32 = ir.IntType(32)
+        pf = cgutils.get_or_insert_function(
+            builder.module, ir.FunctionType(ir.VoidType(), [i8p, i32, i32, i32]),
+            "llvm.prefetch.p0")
+
+        def body(prefetch):
+            def run(k, acc1, acc2):
+                base = builder.add(av, builder.mul(k, stepv))
+                if prefetch:
+                    for off in range(0, _TILE * itemsize, _LINE_BYTES):
+                        at = builder.add(base, builder.add(aheadv, i64(off // itemsize)))
+                        builder.call(pf, [builder.bitcast(builder.gep(data, [at]), i8p),
+                                          i32(0), i32(3), i32(1)])  # fmt: skip
+                for j in range(_TILE // _LANES):
+                    v = _wide(builder, _lanes(context, builder, sig.args[0], xfv,
+                                              builder.add(base, i64(j * _LANES))))  # fmt: skip
+                    d = builder.fsub(v, zs[j])
+                    builder.store(builder.fadd(builder.load(acc1[j]), d), acc1[j])
+                    builder.store(builder.fadd(builder.load(acc2[j]), builder.fmul(d, d)),
+                                  acc2[j])  # fmt: skip
+            return run
+
+        sums = ((sig.args[6], s1v), (sig.args[7], s2v))
+        with builder.if_else(builder.icmp_signed(">", aheadv, i64(0))) as (yes, no):
+            with yes:
+                _sweep(context, builder, sums, nv, body(True))
+            with no:
+                _sweep(context, builder, sums, nv, body(False))
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+@intrinsic
+def _sweep_gsums(typingctx, gf, xf, yf, mu, a, n, step, relu, s1, s2):
+    """For tiles ``k < n`` of ``_TILE`` values from ``a + k * step``: ``s1[p] += g``,
+    ``s2[p] += g (x - mu[p])``, the sums of :func:`_mc_gsums` (``x - mu`` in the compute type,
+    the product and sums in float64), ``g = dy`` or, with ``relu``, ``dy`` where ``y > 0`` and 0
+    elsewhere (``yf`` is not read without it)."""
+    f64 = types.Array(types.float64, 1, "C")
+    if not _sweep_types([gf, xf, yf]) or s1 != f64 or s2 != f64:
+        return None
+    comp = types.float64 if gf.dtype == types.float64 else types.float32
+    if not (isinstance(mu, types.Array) and mu.ndim == 1 and mu.layout == "C" and mu.dtype == comp):
+        return None
+    if not all(isinstance(i, types.Integer) for i in (a, n, step)) or relu != types.boolean:
+        return None
+    sig = types.void(gf, xf, yf, mu, types.intp, types.intp, types.intp, relu, s1, s2)
+
+    def codegen(context, builder, sig, args):
+        gv, xv, yv, muv, av, nv, stepv, reluv, s1v, s2v = args
+        i64 = ir.IntType(64)
+        mus = [_lanes(context, builder, sig.args[3], muv, i64(j * _LANES))
+               for j in range(_TILE // _LANES)]  # fmt: skip
+
+        def body(masked):
+            def run(k, acc1, acc2):
+                base = builder.add(av, builder.mul(k, stepv))
+                for j in range(_TILE // _LANES):
+                    at = builder.add(base, i64(j * _LANES))
+                    g = _lanes(context, builder, sig.args[0], gv, at)
+                    if masked:
+                        y = _lanes(context, builder, sig.args[2], yv, at)
+                        keep = builder.fcmp_ordered(">", y, ir.Constant(y.type, None))
+                        g = builder.select(keep, g, ir.Constant(g.type, None))
+                    d = _wide(builder, builder.fsub(_lanes(context, builder, sig.args[1], xv, at),
+                                                    mus[j]))  # fmt: skip
+                    g = _wide(builder, g)
+                    builder.store(builder.fadd(builder.load(acc1[j]), g), acc1[j])
+                    builder.store(builder.fadd(builder.load(acc2[j]), builder.fmul(g, d)), acc2[j])
+            return run
+
+        sums = ((sig.args[8], s1v), (sig.args[9], s2v))
+        with builder.if_else(reluv) as (yes, no):
+            with yes:
+                _sweep(context, builder, sums, nv, body(True))
+            with no:
+                _sweep(context, builder, sums, nv, body(False))
+        return context.get_dummy_value()
+
+    return sig, codegen
 
 
 # ----------------------------------------------------------------------------------- statistics
@@ -423,8 +598,8 @@ def _mc_sums(x, z, r0, r1, cmean, cm2):
     """Shifted sums of rows [r0, r1) of (M, C) into ``cmean`` (C,) = mean - x0 and ``cm2`` (C,)
     = sum of squared deviations, float64: s1 = sum d, s2 = sum d^2 with d = x - x0, then
     M2 = s2 - s1^2 / n (see module docstring). Rows are read in tiles of
-    ``_tile_rows(C)`` rows, each one flat vector of P values, with P accumulators; ``z`` is x0
-    tiled (:func:`_tile`)."""
+    ``_tile_rows(C)`` rows, each one flat vector of P values, with P accumulators (in registers
+    when P is ``_TILE``: :func:`_sweep_sums`); ``z`` is x0 tiled (:func:`_tile`)."""
     C = x.shape[1]
     xf = x.reshape(-1)
     r = _tile_rows(C)
@@ -434,10 +609,19 @@ def _mc_sums(x, z, r0, r1, cmean, cm2):
     # (loops over tile counts, not strided while loops: a variable stride makes LLVM compute
     # trip counts with 128-bit division, which Numba cannot link)
     tiles = (r1 - r0) // r
-    quads = tiles // 4 if _multi_sweep(P, x.itemsize) else 0
     # (short tiles: software prefetch of the lines a sweep reads, _AHEAD_BYTES ahead; for wide
     # rows the test below never holds)
     ahead = _AHEAD_BYTES // x.itemsize if P <= _TILE else xf.shape[0]
+    if P == _TILE:  # C divides _TILE: every whole tile in registers, prefetching while in range
+        a = r0 * C
+        near = min(tiles, max(0, (xf.shape[0] - a - ahead) // P))
+        _sweep_sums(xf, z, a, near, P, ahead, s1t, s2t)
+        _sweep_sums(xf, z, a + near * P, tiles - near, P, 0, s1t, s2t)
+        quads = 0
+        first = tiles
+    else:
+        quads = tiles // 4 if _multi_sweep(P, x.itemsize) else 0
+        first = 4 * quads
     line = _LINE_BYTES // x.itemsize
     for t in range(quads):  # 4 tiles per sweep: 4x fewer accumulator loads/stores
         a = (r0 + 4 * t * r) * C
@@ -456,7 +640,7 @@ def _mc_sums(x, z, r0, r1, cmean, cm2):
             dd = _ld(xd[p]) - zp
             s1t[p] += (da + db) + (dc + dd)
             s2t[p] += (da * da + db * db) + (dc * dc + dd * dd)
-    for t in range(4 * quads, tiles):
+    for t in range(first, tiles):
         xa = xf[(r0 + t * r) * C : (r0 + (t + 1) * r) * C]
         for p in range(P):
             d = _ld(xa[p]) - z[p]
@@ -707,8 +891,8 @@ def _ncs_gsums(dy, x, y, relu, mean, i0, i1, p1, p2):
 @njit(**_SERIAL)
 def _mc_gsums(dy, x, y, relu, mu, r0, r1, s1, s2):
     """Add sum g and sum g (x - mean) over rows [r0, r1) of (M, C) to s1, s2 (C,) float64, in
-    flat tiles of ``_tile_rows(C)`` rows with tiled accumulators; ``mu`` is the mean tiled
-    (:func:`_tile`)."""
+    flat tiles of ``_tile_rows(C)`` rows with tiled accumulators (in registers when a tile is
+    ``_TILE`` values: :func:`_sweep_gsums`); ``mu`` is the mean tiled (:func:`_tile`)."""
     C = x.shape[1]
     xf = x.reshape(-1)
     gf = dy.reshape(-1)
@@ -718,7 +902,13 @@ def _mc_gsums(dy, x, y, relu, mu, r0, r1, s1, s2):
     s1t = np.zeros(P, np.float64)
     s2t = np.zeros(P, np.float64)
     tiles = (r1 - r0) // r
-    pairs = tiles // 2 if _multi_sweep(P, x.itemsize) else 0
+    if P == _TILE:  # C divides _TILE: every whole tile in registers
+        _sweep_gsums(gf, xf, yf, mu, r0 * C, tiles, P, relu, s1t, s2t)
+        pairs = 0
+        first = tiles
+    else:
+        pairs = tiles // 2 if _multi_sweep(P, x.itemsize) else 0
+        first = 2 * pairs
     for t in range(pairs):  # 2 tiles per sweep: half the accumulator loads/stores
         a = (r0 + 2 * t * r) * C
         xa = xf[a : a + P]
@@ -737,7 +927,7 @@ def _mc_gsums(dy, x, y, relu, mu, r0, r1, s1, s2):
             for p in range(P):
                 s1t[p] += _ld(ga[p]) + _ld(gb[p])
                 s2t[p] += _ld(ga[p]) * (_ld(xa[p]) - mu[p]) + _ld(gb[p]) * (_ld(xb[p]) - mu[p])
-    for t in range(2 * pairs, (r1 - r0 + r - 1) // r):  # the other tiles, then the rows left
+    for t in range(first, (r1 - r0 + r - 1) // r):  # the other tiles, then the rows left
         base = (r0 + t * r) * C
         n = min(P, (r1 - r0 - t * r) * C)
         xs = xf[base : base + n]
