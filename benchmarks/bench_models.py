@@ -36,7 +36,7 @@ import torch.nn.functional as F
 
 import bnlab
 from bnlab import ops
-from bnlab.bench import _interleaved
+from bnlab.bench import _interleaved, steady_heap
 from bnlab.models import resnet20
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
@@ -119,7 +119,11 @@ def main(argv=None) -> None:
                    help="run the forward under torch.autocast('cpu', torch.bfloat16)")
     p.add_argument("--channels-last", action="store_true",
                    help="models and input in channels_last memory format")
+    p.add_argument("--heap", choices=("as-is", "steady"), default="as-is",
+                   help="glibc's heap as a process has it, or freed memory kept mapped "
+                        "(bnlab.bench.steady_heap)")
     args = p.parse_args(argv)
+    heap = steady_heap() if args.heap == "steady" else "heap as-is"
     torch.set_num_threads(args.threads)
     import numba
 
@@ -135,7 +139,7 @@ def main(argv=None) -> None:
     ops.set_compile_form("auto")
     print(f"torch {torch.__version__}, threads={torch.get_num_threads()} (numba "
           f"{numba.get_num_threads()}), {'bf16 autocast' if args.autocast else 'float32'}, "
-          f"{'channels_last' if args.channels_last else 'contiguous'}, "
+          f"{'channels_last' if args.channels_last else 'contiguous'}, {heap}, "
           f"median of {args.rounds} interleaved rounds (shuffled order), "
           "ms; ratio = torch's time in the same setting / this case's time")  # fmt: skip
     print("| model | step | case | ms | torch / case |")

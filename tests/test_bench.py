@@ -4,7 +4,10 @@ timing is asserted."""
 
 from __future__ import annotations
 
+import platform
 import re
+import subprocess
+import sys
 
 import pytest
 
@@ -104,12 +107,13 @@ def _cells(line: str) -> list[str]:
 def test_processes_run_the_benchmark_in_fresh_processes(tmp_path, capsys):
     out = tmp_path / "RESULTS.md"
     argv = ["--shapes", "mnist mlp (batch 60)", "--repeats", "1", "--no-compile", "--no-resnet",
-            "--threads", "1", "--processes", "2"]  # fmt: skip
+            "--threads", "1", "--processes", "2", "--heap", "steady"]  # fmt: skip
     assert main([*argv, "--write", str(out)]) == 0
     printed = capsys.readouterr().out
     assert "process 1/2" in printed and "process 2/2" in printed
     text = out.read_text()
-    assert "2 processes" in text and "threads 1" in text
+    assert "2 processes" in text and "threads 1" in text and "heap steady" in text
+    assert text.count("minor page faults per timed call") == 2  # (one count per process)
     lines = text.splitlines()
     head = _cells(next(ln for ln in lines if ln.startswith("| shape |")))
     for mode in ("fwd", "fwd+bwd", "eval"):
@@ -138,3 +142,31 @@ def test_a_failing_process_stops_the_run_with_its_output(monkeypatch):
     with pytest.raises(RuntimeError, match="(?s)process 1 of 2 failed.*--repeats must be >= 1"):
         bench._run_processes(2, ["--repeats", "0"])
     assert len(calls) == 1 and calls[0][1:3] == ["-m", "bnlab.bench"]
+
+
+@pytest.mark.skipif(
+    not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc",
+    reason="steady_heap sets glibc's malloc thresholds",
+)
+def test_steady_heap_keeps_freed_memory_mapped():
+    """After ``steady_heap()`` a large tensor freed and allocated again, over and over, comes to
+    reuse mapped memory (the first few rounds grow the heap: an aligned request can miss the
+    free memory by a few bytes); with glibc's defaults every round faults all its memory in
+    again. (Each in a fresh process: the setting holds for the rest of a process's life.)"""
+    code = (
+        "import sys, torch\n"
+        "from bnlab.bench import steady_heap, minor_faults\n"
+        "if sys.argv[1] == 'steady': print(steady_heap())\n"
+        "for i in range(8):\n"
+        "    f0 = minor_faults(); t = torch.empty(48 << 20, dtype=torch.uint8).fill_(1)\n"
+        "    del t; last = minor_faults() - f0\n"
+        "print('faults', last)\n"
+    )
+    faults = {}
+    for mode in ("steady", "as-is"):
+        done = subprocess.run([sys.executable, "-c", code, mode], capture_output=True, text=True,
+                              check=True)  # fmt: skip
+        faults[mode] = int(done.stdout.split("faults")[-1])
+        if mode == "steady":
+            assert "heap steady" in done.stdout
+    assert faults["steady"] < 100 and faults["as-is"] > 1000, faults  # (48 MiB: 12,288 pages)

@@ -32,6 +32,17 @@ allocator, the page mappings and the neighbours left it). ``--processes N`` runs
 benchmark in N fresh processes, one after the other, and reports for every cell the median of
 the per-process medians and, for every ratio, its median and range over the processes.
 
+Fresh outputs and glibc's heap. Every BN output is a fresh tensor. glibc serves a large
+allocation from its heap only while the heap's free memory is kept mapped: by default it maps
+allocations above a threshold (that adapts to the sizes freed) afresh and returns freed memory
+at the top of the heap to the system once more than twice that threshold is free. Which of the
+two happens to a given call depends on the allocations before it, so the same call sometimes
+writes pages that are already mapped and sometimes first faults every page in, which can double
+its time, for torch's layer and bnlab's alike. ``--heap steady`` fixes both thresholds at 1 GiB
+(:func:`steady_heap`) so freed memory stays mapped and each cell measures the computation;
+``--heap as-is`` (the default) leaves glibc's defaults, as a user's process has them. The
+header gives the minor page faults of the timed calls per call.
+
 By default a call finds in the caches whatever the calls before it left there (a tensor that fits
 in the last-level cache is often still in it). ``--cold`` writes a buffer larger than any
 last-level cache before every timed call, untimed, so that every call reads its tensors from
@@ -125,6 +136,40 @@ def machine_text() -> str:
     except OSError:
         pass
     return ", ".join(parts)
+
+
+STEADY_BYTES = 1 << 30
+
+
+def steady_heap() -> str:
+    """Keep freed memory in this process's heap (glibc on Linux): ``mallopt`` fixes the mmap
+    threshold and the trim threshold at ``STEADY_BYTES``, so allocations up to that size come
+    from the heap and memory freed there stays mapped for the next one (the process keeps up to
+    that much more memory than it uses). Returns what was done, or why nothing was (another C
+    library or OS). Affects every allocation of the process from then on, torch's included."""
+    import ctypes
+
+    if not sys.platform.startswith("linux"):
+        return "heap as-is (not Linux)"
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return "heap as-is (no mallopt: not glibc)"
+    mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
+    m_trim_threshold, m_mmap_threshold = -1, -3  # (glibc's malloc.h)
+    if mallopt(m_mmap_threshold, STEADY_BYTES) != 1 or mallopt(m_trim_threshold, STEADY_BYTES) != 1:
+        return "heap as-is (mallopt refused)"
+    return "heap steady (glibc mmap and trim thresholds 1 GiB)"
+
+
+def minor_faults() -> int:
+    """Minor page faults of this process so far (0 where the OS does not say)."""
+    try:
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    except (ImportError, OSError):
+        return 0
 
 
 def _layer(shape: tuple[int, ...], kind: str) -> nn.Module:
@@ -261,10 +306,22 @@ def _interleaved(
         for k, fn in order:
             if before is not None:
                 before()
+            f0 = minor_faults()
             t0 = time.perf_counter()
             fn()
             samples[k].append(time.perf_counter() - t0)
+            TIMED["faults"] += minor_faults() - f0
+            TIMED["calls"] += 1
     return {k: statistics.median(v) for k, v in samples.items()}
+
+
+# Timed calls of this process and the minor page faults inside them (module docstring).
+TIMED = {"calls": 0, "faults": 0}
+
+
+def faults_text() -> str:
+    """The minor page faults per timed call so far, as the header states them."""
+    return f"{TIMED['faults'] / max(1, TIMED['calls']):.1f} minor page faults per timed call"
 
 
 # More than the last-level cache a core sees on current CPUs (up to 96 MB per CCD or socket).
@@ -338,11 +395,13 @@ def format_spread(runs: list[list[Row]]) -> str:
     return head + "\n".join(lines) + "\n"
 
 
-def _run_processes(n: int, child_argv: list[str]) -> tuple[list[list[Row]], list[dict]]:
+def _run_processes(
+    n: int, child_argv: list[str]
+) -> tuple[list[list[Row]], list[dict], list[str]]:
     """Run ``bnlab bench *child_argv`` in ``n`` fresh Python processes, one at a time (two at
-    once would share the cores), and collect each one's rows and ResNet-20 steps. A failing
-    process stops the run with its output."""
-    rows_runs, resnet_runs = [], []
+    once would share the cores), and collect each one's rows, ResNet-20 steps and page-fault
+    count. A failing process stops the run with its output."""
+    rows_runs, resnet_runs, faults = [], [], []
     with tempfile.TemporaryDirectory(prefix="bnlab-bench-") as d:
         for i in range(n):
             path = os.path.join(d, f"rows{i}.json")
@@ -359,8 +418,9 @@ def _run_processes(n: int, child_argv: list[str]) -> tuple[list[list[Row]], list
             rows_runs.append([Row(r["shape_name"], tuple(r["shape"]), r["mode"], r["times"])
                               for r in data["rows"]])  # fmt: skip
             resnet_runs.append(data["resnet"])
+            faults.append(data.get("faults", "?"))
             print(f"process {i + 1}/{n}: {time.perf_counter() - t0:.1f} s", flush=True)
-    return rows_runs, resnet_runs
+    return rows_runs, resnet_runs, faults
 
 
 def bench_resnet(repeats: int, batch: int = 128, log: Callable[[str], None] = print) -> str:
@@ -484,6 +544,10 @@ def main(argv: list[str] | None = None) -> int:
         help="add the tables to this Markdown file as a new dated run at the top of its "
              "'## Fused kernels' section (earlier runs and other sections are kept)",
     )  # fmt: skip
+    p.add_argument(
+        "--heap", choices=("as-is", "steady"), default="as-is",
+        help="glibc's heap as a process has it, or freed memory kept mapped (module docstring)",
+    )  # fmt: skip
     p.add_argument("--rows-json", metavar="PATH", help=argparse.SUPPRESS)  # (--processes' child)
     args = p.parse_args(argv)
     if args.repeats < 1:
@@ -495,6 +559,7 @@ def main(argv: list[str] | None = None) -> int:
     names = args.shapes or (list(QUICK) if args.quick else list(SHAPES))
     if args.processes > 1:
         return _main_processes(args, names, argv)
+    heap = steady_heap() if args.heap == "steady" else "heap as-is"
     if args.threads:
         torch.set_num_threads(args.threads)
     import numba
@@ -509,8 +574,8 @@ def main(argv: list[str] | None = None) -> int:
     threads = f"torch threads {torch.get_num_threads()}, numba threads {numba.get_num_threads()}"
     caches = ", cold caches" if args.cold else ""
     print(
-        f"bnlab bench: median of {args.repeats} interleaved rounds{caches}, {threads}; "
-        f"{machine_text()}"
+        f"bnlab bench: median of {args.repeats} interleaved rounds{caches}, {threads}, "
+        f"{heap}; {machine_text()}"
     )
     print(f"kernel warm-up (compile or load from cache): {warm:.1f} s")
     compiled = not (args.no_compile or args.quick)
@@ -532,6 +597,7 @@ def main(argv: list[str] | None = None) -> int:
             )
     table = format_table(rows)
     print(table)
+    print(f"layer calls: {faults_text()}")
     resnet, steps = "", {}
     if not (args.no_resnet or args.quick):
         steps = resnet_times(args.repeats)
@@ -539,9 +605,10 @@ def main(argv: list[str] | None = None) -> int:
         print(resnet)
     if args.rows_json:
         with open(args.rows_json, "w") as f:
-            json.dump({"rows": [vars(r) for r in rows], "resnet": steps}, f)
+            json.dump({"rows": [vars(r) for r in rows], "resnet": steps, "faults": faults_text()},
+                      f)  # fmt: skip
     if args.write:
-        how = f"median of {args.repeats} interleaved rounds{caches}"
+        how = f"median of {args.repeats} interleaved rounds{caches}, {heap}, {faults_text()}"
         _write_section(args.write, argv, f"{threads}, {machine_text()} (at the end), {how}",
                        table, resnet)  # fmt: skip
     return 0
@@ -569,15 +636,19 @@ def _main_processes(args: argparse.Namespace, names: list[str], argv: list[str] 
     child += [f"--{f.replace('_', '-')}" for f in flags if getattr(args, f)]
     if args.threads:
         child += ["--threads", str(args.threads)]
+    child += ["--heap", args.heap]
     caches = ", cold caches" if args.cold else ""
     threads = f"threads {args.threads}" if args.threads else "default threads"
     how = (f"{args.processes} processes, each the median of {args.repeats} interleaved "
-           f"rounds{caches}, {threads}; times: median over the processes; ratios: median "
-           "(min-max) of the per-process ratios")  # fmt: skip
+           f"rounds{caches}, {threads}, heap {args.heap}; times: median over the processes; "
+           "ratios: median (min-max) of the per-process ratios")  # fmt: skip
     print(f"bnlab bench: {how}; {machine_text()}", flush=True)
-    rows_runs, resnet_runs = _run_processes(args.processes, child)
+    rows_runs, resnet_runs, faults_runs = _run_processes(args.processes, child)
     table = format_spread(rows_runs)
     print(table)
+    faults = "; ".join(faults_runs)
+    print(f"layer calls, per process: {faults}")
+    how += f" ({faults})"
     resnet = ""
     if resnet_runs[0]:
         resnet = format_resnet(resnet_runs)
