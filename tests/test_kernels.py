@@ -592,17 +592,66 @@ def test_channels_last_sums_match_float64_sums(C, dtype):
         np.testing.assert_allclose(s2, want, rtol=1e-6, atol=1e-4 * np.abs(gm).sum(0).max())
 
 
+@pytest.mark.parametrize(
+    "shape, fmt",
+    [
+        ((3, 7, 16, 16), "contiguous"),  # rows of 256 values: whole lines, streamed
+        ((2, 16, 4, 4), "contiguous"),  # rows of exactly one line (float32)
+        ((3, 5, 7, 9), "contiguous"),  # rows of 63 values: not whole lines, stored as usual
+        ((2, 16, 4, 4), "channels_last"),  # rows of 16 channels: one line
+        ((4, 48, 3, 5), "channels_last"),  # three lines a row
+        ((5, 20, 3, 3), "channels_last"),  # 20 channels: not whole lines
+        ((64, 32), "contiguous"),  # dense (N, C)
+    ],
+)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_streamed_outputs_hold_the_same_values(shape, fmt, dtype, monkeypatch):
+    """Outputs large enough to stream (non-temporal stores; forced here for small tensors with
+    ``STREAM_BYTES = 0``) hold the values of the usual stores, in every layout, dtype (bfloat16
+    is never streamed) and with the fused ReLU: the forward outputs (one multiply-add a value)
+    exactly; dx, whose multiply-adds LLVM may contract in either order in either loop, to a few
+    units in the last place."""
+    gen = torch.Generator().manual_seed(7)
+    x = to_format((torch.randn(shape, generator=gen) * 2 + 0.5).to(dtype), fmt)
+    dy = to_format(torch.randn(shape, generator=gen).to(dtype), fmt)
+    cdt = torch.float32 if dtype == torch.bfloat16 else dtype
+    w = torch.rand(shape[1], generator=gen).to(cdt) + 0.5
+    b = torch.randn(shape[1], generator=gen).to(cdt)
+    out = {}
+    for limit in (1 << 62, 0):
+        monkeypatch.setattr(K, "STREAM_BYTES", limit)
+        forward, backward = [], []
+        for relu in (False, True):
+            y, mean, var, inv = K.batch_norm_train_forward(x, w, b, 1e-5, relu=relu)
+            forward += [y, mean, var, inv]
+            forward.append(K.batch_norm_eval_forward(x, mean, var, w, b, 1e-5, relu=relu)[0])
+            forward.append(K.eval_forward_fast(x, mean, var, w, b, 1e-5, relu))
+            gy = y if relu else None
+            backward += K.batch_norm_train_backward(dy, x, mean, inv, w, y=gy)
+            backward += K.batch_norm_eval_backward(dy, x, mean, inv, w, y=gy)
+        out[limit] = forward, backward
+    (f_usual, b_usual), (f_streamed, b_streamed) = out[1 << 62], out[0]
+    for usual, streamed in zip(f_usual, f_streamed, strict=True):
+        assert streamed.stride() == usual.stride()
+        assert torch.equal(streamed, usual)
+    ulp = torch.finfo(x.dtype).eps
+    for usual, streamed in zip(b_usual, b_streamed, strict=True):
+        assert streamed.stride() == usual.stride()
+        atol = 8 * ulp * float(usual.abs().max())
+        torch.testing.assert_close(streamed, usual, rtol=0, atol=atol)
+
+
 def test_warm_up_compiles_every_kernel():
     """warm_up() compiles (or loads) the kernels a layer can reach, so that processes started
     after it (distributed ranks) do not compile them concurrently: each public kernel then has
-    its float32, float64 and bfloat16 (uint16 bits) versions, the element type of the last
-    argument (the tensors go in as addresses). (Compiling a public kernel compiles the serial
-    and parallel loops of both layouts it calls.)"""
+    its float32, float64 and bfloat16 (uint16 bits) versions, the element type of its ``like``
+    argument, the one before the streaming flag (the tensors go in as addresses). (Compiling a
+    public kernel compiles the serial and parallel loops of both layouts it calls.)"""
     import numba
 
     K.warm_up()  # (raises if any kernel fails to compile or run)
     for name in ("train_fwd_at", "eval_fwd_at", "backward_at"):
-        seen = {sig[-1].dtype for sig in getattr(_numba, name).signatures}
+        seen = {sig[-2].dtype for sig in getattr(_numba, name).signatures}
         assert {numba.float32, numba.float64, numba.uint16} <= seen, (name, seen)
 
 

@@ -28,6 +28,7 @@ themselves (:func:`compiled`, whose contracts are in :mod:`bnlab.kernels._numba`
 
 from __future__ import annotations
 
+import os
 import threading
 
 import numpy as np
@@ -260,6 +261,41 @@ def _empty_like(x: Tensor) -> Tensor:
     return y
 
 
+def llc_bytes() -> int:
+    """The size in bytes of the last-level cache of CPU 0 (Linux sysfs: its highest cache
+    level), or 32 MiB where the system does not say."""
+    best = (0, 32 << 20)
+    try:
+        base = "/sys/devices/system/cpu/cpu0/cache"
+        for name in os.listdir(base):
+            if not name.startswith("index"):
+                continue
+            with open(f"{base}/{name}/level") as f:
+                level = int(f.read())
+            with open(f"{base}/{name}/size") as f:
+                text = f.read().strip()
+            unit = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(text[-1:], 1)
+            size = int(text.rstrip("KMG")) * unit
+            best = max(best, (level, size))
+    except (OSError, ValueError):
+        pass
+    return best[1]
+
+
+# Outputs of at least this many bytes are stored non-temporally (see bnlab.kernels._numba,
+# "streaming stores"): half the last-level cache, where a pass's input and output together no
+# longer fit in it. Set on first use.
+STREAM_BYTES: int | None = None
+
+
+def _streams(y: Tensor) -> bool:
+    """Whether the fresh output ``y`` is large enough to be stored non-temporally."""
+    global STREAM_BYTES
+    if STREAM_BYTES is None:
+        STREAM_BYTES = llc_bytes() // 2
+    return y.numel() * y.element_size() >= STREAM_BYTES
+
+
 def _readable_layout(x: Tensor) -> tuple[int, int, int] | None:
     """:func:`_layout` of a tensor whose memory the loops may read by address (on the CPU, at
     least 2 dimensions and one value, not a negative view, dense in a loop layout), else None;
@@ -325,7 +361,7 @@ def batch_norm_train_forward(
     w, has_w = _param(weight, cdt)
     b, has_b = _param(bias, cdt)
     k.train_fwd_at(x.data_ptr(), y.data_ptr(), rows, c, s, w, b, has_w, has_b, float(eps),
-                   bool(relu), stats, _NONE[x.dtype])  # fmt: skip
+                   bool(relu), stats, _NONE[x.dtype], _streams(y))  # fmt: skip
     f = torch.from_numpy
     return y, f(stats[0]), f(stats[1]), f(stats[2])
 
@@ -350,7 +386,7 @@ def batch_norm_eval_forward(
     stats = np.empty((3, c), _NP[cdt])  # invstd, 2 coefficients
     k.eval_fwd_at(
         x.data_ptr(), y.data_ptr(), rows, c, s, _vec(running_mean), _vec(running_var), w, b,
-        has_w, has_b, float(eps), bool(relu), stats, _NONE[x.dtype],
+        has_w, has_b, float(eps), bool(relu), stats, _NONE[x.dtype], _streams(y),
     )  # fmt: skip
     return y, torch.from_numpy(stats[0])
 
@@ -449,7 +485,7 @@ def eval_forward_fast(
     y = _empty_like(x)  # (x's strides: x is dense, so empty_like keeps them)
     compiled().eval_fwd_at(
         x.data_ptr(), y.data_ptr(), rows, c, s, p[0], p[1], p[2], p[3], weight is not None,
-        bias is not None, float(eps), bool(relu), _NO_STATS[pdt], _NONE[dt],
+        bias is not None, float(eps), bool(relu), _NO_STATS[pdt], _NONE[dt], _streams(y),
     )  # fmt: skip
     return y
 
@@ -469,7 +505,7 @@ def _backward(dy, x, mean, invstd, weight, need_dx, need_dparams, y, train):
     k.backward_at(
         dy.data_ptr(), xp, xp if y is None else y.data_ptr(), y is not None, rows, c, s,
         _vec(mean), _vec(invstd), w, has_w, train, need_sums, 0 if dx is None else dx.data_ptr(),
-        grads, _NONE[x.dtype],
+        grads, _NONE[x.dtype], dx is not None and _streams(dx),
     )  # fmt: skip
     if not need_sums:
         return dx, None, None

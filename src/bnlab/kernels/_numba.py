@@ -466,6 +466,281 @@ def _sweep_gsums(typingctx, gf, xf, yf, mu, a, n, step, relu, s1, s2):
     return sig, codegen
 
 
+# ---------------------------------------------------------- streaming (non-temporal) stores
+# An output much larger than the caches is written with non-temporal stores: a normal store first
+# reads the line it writes into the caches (so the pass moves three bytes per byte of output
+# instead of two) and evicts other data for lines that will be read from memory anyway. Measured
+# on channels_last inference of 16-51 MB tensors, the normalize pass alone took 0.51-0.80x the
+# time (docs/kernels.md). The caller decides which outputs stream (``stream``: at least half the
+# last-level cache, where input and output together no longer fit in it); the loops stream only
+# where every output row (a channel's run in NCHW, a row of C channels channels-last) is whole
+# 64-byte lines, which they check, and otherwise store as usual: a line written partly by a
+# non-temporal store and partly by a normal one costs more than either.
+_LINE = 64
+
+
+def _vec_of(builder, ptr_elem, index, n, align):
+    """``n`` consecutive values from ``ptr_elem[index]`` as a vector (unaligned load)."""
+    vty = ir.VectorType(ptr_elem.type.pointee, n)
+    return builder.load(builder.bitcast(builder.gep(ptr_elem, [index]), vty.as_pointer()),
+                        align=align)  # fmt: skip
+
+
+def _splat(builder, v, n):
+    """A vector of ``n`` copies of the scalar ``v``."""
+    vty = ir.VectorType(v.type, n)
+    u = builder.insert_element(ir.Constant(vty, ir.Undefined), v, ir.IntType(32)(0))
+    zeros = ir.Constant(ir.VectorType(ir.IntType(32), n), [0] * n)
+    return builder.shuffle_vector(u, ir.Constant(vty, ir.Undefined), zeros)
+
+
+def _store_stream(builder, v, ptr_elem, index):
+    """Store the vector ``v`` (one 64-byte line) at ``ptr_elem[index]``, aligned, non-temporal."""
+    st = builder.store(v, builder.bitcast(builder.gep(ptr_elem, [index]), v.type.as_pointer()),
+                       align=_LINE)  # fmt: skip
+    st.set_metadata("nontemporal", builder.module.add_metadata([ir.IntType(32)(1)]))
+
+
+def _affine_value(builder, v, a, c, relu):
+    """``a v + c`` (one fused multiply-add), then ``max(., 0)`` when ``relu`` (a Python bool)."""
+    r = builder.fadd(builder.fmul(v, a, flags=["contract"]), c, flags=["contract"])
+    if relu:
+        r = builder.select(builder.fcmp_ordered(">", r, ir.Constant(r.type, None)), r,
+                           ir.Constant(r.type, None))  # fmt: skip
+    return r
+
+
+def _fence(builder):
+    """Order the non-temporal stores before what follows (they are weakly ordered)."""
+    fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ir.VoidType(), []),
+                                        "llvm.x86.sse.sfence")  # fmt: skip
+    builder.call(fn, [])
+
+
+def _float_arrays(*arrays):
+    """Whether ``arrays`` are 1-d contiguous arrays of one element type the loops read (bfloat16
+    bits included so that the loops type for every dtype; :func:`_trap_bits` below)."""
+    dt = getattr(arrays[0], "dtype", None)
+    return dt in (types.float32, types.float64, types.uint16) and all(
+        isinstance(a, types.Array) and a.ndim == 1 and a.layout == "C" and a.dtype == dt
+        for a in arrays
+    )
+
+
+def _compute_type(dtype):
+    """The element type the loops compute in for arrays of ``dtype`` (float32 for bfloat16)."""
+    return types.float32 if dtype == types.uint16 else dtype
+
+
+def _trap_bits(context, builder, aryty) -> bool:
+    """For bfloat16 bits (which the callers never stream: their rounding is not written here)
+    emit a trap instead of the loop, so a call could never write an unrounded output; True
+    then."""
+    if aryty.dtype != types.uint16:
+        return False
+    fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ir.VoidType(), []),
+                                        "llvm.trap")  # fmt: skip
+    builder.call(fn, [])
+    return True
+
+
+@intrinsic
+def _stream_rows(typingctx, xf, a, c, yf, start, C, rows, relu):
+    """``y = a[ch] x + c[ch]`` [then ``max(., 0)``] over ``rows`` rows of ``C`` channels of the
+    flat arrays from ``start``, stored non-temporally: every row must start on a 64-byte line of
+    ``yf`` (``C * itemsize`` a multiple of 64 and the first row aligned; the caller checks)."""
+    if not _float_arrays(xf, yf) or not _float_arrays(a, c) or relu != types.boolean:
+        return None
+    if a.dtype != _compute_type(xf.dtype):
+        return None
+    sig = types.void(xf, a, c, yf, types.intp, types.intp, types.intp, relu)
+
+    def codegen(context, builder, sig, args):
+        xv, av, cv, yv, s, nc, nr, rl = args
+        if _trap_bits(context, builder, sig.args[0]):
+            return context.get_dummy_value()
+        size = sig.args[0].dtype.bitwidth // 8
+        lanes = _LINE // size
+        xd, ad, cd, yd = (context.make_array(t)(context, builder, v).data
+                          for t, v in zip(sig.args[:4], (xv, av, cv, yv), strict=True))  # fmt: skip
+        i64 = ir.IntType(64)
+        nvec = builder.udiv(nc, i64(lanes))
+
+        def loop(masked):
+            with cgutils.for_range(builder, nr) as row:
+                base = builder.add(s, builder.mul(row.index, nc))
+                with cgutils.for_range(builder, nvec) as j:
+                    o = builder.mul(j.index, i64(lanes))
+                    at = builder.add(base, o)
+                    r = _affine_value(builder, _vec_of(builder, xd, at, lanes, size),
+                                      _vec_of(builder, ad, o, lanes, size),
+                                      _vec_of(builder, cd, o, lanes, size), masked)  # fmt: skip
+                    _store_stream(builder, r, yd, at)
+
+        with builder.if_else(rl) as (yes, no):
+            with yes:
+                loop(True)
+            with no:
+                loop(False)
+        _fence(builder)
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+@intrinsic
+def _stream_run(typingctx, xf, yf, start, n, a, c, relu):
+    """``y = a x + c`` [then ``max(., 0)``] on the ``n`` values of the flat arrays from
+    ``start`` (one channel's run: scalar ``a``, ``c``), stored non-temporally: ``start`` must be
+    on a 64-byte line of ``yf`` and ``n`` values whole lines (the caller checks), and the caller
+    fences once after its runs (:func:`_sfence`)."""
+    if not _float_arrays(xf, yf) or relu != types.boolean:
+        return None
+    if a != _compute_type(xf.dtype) or c != a:
+        return None
+    sig = types.void(xf, yf, types.intp, types.intp, a, c, relu)
+
+    def codegen(context, builder, sig, args):
+        xv, yv, s, n, av, cv, rl = args
+        if _trap_bits(context, builder, sig.args[0]):
+            return context.get_dummy_value()
+        size = sig.args[0].dtype.bitwidth // 8
+        lanes = _LINE // size
+        xd = context.make_array(sig.args[0])(context, builder, xv).data
+        yd = context.make_array(sig.args[1])(context, builder, yv).data
+        i64 = ir.IntType(64)
+        va, vc = _splat(builder, av, lanes), _splat(builder, cv, lanes)
+
+        def body(masked):
+            with cgutils.for_range(builder, builder.udiv(n, i64(lanes))) as j:
+                at = builder.add(s, builder.mul(j.index, i64(lanes)))
+                _store_stream(builder, _affine_value(builder, _vec_of(builder, xd, at, lanes, size),
+                                                     va, vc, masked), yd, at)  # fmt: skip
+
+        with builder.if_else(rl) as (yes, no):
+            with yes:
+                body(True)
+            with no:
+                body(False)
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+def _dx_value(builder, g, x, y, mu, a, bb, d, relu):
+    """``a g - bb (x - mu) - d`` with ``g`` zeroed where ``y <= 0`` when ``relu`` (a Python
+    bool), as :func:`_ncs_dx` computes it (the same operations and flags)."""
+    fm = sorted(_FM)
+    if relu:
+        g = builder.select(builder.fcmp_ordered(">", y, ir.Constant(y.type, None)), g,
+                           ir.Constant(g.type, None))  # fmt: skip
+    ag = builder.fmul(a, g, flags=fm)
+    r = builder.fsub(ag, builder.fmul(bb, builder.fsub(x, mu, flags=fm), flags=fm), flags=fm)
+    return builder.fsub(r, d, flags=fm)
+
+
+@intrinsic
+def _stream_dx_rows(typingctx, gf, xf, yf, t, df, start, C, rows, relu):
+    """:func:`_mc_dx`'s values on ``rows`` rows of ``C`` channels from ``start`` (``t``: the
+    (4, >= C) coefficients mu, A, B, D per channel), stored non-temporally; every row must start
+    on a 64-byte line of ``df`` (the caller checks)."""
+    if not _float_arrays(gf, xf, yf, df) or relu != types.boolean:
+        return None
+    if not (isinstance(t, types.Array) and t.ndim == 2 and t.layout == "C"
+            and t.dtype == _compute_type(gf.dtype)):  # fmt: skip
+        return None
+    sig = types.void(gf, xf, yf, t, df, types.intp, types.intp, types.intp, relu)
+
+    def codegen(context, builder, sig, args):
+        gv, xv, yv, tv, dv, s, nc, nr, rl = args
+        if _trap_bits(context, builder, sig.args[0]):
+            return context.get_dummy_value()
+        size = sig.args[0].dtype.bitwidth // 8
+        lanes = _LINE // size
+        arrays = ((sig.args[0], gv), (sig.args[1], xv), (sig.args[2], yv), (sig.args[4], dv))
+        gd, xd, yd, dd = (context.make_array(ty)(context, builder, v).data for ty, v in arrays)
+        tary = context.make_array(sig.args[3])(context, builder, tv)
+        stride = cgutils.unpack_tuple(builder, tary.shape, 2)[1]
+        td = tary.data
+        i64 = ir.IntType(64)
+        nvec = builder.udiv(nc, i64(lanes))
+
+        def loop(masked):
+            with cgutils.for_range(builder, nr) as row:
+                base = builder.add(s, builder.mul(row.index, nc))
+                with cgutils.for_range(builder, nvec) as j:
+                    o = builder.mul(j.index, i64(lanes))
+                    at = builder.add(base, o)
+                    co = [_vec_of(builder, td, builder.add(builder.mul(i64(k), stride), o), lanes,
+                                  size) for k in range(4)]  # fmt: skip
+                    y = _vec_of(builder, yd, at, lanes, size) if masked else None
+                    g = _vec_of(builder, gd, at, lanes, size)
+                    v = _vec_of(builder, xd, at, lanes, size)
+                    _store_stream(builder, _dx_value(builder, g, v, y, *co, masked), dd, at)
+
+        with builder.if_else(rl) as (yes, no):
+            with yes:
+                loop(True)
+            with no:
+                loop(False)
+        _fence(builder)
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+@intrinsic
+def _stream_dx_run(typingctx, gf, xf, yf, df, start, n, mu, a, bb, d, relu):
+    """:func:`_ncs_dx`'s values on one channel's run of ``n`` values from ``start`` (scalar
+    coefficients), stored non-temporally; as :func:`_stream_run`, ``start`` on a line, whole
+    lines, and one fence by the caller after its runs."""
+    if not _float_arrays(gf, xf, yf, df) or relu != types.boolean:
+        return None
+    comp = _compute_type(gf.dtype)
+    if any(v != comp for v in (mu, a, bb, d)):
+        return None
+    sig = types.void(gf, xf, yf, df, types.intp, types.intp, comp, comp, comp, comp, relu)
+
+    def codegen(context, builder, sig, args):
+        gv, xv, yv, dv, s, n, mu, a, bb, d, rl = args
+        if _trap_bits(context, builder, sig.args[0]):
+            return context.get_dummy_value()
+        size = sig.args[0].dtype.bitwidth // 8
+        lanes = _LINE // size
+        arrays = zip(sig.args[:4], (gv, xv, yv, dv), strict=True)
+        gd, xd, yd, dd = (context.make_array(ty)(context, builder, v).data for ty, v in arrays)
+        i64 = ir.IntType(64)
+        co = [_splat(builder, v, lanes) for v in (mu, a, bb, d)]
+
+        def body(masked):
+            with cgutils.for_range(builder, builder.udiv(n, i64(lanes))) as j:
+                at = builder.add(s, builder.mul(j.index, i64(lanes)))
+                y = _vec_of(builder, yd, at, lanes, size) if masked else None
+                r = _dx_value(builder, _vec_of(builder, gd, at, lanes, size),
+                              _vec_of(builder, xd, at, lanes, size), y, *co, masked)  # fmt: skip
+                _store_stream(builder, r, dd, at)
+
+        with builder.if_else(rl) as (yes, no):
+            with yes:
+                body(True)
+            with no:
+                body(False)
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+@intrinsic
+def _sfence(typingctx):
+    """Order the non-temporal stores made so far before what follows."""
+
+    def codegen(context, builder, sig, args):
+        _fence(builder)
+        return context.get_dummy_value()
+
+    return types.void(), codegen
+
+
 # ----------------------------------------------------------------------------------- statistics
 @njit(**_SERIAL)
 def _finish_stats(mean, var, w, b, has_w, has_b, eps, stats):
@@ -550,9 +825,19 @@ def _merge(x0, bmean, bm2, counts, mean, var):
 
 
 @njit(**_SERIAL)
-def _ncs_normalize(x, coef, relu, y, i0, i1):
-    """y = a x + c [then max(., 0)] on rows [i0, i1), coef rows (a, c) (:func:`_affine`)."""
+def _ncs_normalize(x, coef, relu, y, i0, i1, stream=False):
+    """y = a x + c [then max(., 0)] on rows [i0, i1), coef rows (a, c) (:func:`_affine`);
+    ``stream``: stored non-temporally where every row is whole lines of y (see above)."""
     N, C, S = x.shape
+    if stream and x.itemsize > 2 and (S * x.itemsize) % _LINE == 0 and (
+            y.ctypes.data + i0 * S * x.itemsize) % _LINE == 0:  # fmt: skip
+        xf = x.reshape(-1)
+        yf = y.reshape(-1)
+        for i in range(i0, i1):
+            c = i % C
+            _stream_run(xf, yf, i * S, S, coef[0, c], coef[1, c], relu)
+        _sfence()
+        return
     for i in range(i0, i1):
         n = i // C
         c = i - n * C
@@ -662,12 +947,17 @@ def _mc_sums(x, z, r0, r1, cmean, cm2):
 
 
 @njit(**_SERIAL)
-def _mc_normalize(x, t, relu, y, r0, r1):
+def _mc_normalize(x, t, relu, y, r0, r1, stream=False):
     """:func:`_ncs_normalize` for rows [r0, r1) of an (M, C) layout, in flat tiles of
-    ``_tile_rows(C)`` rows; ``t`` holds the coefficients tiled alike (:func:`_tile`)."""
+    ``_tile_rows(C)`` rows; ``t`` holds the coefficients tiled alike (:func:`_tile`).
+    ``stream``: stored non-temporally where every row starts on a line."""
     C = x.shape[1]
     xf = x.reshape(-1)
     yf = y.reshape(-1)
+    if stream and x.itemsize > 2 and (C * x.itemsize) % _LINE == 0 and (
+            y.ctypes.data + r0 * C * x.itemsize) % _LINE == 0:  # fmt: skip
+        _stream_rows(xf, t[0], t[1], yf, r0 * C, C, r1 - r0, relu)
+        return
     r = _tile_rows(C)
     a = t[0]
     cc = t[1]
@@ -695,11 +985,11 @@ def _ncs_sums_par(x, bmean, bm2):
 
 
 @njit(**_OPTS)
-def _ncs_normalize_par(x, coef, relu, y):
+def _ncs_normalize_par(x, coef, relu, y, stream=False):
     N, C, S = x.shape
     R, K = _chunks(N * C)
     for k in prange(K):
-        _ncs_normalize(x, coef, relu, y, k * R, min(N * C, (k + 1) * R))
+        _ncs_normalize(x, coef, relu, y, k * R, min(N * C, (k + 1) * R), stream)
 
 
 @njit(**_OPTS)
@@ -710,33 +1000,33 @@ def _mc_sums_par(x, z, R, cmean, cm2):
 
 
 @njit(**_OPTS)
-def _mc_normalize_par(x, t, relu, y, R):
+def _mc_normalize_par(x, t, relu, y, R, stream=False):
     M = x.shape[0]
     for k in prange((M + R - 1) // R):
-        _mc_normalize(x, t, relu, y, k * R, min(M, (k + 1) * R))
+        _mc_normalize(x, t, relu, y, k * R, min(M, (k + 1) * R), stream)
 
 
 @njit(**_SERIAL)
-def _ncs_norm(x, coef, relu, y):
+def _ncs_norm(x, coef, relu, y, stream=False):
     N, C, S = x.shape
     if use_serial(x.size):
-        _ncs_normalize(x, coef, relu, y, 0, N * C)
+        _ncs_normalize(x, coef, relu, y, 0, N * C, stream)
     else:
-        _ncs_normalize_par(x, coef, relu, y)
+        _ncs_normalize_par(x, coef, relu, y, stream)
 
 
 @njit(**_SERIAL)
-def _mc_norm(x, coef, relu, y):
+def _mc_norm(x, coef, relu, y, stream=False):
     M, C = x.shape
     t = _tile(coef, coef.dtype)
     if use_serial(x.size):
-        _mc_normalize(x, t, relu, y, 0, M)
+        _mc_normalize(x, t, relu, y, 0, M, stream)
     else:
-        _mc_normalize_par(x, t, relu, y, mc_rows_per_chunk(M, C))
+        _mc_normalize_par(x, t, relu, y, mc_rows_per_chunk(M, C), stream)
 
 
 @njit(**_SERIAL)
-def train_fwd_ncs(x, w, b, has_w, has_b, eps, relu, y, stats):
+def train_fwd_ncs(x, w, b, has_w, has_b, eps, relu, y, stats, stream=False):
     """Training forward on (N, C, S): fills y (N, C, S) and stats (5, C) in x's dtype: rows
     mean, biased var, invstd, then the normalize coefficients (see :func:`_finish_stats`).
     Blocks are the (n, c) rows."""
@@ -754,11 +1044,11 @@ def train_fwd_ncs(x, w, b, has_w, has_b, eps, relu, y, stats):
     var = np.empty(C, np.float64)
     _merge(x0, bmean, bm2, np.full(N, np.float64(S)), mean, var)
     _finish_stats(mean, var, w, b, has_w, has_b, eps, stats)
-    _ncs_norm(x, stats[3:5], relu, y)
+    _ncs_norm(x, stats[3:5], relu, y, stream)
 
 
 @njit(**_SERIAL)
-def train_fwd_mc(x, w, b, has_w, has_b, eps, relu, y, stats):
+def train_fwd_mc(x, w, b, has_w, has_b, eps, relu, y, stats, stream=False):
     """Training forward on (M, C), channels innermost; same outputs as :func:`train_fwd_ncs`.
     Blocks are chunks of ``mc_rows_per_chunk`` rows (one block, the whole input, when serial)."""
     M, C = x.shape
@@ -782,22 +1072,23 @@ def train_fwd_mc(x, w, b, has_w, has_b, eps, relu, y, stats):
     var = np.empty(C, np.float64)
     _merge(x0, cmean, cm2, counts, mean, var)
     _finish_stats(mean, var, w, b, has_w, has_b, eps, stats)
-    _mc_norm(x, stats[3:5], relu, y)
+    _mc_norm(x, stats[3:5], relu, y, stream)
 
 
 @njit(**_SERIAL)
-def train_fwd_at(xp, yp, rows, C, S, w, b, has_w, has_b, eps, relu, stats, like):
+def train_fwd_at(xp, yp, rows, C, S, w, b, has_w, has_b, eps, relu, stats, like, stream):
     """:func:`train_fwd_ncs` (``S > 1``: ``rows`` = N) or :func:`train_fwd_mc` (``S == 1``:
     ``rows`` = M) on the tensors at the addresses ``xp`` and ``yp``: each ``rows * C * S``
     elements of ``like``'s dtype, dense in that layout, which the caller has checked and keeps
     alive for the call. Addresses rather than arrays save the caller two numpy views and their
-    reshapes per tensor, which inside a model cost a small call more than its loops do."""
+    reshapes per tensor, which inside a model cost a small call more than its loops do.
+    ``stream``: y is stored non-temporally (the caller's choice for large outputs)."""
     if S > 1:
         train_fwd_ncs(carray(_at(xp, like), (rows, C, S)), w, b, has_w, has_b, eps, relu,
-                      carray(_at(yp, like), (rows, C, S)), stats)  # fmt: skip
+                      carray(_at(yp, like), (rows, C, S)), stats, stream)  # fmt: skip
     else:
         train_fwd_mc(carray(_at(xp, like), (rows, C)), w, b, has_w, has_b, eps, relu,
-                     carray(_at(yp, like), (rows, C)), stats)  # fmt: skip
+                     carray(_at(yp, like), (rows, C)), stats, stream)  # fmt: skip
 
 
 # ----------------------------------------------------------------------------------- inference
@@ -813,21 +1104,22 @@ def _eval_coef(rm, rv, w, b, has_w, has_b, eps, stats):
 
 
 @njit(**_SERIAL)
-def eval_fwd_ncs(x, rm, rv, w, b, has_w, has_b, eps, relu, y, stats):
+def eval_fwd_ncs(x, rm, rv, w, b, has_w, has_b, eps, relu, y, stats, stream=False):
     """Inference forward on (N, C, S) with population statistics (Algorithm 2)."""
     _eval_coef(rm, rv, w, b, has_w, has_b, eps, stats)
-    _ncs_norm(x, stats[1:3], relu, y)
+    _ncs_norm(x, stats[1:3], relu, y, stream)
 
 
 @njit(**_SERIAL)
-def eval_fwd_mc(x, rm, rv, w, b, has_w, has_b, eps, relu, y, stats):
+def eval_fwd_mc(x, rm, rv, w, b, has_w, has_b, eps, relu, y, stats, stream=False):
     """Inference forward on (M, C) with population statistics (Algorithm 2)."""
     _eval_coef(rm, rv, w, b, has_w, has_b, eps, stats)
-    _mc_norm(x, stats[1:3], relu, y)
+    _mc_norm(x, stats[1:3], relu, y, stream)
 
 
 @njit(**_SERIAL)
-def eval_fwd_at(xp, yp, rows, C, S, rm, rv, w, b, has_w, has_b, eps, relu, stats, like):
+def eval_fwd_at(xp, yp, rows, C, S, rm, rv, w, b, has_w, has_b, eps, relu, stats, like,
+                stream):  # fmt: skip
     """:func:`eval_fwd_ncs` / :func:`eval_fwd_mc` on the tensors at addresses ``xp``, ``yp``
     (see :func:`train_fwd_at`); ``stats`` (3, C) as there, or an empty (0, 0) array when the
     caller does not need them (made here then, which costs less than in Python)."""
@@ -836,10 +1128,10 @@ def eval_fwd_at(xp, yp, rows, C, S, rm, rv, w, b, has_w, has_b, eps, relu, stats
     _eval_coef(rm, rv, w, b, has_w, has_b, eps, stats)
     if S > 1:
         _ncs_norm(carray(_at(xp, like), (rows, C, S)), stats[1:3], relu,
-                  carray(_at(yp, like), (rows, C, S)))  # fmt: skip
+                  carray(_at(yp, like), (rows, C, S)), stream)  # fmt: skip
     else:
         _mc_norm(carray(_at(xp, like), (rows, C)), stats[1:3], relu,
-                 carray(_at(yp, like), (rows, C)))  # fmt: skip
+                 carray(_at(yp, like), (rows, C)), stream)  # fmt: skip
 
 
 # ----------------------------------------------------------------------------------- backward
@@ -947,13 +1239,25 @@ def _mc_gsums(dy, x, y, relu, mu, r0, r1, s1, s2):
 
 
 @njit(**_SERIAL)
-def _ncs_dx(dy, x, y, relu, coef, dx, i0, i1):
+def _ncs_dx(dy, x, y, relu, coef, dx, i0, i1, stream=False):
     """dx = A g - B (x - mean) - D per channel on rows [i0, i1), coef rows (mean, A, B, D).
 
     Training (section 3, collected): A = gamma invstd, B = A invstd^2 sum(g (x-mu)) / m,
-    D = A sum(g) / m.  Inference: B = D = 0.
+    D = A sum(g) / m.  Inference: B = D = 0. ``stream``: as :func:`_ncs_normalize`.
     """
     N, C, S = x.shape
+    if stream and x.itemsize > 2 and (S * x.itemsize) % _LINE == 0 and (
+            dx.ctypes.data + i0 * S * x.itemsize) % _LINE == 0:  # fmt: skip
+        gf = dy.reshape(-1)
+        xf = x.reshape(-1)
+        yf = y.reshape(-1)
+        df = dx.reshape(-1)
+        for i in range(i0, i1):
+            c = i % C
+            _stream_dx_run(gf, xf, yf, df, i * S, S, coef[0, c], coef[1, c], coef[2, c],
+                           coef[3, c], relu)  # fmt: skip
+        _sfence()
+        return
     for i in range(i0, i1):
         n = i // C
         c = i - n * C
@@ -975,14 +1279,19 @@ def _ncs_dx(dy, x, y, relu, coef, dx, i0, i1):
 
 
 @njit(**_SERIAL)
-def _mc_dx(dy, x, y, relu, t, dx, r0, r1):
+def _mc_dx(dy, x, y, relu, t, dx, r0, r1, stream=False):
     """:func:`_ncs_dx` for rows [r0, r1) of an (M, C) layout, in flat tiles of
-    ``_tile_rows(C)`` rows with the coefficients tiled alike."""
+    ``_tile_rows(C)`` rows with the coefficients tiled alike. ``stream``: as
+    :func:`_mc_normalize`."""
     C = x.shape[1]
     xf = x.reshape(-1)
     gf = dy.reshape(-1)
     yf = y.reshape(-1)
     df = dx.reshape(-1)
+    if stream and x.itemsize > 2 and (C * x.itemsize) % _LINE == 0 and (
+            dx.ctypes.data + r0 * C * x.itemsize) % _LINE == 0:  # fmt: skip
+        _stream_dx_rows(gf, xf, yf, t, df, r0 * C, C, r1 - r0, relu)
+        return
     r = _tile_rows(C)
     P = r * C
     mu = t[0]
@@ -1021,18 +1330,18 @@ def _mc_gsums_par(dy, x, y, relu, mu, R, p1, p2):
 
 
 @njit(**_OPTS)
-def _ncs_dx_par(dy, x, y, relu, coef, dx):
+def _ncs_dx_par(dy, x, y, relu, coef, dx, stream=False):
     N, C, S = x.shape
     R, K = _chunks(N * C)
     for k in prange(K):
-        _ncs_dx(dy, x, y, relu, coef, dx, k * R, min(N * C, (k + 1) * R))
+        _ncs_dx(dy, x, y, relu, coef, dx, k * R, min(N * C, (k + 1) * R), stream)
 
 
 @njit(**_OPTS)
-def _mc_dx_par(dy, x, y, relu, t, dx, R):
+def _mc_dx_par(dy, x, y, relu, t, dx, R, stream=False):
     M = x.shape[0]
     for k in prange((M + R - 1) // R):
-        _mc_dx(dy, x, y, relu, t, dx, k * R, min(M, (k + 1) * R))
+        _mc_dx(dy, x, y, relu, t, dx, k * R, min(M, (k + 1) * R), stream)
 
 
 @njit(**_SERIAL)
@@ -1046,7 +1355,8 @@ def _add_rows(p1, p2, sums):
 
 
 @njit(**_SERIAL)
-def backward_ncs(dy, x, y, relu, mean, invstd, w, has_w, train, need_sums, need_dx, dx, grads):
+def backward_ncs(dy, x, y, relu, mean, invstd, w, has_w, train, need_sums, need_dx, dx, grads,
+                 stream=False):  # fmt: skip
     """Backward on (N, C, S): grads (2, C) = (dgamma, dbeta) when need_sums or train, dx when
     need_dx. ``train`` selects Algorithm 1's gradient (batch statistics) over the inference one."""
     N, C, S = x.shape
@@ -1064,13 +1374,14 @@ def backward_ncs(dy, x, y, relu, mean, invstd, w, has_w, train, need_sums, need_
     _bwd_coef(sums, mean, invstd, w, has_w, train, x.size // C, coef, grads)
     if need_dx:
         if serial:
-            _ncs_dx(dy, x, y, relu, coef, dx, 0, N * C)
+            _ncs_dx(dy, x, y, relu, coef, dx, 0, N * C, stream)
         else:
-            _ncs_dx_par(dy, x, y, relu, coef, dx)
+            _ncs_dx_par(dy, x, y, relu, coef, dx, stream)
 
 
 @njit(**_SERIAL)
-def backward_mc(dy, x, y, relu, mean, invstd, w, has_w, train, need_sums, need_dx, dx, grads):
+def backward_mc(dy, x, y, relu, mean, invstd, w, has_w, train, need_sums, need_dx, dx, grads,
+                stream=False):  # fmt: skip
     """(M, C) version of :func:`backward_ncs`; partial sums per chunk of rows."""
     M, C = x.shape
     serial = use_serial(x.size)
@@ -1091,27 +1402,29 @@ def backward_mc(dy, x, y, relu, mean, invstd, w, has_w, train, need_sums, need_d
     if need_dx:
         t = _tile(coef, coef.dtype)
         if serial:
-            _mc_dx(dy, x, y, relu, t, dx, 0, M)
+            _mc_dx(dy, x, y, relu, t, dx, 0, M, stream)
         else:
-            _mc_dx_par(dy, x, y, relu, t, dx, R)
+            _mc_dx_par(dy, x, y, relu, t, dx, R, stream)
 
 
 @njit(**_SERIAL)
 def backward_at(dyp, xp, yp, relu, rows, C, S, mean, invstd, w, has_w, train, need_sums, dxp,
-                grads, like):  # fmt: skip
+                grads, like, stream):  # fmt: skip
     """:func:`backward_ncs` / :func:`backward_mc` on the tensors at the addresses ``dyp``,
     ``xp``, ``yp`` (the fused ReLU's output; x's address without it) and ``dxp`` (0: no dx),
-    as :func:`train_fwd_at` takes them."""
+    as :func:`train_fwd_at` takes them; ``stream``: dx stored non-temporally."""
     n = rows if dxp != 0 else 0  # (no dx: an empty array, never read)
     if S > 1:
         shape = (rows, C, S)
         backward_ncs(carray(_at(dyp, like), shape), carray(_at(xp, like), shape),
                      carray(_at(yp, like), shape), relu, mean, invstd, w, has_w, train,
-                     need_sums, dxp != 0, carray(_at(dxp, like), (n, C, S)), grads)  # fmt: skip
+                     need_sums, dxp != 0, carray(_at(dxp, like), (n, C, S)), grads,
+                     stream)  # fmt: skip
     else:
         backward_mc(carray(_at(dyp, like), (rows, C)), carray(_at(xp, like), (rows, C)),
                     carray(_at(yp, like), (rows, C)), relu, mean, invstd, w, has_w, train,
-                    need_sums, dxp != 0, carray(_at(dxp, like), (n, C)), grads)  # fmt: skip
+                    need_sums, dxp != 0, carray(_at(dxp, like), (n, C)), grads,
+                    stream)  # fmt: skip
 
 
 # ----------------------------------------------------------------------------- running statistics
