@@ -306,14 +306,33 @@ def _tile_rows(C: int) -> int:
 _LANES = 16
 
 
+def _data(context, builder, aryty, ary):
+    """The element pointer of the array value ``ary`` of type ``aryty``."""
+    return context.make_array(aryty)(context, builder, ary).data
+
+
+def _vec_of(builder, ptr_elem, index, n, align):
+    """``n`` consecutive values from ``ptr_elem[index]`` as a vector (unaligned load)."""
+    vty = ir.VectorType(ptr_elem.type.pointee, n)
+    return builder.load(builder.bitcast(builder.gep(ptr_elem, [index]), vty.as_pointer()),
+                        align=align)  # fmt: skip
+
+
+def _branch(builder, flag, emit):
+    """``emit(True)`` where the i1 ``flag`` holds, ``emit(False)`` elsewhere: a loop built twice,
+    each specialized, the test made once outside it."""
+    with builder.if_else(flag) as (yes, no):
+        with yes:
+            emit(True)
+        with no:
+            emit(False)
+
+
 def _lanes(context, builder, aryty, ary, index):
     """``_LANES`` values of the 1-d array ``ary`` from ``index`` as a vector of their compute
     type: float32 (for float32, and bfloat16 bits widened exactly as ``_ld`` does) or float64."""
-    data = context.make_array(aryty)(context, builder, ary).data
-    elt = data.type.pointee
-    vty = ir.VectorType(elt, _LANES)
-    v = builder.load(builder.bitcast(builder.gep(data, [index]), vty.as_pointer()),
-                     align=aryty.dtype.bitwidth // 8)  # fmt: skip
+    data = _data(context, builder, aryty, ary)
+    v = _vec_of(builder, data, index, _LANES, aryty.dtype.bitwidth // 8)
     if aryty.dtype == types.uint16:
         i32 = ir.IntType(32)
         v = builder.zext(v, ir.VectorType(i32, _LANES))
@@ -336,7 +355,7 @@ def _sweep(context, builder, sums, n, body):
     vd = ir.VectorType(ir.DoubleType(), _LANES)
     accs = []
     for aryty, ary in sums:
-        data = context.make_array(aryty)(context, builder, ary).data
+        data = _data(context, builder, aryty, ary)
         slots = []
         for j in range(_TILE // _LANES):
             p = builder.bitcast(builder.gep(data, [ir.IntType(64)(j * _LANES)]), vd.as_pointer())
@@ -381,7 +400,7 @@ def _sweep_sums(typingctx, xf, z, a, n, step, ahead, s1, s2):
         zs = [_lanes(context, builder, sig.args[1], zv, i64(j * _LANES))
               for j in range(_TILE // _LANES)]  # fmt: skip
         itemsize = sig.args[0].dtype.bitwidth // 8
-        data = context.make_array(sig.args[0])(context, builder, xfv).data
+        data = _data(context, builder, sig.args[0], xfv)
         i8p = ir.IntType(8).as_pointer()
         i32 = ir.IntType(32)
         pf = cgutils.get_or_insert_function(
@@ -406,11 +425,8 @@ def _sweep_sums(typingctx, xf, z, a, n, step, ahead, s1, s2):
             return run
 
         sums = ((sig.args[6], s1v), (sig.args[7], s2v))
-        with builder.if_else(builder.icmp_signed(">", aheadv, i64(0))) as (yes, no):
-            with yes:
-                _sweep(context, builder, sums, nv, body(True))
-            with no:
-                _sweep(context, builder, sums, nv, body(False))
+        _branch(builder, builder.icmp_signed(">", aheadv, i64(0)),
+                lambda prefetch: _sweep(context, builder, sums, nv, body(prefetch)))
         return context.get_dummy_value()
 
     return sig, codegen
@@ -456,11 +472,7 @@ def _sweep_gsums(typingctx, gf, xf, yf, mu, a, n, step, relu, s1, s2):
             return run
 
         sums = ((sig.args[8], s1v), (sig.args[9], s2v))
-        with builder.if_else(reluv) as (yes, no):
-            with yes:
-                _sweep(context, builder, sums, nv, body(True))
-            with no:
-                _sweep(context, builder, sums, nv, body(False))
+        _branch(builder, reluv, lambda masked: _sweep(context, builder, sums, nv, body(masked)))
         return context.get_dummy_value()
 
     return sig, codegen
@@ -479,13 +491,6 @@ def _sweep_gsums(typingctx, gf, xf, yf, mu, a, n, step, relu, s1, s2):
 _LINE = 64
 
 
-def _vec_of(builder, ptr_elem, index, n, align):
-    """``n`` consecutive values from ``ptr_elem[index]`` as a vector (unaligned load)."""
-    vty = ir.VectorType(ptr_elem.type.pointee, n)
-    return builder.load(builder.bitcast(builder.gep(ptr_elem, [index]), vty.as_pointer()),
-                        align=align)  # fmt: skip
-
-
 def _splat(builder, v, n):
     """A vector of ``n`` copies of the scalar ``v``."""
     vty = ir.VectorType(v.type, n)
@@ -499,6 +504,18 @@ def _store_stream(builder, v, ptr_elem, index):
     st = builder.store(v, builder.bitcast(builder.gep(ptr_elem, [index]), v.type.as_pointer()),
                        align=_LINE)  # fmt: skip
     st.set_metadata("nontemporal", builder.module.add_metadata([ir.IntType(32)(1)]))
+
+
+def _lines(builder, start, rows, row_len, lanes, body):
+    """``body(at, o)`` for each vector of ``lanes`` values of ``rows`` rows of ``row_len`` values
+    (a multiple of ``lanes``) from the flat index ``start``: ``at`` its flat index, ``o`` its
+    offset in the row."""
+    i64 = ir.IntType(64)
+    with cgutils.for_range(builder, rows) as row:
+        base = builder.add(start, builder.mul(row.index, row_len))
+        with cgutils.for_range(builder, builder.udiv(row_len, i64(lanes))) as j:
+            o = builder.mul(j.index, i64(lanes))
+            body(builder.add(base, o), o)
 
 
 def _affine_value(builder, v, a, c, relu):
@@ -561,27 +578,19 @@ def _stream_rows(typingctx, xf, a, c, yf, start, C, rows, relu):
             return context.get_dummy_value()
         size = sig.args[0].dtype.bitwidth // 8
         lanes = _LINE // size
-        xd, ad, cd, yd = (context.make_array(t)(context, builder, v).data
+        xd, ad, cd, yd = (_data(context, builder, t, v)
                           for t, v in zip(sig.args[:4], (xv, av, cv, yv), strict=True))  # fmt: skip
-        i64 = ir.IntType(64)
-        nvec = builder.udiv(nc, i64(lanes))
 
         def loop(masked):
-            with cgutils.for_range(builder, nr) as row:
-                base = builder.add(s, builder.mul(row.index, nc))
-                with cgutils.for_range(builder, nvec) as j:
-                    o = builder.mul(j.index, i64(lanes))
-                    at = builder.add(base, o)
-                    r = _affine_value(builder, _vec_of(builder, xd, at, lanes, size),
-                                      _vec_of(builder, ad, o, lanes, size),
-                                      _vec_of(builder, cd, o, lanes, size), masked)  # fmt: skip
-                    _store_stream(builder, r, yd, at)
+            def vector(at, o):
+                r = _affine_value(builder, _vec_of(builder, xd, at, lanes, size),
+                                  _vec_of(builder, ad, o, lanes, size),
+                                  _vec_of(builder, cd, o, lanes, size), masked)  # fmt: skip
+                _store_stream(builder, r, yd, at)
 
-        with builder.if_else(rl) as (yes, no):
-            with yes:
-                loop(True)
-            with no:
-                loop(False)
+            _lines(builder, s, nr, nc, lanes, vector)
+
+        _branch(builder, rl, loop)
         _fence(builder)
         return context.get_dummy_value()
 
@@ -606,22 +615,17 @@ def _stream_run(typingctx, xf, yf, start, n, a, c, relu):
             return context.get_dummy_value()
         size = sig.args[0].dtype.bitwidth // 8
         lanes = _LINE // size
-        xd = context.make_array(sig.args[0])(context, builder, xv).data
-        yd = context.make_array(sig.args[1])(context, builder, yv).data
-        i64 = ir.IntType(64)
+        xd, yd = _data(context, builder, sig.args[0], xv), _data(context, builder, sig.args[1], yv)
         va, vc = _splat(builder, av, lanes), _splat(builder, cv, lanes)
 
-        def body(masked):
-            with cgutils.for_range(builder, builder.udiv(n, i64(lanes))) as j:
-                at = builder.add(s, builder.mul(j.index, i64(lanes)))
-                _store_stream(builder, _affine_value(builder, _vec_of(builder, xd, at, lanes, size),
-                                                     va, vc, masked), yd, at)  # fmt: skip
+        def loop(masked):
+            def vector(at, o):
+                r = _affine_value(builder, _vec_of(builder, xd, at, lanes, size), va, vc, masked)
+                _store_stream(builder, r, yd, at)
 
-        with builder.if_else(rl) as (yes, no):
-            with yes:
-                body(True)
-            with no:
-                body(False)
+            _lines(builder, s, ir.IntType(64)(1), n, lanes, vector)
+
+        _branch(builder, rl, loop)
         return context.get_dummy_value()
 
     return sig, codegen
@@ -658,31 +662,23 @@ def _stream_dx_rows(typingctx, gf, xf, yf, t, df, start, C, rows, relu):
         size = sig.args[0].dtype.bitwidth // 8
         lanes = _LINE // size
         arrays = ((sig.args[0], gv), (sig.args[1], xv), (sig.args[2], yv), (sig.args[4], dv))
-        gd, xd, yd, dd = (context.make_array(ty)(context, builder, v).data for ty, v in arrays)
+        gd, xd, yd, dd = (_data(context, builder, ty, v) for ty, v in arrays)
         tary = context.make_array(sig.args[3])(context, builder, tv)
         stride = cgutils.unpack_tuple(builder, tary.shape, 2)[1]
-        td = tary.data
         i64 = ir.IntType(64)
-        nvec = builder.udiv(nc, i64(lanes))
 
         def loop(masked):
-            with cgutils.for_range(builder, nr) as row:
-                base = builder.add(s, builder.mul(row.index, nc))
-                with cgutils.for_range(builder, nvec) as j:
-                    o = builder.mul(j.index, i64(lanes))
-                    at = builder.add(base, o)
-                    co = [_vec_of(builder, td, builder.add(builder.mul(i64(k), stride), o), lanes,
-                                  size) for k in range(4)]  # fmt: skip
-                    y = _vec_of(builder, yd, at, lanes, size) if masked else None
-                    g = _vec_of(builder, gd, at, lanes, size)
-                    v = _vec_of(builder, xd, at, lanes, size)
-                    _store_stream(builder, _dx_value(builder, g, v, y, *co, masked), dd, at)
+            def vector(at, o):
+                co = [_vec_of(builder, tary.data, builder.add(builder.mul(i64(k), stride), o),
+                              lanes, size) for k in range(4)]  # fmt: skip
+                y = _vec_of(builder, yd, at, lanes, size) if masked else None
+                g = _vec_of(builder, gd, at, lanes, size)
+                v = _vec_of(builder, xd, at, lanes, size)
+                _store_stream(builder, _dx_value(builder, g, v, y, *co, masked), dd, at)
 
-        with builder.if_else(rl) as (yes, no):
-            with yes:
-                loop(True)
-            with no:
-                loop(False)
+            _lines(builder, s, nr, nc, lanes, vector)
+
+        _branch(builder, rl, loop)
         _fence(builder)
         return context.get_dummy_value()
 
@@ -708,23 +704,19 @@ def _stream_dx_run(typingctx, gf, xf, yf, df, start, n, mu, a, bb, d, relu):
         size = sig.args[0].dtype.bitwidth // 8
         lanes = _LINE // size
         arrays = zip(sig.args[:4], (gv, xv, yv, dv), strict=True)
-        gd, xd, yd, dd = (context.make_array(ty)(context, builder, v).data for ty, v in arrays)
-        i64 = ir.IntType(64)
+        gd, xd, yd, dd = (_data(context, builder, ty, v) for ty, v in arrays)
         co = [_splat(builder, v, lanes) for v in (mu, a, bb, d)]
 
-        def body(masked):
-            with cgutils.for_range(builder, builder.udiv(n, i64(lanes))) as j:
-                at = builder.add(s, builder.mul(j.index, i64(lanes)))
+        def loop(masked):
+            def vector(at, o):
                 y = _vec_of(builder, yd, at, lanes, size) if masked else None
-                r = _dx_value(builder, _vec_of(builder, gd, at, lanes, size),
-                              _vec_of(builder, xd, at, lanes, size), y, *co, masked)  # fmt: skip
-                _store_stream(builder, r, dd, at)
+                g = _vec_of(builder, gd, at, lanes, size)
+                v = _vec_of(builder, xd, at, lanes, size)
+                _store_stream(builder, _dx_value(builder, g, v, y, *co, masked), dd, at)
 
-        with builder.if_else(rl) as (yes, no):
-            with yes:
-                body(True)
-            with no:
-                body(False)
+            _lines(builder, s, ir.IntType(64)(1), n, lanes, vector)
+
+        _branch(builder, rl, loop)
         return context.get_dummy_value()
 
     return sig, codegen
