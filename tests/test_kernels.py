@@ -597,7 +597,7 @@ def test_channels_last_sums_match_float64_sums(C, dtype):
     [
         ((3, 7, 16, 16), "contiguous"),  # rows of 256 values: whole lines, streamed
         ((2, 16, 4, 4), "contiguous"),  # rows of exactly one line (float32)
-        ((3, 5, 7, 9), "contiguous"),  # rows of 63 values: not whole lines, stored as usual
+        ((3, 5, 7, 9), "contiguous"),  # rows of 63 values: lines streamed, head and tail not
         ((2, 16, 4, 4), "channels_last"),  # rows of 16 channels: one line
         ((4, 48, 3, 5), "channels_last"),  # three lines a row
         ((5, 20, 3, 3), "channels_last"),  # 20 channels: not whole lines

@@ -484,10 +484,11 @@ def _sweep_gsums(typingctx, gf, xf, yf, mu, a, n, step, relu, s1, s2):
 # instead of two) and evicts other data for lines that will be read from memory anyway. Measured
 # on channels_last inference of 16-51 MB tensors, the normalize pass alone took 0.51-0.80x the
 # time (docs/kernels.md). The caller decides which outputs stream (``stream``: at least half the
-# last-level cache, where input and output together no longer fit in it); the loops stream only
-# where every output row (a channel's run in NCHW, a row of C channels channels-last) is whole
-# 64-byte lines, which they check, and otherwise store as usual: a line written partly by a
-# non-temporal store and partly by a normal one costs more than either.
+# last-level cache, where input and output together no longer fit in it). In NCHW a channel's run
+# streams its whole 64-byte lines and stores the values before and after them as usual; in
+# channels_last a row of C values streams where every row is whole lines (C * itemsize a multiple
+# of 64), and otherwise every value is stored as usual. Non-temporal stores are weakly ordered: a
+# chunk fences once after them (a fence per run made short runs several times slower).
 _LINE = 64
 
 
@@ -516,6 +517,27 @@ def _lines(builder, start, rows, row_len, lanes, body):
         with cgutils.for_range(builder, builder.udiv(row_len, i64(lanes))) as j:
             o = builder.mul(j.index, i64(lanes))
             body(builder.add(base, o), o)
+
+
+def _run(builder, out, start, n, lanes, scalar, vector):
+    """Over the ``n`` values from the flat index ``start`` of the output pointer ``out``:
+    ``scalar(at)`` for the values before its first whole 64-byte line and after its last,
+    ``vector(at)`` for each whole line between (``lanes`` values)."""
+    i64 = ir.IntType(64)
+    size = _LINE // lanes
+    addr = builder.ptrtoint(builder.gep(out, [start]), i64)
+    head = builder.udiv(builder.urem(builder.sub(i64(_LINE), builder.urem(addr, i64(_LINE))),
+                                     i64(_LINE)), i64(size))  # fmt: skip
+    head = builder.select(builder.icmp_signed("<", n, head), n, head)
+    nvec = builder.sdiv(builder.sub(n, head), i64(lanes))
+    with cgutils.for_range(builder, head) as k:
+        scalar(builder.add(start, k.index))
+    first = builder.add(start, head)
+    with cgutils.for_range(builder, nvec) as j:
+        vector(builder.add(first, builder.mul(j.index, i64(lanes))))
+    done = builder.add(first, builder.mul(nvec, i64(lanes)))
+    with cgutils.for_range(builder, builder.sub(builder.add(start, n), done)) as k:
+        scalar(builder.add(done, k.index))
 
 
 def _affine_value(builder, v, a, c, relu):
@@ -600,9 +622,9 @@ def _stream_rows(typingctx, xf, a, c, yf, start, C, rows, relu):
 @intrinsic
 def _stream_run(typingctx, xf, yf, start, n, a, c, relu):
     """``y = a x + c`` [then ``max(., 0)``] on the ``n`` values of the flat arrays from
-    ``start`` (one channel's run: scalar ``a``, ``c``), stored non-temporally: ``start`` must be
-    on a 64-byte line of ``yf`` and ``n`` values whole lines (the caller checks), and the caller
-    fences once after its runs (:func:`_sfence`)."""
+    ``start`` (one channel's run: scalar ``a``, ``c``): the whole 64-byte lines of ``yf`` stored
+    non-temporally, the values before and after them as usual (:func:`_run`); the caller fences
+    once after its runs (:func:`_sfence`)."""
     if not _float_arrays(xf, yf) or relu != types.boolean:
         return None
     if a != _compute_type(xf.dtype) or c != a:
@@ -619,11 +641,15 @@ def _stream_run(typingctx, xf, yf, start, n, a, c, relu):
         va, vc = _splat(builder, av, lanes), _splat(builder, cv, lanes)
 
         def loop(masked):
-            def vector(at, o):
+            def scalar(at):
+                v = builder.load(builder.gep(xd, [at]))
+                builder.store(_affine_value(builder, v, av, cv, masked), builder.gep(yd, [at]))
+
+            def vector(at):
                 r = _affine_value(builder, _vec_of(builder, xd, at, lanes, size), va, vc, masked)
                 _store_stream(builder, r, yd, at)
 
-            _lines(builder, s, ir.IntType(64)(1), n, lanes, vector)
+            _run(builder, yd, s, n, lanes, scalar, vector)
 
         _branch(builder, rl, loop)
         return context.get_dummy_value()
@@ -688,8 +714,7 @@ def _stream_dx_rows(typingctx, gf, xf, yf, t, df, start, C, rows, relu):
 @intrinsic
 def _stream_dx_run(typingctx, gf, xf, yf, df, start, n, mu, a, bb, d, relu):
     """:func:`_ncs_dx`'s values on one channel's run of ``n`` values from ``start`` (scalar
-    coefficients), stored non-temporally; as :func:`_stream_run`, ``start`` on a line, whole
-    lines, and one fence by the caller after its runs."""
+    coefficients), stored as :func:`_stream_run` stores its run."""
     if not _float_arrays(gf, xf, yf, df) or relu != types.boolean:
         return None
     comp = _compute_type(gf.dtype)
@@ -708,13 +733,20 @@ def _stream_dx_run(typingctx, gf, xf, yf, df, start, n, mu, a, bb, d, relu):
         co = [_splat(builder, v, lanes) for v in (mu, a, bb, d)]
 
         def loop(masked):
-            def vector(at, o):
+            def scalar(at):
+                y = builder.load(builder.gep(yd, [at])) if masked else None
+                g = builder.load(builder.gep(gd, [at]))
+                v = builder.load(builder.gep(xd, [at]))
+                r = _dx_value(builder, g, v, y, mu, a, bb, d, masked)
+                builder.store(r, builder.gep(dd, [at]))
+
+            def vector(at):
                 y = _vec_of(builder, yd, at, lanes, size) if masked else None
                 g = _vec_of(builder, gd, at, lanes, size)
                 v = _vec_of(builder, xd, at, lanes, size)
                 _store_stream(builder, _dx_value(builder, g, v, y, *co, masked), dd, at)
 
-            _lines(builder, s, ir.IntType(64)(1), n, lanes, vector)
+            _run(builder, dd, s, n, lanes, scalar, vector)
 
         _branch(builder, rl, loop)
         return context.get_dummy_value()
@@ -819,10 +851,9 @@ def _merge(x0, bmean, bm2, counts, mean, var):
 @njit(**_SERIAL)
 def _ncs_normalize(x, coef, relu, y, i0, i1, stream=False):
     """y = a x + c [then max(., 0)] on rows [i0, i1), coef rows (a, c) (:func:`_affine`);
-    ``stream``: stored non-temporally where every row is whole lines of y (see above)."""
+    ``stream``: y's whole lines stored non-temporally (float32/float64; see above)."""
     N, C, S = x.shape
-    if stream and x.itemsize > 2 and (S * x.itemsize) % _LINE == 0 and (
-            y.ctypes.data + i0 * S * x.itemsize) % _LINE == 0:  # fmt: skip
+    if stream and x.itemsize > 2:
         xf = x.reshape(-1)
         yf = y.reshape(-1)
         for i in range(i0, i1):
@@ -1238,8 +1269,7 @@ def _ncs_dx(dy, x, y, relu, coef, dx, i0, i1, stream=False):
     D = A sum(g) / m.  Inference: B = D = 0. ``stream``: as :func:`_ncs_normalize`.
     """
     N, C, S = x.shape
-    if stream and x.itemsize > 2 and (S * x.itemsize) % _LINE == 0 and (
-            dx.ctypes.data + i0 * S * x.itemsize) % _LINE == 0:  # fmt: skip
+    if stream and x.itemsize > 2:
         gf = dy.reshape(-1)
         xf = x.reshape(-1)
         yf = y.reshape(-1)
