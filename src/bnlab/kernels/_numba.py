@@ -370,7 +370,7 @@ def _sweep(context, builder, sums, n, body):
             builder.store(builder.load(slot), p, align=8)
 
 
-def _sweep_types(arrays):
+def _loop_arrays(*arrays):
     """Whether ``arrays`` are 1-d contiguous arrays of one element type the loops read (float32,
     float64, bfloat16 bits)."""
     dt = getattr(arrays[0], "dtype", None)
@@ -378,6 +378,11 @@ def _sweep_types(arrays):
         isinstance(a, types.Array) and a.ndim == 1 and a.layout == "C" and a.dtype == dt
         for a in arrays
     )
+
+
+def _compute_type(dtype):
+    """The element type the loops compute in for arrays of ``dtype`` (float32 for bfloat16)."""
+    return types.float32 if dtype == types.uint16 else dtype
 
 
 @intrinsic
@@ -388,7 +393,7 @@ def _sweep_sums(typingctx, xf, z, a, n, step, ahead, s1, s2):
     names the lines ``ahead`` elements further on (software prefetch; the caller keeps them inside
     ``xf``)."""
     f64 = types.Array(types.float64, 1, "C")
-    if not _sweep_types([xf]) or z != f64 or s1 != f64 or s2 != f64:
+    if not _loop_arrays(xf) or z != f64 or s1 != f64 or s2 != f64:
         return None
     if not all(isinstance(i, types.Integer) for i in (a, n, step, ahead)):
         return None
@@ -439,9 +444,9 @@ def _sweep_gsums(typingctx, gf, xf, yf, mu, a, n, step, relu, s1, s2):
     the product and sums in float64), ``g = dy`` or, with ``relu``, ``dy`` where ``y > 0`` and 0
     elsewhere (``yf`` is not read without it)."""
     f64 = types.Array(types.float64, 1, "C")
-    if not _sweep_types([gf, xf, yf]) or s1 != f64 or s2 != f64:
+    if not _loop_arrays(gf, xf, yf) or s1 != f64 or s2 != f64:
         return None
-    comp = types.float64 if gf.dtype == types.float64 else types.float32
+    comp = _compute_type(gf.dtype)
     if not (isinstance(mu, types.Array) and mu.ndim == 1 and mu.layout == "C" and mu.dtype == comp):
         return None
     if not all(isinstance(i, types.Integer) for i in (a, n, step)) or relu != types.boolean:
@@ -540,6 +545,14 @@ def _run(builder, out, start, n, lanes, scalar, vector):
         scalar(builder.add(done, k.index))
 
 
+def _stream_rows_of(builder, relu, start, rows, row_len, lanes, vector_for):
+    """The streamed rows of an intrinsic: ``vector_for(masked)`` gives the body ``(at, o)`` of
+    :func:`_lines`, built with and without the ReLU mask (``relu``: i1), then one fence."""
+    _branch(builder, relu, lambda masked: _lines(builder, start, rows, row_len, lanes,
+                                                 vector_for(masked)))  # fmt: skip
+    _fence(builder)
+
+
 def _affine_value(builder, v, a, c, relu):
     """``a v + c`` (one fused multiply-add), then ``max(., 0)`` when ``relu`` (a Python bool)."""
     r = builder.fadd(builder.fmul(v, a, flags=["contract"]), c, flags=["contract"])
@@ -554,21 +567,6 @@ def _fence(builder):
     fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ir.VoidType(), []),
                                         "llvm.x86.sse.sfence")  # fmt: skip
     builder.call(fn, [])
-
-
-def _float_arrays(*arrays):
-    """Whether ``arrays`` are 1-d contiguous arrays of one element type the loops read (bfloat16
-    bits included so that the loops type for every dtype; :func:`_trap_bits` below)."""
-    dt = getattr(arrays[0], "dtype", None)
-    return dt in (types.float32, types.float64, types.uint16) and all(
-        isinstance(a, types.Array) and a.ndim == 1 and a.layout == "C" and a.dtype == dt
-        for a in arrays
-    )
-
-
-def _compute_type(dtype):
-    """The element type the loops compute in for arrays of ``dtype`` (float32 for bfloat16)."""
-    return types.float32 if dtype == types.uint16 else dtype
 
 
 def _trap_bits(context, builder, aryty) -> bool:
@@ -588,7 +586,7 @@ def _stream_rows(typingctx, xf, a, c, yf, start, C, rows, relu):
     """``y = a[ch] x + c[ch]`` [then ``max(., 0)``] over ``rows`` rows of ``C`` channels of the
     flat arrays from ``start``, stored non-temporally: every row must start on a 64-byte line of
     ``yf`` (``C * itemsize`` a multiple of 64 and the first row aligned; the caller checks)."""
-    if not _float_arrays(xf, yf) or not _float_arrays(a, c) or relu != types.boolean:
+    if not _loop_arrays(xf, yf) or not _loop_arrays(a, c) or relu != types.boolean:
         return None
     if a.dtype != _compute_type(xf.dtype):
         return None
@@ -603,17 +601,16 @@ def _stream_rows(typingctx, xf, a, c, yf, start, C, rows, relu):
         xd, ad, cd, yd = (_data(context, builder, t, v)
                           for t, v in zip(sig.args[:4], (xv, av, cv, yv), strict=True))  # fmt: skip
 
-        def loop(masked):
+        def vector_for(masked):
             def vector(at, o):
                 r = _affine_value(builder, _vec_of(builder, xd, at, lanes, size),
                                   _vec_of(builder, ad, o, lanes, size),
                                   _vec_of(builder, cd, o, lanes, size), masked)  # fmt: skip
                 _store_stream(builder, r, yd, at)
 
-            _lines(builder, s, nr, nc, lanes, vector)
+            return vector
 
-        _branch(builder, rl, loop)
-        _fence(builder)
+        _stream_rows_of(builder, rl, s, nr, nc, lanes, vector_for)
         return context.get_dummy_value()
 
     return sig, codegen
@@ -625,7 +622,7 @@ def _stream_run(typingctx, xf, yf, start, n, a, c, relu):
     ``start`` (one channel's run: scalar ``a``, ``c``): the whole 64-byte lines of ``yf`` stored
     non-temporally, the values before and after them as usual (:func:`_run`); the caller fences
     once after its runs (:func:`_sfence`)."""
-    if not _float_arrays(xf, yf) or relu != types.boolean:
+    if not _loop_arrays(xf, yf) or relu != types.boolean:
         return None
     if a != _compute_type(xf.dtype) or c != a:
         return None
@@ -674,7 +671,7 @@ def _stream_dx_rows(typingctx, gf, xf, yf, t, df, start, C, rows, relu):
     """:func:`_mc_dx`'s values on ``rows`` rows of ``C`` channels from ``start`` (``t``: the
     (4, >= C) coefficients mu, A, B, D per channel), stored non-temporally; every row must start
     on a 64-byte line of ``df`` (the caller checks)."""
-    if not _float_arrays(gf, xf, yf, df) or relu != types.boolean:
+    if not _loop_arrays(gf, xf, yf, df) or relu != types.boolean:
         return None
     if not (isinstance(t, types.Array) and t.ndim == 2 and t.layout == "C"
             and t.dtype == _compute_type(gf.dtype)):  # fmt: skip
@@ -693,7 +690,7 @@ def _stream_dx_rows(typingctx, gf, xf, yf, t, df, start, C, rows, relu):
         stride = cgutils.unpack_tuple(builder, tary.shape, 2)[1]
         i64 = ir.IntType(64)
 
-        def loop(masked):
+        def vector_for(masked):
             def vector(at, o):
                 co = [_vec_of(builder, tary.data, builder.add(builder.mul(i64(k), stride), o),
                               lanes, size) for k in range(4)]  # fmt: skip
@@ -702,10 +699,9 @@ def _stream_dx_rows(typingctx, gf, xf, yf, t, df, start, C, rows, relu):
                 v = _vec_of(builder, xd, at, lanes, size)
                 _store_stream(builder, _dx_value(builder, g, v, y, *co, masked), dd, at)
 
-            _lines(builder, s, nr, nc, lanes, vector)
+            return vector
 
-        _branch(builder, rl, loop)
-        _fence(builder)
+        _stream_rows_of(builder, rl, s, nr, nc, lanes, vector_for)
         return context.get_dummy_value()
 
     return sig, codegen
@@ -715,7 +711,7 @@ def _stream_dx_rows(typingctx, gf, xf, yf, t, df, start, C, rows, relu):
 def _stream_dx_run(typingctx, gf, xf, yf, df, start, n, mu, a, bb, d, relu):
     """:func:`_ncs_dx`'s values on one channel's run of ``n`` values from ``start`` (scalar
     coefficients), stored as :func:`_stream_run` stores its run."""
-    if not _float_arrays(gf, xf, yf, df) or relu != types.boolean:
+    if not _loop_arrays(gf, xf, yf, df) or relu != types.boolean:
         return None
     comp = _compute_type(gf.dtype)
     if any(v != comp for v in (mu, a, bb, d)):
