@@ -659,3 +659,142 @@ def test_short_inference_path_declines_what_it_does_not_take(backend):
         layer.train()
         layer.frozen = True  # frozen: population statistics in training mode too
         assert layer._eval_fast(x) is not None
+
+
+def _general_path(layer):
+    """``layer`` with its short training path switched off (an instance attribute), so that
+    every call takes the general path of ``forward``."""
+    layer._train_fast = lambda x: None
+    return layer
+
+
+@pytest.mark.parametrize("shape", list(SHAPES.values()), ids=list(SHAPES))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16],
+                         ids=["f32", "f64", "bf16"])  # fmt: skip
+@pytest.mark.parametrize("params", ["affine", "nobias", "noaffine"])
+@pytest.mark.parametrize("fmt", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("act", [None, "relu"])
+@pytest.mark.parametrize("momentum", [0.3, None], ids=["m0.3", "cma"])
+def test_short_training_path_is_the_general_path(shape, dtype, params, fmt, act, momentum,
+                                                 backend):  # fmt: skip
+    """A training step (the common call, which takes a shorter path when it can: see
+    ``_BatchNorm._train_fast``) gives exactly what bnlab's general path gives: output, input
+    and parameter gradients, running averages and the batch count, over several steps with
+    and without an autograd graph (a bfloat16 input with float32 parameters, as under
+    torch.autocast); with the kernels, it does take the short path."""
+    if fmt == "channels_last" and len(shape) < 4:
+        pytest.skip("channels_last applies to 4D/5D inputs")
+    kwargs = dict(affine=params != "noaffine", bias=params != "nobias", momentum=momentum)
+    pdt = torch.float64 if dtype == torch.float64 else torch.float32  # (bfloat16: float32)
+    short, _ = make_pair(shape, pdt, **kwargs)
+    short.activation = act
+    general = _general_path(copy.deepcopy(short))
+    for step in range(4):
+        x = to_format(torch.randn(shape) * 3 + step, fmt).to(dtype)
+        dy = to_format(torch.randn(shape), fmt).to(dtype)
+        grad = step != 2  # (one step without a graph: no_grad in training mode)
+        outs = []
+        for layer in (short, general):
+            xi = x.clone().requires_grad_(grad)
+            with torch.set_grad_enabled(grad):
+                y = layer(xi)
+            if grad:
+                y.backward(dy)
+            grads = [xi.grad] + [p.grad for p in layer.parameters()]
+            outs.append((y, grads, [b.clone() for b in layer.buffers()]))
+            layer.zero_grad()
+        (ys, gs, bs), (yg, gg, bg) = outs
+        assert torch.equal(ys, yg) and ys.stride() == yg.stride()
+        for a, b in zip(gs + bs, gg + bg, strict=True):
+            assert (a is None and b is None) or torch.equal(a, b)
+    if backend == "auto":
+        assert short._fast_views[1] is not None  # (the short path made and cached its plan)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_short_training_path_refuses_non_finite_batches_untouched(bad, backend):
+    """A non-finite batch on the short training path: FloatingPointError naming the layer and
+    the shape, running averages and count as they were, as on the general path."""
+    layer = bnlab.BatchNorm2d(3)
+    layer.layer_name = "block.bn"
+    layer(torch.randn(4, 3, 2, 2))
+    before = [b.clone() for b in layer.buffers()]
+    x = torch.randn(4, 3, 2, 2, requires_grad=True)
+    with torch.no_grad():
+        x[1, 2, 0, 1] = bad
+    with pytest.raises(FloatingPointError, match=r"'block.bn' BatchNorm2d\(3\).*\(4, 3, 2, 2\)"):
+        layer(x)
+    for a, b in zip(before, layer.buffers(), strict=True):
+        assert torch.equal(a, b)
+
+
+def test_short_training_path_sees_every_change_of_state(backend):
+    """The short training path keeps numpy views of the parameters, running averages and
+    count between calls; every way of changing them (in place, ``.data``, new buffers,
+    load_state_dict, dtype conversion) shows in the next step, as in torch's layer."""
+    shape = (4, 3, 5, 6)
+    ours, ref = make_pair(shape, momentum=None)
+    x = torch.randn(shape) * 2 + 1
+
+    def check(o=ours, r=ref, inp=x):
+        xo, xr = inp.clone().requires_grad_(), inp.clone().requires_grad_()
+        yo, yr = o(xo), r(xr)
+        torch.testing.assert_close(yo, yr, **tol(inp.dtype))
+        yo.sum().backward(), yr.sum().backward()
+        torch.testing.assert_close(xo.grad, xr.grad, **tol(inp.dtype))
+        assert_same_state(o, r, torch.float32)  # (float32 history before .double())
+
+    check()
+    for layer in (ours, ref):  # in place
+        with torch.no_grad():
+            layer.weight.mul_(2)
+            layer.running_var.fill_(3.0)
+            layer.num_batches_tracked.fill_(7)
+    check()
+    w, m = torch.rand(3) + 0.5, torch.randn(3)
+    for layer in (ours, ref):  # new storage under the same tensor, new buffer objects
+        layer.weight.data = w.clone()
+        layer.running_mean = m.clone()
+        layer.num_batches_tracked = torch.tensor(2)
+    check()
+    source, _ = make_pair(shape)
+    source(torch.randn(shape))
+    for layer in (ours, ref):
+        layer.load_state_dict(source.state_dict())
+    check()
+    ours.double(), ref.double()  # conversion: new storage of another dtype
+    check(inp=x.double())
+
+
+def test_short_training_path_declines_what_it_does_not_take(backend):
+    """Training calls the short path leaves to the general one (which checks them, raises or
+    computes them as torch does): eval mode, a frozen layer, a variant with its own statistics,
+    no tracking, strides that are neither contiguous nor channels_last, float16, mismatched
+    dtypes, meta tensors, a tensor subclass, a wrong rank or channel count, one value per
+    channel, eps <= 0, a momentum that is not None or a finite float, the reference
+    backend."""
+    layer = bnlab.BatchNorm2d(3)
+    x = torch.randn(2, 3, 4, 4)
+    if backend == "reference":
+        assert layer._train_fast(x) is None
+        return
+    assert layer._train_fast(x) is not None
+    declined = [
+        x.transpose(2, 3), x.half(), x.double(), x.to("meta"), torch.nn.Parameter(x),
+        x[:, :2], x[0], x[:1, :, :1, :1],
+    ]  # fmt: skip
+    for bad in declined:
+        assert layer._train_fast(bad) is None
+    assert layer.eval()._train_fast(x) is None
+    layer.train().frozen = True
+    assert layer._train_fast(x) is None
+    layer.frozen = False
+    for name, value in [("eps", 0.0), ("eps", float("nan")), ("momentum", 1),
+                        ("momentum", float("nan")), ("track_running_stats", False)]:  # fmt: skip
+        old = getattr(layer, name)
+        setattr(layer, name, value)
+        assert layer._train_fast(x) is None
+        setattr(layer, name, old)
+    assert copy.deepcopy(layer).bfloat16()._train_fast(x.bfloat16()) is None  # (16-bit params)
+    assert bnlab.GhostBatchNorm2d(3, virtual_batch_size=1)._train_fast(x) is None
+    assert layer._train_fast(x) is not None  # (every setting restored)

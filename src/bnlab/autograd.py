@@ -28,6 +28,7 @@ import torch
 from torch import Tensor
 
 from . import backend as B
+from . import kernels as K
 from . import ops
 
 __all__ = [
@@ -81,6 +82,35 @@ class BatchNormTrain(torch.autograd.Function):
             need_dparams=needs[1] or needs[2], y=y,
         )  # fmt: skip
         return dx, dgamma, dbeta if bias is not None else None, None, None
+
+
+class BatchNormTrainLean(torch.autograd.Function):
+    """y = BN_train(x, gamma, beta) [then ReLU] of a planned fused call (:func:`bnlab.kernels.
+    lean_plan`): :class:`BatchNormTrain`'s math and kernels with fewer steps per call. Returns
+    ``(y, stats)``, ``stats`` the forward's numpy array of statistics (not a tensor, so no
+    gradient), which the backward reads as well."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor | None, bias: Tensor | None, plan, eps: float,
+                relu: bool):  # fmt: skip
+        y, stats = K.lean_train_forward(x, plan, eps, relu)
+        ctx.save_for_backward(x, weight, bias, y if relu else None)
+        ctx.plan, ctx.stats, ctx.eps, ctx.relu = plan, stats, eps, relu
+        return y, stats
+
+    @staticmethod
+    def backward(ctx, dy: Tensor, _stats: None):
+        x, weight, bias, y = ctx.saved_tensors
+        n = ctx.needs_input_grad
+        if torch.is_grad_enabled():  # create_graph=True: a differentiable backward
+            dx, dgamma, dbeta = ops.differentiable_grads(
+                dy, x, weight, bias, ctx.eps, ctx.relu, None, None, (n[0], n[1], n[2])
+            )
+            return dx, dgamma, dbeta, None, None, None
+        dx, dgamma, dbeta = K.lean_train_backward(
+            dy, x, y, ctx.plan, ctx.stats, n[0], n[1] or n[2]
+        )
+        return dx, dgamma, dbeta if bias is not None else None, None, None, None
 
 
 class BatchNormEval(torch.autograd.Function):
@@ -144,6 +174,28 @@ def batch_norm_train(
             return y, stats[0], stats[1]
         y, mean, var, _ = ops.decompose_train(x, weight, bias, eps, relu)
         return y, mean, var
+
+
+def batch_norm_train_lean(
+    x: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    plan,
+    eps: float,
+    momentum: float | None,
+    m: int,
+    relu: bool,
+) -> tuple[Tensor, bool]:
+    """An eager training call planned by :func:`bnlab.backend.lean_plan`: Algorithm 1 [+ ReLU]
+    (recorded for autograd when it needs to be), then the batch's statistics committed to the
+    plan's running averages (:func:`bnlab.kernels.lean_commit`: ``momentum`` None or a finite
+    float, ``m`` > 1 values per channel). Returns ``(y, ok)``; ``ok`` False means non-finite
+    statistics, nothing updated, for the caller to refuse."""
+    if _needs_graph(x, weight, bias):
+        y, stats = BatchNormTrainLean.apply(x, weight, bias, plan, eps, relu)
+    else:
+        y, stats = K.lean_train_forward(x, plan, eps, relu)
+    return y, K.lean_commit(plan, stats, momentum, m)
 
 
 def batch_norm_eval(

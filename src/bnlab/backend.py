@@ -47,6 +47,7 @@ __all__ = [
     "choose",
     "train_forward",
     "train_backward",
+    "lean_plan",
     "eval_forward",
     "eval_backward",
     "commit_stats",
@@ -229,6 +230,23 @@ def eval_fast(
     if _backend == "reference" or not _HAVE_NUMBA:
         return None
     return K.eval_forward_fast(x, running_mean, running_var, weight, bias, eps, relu, views)
+
+
+def lean_plan(
+    x: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    running_mean: Tensor,
+    running_var: Tensor,
+    num_batches_tracked: Tensor,
+    views: list | None = None,
+):
+    """The plan of a lean fused training call (:func:`K.lean_plan`, with its cache ``views``),
+    or None when the reference backend is selected or the call is not a common one; the caller
+    then takes :func:`train_forward`'s general path."""
+    if _backend == "reference" or not _HAVE_NUMBA:
+        return None
+    return K.lean_plan(x, weight, bias, running_mean, running_var, num_batches_tracked, views)
 
 
 def eval_forward(

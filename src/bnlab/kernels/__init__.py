@@ -44,6 +44,10 @@ __all__ = [
     "batch_norm_eval_backward",
     "commit_supported",
     "commit_batch_stats",
+    "lean_plan",
+    "lean_train_forward",
+    "lean_commit",
+    "lean_train_backward",
     "compiled",
     "warm_up",
 ]
@@ -398,15 +402,16 @@ def _fast_vec(t: Tensor, dt: torch.dtype, c: int):
     return t.detach().numpy()  # (TypeError for a tensor off the CPU: the caller's fallback)
 
 
-def _fast_params(dt, c, running_mean, running_var, weight, bias, views):
+def _fast_params(dt, c, running_mean, running_var, weight, bias, views, count=None, slot=0):
     """numpy views ``(rm, rv, w, b)`` of the statistics and parameters (placeholders for absent
-    ones) for :func:`eval_forward_fast`, or None if one is not a contiguous (c,) CPU tensor of
-    dtype ``dt``.
+    ones), and of ``count`` (``num_batches_tracked``, a 0-d int64 CPU tensor) as a fifth when
+    given, for the lean calls (:func:`eval_forward_fast`, :func:`lean_plan`); or None if one is
+    not a contiguous (c,) CPU tensor of dtype ``dt`` (or ``count`` not such a counter).
 
-    ``views`` (a one-item list holding ``(key, arrays)`` or None, which its caller keeps; or
-    None) caches them between calls: making a numpy view of a tensor is most of a small call's
-    cost. The item is replaced whole, so threads sharing a layer never pair a key with another
-    key's views. A cached view holds its
+    ``views`` (a list whose item ``slot`` holds ``(key, arrays)`` or None, which its caller
+    keeps; or None) caches them between calls: making a numpy view of a tensor is most of a
+    small call's cost. The item is replaced whole, so threads sharing a layer never pair a key
+    with another key's views. A cached view holds its
     tensor's storage (its base is a detached alias of it), so no other storage can start at
     the same address while it is cached: the same data pointers and dtypes mean the same
     memory, whatever was assigned since (a new tensor, ``.data``, ``.to()``), and values
@@ -416,6 +421,7 @@ def _fast_params(dt, c, running_mean, running_var, weight, bias, views):
         or running_var.dtype != dt
         or (weight is not None and weight.dtype != dt)
         or (bias is not None and bias.dtype != dt)
+        or (count is not None and (count.dtype != torch.int64 or count.dim() != 0))
     ):
         return None
     key = (
@@ -424,8 +430,9 @@ def _fast_params(dt, c, running_mean, running_var, weight, bias, views):
         running_var.data_ptr(),
         0 if weight is None else weight.data_ptr(),
         0 if bias is None else bias.data_ptr(),
+        0 if count is None else count.data_ptr(),
     )
-    cached = None if views is None else views[0]
+    cached = None if views is None else views[slot]
     if cached is not None and cached[0] == key:
         return cached[1]
     arrays = (
@@ -434,10 +441,12 @@ def _fast_params(dt, c, running_mean, running_var, weight, bias, views):
         _NONE[dt] if weight is None else _fast_vec(weight, dt, c),
         _NONE[dt] if bias is None else _fast_vec(bias, dt, c),
     )
+    if count is not None:
+        arrays += (count.numpy(),)
     if any(a is None for a in arrays):
         return None
     if views is not None:
-        views[0] = (key, arrays)
+        views[slot] = (key, arrays)
     return arrays
 
 
@@ -465,6 +474,25 @@ def eval_forward_fast(
     loop of calls, so the common call takes as few as possible. x and y go to the loop as
     addresses (:func:`bnlab.kernels._numba.eval_fwd_at`), checked here to be dense in the
     loop's layout: y is made with x's strides, and both stay referenced for the call."""
+    plan = _lean_plan(x, running_mean, running_var, weight, bias, views, None, 0)
+    if plan is None:
+        return None
+    rows, c, s, p = plan
+    y = _empty_like(x)  # (x's strides: x is dense, so empty_like keeps them)
+    compiled().eval_fwd_at(
+        x.data_ptr(), y.data_ptr(), rows, c, s, p[0], p[1], p[2], p[3], weight is not None,
+        bias is not None, float(eps), bool(relu), _NO_STATS[_compute(x.dtype)], _NONE[x.dtype],
+        _streams(y),
+    )  # fmt: skip
+    return y
+
+
+def _lean_plan(x, running_mean, running_var, weight, bias, views, count, slot):
+    """``(rows, C, S, arrays)`` for a lean call on ``x``: its loop layout (:func:`_layout`) and
+    the numpy views of :func:`_fast_params` (cached in ``views[slot]``), or None unless x is a
+    float32/float64 CPU tensor the loops can read with statistics and parameters of its dtype,
+    or such a bfloat16 one with float32 statistics and parameters (the ``fused32`` path of
+    :mod:`bnlab.backend`, which reads bfloat16 as it is). Raises nothing."""
     dt = x.dtype
     if dt in _NP:
         pdt = dt  # the statistics' and parameters' dtype, and the computation's
@@ -477,17 +505,84 @@ def eval_forward_fast(
         return None
     rows, c, s = lay
     try:
-        p = _fast_params(pdt, c, running_mean, running_var, weight, bias, views)
+        p = _fast_params(pdt, c, running_mean, running_var, weight, bias, views, count, slot)
     except (TypeError, RuntimeError):  # (a parameter off the CPU)
         return None
     if p is None:
         return None
-    y = _empty_like(x)  # (x's strides: x is dense, so empty_like keeps them)
-    compiled().eval_fwd_at(
-        x.data_ptr(), y.data_ptr(), rows, c, s, p[0], p[1], p[2], p[3], weight is not None,
-        bias is not None, float(eps), bool(relu), _NO_STATS[pdt], _NONE[dt], _streams(y),
+    return rows, c, s, p
+
+
+def lean_plan(
+    x: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    running_mean: Tensor,
+    running_var: Tensor,
+    num_batches_tracked: Tensor,
+    views: list | None = None,
+):
+    """The plan of a lean training call (:func:`lean_train_forward`, :func:`lean_commit`,
+    :func:`lean_train_backward`) on ``x``, or None for a call the general path must take
+    (:func:`batch_norm_train_forward` and :func:`commit_batch_stats` through the backend, with
+    their checks and errors). It takes the inputs :func:`eval_forward_fast` takes, with the
+    running statistics and their counter (a 0-d int64 tensor) as the buffers to update;
+    ``views`` (a two-item list; item 1 is used) caches their numpy views as there.
+
+    A training layer runs between other layers as well: the general path's steps (choosing a
+    backend, checking every tensor, numpy views of each statistic and parameter, the statistics
+    as tensors, a second wrapper for the running averages) cost more than a small call's
+    loops, and the lean calls take the loops with what the plan holds."""
+    return _lean_plan(x, running_mean, running_var, weight, bias, views, num_batches_tracked, 1)
+
+
+def lean_train_forward(x: Tensor, plan, eps: float, relu: bool):
+    """Algorithm 1 [+ ReLU] of a planned call: ``(y, stats)``, y like x, ``stats`` the (5, C)
+    array of :func:`bnlab.kernels._numba.train_fwd_at` (mean, biased var, invstd, then the
+    coefficients) in the compute dtype. Same values as :func:`batch_norm_train_forward`."""
+    rows, c, s, p = plan
+    y = _empty_like(x)
+    stats = np.empty((5, c), p[0].dtype)
+    compiled().train_fwd_at(
+        x.data_ptr(), y.data_ptr(), rows, c, s, p[2], p[3], p[2].size > 0, p[3].size > 0,
+        float(eps), bool(relu), stats, _NONE[x.dtype], _streams(y),
     )  # fmt: skip
-    return y
+    return y, stats
+
+
+def lean_commit(plan, stats, momentum: float | None, m: int) -> bool:
+    """:func:`commit_batch_stats` of a planned call's statistics into its running averages and
+    counter (training mode with tracking: always an update): False, touching nothing, for
+    non-finite statistics. ``momentum`` None or a finite float, ``m`` > 1 values per channel."""
+    p = plan[3]
+    return compiled().commit_stats(
+        stats[0], stats[1], p[0], p[1], p[4], True, momentum is None,
+        0.0 if momentum is None else momentum, float(m),
+    )  # fmt: skip
+
+
+def lean_train_backward(dy: Tensor, x: Tensor, y: Tensor | None, plan, stats, need_dx: bool,
+                        need_dparams: bool):  # fmt: skip
+    """:func:`batch_norm_train_backward` of a planned call (``y`` the ReLU output or None),
+    from the forward's ``stats``: ``(dx, dgamma, dbeta)``. ``dy`` is taken in x's dtype and
+    layout (autograd hands an output's backward a gradient of that output's dtype)."""
+    rows, c, s, p = plan
+    dy = _like(dy, x)  # (x's layout, so the loops may read it by address)
+    if y is not None:
+        y = _like(y, x)
+    dx = _empty_like(x) if need_dx else None
+    has_w = p[2].size > 0
+    need_sums = need_dparams and has_w
+    grads = np.empty((2, c), stats.dtype)  # dgamma, dbeta
+    xp = x.data_ptr()
+    compiled().backward_at(
+        dy.data_ptr(), xp, xp if y is None else y.data_ptr(), y is not None, rows, c, s,
+        stats[0], stats[2], p[2], has_w, True, need_sums, 0 if dx is None else dx.data_ptr(),
+        grads, _NONE[x.dtype], dx is not None and _streams(dx),
+    )  # fmt: skip
+    if not need_sums:
+        return dx, None, None
+    return dx, torch.from_numpy(grads[0]), torch.from_numpy(grads[1])
 
 
 def _backward(dy, x, mean, invstd, weight, need_dx, need_dparams, y, train):

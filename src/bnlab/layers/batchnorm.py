@@ -42,6 +42,7 @@ override :meth:`_BatchNorm._train_forward`, the one place where statistics are c
 
 from __future__ import annotations
 
+import math
 import numbers
 from typing import Any
 
@@ -49,9 +50,15 @@ import torch
 from torch import Tensor, nn
 
 from .. import backend as B
-from ..autograd import _needs_graph, batch_norm_eval, batch_norm_train, commit_stats
+from ..autograd import (
+    _needs_graph,
+    batch_norm_eval,
+    batch_norm_train,
+    batch_norm_train_lean,
+    commit_stats,
+)
 from ..functional import check_momentum
-from ..ops import EAGER, check_batch, route
+from ..ops import EAGER, check_batch, non_finite_message, route
 
 __all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "name_layers"]
 
@@ -70,7 +77,7 @@ class _BatchNorm(nn.modules.batchnorm._BatchNorm):
     # (TorchScript reads instance attributes), so every construction path starts unfrozen with
     # running averages from training.
     frozen = False  # freeze(): population statistics in train and eval, no updates
-    _fast_views = None  # numpy views of the statistics and parameters, made on first use
+    _fast_views = None  # numpy views of the statistics and parameters (eval, train), made on use
     population_estimator = None  # recompute_population_stats(): "unbiased"/"biased"
 
     def __init__(
@@ -251,10 +258,57 @@ class _BatchNorm(nn.modules.batchnorm._BatchNorm):
             return None
         views = self._fast_views
         if views is None:
-            views = self._fast_views = [None]
+            views = self._fast_views = [None, None]
         return B.eval_fast(
             x, running_mean, running_var, weight, bias, self.eps, act is not None, views
         )
+
+    @torch.jit.unused
+    def _train_fast(self, x: Tensor) -> Tensor | None:
+        """The training forward of a common eager call in few steps, or None: the general path
+        of :meth:`forward` then takes the call, with every check and error. Same result and
+        state as that path (:func:`bnlab.autograd.batch_norm_train_lean`): the output, the
+        gradients, the running averages and ``num_batches_tracked``, and ``FloatingPointError``
+        with nothing updated on non-finite statistics. The call is a training step of this
+        class's own statistics and commit (not a variant's), with tracking, a plain tensor of a
+        valid rank and channel count with more than one value per channel, ``eps > 0``, a
+        momentum that is None or a finite float, no tool looking inside it
+        (:func:`bnlab.ops.route`), and tensors the fused kernels take
+        (:func:`bnlab.backend.lean_plan`)."""
+        if not self.training or self.frozen or type(x) is not Tensor:
+            return None
+        cls = type(self)
+        if (
+            cls._train_forward is not _BatchNorm._train_forward
+            or cls._commit_batch_stats is not _BatchNorm._commit_batch_stats
+            or route(x) != EAGER
+            or x.dim() not in self._valid_ranks
+        ):
+            return None
+        c, eps, momentum, act = self.num_features, self.eps, self.momentum, self.activation
+        if x.shape[1] != c or not eps > 0 or act not in (None, "relu"):
+            return None
+        if not (momentum is None or (type(momentum) is float and math.isfinite(momentum))):
+            return None
+        m = x.numel() // c
+        running_mean, running_var = self.running_mean, self.running_var
+        if m < 2 or not self.track_running_stats or running_mean is None or running_var is None:
+            return None
+        views = self._fast_views
+        if views is None:
+            views = self._fast_views = [None, None]
+        weight, bias = self.weight, self.bias
+        plan = B.lean_plan(
+            x, weight, bias, running_mean, running_var, self.num_batches_tracked, views
+        )
+        if plan is None:
+            return None
+        y, ok = batch_norm_train_lean(x, weight, bias, plan, eps, momentum, m, act is not None)
+        if not ok:
+            raise FloatingPointError(non_finite_message(self._describe(), list(x.shape)))
+        if self.population_estimator is not None:
+            self.population_estimator = None  # a running average again, not a recomputed one
+        return y
 
     def __getstate__(self) -> dict[str, Any]:
         """The module's state without the cache of numpy views (:meth:`_eval_fast`): pickles
@@ -275,6 +329,8 @@ class _BatchNorm(nn.modules.batchnorm._BatchNorm):
             if type(input) is Tensor and input.is_mkldnn:  # (a Proxy or subclass: not one)
                 return self._mkldnn_forward(input)
             y = self._eval_fast(input)
+            if y is None:
+                y = self._train_fast(input)
             if y is not None:
                 return y
         weight, bias = self.weight, self.bias
