@@ -797,4 +797,11 @@ def test_short_training_path_declines_what_it_does_not_take(backend):
         setattr(layer, name, old)
     assert copy.deepcopy(layer).bfloat16()._train_fast(x.bfloat16()) is None  # (16-bit params)
     assert bnlab.GhostBatchNorm2d(3, virtual_batch_size=1)._train_fast(x) is None
+    plain = copy.deepcopy(layer)  # (a weight that is a plain attribute, not a parameter)
+    weight = plain.weight.detach() * 2
+    del plain.weight
+    plain.weight = weight
+    assert plain._train_fast(x) is None
+    with torch.no_grad():
+        assert plain.eval()._eval_fast(x) is None
     assert layer._train_fast(x) is not None  # (every setting restored)

@@ -235,6 +235,20 @@ class _BatchNorm(nn.modules.batchnorm._BatchNorm):
                 self.population_estimator = None  # a running average again, not a recomputed one
 
     @torch.jit.unused
+    def _lean_state(self) -> tuple[Tensor | None, ...] | None:
+        """``(weight, bias, running_mean, running_var, num_batches_tracked)`` for the short
+        paths, read from the module's dictionaries of parameters and buffers, which is what
+        attribute access returns for them (``nn.Module.__getattr__``, reached only after a
+        search of the class hierarchy that costs several times more); None when one of them is
+        not registered there (deleted, or assigned as a plain attribute), for the general path."""
+        p, b = self._parameters, self._buffers
+        try:
+            return (p["weight"], p["bias"], b["running_mean"], b["running_var"],
+                    b["num_batches_tracked"])  # fmt: skip
+        except KeyError:
+            return None
+
+    @torch.jit.unused
     def _eval_fast(self, x: Tensor) -> Tensor | None:
         """The inference forward of a common eager call in few steps, or None: the general path
         of :meth:`forward` then takes the call, with every check and error. Same result as that
@@ -247,13 +261,15 @@ class _BatchNorm(nn.modules.batchnorm._BatchNorm):
             return None
         if type(x) is not Tensor or route(x) != EAGER or x.dim() not in self._valid_ranks:
             return None
-        weight, bias = self.weight, self.bias
+        state = self._lean_state()
+        if state is None:
+            return None
+        weight, bias, running_mean, running_var, _ = state
         if _needs_graph(x, weight, bias):
             return None
         act = self.activation
         if x.shape[1] != self.num_features or not self.eps >= 0 or act not in (None, "relu"):
             return None
-        running_mean, running_var = self.running_mean, self.running_var
         if running_mean is None or running_var is None:
             return None
         views = self._fast_views
@@ -291,16 +307,16 @@ class _BatchNorm(nn.modules.batchnorm._BatchNorm):
         if not (momentum is None or (type(momentum) is float and math.isfinite(momentum))):
             return None
         m = x.numel() // c
-        running_mean, running_var = self.running_mean, self.running_var
-        if m < 2 or not self.track_running_stats or running_mean is None or running_var is None:
+        state = self._lean_state()
+        if m < 2 or not self.track_running_stats or state is None:
+            return None
+        weight, bias, running_mean, running_var, count = state
+        if running_mean is None or running_var is None or count is None:
             return None
         views = self._fast_views
         if views is None:
             views = self._fast_views = [None, None]
-        weight, bias = self.weight, self.bias
-        plan = B.lean_plan(
-            x, weight, bias, running_mean, running_var, self.num_batches_tracked, views
-        )
+        plan = B.lean_plan(x, weight, bias, running_mean, running_var, count, views)
         if plan is None:
             return None
         y, ok = batch_norm_train_lean(x, weight, bias, plan, eps, momentum, m, act is not None)
