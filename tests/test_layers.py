@@ -674,9 +674,7 @@ def _general_path(layer):
 @pytest.mark.parametrize("params", ["affine", "nobias", "noaffine"])
 @pytest.mark.parametrize("fmt", ["contiguous", "channels_last"])
 @pytest.mark.parametrize("act", [None, "relu"])
-@pytest.mark.parametrize("momentum", [0.3, None], ids=["m0.3", "cma"])
-def test_short_training_path_is_the_general_path(shape, dtype, params, fmt, act, momentum,
-                                                 backend):  # fmt: skip
+def test_short_training_path_is_the_general_path(shape, dtype, params, fmt, act, backend):
     """A training step (the common call, which takes a shorter path when it can: see
     ``_BatchNorm._train_fast``) gives exactly what bnlab's general path gives: output, input
     and parameter gradients, running averages and the batch count, over several steps with
@@ -684,6 +682,7 @@ def test_short_training_path_is_the_general_path(shape, dtype, params, fmt, act,
     torch.autocast); with the kernels, it does take the short path."""
     if fmt == "channels_last" and len(shape) < 4:
         pytest.skip("channels_last applies to 4D/5D inputs")
+    momentum = None if params == "nobias" else 0.3  # (both update rules, fewer cases)
     kwargs = dict(affine=params != "noaffine", bias=params != "nobias", momentum=momentum)
     pdt = torch.float64 if dtype == torch.float64 else torch.float32  # (bfloat16: float32)
     short, _ = make_pair(shape, pdt, **kwargs)
