@@ -654,7 +654,6 @@ def test_short_inference_path_declines_what_it_does_not_take(backend):
         layer.eps = -1.0
         assert layer._eval_fast(x) is None
         layer.eps = 1e-5
-    assert layer._eval_fast(x) is None  # grad mode: the parameters require grad
     with torch.no_grad():
         layer.train()
         layer.frozen = True  # frozen: population statistics in training mode too
@@ -662,10 +661,51 @@ def test_short_inference_path_declines_what_it_does_not_take(backend):
 
 
 def _general_path(layer):
-    """``layer`` with its short training path switched off (an instance attribute), so that
-    every call takes the general path of ``forward``."""
-    layer._train_fast = lambda x: None
+    """``layer`` with its short paths switched off (instance attributes), so that every call
+    takes the general path of ``forward``."""
+    layer._train_fast = layer._eval_fast = lambda x: None
     return layer
+
+
+@pytest.mark.parametrize("shape", list(SHAPES.values()), ids=list(SHAPES))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16],
+                         ids=["f32", "f64", "bf16"])  # fmt: skip
+@pytest.mark.parametrize("params", ["affine", "nobias", "noaffine"])
+@pytest.mark.parametrize("fmt", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("act", [None, "relu"])
+def test_short_inference_path_with_a_graph_is_the_general_path(shape, dtype, params, fmt, act,
+                                                               backend):  # fmt: skip
+    """Inference with an autograd graph to record (an eval-mode or frozen layer that a model
+    is fine-tuned through, which takes a shorter path when it can: see
+    ``_BatchNorm._eval_fast``) gives exactly what bnlab's general path gives: output, input
+    and parameter gradients, and buffers left as they were; with the kernels, it does take the
+    short path."""
+    if fmt == "channels_last" and len(shape) < 4:
+        pytest.skip("channels_last applies to 4D/5D inputs")
+    pdt = torch.float64 if dtype == torch.float64 else torch.float32  # (bfloat16: float32)
+    short, ref = make_pair(shape, pdt, affine=params != "noaffine", bias=params != "nobias")
+    _random_state(short, ref)
+    short.activation = act
+    if params == "nobias":  # (a frozen layer in training mode: population statistics too)
+        short.frozen = True
+    else:
+        short.eval()
+    general = _general_path(copy.deepcopy(short))
+    x = to_format(torch.randn(shape) * 2 + 1, fmt).to(dtype)
+    dy = to_format(torch.randn(shape), fmt).to(dtype)
+    outs = []
+    for layer in (short, general):
+        xi = x.clone().requires_grad_(params != "affine")  # (parameters only, or both)
+        y = layer(xi)
+        y.backward(dy)
+        grads = [xi.grad] + [p.grad for p in layer.parameters()]
+        outs.append((y, grads, list(layer.buffers())))
+    (ys, gs, bs), (yg, gg, bg) = outs
+    assert torch.equal(ys, yg) and ys.stride() == yg.stride()
+    for a, b in zip(gs + bs, gg + bg, strict=True):
+        assert (a is None and b is None) or torch.equal(a, b)
+    if backend == "auto":
+        assert short._fast_views[0] is not None  # (the short path made and cached its plan)
 
 
 @pytest.mark.parametrize("shape", list(SHAPES.values()), ids=list(SHAPES))

@@ -34,6 +34,8 @@ from . import ops
 __all__ = [
     "BatchNormTrain",
     "BatchNormEval",
+    "BatchNormTrainLean",
+    "BatchNormEvalLean",
     "batch_norm_train",
     "batch_norm_eval",
     "commit_stats",
@@ -107,10 +109,41 @@ class BatchNormTrainLean(torch.autograd.Function):
                 dy, x, weight, bias, ctx.eps, ctx.relu, None, None, (n[0], n[1], n[2])
             )
             return dx, dgamma, dbeta, None, None, None
-        dx, dgamma, dbeta = K.lean_train_backward(
-            dy, x, y, ctx.plan, ctx.stats, n[0], n[1] or n[2]
+        dx, dgamma, dbeta = K.lean_backward(
+            dy, x, y, ctx.plan, ctx.stats, True, n[0], n[1] or n[2]
         )
         return dx, dgamma, dbeta if bias is not None else None, None, None, None
+
+
+class BatchNormEvalLean(torch.autograd.Function):
+    """y = BN_inference(x; E[x], Var[x], gamma, beta) [then ReLU] of a planned fused inference
+    call (:func:`bnlab.kernels.lean_plan`): :class:`BatchNormEval`'s math and kernels with
+    fewer steps per call; the forward's array of statistics stays with the node for the
+    backward."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, running_mean: Tensor, running_var: Tensor,
+                weight: Tensor | None, bias: Tensor | None, plan, eps: float,
+                relu: bool):  # fmt: skip
+        y, stats = K.lean_eval_forward(x, plan, eps, relu)
+        ctx.save_for_backward(x, running_mean, running_var, weight, bias, y if relu else None)
+        ctx.plan, ctx.stats, ctx.eps, ctx.relu = plan, stats, eps, relu
+        return y
+
+    @staticmethod
+    def backward(ctx, dy: Tensor):
+        x, running_mean, running_var, weight, bias, y = ctx.saved_tensors
+        n = ctx.needs_input_grad
+        if torch.is_grad_enabled():  # create_graph=True: a differentiable backward
+            dx, dgamma, dbeta = ops.differentiable_grads(
+                dy, x, weight, bias, ctx.eps, ctx.relu, running_mean, running_var,
+                (n[0], n[3], n[4]),
+            )  # fmt: skip
+            return dx, None, None, dgamma, dbeta, None, None, None
+        dx, dgamma, dbeta = K.lean_backward(
+            dy, x, y, ctx.plan, ctx.stats, False, n[0], n[3] or n[4]
+        )
+        return dx, None, None, dgamma, dbeta if bias is not None else None, None, None, None
 
 
 class BatchNormEval(torch.autograd.Function):
@@ -196,6 +229,21 @@ def batch_norm_train_lean(
     else:
         y, stats = K.lean_train_forward(x, plan, eps, relu)
     return y, K.lean_commit(plan, stats, momentum, m)
+
+
+def batch_norm_eval_lean(
+    x: Tensor,
+    running_mean: Tensor,
+    running_var: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    plan,
+    eps: float,
+    relu: bool,
+) -> Tensor:
+    """An eager inference call with an autograd graph to record, planned by
+    :func:`bnlab.backend.lean_plan` (without a counter): :class:`BatchNormEvalLean`."""
+    return BatchNormEvalLean.apply(x, running_mean, running_var, weight, bias, plan, eps, relu)
 
 
 def batch_norm_eval(

@@ -238,12 +238,13 @@ def lean_plan(
     bias: Tensor | None,
     running_mean: Tensor,
     running_var: Tensor,
-    num_batches_tracked: Tensor,
+    num_batches_tracked: Tensor | None,
     views: list | None = None,
 ):
-    """The plan of a lean fused training call (:func:`K.lean_plan`, with its cache ``views``),
-    or None when the reference backend is selected or the call is not a common one; the caller
-    then takes :func:`train_forward`'s general path."""
+    """The plan of a lean fused call (:func:`K.lean_plan`: a training call with the counter
+    ``num_batches_tracked``, an inference call without; ``views`` its cache), or None when the
+    reference backend is selected or the call is not a common one; the caller then takes the
+    general path (:func:`train_forward`, :func:`eval_forward`)."""
     if _backend == "reference" or not _HAVE_NUMBA:
         return None
     return K.lean_plan(x, weight, bias, running_mean, running_var, num_batches_tracked, views)

@@ -46,8 +46,9 @@ __all__ = [
     "commit_batch_stats",
     "lean_plan",
     "lean_train_forward",
+    "lean_eval_forward",
     "lean_commit",
-    "lean_train_backward",
+    "lean_backward",
     "compiled",
     "warm_up",
 ]
@@ -519,21 +520,25 @@ def lean_plan(
     bias: Tensor | None,
     running_mean: Tensor,
     running_var: Tensor,
-    num_batches_tracked: Tensor,
+    num_batches_tracked: Tensor | None,
     views: list | None = None,
 ):
-    """The plan of a lean training call (:func:`lean_train_forward`, :func:`lean_commit`,
-    :func:`lean_train_backward`) on ``x``, or None for a call the general path must take
-    (:func:`batch_norm_train_forward` and :func:`commit_batch_stats` through the backend, with
-    their checks and errors). It takes the inputs :func:`eval_forward_fast` takes, with the
-    running statistics and their counter (a 0-d int64 tensor) as the buffers to update;
-    ``views`` (a two-item list; item 1 is used) caches their numpy views as there.
+    """The plan of a lean call on ``x``, or None for a call the general path must take (the
+    ``batch_norm_*`` functions and :func:`commit_batch_stats` through the backend, with their
+    checks and errors). It takes the inputs :func:`eval_forward_fast` takes. With a counter
+    ``num_batches_tracked`` (a 0-d int64 tensor) it plans a training call
+    (:func:`lean_train_forward`, :func:`lean_commit`, :func:`lean_backward`), the running
+    statistics being the buffers to update; with None, an inference call with them as the
+    population statistics (:func:`lean_eval_forward`, :func:`lean_backward`). ``views`` (a
+    two-item list: item 0 for inference, 1 for training) caches their numpy views as there.
 
-    A training layer runs between other layers as well: the general path's steps (choosing a
-    backend, checking every tensor, numpy views of each statistic and parameter, the statistics
-    as tensors, a second wrapper for the running averages) cost more than a small call's
-    loops, and the lean calls take the loops with what the plan holds."""
-    return _lean_plan(x, running_mean, running_var, weight, bias, views, num_batches_tracked, 1)
+    A layer runs between other layers: the general path's steps (choosing a backend, checking
+    every tensor, numpy views of each statistic and parameter, the statistics as tensors, a
+    second wrapper for the running averages) cost more than a small call's loops, and the lean
+    calls take the loops with what the plan holds."""
+    slot = 0 if num_batches_tracked is None else 1
+    return _lean_plan(x, running_mean, running_var, weight, bias, views, num_batches_tracked,
+                      slot)  # fmt: skip
 
 
 def lean_train_forward(x: Tensor, plan, eps: float, relu: bool):
@@ -550,6 +555,20 @@ def lean_train_forward(x: Tensor, plan, eps: float, relu: bool):
     return y, stats
 
 
+def lean_eval_forward(x: Tensor, plan, eps: float, relu: bool):
+    """The inference transform [+ ReLU] of a planned inference call: ``(y, stats)``, y like x,
+    ``stats`` the (3, C) array of :func:`bnlab.kernels._numba.eval_fwd_at` (invstd, then the
+    coefficients). Same values as :func:`batch_norm_eval_forward`."""
+    rows, c, s, p = plan
+    y = _empty_like(x)
+    stats = np.empty((3, c), p[0].dtype)
+    compiled().eval_fwd_at(
+        x.data_ptr(), y.data_ptr(), rows, c, s, p[0], p[1], p[2], p[3], p[2].size > 0,
+        p[3].size > 0, float(eps), bool(relu), stats, _NONE[x.dtype], _streams(y),
+    )  # fmt: skip
+    return y, stats
+
+
 def lean_commit(plan, stats, momentum: float | None, m: int) -> bool:
     """:func:`commit_batch_stats` of a planned call's statistics into its running averages and
     counter (training mode with tracking: always an update): False, touching nothing, for
@@ -561,12 +580,14 @@ def lean_commit(plan, stats, momentum: float | None, m: int) -> bool:
     )  # fmt: skip
 
 
-def lean_train_backward(dy: Tensor, x: Tensor, y: Tensor | None, plan, stats, need_dx: bool,
-                        need_dparams: bool):  # fmt: skip
-    """:func:`batch_norm_train_backward` of a planned call (``y`` the ReLU output or None),
-    from the forward's ``stats``: ``(dx, dgamma, dbeta)``. ``dy`` is taken in x's dtype and
-    layout (autograd hands an output's backward a gradient of that output's dtype)."""
+def lean_backward(dy: Tensor, x: Tensor, y: Tensor | None, plan, stats, train: bool,
+                  need_dx: bool, need_dparams: bool):  # fmt: skip
+    """:func:`batch_norm_train_backward` (``train``) or :func:`batch_norm_eval_backward` of a
+    planned call (``y`` the ReLU output or None), from its forward's ``stats`` (and, at
+    inference, the plan's running mean): ``(dx, dgamma, dbeta)``. ``dy`` is taken in x's dtype
+    and layout (autograd hands an output's backward a gradient of that output's dtype)."""
     rows, c, s, p = plan
+    mean, invstd = (stats[0], stats[2]) if train else (p[0], stats[0])
     dy = _like(dy, x)  # (x's layout, so the loops may read it by address)
     if y is not None:
         y = _like(y, x)
@@ -576,8 +597,8 @@ def lean_train_backward(dy: Tensor, x: Tensor, y: Tensor | None, plan, stats, ne
     grads = np.empty((2, c), stats.dtype)  # dgamma, dbeta
     xp = x.data_ptr()
     compiled().backward_at(
-        dy.data_ptr(), xp, xp if y is None else y.data_ptr(), y is not None, rows, c, s,
-        stats[0], stats[2], p[2], has_w, True, need_sums, 0 if dx is None else dx.data_ptr(),
+        dy.data_ptr(), xp, xp if y is None else y.data_ptr(), y is not None, rows, c, s, mean,
+        invstd, p[2], has_w, train, need_sums, 0 if dx is None else dx.data_ptr(),
         grads, _NONE[x.dtype], dx is not None and _streams(dx),
     )  # fmt: skip
     if not need_sums:

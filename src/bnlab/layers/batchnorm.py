@@ -53,6 +53,7 @@ from .. import backend as B
 from ..autograd import (
     _needs_graph,
     batch_norm_eval,
+    batch_norm_eval_lean,
     batch_norm_train,
     batch_norm_train_lean,
     commit_stats,
@@ -252,11 +253,13 @@ class _BatchNorm(nn.modules.batchnorm._BatchNorm):
     def _eval_fast(self, x: Tensor) -> Tensor | None:
         """The inference forward of a common eager call in few steps, or None: the general path
         of :meth:`forward` then takes the call, with every check and error. Same result as that
-        path (:func:`bnlab.backend.eval_fast`). The call has population statistics to use, a
-        plain tensor of a valid rank and channel count, ``eps >= 0``, no autograd graph to
-        record and no tool looking inside it (:func:`bnlab.ops.route`); an inference layer runs
-        between layers that leave the caches cold, where every step of the general path costs
-        many times what it costs in a loop of calls."""
+        path (:func:`bnlab.backend.eval_fast`; with an autograd graph to record, as when a
+        frozen or eval-mode layer is fine-tuned through,
+        :func:`bnlab.autograd.batch_norm_eval_lean`, gradients included). The call has
+        population statistics to use, a plain tensor of a valid rank and channel count,
+        ``eps >= 0`` and no tool looking inside it (:func:`bnlab.ops.route`); an inference
+        layer runs between layers that leave the caches cold, where every step of the general
+        path costs many times what it costs in a loop of calls."""
         if self.training and not self.frozen:
             return None
         if type(x) is not Tensor or route(x) != EAGER or x.dim() not in self._valid_ranks:
@@ -265,8 +268,6 @@ class _BatchNorm(nn.modules.batchnorm._BatchNorm):
         if state is None:
             return None
         weight, bias, running_mean, running_var, _ = state
-        if _needs_graph(x, weight, bias):
-            return None
         act = self.activation
         if x.shape[1] != self.num_features or not self.eps >= 0 or act not in (None, "relu"):
             return None
@@ -275,6 +276,13 @@ class _BatchNorm(nn.modules.batchnorm._BatchNorm):
         views = self._fast_views
         if views is None:
             views = self._fast_views = [None, None]
+        if _needs_graph(x, weight, bias):
+            plan = B.lean_plan(x, weight, bias, running_mean, running_var, None, views)
+            if plan is None:
+                return None
+            return batch_norm_eval_lean(
+                x, running_mean, running_var, weight, bias, plan, self.eps, act is not None
+            )
         return B.eval_fast(
             x, running_mean, running_var, weight, bias, self.eps, act is not None, views
         )
