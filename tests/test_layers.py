@@ -844,3 +844,37 @@ def test_short_training_path_declines_what_it_does_not_take(backend):
     with torch.no_grad():
         assert plain.eval()._eval_fast(x) is None
     assert layer._train_fast(x) is not None  # (every setting restored)
+
+
+@pytest.mark.parametrize("fmt", ["contiguous", "channels_last"])
+def test_functional_call_substitutes_parameters_and_buffers_as_torch(fmt, backend):
+    """``torch.func.functional_call`` with substitute parameters and buffers: bnlab's layer
+    (whose short paths keep views of the tensors they last saw) normalizes with the substitutes,
+    updates the substitute buffers (its own when only parameters are substituted), and reads
+    its own tensors again afterwards, as torch's layer does; in training and in inference with
+    a graph."""
+    from torch.func import functional_call
+
+    shape = (4, 3, 5, 5)
+    for training, names in [(True, 2), (True, 5), (False, 2), (False, 4)]:  # (the first names)
+        ours, ref = make_pair(shape)
+        _random_state(ours, ref)
+        ours.train(training), ref.train(training)
+        x = to_format(torch.randn(shape) * 2 + 1, fmt)
+        results = []
+        for layer in (ours, ref):
+            layer(x)  # (the short paths' views of the layer's own tensors)
+            w = (torch.rand(3, generator=torch.Generator().manual_seed(1)) + 0.5).requires_grad_()
+            state = {"weight": w * 2, "bias": torch.ones(3), "running_mean": torch.full((3,), 0.5),
+                     "running_var": torch.full((3,), 2.0), "num_batches_tracked": torch.tensor(4)}
+            state = dict(list(state.items())[:names])
+            own = [b.clone() for b in layer.buffers()]
+            y = functional_call(layer, state, (x,))
+            y.square().sum().backward()
+            kept = all(torch.equal(a, b) for a, b in zip(own, layer.buffers(), strict=True))
+            results.append((y, w.grad, *list(state.values())[2:], layer(x), kept))
+        for a, b in zip(*results, strict=True):
+            if isinstance(a, bool):
+                assert a == b  # (own buffers untouched exactly when torch's are)
+            else:
+                torch.testing.assert_close(a, b, **tol(torch.float32))
