@@ -562,6 +562,32 @@ def test_double_backward_through_a_model_matches_torch():
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("reentrant", [True, False], ids=["reentrant", "non-reentrant"])
+def test_activation_checkpoint_recomputes_as_torch(reentrant):
+    """``torch.utils.checkpoint`` around a model: outputs, gradients, running statistics and
+    batch counts equal torch's, the recomputation counting the batch a second time as in
+    torch. (Non-reentrant checkpointing runs with its early stop switched off here: with it,
+    the recomputation stops once the last tensor for the backward is saved, which in torch's
+    layer follows its running-statistics update and in bnlab's precedes it, so torch counts
+    the batch twice and bnlab once; README, "Works with".)"""
+    from torch.utils.checkpoint import checkpoint, set_checkpoint_early_stop
+
+    model, x1, _ = build("cnn", "train")
+    ref = bnlab.convert(copy.deepcopy(model), to="torch")
+    before = [b.item() for b in model.buffers() if b.dtype == torch.int64]
+    results = []
+    for m in (model, ref):
+        x = x1.clone().requires_grad_()
+        with set_checkpoint_early_stop(False):
+            y = checkpoint(m, x, use_reentrant=reentrant)
+        y.square().sum().backward()
+        results.append([y, x.grad, *[p.grad for p in m.parameters()], *m.buffers()])
+    for a, b in zip(*results, strict=True):
+        torch.testing.assert_close(a, b, **TOL)
+    after = [b.item() for b in model.buffers() if b.dtype == torch.int64]
+    assert before and after == [n + 2 for n in before]  # (forward and recomputation)
+
+
 # ----------------------------------------------------------------------------- isinstance tools
 def test_bnlab_layers_are_torch_batchnorm_layers():
     for ours, theirs in [(bnlab.BatchNorm1d, nn.BatchNorm1d), (bnlab.BatchNorm2d, nn.BatchNorm2d),
