@@ -562,14 +562,14 @@ def test_double_backward_through_a_model_matches_torch():
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("early_stop", [True, False], ids=["early-stop", "full"])
 @pytest.mark.parametrize("reentrant", [True, False], ids=["reentrant", "non-reentrant"])
-def test_activation_checkpoint_recomputes_as_torch(reentrant):
+def test_activation_checkpoint_recomputes_as_torch(reentrant, early_stop, backend):
     """``torch.utils.checkpoint`` around a model: outputs, gradients, running statistics and
     batch counts equal torch's, the recomputation counting the batch a second time as in
-    torch. (Non-reentrant checkpointing runs with its early stop switched off here: with it,
-    the recomputation stops once the last tensor for the backward is saved, which in torch's
-    layer follows its running-statistics update and in bnlab's precedes it, so torch counts
-    the batch twice and bnlab once; README, "Works with".)"""
+    torch, also where a non-reentrant recomputation stops once the last tensor for the
+    backward is saved (its default early stop): bnlab's layers, like torch's, have accepted
+    the batch's statistics before they save anything."""
     from torch.utils.checkpoint import checkpoint, set_checkpoint_early_stop
 
     model, x1, _ = build("cnn", "train")
@@ -578,7 +578,7 @@ def test_activation_checkpoint_recomputes_as_torch(reentrant):
     results = []
     for m in (model, ref):
         x = x1.clone().requires_grad_()
-        with set_checkpoint_early_stop(False):
+        with set_checkpoint_early_stop(early_stop):
             y = checkpoint(m, x, use_reentrant=reentrant)
         y.square().sum().backward()
         results.append([y, x.grad, *[p.grad for p in m.parameters()], *m.buffers()])

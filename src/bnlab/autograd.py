@@ -60,11 +60,20 @@ def _needs_graph(x: Tensor, weight: Tensor | None, bias: Tensor | None) -> bool:
 
 
 class BatchNormTrain(torch.autograd.Function):
-    """y, mean, var = BN_train(x, gamma, beta) [then ReLU]; gradients flow to x, gamma, beta."""
+    """y, mean, var = BN_train(x, gamma, beta) [then ReLU]; gradients flow to x, gamma, beta.
+
+    ``commit`` (optional, a callable of ``(mean, var)``) runs once the statistics exist and
+    before the tensors for the backward are saved: a layer accepts its batch there, as torch's
+    operator updates its running statistics before it saves, which decides what a
+    recomputation that stops at the last saved tensor (non-reentrant activation checkpointing)
+    has done."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float, relu: bool):
+    def forward(ctx, x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float,
+                relu: bool, commit=None):  # fmt: skip
         path, y, mean, var, invstd = B.train_forward(x, weight, bias, eps, relu=relu)
+        if commit is not None:
+            commit(mean, var)
         ctx.save_for_backward(x, weight, bias, mean, invstd, y if relu else None)
         ctx.path, ctx.eps, ctx.relu = path, eps, relu
         ctx.mark_non_differentiable(mean, var)
@@ -78,41 +87,44 @@ class BatchNormTrain(torch.autograd.Function):
             dx, dgamma, dbeta = ops.differentiable_grads(
                 dy, x, weight, bias, ctx.eps, ctx.relu, None, None, needs
             )
-            return dx, dgamma, dbeta, None, None
+            return dx, dgamma, dbeta, None, None, None
         dx, dgamma, dbeta = B.train_backward(
             ctx.path, dy, x, mean, invstd, weight, need_dx=needs[0],
             need_dparams=needs[1] or needs[2], y=y,
         )  # fmt: skip
-        return dx, dgamma, dbeta if bias is not None else None, None, None
+        return dx, dgamma, dbeta if bias is not None else None, None, None, None
 
 
 class BatchNormTrainLean(torch.autograd.Function):
     """y = BN_train(x, gamma, beta) [then ReLU] of a planned fused call (:func:`bnlab.kernels.
-    lean_plan`): :class:`BatchNormTrain`'s math and kernels with fewer steps per call. Returns
-    ``(y, stats)``, ``stats`` the forward's numpy array of statistics (not a tensor, so no
-    gradient), which the backward reads as well."""
+    lean_plan`): :class:`BatchNormTrain`'s math and kernels with fewer steps per call, and the
+    batch's statistics committed to the plan's running averages before the save
+    (:func:`bnlab.kernels.lean_commit`). Returns ``(y, ok)`` (``ok`` False: non-finite
+    statistics, nothing updated); the forward's numpy array of statistics stays with the node
+    for the backward."""
 
     @staticmethod
     def forward(ctx, x: Tensor, weight: Tensor | None, bias: Tensor | None, plan, eps: float,
-                relu: bool):  # fmt: skip
+                relu: bool, momentum: float | None, m: int):  # fmt: skip
         y, stats = K.lean_train_forward(x, plan, eps, relu)
+        ok = K.lean_commit(plan, stats, momentum, m)  # (before the save: see BatchNormTrain)
         ctx.save_for_backward(x, weight, bias, y if relu else None)
         ctx.plan, ctx.stats, ctx.eps, ctx.relu = plan, stats, eps, relu
-        return y, stats
+        return y, ok
 
     @staticmethod
-    def backward(ctx, dy: Tensor, _stats: None):
+    def backward(ctx, dy: Tensor, _ok: None):
         x, weight, bias, y = ctx.saved_tensors
         n = ctx.needs_input_grad
         if torch.is_grad_enabled():  # create_graph=True: a differentiable backward
             dx, dgamma, dbeta = ops.differentiable_grads(
                 dy, x, weight, bias, ctx.eps, ctx.relu, None, None, (n[0], n[1], n[2])
             )
-            return dx, dgamma, dbeta, None, None, None
+            return dx, dgamma, dbeta, None, None, None, None, None
         dx, dgamma, dbeta = K.lean_backward(
             dy, x, y, ctx.plan, ctx.stats, True, n[0], n[1] or n[2]
         )
-        return dx, dgamma, dbeta if bias is not None else None, None, None, None
+        return dx, dgamma, dbeta if bias is not None else None, None, None, None, None, None
 
 
 class BatchNormEvalLean(torch.autograd.Function):
@@ -225,9 +237,8 @@ def batch_norm_train_lean(
     float, ``m`` > 1 values per channel). Returns ``(y, ok)``; ``ok`` False means non-finite
     statistics, nothing updated, for the caller to refuse."""
     if _needs_graph(x, weight, bias):
-        y, stats = BatchNormTrainLean.apply(x, weight, bias, plan, eps, relu)
-    else:
-        y, stats = K.lean_train_forward(x, plan, eps, relu)
+        return BatchNormTrainLean.apply(x, weight, bias, plan, eps, relu, momentum, m)
+    y, stats = K.lean_train_forward(x, plan, eps, relu)
     return y, K.lean_commit(plan, stats, momentum, m)
 
 

@@ -51,7 +51,9 @@ from torch import Tensor, nn
 
 from .. import backend as B
 from ..autograd import (
+    BatchNormTrain,
     _needs_graph,
+    _relu_flag,
     batch_norm_eval,
     batch_norm_eval_lean,
     batch_norm_train,
@@ -334,6 +336,28 @@ class _BatchNorm(nn.modules.batchnorm._BatchNorm):
             self.population_estimator = None  # a running average again, not a recomputed one
         return y
 
+    @torch.jit.unused
+    def _train_recorded(self, x: Tensor) -> Tensor | None:
+        """The general path's training forward of this class's own statistics and commit when
+        autograd records it (eager, a graph to record), or None: :meth:`_train_forward` and
+        :meth:`_commit_batch_stats` in one autograd Function that commits before it saves its
+        tensors (:class:`bnlab.autograd.BatchNormTrain`), as torch's layer does; the input has
+        been checked."""
+        cls = type(self)
+        if (
+            cls._train_forward is not _BatchNorm._train_forward
+            or cls._commit_batch_stats is not _BatchNorm._commit_batch_stats
+            or route(x) != EAGER
+            or not _needs_graph(x, self.weight, self.bias)
+        ):
+            return None
+
+        def commit(mean: Tensor, var: Tensor) -> None:
+            self._commit_batch_stats(x, mean, var)
+
+        relu = _relu_flag(self.activation)
+        return BatchNormTrain.apply(x, self.weight, self.bias, self.eps, relu, commit)[0]
+
     def __getstate__(self) -> dict[str, Any]:
         """The module's state without the cache of numpy views (:meth:`_eval_fast`): pickles
         and deep copies carry only tensors, and a copy makes its own views."""
@@ -366,6 +390,10 @@ class _BatchNorm(nn.modules.batchnorm._BatchNorm):
             running_var if tracked else None,
         )  # fmt: skip
         if batch_stats or running_mean is None or running_var is None:
+            if not torch.jit.is_scripting():
+                y = self._train_recorded(input)
+                if y is not None:
+                    return y
             y, mean, var = self._train_forward(input)
             self._commit_batch_stats(input, mean, var)
             return y
