@@ -14,6 +14,9 @@ Each call takes the form :func:`bnlab.ops.route` picks: in eager mode the Functi
 chooses (fused CPU kernels or the reference functions) and run their backward on the same path;
 bnlab's custom operators under ``torch.compile`` and fx tracing; the decomposition into standard
 ops under ``torch.export``, ``jit.trace``/``jit.script`` and ``torch.func`` (see :mod:`bnlab.ops`).
+The layers' short paths for common eager calls use :func:`batch_norm_train_lean` and
+:func:`batch_norm_eval_lean` (:class:`BatchNormTrainLean`, :class:`BatchNormEvalLean`): the same
+kernels through a plan of cached views (:func:`bnlab.backend.lean_plan`), the same values.
 
 The backward is the hand-written one of section 3; when it must itself be differentiated
 (``create_graph=True``: double backward, gradient penalties) it is computed instead by autograd
