@@ -290,6 +290,16 @@ class _BatchNorm(nn.modules.batchnorm._BatchNorm):
         )
 
     @torch.jit.unused
+    def _own_statistics(self) -> bool:
+        """Whether this class computes and commits a batch's statistics as this one does (not a
+        variant that overrides :meth:`_train_forward` or :meth:`_commit_batch_stats`)."""
+        cls = type(self)
+        return (
+            cls._train_forward is _BatchNorm._train_forward
+            and cls._commit_batch_stats is _BatchNorm._commit_batch_stats
+        )
+
+    @torch.jit.unused
     def _train_fast(self, x: Tensor) -> Tensor | None:
         """The training forward of a common eager call in few steps, or None: the general path
         of :meth:`forward` then takes the call, with every check and error. Same result and
@@ -303,13 +313,7 @@ class _BatchNorm(nn.modules.batchnorm._BatchNorm):
         (:func:`bnlab.backend.lean_plan`)."""
         if not self.training or self.frozen or type(x) is not Tensor:
             return None
-        cls = type(self)
-        if (
-            cls._train_forward is not _BatchNorm._train_forward
-            or cls._commit_batch_stats is not _BatchNorm._commit_batch_stats
-            or route(x) != EAGER
-            or x.dim() not in self._valid_ranks
-        ):
+        if not self._own_statistics() or route(x) != EAGER or x.dim() not in self._valid_ranks:
             return None
         c, eps, momentum, act = self.num_features, self.eps, self.momentum, self.activation
         if x.shape[1] != c or not eps > 0 or act not in (None, "relu"):
@@ -343,10 +347,8 @@ class _BatchNorm(nn.modules.batchnorm._BatchNorm):
         :meth:`_commit_batch_stats` in one autograd Function that commits before it saves its
         tensors (:class:`bnlab.autograd.BatchNormTrain`), as torch's layer does; the input has
         been checked."""
-        cls = type(self)
         if (
-            cls._train_forward is not _BatchNorm._train_forward
-            or cls._commit_batch_stats is not _BatchNorm._commit_batch_stats
+            not self._own_statistics()
             or route(x) != EAGER
             or not _needs_graph(x, self.weight, self.bias)
         ):
