@@ -667,12 +667,24 @@ def _general_path(layer):
     return layer
 
 
-@pytest.mark.parametrize("shape", list(SHAPES.values()), ids=list(SHAPES))
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16],
-                         ids=["f32", "f64", "bf16"])  # fmt: skip
-@pytest.mark.parametrize("params", ["affine", "nobias", "noaffine"])
-@pytest.mark.parametrize("fmt", ["contiguous", "channels_last"])
-@pytest.mark.parametrize("act", [None, "relu"])
+def _short_path_cases(test):
+    """The cases on which a short path is compared with the general one: every rank, float32,
+    float64 and bfloat16 (with float32 parameters), with and without weight and bias, both
+    memory formats, with and without the fused ReLU."""
+    marks = [
+        pytest.mark.parametrize("shape", list(SHAPES.values()), ids=list(SHAPES)),
+        pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16],
+                                ids=["f32", "f64", "bf16"]),  # fmt: skip
+        pytest.mark.parametrize("params", ["affine", "nobias", "noaffine"]),
+        pytest.mark.parametrize("fmt", ["contiguous", "channels_last"]),
+        pytest.mark.parametrize("act", [None, "relu"]),
+    ]
+    for mark in marks:
+        test = mark(test)
+    return test
+
+
+@_short_path_cases
 def test_short_inference_path_with_a_graph_is_the_general_path(shape, dtype, params, fmt, act,
                                                                backend):  # fmt: skip
     """Inference with an autograd graph to record (an eval-mode or frozen layer that a model
@@ -708,12 +720,7 @@ def test_short_inference_path_with_a_graph_is_the_general_path(shape, dtype, par
         assert short._fast_views[0] is not None  # (the short path made and cached its plan)
 
 
-@pytest.mark.parametrize("shape", list(SHAPES.values()), ids=list(SHAPES))
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16],
-                         ids=["f32", "f64", "bf16"])  # fmt: skip
-@pytest.mark.parametrize("params", ["affine", "nobias", "noaffine"])
-@pytest.mark.parametrize("fmt", ["contiguous", "channels_last"])
-@pytest.mark.parametrize("act", [None, "relu"])
+@_short_path_cases
 def test_short_training_path_is_the_general_path(shape, dtype, params, fmt, act, backend):
     """A training step (the common call, which takes a shorter path when it can: see
     ``_BatchNorm._train_fast``) gives exactly what bnlab's general path gives: output, input
