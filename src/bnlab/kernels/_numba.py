@@ -48,7 +48,8 @@ join (waking every thread of the pool, then waiting for the slowest), a fixed co
 of the whole work of a few tens of thousands of values, and a thread gets no more than its own
 chunk. So a call on at most ``SERIAL_MAX`` values runs serially (:func:`use_serial`). The
 public kernels are plain (non-parallel) functions that make that choice and call the ``*_par``
-loops when it pays.
+loops when it pays. A serial call gives its first row as ``np.intp(0)``, not ``0``: Numba types a
+literal argument as ``Literal[int](0)`` and would compile the loop a second time for it.
 
 Floating-point flags: reductions need reassociation to vectorise, so the loops are compiled with
 ``reassoc``/``contract``/``arcp``/``nsz`` but *not* ``nnan``/``ninf``: NaN and Inf still propagate
@@ -1029,7 +1030,7 @@ def _mc_normalize_par(x, t, relu, y, R, stream=False):
 def _ncs_norm(x, coef, relu, y, stream=False):
     N, C, S = x.shape
     if use_serial(x.size):
-        _ncs_normalize(x, coef, relu, y, 0, N * C, stream)
+        _ncs_normalize(x, coef, relu, y, np.intp(0), N * C, stream)
     else:
         _ncs_normalize_par(x, coef, relu, y, stream)
 
@@ -1039,7 +1040,7 @@ def _mc_norm(x, coef, relu, y, stream=False):
     M, C = x.shape
     t = _tile(coef, coef.dtype)
     if use_serial(x.size):
-        _mc_normalize(x, t, relu, y, 0, M, stream)
+        _mc_normalize(x, t, relu, y, np.intp(0), M, stream)
     else:
         _mc_normalize_par(x, t, relu, y, mc_rows_per_chunk(M, C), stream)
 
@@ -1053,7 +1054,7 @@ def train_fwd_ncs(x, w, b, has_w, has_b, eps, relu, y, stats, stream=False):
     bmean = np.empty((N, C), np.float64)
     bm2 = np.empty((N, C), np.float64)
     if use_serial(x.size):
-        _ncs_sums(x, 0, N * C, bmean, bm2)
+        _ncs_sums(x, np.intp(0), N * C, bmean, bm2)
     else:
         _ncs_sums_par(x, bmean, bm2)
     x0 = np.empty(C, np.float64)
@@ -1081,7 +1082,7 @@ def train_fwd_mc(x, w, b, has_w, has_b, eps, relu, y, stats, stream=False):
     cm2 = np.empty((K, C), np.float64)
     z = _tile(x0.reshape(1, C), np.float64)[0]
     if serial:
-        _mc_sums(x, z, 0, M, cmean[0], cm2[0])
+        _mc_sums(x, z, np.intp(0), M, cmean[0], cm2[0])
     else:
         _mc_sums_par(x, z, R, cmean, cm2)
     counts = np.empty(K, np.float64)
@@ -1384,7 +1385,7 @@ def backward_ncs(dy, x, y, relu, mean, invstd, w, has_w, train, need_sums, need_
         p1 = np.empty((N, C), np.float64)
         p2 = np.empty((N, C), np.float64)
         if serial:
-            _ncs_gsums(dy, x, y, relu, mean, 0, N * C, p1, p2)
+            _ncs_gsums(dy, x, y, relu, mean, np.intp(0), N * C, p1, p2)
         else:
             _ncs_gsums_par(dy, x, y, relu, mean, p1, p2)
         _add_rows(p1, p2, sums)
@@ -1392,7 +1393,7 @@ def backward_ncs(dy, x, y, relu, mean, invstd, w, has_w, train, need_sums, need_
     _bwd_coef(sums, mean, invstd, w, has_w, train, x.size // C, coef, grads)
     if need_dx:
         if serial:
-            _ncs_dx(dy, x, y, relu, coef, dx, 0, N * C, stream)
+            _ncs_dx(dy, x, y, relu, coef, dx, np.intp(0), N * C, stream)
         else:
             _ncs_dx_par(dy, x, y, relu, coef, dx, stream)
 
@@ -1408,7 +1409,7 @@ def backward_mc(dy, x, y, relu, mean, invstd, w, has_w, train, need_sums, need_d
     if need_sums or train:
         mu = _tile(mean.reshape(1, C), mean.dtype)[0]
         if serial:
-            _mc_gsums(dy, x, y, relu, mu, 0, M, sums[0], sums[1])
+            _mc_gsums(dy, x, y, relu, mu, np.intp(0), M, sums[0], sums[1])
         else:
             K = (M + R - 1) // R
             p1 = np.zeros((K, C), np.float64)
@@ -1420,7 +1421,7 @@ def backward_mc(dy, x, y, relu, mean, invstd, w, has_w, train, need_sums, need_d
     if need_dx:
         t = _tile(coef, coef.dtype)
         if serial:
-            _mc_dx(dy, x, y, relu, t, dx, 0, M, stream)
+            _mc_dx(dy, x, y, relu, t, dx, np.intp(0), M, stream)
         else:
             _mc_dx_par(dy, x, y, relu, t, dx, R, stream)
 
