@@ -106,7 +106,8 @@ def test_fused_matches_reference_random_shapes(rank, data, dtype, layout, params
         (2, 5, 1, 1),  # HW = 1 (a (N, C) tensor in disguise)
         (1, 6, 1, 2),  # N*H*W = 2
         (3, 20000),  # huge C, dense
-        (7, 1100),  # rows of a page or more (f32 and f64): four rows per sweep, three left over
+        (7, 1100),  # rows of a page or more (f32 and f64): column blocks, 60 channels after them
+        (100, 1088),  # the same, parallel: chunks of 15 rows, groups of 7 (f32) or 3 (f64) rows
         (2, 1030, 3, 1),  # the same in channels_last: six rows of 1030 channels
         (2, 20000, 1, 2),  # huge C, spatial
         (1000, 3),  # long dense, few channels

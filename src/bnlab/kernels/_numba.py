@@ -272,19 +272,39 @@ def _chunks(rows: int) -> tuple[int, int]:
 _TILE = 64
 
 # The array loops of the reductions sweep several tiles at once (fewer accumulator loads and
-# stores) when a tile is short (at most _TILE values) or a row fills a memory page (_LONG_ROW
-# bytes). A sweep over k rows reads k streams a row apart: in runs of a few hundred bytes to a
-# few KB the hardware prefetchers (which track accesses within a page) follow them poorly, and
-# one row per sweep (one sequential stream) is faster; with a page or more per row each stream
-# is long enough to prefetch, and the accumulator traffic, which one row per sweep multiplies,
-# decides (measurements in docs/kernels.md).
+# stores) when a tile is short (at most _TILE values). A sweep over k rows reads k streams a row
+# apart: in runs of a few hundred bytes to a few KB the hardware prefetchers (which track
+# accesses within a page) follow them poorly, and one row per sweep (one sequential stream) is
+# faster (measurements in docs/kernels.md).
+#
+# Rows of a memory page or more (_LONG_ROW bytes, so C >= _TILE) are reduced in column blocks
+# instead (:func:`_wide_sums`, :func:`_wide_gsums`): a group of rows of about _GROUP_BYTES (held
+# in L1/L2 while it is read) is swept once per block of _TILE channels, the block's float64
+# accumulators in registers for the whole group (the vector sweeps below, with a stride of a
+# row), and as each block is swept the same block of the next group is prefetched (the hardware
+# prefetchers do not follow reads a row apart; software prefetch spread over the blocks keeps
+# the memory system busy without a burst). An array loop over a whole row loads and stores two
+# accumulators per value, which made these reductions compute-bound at about a cycle per value.
 _LONG_ROW = 4096
+_GROUP_BYTES = 32 << 10
 
 
 @njit(cache=True)
-def _multi_sweep(P: int, itemsize: int) -> bool:
+def _multi_sweep(P: int) -> bool:
     """Whether the channels_last reductions sweep several tiles of ``P`` values at once (above)."""
-    return P <= _TILE or P * itemsize >= _LONG_ROW
+    return P <= _TILE
+
+
+@njit(cache=True)
+def _wide_rows(C: int, itemsize: int) -> bool:
+    """Whether an (M, C) layout's reductions run in column blocks (above)."""
+    return C * itemsize >= _LONG_ROW
+
+
+@njit(cache=True)
+def _group_rows(C: int, itemsize: int) -> int:
+    """Rows per group of the column-block reductions: about ``_GROUP_BYTES``, at least one."""
+    return max(1, _GROUP_BYTES // (C * itemsize))
 
 
 @njit(cache=True)
@@ -399,6 +419,8 @@ def _sweep_sums(typingctx, xf, z, a, n, step, ahead, s1, s2):
     if not all(isinstance(i, types.Integer) for i in (a, n, step, ahead)):
         return None
     sig = types.void(xf, z, types.intp, types.intp, types.intp, types.intp, s1, s2)
+    # (a literal ``ahead`` builds one loop, not both: less code to compile)
+    literal_ahead = getattr(ahead, "literal_value", None)
 
     def codegen(context, builder, sig, args):
         xfv, zv, av, nv, stepv, aheadv, s1v, s2v = args
@@ -431,8 +453,11 @@ def _sweep_sums(typingctx, xf, z, a, n, step, ahead, s1, s2):
             return run
 
         sums = ((sig.args[6], s1v), (sig.args[7], s2v))
-        _branch(builder, builder.icmp_signed(">", aheadv, i64(0)),
-                lambda prefetch: _sweep(context, builder, sums, nv, body(prefetch)))
+        if literal_ahead is None:
+            _branch(builder, builder.icmp_signed(">", aheadv, i64(0)),
+                    lambda prefetch: _sweep(context, builder, sums, nv, body(prefetch)))
+        else:
+            _sweep(context, builder, sums, nv, body(literal_ahead > 0))
         return context.get_dummy_value()
 
     return sig, codegen
@@ -899,12 +924,49 @@ def _fold(t, C, out):
 
 
 @njit(**_SERIAL)
-def _mc_sums(x, z, r0, r1, cmean, cm2):
-    """Shifted sums of rows [r0, r1) of (M, C) into ``cmean`` (C,) = mean - x0 and ``cm2`` (C,)
-    = sum of squared deviations, float64: s1 = sum d, s2 = sum d^2 with d = x - x0, then
-    M2 = s2 - s1^2 / n (see module docstring). Rows are read in tiles of
-    ``_tile_rows(C)`` rows, each one flat vector of P values, with P accumulators (in registers
-    when P is ``_TILE``: :func:`_sweep_sums`); ``z`` is x0 tiled (:func:`_tile`)."""
+def _wide_sums(xf, z, C, r0, r1, s1, s2):
+    """Add the shifted sums of rows [r0, r1) of an (M, C) layout read as the flat ``xf`` to
+    ``s1[c]`` (sum d) and ``s2[c]`` (sum d^2), ``d = x - z[c]`` in float64 (``z``, ``s1``, ``s2``:
+    (C,) float64): column blocks of ``_TILE`` channels swept over groups of rows, the next group
+    prefetched block by block (see _LONG_ROW); the columns after the last whole block by an
+    array loop."""
+    B = C // _TILE
+    W = B * _TILE
+    G = _group_rows(C, xf.itemsize)
+    line = _LINE_BYTES // xf.itemsize
+    zb = np.empty((B, _TILE), np.float64)
+    a1 = np.zeros((B, _TILE), np.float64)
+    a2 = np.zeros((B, _TILE), np.float64)
+    for b in range(B):
+        for p in range(_TILE):
+            zb[b, p] = z[b * _TILE + p]
+    for t in range((r1 - r0 + G - 1) // G):
+        g0 = r0 + t * G
+        g1 = min(r1, g0 + G)
+        for b in range(B):
+            for i in range(g1, min(r1, g1 + G)):
+                at = i * C + b * _TILE
+                for k in range(at, at + _TILE, line):
+                    _prefetch(xf, k)
+            _sweep_sums(xf, zb[b], g0 * C + b * _TILE, g1 - g0, C, 0, a1[b], a2[b])
+        for i in range(g0, g1):
+            xs = xf[i * C + W : (i + 1) * C]
+            for q in range(C - W):
+                d = _ld(xs[q]) - z[W + q]
+                s1[W + q] += d
+                s2[W + q] += d * d
+    for b in range(B):
+        for p in range(_TILE):
+            s1[b * _TILE + p] += a1[b, p]
+            s2[b * _TILE + p] += a2[b, p]
+
+
+@njit(**_SERIAL)
+def _tile_sums(x, z, r0, r1, s1, s2):
+    """Shifted sums ``s1[c] = sum d``, ``s2[c] = sum d^2`` (``d = x - x0`` in float64) of rows
+    [r0, r1) of (M, C), read in tiles of ``_tile_rows(C)`` rows, each one flat vector of P values,
+    with P accumulators (in registers when P is ``_TILE``: :func:`_sweep_sums`); ``z`` is x0
+    tiled (:func:`_tile`)."""
     C = x.shape[1]
     xf = x.reshape(-1)
     r = _tile_rows(C)
@@ -925,7 +987,7 @@ def _mc_sums(x, z, r0, r1, cmean, cm2):
         quads = 0
         first = tiles
     else:
-        quads = tiles // 4 if _multi_sweep(P, x.itemsize) else 0
+        quads = tiles // 4 if _multi_sweep(P) else 0
         first = 4 * quads
     line = _LINE_BYTES // x.itemsize
     for t in range(quads):  # 4 tiles per sweep: 4x fewer accumulator loads/stores
@@ -956,10 +1018,24 @@ def _mc_sums(x, z, r0, r1, cmean, cm2):
         d = _ld(xa[q]) - z[q]
         s1t[q] += d
         s2t[q] += d * d
-    s1 = np.empty(C, np.float64)
-    s2 = np.empty(C, np.float64)
     _fold(s1t, C, s1)
     _fold(s2t, C, s2)
+
+
+@njit(**_SERIAL)
+def _mc_sums(x, z, r0, r1, cmean, cm2):
+    """Shifted sums of rows [r0, r1) of (M, C) into ``cmean`` (C,) = mean - x0 and ``cm2`` (C,)
+    = sum of squared deviations, float64: s1 = sum d, s2 = sum d^2 with d = x - x0, then
+    M2 = s2 - s1^2 / n (see module docstring); in column blocks where rows are wide
+    (:func:`_wide_sums`), in flat tiles elsewhere (:func:`_tile_sums`). ``z`` is x0 tiled
+    (:func:`_tile`)."""
+    C = x.shape[1]
+    s1 = np.zeros(C, np.float64)
+    s2 = np.zeros(C, np.float64)
+    if _wide_rows(C, x.itemsize):
+        _wide_sums(x.reshape(-1), z, C, r0, r1, s1, s2)
+    else:
+        _tile_sums(x, z, r0, r1, s1, s2)
     inv_n = 1.0 / (r1 - r0)
     for c in range(C):
         cmean[c] = s1[c] * inv_n
@@ -1201,14 +1277,58 @@ def _ncs_gsums(dy, x, y, relu, mean, i0, i1, p1, p2):
 
 
 @njit(**_SERIAL)
+def _wide_gsums(gf, xf, yf, relu, mu, C, r0, r1, s1, s2):
+    """:func:`_mc_gsums` for wide rows, in column blocks as :func:`_wide_sums` (``gf``, ``xf``,
+    ``yf``: the flat arrays; ``mu``: (C,) in the compute type)."""
+    B = C // _TILE
+    W = B * _TILE
+    G = _group_rows(C, xf.itemsize)
+    line = _LINE_BYTES // xf.itemsize
+    mb = np.empty((B, _TILE), mu.dtype)
+    a1 = np.zeros((B, _TILE), np.float64)
+    a2 = np.zeros((B, _TILE), np.float64)
+    for b in range(B):
+        for p in range(_TILE):
+            mb[b, p] = mu[b * _TILE + p]
+    for t in range((r1 - r0 + G - 1) // G):
+        g0 = r0 + t * G
+        g1 = min(r1, g0 + G)
+        for b in range(B):
+            for i in range(g1, min(r1, g1 + G)):
+                at = i * C + b * _TILE
+                for k in range(at, at + _TILE, line):
+                    _prefetch(gf, k)
+                    _prefetch(xf, k)
+                    if relu:
+                        _prefetch(yf, k)
+            _sweep_gsums(gf, xf, yf, mb[b], g0 * C + b * _TILE, g1 - g0, C, relu, a1[b], a2[b])
+        for i in range(g0, g1):
+            xs = xf[i * C + W : (i + 1) * C]
+            gs = gf[i * C + W : (i + 1) * C]
+            ys = yf[i * C + W : (i + 1) * C]
+            for q in range(C - W):
+                g = _keep(_ld(gs[q]), not relu or _ld(ys[q]) > 0)
+                s1[W + q] += g
+                s2[W + q] += np.float64(g) * np.float64(_ld(xs[q]) - mu[W + q])
+    for b in range(B):
+        for p in range(_TILE):
+            s1[b * _TILE + p] += a1[b, p]
+            s2[b * _TILE + p] += a2[b, p]
+
+
+@njit(**_SERIAL)
 def _mc_gsums(dy, x, y, relu, mu, r0, r1, s1, s2):
     """Add sum g and sum g (x - mean) over rows [r0, r1) of (M, C) to s1, s2 (C,) float64, in
     flat tiles of ``_tile_rows(C)`` rows with tiled accumulators (in registers when a tile is
-    ``_TILE`` values: :func:`_sweep_gsums`); ``mu`` is the mean tiled (:func:`_tile`)."""
+    ``_TILE`` values: :func:`_sweep_gsums`), or in column blocks where rows are wide
+    (:func:`_wide_gsums`); ``mu`` is the mean tiled (:func:`_tile`)."""
     C = x.shape[1]
     xf = x.reshape(-1)
     gf = dy.reshape(-1)
     yf = y.reshape(-1)
+    if _wide_rows(C, x.itemsize):
+        _wide_gsums(gf, xf, yf, relu, mu, C, r0, r1, s1, s2)
+        return
     r = _tile_rows(C)
     P = r * C
     s1t = np.zeros(P, np.float64)
@@ -1219,7 +1339,7 @@ def _mc_gsums(dy, x, y, relu, mu, r0, r1, s1, s2):
         pairs = 0
         first = tiles
     else:
-        pairs = tiles // 2 if _multi_sweep(P, x.itemsize) else 0
+        pairs = tiles // 2 if _multi_sweep(P) else 0
         first = 2 * pairs
     for t in range(pairs):  # 2 tiles per sweep: half the accumulator loads/stores
         a = (r0 + 2 * t * r) * C
