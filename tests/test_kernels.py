@@ -386,6 +386,35 @@ def test_bfloat16_conversions_are_torchs():
     assert torch.equal(got[~nan].view(torch.int16), expect[~nan].view(torch.int16))
 
 
+@pytest.mark.parametrize("run", [49, 16, 5])
+@pytest.mark.parametrize("relu", [False, True], ids=["bn", "bn-relu"])
+def test_bfloat16_runs_round_as_torch(run, relu):
+    """The normalize pass of NCHW runs (a vector of 16 values at a time, the rest one by one, each
+    rounded to bfloat16 by the pass itself) against torch: every bfloat16 bit pattern times a
+    scale (so products fall on ties, between them, on infinities and NaN), in runs of ``run``
+    values. ``a x + 0`` in float32 is the product rounded once, as torch's ``x.float() * a``."""
+    import numba
+    import numpy as np
+
+    @numba.njit
+    def runs(src, dst, n, a, relu):
+        for i in range(src.size // n):
+            _numba._affine_run(src, dst, i * n, n, a, np.float32(0.0), relu)
+
+    bits = torch.arange(65536 // run * run, dtype=torch.int32).to(torch.uint16)
+    x = bits.view(torch.bfloat16).float()
+    for a in (1.0, 1.0 + 2**-9, 3.0, -0.7):
+        dst = np.empty(bits.numel(), np.uint16)
+        runs(bits.numpy(), dst, run, np.float32(a), relu)
+        got = torch.from_numpy(dst).view(torch.bfloat16).float()
+        expect = (x * torch.tensor(a, dtype=torch.float32)).bfloat16().float()
+        if relu:
+            expect = torch.where(expect > 0, expect, torch.zeros_like(expect))
+        nan = expect.isnan()
+        assert torch.equal(got.isnan(), nan)
+        assert torch.equal(got[~nan], expect[~nan])  # (values: the sign of a zero may differ)
+
+
 def test_set_backend_validates_and_context_restores():
     before = bnlab.get_backend()
     with pytest.raises(ValueError, match="backend must be one of"):
