@@ -750,6 +750,180 @@ def _affine_run(typingctx, xf, yf, start, n, a, c, relu):
     return sig, codegen
 
 
+def _hsum(builder, v):
+    """The sum of the lanes of the float vector ``v`` (pairwise halves)."""
+    n = v.type.count
+    while n > 1:
+        n //= 2
+        i32 = ir.IntType(32)
+        lo = builder.shuffle_vector(v, v, ir.Constant(ir.VectorType(i32, n), list(range(n))))
+        hi = builder.shuffle_vector(v, v, ir.Constant(ir.VectorType(i32, n),
+                                                      list(range(n, 2 * n))))  # fmt: skip
+        v = builder.fadd(lo, hi)
+    return builder.extract_element(v, ir.IntType(32)(0))
+
+
+def _fpext(builder, v):
+    """A float32 value or vector as float64 (float64 as it is)."""
+    if isinstance(getattr(v.type, "element", v.type), ir.DoubleType):
+        return v
+    if isinstance(v.type, ir.VectorType):
+        return builder.fpext(v, ir.VectorType(ir.DoubleType(), v.type.count))
+    return builder.fpext(v, ir.DoubleType())
+
+
+def _run_reduce(context, builder, start, n, step):
+    """Two float64 sums over the ``n`` values from ``start``: ``step(at, vector)`` gives the two
+    terms of the values at ``at`` (``_LANES`` of them as float64 vectors when ``vector``, else
+    one). Whole vectors go to vector accumulators, two vectors per iteration into two sets (two
+    chains of additions: one chain would wait on the adder's latency on long rows), then one
+    more vector if a whole one is left, and the rest to scalars, with the lanes summed once in
+    between. Returns the two sums."""
+    i64 = ir.IntType(64)
+    vd = ir.VectorType(ir.DoubleType(), _LANES)
+    sets = [[cgutils.alloca_once_value(builder, ir.Constant(vd, None)) for _ in range(2)]
+            for _ in range(2)]  # fmt: skip
+
+    def add(accs, terms):
+        for acc, t in zip(accs, terms, strict=True):
+            builder.store(builder.fadd(builder.load(acc), t), acc)
+
+    pairs = builder.sdiv(n, i64(2 * _LANES))
+    with cgutils.for_range(builder, pairs) as j:
+        at = builder.add(start, builder.mul(j.index, i64(2 * _LANES)))
+        add(sets[0], step(at, True))
+        add(sets[1], step(builder.add(at, i64(_LANES)), True))
+    done = builder.add(start, builder.mul(pairs, i64(2 * _LANES)))
+    left = builder.sub(builder.add(start, n), done)
+    one = builder.icmp_signed(">=", left, i64(_LANES))
+    with builder.if_then(one):
+        add(sets[0], step(done, True))
+    done = builder.select(one, builder.add(done, i64(_LANES)), done)
+    sums = [cgutils.alloca_once_value(builder, _hsum(builder, builder.fadd(builder.load(a),
+                                                                         builder.load(b))))
+            for a, b in zip(*sets, strict=True)]  # fmt: skip
+    with cgutils.for_range(builder, builder.sub(builder.add(start, n), done)) as k:
+        add(sums, step(builder.add(done, k.index), False))
+    return [builder.load(acc) for acc in sums]
+
+
+def _pair(context, builder, values):
+    """A Numba ``UniTuple(float64, 2)`` of two float64 values."""
+    ty = types.UniTuple(types.float64, 2)
+    return context.make_tuple(builder, ty, values)
+
+
+@intrinsic
+def _run_sums(typingctx, xf, start, n, x0):
+    """``(sum d, sum d^2)`` with ``d = x - x0`` in float64 over the ``n`` values of the flat array
+    from ``start`` (one row of :func:`_ncs_sums`), a vector of ``_LANES`` values at a time (as
+    :func:`_affine_run`, for short rows)."""
+    if not _loop_arrays(xf) or x0 != types.float64:
+        return None
+    sig = types.UniTuple(types.float64, 2)(xf, types.intp, types.intp, x0)
+
+    def codegen(context, builder, sig, args):
+        xv, s, nv, z = args
+        xd = _data(context, builder, sig.args[0], xv)
+        vz = _splat(builder, z, _LANES)
+
+        def step(at, vector):
+            if vector:
+                d = builder.fsub(_wide(builder, _lanes(context, builder, sig.args[0], xv, at)), vz)
+            else:
+                d = builder.fsub(_fpext(builder, _scalar_of(builder, xd, at)), z)
+            return d, builder.fmul(d, d)
+
+        return _pair(context, builder, _run_reduce(context, builder, s, nv, step))
+
+    return sig, codegen
+
+
+@intrinsic
+def _run_gsums(typingctx, gf, xf, yf, start, n, mu, relu):
+    """``(sum g, sum g (x - mu))`` over the ``n`` values from ``start`` (one row of
+    :func:`_ncs_gsums`: ``x - mu`` in the compute type, the product and sums in float64;
+    ``g = dy``, or 0 where ``y <= 0`` with ``relu``), a vector at a time."""
+    if not _loop_arrays(gf, xf, yf) or relu != types.boolean or mu != _compute_type(gf.dtype):
+        return None
+    sig = types.UniTuple(types.float64, 2)(gf, xf, yf, types.intp, types.intp, mu, relu)
+
+    def codegen(context, builder, sig, args):
+        gv, xv, yv, s, nv, m, rl = args
+        gd, xd, yd = (_data(context, builder, sig.args[i], v) for i, v in enumerate((gv, xv, yv)))
+        vm = _splat(builder, m, _LANES)
+        out = [cgutils.alloca_once(builder, ir.DoubleType()) for _ in range(2)]
+
+        def loop(masked):
+            def step(at, vector):
+                if vector:
+                    g = _lanes(context, builder, sig.args[0], gv, at)
+                    x = _lanes(context, builder, sig.args[1], xv, at)
+                    y = _lanes(context, builder, sig.args[2], yv, at) if masked else None
+                    mu_ = vm
+                else:
+                    g, x = _scalar_of(builder, gd, at), _scalar_of(builder, xd, at)
+                    y = _scalar_of(builder, yd, at) if masked else None
+                    mu_ = m
+                if masked:
+                    g = builder.select(builder.fcmp_ordered(">", y, ir.Constant(y.type, None)),
+                                       g, ir.Constant(g.type, None))  # fmt: skip
+                g = _fpext(builder, g)
+                return g, builder.fmul(g, _fpext(builder, builder.fsub(x, mu_)))
+
+            for o, v in zip(out, _run_reduce(context, builder, s, nv, step), strict=True):
+                builder.store(v, o)
+
+        _branch(builder, rl, loop)
+        return _pair(context, builder, [builder.load(o) for o in out])
+
+    return sig, codegen
+
+
+@intrinsic
+def _dx_run(typingctx, gf, xf, yf, df, start, n, mu, a, bb, d, relu):
+    """:func:`_ncs_dx`'s values on one channel's run of ``n`` values from ``start`` (scalar
+    coefficients in the compute type), a vector of ``_LANES`` values at a time and the rest one by
+    one (as :func:`_affine_run`, for short runs); bfloat16 outputs rounded as ``_st`` rounds."""
+    if not _loop_arrays(gf, xf, yf, df) or relu != types.boolean:
+        return None
+    comp = _compute_type(gf.dtype)
+    if any(v != comp for v in (mu, a, bb, d)):
+        return None
+    sig = types.void(gf, xf, yf, df, types.intp, types.intp, comp, comp, comp, comp, relu)
+
+    def codegen(context, builder, sig, args):
+        gv, xv, yv, dv, s, nv, mu, a, bb, d, rl = args
+        i64 = ir.IntType(64)
+        arrays = zip(sig.args[:4], (gv, xv, yv, dv), strict=True)
+        gd, xd, yd, dd = (_data(context, builder, ty, v) for ty, v in arrays)
+        elem = dd.type.pointee
+        co = [_splat(builder, v, _LANES) for v in (mu, a, bb, d)]
+        nvec = builder.sdiv(nv, i64(_LANES))
+
+        def loop(masked):
+            with cgutils.for_range(builder, nvec) as j:
+                at = builder.add(s, builder.mul(j.index, i64(_LANES)))
+                y = _lanes(context, builder, sig.args[2], yv, at) if masked else None
+                g = _lanes(context, builder, sig.args[0], gv, at)
+                x = _lanes(context, builder, sig.args[1], xv, at)
+                r = _narrow(builder, _dx_value(builder, g, x, y, *co, masked), elem)
+                p = builder.bitcast(builder.gep(dd, [at]), r.type.as_pointer())
+                builder.store(r, p, align=sig.args[3].dtype.bitwidth // 8)
+            done = builder.add(s, builder.mul(nvec, i64(_LANES)))
+            with cgutils.for_range(builder, builder.sub(builder.add(s, nv), done)) as k:
+                at = builder.add(done, k.index)
+                y = _scalar_of(builder, yd, at) if masked else None
+                g, x = _scalar_of(builder, gd, at), _scalar_of(builder, xd, at)
+                r = _dx_value(builder, g, x, y, mu, a, bb, d, masked)
+                builder.store(_narrow(builder, r, elem), builder.gep(dd, [at]))
+
+        _branch(builder, rl, loop)
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
 def _dx_value(builder, g, x, y, mu, a, bb, d, relu):
     """``a g - bb (x - mu) - d`` with ``g`` zeroed where ``y <= 0`` when ``relu`` (a Python
     bool), as :func:`_ncs_dx` computes it (the same operations and flags)."""
@@ -897,19 +1071,15 @@ def _affine(mean, a, beta, coef, c):
 @njit(**_SERIAL)
 def _ncs_sums(x, i0, i1, bmean, bm2):
     """Shifted sums of rows [i0, i1): ``bmean[n, c]`` = row mean - x_0, ``bm2[n, c]`` = the
-    row's sum of squared deviations (one pass, see module docstring)."""
+    row's sum of squared deviations (one pass, see module docstring; a row's sums by
+    :func:`_run_sums`)."""
     N, C, S = x.shape
+    xf = x.reshape(-1)
     for i in range(i0, i1):
         n = i // C
         c = i - n * C
-        xr = x[n, c]
         x0 = np.float64(_ld(x[0, c, 0]))  # the channel's shift (see module docstring)
-        s = 0.0
-        q = 0.0
-        for k in range(S):
-            d = _ld(xr[k]) - x0
-            s += d
-            q += d * d
+        s, q = _run_sums(xf, i * S, S, x0)
         mb = s / S  # block mean - x0
         bmean[n, c] = mb
         bm2[n, c] = max(q - s * mb, 0.0)
@@ -1328,29 +1498,16 @@ def _bwd_coef(sums, mean, invstd, w, has_w, train, m, coef, grads):
 @njit(**_SERIAL)
 def _ncs_gsums(dy, x, y, relu, mean, i0, i1, p1, p2):
     """Per row of [i0, i1): ``p1[n, c]`` = sum g, ``p2[n, c]`` = sum g (x - mean), float64;
-    ``g = dy`` or, for the fused ReLU, ``g = dy * (y > 0)``."""
+    ``g = dy`` or, for the fused ReLU, ``g = dy * (y > 0)`` (a row's sums by
+    :func:`_run_gsums`)."""
     N, C, S = x.shape
+    xf = x.reshape(-1)
+    gf = dy.reshape(-1)
+    yf = y.reshape(-1)
     for i in range(i0, i1):
         n = i // C
         c = i - n * C
-        mu = mean[c]
-        xr = x[n, c]
-        gr = dy[n, c]
-        s1 = 0.0
-        s2 = 0.0
-        if relu:
-            yr = y[n, c]
-            for k in range(S):
-                g = _keep(_ld(gr[k]), _ld(yr[k]) > 0)
-                s1 += g
-                s2 += g * (_ld(xr[k]) - mu)
-        else:
-            for k in range(S):
-                g = _ld(gr[k])
-                s1 += g
-                s2 += g * (_ld(xr[k]) - mu)
-        p1[n, c] = s1
-        p2[n, c] = s2
+        p1[n, c], p2[n, c] = _run_gsums(gf, xf, yf, i * S, S, mean[c], relu)
 
 
 @njit(**_SERIAL)
@@ -1463,35 +1620,20 @@ def _ncs_dx(dy, x, y, relu, coef, dx, i0, i1, stream=False):
     D = A sum(g) / m.  Inference: B = D = 0. ``stream``: as :func:`_ncs_normalize`.
     """
     N, C, S = x.shape
+    gf = dy.reshape(-1)
+    xf = x.reshape(-1)
+    yf = y.reshape(-1)
+    df = dx.reshape(-1)
     if stream and x.itemsize > 2:
-        gf = dy.reshape(-1)
-        xf = x.reshape(-1)
-        yf = y.reshape(-1)
-        df = dx.reshape(-1)
         for i in range(i0, i1):
             c = i % C
             _stream_dx_run(gf, xf, yf, df, i * S, S, coef[0, c], coef[1, c], coef[2, c],
                            coef[3, c], relu)  # fmt: skip
         _sfence()
         return
-    for i in range(i0, i1):
-        n = i // C
-        c = i - n * C
-        mu = coef[0, c]
-        a = coef[1, c]
-        bb = coef[2, c]
-        d = coef[3, c]
-        xr = x[n, c]
-        gr = dy[n, c]
-        dr = dx[n, c]
-        if relu:
-            yr = y[n, c]
-            for k in range(S):
-                g = _keep(_ld(gr[k]), _ld(yr[k]) > 0)
-                dr[k] = _st(a * g - bb * (_ld(xr[k]) - mu) - d, dr)
-        else:
-            for k in range(S):
-                dr[k] = _st(a * _ld(gr[k]) - bb * (_ld(xr[k]) - mu) - d, dr)
+    for i in range(i0, i1):  # (a vector at a time: _dx_run)
+        c = i % C
+        _dx_run(gf, xf, yf, df, i * S, S, coef[0, c], coef[1, c], coef[2, c], coef[3, c], relu)
 
 
 @njit(**_SERIAL)
