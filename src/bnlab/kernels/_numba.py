@@ -1075,14 +1075,18 @@ def _ncs_sums(x, i0, i1, bmean, bm2):
     :func:`_run_sums`)."""
     N, C, S = x.shape
     xf = x.reshape(-1)
+    n = i0 // C
+    c = i0 - n * C
     for i in range(i0, i1):
-        n = i // C
-        c = i - n * C
         x0 = np.float64(_ld(x[0, c, 0]))  # the channel's shift (see module docstring)
         s, q = _run_sums(xf, i * S, S, x0)
         mb = s / S  # block mean - x0
         bmean[n, c] = mb
         bm2[n, c] = max(q - s * mb, 0.0)
+        c += 1
+        if c == C:
+            n += 1
+            c = 0
 
 
 @njit(**_SERIAL)
@@ -1126,9 +1130,12 @@ def _ncs_normalize(x, coef, relu, y, i0, i1, stream=False):
     if x.itemsize <= 4:  # float32, bfloat16: a vector at a time (float64: LLVM's loop as fast)
         xf = x.reshape(-1)
         yf = y.reshape(-1)
+        c = i0 % C
         for i in range(i0, i1):
-            c = i % C
             _affine_run(xf, yf, i * S, S, coef[0, c], coef[1, c], relu)
+            c += 1
+            if c == C:
+                c = 0
         return
     for i in range(i0, i1):
         n = i // C
@@ -1504,10 +1511,14 @@ def _ncs_gsums(dy, x, y, relu, mean, i0, i1, p1, p2):
     xf = x.reshape(-1)
     gf = dy.reshape(-1)
     yf = y.reshape(-1)
+    n = i0 // C
+    c = i0 - n * C
     for i in range(i0, i1):
-        n = i // C
-        c = i - n * C
         p1[n, c], p2[n, c] = _run_gsums(gf, xf, yf, i * S, S, mean[c], relu)
+        c += 1
+        if c == C:
+            n += 1
+            c = 0
 
 
 @njit(**_SERIAL)
@@ -1631,9 +1642,12 @@ def _ncs_dx(dy, x, y, relu, coef, dx, i0, i1, stream=False):
                            coef[3, c], relu)  # fmt: skip
         _sfence()
         return
+    c = i0 % C
     for i in range(i0, i1):  # (a vector at a time: _dx_run)
-        c = i % C
         _dx_run(gf, xf, yf, df, i * S, S, coef[0, c], coef[1, c], coef[2, c], coef[3, c], relu)
+        c += 1
+        if c == C:
+            c = 0
 
 
 @njit(**_SERIAL)
