@@ -116,6 +116,8 @@ def test_fused_matches_reference_random_shapes(rank, data, dtype, layout, params
         (16, 8, 512),  # (N, C, S) of exactly SERIAL_MAX values: the serial loops
         (16, 8, 513),  # one row value more: the parallel loops, chunks of (n, c) rows
         (3, 16, 41, 43),  # channels_last: 5,289 rows of 16, not a whole number of flat tiles
+        (5, 32, 3, 7),  # channels_last: flat tiles of two 32-channel rows, one row left
+        (3, 64, 5, 5),  # channels_last: a 64-channel row is one flat tile
         (70000, 1),  # long dense, one channel (several row chunks)
         (3, 2, 70000),  # long rows
     ],

@@ -750,6 +750,46 @@ def _affine_run(typingctx, xf, yf, start, n, a, c, relu):
     return sig, codegen
 
 
+@intrinsic
+def _affine_tiles(typingctx, xf, yf, start, n, a, c, relu):
+    """``y = a[p] x + c[p]`` [then ``max(., 0)``] on ``n`` consecutive tiles of ``_TILE`` values of
+    the flat arrays from ``start`` (``a``, ``c``: ``_TILE`` per-lane coefficients in the compute
+    type, held in registers for the whole run): the channels_last normalize pass of a narrow
+    layer, a vector at a time (LLVM's loop over one tile at a time checks its bounds and the
+    arrays' overlap on every tile)."""
+    if not _loop_arrays(xf, yf) or relu != types.boolean:
+        return None
+    comp = types.Array(_compute_type(xf.dtype), 1, "C")
+    if a != comp or c != comp:
+        return None
+    sig = types.void(xf, yf, types.intp, types.intp, a, c, relu)
+
+    def codegen(context, builder, sig, args):
+        xv, yv, s, nv, av, cv, rl = args
+        i64 = ir.IntType(64)
+        yd = _data(context, builder, sig.args[1], yv)
+        elem = yd.type.pointee
+        va = [_lanes(context, builder, sig.args[4], av, i64(j * _LANES))
+              for j in range(_TILE // _LANES)]  # fmt: skip
+        vc = [_lanes(context, builder, sig.args[5], cv, i64(j * _LANES))
+              for j in range(_TILE // _LANES)]  # fmt: skip
+
+        def loop(masked):
+            with cgutils.for_range(builder, nv) as k:
+                base = builder.add(s, builder.mul(k.index, i64(_TILE)))
+                for j in range(_TILE // _LANES):
+                    at = builder.add(base, i64(j * _LANES))
+                    v = _lanes(context, builder, sig.args[0], xv, at)
+                    r = _narrow(builder, _affine_value(builder, v, va[j], vc[j], masked), elem)
+                    p = builder.bitcast(builder.gep(yd, [at]), r.type.as_pointer())
+                    builder.store(r, p, align=sig.args[1].dtype.bitwidth // 8)
+
+        _branch(builder, rl, loop)
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
 def _hsum(builder, v):
     """The sum of the lanes of the float vector ``v`` (pairwise halves)."""
     n = v.type.count
@@ -1312,7 +1352,11 @@ def _mc_normalize(x, t, relu, y, r0, r1, stream=False):
     a = t[0]
     cc = t[1]
     P = r * C
-    for t in range((r1 - r0 + r - 1) // r):  # whole tiles, then the rows left
+    first = 0
+    if P == _TILE:  # C divides _TILE: whole tiles with the coefficients in registers
+        first = (r1 - r0) // r
+        _affine_tiles(xf, yf, r0 * C, first, a, cc, relu)
+    for t in range(first, (r1 - r0 + r - 1) // r):  # whole tiles, then the rows left
         base = (r0 + t * r) * C
         n = min(P, (r1 - r0 - t * r) * C)
         xs = xf[base : base + n]  # (slices: indices known non-negative, so loops vectorize)
