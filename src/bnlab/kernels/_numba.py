@@ -790,6 +790,45 @@ def _affine_tiles(typingctx, xf, yf, start, n, a, c, relu):
     return sig, codegen
 
 
+@intrinsic
+def _dx_tiles(typingctx, gf, xf, yf, df, start, n, mu, a, bb, d, relu):
+    """:func:`_ncs_dx`'s values on ``n`` consecutive tiles of ``_TILE`` values from ``start``
+    (``mu``, ``a``, ``bb``, ``d``: ``_TILE`` per-lane coefficients in the compute type, held in
+    registers for the whole run), as :func:`_affine_tiles` for the normalize pass."""
+    if not _loop_arrays(gf, xf, yf, df) or relu != types.boolean:
+        return None
+    comp = types.Array(_compute_type(gf.dtype), 1, "C")
+    if any(v != comp for v in (mu, a, bb, d)):
+        return None
+    sig = types.void(gf, xf, yf, df, types.intp, types.intp, mu, a, bb, d, relu)
+
+    def codegen(context, builder, sig, args):
+        gv, xv, yv, dv, s, nv = args[:6]
+        rl = args[10]
+        i64 = ir.IntType(64)
+        dd = _data(context, builder, sig.args[3], dv)
+        elem = dd.type.pointee
+        co = [[_lanes(context, builder, sig.args[6 + i], args[6 + i], i64(j * _LANES))
+               for i in range(4)] for j in range(_TILE // _LANES)]  # fmt: skip
+
+        def loop(masked):
+            with cgutils.for_range(builder, nv) as k:
+                base = builder.add(s, builder.mul(k.index, i64(_TILE)))
+                for j in range(_TILE // _LANES):
+                    at = builder.add(base, i64(j * _LANES))
+                    y = _lanes(context, builder, sig.args[2], yv, at) if masked else None
+                    g = _lanes(context, builder, sig.args[0], gv, at)
+                    x = _lanes(context, builder, sig.args[1], xv, at)
+                    r = _narrow(builder, _dx_value(builder, g, x, y, *co[j], masked), elem)
+                    p = builder.bitcast(builder.gep(dd, [at]), r.type.as_pointer())
+                    builder.store(r, p, align=sig.args[3].dtype.bitwidth // 8)
+
+        _branch(builder, rl, loop)
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
 def _hsum(builder, v):
     """The sum of the lanes of the float vector ``v`` (pairwise halves)."""
     n = v.type.count
@@ -1714,7 +1753,11 @@ def _mc_dx(dy, x, y, relu, t, dx, r0, r1, stream=False):
     a = t[1]
     bb = t[2]
     d = t[3]
-    for t in range((r1 - r0 + r - 1) // r):  # whole tiles, then the rows left
+    first = 0
+    if P == _TILE:  # C divides _TILE: whole tiles with the coefficients in registers
+        first = (r1 - r0) // r
+        _dx_tiles(gf, xf, yf, df, r0 * C, first, mu, a, bb, d, relu)
+    for t in range(first, (r1 - r0 + r - 1) // r):  # whole tiles, then the rows left
         base = (r0 + t * r) * C
         n = min(P, (r1 - r0 - t * r) * C)
         xs = xf[base : base + n]
