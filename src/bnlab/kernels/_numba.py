@@ -709,6 +709,24 @@ def _scalar_of(builder, ptr_elem, index):
     return v
 
 
+def _vectors_then_rest(builder, start, n, vector, scalar):
+    """Over the ``n`` values from the flat index ``start``: ``vector(at)`` for each whole vector
+    of ``_LANES`` values, then ``scalar(at)`` for each value left."""
+    i64 = ir.IntType(64)
+    nvec = builder.sdiv(n, i64(_LANES))
+    with cgutils.for_range(builder, nvec) as j:
+        vector(builder.add(start, builder.mul(j.index, i64(_LANES))))
+    done = builder.add(start, builder.mul(nvec, i64(_LANES)))
+    with cgutils.for_range(builder, builder.sub(builder.add(start, n), done)) as k:
+        scalar(builder.add(done, k.index))
+
+
+def _store_vec(builder, v, ptr_elem, index, align):
+    """Store the vector ``v`` at ``ptr_elem[index]`` (unaligned: ``align`` is the element's)."""
+    builder.store(v, builder.bitcast(builder.gep(ptr_elem, [index]), v.type.as_pointer()),
+                  align=align)  # fmt: skip
+
+
 @intrinsic
 def _affine_run(typingctx, xf, yf, start, n, a, c, relu):
     """``y = a x + c`` [then ``max(., 0)``] on the ``n`` values of the flat arrays from
@@ -724,25 +742,23 @@ def _affine_run(typingctx, xf, yf, start, n, a, c, relu):
 
     def codegen(context, builder, sig, args):
         xv, yv, s, nv, av, cv, rl = args
-        i64 = ir.IntType(64)
         yd = _data(context, builder, sig.args[1], yv)
         xd = _data(context, builder, sig.args[0], xv)
         elem = yd.type.pointee
         va, vc = _splat(builder, av, _LANES), _splat(builder, cv, _LANES)
-        nvec = builder.sdiv(nv, i64(_LANES))
+        align = sig.args[1].dtype.bitwidth // 8
 
         def loop(masked):
-            with cgutils.for_range(builder, nvec) as j:
-                at = builder.add(s, builder.mul(j.index, i64(_LANES)))
+            def vector(at):
                 v = _lanes(context, builder, sig.args[0], xv, at)
                 r = _narrow(builder, _affine_value(builder, v, va, vc, masked), elem)
-                p = builder.bitcast(builder.gep(yd, [at]), r.type.as_pointer())
-                builder.store(r, p, align=sig.args[1].dtype.bitwidth // 8)
-            done = builder.add(s, builder.mul(nvec, i64(_LANES)))
-            with cgutils.for_range(builder, builder.sub(builder.add(s, nv), done)) as k:
-                at = builder.add(done, k.index)
+                _store_vec(builder, r, yd, at, align)
+
+            def scalar(at):
                 r = _affine_value(builder, _scalar_of(builder, xd, at), av, cv, masked)
                 builder.store(_narrow(builder, r, elem), builder.gep(yd, [at]))
+
+            _vectors_then_rest(builder, s, nv, vector, scalar)
 
         _branch(builder, rl, loop)
         return context.get_dummy_value()
@@ -781,8 +797,7 @@ def _affine_tiles(typingctx, xf, yf, start, n, a, c, relu):
                     at = builder.add(base, i64(j * _LANES))
                     v = _lanes(context, builder, sig.args[0], xv, at)
                     r = _narrow(builder, _affine_value(builder, v, va[j], vc[j], masked), elem)
-                    p = builder.bitcast(builder.gep(yd, [at]), r.type.as_pointer())
-                    builder.store(r, p, align=sig.args[1].dtype.bitwidth // 8)
+                    _store_vec(builder, r, yd, at, sig.args[1].dtype.bitwidth // 8)
 
         _branch(builder, rl, loop)
         return context.get_dummy_value()
@@ -820,8 +835,7 @@ def _dx_tiles(typingctx, gf, xf, yf, df, start, n, mu, a, bb, d, relu):
                     g = _lanes(context, builder, sig.args[0], gv, at)
                     x = _lanes(context, builder, sig.args[1], xv, at)
                     r = _narrow(builder, _dx_value(builder, g, x, y, *co[j], masked), elem)
-                    p = builder.bitcast(builder.gep(dd, [at]), r.type.as_pointer())
-                    builder.store(r, p, align=sig.args[3].dtype.bitwidth // 8)
+                    _store_vec(builder, r, dd, at, sig.args[3].dtype.bitwidth // 8)
 
         _branch(builder, rl, loop)
         return context.get_dummy_value()
@@ -973,29 +987,27 @@ def _dx_run(typingctx, gf, xf, yf, df, start, n, mu, a, bb, d, relu):
 
     def codegen(context, builder, sig, args):
         gv, xv, yv, dv, s, nv, mu, a, bb, d, rl = args
-        i64 = ir.IntType(64)
         arrays = zip(sig.args[:4], (gv, xv, yv, dv), strict=True)
         gd, xd, yd, dd = (_data(context, builder, ty, v) for ty, v in arrays)
         elem = dd.type.pointee
         co = [_splat(builder, v, _LANES) for v in (mu, a, bb, d)]
-        nvec = builder.sdiv(nv, i64(_LANES))
+        align = sig.args[3].dtype.bitwidth // 8
 
         def loop(masked):
-            with cgutils.for_range(builder, nvec) as j:
-                at = builder.add(s, builder.mul(j.index, i64(_LANES)))
+            def vector(at):
                 y = _lanes(context, builder, sig.args[2], yv, at) if masked else None
                 g = _lanes(context, builder, sig.args[0], gv, at)
                 x = _lanes(context, builder, sig.args[1], xv, at)
                 r = _narrow(builder, _dx_value(builder, g, x, y, *co, masked), elem)
-                p = builder.bitcast(builder.gep(dd, [at]), r.type.as_pointer())
-                builder.store(r, p, align=sig.args[3].dtype.bitwidth // 8)
-            done = builder.add(s, builder.mul(nvec, i64(_LANES)))
-            with cgutils.for_range(builder, builder.sub(builder.add(s, nv), done)) as k:
-                at = builder.add(done, k.index)
+                _store_vec(builder, r, dd, at, align)
+
+            def scalar(at):
                 y = _scalar_of(builder, yd, at) if masked else None
                 g, x = _scalar_of(builder, gd, at), _scalar_of(builder, xd, at)
                 r = _dx_value(builder, g, x, y, mu, a, bb, d, masked)
                 builder.store(_narrow(builder, r, elem), builder.gep(dd, [at]))
+
+            _vectors_then_rest(builder, s, nv, vector, scalar)
 
         _branch(builder, rl, loop)
         return context.get_dummy_value()
@@ -1257,6 +1269,26 @@ def _fold(t, C, out):
 
 
 @njit(**_SERIAL)
+def _col_blocks(v, B):
+    """The first ``B * _TILE`` values of the 1-d ``v`` as ``(B, _TILE)`` rows (a copy): one row
+    of per-lane values per column block of the wide-row sweeps."""
+    out = np.empty((B, _TILE), v.dtype)
+    for b in range(B):
+        for p in range(_TILE):
+            out[b, p] = v[b * _TILE + p]
+    return out
+
+
+@njit(**_SERIAL)
+def _add_col_blocks(a1, a2, s1, s2):
+    """Add the column blocks' accumulators ``(B, _TILE)`` to the per-channel sums."""
+    for b in range(a1.shape[0]):
+        for p in range(_TILE):
+            s1[b * _TILE + p] += a1[b, p]
+            s2[b * _TILE + p] += a2[b, p]
+
+
+@njit(**_SERIAL)
 def _wide_sums(xf, z, C, r0, r1, s1, s2):
     """Add the shifted sums of rows [r0, r1) of an (M, C) layout read as the flat ``xf`` to
     ``s1[c]`` (sum d) and ``s2[c]`` (sum d^2), ``d = x - z[c]`` in float64 (``z``, ``s1``, ``s2``:
@@ -1267,12 +1299,9 @@ def _wide_sums(xf, z, C, r0, r1, s1, s2):
     W = B * _TILE
     G = _group_rows(C, xf.itemsize)
     line = _LINE_BYTES // xf.itemsize
-    zb = np.empty((B, _TILE), np.float64)
+    zb = _col_blocks(z, B)
     a1 = np.zeros((B, _TILE), np.float64)
     a2 = np.zeros((B, _TILE), np.float64)
-    for b in range(B):
-        for p in range(_TILE):
-            zb[b, p] = z[b * _TILE + p]
     for t in range((r1 - r0 + G - 1) // G):
         g0 = r0 + t * G
         g1 = min(r1, g0 + G)
@@ -1288,10 +1317,7 @@ def _wide_sums(xf, z, C, r0, r1, s1, s2):
                 d = _ld(xs[q]) - z[W + q]
                 s1[W + q] += d
                 s2[W + q] += d * d
-    for b in range(B):
-        for p in range(_TILE):
-            s1[b * _TILE + p] += a1[b, p]
-            s2[b * _TILE + p] += a2[b, p]
+    _add_col_blocks(a1, a2, s1, s2)
 
 
 @njit(**_SERIAL)
@@ -1612,12 +1638,9 @@ def _wide_gsums(gf, xf, yf, relu, mu, C, r0, r1, s1, s2):
     W = B * _TILE
     G = _group_rows(C, xf.itemsize)
     line = _LINE_BYTES // xf.itemsize
-    mb = np.empty((B, _TILE), mu.dtype)
+    mb = _col_blocks(mu, B)
     a1 = np.zeros((B, _TILE), np.float64)
     a2 = np.zeros((B, _TILE), np.float64)
-    for b in range(B):
-        for p in range(_TILE):
-            mb[b, p] = mu[b * _TILE + p]
     for t in range((r1 - r0 + G - 1) // G):
         g0 = r0 + t * G
         g1 = min(r1, g0 + G)
@@ -1638,10 +1661,7 @@ def _wide_gsums(gf, xf, yf, relu, mu, C, r0, r1, s1, s2):
                 g = _keep(_ld(gs[q]), not relu or _ld(ys[q]) > 0)
                 s1[W + q] += g
                 s2[W + q] += np.float64(g) * np.float64(_ld(xs[q]) - mu[W + q])
-    for b in range(B):
-        for p in range(_TILE):
-            s1[b * _TILE + p] += a1[b, p]
-            s2[b * _TILE + p] += a2[b, p]
+    _add_col_blocks(a1, a2, s1, s2)
 
 
 @njit(**_SERIAL)
