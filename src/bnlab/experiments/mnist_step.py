@@ -392,7 +392,9 @@ class _BatchNormStep:
         if B.kernels_enabled() and self._bind((w, b, rm, rv, nbt)):
             fwd, _, commit, x, y, _, _, stats, mean, var, _, _ = self._np
             wv, has_w, bv, has_b, rmv, rvv, nbtv, has = self._views
-            fwd(x, wv, bv, has_w, has_b, float(layer.eps), relu, y, stats)
+            # (the streaming flag passed, False: Numba types an omitted argument apart from a
+            # passed one and would compile every loop it reaches once more)
+            fwd(x, wv, bv, has_w, has_b, float(layer.eps), relu, y, stats, False)
             ok = commit(
                 mean, var, rmv, rvv, nbtv, update and has, momentum is None,
                 0.0 if momentum is None else float(momentum), float(self.n),
@@ -427,7 +429,7 @@ class _BatchNormStep:
             wv, has_w = self._views[0], self._views[1]
             bwd(
                 dy, x, y_np if relu else x, relu, mean, invstd, wv, has_w, True,
-                need and has_w, True, dx, grads,
+                need and has_w, True, dx, grads, False,
             )  # fmt: skip
             dgamma, dbeta = self.dgamma, self.dbeta
         else:

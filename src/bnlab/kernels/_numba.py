@@ -176,6 +176,15 @@ _FM = {"reassoc", "contract", "arcp", "nsz"}
 _OPTS = dict(parallel=True, cache=True, fastmath=_FM, nogil=True)
 # Per-channel loops (C values) and the serial kernels: no parallel region to launch.
 _SERIAL = dict(cache=True, fastmath=_FM, nogil=True)
+# The layout kernels between an address entry point (``*_at``) and the loops they call
+# (``train_fwd_mc``, ``backward_ncs``, ``_mc_norm``, ...) are inlined into their callers as Numba
+# IR. Numba compiles every function into a module of its own, links its callees' modules in
+# and optimizes the result again, so each level of calls re-optimizes all the code beneath it;
+# these levels hold little code of their own, and inlining them takes a level off every loop's
+# compile. (Not the row loops: they are called both serially and inside the parallel loops,
+# and inlined they would be optimized once per call site.) Called from Python, each still
+# compiles as a function of its own.
+_INLINE = dict(_SERIAL, inline="always")
 
 # Software prefetch. The channels_last statistics of narrow layers do two float64 multiply-adds
 # per value read and load and store their accumulators every sweep; with their input out of the
@@ -1465,7 +1474,7 @@ def _mc_normalize_par(x, t, relu, y, R, stream=False):
         _mc_normalize(x, t, relu, y, k * R, min(M, (k + 1) * R), stream)
 
 
-@njit(**_SERIAL)
+@njit(**_INLINE)
 def _ncs_norm(x, coef, relu, y, stream=False):
     N, C, S = x.shape
     if use_serial(x.size):
@@ -1474,7 +1483,7 @@ def _ncs_norm(x, coef, relu, y, stream=False):
         _ncs_normalize_par(x, coef, relu, y, stream)
 
 
-@njit(**_SERIAL)
+@njit(**_INLINE)
 def _mc_norm(x, coef, relu, y, stream=False):
     M, C = x.shape
     t = _tile(coef, coef.dtype)
@@ -1484,7 +1493,7 @@ def _mc_norm(x, coef, relu, y, stream=False):
         _mc_normalize_par(x, t, relu, y, mc_rows_per_chunk(M, C), stream)
 
 
-@njit(**_SERIAL)
+@njit(**_INLINE)
 def train_fwd_ncs(x, w, b, has_w, has_b, eps, relu, y, stats, stream=False):
     """Training forward on (N, C, S): fills y (N, C, S) and stats (5, C) in x's dtype: rows
     mean, biased var, invstd, then the normalize coefficients (see :func:`_finish_stats`).
@@ -1506,7 +1515,7 @@ def train_fwd_ncs(x, w, b, has_w, has_b, eps, relu, y, stats, stream=False):
     _ncs_norm(x, stats[3:5], relu, y, stream)
 
 
-@njit(**_SERIAL)
+@njit(**_INLINE)
 def train_fwd_mc(x, w, b, has_w, has_b, eps, relu, y, stats, stream=False):
     """Training forward on (M, C), channels innermost; same outputs as :func:`train_fwd_ncs`.
     Blocks are chunks of ``mc_rows_per_chunk`` rows (one block, the whole input, when serial)."""
@@ -1562,14 +1571,14 @@ def _eval_coef(rm, rv, w, b, has_w, has_b, eps, stats):
         _affine(np.float64(rm[c]), inv * w[c] if has_w else inv, b[c] if has_b else 0.0, coef, c)
 
 
-@njit(**_SERIAL)
+@njit(**_INLINE)
 def eval_fwd_ncs(x, rm, rv, w, b, has_w, has_b, eps, relu, y, stats, stream=False):
     """Inference forward on (N, C, S) with population statistics (Algorithm 2)."""
     _eval_coef(rm, rv, w, b, has_w, has_b, eps, stats)
     _ncs_norm(x, stats[1:3], relu, y, stream)
 
 
-@njit(**_SERIAL)
+@njit(**_INLINE)
 def eval_fwd_mc(x, rm, rv, w, b, has_w, has_b, eps, relu, y, stats, stream=False):
     """Inference forward on (M, C) with population statistics (Algorithm 2)."""
     _eval_coef(rm, rv, w, b, has_w, has_b, eps, stats)
@@ -1833,7 +1842,7 @@ def _add_rows(p1, p2, sums):
             sums[1, c] += p2[k, c]
 
 
-@njit(**_SERIAL)
+@njit(**_INLINE)
 def backward_ncs(dy, x, y, relu, mean, invstd, w, has_w, train, need_sums, need_dx, dx, grads,
                  stream=False):  # fmt: skip
     """Backward on (N, C, S): grads (2, C) = (dgamma, dbeta) when need_sums or train, dx when
@@ -1858,7 +1867,7 @@ def backward_ncs(dy, x, y, relu, mean, invstd, w, has_w, train, need_sums, need_
             _ncs_dx_par(dy, x, y, relu, coef, dx, stream)
 
 
-@njit(**_SERIAL)
+@njit(**_INLINE)
 def backward_mc(dy, x, y, relu, mean, invstd, w, has_w, train, need_sums, need_dx, dx, grads,
                 stream=False):  # fmt: skip
     """(M, C) version of :func:`backward_ncs`; partial sums per chunk of rows."""
