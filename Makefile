@@ -12,12 +12,9 @@ PIP_FLAGS := $(if $(WHEELS),--find-links $(WHEELS))
 
 venv: $(STAMP)
 
-# --no-compile: pip would byte-compile every module of every package it installs (torch's
-# thousands), a third of the install's time; Python compiles the modules a process imports on
-# first import instead.
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --no-compile $(PIP_FLAGS) -e '.[dev]'
+	$(PY) -m pip install --quiet $(PIP_FLAGS) -e '.[dev]'
 	touch $(STAMP)
 
 demo: $(STAMP)
