@@ -178,6 +178,31 @@ def test_sgd_step_workspace_follows_dtype_batch_size_loads_and_new_parameters(no
     step_both(16)
 
 
+def test_sgd_step_calls_the_loops_with_the_signature_the_layers_use():
+    """The step calls the compiled loops directly and passes every argument the layers' calls
+    pass (the streaming flag included), so the loops it reaches compile no signature of their
+    own: Numba types an omitted defaulted argument, and a literal one below it, apart from a
+    passed boolean, and would compile each loop it reaches a second time."""
+    from numba.core import types
+
+    from bnlab.kernels import _numba as loops
+
+    net = StackedMLP(2, in_features=20, hidden=(16,), norm="batchnorm1d")
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(2, 16, 20, generator=g), torch.randint(10, (2, 16), generator=g)
+    with bnlab.use_backend("auto"):
+        net.sgd_step(x, y, 0.1)
+    assert net.norms[0].num_batches_tracked.item() == 1
+    # (the loops below these two take the flag from them; a call loaded from the on-disk cache
+    # loads only the function called, so only these two list their signatures here)
+    for name in ("train_fwd_mc", "backward_mc"):
+        sigs = getattr(loops, name).signatures
+        assert sigs, name  # (the step took the kernels)
+        for sig in sigs:
+            bad = [t for t in sig if isinstance(t, (types.Omitted, types.Literal))]
+            assert not bad, (name, sig)
+
+
 def test_sgd_step_bad_arguments():
     m = StackedMLP(2, in_features=8, hidden=(4,))
     x, y = torch.randn(2, 5, 8), torch.randint(10, (2, 5))
