@@ -736,6 +736,35 @@ def _store_vec(builder, v, ptr_elem, index, align):
                   align=align)  # fmt: skip
 
 
+def _dx_run_sig(gf, xf, yf, df, mu, a, bb, d, relu):
+    """The signature of a dx intrinsic over one channel's run (:func:`_dx_run`,
+    :func:`_stream_dx_run`): four flat arrays, start, count, four scalar coefficients in the
+    compute type, the ReLU flag; None for other argument types."""
+    if not _loop_arrays(gf, xf, yf, df) or relu != types.boolean:
+        return None
+    comp = _compute_type(gf.dtype)
+    if any(v != comp for v in (mu, a, bb, d)):
+        return None
+    return types.void(gf, xf, yf, df, types.intp, types.intp, comp, comp, comp, comp, relu)
+
+
+def _tile_vectors(context, builder, aryty, ary):
+    """The ``_TILE`` values of the 1-d array ``ary`` as ``_TILE // _LANES`` vectors (per-lane
+    coefficients of a flat tile, loaded once for a whole run of tiles)."""
+    i64 = ir.IntType(64)
+    return [_lanes(context, builder, aryty, ary, i64(j * _LANES)) for j in range(_TILE // _LANES)]
+
+
+def _over_tiles(builder, start, n, body):
+    """``body(at, j)`` for each vector ``j`` of each of the ``n`` tiles of ``_TILE`` values from
+    the flat index ``start`` (``at``: the vector's first index)."""
+    i64 = ir.IntType(64)
+    with cgutils.for_range(builder, n) as k:
+        base = builder.add(start, builder.mul(k.index, i64(_TILE)))
+        for j in range(_TILE // _LANES):
+            body(builder.add(base, i64(j * _LANES)), j)
+
+
 @intrinsic
 def _affine_run(typingctx, xf, yf, start, n, a, c, relu):
     """``y = a x + c`` [then ``max(., 0)``] on the ``n`` values of the flat arrays from
@@ -791,22 +820,19 @@ def _affine_tiles(typingctx, xf, yf, start, n, a, c, relu):
 
     def codegen(context, builder, sig, args):
         xv, yv, s, nv, av, cv, rl = args
-        i64 = ir.IntType(64)
         yd = _data(context, builder, sig.args[1], yv)
         elem = yd.type.pointee
-        va = [_lanes(context, builder, sig.args[4], av, i64(j * _LANES))
-              for j in range(_TILE // _LANES)]  # fmt: skip
-        vc = [_lanes(context, builder, sig.args[5], cv, i64(j * _LANES))
-              for j in range(_TILE // _LANES)]  # fmt: skip
+        align = sig.args[1].dtype.bitwidth // 8
+        va = _tile_vectors(context, builder, sig.args[4], av)
+        vc = _tile_vectors(context, builder, sig.args[5], cv)
 
         def loop(masked):
-            with cgutils.for_range(builder, nv) as k:
-                base = builder.add(s, builder.mul(k.index, i64(_TILE)))
-                for j in range(_TILE // _LANES):
-                    at = builder.add(base, i64(j * _LANES))
-                    v = _lanes(context, builder, sig.args[0], xv, at)
-                    r = _narrow(builder, _affine_value(builder, v, va[j], vc[j], masked), elem)
-                    _store_vec(builder, r, yd, at, sig.args[1].dtype.bitwidth // 8)
+            def vector(at, j):
+                v = _lanes(context, builder, sig.args[0], xv, at)
+                r = _narrow(builder, _affine_value(builder, v, va[j], vc[j], masked), elem)
+                _store_vec(builder, r, yd, at, align)
+
+            _over_tiles(builder, s, nv, vector)
 
         _branch(builder, rl, loop)
         return context.get_dummy_value()
@@ -829,22 +855,22 @@ def _dx_tiles(typingctx, gf, xf, yf, df, start, n, mu, a, bb, d, relu):
     def codegen(context, builder, sig, args):
         gv, xv, yv, dv, s, nv = args[:6]
         rl = args[10]
-        i64 = ir.IntType(64)
         dd = _data(context, builder, sig.args[3], dv)
         elem = dd.type.pointee
-        co = [[_lanes(context, builder, sig.args[6 + i], args[6 + i], i64(j * _LANES))
-               for i in range(4)] for j in range(_TILE // _LANES)]  # fmt: skip
+        align = sig.args[3].dtype.bitwidth // 8
+        mu, a, bb, d = (_tile_vectors(context, builder, sig.args[6 + i], args[6 + i])
+                        for i in range(4))  # fmt: skip
 
         def loop(masked):
-            with cgutils.for_range(builder, nv) as k:
-                base = builder.add(s, builder.mul(k.index, i64(_TILE)))
-                for j in range(_TILE // _LANES):
-                    at = builder.add(base, i64(j * _LANES))
-                    y = _lanes(context, builder, sig.args[2], yv, at) if masked else None
-                    g = _lanes(context, builder, sig.args[0], gv, at)
-                    x = _lanes(context, builder, sig.args[1], xv, at)
-                    r = _narrow(builder, _dx_value(builder, g, x, y, *co[j], masked), elem)
-                    _store_vec(builder, r, dd, at, sig.args[3].dtype.bitwidth // 8)
+            def vector(at, j):
+                y = _lanes(context, builder, sig.args[2], yv, at) if masked else None
+                g = _lanes(context, builder, sig.args[0], gv, at)
+                x = _lanes(context, builder, sig.args[1], xv, at)
+                r = _narrow(builder, _dx_value(builder, g, x, y, mu[j], a[j], bb[j], d[j],
+                                               masked), elem)  # fmt: skip
+                _store_vec(builder, r, dd, at, align)
+
+            _over_tiles(builder, s, nv, vector)
 
         _branch(builder, rl, loop)
         return context.get_dummy_value()
@@ -987,12 +1013,9 @@ def _dx_run(typingctx, gf, xf, yf, df, start, n, mu, a, bb, d, relu):
     """:func:`_ncs_dx`'s values on one channel's run of ``n`` values from ``start`` (scalar
     coefficients in the compute type), a vector of ``_LANES`` values at a time and the rest one by
     one (as :func:`_affine_run`, for short runs); bfloat16 outputs rounded as ``_st`` rounds."""
-    if not _loop_arrays(gf, xf, yf, df) or relu != types.boolean:
+    sig = _dx_run_sig(gf, xf, yf, df, mu, a, bb, d, relu)
+    if sig is None:
         return None
-    comp = _compute_type(gf.dtype)
-    if any(v != comp for v in (mu, a, bb, d)):
-        return None
-    sig = types.void(gf, xf, yf, df, types.intp, types.intp, comp, comp, comp, comp, relu)
 
     def codegen(context, builder, sig, args):
         gv, xv, yv, dv, s, nv, mu, a, bb, d, rl = args
@@ -1081,12 +1104,9 @@ def _stream_dx_rows(typingctx, gf, xf, yf, t, df, start, C, rows, relu):
 def _stream_dx_run(typingctx, gf, xf, yf, df, start, n, mu, a, bb, d, relu):
     """:func:`_ncs_dx`'s values on one channel's run of ``n`` values from ``start`` (scalar
     coefficients), stored as :func:`_stream_run` stores its run."""
-    if not _loop_arrays(gf, xf, yf, df) or relu != types.boolean:
+    sig = _dx_run_sig(gf, xf, yf, df, mu, a, bb, d, relu)
+    if sig is None:
         return None
-    comp = _compute_type(gf.dtype)
-    if any(v != comp for v in (mu, a, bb, d)):
-        return None
-    sig = types.void(gf, xf, yf, df, types.intp, types.intp, comp, comp, comp, comp, relu)
 
     def codegen(context, builder, sig, args):
         gv, xv, yv, dv, s, n, mu, a, bb, d, rl = args
