@@ -219,21 +219,86 @@ def test_compiled_layer_refuses_a_non_finite_batch_and_keeps_its_state(form):
     assert_same_states(bn_states(bn), before)
 
 
-def test_auto_compile_form_decomposes_small_inputs_and_calls_the_operators_above():
-    """"auto" (the default) traces inputs of at most COMPILE_DECOMPOSE_MAX values as standard
-    ops and larger ones as bnlab's operators; both give eager's step."""
+def test_auto_compile_form_calls_the_operators_only_for_large_channels_last_inputs():
+    """"auto" (the default) traces every input as standard ops but a channels_last one of more
+    than COMPILE_DECOMPOSE_MAX values, which calls bnlab's operators; every case gives eager's
+    step."""
     assert bnlab.get_compile_form() == "auto"
     limit = bnlab.ops.COMPILE_DECOMPOSE_MAX
-    for shape, has_ops in (((4, 4, 8, 8), False), ((1, 4, 128, limit // 512 + 1), True)):
+    large = (1, 4, 128, limit // 512 + 1)
+    cases = (((4, 4, 8, 8), True, False), (large, False, False), (large, True, True))
+    for shape, channels_last, has_ops in cases:
         torch._dynamo.reset()
         bn = bnlab.BatchNorm2d(4)
         ref = copy.deepcopy(bn)
         counter = torch._dynamo.testing.CompileCounterWithBackend("aot_eager")
         compiled = torch.compile(bn, backend=counter, fullgraph=True)
         x = torch.randn(shape) * 2 + 1
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
         assert_same_step(step(compiled, x), step(ref, x))
         assert_same_states(bn, ref)
-        assert bool(bnlab_op_targets(counter.graphs[0].graph)) == has_ops, shape
+        assert bool(bnlab_op_targets(counter.graphs[0].graph)) == has_ops, (shape, channels_last)
+
+
+INDUCTOR_FORM_CASES = [  # (layer, input shape, channels_last, mean of the input)
+    ("bn2d", (4, 3, 5, 5), False, 0.5), ("bn2d-relu", (4, 3, 5, 5), True, 0.5),
+    ("bn2d-noaffine", (4, 3, 5, 5), False, 0.5), ("bn2d-relu", (2, 3, 4, 4), False, 1e4),
+    ("bn1d-relu", (6, 5), False, 0.5), ("bn1d", (3, 4, 7), False, 0.5),
+]  # fmt: skip
+
+
+INDUCTOR_FORM_IDS = [f"{c[0]}-{c[3]:g}{'-cl' * c[2]}" for c in INDUCTOR_FORM_CASES]
+
+
+@pytest.mark.parametrize("case", INDUCTOR_FORM_CASES, ids=INDUCTOR_FORM_IDS)
+def test_compiled_standard_op_form_matches_float64_autograd(case):
+    """Under torch.compile the standard-op form has its own statistics (one Welford reduction
+    of the shifted values) and its backward written out (bnlab.ops.graph_train). Its output,
+    input and parameter gradients and running statistics match float64 autograd through
+    torch's BatchNorm [+ ReLU], including an input with mean 1e4 and std 1 (a float32 E[x^2] -
+    E[x]^2 loses every digit of the variance there), and the graph holds that form: a var_mean
+    and no bnlab operator."""
+    name, shape, channels_last, mean = case
+    torch.manual_seed(0)
+    c = shape[1]
+    cls = bnlab.BatchNorm1d if name.startswith("bn1d") else bnlab.BatchNorm2d
+    kw = dict(affine=not name.endswith("noaffine"), activation="relu" if "relu" in name else None)
+    bn = cls(c, **kw)
+    ref = (nn.BatchNorm1d if cls is bnlab.BatchNorm1d else nn.BatchNorm2d)(c, affine=kw["affine"])
+    if bn.affine:
+        with torch.no_grad():
+            bn.weight.uniform_(0.5, 1.5)
+            bn.bias.normal_(0, 0.3)
+    ref.load_state_dict(bn.state_dict())
+    ref = ref.double()
+    x = torch.randn(shape) + mean
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    dy = torch.randn(shape)
+    torch._dynamo.reset()
+    counter = torch._dynamo.testing.CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(bn, backend=counter, fullgraph=True)
+    with bnlab.ops.compile_form("decompose"):
+        xa = x.clone().requires_grad_()
+        ya = compiled(xa)
+    ya.backward(dy)
+    xb = x.double().requires_grad_()
+    yb = ref(xb)
+    if kw["activation"]:
+        yb = torch.relu(yb)
+    yb.backward(dy.double())
+    assert ya.is_contiguous(memory_format=torch.channels_last) == channels_last
+    close(ya, yb.float())
+    close(xa.grad, xb.grad.float())
+    for p, q in zip(bn.parameters(), ref.parameters(), strict=True):
+        close(p.grad, q.grad.float())
+    close(bn.running_mean, ref.running_mean.float())
+    close(bn.running_var, ref.running_var.float())
+    assert int(bn.num_batches_tracked) == 1
+    gm = counter.graphs[0]
+    targets = [str(n.target) for g in gm.modules() for n in g.graph.nodes]
+    assert any("var_mean" in t for t in targets) and not any("bnlab" in t for t in targets)
 
 
 def test_compile_form_is_checked_and_restored():

@@ -220,7 +220,7 @@ def batch_norm_train(
         if how == ops.OP:
             y, stats = torch.ops.bnlab.batch_norm_train(x, weight, bias, eps, relu)
             return y, stats[0], stats[1]
-        y, mean, var, _ = ops.decompose_train(x, weight, bias, eps, relu)
+        y, mean, var, _ = ops.graph_train(x, weight, bias, eps, relu)
         return y, mean, var
 
 

@@ -76,12 +76,15 @@ __all__ = [
 
 EAGER, OP, DECOMPOSE = 0, 1, 2
 COMPILE_FORMS = ("auto", "ops", "decompose")
-# Under torch.compile, "auto" lets Inductor fuse the decomposition of inputs of at most this many
-# values and calls the operators (bnlab's kernels) above it. A custom operator is an opaque call
-# back into Python per operator, and it keeps Inductor from fusing BN with the convolution's
-# output and the ReLU; the decomposition was the faster form at every BN input of a ResNet-20
-# step measured (up to 2,097,152 values: 128 x 16 x 32 x 32), so the bound is that size; beyond
-# it the kernels' fewer passes over memory are not known to lose (docs/kernels.md).
+# Under torch.compile, "auto" lets Inductor fuse the decomposition of every input but a
+# channels_last one of more than this many values, for which it calls the operators (bnlab's
+# kernels). A custom operator is an opaque call back into Python per operator, it keeps Inductor
+# from fusing BN with the convolution's output and the ReLU, and Inductor materializes its
+# inputs and outputs in the strides eager mode would give them: in a contiguous model, whose
+# convolutions Inductor runs in channels_last, that is a layout copy of x, y, dy and dx around
+# every operator call. The decomposition was the faster form at every size measured in
+# contiguous models and layers (to 12.8M values); in a channels_last layer, where no copy is
+# needed, the operators were as fast or faster above this bound (docs/kernels.md).
 COMPILE_DECOMPOSE_MAX = 1 << 21
 
 
@@ -97,8 +100,8 @@ _compile_form = _check_form(os.environ.get("BNLAB_COMPILE_FORM", "auto"), "BNLAB
 def set_compile_form(form: str) -> None:
     """How bnlab's BN is traced by ``torch.compile``: ``"ops"`` (its custom operators, which
     run bnlab's kernels), ``"decompose"`` (standard ops that Inductor fuses with their
-    neighbours) or ``"auto"`` (the decomposition for inputs of at most
-    :data:`COMPILE_DECOMPOSE_MAX` values, the operators above). Read when a graph is traced:
+    neighbours) or ``"auto"`` (the decomposition, but the operators for a channels_last input
+    of more than :data:`COMPILE_DECOMPOSE_MAX` values). Read when a graph is traced:
     a compiled function is traced again when the form changes."""
     global _compile_form
     _compile_form = _check_form(form)
@@ -129,7 +132,9 @@ def route(x: Tensor) -> int:
         if torch.compiler.is_exporting():
             return DECOMPOSE
         form = _compile_form
-        if form == "decompose" or (form == "auto" and x.numel() <= COMPILE_DECOMPOSE_MAX):
+        if form == "decompose" or (
+            form == "auto" and (x.numel() <= COMPILE_DECOMPOSE_MAX or not _channels_last(x))
+        ):
             return DECOMPOSE
         return OP
     if isinstance(x, torch.fx.Proxy):
@@ -142,6 +147,17 @@ def route(x: Tensor) -> int:
     ):
         return DECOMPOSE
     return EAGER
+
+
+def _channels_last(x: Tensor) -> bool:
+    """Whether x is laid out channels_last (4-D) or channels_last_3d (5-D) and not contiguous."""
+    if x.dim() == 4:
+        fmt = torch.channels_last
+    elif x.dim() == 5:
+        fmt = torch.channels_last_3d
+    else:
+        return False
+    return x.is_contiguous(memory_format=fmt) and not x.is_contiguous()
 
 
 def shape_text(shape: list[int]) -> str:
@@ -186,6 +202,87 @@ def decompose_train(
     if relu:
         y = torch.relu(y)
     return y, mean, var, invstd
+
+
+def graph_train(
+    x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float, relu: bool
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """:func:`decompose_train` for a graph being captured: under ``torch.compile`` (not
+    export) the form Inductor runs fastest, :class:`_InductorTrain`; for every other capture
+    (export, ``jit.trace``, ``torch.func`` transforms, meta tensors) the decomposition itself,
+    whose ops autograd differentiates (twice, if asked)."""
+    if torch.compiler.is_compiling() and not torch.compiler.is_exporting() and x.numel() > 0:
+        return _InductorTrain.apply(x, weight, bias, eps, relu)[:4]
+    return decompose_train(x, weight, bias, eps, relu)
+
+
+def _pivot(x: Tensor) -> Tensor:
+    """The first value of each channel, (C,) in the accumulation dtype: the shift of the
+    statistics (:func:`bnlab.functional._centre`)."""
+    pivot = x.select(0, 0)
+    for _ in range(x.dim() - 2):
+        pivot = pivot.select(1, 0)
+    return pivot.to(acc_dtype(x.dtype))
+
+
+class _InductorTrain(torch.autograd.Function):
+    """Algorithm 1 [+ ReLU] in standard ops with its backward written out, for Inductor.
+
+    Differentiated by autograd, :func:`decompose_train` makes Inductor read the input more often
+    than the math needs: its statistics are two reductions (the shifted mean, then the squared
+    deviations about it) and autograd's backward of that chain adds its own. Here the statistics
+    are one Welford reduction (``torch.var_mean``) of the same shifted values ``d = x - pivot``,
+    so just as exact for inputs with a large mean, and the backward is the section 3 gradients
+    as the ``batch_norm_backward`` operator decomposes them (:func:`_backward_decomposition`:
+    the two per-channel sums in one pass, then one elementwise pass) on the shifted values,
+    ``x_hat = (d - mean(d)) invstd`` (from the rounded mean, ``x - mean`` would lose the digits
+    a large mean leaves), with ReLU's mask taken from the saved output. Returns
+    ``(y, mean, biased var, invstd, mean(d))``; x has at least one value per channel. Dynamo
+    inlines both methods into the traced forward and backward graphs."""
+
+    @staticmethod
+    def forward(x, weight, bias, eps, relu):
+        shape = [1, -1] + [1] * (x.dim() - 2)
+        pivot = _pivot(x)
+        d = x.to(pivot.dtype) - pivot.view(shape)
+        var, mean_d = torch.var_mean(d, reduce_dims(x), correction=0, keepdim=True)
+        invstd = torch.rsqrt(var + eps)
+        scale = invstd if weight is None else invstd * weight.to(invstd.dtype).view(shape)
+        y = (d - mean_d) * scale
+        if bias is not None:
+            y = y + bias.to(invstd.dtype).view(shape)
+        y = y.to(x.dtype)
+        if relu:
+            y = torch.relu(y)
+        mean_d = mean_d.view(-1)
+        return y, pivot + mean_d, var.view(-1), invstd.view(-1), mean_d
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, weight, bias, _eps, relu = inputs
+        y, mean, var, invstd, mean_d = output
+        ctx.save_for_backward(x, weight, mean_d, invstd, y if relu else None)
+        ctx.has_bias = bias is not None
+        ctx.mark_non_differentiable(mean, var, invstd, mean_d)
+
+    @staticmethod
+    def backward(ctx, dy, _dmean, _dvar, _dinvstd, _dmean_d):
+        x, weight, mean_d, invstd, y = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        pivot = _pivot(x)
+        d = x.to(pivot.dtype) - pivot.view([1, -1] + [1] * (x.dim() - 2))
+        dx, dparams = _backward_decomposition(
+            dy, d, mean_d, invstd, weight, y, True, need[0], need[1] or need[2]
+        )
+        dgamma = dparams[0] if need[1] and weight is not None else None
+        dbeta = None
+        if need[2] and ctx.has_bias:
+            if weight is not None:
+                dbeta = dparams[1]
+            else:  # (no weight: the decomposition returns no sums)
+                g = dy if y is None else torch.where(y > 0, dy, torch.zeros((), dtype=dy.dtype))
+                dbeta = g.to(pivot.dtype).sum(reduce_dims(x))
+        return dx.to(x.dtype) if need[0] else None, dgamma, dbeta, None, None
 
 
 def decompose_eval(
