@@ -41,6 +41,8 @@ __all__ = [
     "batch_norm_eval_backward",
     "check_momentum",
     "commit_running_stats",
+    "per_channel",
+    "pivot_values",
     "reduce_dims",
 ]
 
@@ -65,12 +67,20 @@ def reduce_dims(x: Tensor) -> list[int]:
     return [0] + [d for d in range(2, x.dim())]
 
 
-def _per_channel(t: Tensor, x: Tensor) -> Tensor:
+def per_channel(t: Tensor, x: Tensor) -> Tensor:
     """View a (C,) tensor so it broadcasts against x: (1, C, 1, ..., 1); (C,) already
     broadcasts against (N, C)."""
     if x.dim() == 2:
         return t
     return t.view([1, -1] + [1] * (x.dim() - 2))
+
+
+def pivot_values(x: Tensor) -> Tensor:
+    """The first value of each channel, (C,) in x's dtype: the shift of :func:`_centre`."""
+    pivot = x.select(0, 0)  # (C, *spatial) -> (C,)
+    for _ in range(x.dim() - 2):
+        pivot = pivot.select(1, 0)
+    return pivot
 
 
 def _centre(x: Tensor) -> tuple[Tensor, Tensor]:
@@ -86,10 +96,8 @@ def _centre(x: Tensor) -> tuple[Tensor, Tensor]:
     value per channel.
     """
     xa = _as(x, acc_dtype(x.dtype))
-    pivot = xa.select(0, 0)  # (C, *spatial) -> (C,): the first value of each channel
-    for _ in range(x.dim() - 2):
-        pivot = pivot.select(1, 0)
-    d = xa - _per_channel(pivot, x)
+    pivot = pivot_values(xa)
+    d = xa - per_channel(pivot, x)
     mean_d = d.mean(reduce_dims(x), keepdim=True)  # (1, C, 1, ...)
     xc = d - mean_d  # (out of place: decompositions must be functional)
     return pivot + mean_d.view(-1), xc
@@ -131,8 +139,8 @@ def _scale_shift(xc: Tensor, invstd: Tensor, weight: Tensor | None, bias: Tensor
     (rather than folding the mean into the shift) keeps large-mean inputs exact."""
     scale = invstd if weight is None else invstd * _as(weight, invstd.dtype)
     if bias is None:
-        return xc * _per_channel(scale, xc)
-    return torch.addcmul(_per_channel(_as(bias, invstd.dtype), xc), xc, _per_channel(scale, xc))
+        return xc * per_channel(scale, xc)
+    return torch.addcmul(per_channel(_as(bias, invstd.dtype), xc), xc, per_channel(scale, xc))
 
 
 def batch_norm_eval_forward(
@@ -150,7 +158,7 @@ def batch_norm_eval_forward(
     """
     acc = acc_dtype(x.dtype)
     invstd = torch.rsqrt(_as(running_var, acc) + eps)
-    xc = _as(x, acc) - _per_channel(_as(running_mean, acc), x)
+    xc = _as(x, acc) - per_channel(_as(running_mean, acc), x)
     y = _as(_scale_shift(xc, invstd, weight, bias), x.dtype)
     return y, invstd
 
@@ -187,7 +195,7 @@ def batch_norm_train_backward(
     dims = reduce_dims(x)
     m = x.numel() // x.shape[1]
     dya = _as(dy, acc)
-    x_hat = (_as(x, acc) - _per_channel(mean, x)) * _per_channel(invstd, x)
+    x_hat = (_as(x, acc) - per_channel(mean, x)) * per_channel(invstd, x)
     sum_dy = dya.sum(dims)  # dL/dbeta, (C,)
     sum_dy_xhat = (dya * x_hat).sum(dims)  # dL/dgamma, (C,)
 
@@ -195,9 +203,9 @@ def batch_norm_train_backward(
     if need_dx:
         gamma = invstd if weight is None else invstd * _as(weight, acc)  # gamma * invstd, (C,)
         # dx = gamma*invstd * (dy - sum_dy/m - x_hat * sum_dy_xhat/m)
-        dx = dya - _per_channel(sum_dy / m, x)
-        dx = dx.sub_(x_hat.mul_(_per_channel(sum_dy_xhat / m, x)))
-        dx = _as(dx.mul_(_per_channel(gamma, x)), x.dtype)
+        dx = dya - per_channel(sum_dy / m, x)
+        dx = dx.sub_(x_hat.mul_(per_channel(sum_dy_xhat / m, x)))
+        dx = _as(dx.mul_(per_channel(gamma, x)), x.dtype)
     dgamma = dbeta = None
     if need_dparams and weight is not None:
         dgamma = _as(sum_dy_xhat, weight.dtype)
@@ -225,10 +233,10 @@ def batch_norm_eval_backward(
     dx = None
     if need_dx:
         scale = invstd if weight is None else invstd * _as(weight, acc)
-        dx = _as(dya * _per_channel(scale, x), x.dtype)
+        dx = _as(dya * per_channel(scale, x), x.dtype)
     dgamma = dbeta = None
     if need_dparams and weight is not None:
-        x_hat = (_as(x, acc) - _per_channel(_as(running_mean, acc), x)) * _per_channel(invstd, x)
+        x_hat = (_as(x, acc) - per_channel(_as(running_mean, acc), x)) * per_channel(invstd, x)
         dgamma = _as((dya * x_hat).sum(dims), weight.dtype)
         dbeta = _as(dya.sum(dims), weight.dtype)
     return dx, dgamma, dbeta

@@ -52,7 +52,13 @@ import torch.nn.functional as TF
 from torch import Tensor
 
 from . import backend as B
-from .functional import acc_dtype, batch_norm_train_forward, reduce_dims
+from .functional import (
+    acc_dtype,
+    batch_norm_train_forward,
+    per_channel,
+    pivot_values,
+    reduce_dims,
+)
 
 __all__ = [
     "EAGER",
@@ -217,12 +223,18 @@ def graph_train(
 
 
 def _pivot(x: Tensor) -> Tensor:
-    """The first value of each channel, (C,) in the accumulation dtype: the shift of the
-    statistics (:func:`bnlab.functional._centre`)."""
-    pivot = x.select(0, 0)
-    for _ in range(x.dim() - 2):
-        pivot = pivot.select(1, 0)
-    return pivot.to(acc_dtype(x.dtype))
+    """The shift of the statistics, (C,) in the accumulation dtype (:func:`pivot_values`)."""
+    return pivot_values(x).to(acc_dtype(x.dtype))
+
+
+def _shifted(x: Tensor) -> Tensor:
+    """``x - pivot`` per channel in the accumulation dtype (exact for values near the pivot)."""
+    return x.to(acc_dtype(x.dtype)) - per_channel(_pivot(x), x)
+
+
+def _relu_grad(dy: Tensor, y: Tensor | None) -> Tensor:
+    """dy through the fused ReLU whose output is y (None: no ReLU)."""
+    return dy if y is None else torch.where(y > 0, dy, torch.zeros((), dtype=dy.dtype))
 
 
 class _InductorTrain(torch.autograd.Function):
@@ -242,20 +254,18 @@ class _InductorTrain(torch.autograd.Function):
 
     @staticmethod
     def forward(x, weight, bias, eps, relu):
-        shape = [1, -1] + [1] * (x.dim() - 2)
-        pivot = _pivot(x)
-        d = x.to(pivot.dtype) - pivot.view(shape)
+        d = _shifted(x)
         var, mean_d = torch.var_mean(d, reduce_dims(x), correction=0, keepdim=True)
         invstd = torch.rsqrt(var + eps)
-        scale = invstd if weight is None else invstd * weight.to(invstd.dtype).view(shape)
+        scale = invstd if weight is None else invstd * per_channel(weight.to(d.dtype), x)
         y = (d - mean_d) * scale
         if bias is not None:
-            y = y + bias.to(invstd.dtype).view(shape)
+            y = y + per_channel(bias.to(d.dtype), x)
         y = y.to(x.dtype)
         if relu:
             y = torch.relu(y)
         mean_d = mean_d.view(-1)
-        return y, pivot + mean_d, var.view(-1), invstd.view(-1), mean_d
+        return y, _pivot(x) + mean_d, var.view(-1), invstd.view(-1), mean_d
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -269,8 +279,7 @@ class _InductorTrain(torch.autograd.Function):
     def backward(ctx, dy, _dmean, _dvar, _dinvstd, _dmean_d):
         x, weight, mean_d, invstd, y = ctx.saved_tensors
         need = ctx.needs_input_grad
-        pivot = _pivot(x)
-        d = x.to(pivot.dtype) - pivot.view([1, -1] + [1] * (x.dim() - 2))
+        d = _shifted(x)
         dx, dparams = _backward_decomposition(
             dy, d, mean_d, invstd, weight, y, True, need[0], need[1] or need[2]
         )
@@ -280,8 +289,7 @@ class _InductorTrain(torch.autograd.Function):
             if weight is not None:
                 dbeta = dparams[1]
             else:  # (no weight: the decomposition returns no sums)
-                g = dy if y is None else torch.where(y > 0, dy, torch.zeros((), dtype=dy.dtype))
-                dbeta = g.to(pivot.dtype).sum(reduce_dims(x))
+                dbeta = _relu_grad(dy, y).to(d.dtype).sum(reduce_dims(x))
         return dx.to(x.dtype) if need[0] else None, dgamma, dbeta, None, None
 
 
@@ -667,7 +675,7 @@ def _backward_decomposition(dy, x, mean, invstd, weight, y, train, need_dx, need
     acc = acc_dtype(x.dtype)
     dims = reduce_dims(x)
     shape = [1, -1] + [1] * (x.dim() - 2)
-    g = (dy if y is None else torch.where(y > 0, dy, torch.zeros((), dtype=dy.dtype))).to(acc)
+    g = _relu_grad(dy, y).to(acc)
     x_hat = (x.to(acc) - mean.view(shape)) * invstd.view(shape)
     sum_g, sum_gx = g.sum(dims), (g * x_hat).sum(dims)
     dx = x.new_empty(0)

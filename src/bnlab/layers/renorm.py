@@ -58,7 +58,7 @@ import torch
 from torch import Tensor, nn
 
 from ..autograd import batch_norm_train
-from ..functional import acc_dtype
+from ..functional import acc_dtype, per_channel
 from ..ops import non_finite_message
 from .batchnorm import _BatchNorm
 
@@ -106,10 +106,6 @@ def _ramp(step: float, start: int, end: int) -> float:
     if end <= start:
         return 1.0
     return min(1.0, (step - start) / (end - start))
-
-
-def _per_channel(t: Tensor, x: Tensor) -> Tensor:
-    return t if x.dim() == 2 else t.view([1, -1] + [1] * (x.dim() - 2))
 
 
 def _check_schedule(name: str, rmax: Any, dmax: Any, steps: dict[str, Any]) -> None:
@@ -230,7 +226,7 @@ class _BatchRenorm(_BatchNorm):
             shift = self.weight.to(acc) * d
         if self.bias is not None:
             shift = shift + self.bias.to(acc)
-        y = torch.addcmul(_per_channel(shift, x), x_hat.to(acc), _per_channel(scale, x))
+        y = torch.addcmul(per_channel(shift, x), x_hat.to(acc), per_channel(scale, x))
         if self.activation == "relu":
             y = torch.relu(y)
         return y.to(x.dtype), mean, var

@@ -48,7 +48,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import backend as B
-from ..functional import acc_dtype, reduce_dims
+from ..functional import acc_dtype, per_channel, reduce_dims
 from ..ops import non_finite_message, shape_text
 from .batchnorm import BatchNorm1d, BatchNorm2d, BatchNorm3d, _BatchNorm, name_layers
 
@@ -59,10 +59,6 @@ def _dist():
     import torch.distributed as dist
 
     return dist
-
-
-def _per_channel(t: Tensor, x: Tensor) -> Tensor:
-    return t if x.dim() == 2 else t.view([1, -1] + [1] * (x.dim() - 2))
 
 
 def gather_batch_stats(x: Tensor, group: Any = None) -> tuple[Tensor, Tensor, int]:
@@ -80,7 +76,7 @@ def gather_batch_stats(x: Tensor, group: Any = None) -> tuple[Tensor, Tensor, in
             xa = x.detach().to(acc)
             dims = reduce_dims(x)
             mean = xa.mean(dims)
-            var = (xa - _per_channel(mean, x)).square().mean(dims)
+            var = (xa - per_channel(mean, x)).square().mean(dims)
         mine[0] = m
         mine[1 : 1 + c] = mean.to(torch.float64)
         mine[1 + c :] = var.to(torch.float64) * m
@@ -125,7 +121,7 @@ class _SyncBatchNormFn(torch.autograd.Function):
         g = dy.to(acc)
         if y is not None:  # through the fused ReLU: dL/d(BN output) = dy where y > 0
             g = torch.where(y > 0, g, torch.zeros((), dtype=acc))
-        x_hat = (x.to(acc) - _per_channel(mean, x)) * _per_channel(invstd, x)
+        x_hat = (x.to(acc) - per_channel(mean, x)) * per_channel(invstd, x)
         local = torch.stack((g.sum(dims), (g * x_hat).sum(dims)))  # (2, C): sum dy, sum dy*x_hat
         total = local.clone()
         _dist().all_reduce(total, group=ctx.group)  # every rank, whatever it needs
@@ -133,8 +129,8 @@ class _SyncBatchNormFn(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             scale = invstd if weight is None else invstd * weight.to(acc)
             m = float(ctx.count)
-            dx = g - _per_channel(total[0] / m, x) - x_hat * _per_channel(total[1] / m, x)
-            dx = (dx * _per_channel(scale, x)).to(x.dtype)
+            dx = g - per_channel(total[0] / m, x) - x_hat * per_channel(total[1] / m, x)
+            dx = (dx * per_channel(scale, x)).to(x.dtype)
         if weight is not None and ctx.needs_input_grad[1]:
             dgamma = local[1].to(weight.dtype)
         if ctx.has_bias and ctx.needs_input_grad[2]:
