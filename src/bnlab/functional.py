@@ -44,6 +44,7 @@ __all__ = [
     "per_channel",
     "pivot_values",
     "reduce_dims",
+    "scale_shift",
 ]
 
 
@@ -125,16 +126,16 @@ def batch_norm_train_forward(
         mean = torch.zeros(c, dtype=acc, device=x.device)
         var = torch.ones(c, dtype=acc, device=x.device)
         invstd = torch.rsqrt(var + eps)
-        y = _as(_scale_shift(_as(x, acc), invstd, weight, bias), x.dtype)
+        y = _as(scale_shift(_as(x, acc), invstd, weight, bias), x.dtype)
         return y, mean, var, invstd
     mean, xc = _centre(x)  # xc = x - mu
     var = (xc * xc).mean(reduce_dims(x))  # (C,)
     invstd = torch.rsqrt(var + eps)  # 1 / sqrt(var + eps), (C,)
-    y = _as(_scale_shift(xc, invstd, weight, bias), x.dtype)
+    y = _as(scale_shift(xc, invstd, weight, bias), x.dtype)
     return y, mean, var, invstd
 
 
-def _scale_shift(xc: Tensor, invstd: Tensor, weight: Tensor | None, bias: Tensor | None) -> Tensor:
+def scale_shift(xc: Tensor, invstd: Tensor, weight: Tensor | None, bias: Tensor | None) -> Tensor:
     """y = (x - mean) * (gamma * invstd) + beta, from the centred values ``xc``. Centring first
     (rather than folding the mean into the shift) keeps large-mean inputs exact."""
     scale = invstd if weight is None else invstd * _as(weight, invstd.dtype)
@@ -159,7 +160,7 @@ def batch_norm_eval_forward(
     acc = acc_dtype(x.dtype)
     invstd = torch.rsqrt(_as(running_var, acc) + eps)
     xc = _as(x, acc) - per_channel(_as(running_mean, acc), x)
-    y = _as(_scale_shift(xc, invstd, weight, bias), x.dtype)
+    y = _as(scale_shift(xc, invstd, weight, bias), x.dtype)
     return y, invstd
 
 

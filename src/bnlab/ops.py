@@ -58,6 +58,7 @@ from .functional import (
     per_channel,
     pivot_values,
     reduce_dims,
+    scale_shift,
 )
 
 __all__ = [
@@ -78,6 +79,7 @@ __all__ = [
     "decompositions",
     "differentiable_grads",
     "non_finite_message",
+    "relu_grad",
 ]
 
 EAGER, OP, DECOMPOSE = 0, 1, 2
@@ -232,7 +234,7 @@ def _shifted(x: Tensor) -> Tensor:
     return x.to(acc_dtype(x.dtype)) - per_channel(_pivot(x), x)
 
 
-def _relu_grad(dy: Tensor, y: Tensor | None) -> Tensor:
+def relu_grad(dy: Tensor, y: Tensor | None) -> Tensor:
     """dy through the fused ReLU whose output is y (None: no ReLU)."""
     return dy if y is None else torch.where(y > 0, dy, torch.zeros((), dtype=dy.dtype))
 
@@ -257,11 +259,7 @@ class _InductorTrain(torch.autograd.Function):
         d = _shifted(x)
         var, mean_d = torch.var_mean(d, reduce_dims(x), correction=0, keepdim=True)
         invstd = torch.rsqrt(var + eps)
-        scale = invstd if weight is None else invstd * per_channel(weight.to(d.dtype), x)
-        y = (d - mean_d) * scale
-        if bias is not None:
-            y = y + per_channel(bias.to(d.dtype), x)
-        y = y.to(x.dtype)
+        y = scale_shift(d - mean_d, invstd.view(-1), weight, bias).to(x.dtype)
         if relu:
             y = torch.relu(y)
         mean_d = mean_d.view(-1)
@@ -289,7 +287,7 @@ class _InductorTrain(torch.autograd.Function):
             if weight is not None:
                 dbeta = dparams[1]
             else:  # (no weight: the decomposition returns no sums)
-                dbeta = _relu_grad(dy, y).to(d.dtype).sum(reduce_dims(x))
+                dbeta = relu_grad(dy, y).to(d.dtype).sum(reduce_dims(x))
         return dx.to(x.dtype) if need[0] else None, dgamma, dbeta, None, None
 
 
@@ -675,7 +673,7 @@ def _backward_decomposition(dy, x, mean, invstd, weight, y, train, need_dx, need
     acc = acc_dtype(x.dtype)
     dims = reduce_dims(x)
     shape = [1, -1] + [1] * (x.dim() - 2)
-    g = _relu_grad(dy, y).to(acc)
+    g = relu_grad(dy, y).to(acc)
     x_hat = (x.to(acc) - mean.view(shape)) * invstd.view(shape)
     sum_g, sum_gx = g.sum(dims), (g * x_hat).sum(dims)
     dx = x.new_empty(0)

@@ -49,7 +49,7 @@ from torch import Tensor, nn
 
 from .. import backend as B
 from ..functional import acc_dtype, per_channel, reduce_dims
-from ..ops import non_finite_message, shape_text
+from ..ops import non_finite_message, relu_grad, shape_text
 from .batchnorm import BatchNorm1d, BatchNorm2d, BatchNorm3d, _BatchNorm, name_layers
 
 __all__ = ["SyncBatchNorm", "convert_sync", "gather_batch_stats"]
@@ -118,9 +118,7 @@ class _SyncBatchNormFn(torch.autograd.Function):
         x, weight, mean, invstd, y = ctx.saved_tensors
         acc = mean.dtype
         dims = reduce_dims(x)
-        g = dy.to(acc)
-        if y is not None:  # through the fused ReLU: dL/d(BN output) = dy where y > 0
-            g = torch.where(y > 0, g, torch.zeros((), dtype=acc))
+        g = relu_grad(dy, y).to(acc)  # dL/d(BN output): dy, where y > 0 with the fused ReLU
         x_hat = (x.to(acc) - per_channel(mean, x)) * per_channel(invstd, x)
         local = torch.stack((g.sum(dims), (g * x_hat).sum(dims)))  # (2, C): sum dy, sum dy*x_hat
         total = local.clone()
