@@ -108,6 +108,7 @@ def test_fused_matches_reference_random_shapes(rank, data, dtype, layout, params
         (3, 20000),  # huge C, dense
         (7, 1100),  # rows of a page or more (f32 and f64): column blocks, 60 channels after them
         (100, 1088),  # the same, parallel: chunks of 15 rows, groups of 7 (f32) or 3 (f64) rows
+        # for the statistics, of 4 or 3 for the gradient sums, of 2 with the ReLU mask
         (2, 1030, 3, 1),  # the same in channels_last: six rows of 1030 channels
         (2, 20000, 1, 2),  # huge C, spatial
         (1000, 3),  # long dense, few channels

@@ -294,8 +294,16 @@ _TILE = 64
 # prefetchers do not follow reads a row apart; software prefetch spread over the blocks keeps
 # the memory system busy without a burst). An array loop over a whole row loads and stores two
 # accumulators per value, which made these reductions compute-bound at about a cycle per value.
+#
+# A group also holds at most _GROUP_LINES rows counted once per array it reads. Rows whose
+# length is a multiple of 4 KB (1024 float32 channels, 2048, ...) map a block's lines to the
+# same few sets of the L1 cache, and a group with the next one prefetched then holds
+# 2 * rows * arrays lines per set: with two or three arrays (the gradient sums) and 32 KB of
+# rows that is more than the ways of an L1 set (8 to 12 on current x86 cores), and each line
+# was evicted before it was read.
 _LONG_ROW = 4096
 _GROUP_BYTES = 32 << 10
+_GROUP_LINES = 8
 
 
 @njit(cache=True)
@@ -311,9 +319,10 @@ def _wide_rows(C: int, itemsize: int) -> bool:
 
 
 @njit(cache=True)
-def _group_rows(C: int, itemsize: int) -> int:
-    """Rows per group of the column-block reductions: about ``_GROUP_BYTES``, at least one."""
-    return max(1, _GROUP_BYTES // (C * itemsize))
+def _group_rows(C: int, itemsize: int, arrays: int) -> int:
+    """Rows per group of the column-block reductions reading ``arrays`` arrays: about
+    ``_GROUP_BYTES`` of each, at most ``_GROUP_LINES // arrays`` rows, at least one."""
+    return max(1, min(_GROUP_BYTES // (C * itemsize), _GROUP_LINES // arrays))
 
 
 @njit(cache=True)
@@ -1326,7 +1335,7 @@ def _wide_sums(xf, z, C, r0, r1, s1, s2):
     array loop."""
     B = C // _TILE
     W = B * _TILE
-    G = _group_rows(C, xf.itemsize)
+    G = _group_rows(C, xf.itemsize, 1)
     line = _LINE_BYTES // xf.itemsize
     zb = _col_blocks(z, B)
     a1 = np.zeros((B, _TILE), np.float64)
@@ -1665,7 +1674,7 @@ def _wide_gsums(gf, xf, yf, relu, mu, C, r0, r1, s1, s2):
     ``yf``: the flat arrays; ``mu``: (C,) in the compute type)."""
     B = C // _TILE
     W = B * _TILE
-    G = _group_rows(C, xf.itemsize)
+    G = _group_rows(C, xf.itemsize, 3 if relu else 2)
     line = _LINE_BYTES // xf.itemsize
     mb = _col_blocks(mu, B)
     a1 = np.zeros((B, _TILE), np.float64)
