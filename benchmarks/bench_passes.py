@@ -61,7 +61,10 @@ def _passes(K, np, shape, relu: bool):
     c = shape[1]
     # normalize: (a, c); dx: (mean, A, B, D) (see bnlab.kernels._numba)
     coef = np.stack([np.zeros(c), np.ones(c), np.full(c, 0.1), np.full(c, 0.01)]).astype(np.float32)
-    extra = 1 if relu else 0
+    # the ReLU mask, recomputed from x with the normalize pass's (a, c) as the layer's backward does
+    k = np.ascontiguousarray(coef[1:3])
+    coef6 = np.concatenate([coef, k])
+    floor = np.float32(0.0)
     if len(shape) == 3:
         bm, bm2 = np.empty((shape[0], c)), np.empty((shape[0], c))
         p1, p2 = np.empty((shape[0], c)), np.empty((shape[0], c))
@@ -69,8 +72,8 @@ def _passes(K, np, shape, relu: bool):
         calls = {
             "stats": lambda: K._ncs_sums_par(x, bm, bm2),
             "normalize": lambda: K._ncs_normalize_par(x, coef[1:3], relu, y),
-            "grad sums": lambda: K._ncs_gsums_par(dy, x, y, relu, mean, p1, p2),
-            "dx": lambda: K._ncs_dx_par(dy, x, y, relu, coef, dx),
+            "grad sums": lambda: K._ncs_gsums_par(dy, x, x, relu, mean, k, floor, p1, p2),
+            "dx": lambda: K._ncs_dx_par(dy, x, x, relu, coef6, floor, dx),
         }
     else:
         m = shape[0]
@@ -79,15 +82,15 @@ def _passes(K, np, shape, relu: bool):
         cm, cm2 = np.empty((k, c)), np.empty((k, c))
         p1, p2 = np.zeros((k, c)), np.zeros((k, c))
         z = K._tile(x[:1].astype(np.float64), np.float64)[0]  # the shift x_0, tiled
-        t2, t4 = K._tile(coef[1:3], np.float32), K._tile(coef, np.float32)
+        t2, t6 = K._tile(coef[1:3], np.float32), K._tile(coef6, np.float32)
+        u = K._tile(np.concatenate([coef[:1], k]), np.float32)  # the mean, then the mask's
         calls = {
             "stats": lambda: K._mc_sums_par(x, z, r, cm, cm2),
             "normalize": lambda: K._mc_normalize_par(x, t2, relu, y, r),
-            "grad sums": lambda: K._mc_gsums_par(dy, x, y, relu, t4[0], r, p1, p2),
-            "dx": lambda: K._mc_dx_par(dy, x, y, relu, t4, dx, r),
+            "grad sums": lambda: K._mc_gsums_par(dy, x, x, relu, u, floor, r, p1, p2),
+            "dx": lambda: K._mc_dx_par(dy, x, x, relu, t6, floor, dx, r),
         }
-    traffic = {"stats": (1, 0), "normalize": (1, 1), "grad sums": (2 + extra, 0),
-               "dx": (2 + extra, 1)}  # fmt: skip
+    traffic = {"stats": (1, 0), "normalize": (1, 1), "grad sums": (2, 0), "dx": (2, 1)}
     return x, y, {n: (f, *traffic[n]) for n, f in calls.items()}
 
 

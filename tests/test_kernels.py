@@ -6,6 +6,8 @@ followed by ``torch.relu`` for the fused activation, float64 autograd (gradcheck
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -540,6 +542,123 @@ def test_convert_to_torch_refuses_to_drop_fused_relu():
         bnlab.convert(model, to="torch")
 
 
+def _relu_mask_oracle(layer, x, dy, training):
+    """(dx, dgamma, dbeta) of ``layer``'s BN for the gradient ``dy`` gated by the layer's own
+    output (``y > 0``, as a ReLU's backward reads it), in float64 autograd through torch's
+    batch_norm with the layer's statistics and parameters; and the layer's output."""
+    y = layer(x)
+    g = dy.double() * (y > 0)
+    x64 = x.detach().double().requires_grad_()
+    w64 = layer.weight.detach().double().requires_grad_()
+    b64 = layer.bias.detach().double().requires_grad_()
+    rm = None if training else layer.running_mean.double()
+    rv = None if training else layer.running_var.double()
+    z = torch.nn.functional.batch_norm(x64, rm, rv, w64, b64, training, 0.0, layer.eps)
+    z.backward(g)
+    return (x64.grad, w64.grad, b64.grad), y
+
+
+# Layouts the backward reaches by different loops: NCHW runs (vectors and a rest), channels_last
+# rows of 16 channels (tiles in registers), 48 (the array loop, two tiles a sweep), 1040 (wide
+# rows in column blocks), a dense (M, C) input, and inputs above SERIAL_MAX (parallel chunks).
+_MASK_CASES = [
+    ((6, 40, 5, 7), "contiguous"),
+    ((6, 16, 5, 7), "channels_last"),
+    ((6, 48, 5, 7), "channels_last"),
+    ((8, 1040, 3, 3), "channels_last"),
+    ((300, 40), "contiguous"),
+    ((64, 40, 8, 8), "contiguous"),
+    ((64, 48, 8, 8), "channels_last"),
+]
+
+
+@pytest.mark.parametrize("shape, fmt", _MASK_CASES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("stream", [False, True])
+def test_fused_relu_backward_masks_exactly_where_the_output_is_positive(
+    shape, fmt, dtype, training, stream, monkeypatch
+):
+    """The fused layer's backward recomputes the ReLU's mask from x (it keeps no output): at
+    values whose pre-activation lands within rounding of 0 it must still pass the gradient
+    exactly where the forward's output is positive. Each channel's x is pairs +-v (mean 0)
+    with v on the input's grid a few ulps above 1, gamma has a mantissa full of bits, and beta
+    is -a v to a quarter of x's ulp, so that ``a x + beta`` is within an ulp of 0 for many
+    values, on both sides; a mask computed with another rounding than the forward's differs
+    there by whole values of dy, far above the tolerance (a mask with ``c`` one ulp off fails
+    every float32 and float64 case). Every layout's loops, both modes, float32, float64 and
+    bfloat16 (whose output is rounded: zero below 2^-134), dx stored as usual and streamed."""
+    monkeypatch.setattr(K, "STREAM_BYTES", 0 if stream else 1 << 62)
+    c = shape[1]
+    cdt = torch.float32 if dtype == torch.bfloat16 else dtype
+    ours_cls, _ = family_classes(shape)
+    layer = ours_cls(c, activation="relu", dtype=cdt).train(training)
+    n = math.prod(shape) // c // 2
+    j = torch.arange(n, dtype=torch.float64)
+    step = torch.finfo(dtype).eps / 8  # (several values per ulp of v)
+    v = (1 + j * step).to(dtype).double()  # rounded: bfloat16 repeats values
+    per_channel = torch.cat([v, -v])[torch.randperm(2 * n)]
+    flat = per_channel.repeat(c, 1).t()  # (m, C): every channel the same values
+    if len(shape) > 2:
+        x = flat.reshape(shape[0], -1, c).permute(0, 2, 1).reshape(shape)
+    else:
+        x = flat
+    x = to_format(x.to(dtype), fmt)
+    gamma = 0.8123
+    a = gamma / math.sqrt(float((x.double() ** 2).mean()) + layer.eps)  # (mean 0)
+    ulp = torch.finfo(dtype).eps
+    with torch.no_grad():
+        layer.weight.fill_(gamma)
+        layer.bias.copy_(torch.tensor([-a * (1 + (k % 24 - 4) * ulp / 4) for k in range(c)],
+                                      dtype=torch.float64))  # fmt: skip
+        if not training:
+            layer.running_mean.zero_()
+            layer.running_var.fill_(float((x.double() ** 2).mean()))
+    dy = torch.rand(shape, dtype=torch.float64) + 0.5  # (positive: a wrong value cannot cancel)
+    dy = to_format(dy.to(dtype), fmt)
+    with bnlab.use_backend("fused"):
+        want, y = _relu_mask_oracle(layer, x, dy, training)
+        assert (y > 0).any() and (y == 0).any()
+        xg = x.clone().requires_grad_()
+        layer.zero_grad()
+        layer(xg).backward(dy)
+    tol = dict(rtol=1e-2, atol=1e-2) if dtype == torch.bfloat16 else dict(rtol=1e-4, atol=1e-4)
+    got = (xg.grad.double(), layer.weight.grad.double(), layer.bias.grad.double())
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w, **tol)
+
+
+@pytest.mark.parametrize("shape, fmt", [((4, 16, 3, 3), "channels_last"), ((4, 16, 3, 3),
+                                                                           "contiguous")])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("training", [True, False])
+def test_fused_relu_mask_floor_follows_the_output_rounding(shape, fmt, dtype, training):
+    """With gamma = 0 a channel's pre-activation is its beta exactly: betas at the edges of
+    the output's rounding (tiny positive subnormals, 2^-134 and its neighbours, which a
+    bfloat16 output rounds to 0 or to its smallest subnormal, zeros of both signs) pass the
+    gradient exactly where the output is positive, in both modes (dbeta and dgamma are the sums
+    the mask selects)."""
+    c = shape[1]
+    cdt = torch.float32 if dtype == torch.bfloat16 else dtype
+    ours_cls, _ = family_classes(shape)
+    layer = ours_cls(c, activation="relu", dtype=cdt).train(training)
+    tiny = [0.0, -0.0, 2.0**-149, 2.0**-140, 2.0**-134, 2.0**-134 + 2.0**-149, 2.0**-133,
+            -(2.0**-140), 1e-30, 1.0, -1.0, 2.0**-126, 5e-324, 2.0**-135, 2.0**-134 - 2.0**-149,
+            3.0]  # fmt: skip
+    with torch.no_grad():
+        layer.weight.zero_()
+        layer.bias.copy_(torch.tensor(tiny[:c], dtype=torch.float64))
+    x = to_format(torch.randn(shape).to(dtype), fmt)
+    dy = to_format((torch.rand(shape, dtype=torch.float64) + 0.5).to(dtype), fmt)
+    with bnlab.use_backend("fused"):
+        want, y = _relu_mask_oracle(layer, x, dy, training)
+        assert (y > 0).any() and (y == 0).any()
+        layer.zero_grad()
+        layer(x.clone().requires_grad_()).backward(dy)
+    torch.testing.assert_close(layer.bias.grad.double(), want[2], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(layer.weight.grad.double(), want[1], rtol=1e-3, atol=1e-3)
+
+
 def test_resnet20_fused_relu_matches_unfused():
     """The model builder's fuse_relu path computes the same function as norm + nn.ReLU."""
     from bnlab.models import resnet20
@@ -617,7 +736,9 @@ def test_channels_last_sums_match_float64_sums(C, dtype):
     mean = x64[r0:r1].mean(0).astype(np.float64 if dtype == "float64" else np.float32)
     for relu in (False, True):
         s1, s2 = np.zeros(C), np.zeros(C)
-        _numba._mc_gsums(g, x, y, relu, np.tile(mean, reps), r0, r1, s1, s2)
+        # (the mask read from y: coefficients (1, 0), floor 0)
+        u = np.tile(np.stack([mean, np.ones_like(mean), np.zeros_like(mean)]), reps)
+        _numba._mc_gsums(g, x, y, relu, u, mean.dtype.type(0), r0, r1, s1, s2)
         gm = g64[r0:r1] * (y64[r0:r1] > 0) if relu else g64[r0:r1]
         # (the vector sweeps add every value in float64; the array loop adds pairs first)
         np.testing.assert_allclose(s1, gm.sum(0), rtol=1e-12 if 64 % C == 0 else 1e-6, atol=1e-9)

@@ -21,8 +21,9 @@ kernels through a plan of cached views (:func:`bnlab.backend.lean_plan`), the sa
 The backward is the hand-written one of section 3; when it must itself be differentiated
 (``create_graph=True``: double backward, gradient penalties) it is computed instead by autograd
 through the decomposition, so second derivatives are exact as well. ``activation="relu"`` fuses
-``max(., 0)`` into the output; the backward then gates ``dy`` with the saved output's mask
-``y > 0``.
+``max(., 0)`` into the output; the backward then gates ``dy`` with the mask ``y > 0``: read from
+the saved output by :class:`BatchNormTrain` and :class:`BatchNormEval`, recomputed from x by the
+lean Functions, which keep no output (:func:`bnlab.kernels.lean_backward`).
 """
 
 from __future__ import annotations
@@ -111,13 +112,13 @@ class BatchNormTrainLean(torch.autograd.Function):
                 relu: bool, momentum: float | None, m: int):  # fmt: skip
         y, stats = K.lean_train_forward(x, plan, eps, relu)
         ok = K.lean_commit(plan, stats, momentum, m)  # (before the save: see BatchNormTrain)
-        ctx.save_for_backward(x, weight, bias, y if relu else None)
+        ctx.save_for_backward(x, weight, bias)  # (the ReLU's mask is recomputed from x)
         ctx.plan, ctx.stats, ctx.eps, ctx.relu = plan, stats, eps, relu
         return y, ok
 
     @staticmethod
     def backward(ctx, dy: Tensor, _ok: None):
-        x, weight, bias, y = ctx.saved_tensors
+        x, weight, bias = ctx.saved_tensors
         n = ctx.needs_input_grad
         if torch.is_grad_enabled():  # create_graph=True: a differentiable backward
             dx, dgamma, dbeta = ops.differentiable_grads(
@@ -125,7 +126,7 @@ class BatchNormTrainLean(torch.autograd.Function):
             )
             return dx, dgamma, dbeta, None, None, None, None, None
         dx, dgamma, dbeta = K.lean_backward(
-            dy, x, y, ctx.plan, ctx.stats, True, n[0], n[1] or n[2]
+            dy, x, ctx.relu, ctx.plan, ctx.stats, True, n[0], n[1] or n[2]
         )
         return dx, dgamma, dbeta if bias is not None else None, None, None, None, None, None
 
@@ -141,13 +142,13 @@ class BatchNormEvalLean(torch.autograd.Function):
                 weight: Tensor | None, bias: Tensor | None, plan, eps: float,
                 relu: bool):  # fmt: skip
         y, stats = K.lean_eval_forward(x, plan, eps, relu)
-        ctx.save_for_backward(x, running_mean, running_var, weight, bias, y if relu else None)
+        ctx.save_for_backward(x, running_mean, running_var, weight, bias)  # (as above)
         ctx.plan, ctx.stats, ctx.eps, ctx.relu = plan, stats, eps, relu
         return y
 
     @staticmethod
     def backward(ctx, dy: Tensor):
-        x, running_mean, running_var, weight, bias, y = ctx.saved_tensors
+        x, running_mean, running_var, weight, bias = ctx.saved_tensors
         n = ctx.needs_input_grad
         if torch.is_grad_enabled():  # create_graph=True: a differentiable backward
             dx, dgamma, dbeta = ops.differentiable_grads(
@@ -156,7 +157,7 @@ class BatchNormEvalLean(torch.autograd.Function):
             )  # fmt: skip
             return dx, None, None, dgamma, dbeta, None, None, None
         dx, dgamma, dbeta = K.lean_backward(
-            dy, x, y, ctx.plan, ctx.stats, False, n[0], n[3] or n[4]
+            dy, x, ctx.relu, ctx.plan, ctx.stats, False, n[0], n[3] or n[4]
         )
         return dx, None, None, dgamma, dbeta if bias is not None else None, None, None, None
 

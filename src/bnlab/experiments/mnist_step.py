@@ -425,11 +425,13 @@ class _BatchNormStep:
         saved, relu, y, w, want_w, want_b = self._last
         need = want_w or want_b
         if saved is None:
-            _, bwd, _, x, y_np, dy, dx, _, mean, _, invstd, grads = self._np
+            _, bwd, _, x, _, dy, dx, stats, mean, _, invstd, grads = self._np
             wv, has_w = self._views[0], self._views[1]
+            # (the ReLU's mask recomputed from x with the forward's coefficients, as
+            # bnlab.kernels.lean_backward does)
             bwd(
-                dy, x, y_np if relu else x, relu, mean, invstd, wv, has_w, True,
-                need and has_w, True, dx, grads, False,
+                dy, x, x, relu, stats[3:5], K.RELU_FLOOR[self.x.dtype], mean, invstd, wv,
+                has_w, True, need and has_w, True, dx, grads, False,
             )  # fmt: skip
             dgamma, dbeta = self.dgamma, self.dbeta
         else:

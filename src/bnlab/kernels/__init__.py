@@ -344,6 +344,24 @@ _NONE = {
     torch.bfloat16: np.empty(0, np.uint16),
 }
 
+# The floor of the backward's ReLU mask recomputed from x (``backward_ncs``): the pre-activation
+# is let through where it is above this, which is where the forward's rounded output is above 0.
+# A float32 value rounds to a bfloat16 zero up to 2^-134 (half the smallest subnormal, a tie
+# rounded to even); float32 and float64 outputs are the value itself.
+RELU_FLOOR = {
+    torch.float32: np.float32(0.0),
+    torch.float64: np.float64(0.0),
+    torch.bfloat16: np.float32(2.0**-134),
+}
+
+
+def _mask_of_output(c: int, dt) -> np.ndarray:
+    """The (2, C) mask coefficients (1, 0) that make the backward's ReLU mask ``y > 0`` read from
+    the output y itself (``backward_ncs``), in the compute dtype ``dt``."""
+    k = np.zeros((2, c), dt)
+    k[0] = 1
+    return k
+
 
 def _param(p: Tensor | None, dtype: torch.dtype):
     """numpy view of a (C,) parameter, or an empty placeholder of the dtype when absent."""
@@ -580,26 +598,26 @@ def lean_commit(plan, stats, momentum: float | None, m: int) -> bool:
     )  # fmt: skip
 
 
-def lean_backward(dy: Tensor, x: Tensor, y: Tensor | None, plan, stats, train: bool,
+def lean_backward(dy: Tensor, x: Tensor, relu: bool, plan, stats, train: bool,
                   need_dx: bool, need_dparams: bool):  # fmt: skip
     """:func:`batch_norm_train_backward` (``train``) or :func:`batch_norm_eval_backward` of a
-    planned call (``y`` the ReLU output or None), from its forward's ``stats`` (and, at
+    planned call (with the fused ReLU when ``relu``), from its forward's ``stats`` (and, at
     inference, the plan's running mean): ``(dx, dgamma, dbeta)``. ``dy`` is taken in x's dtype
-    and layout (autograd hands an output's backward a gradient of that output's dtype)."""
+    and layout (autograd hands an output's backward a gradient of that output's dtype). The
+    ReLU's mask is recomputed from x with the forward's normalize coefficients, bit for bit
+    the forward's ``y > 0`` (``_numba.backward_ncs``), so the output is neither kept nor read."""
     rows, c, s, p = plan
     mean, invstd = (stats[0], stats[2]) if train else (p[0], stats[0])
     dy = _like(dy, x)  # (x's layout, so the loops may read it by address)
-    if y is not None:
-        y = _like(y, x)
     dx = _empty_like(x) if need_dx else None
     has_w = p[2].size > 0
     need_sums = need_dparams and has_w
     grads = np.empty((2, c), stats.dtype)  # dgamma, dbeta
     xp = x.data_ptr()
     compiled().backward_at(
-        dy.data_ptr(), xp, xp if y is None else y.data_ptr(), y is not None, rows, c, s, mean,
-        invstd, p[2], has_w, train, need_sums, 0 if dx is None else dx.data_ptr(),
-        grads, _NONE[x.dtype], dx is not None and _streams(dx),
+        dy.data_ptr(), xp, xp, relu, stats[3:5] if train else stats[1:3], RELU_FLOOR[x.dtype],
+        rows, c, s, mean, invstd, p[2], has_w, train, need_sums,
+        0 if dx is None else dx.data_ptr(), grads, _NONE[x.dtype], dx is not None and _streams(dx),
     )  # fmt: skip
     if not need_sums:
         return dx, None, None
@@ -619,9 +637,10 @@ def _backward(dy, x, mean, invstd, weight, need_dx, need_dparams, y, train):
     w, has_w = _param(weight, cdt)
     xp = x.data_ptr()
     k.backward_at(
-        dy.data_ptr(), xp, xp if y is None else y.data_ptr(), y is not None, rows, c, s,
-        _vec(mean), _vec(invstd), w, has_w, train, need_sums, 0 if dx is None else dx.data_ptr(),
-        grads, _NONE[x.dtype], dx is not None and _streams(dx),
+        dy.data_ptr(), xp, xp if y is None else y.data_ptr(), y is not None,
+        _mask_of_output(c, _NP[cdt]), _NP[cdt](0.0), rows, c, s, _vec(mean), _vec(invstd), w,
+        has_w, train, need_sums, 0 if dx is None else dx.data_ptr(), grads, _NONE[x.dtype],
+        dx is not None and _streams(dx),
     )  # fmt: skip
     if not need_sums:
         return dx, None, None

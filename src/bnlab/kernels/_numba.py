@@ -482,26 +482,30 @@ def _sweep_sums(typingctx, xf, z, a, n, step, ahead, s1, s2):
 
 
 @intrinsic
-def _sweep_gsums(typingctx, gf, xf, yf, mu, a, n, step, relu, s1, s2):
+def _sweep_gsums(typingctx, gf, xf, mf, mu, k0, k1, floor, a, n, step, relu, s1, s2):
     """For tiles ``k < n`` of ``_TILE`` values from ``a + k * step``: ``s1[p] += g``,
     ``s2[p] += g (x - mu[p])``, the sums of :func:`_mc_gsums` (``x - mu`` in the compute type,
-    the product and sums in float64), ``g = dy`` or, with ``relu``, ``dy`` where ``y > 0`` and 0
-    elsewhere (``yf`` is not read without it)."""
+    the product and sums in float64), ``g = dy`` or, with ``relu``, ``dy`` where
+    ``k0[p] m + k1[p] > floor`` and 0 elsewhere (:func:`_gate`; ``mf`` is not read without
+    it)."""
     f64 = types.Array(types.float64, 1, "C")
-    if not _loop_arrays(gf, xf, yf) or s1 != f64 or s2 != f64:
+    if not _loop_arrays(gf, xf, mf) or s1 != f64 or s2 != f64:
         return None
     comp = _compute_type(gf.dtype)
-    if not (isinstance(mu, types.Array) and mu.ndim == 1 and mu.layout == "C" and mu.dtype == comp):
+    if not all(isinstance(v, types.Array) and v.ndim == 1 and v.layout == "C" and v.dtype == comp
+               for v in (mu, k0, k1)) or floor != comp:  # fmt: skip
         return None
     if not all(isinstance(i, types.Integer) for i in (a, n, step)) or relu != types.boolean:
         return None
-    sig = types.void(gf, xf, yf, mu, types.intp, types.intp, types.intp, relu, s1, s2)
+    sig = types.void(gf, xf, mf, mu, k0, k1, floor, types.intp, types.intp, types.intp, relu,
+                     s1, s2)  # fmt: skip
 
     def codegen(context, builder, sig, args):
-        gv, xv, yv, muv, av, nv, stepv, reluv, s1v, s2v = args
+        gv, xv, mv, muv, k0v, k1v, fl, av, nv, stepv, reluv, s1v, s2v = args
         i64 = ir.IntType(64)
-        mus = [_lanes(context, builder, sig.args[3], muv, i64(j * _LANES))
-               for j in range(_TILE // _LANES)]  # fmt: skip
+        mus, k0s, k1s = ([_lanes(context, builder, sig.args[i], v, i64(j * _LANES))
+                          for j in range(_TILE // _LANES)]
+                         for i, v in ((3, muv), (4, k0v), (5, k1v)))  # fmt: skip
 
         def body(masked):
             def run(k, acc1, acc2):
@@ -510,9 +514,8 @@ def _sweep_gsums(typingctx, gf, xf, yf, mu, a, n, step, relu, s1, s2):
                     at = builder.add(base, i64(j * _LANES))
                     g = _lanes(context, builder, sig.args[0], gv, at)
                     if masked:
-                        y = _lanes(context, builder, sig.args[2], yv, at)
-                        keep = builder.fcmp_ordered(">", y, ir.Constant(y.type, None))
-                        g = builder.select(keep, g, ir.Constant(g.type, None))
+                        m = _lanes(context, builder, sig.args[2], mv, at)
+                        g = _gate(builder, g, m, (k0s[j], k1s[j]), fl)
                     d = _wide(builder, builder.fsub(_lanes(context, builder, sig.args[1], xv, at),
                                                     mus[j]))  # fmt: skip
                     g = _wide(builder, g)
@@ -520,7 +523,7 @@ def _sweep_gsums(typingctx, gf, xf, yf, mu, a, n, step, relu, s1, s2):
                     builder.store(builder.fadd(builder.load(acc2[j]), builder.fmul(g, d)), acc2[j])
             return run
 
-        sums = ((sig.args[8], s1v), (sig.args[9], s2v))
+        sums = ((sig.args[11], s1v), (sig.args[12], s2v))
         _branch(builder, reluv, lambda masked: _sweep(context, builder, sums, nv, body(masked)))
         return context.get_dummy_value()
 
@@ -597,9 +600,26 @@ def _stream_rows_of(builder, relu, start, rows, row_len, lanes, vector_for):
     _fence(builder)
 
 
+def _pre_activation(builder, v, a, c):
+    """``a v + c`` (one fused multiply-add where the target has one): the normalize passes'
+    value before the ReLU. The backward's ReLU mask recomputes it from x with the forward's
+    coefficients (:func:`_gate`), so both must build it with these operations and flags."""
+    return builder.fadd(builder.fmul(v, a, flags=["contract"]), c, flags=["contract"])
+
+
+def _gate(builder, g, m, k, floor):
+    """``g`` where the fused ReLU let its value through, else 0: where ``k[0] m + k[1]`` (``k``:
+    the pair of coefficients of :func:`_pre_activation`, vectors or scalars as ``m``) is above
+    ``floor`` (a scalar of the compute type; see :func:`backward_ncs`)."""
+    r = _pre_activation(builder, m, k[0], k[1])
+    if isinstance(r.type, ir.VectorType):
+        floor = _splat(builder, floor, r.type.count)
+    return builder.select(builder.fcmp_ordered(">", r, floor), g, ir.Constant(g.type, None))
+
+
 def _affine_value(builder, v, a, c, relu):
-    """``a v + c`` (one fused multiply-add), then ``max(., 0)`` when ``relu`` (a Python bool)."""
-    r = builder.fadd(builder.fmul(v, a, flags=["contract"]), c, flags=["contract"])
+    """``a v + c`` (:func:`_pre_activation`), then ``max(., 0)`` when ``relu`` (a Python bool)."""
+    r = _pre_activation(builder, v, a, c)
     if relu:
         r = builder.select(builder.fcmp_ordered(">", r, ir.Constant(r.type, None)), r,
                            ir.Constant(r.type, None))  # fmt: skip
@@ -745,16 +765,17 @@ def _store_vec(builder, v, ptr_elem, index, align):
                   align=align)  # fmt: skip
 
 
-def _dx_run_sig(gf, xf, yf, df, mu, a, bb, d, relu):
+def _dx_run_sig(gf, xf, mf, df, mu, a, bb, d, k0, k1, floor, relu):
     """The signature of a dx intrinsic over one channel's run (:func:`_dx_run`,
-    :func:`_stream_dx_run`): four flat arrays, start, count, four scalar coefficients in the
-    compute type, the ReLU flag; None for other argument types."""
-    if not _loop_arrays(gf, xf, yf, df) or relu != types.boolean:
+    :func:`_stream_dx_run`): four flat arrays, start, count, four scalar coefficients, the
+    ReLU mask's two coefficients and floor (:func:`_gate`), all in the compute type, the ReLU
+    flag; None for other argument types."""
+    if not _loop_arrays(gf, xf, mf, df) or relu != types.boolean:
         return None
     comp = _compute_type(gf.dtype)
-    if any(v != comp for v in (mu, a, bb, d)):
+    if any(v != comp for v in (mu, a, bb, d, k0, k1, floor)):
         return None
-    return types.void(gf, xf, yf, df, types.intp, types.intp, comp, comp, comp, comp, relu)
+    return types.void(gf, xf, mf, df, types.intp, types.intp, *([comp] * 7), relu)
 
 
 def _tile_vectors(context, builder, aryty, ary):
@@ -850,33 +871,34 @@ def _affine_tiles(typingctx, xf, yf, start, n, a, c, relu):
 
 
 @intrinsic
-def _dx_tiles(typingctx, gf, xf, yf, df, start, n, mu, a, bb, d, relu):
+def _dx_tiles(typingctx, gf, xf, mf, df, start, n, mu, a, bb, d, k0, k1, floor, relu):
     """:func:`_ncs_dx`'s values on ``n`` consecutive tiles of ``_TILE`` values from ``start``
-    (``mu``, ``a``, ``bb``, ``d``: ``_TILE`` per-lane coefficients in the compute type, held in
-    registers for the whole run), as :func:`_affine_tiles` for the normalize pass."""
-    if not _loop_arrays(gf, xf, yf, df) or relu != types.boolean:
+    (``mu``, ``a``, ``bb``, ``d`` and the mask's ``k0``, ``k1``: ``_TILE`` per-lane
+    coefficients in the compute type, held in registers for the whole run), as
+    :func:`_affine_tiles` for the normalize pass."""
+    if not _loop_arrays(gf, xf, mf, df) or relu != types.boolean:
         return None
     comp = types.Array(_compute_type(gf.dtype), 1, "C")
-    if any(v != comp for v in (mu, a, bb, d)):
+    if any(v != comp for v in (mu, a, bb, d, k0, k1)) or floor != comp.dtype:
         return None
-    sig = types.void(gf, xf, yf, df, types.intp, types.intp, mu, a, bb, d, relu)
+    sig = types.void(gf, xf, mf, df, types.intp, types.intp, mu, a, bb, d, k0, k1, floor, relu)
 
     def codegen(context, builder, sig, args):
-        gv, xv, yv, dv, s, nv = args[:6]
-        rl = args[10]
+        gv, xv, mv, dv, s, nv = args[:6]
+        fl, rl = args[12], args[13]
         dd = _data(context, builder, sig.args[3], dv)
         elem = dd.type.pointee
         align = sig.args[3].dtype.bitwidth // 8
-        mu, a, bb, d = (_tile_vectors(context, builder, sig.args[6 + i], args[6 + i])
-                        for i in range(4))  # fmt: skip
+        mu, a, bb, d, k0, k1 = (_tile_vectors(context, builder, sig.args[6 + i], args[6 + i])
+                                for i in range(6))  # fmt: skip
 
         def loop(masked):
             def vector(at, j):
-                y = _lanes(context, builder, sig.args[2], yv, at) if masked else None
+                m = _lanes(context, builder, sig.args[2], mv, at) if masked else None
                 g = _lanes(context, builder, sig.args[0], gv, at)
                 x = _lanes(context, builder, sig.args[1], xv, at)
-                r = _narrow(builder, _dx_value(builder, g, x, y, mu[j], a[j], bb[j], d[j],
-                                               masked), elem)  # fmt: skip
+                r = _narrow(builder, _dx_value(builder, g, x, m, mu[j], a[j], bb[j], d[j],
+                                               (k0[j], k1[j]), fl, masked), elem)  # fmt: skip
                 _store_vec(builder, r, dd, at, align)
 
             _over_tiles(builder, s, nv, vector)
@@ -977,18 +999,23 @@ def _run_sums(typingctx, xf, start, n, x0):
 
 
 @intrinsic
-def _run_gsums(typingctx, gf, xf, yf, start, n, mu, relu):
+def _run_gsums(typingctx, gf, xf, mf, start, n, mu, k0, k1, floor, relu):
     """``(sum g, sum g (x - mu))`` over the ``n`` values from ``start`` (one row of
     :func:`_ncs_gsums`: ``x - mu`` in the compute type, the product and sums in float64;
-    ``g = dy``, or 0 where ``y <= 0`` with ``relu``), a vector at a time."""
-    if not _loop_arrays(gf, xf, yf) or relu != types.boolean or mu != _compute_type(gf.dtype):
+    ``g = dy``, or with ``relu`` 0 where ``k0 m + k1 <= floor``, :func:`_gate`), a vector at a
+    time."""
+    if not _loop_arrays(gf, xf, mf) or relu != types.boolean:
         return None
-    sig = types.UniTuple(types.float64, 2)(gf, xf, yf, types.intp, types.intp, mu, relu)
+    if any(v != _compute_type(gf.dtype) for v in (mu, k0, k1, floor)):
+        return None
+    sig = types.UniTuple(types.float64, 2)(gf, xf, mf, types.intp, types.intp, mu, k0, k1,
+                                           floor, relu)  # fmt: skip
 
     def codegen(context, builder, sig, args):
-        gv, xv, yv, s, nv, m, rl = args
-        gd, xd, yd = (_data(context, builder, sig.args[i], v) for i, v in enumerate((gv, xv, yv)))
+        gv, xv, mv, s, nv, m, k0, k1, fl, rl = args
+        gd, xd, md = (_data(context, builder, sig.args[i], v) for i, v in enumerate((gv, xv, mv)))
         vm = _splat(builder, m, _LANES)
+        vk = (_splat(builder, k0, _LANES), _splat(builder, k1, _LANES))
         out = [cgutils.alloca_once(builder, ir.DoubleType()) for _ in range(2)]
 
         def loop(masked):
@@ -996,15 +1023,15 @@ def _run_gsums(typingctx, gf, xf, yf, start, n, mu, relu):
                 if vector:
                     g = _lanes(context, builder, sig.args[0], gv, at)
                     x = _lanes(context, builder, sig.args[1], xv, at)
-                    y = _lanes(context, builder, sig.args[2], yv, at) if masked else None
+                    if masked:
+                        g = _gate(builder, g, _lanes(context, builder, sig.args[2], mv, at),
+                                  vk, fl)  # fmt: skip
                     mu_ = vm
                 else:
                     g, x = _scalar_of(builder, gd, at), _scalar_of(builder, xd, at)
-                    y = _scalar_of(builder, yd, at) if masked else None
+                    if masked:
+                        g = _gate(builder, g, _scalar_of(builder, md, at), (k0, k1), fl)
                     mu_ = m
-                if masked:
-                    g = builder.select(builder.fcmp_ordered(">", y, ir.Constant(y.type, None)),
-                                       g, ir.Constant(g.type, None))  # fmt: skip
                 g = _fpext(builder, g)
                 return g, builder.fmul(g, _fpext(builder, builder.fsub(x, mu_)))
 
@@ -1018,34 +1045,35 @@ def _run_gsums(typingctx, gf, xf, yf, start, n, mu, relu):
 
 
 @intrinsic
-def _dx_run(typingctx, gf, xf, yf, df, start, n, mu, a, bb, d, relu):
+def _dx_run(typingctx, gf, xf, mf, df, start, n, mu, a, bb, d, k0, k1, floor, relu):
     """:func:`_ncs_dx`'s values on one channel's run of ``n`` values from ``start`` (scalar
     coefficients in the compute type), a vector of ``_LANES`` values at a time and the rest one by
     one (as :func:`_affine_run`, for short runs); bfloat16 outputs rounded as ``_st`` rounds."""
-    sig = _dx_run_sig(gf, xf, yf, df, mu, a, bb, d, relu)
+    sig = _dx_run_sig(gf, xf, mf, df, mu, a, bb, d, k0, k1, floor, relu)
     if sig is None:
         return None
 
     def codegen(context, builder, sig, args):
-        gv, xv, yv, dv, s, nv, mu, a, bb, d, rl = args
-        arrays = zip(sig.args[:4], (gv, xv, yv, dv), strict=True)
-        gd, xd, yd, dd = (_data(context, builder, ty, v) for ty, v in arrays)
+        gv, xv, mv, dv, s, nv, mu, a, bb, d, k0, k1, fl, rl = args
+        arrays = zip(sig.args[:4], (gv, xv, mv, dv), strict=True)
+        gd, xd, md, dd = (_data(context, builder, ty, v) for ty, v in arrays)
         elem = dd.type.pointee
         co = [_splat(builder, v, _LANES) for v in (mu, a, bb, d)]
+        vk = (_splat(builder, k0, _LANES), _splat(builder, k1, _LANES))
         align = sig.args[3].dtype.bitwidth // 8
 
         def loop(masked):
             def vector(at):
-                y = _lanes(context, builder, sig.args[2], yv, at) if masked else None
+                m = _lanes(context, builder, sig.args[2], mv, at) if masked else None
                 g = _lanes(context, builder, sig.args[0], gv, at)
                 x = _lanes(context, builder, sig.args[1], xv, at)
-                r = _narrow(builder, _dx_value(builder, g, x, y, *co, masked), elem)
+                r = _narrow(builder, _dx_value(builder, g, x, m, *co, vk, fl, masked), elem)
                 _store_vec(builder, r, dd, at, align)
 
             def scalar(at):
-                y = _scalar_of(builder, yd, at) if masked else None
+                m = _scalar_of(builder, md, at) if masked else None
                 g, x = _scalar_of(builder, gd, at), _scalar_of(builder, xd, at)
-                r = _dx_value(builder, g, x, y, mu, a, bb, d, masked)
+                r = _dx_value(builder, g, x, m, mu, a, bb, d, (k0, k1), fl, masked)
                 builder.store(_narrow(builder, r, elem), builder.gep(dd, [at]))
 
             _vectors_then_rest(builder, s, nv, vector, scalar)
@@ -1056,38 +1084,40 @@ def _dx_run(typingctx, gf, xf, yf, df, start, n, mu, a, bb, d, relu):
     return sig, codegen
 
 
-def _dx_value(builder, g, x, y, mu, a, bb, d, relu):
-    """``a g - bb (x - mu) - d`` with ``g`` zeroed where ``y <= 0`` when ``relu`` (a Python
-    bool), as :func:`_ncs_dx` computes it (the same operations and flags)."""
+def _dx_value(builder, g, x, m, mu, a, bb, d, k, floor, relu):
+    """``a g - bb (x - mu) - d`` with ``g`` gated by the ReLU mask of ``m`` (:func:`_gate`,
+    coefficients ``k``) when ``relu`` (a Python bool), as :func:`_ncs_dx` computes it (the same
+    operations and flags)."""
     fm = sorted(_FM)
     if relu:
-        g = builder.select(builder.fcmp_ordered(">", y, ir.Constant(y.type, None)), g,
-                           ir.Constant(g.type, None))  # fmt: skip
+        g = _gate(builder, g, m, k, floor)
     ag = builder.fmul(a, g, flags=fm)
     r = builder.fsub(ag, builder.fmul(bb, builder.fsub(x, mu, flags=fm), flags=fm), flags=fm)
     return builder.fsub(r, d, flags=fm)
 
 
 @intrinsic
-def _stream_dx_rows(typingctx, gf, xf, yf, t, df, start, C, rows, relu):
+def _stream_dx_rows(typingctx, gf, xf, mf, t, floor, df, start, C, rows, relu):
     """:func:`_mc_dx`'s values on ``rows`` rows of ``C`` channels from ``start`` (``t``: the
-    (4, >= C) coefficients mu, A, B, D per channel), stored non-temporally; every row must start
-    on a 64-byte line of ``df`` (the caller checks)."""
-    if not _loop_arrays(gf, xf, yf, df) or relu != types.boolean:
+    (6, >= C) coefficients mu, A, B, D and the ReLU mask's two (:func:`_gate`) per channel),
+    stored non-temporally; every row must start on a 64-byte line of ``df`` (the caller
+    checks)."""
+    if not _loop_arrays(gf, xf, mf, df) or relu != types.boolean:
         return None
+    comp = _compute_type(gf.dtype)
     if not (isinstance(t, types.Array) and t.ndim == 2 and t.layout == "C"
-            and t.dtype == _compute_type(gf.dtype)):  # fmt: skip
+            and t.dtype == comp) or floor != comp:  # fmt: skip
         return None
-    sig = types.void(gf, xf, yf, t, df, types.intp, types.intp, types.intp, relu)
+    sig = types.void(gf, xf, mf, t, floor, df, types.intp, types.intp, types.intp, relu)
 
     def codegen(context, builder, sig, args):
-        gv, xv, yv, tv, dv, s, nc, nr, rl = args
+        gv, xv, mv, tv, fl, dv, s, nc, nr, rl = args
         if _trap_bits(context, builder, sig.args[0]):
             return context.get_dummy_value()
         size = sig.args[0].dtype.bitwidth // 8
         lanes = _LINE // size
-        arrays = ((sig.args[0], gv), (sig.args[1], xv), (sig.args[2], yv), (sig.args[4], dv))
-        gd, xd, yd, dd = (_data(context, builder, ty, v) for ty, v in arrays)
+        arrays = ((sig.args[0], gv), (sig.args[1], xv), (sig.args[2], mv), (sig.args[5], dv))
+        gd, xd, md, dd = (_data(context, builder, ty, v) for ty, v in arrays)
         tary = context.make_array(sig.args[3])(context, builder, tv)
         stride = cgutils.unpack_tuple(builder, tary.shape, 2)[1]
         i64 = ir.IntType(64)
@@ -1095,11 +1125,12 @@ def _stream_dx_rows(typingctx, gf, xf, yf, t, df, start, C, rows, relu):
         def vector_for(masked):
             def vector(at, o):
                 co = [_vec_of(builder, tary.data, builder.add(builder.mul(i64(k), stride), o),
-                              lanes, size) for k in range(4)]  # fmt: skip
-                y = _vec_of(builder, yd, at, lanes, size) if masked else None
+                              lanes, size) for k in range(6 if masked else 4)]  # fmt: skip
+                m = _vec_of(builder, md, at, lanes, size) if masked else None
                 g = _vec_of(builder, gd, at, lanes, size)
                 v = _vec_of(builder, xd, at, lanes, size)
-                _store_stream(builder, _dx_value(builder, g, v, y, *co, masked), dd, at)
+                r = _dx_value(builder, g, v, m, *co[:4], co[4:], fl, masked)
+                _store_stream(builder, r, dd, at)
 
             return vector
 
@@ -1110,36 +1141,38 @@ def _stream_dx_rows(typingctx, gf, xf, yf, t, df, start, C, rows, relu):
 
 
 @intrinsic
-def _stream_dx_run(typingctx, gf, xf, yf, df, start, n, mu, a, bb, d, relu):
+def _stream_dx_run(typingctx, gf, xf, mf, df, start, n, mu, a, bb, d, k0, k1, floor, relu):
     """:func:`_ncs_dx`'s values on one channel's run of ``n`` values from ``start`` (scalar
     coefficients), stored as :func:`_stream_run` stores its run."""
-    sig = _dx_run_sig(gf, xf, yf, df, mu, a, bb, d, relu)
+    sig = _dx_run_sig(gf, xf, mf, df, mu, a, bb, d, k0, k1, floor, relu)
     if sig is None:
         return None
 
     def codegen(context, builder, sig, args):
-        gv, xv, yv, dv, s, n, mu, a, bb, d, rl = args
+        gv, xv, mv, dv, s, n, mu, a, bb, d, k0, k1, fl, rl = args
         if _trap_bits(context, builder, sig.args[0]):
             return context.get_dummy_value()
         size = sig.args[0].dtype.bitwidth // 8
         lanes = _LINE // size
-        arrays = zip(sig.args[:4], (gv, xv, yv, dv), strict=True)
-        gd, xd, yd, dd = (_data(context, builder, ty, v) for ty, v in arrays)
+        arrays = zip(sig.args[:4], (gv, xv, mv, dv), strict=True)
+        gd, xd, md, dd = (_data(context, builder, ty, v) for ty, v in arrays)
         co = [_splat(builder, v, lanes) for v in (mu, a, bb, d)]
+        vk = (_splat(builder, k0, lanes), _splat(builder, k1, lanes))
 
         def loop(masked):
             def scalar(at):
-                y = builder.load(builder.gep(yd, [at])) if masked else None
+                m = builder.load(builder.gep(md, [at])) if masked else None
                 g = builder.load(builder.gep(gd, [at]))
                 v = builder.load(builder.gep(xd, [at]))
-                r = _dx_value(builder, g, v, y, mu, a, bb, d, masked)
+                r = _dx_value(builder, g, v, m, mu, a, bb, d, (k0, k1), fl, masked)
                 builder.store(r, builder.gep(dd, [at]))
 
             def vector(at):
-                y = _vec_of(builder, yd, at, lanes, size) if masked else None
+                m = _vec_of(builder, md, at, lanes, size) if masked else None
                 g = _vec_of(builder, gd, at, lanes, size)
                 v = _vec_of(builder, xd, at, lanes, size)
-                _store_stream(builder, _dx_value(builder, g, v, y, *co, masked), dd, at)
+                r = _dx_value(builder, g, v, m, *co, vk, fl, masked)
+                _store_stream(builder, r, dd, at)
 
             _run(builder, dd, s, n, lanes, scalar, vector)
 
@@ -1273,7 +1306,7 @@ def _ncs_normalize(x, coef, relu, y, i0, i1, stream=False):
         cc = coef[1, c]
         xr = x[n, c]
         yr = y[n, c]
-        if relu:
+        if relu:  # (x a + c as _kept recomputes it in the backward)
             for k in range(S):
                 v = _ld(xr[k]) * a + cc
                 yr[k] = _st(_keep(v, v > 0), yr)
@@ -1464,7 +1497,7 @@ def _mc_normalize(x, t, relu, y, r0, r1, stream=False):
         n = min(P, (r1 - r0 - t * r) * C)
         xs = xf[base : base + n]  # (slices: indices known non-negative, so loops vectorize)
         ys = yf[base : base + n]
-        if relu:
+        if relu:  # (x a + c as _kept recomputes it in the backward)
             for p in range(n):
                 v = _ld(xs[p]) * a[p] + cc[p]
                 ys[p] = _st(_keep(v, v > 0), ys)
@@ -1649,19 +1682,28 @@ def _bwd_coef(sums, mean, invstd, w, has_w, train, m, coef, grads):
         coef[3, c] = a * s1 / m if train else 0.0
 
 
+@njit(**_INLINE)
+def _kept(m, k0, k1, floor):
+    """Whether the fused ReLU let a value through: its pre-activation ``k0 m + k1`` above
+    ``floor`` (see :func:`backward_ncs`), computed with the operations and flags of the
+    normalize passes' ``x a + c`` (:func:`_ncs_normalize`, :func:`_pre_activation`)."""
+    return m * k0 + k1 > floor
+
+
 @njit(**_SERIAL)
-def _ncs_gsums(dy, x, y, relu, mean, i0, i1, p1, p2):
+def _ncs_gsums(dy, x, m, relu, mean, k, floor, i0, i1, p1, p2):
     """Per row of [i0, i1): ``p1[n, c]`` = sum g, ``p2[n, c]`` = sum g (x - mean), float64;
-    ``g = dy`` or, for the fused ReLU, ``g = dy * (y > 0)`` (a row's sums by
-    :func:`_run_gsums`)."""
+    ``g = dy`` or, for the fused ReLU, ``dy`` where :func:`_kept` (``k``: (2, C)) and 0
+    elsewhere (a row's sums by :func:`_run_gsums`)."""
     N, C, S = x.shape
     xf = x.reshape(-1)
     gf = dy.reshape(-1)
-    yf = y.reshape(-1)
+    mf = m.reshape(-1)
     n = i0 // C
     c = i0 - n * C
     for i in range(i0, i1):
-        p1[n, c], p2[n, c] = _run_gsums(gf, xf, yf, i * S, S, mean[c], relu)
+        p1[n, c], p2[n, c] = _run_gsums(gf, xf, mf, i * S, S, mean[c], k[0, c], k[1, c], floor,
+                                        relu)  # fmt: skip
         c += 1
         if c == C:
             n += 1
@@ -1669,14 +1711,17 @@ def _ncs_gsums(dy, x, y, relu, mean, i0, i1, p1, p2):
 
 
 @njit(**_SERIAL)
-def _wide_gsums(gf, xf, yf, relu, mu, C, r0, r1, s1, s2):
+def _wide_gsums(gf, xf, mf, relu, u, floor, C, r0, r1, s1, s2):
     """:func:`_mc_gsums` for wide rows, in column blocks as :func:`_wide_sums` (``gf``, ``xf``,
-    ``yf``: the flat arrays; ``mu``: (C,) in the compute type)."""
+    ``mf``: the flat arrays; ``u``: (3, C) in the compute type, the mean and the mask's
+    coefficients)."""
     B = C // _TILE
     W = B * _TILE
     G = _group_rows(C, xf.itemsize, 3 if relu else 2)
     line = _LINE_BYTES // xf.itemsize
-    mb = _col_blocks(mu, B)
+    mb = _col_blocks(u[0], B)
+    k0 = _col_blocks(u[1], B)
+    k1 = _col_blocks(u[2], B)
     a1 = np.zeros((B, _TILE), np.float64)
     a2 = np.zeros((B, _TILE), np.float64)
     for t in range((r1 - r0 + G - 1) // G):
@@ -1689,39 +1734,45 @@ def _wide_gsums(gf, xf, yf, relu, mu, C, r0, r1, s1, s2):
                     _prefetch(gf, k)
                     _prefetch(xf, k)
                     if relu:
-                        _prefetch(yf, k)
-            _sweep_gsums(gf, xf, yf, mb[b], g0 * C + b * _TILE, g1 - g0, C, relu, a1[b], a2[b])
+                        _prefetch(mf, k)
+            _sweep_gsums(gf, xf, mf, mb[b], k0[b], k1[b], floor, g0 * C + b * _TILE, g1 - g0, C,
+                         relu, a1[b], a2[b])  # fmt: skip
         for i in range(g0, g1):
             xs = xf[i * C + W : (i + 1) * C]
             gs = gf[i * C + W : (i + 1) * C]
-            ys = yf[i * C + W : (i + 1) * C]
+            ms = mf[i * C + W : (i + 1) * C]
             for q in range(C - W):
-                g = _keep(_ld(gs[q]), not relu or _ld(ys[q]) > 0)
+                g = _keep(_ld(gs[q]), not relu or _kept(_ld(ms[q]), u[1, W + q], u[2, W + q],
+                                                        floor))  # fmt: skip
                 s1[W + q] += g
-                s2[W + q] += np.float64(g) * np.float64(_ld(xs[q]) - mu[W + q])
+                s2[W + q] += np.float64(g) * np.float64(_ld(xs[q]) - u[0, W + q])
     _add_col_blocks(a1, a2, s1, s2)
 
 
 @njit(**_SERIAL)
-def _mc_gsums(dy, x, y, relu, mu, r0, r1, s1, s2):
+def _mc_gsums(dy, x, m, relu, u, floor, r0, r1, s1, s2):
     """Add sum g and sum g (x - mean) over rows [r0, r1) of (M, C) to s1, s2 (C,) float64, in
     flat tiles of ``_tile_rows(C)`` rows with tiled accumulators (in registers when a tile is
     ``_TILE`` values: :func:`_sweep_gsums`), or in column blocks where rows are wide
-    (:func:`_wide_gsums`); ``mu`` is the mean tiled (:func:`_tile`)."""
+    (:func:`_wide_gsums`); ``u`` holds the mean and the ReLU mask's coefficients, tiled
+    (:func:`_tile`)."""
     C = x.shape[1]
     xf = x.reshape(-1)
     gf = dy.reshape(-1)
-    yf = y.reshape(-1)
+    mf = m.reshape(-1)
     if _wide_rows(C, x.itemsize):
-        _wide_gsums(gf, xf, yf, relu, mu, C, r0, r1, s1, s2)
+        _wide_gsums(gf, xf, mf, relu, u, floor, C, r0, r1, s1, s2)
         return
     r = _tile_rows(C)
     P = r * C
+    mu = u[0]
+    k0 = u[1]
+    k1 = u[2]
     s1t = np.zeros(P, np.float64)
     s2t = np.zeros(P, np.float64)
     tiles = (r1 - r0) // r
     if P == _TILE:  # C divides _TILE: every whole tile in registers
-        _sweep_gsums(gf, xf, yf, mu, r0 * C, tiles, P, relu, s1t, s2t)
+        _sweep_gsums(gf, xf, mf, mu, k0, k1, floor, r0 * C, tiles, P, relu, s1t, s2t)
         pairs = 0
         first = tiles
     else:
@@ -1734,13 +1785,13 @@ def _mc_gsums(dy, x, y, relu, mu, r0, r1, s1, s2):
         ga = gf[a : a + P]
         gb = gf[a + P : a + 2 * P]
         if relu:
-            ya = yf[a : a + P]
-            yb = yf[a + P : a + 2 * P]
+            ma = mf[a : a + P]
+            mb = mf[a + P : a + 2 * P]
             for p in range(P):
-                u = _keep(_ld(ga[p]), _ld(ya[p]) > 0)
-                v = _keep(_ld(gb[p]), _ld(yb[p]) > 0)
-                s1t[p] += u + v
-                s2t[p] += u * (_ld(xa[p]) - mu[p]) + v * (_ld(xb[p]) - mu[p])
+                v = _keep(_ld(ga[p]), _kept(_ld(ma[p]), k0[p], k1[p], floor))
+                w = _keep(_ld(gb[p]), _kept(_ld(mb[p]), k0[p], k1[p], floor))
+                s1t[p] += v + w
+                s2t[p] += v * (_ld(xa[p]) - mu[p]) + w * (_ld(xb[p]) - mu[p])
         else:
             for p in range(P):
                 s1t[p] += _ld(ga[p]) + _ld(gb[p])
@@ -1750,9 +1801,9 @@ def _mc_gsums(dy, x, y, relu, mu, r0, r1, s1, s2):
         n = min(P, (r1 - r0 - t * r) * C)
         xs = xf[base : base + n]
         gs = gf[base : base + n]
-        ys = yf[base : base + n]
+        ms = mf[base : base + n]
         for p in range(n):
-            g = _keep(_ld(gs[p]), not relu or _ld(ys[p]) > 0)
+            g = _keep(_ld(gs[p]), not relu or _kept(_ld(ms[p]), k0[p], k1[p], floor))
             s1t[p] += g
             s2t[p] += g * (_ld(xs[p]) - mu[p])
     t1 = np.empty(C, np.float64)
@@ -1765,8 +1816,9 @@ def _mc_gsums(dy, x, y, relu, mu, r0, r1, s1, s2):
 
 
 @njit(**_SERIAL)
-def _ncs_dx(dy, x, y, relu, coef, dx, i0, i1, stream=False):
-    """dx = A g - B (x - mean) - D per channel on rows [i0, i1), coef rows (mean, A, B, D).
+def _ncs_dx(dy, x, m, relu, coef, floor, dx, i0, i1, stream=False):
+    """dx = A g - B (x - mean) - D per channel on rows [i0, i1), coef rows (mean, A, B, D, then
+    the ReLU mask's two coefficients), ``g`` as in :func:`_ncs_gsums`.
 
     Training (section 3, collected): A = gamma invstd, B = A invstd^2 sum(g (x-mu)) / m,
     D = A sum(g) / m.  Inference: B = D = 0. ``stream``: as :func:`_ncs_normalize`.
@@ -1774,36 +1826,37 @@ def _ncs_dx(dy, x, y, relu, coef, dx, i0, i1, stream=False):
     N, C, S = x.shape
     gf = dy.reshape(-1)
     xf = x.reshape(-1)
-    yf = y.reshape(-1)
+    mf = m.reshape(-1)
     df = dx.reshape(-1)
     if stream and x.itemsize > 2:
         for i in range(i0, i1):
             c = i % C
-            _stream_dx_run(gf, xf, yf, df, i * S, S, coef[0, c], coef[1, c], coef[2, c],
-                           coef[3, c], relu)  # fmt: skip
+            _stream_dx_run(gf, xf, mf, df, i * S, S, coef[0, c], coef[1, c], coef[2, c],
+                           coef[3, c], coef[4, c], coef[5, c], floor, relu)  # fmt: skip
         _sfence()
         return
     c = i0 % C
     for i in range(i0, i1):  # (a vector at a time: _dx_run)
-        _dx_run(gf, xf, yf, df, i * S, S, coef[0, c], coef[1, c], coef[2, c], coef[3, c], relu)
+        _dx_run(gf, xf, mf, df, i * S, S, coef[0, c], coef[1, c], coef[2, c], coef[3, c],
+                coef[4, c], coef[5, c], floor, relu)  # fmt: skip
         c += 1
         if c == C:
             c = 0
 
 
 @njit(**_SERIAL)
-def _mc_dx(dy, x, y, relu, t, dx, r0, r1, stream=False):
+def _mc_dx(dy, x, m, relu, t, floor, dx, r0, r1, stream=False):
     """:func:`_ncs_dx` for rows [r0, r1) of an (M, C) layout, in flat tiles of
     ``_tile_rows(C)`` rows with the coefficients tiled alike. ``stream``: as
     :func:`_mc_normalize`."""
     C = x.shape[1]
     xf = x.reshape(-1)
     gf = dy.reshape(-1)
-    yf = y.reshape(-1)
+    mf = m.reshape(-1)
     df = dx.reshape(-1)
     if stream and x.itemsize > 2 and (C * x.itemsize) % _LINE == 0 and (
             dx.ctypes.data + r0 * C * x.itemsize) % _LINE == 0:  # fmt: skip
-        _stream_dx_rows(gf, xf, yf, t, df, r0 * C, C, r1 - r0, relu)
+        _stream_dx_rows(gf, xf, mf, t, floor, df, r0 * C, C, r1 - r0, relu)
         return
     r = _tile_rows(C)
     P = r * C
@@ -1811,10 +1864,12 @@ def _mc_dx(dy, x, y, relu, t, dx, r0, r1, stream=False):
     a = t[1]
     bb = t[2]
     d = t[3]
+    k0 = t[4]
+    k1 = t[5]
     first = 0
     if P == _TILE:  # C divides _TILE: whole tiles with the coefficients in registers
         first = (r1 - r0) // r
-        _dx_tiles(gf, xf, yf, df, r0 * C, first, mu, a, bb, d, relu)
+        _dx_tiles(gf, xf, mf, df, r0 * C, first, mu, a, bb, d, k0, k1, floor, relu)
     for t in range(first, (r1 - r0 + r - 1) // r):  # whole tiles, then the rows left
         base = (r0 + t * r) * C
         n = min(P, (r1 - r0 - t * r) * C)
@@ -1822,9 +1877,9 @@ def _mc_dx(dy, x, y, relu, t, dx, r0, r1, stream=False):
         gs = gf[base : base + n]
         ds = df[base : base + n]
         if relu:
-            ys = yf[base : base + n]
+            ms = mf[base : base + n]
             for p in range(n):
-                g = _keep(_ld(gs[p]), _ld(ys[p]) > 0)
+                g = _keep(_ld(gs[p]), _kept(_ld(ms[p]), k0[p], k1[p], floor))
                 ds[p] = _st(a[p] * g - bb[p] * (_ld(xs[p]) - mu[p]) - d[p], ds)
         else:
             for p in range(n):
@@ -1832,33 +1887,33 @@ def _mc_dx(dy, x, y, relu, t, dx, r0, r1, stream=False):
 
 
 @njit(**_OPTS)
-def _ncs_gsums_par(dy, x, y, relu, mean, p1, p2):
+def _ncs_gsums_par(dy, x, m, relu, mean, k, floor, p1, p2):
     N, C, S = x.shape
     R, K = _chunks(N * C)
-    for k in prange(K):
-        _ncs_gsums(dy, x, y, relu, mean, k * R, min(N * C, (k + 1) * R), p1, p2)
+    for j in prange(K):
+        _ncs_gsums(dy, x, m, relu, mean, k, floor, j * R, min(N * C, (j + 1) * R), p1, p2)
 
 
 @njit(**_OPTS)
-def _mc_gsums_par(dy, x, y, relu, mu, R, p1, p2):
+def _mc_gsums_par(dy, x, m, relu, u, floor, R, p1, p2):
     M = x.shape[0]
     for k in prange(p1.shape[0]):
-        _mc_gsums(dy, x, y, relu, mu, k * R, min(M, (k + 1) * R), p1[k], p2[k])
+        _mc_gsums(dy, x, m, relu, u, floor, k * R, min(M, (k + 1) * R), p1[k], p2[k])
 
 
 @njit(**_OPTS)
-def _ncs_dx_par(dy, x, y, relu, coef, dx, stream=False):
+def _ncs_dx_par(dy, x, m, relu, coef, floor, dx, stream=False):
     N, C, S = x.shape
     R, K = _chunks(N * C)
     for k in prange(K):
-        _ncs_dx(dy, x, y, relu, coef, dx, k * R, min(N * C, (k + 1) * R), stream)
+        _ncs_dx(dy, x, m, relu, coef, floor, dx, k * R, min(N * C, (k + 1) * R), stream)
 
 
 @njit(**_OPTS)
-def _mc_dx_par(dy, x, y, relu, t, dx, R, stream=False):
+def _mc_dx_par(dy, x, m, relu, t, floor, dx, R, stream=False):
     M = x.shape[0]
     for k in prange((M + R - 1) // R):
-        _mc_dx(dy, x, y, relu, t, dx, k * R, min(M, (k + 1) * R), stream)
+        _mc_dx(dy, x, m, relu, t, floor, dx, k * R, min(M, (k + 1) * R), stream)
 
 
 @njit(**_SERIAL)
@@ -1872,10 +1927,18 @@ def _add_rows(p1, p2, sums):
 
 
 @njit(**_INLINE)
-def backward_ncs(dy, x, y, relu, mean, invstd, w, has_w, train, need_sums, need_dx, dx, grads,
-                 stream=False):  # fmt: skip
+def backward_ncs(dy, x, m, relu, k, floor, mean, invstd, w, has_w, train, need_sums, need_dx,
+                 dx, grads, stream=False):  # fmt: skip
     """Backward on (N, C, S): grads (2, C) = (dgamma, dbeta) when need_sums or train, dx when
-    need_dx. ``train`` selects Algorithm 1's gradient (batch statistics) over the inference one."""
+    need_dx. ``train`` selects Algorithm 1's gradient (batch statistics) over the inference one.
+
+    With ``relu`` (the fused ReLU), ``dy`` counts where the forward let a value through: where
+    ``k[0, c] m + k[1, c] > floor`` (:func:`_kept`, :func:`_gate`), ``m`` like x. Given x as
+    ``m``, the forward's normalize coefficients as ``k`` and as ``floor`` 0, or for bfloat16
+    outputs 2^-134 (the largest float32 that rounds to a bfloat16 zero), this is ``y > 0``
+    recomputed bit for bit from the value the forward rounded into y, without reading y (the
+    same multiply-add, so the same rounding); given y with ``k`` = (1, 0) and ``floor`` 0, it is
+    ``y > 0`` read from y. ``k`` is (2, C) in the compute dtype, read only with ``relu``."""
     N, C, S = x.shape
     serial = use_serial(x.size)
     sums = np.zeros((2, C), np.float64)
@@ -1883,64 +1946,70 @@ def backward_ncs(dy, x, y, relu, mean, invstd, w, has_w, train, need_sums, need_
         p1 = np.empty((N, C), np.float64)
         p2 = np.empty((N, C), np.float64)
         if serial:
-            _ncs_gsums(dy, x, y, relu, mean, np.intp(0), N * C, p1, p2)
+            _ncs_gsums(dy, x, m, relu, mean, k, floor, np.intp(0), N * C, p1, p2)
         else:
-            _ncs_gsums_par(dy, x, y, relu, mean, p1, p2)
+            _ncs_gsums_par(dy, x, m, relu, mean, k, floor, p1, p2)
         _add_rows(p1, p2, sums)
-    coef = np.empty((4, C), mean.dtype)  # (the compute dtype: float32 for bfloat16 bits)
+    coef = np.empty((6, C), mean.dtype)  # (the compute dtype: float32 for bfloat16 bits)
     _bwd_coef(sums, mean, invstd, w, has_w, train, x.size // C, coef, grads)
+    coef[4:6] = k
     if need_dx:
         if serial:
-            _ncs_dx(dy, x, y, relu, coef, dx, np.intp(0), N * C, stream)
+            _ncs_dx(dy, x, m, relu, coef, floor, dx, np.intp(0), N * C, stream)
         else:
-            _ncs_dx_par(dy, x, y, relu, coef, dx, stream)
+            _ncs_dx_par(dy, x, m, relu, coef, floor, dx, stream)
 
 
 @njit(**_INLINE)
-def backward_mc(dy, x, y, relu, mean, invstd, w, has_w, train, need_sums, need_dx, dx, grads,
-                stream=False):  # fmt: skip
+def backward_mc(dy, x, m, relu, k, floor, mean, invstd, w, has_w, train, need_sums, need_dx,
+                dx, grads, stream=False):  # fmt: skip
     """(M, C) version of :func:`backward_ncs`; partial sums per chunk of rows."""
     M, C = x.shape
     serial = use_serial(x.size)
     R = M if serial else mc_rows_per_chunk(M, C)
     sums = np.zeros((2, C), np.float64)
     if need_sums or train:
-        mu = _tile(mean.reshape(1, C), mean.dtype)[0]
+        v = np.empty((3, C), mean.dtype)
+        v[0] = mean
+        v[1:3] = k
+        u = _tile(v, mean.dtype)
         if serial:
-            _mc_gsums(dy, x, y, relu, mu, np.intp(0), M, sums[0], sums[1])
+            _mc_gsums(dy, x, m, relu, u, floor, np.intp(0), M, sums[0], sums[1])
         else:
             K = (M + R - 1) // R
             p1 = np.zeros((K, C), np.float64)
             p2 = np.zeros((K, C), np.float64)
-            _mc_gsums_par(dy, x, y, relu, mu, R, p1, p2)
+            _mc_gsums_par(dy, x, m, relu, u, floor, R, p1, p2)
             _add_rows(p1, p2, sums)
-    coef = np.empty((4, C), mean.dtype)  # (the compute dtype: float32 for bfloat16 bits)
+    coef = np.empty((6, C), mean.dtype)  # (the compute dtype: float32 for bfloat16 bits)
     _bwd_coef(sums, mean, invstd, w, has_w, train, M, coef, grads)
+    coef[4:6] = k
     if need_dx:
         t = _tile(coef, coef.dtype)
         if serial:
-            _mc_dx(dy, x, y, relu, t, dx, np.intp(0), M, stream)
+            _mc_dx(dy, x, m, relu, t, floor, dx, np.intp(0), M, stream)
         else:
-            _mc_dx_par(dy, x, y, relu, t, dx, R, stream)
+            _mc_dx_par(dy, x, m, relu, t, floor, dx, R, stream)
 
 
 @njit(**_SERIAL)
-def backward_at(dyp, xp, yp, relu, rows, C, S, mean, invstd, w, has_w, train, need_sums, dxp,
-                grads, like, stream):  # fmt: skip
+def backward_at(dyp, xp, mp, relu, k, floor, rows, C, S, mean, invstd, w, has_w, train,
+                need_sums, dxp, grads, like, stream):  # fmt: skip
     """:func:`backward_ncs` / :func:`backward_mc` on the tensors at the addresses ``dyp``,
-    ``xp``, ``yp`` (the fused ReLU's output; x's address without it) and ``dxp`` (0: no dx),
-    as :func:`train_fwd_at` takes them; ``stream``: dx stored non-temporally."""
+    ``xp``, ``mp`` (the ReLU mask's source: x's or the fused ReLU's output's, with ``k`` and
+    ``floor`` as there) and ``dxp`` (0: no dx), as :func:`train_fwd_at` takes them;
+    ``stream``: dx stored non-temporally."""
     n = rows if dxp != 0 else 0  # (no dx: an empty array, never read)
     if S > 1:
         shape = (rows, C, S)
         backward_ncs(carray(_at(dyp, like), shape), carray(_at(xp, like), shape),
-                     carray(_at(yp, like), shape), relu, mean, invstd, w, has_w, train,
-                     need_sums, dxp != 0, carray(_at(dxp, like), (n, C, S)), grads,
+                     carray(_at(mp, like), shape), relu, k, floor, mean, invstd, w, has_w,
+                     train, need_sums, dxp != 0, carray(_at(dxp, like), (n, C, S)), grads,
                      stream)  # fmt: skip
     else:
         backward_mc(carray(_at(dyp, like), (rows, C)), carray(_at(xp, like), (rows, C)),
-                    carray(_at(yp, like), (rows, C)), relu, mean, invstd, w, has_w, train,
-                    need_sums, dxp != 0, carray(_at(dxp, like), (n, C)), grads,
+                    carray(_at(mp, like), (rows, C)), relu, k, floor, mean, invstd, w, has_w,
+                    train, need_sums, dxp != 0, carray(_at(dxp, like), (n, C)), grads,
                     stream)  # fmt: skip
 
 
