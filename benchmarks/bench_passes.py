@@ -9,9 +9,11 @@ pass        reads                               writes
 =========== =================================== ==============================
 statistics  x                                   -
 normalize   x                                   y
-grad sums   dy, x (and y with the fused ReLU)   -
-dx          dy, x (and y with the fused ReLU)   dx
+grad sums   dy, x                               -
+dx          dy, x                               dx
 =========== =================================== ==============================
+
+(The fused ReLU's mask is recomputed from x with the normalize pass's coefficients: no y read.)
 
 For each shape and layout (contiguous ``ncs``, channels_last ``mc``) this times every pass on
 preallocated float32 arrays (the compiled loops called directly: no allocation, no Python
@@ -62,8 +64,8 @@ def _passes(K, np, shape, relu: bool):
     # normalize: (a, c); dx: (mean, A, B, D) (see bnlab.kernels._numba)
     coef = np.stack([np.zeros(c), np.ones(c), np.full(c, 0.1), np.full(c, 0.01)]).astype(np.float32)
     # the ReLU mask, recomputed from x with the normalize pass's (a, c) as the layer's backward does
-    k = np.ascontiguousarray(coef[1:3])
-    coef6 = np.concatenate([coef, k])
+    mk = np.ascontiguousarray(coef[1:3])
+    coef6 = np.concatenate([coef, mk])
     floor = np.float32(0.0)
     if len(shape) == 3:
         bm, bm2 = np.empty((shape[0], c)), np.empty((shape[0], c))
@@ -72,7 +74,7 @@ def _passes(K, np, shape, relu: bool):
         calls = {
             "stats": lambda: K._ncs_sums_par(x, bm, bm2),
             "normalize": lambda: K._ncs_normalize_par(x, coef[1:3], relu, y),
-            "grad sums": lambda: K._ncs_gsums_par(dy, x, x, relu, mean, k, floor, p1, p2),
+            "grad sums": lambda: K._ncs_gsums_par(dy, x, x, relu, mean, mk, floor, p1, p2),
             "dx": lambda: K._ncs_dx_par(dy, x, x, relu, coef6, floor, dx),
         }
     else:
@@ -83,7 +85,7 @@ def _passes(K, np, shape, relu: bool):
         p1, p2 = np.zeros((k, c)), np.zeros((k, c))
         z = K._tile(x[:1].astype(np.float64), np.float64)[0]  # the shift x_0, tiled
         t2, t6 = K._tile(coef[1:3], np.float32), K._tile(coef6, np.float32)
-        u = K._tile(np.concatenate([coef[:1], k]), np.float32)  # the mean, then the mask's
+        u = K._tile(np.concatenate([coef[:1], mk]), np.float32)  # the mean, then the mask's
         calls = {
             "stats": lambda: K._mc_sums_par(x, z, r, cm, cm2),
             "normalize": lambda: K._mc_normalize_par(x, t2, relu, y, r),

@@ -659,6 +659,29 @@ def test_fused_relu_mask_floor_follows_the_output_rounding(shape, fmt, dtype, tr
     torch.testing.assert_close(layer.weight.grad.double(), want[1], rtol=1e-3, atol=1e-3)
 
 
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("fmt", ["contiguous", "channels_last"])
+def test_fused_relu_layer_keeps_its_input_and_not_its_output(training, fmt):
+    """The fused layer's backward recomputes the ReLU's mask from x: autograd keeps x for it
+    (and the parameters), never the output, where torch's BN + ReLU pair keeps both."""
+    layer = bnlab.BatchNorm2d(8, activation="relu").train(training)
+    x = to_format(torch.randn(4, 8, 5, 5), fmt).requires_grad_()
+    saved = []
+
+    def pack(t):
+        saved.append(t)
+        return t
+
+    with bnlab.use_backend("fused"), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        y = layer(x)
+    params = {p.data_ptr() for p in layer.parameters()}
+    kept = [t for t in saved if t.data_ptr() not in params]
+    assert [t.data_ptr() for t in kept if t.numel() == x.numel()] == [x.data_ptr()]
+    assert all(t.data_ptr() != y.data_ptr() for t in saved)
+    y.sum().backward()  # (and the backward runs from what was kept)
+    assert x.grad is not None
+
+
 def test_resnet20_fused_relu_matches_unfused():
     """The model builder's fuse_relu path computes the same function as norm + nn.ReLU."""
     from bnlab.models import resnet20
