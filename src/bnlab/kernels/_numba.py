@@ -1717,7 +1717,8 @@ def _wide_gsums(gf, xf, mf, relu, u, floor, C, r0, r1, s1, s2):
     coefficients)."""
     B = C // _TILE
     W = B * _TILE
-    G = _group_rows(C, xf.itemsize, 3 if relu else 2)
+    third = relu and mf.ctypes.data != xf.ctypes.data  # (a mask from x reads no third array)
+    G = _group_rows(C, xf.itemsize, 3 if third else 2)
     line = _LINE_BYTES // xf.itemsize
     mb = _col_blocks(u[0], B)
     k0 = _col_blocks(u[1], B)
@@ -1733,7 +1734,7 @@ def _wide_gsums(gf, xf, mf, relu, u, floor, C, r0, r1, s1, s2):
                 for k in range(at, at + _TILE, line):
                     _prefetch(gf, k)
                     _prefetch(xf, k)
-                    if relu:
+                    if third:
                         _prefetch(mf, k)
             _sweep_gsums(gf, xf, mf, mb[b], k0[b], k1[b], floor, g0 * C + b * _TILE, g1 - g0, C,
                          relu, a1[b], a2[b])  # fmt: skip
