@@ -628,8 +628,11 @@ def test_fused_relu_backward_masks_exactly_where_the_output_is_positive(
         torch.testing.assert_close(g, w, **tol)
 
 
-@pytest.mark.parametrize("shape, fmt", [((4, 16, 3, 3), "channels_last"), ((4, 16, 3, 3),
-                                                                           "contiguous")])
+@pytest.mark.parametrize(
+    "shape, fmt",
+    [((4, 16, 3, 3), "channels_last"), ((4, 48, 3, 3), "channels_last"),
+     ((4, 16, 3, 3), "contiguous"), ((40, 48), "contiguous")],
+)  # fmt: skip
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
 @pytest.mark.parametrize("training", [True, False])
 def test_fused_relu_mask_floor_follows_the_output_rounding(shape, fmt, dtype, training):
@@ -637,7 +640,7 @@ def test_fused_relu_mask_floor_follows_the_output_rounding(shape, fmt, dtype, tr
     the output's rounding (tiny positive subnormals, 2^-134 and its neighbours, which a
     bfloat16 output rounds to 0 or to its smallest subnormal, zeros of both signs) pass the
     gradient exactly where the output is positive, in both modes (dbeta and dgamma are the sums
-    the mask selects)."""
+    the mask selects), through the NCHW runs, the channels_last tiles and array loops."""
     c = shape[1]
     cdt = torch.float32 if dtype == torch.bfloat16 else dtype
     ours_cls, _ = family_classes(shape)
@@ -647,7 +650,7 @@ def test_fused_relu_mask_floor_follows_the_output_rounding(shape, fmt, dtype, tr
             3.0]  # fmt: skip
     with torch.no_grad():
         layer.weight.zero_()
-        layer.bias.copy_(torch.tensor(tiny[:c], dtype=torch.float64))
+        layer.bias.copy_(torch.tensor((tiny * 3)[:c], dtype=torch.float64))
     x = to_format(torch.randn(shape).to(dtype), fmt)
     dy = to_format((torch.rand(shape, dtype=torch.float64) + 0.5).to(dtype), fmt)
     with bnlab.use_backend("fused"):
