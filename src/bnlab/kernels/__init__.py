@@ -28,6 +28,7 @@ themselves (:func:`compiled`, whose contracts are in :mod:`bnlab.kernels._numba`
 
 from __future__ import annotations
 
+import functools
 import os
 import threading
 
@@ -355,9 +356,11 @@ RELU_FLOOR = {
 }
 
 
+@functools.lru_cache(maxsize=64)
 def _mask_of_output(c: int, dt) -> np.ndarray:
     """The (2, C) mask coefficients (1, 0) that make the backward's ReLU mask ``y > 0`` read from
-    the output y itself (``backward_ncs``), in the compute dtype ``dt``."""
+    the output y itself (``backward_ncs``), in the compute dtype ``dt``: one array per (C,
+    dtype), shared, which the loops only read."""
     k = np.zeros((2, c), dt)
     k[0] = 1
     return k
@@ -638,7 +641,7 @@ def _backward(dy, x, mean, invstd, weight, need_dx, need_dparams, y, train):
     xp = x.data_ptr()
     k.backward_at(
         dy.data_ptr(), xp, xp if y is None else y.data_ptr(), y is not None,
-        _mask_of_output(c, _NP[cdt]), _NP[cdt](0.0), rows, c, s, _vec(mean), _vec(invstd), w,
+        _mask_of_output(c, _NP[cdt]), RELU_FLOOR[cdt], rows, c, s, _vec(mean), _vec(invstd), w,
         has_w, train, need_sums, 0 if dx is None else dx.data_ptr(), grads, _NONE[x.dtype],
         dx is not None and _streams(dx),
     )  # fmt: skip
