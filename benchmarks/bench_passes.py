@@ -1,6 +1,7 @@
 """Each pass of the fused kernels against the memory traffic it cannot avoid.
 
     PYTHONPATH=src python benchmarks/bench_passes.py [--threads 1] [--rounds 21] [--relu] [--warm]
+        [--shapes N,C,H,W ...]
 
 A training step of the kernels is four passes over memory (see :mod:`bnlab.kernels`):
 
@@ -96,12 +97,22 @@ def _passes(K, np, shape, relu: bool):
     return x, y, {n: (f, *traffic[n]) for n, f in calls.items()}
 
 
+def _shape(text: str) -> tuple[int, int, int, int]:
+    try:
+        n, c, h, w = (int(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--shapes: {text!r} is not N,C,H,W") from None
+    return n, c, h, w
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--rounds", type=int, default=21)
     p.add_argument("--relu", action="store_true", help="the fused BN+ReLU's passes")
     p.add_argument("--warm", action="store_true", help="do not flush the caches between calls")
+    p.add_argument("--shapes", nargs="+", metavar="N,C,H,W", type=_shape, default=SHAPES,
+                   help="(N, C, H, W) shapes instead of the ResNet ones (dense (M, C): M,C,1,1)")
     args = p.parse_args(argv)
     import numba
     import numpy as np
@@ -122,7 +133,7 @@ def main(argv=None) -> None:
     print("| shape | layout | read ms | copy ms | stats | normalize | grad sums | dx "
           "| step / copy | floor / copy |")  # fmt: skip
     print("|---|---|---|---|---|---|---|---|---|---|")
-    for n, c, h, w in SHAPES:
+    for n, c, h, w in args.shapes:
         for layout in ("ncs", "mc"):
             shape = (n, c, h * w) if layout == "ncs" else (n * h * w, c)
             x, y, passes = _passes(K, np, shape, args.relu)

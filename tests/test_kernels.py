@@ -108,9 +108,9 @@ def test_fused_matches_reference_random_shapes(rank, data, dtype, layout, params
         (2, 5, 1, 1),  # HW = 1 (a (N, C) tensor in disguise)
         (1, 6, 1, 2),  # N*H*W = 2
         (3, 20000),  # huge C, dense
-        (7, 1100),  # rows of a page or more (f32 and f64): column blocks, 60 channels after them
-        (100, 1088),  # the same, parallel: chunks of 15 rows, groups of 7 (f32) or 3 (f64) rows
-        # for the statistics, of 4 or 3 for the gradient sums, of 2 with the ReLU mask
+        (7, 1100),  # rows of a page or more (f32 and f64): groups of whole rows, none full for
+        # the statistics (8 rows), one and three rows left for the gradient sums (4 rows)
+        (100, 1088),  # the same, parallel: chunks of 64 and 36 rows, four rows left in the second
         (2, 1030, 3, 1),  # the same in channels_last: six rows of 1030 channels
         (2, 20000, 1, 2),  # huge C, spatial
         (1000, 3),  # long dense, few channels
@@ -731,18 +731,20 @@ def test_kernel_calls_refuse_what_the_loops_cannot_read():
             torch.testing.assert_close(a, b)
 
 
-@pytest.mark.parametrize("C", [1, 16, 64, 48])  # (48: a tile is not _TILE values, the array loop)
+# (48: a tile is not _TILE values, the array loop; 1040 and 2056: rows of a page or more, in
+# groups of rows, for float32 and float64, and 2056 for bfloat16)
+@pytest.mark.parametrize("C", [1, 16, 64, 48, 1040, 2056])
 @pytest.mark.parametrize("dtype", ["float32", "float64", "bfloat16"])
 def test_channels_last_sums_match_float64_sums(C, dtype):
     """The channels_last reductions, narrow layers' vector sweeps held in registers included,
     against float64 sums by numpy over rows [r0, r1) of an (M, C) array (bfloat16 as its bits,
     summed as their exact float32 values): the statistics' shifted sums and the backward's
     gradient sums, with and without the ReLU mask, from an offset and with rows left over
-    after the last whole tile, with and without software prefetch."""
+    after the last whole tile or group, with and without software prefetch."""
     import numpy as np
 
     rng = np.random.default_rng(C)
-    M, r0, r1 = 3001, 3, 2994
+    M, r0, r1 = (3001, 3, 2994) if C < 1000 else (303, 3, 294)  # (291 rows: 8 * 36 + 3)
     x32, g32, y32 = (rng.standard_normal((M, C), dtype=np.float32) * 2 + 1 for _ in range(3))
     if dtype == "bfloat16":  # (the bits of values exact in bfloat16)
         x, g, y = ((a.view(np.uint32) >> 16).astype(np.uint16) for a in (x32, g32, y32))
@@ -766,10 +768,17 @@ def test_channels_last_sums_match_float64_sums(C, dtype):
         u = np.tile(np.stack([mean, np.ones_like(mean), np.zeros_like(mean)]), reps)
         _numba._mc_gsums(g, x, y, relu, u, mean.dtype.type(0), r0, r1, s1, s2)
         gm = g64[r0:r1] * (y64[r0:r1] > 0) if relu else g64[r0:r1]
-        # (the vector sweeps add every value in float64; the array loop adds pairs first)
-        np.testing.assert_allclose(s1, gm.sum(0), rtol=1e-12 if 64 % C == 0 else 1e-6, atol=1e-9)
-        want = (gm * (x64[r0:r1] - mean.astype(np.float64))).sum(0)
-        np.testing.assert_allclose(s2, want, rtol=1e-6, atol=1e-4 * np.abs(gm).sum(0).max())
+        # (the vector sweeps and wide rows add every value in float64; the array loop adds pairs
+        # first)
+        exact = 64 % C == 0 or _numba._wide_rows(C, x.itemsize)
+        np.testing.assert_allclose(s1, gm.sum(0), rtol=1e-12 if exact else 1e-6, atol=1e-9)
+        terms = gm * (x64[r0:r1] - mean.astype(np.float64))
+        if exact:  # (x - mean rounded once to the compute type, the rest in float64)
+            ulp = np.finfo(mean.dtype).eps
+            assert (np.abs(s2 - terms.sum(0)) <= ulp * np.abs(terms).sum(0) + 1e-12).all()
+        else:
+            np.testing.assert_allclose(s2, terms.sum(0), rtol=1e-6,
+                                       atol=1e-4 * np.abs(gm).sum(0).max())  # fmt: skip
 
 
 @pytest.mark.parametrize(

@@ -234,11 +234,15 @@ def _at(typingctx, address, like):
 
 
 # Rows per chunk for the (M, C) layout: at most 64 chunks (enough for any thread count here),
-# each at least ~16K values when possible and at most ~256K values (bounded partial-sum arrays,
-# and chunks that stay in L2 between the statistics and the normalize pass when M*C is small).
+# each at least ~16K values and _MIN_ROWS rows when possible and at most ~256K values (bounded
+# partial-sum arrays, and chunks that stay in L2 between the statistics and the normalize pass
+# when M*C is small). Each chunk of a reduction writes two float64 partial sums per channel, which
+# the merge reads again: against R rows of float32 that is 16 / (4 R) of the pass's traffic, 25%
+# on a 16-row chunk of a wide layer and 6% from _MIN_ROWS.
 _MIN_CHUNK = 1 << 14
 _MAX_CHUNK = 1 << 18
 _MAX_CHUNKS = 64
+_MIN_ROWS = 64
 
 # Inputs of at most this many values (any layout) run serially (module docstring, use_serial):
 # four minimum-size chunks, too little work per thread to pay for a parallel region.
@@ -248,7 +252,7 @@ SERIAL_MAX = 4 * _MIN_CHUNK
 @njit(cache=True)
 def mc_rows_per_chunk(M: int, C: int) -> int:
     """Rows per chunk for an (M, C) layout (see module docstring)."""
-    r = max((M + _MAX_CHUNKS - 1) // _MAX_CHUNKS, _MIN_CHUNK // C)
+    r = max((M + _MAX_CHUNKS - 1) // _MAX_CHUNKS, _MIN_CHUNK // C, _MIN_ROWS)
     r = min(r, max(1, _MAX_CHUNK // C))
     return max(1, min(r, M))
 
@@ -286,24 +290,22 @@ _TILE = 64
 # accesses within a page) follow them poorly, and one row per sweep (one sequential stream) is
 # faster (measurements in docs/kernels.md).
 #
-# Rows of a memory page or more (_LONG_ROW bytes, so C >= _TILE) are reduced in column blocks
-# instead (:func:`_wide_sums`, :func:`_wide_gsums`): a group of rows of about _GROUP_BYTES (held
-# in L1/L2 while it is read) is swept once per block of _TILE channels, the block's float64
-# accumulators in registers for the whole group (the vector sweeps below, with a stride of a
-# row), and as each block is swept the same block of the next group is prefetched (the hardware
-# prefetchers do not follow reads a row apart; software prefetch spread over the blocks keeps
-# the memory system busy without a burst). An array loop over a whole row loads and stores two
-# accumulators per value, which made these reductions compute-bound at about a cycle per value.
-#
-# A group also holds at most _GROUP_LINES rows counted once per array it reads. Rows whose
-# length is a multiple of 4 KB (1024 float32 channels, 2048, ...) map a block's lines to the
-# same few sets of the L1 cache, and a group with the next one prefetched then holds
-# 2 * rows * arrays lines per set: with two or three arrays (the gradient sums) and 32 KB of
-# rows that is more than the ways of an L1 set (8 to 12 on current x86 cores), and each line
-# was evicted before it was read.
+# Rows of a memory page or more (_LONG_ROW bytes, so C >= _TILE) are reduced a group of rows at
+# a time (:func:`_wide_sums`, :func:`_wide_gsums`): one array loop over the channels reads the
+# same channel of every row of the group (a few sequential streams, which the hardware
+# prefetchers follow), adds the group's values (or products) per channel in float64 registers,
+# and updates the row of float64 accumulators once per group. A loop over one row at a time
+# loads and stores both accumulators for every value, which made these reductions
+# compute-bound at about a cycle per value; sweeping the group in column blocks of _TILE
+# channels with the accumulators in registers (the vector sweeps below, with a stride of a row)
+# read each row in 256-byte pieces a row apart, which the prefetchers did not follow, and ran
+# at 1.6-2.6x a read of the input with cold caches against 1.2-1.6x for the groups
+# (docs/kernels.md). The statistics read one array in groups of _WIDE_GROUP rows; the gradient
+# sums read two or three, in groups of _WIDE_GSUM_GROUP rows (eight rows, 16-24 streams, were
+# slower). The loops are written out for these group sizes.
 _LONG_ROW = 4096
-_GROUP_BYTES = 32 << 10
-_GROUP_LINES = 8
+_WIDE_GROUP = 8
+_WIDE_GSUM_GROUP = 4
 
 
 @njit(cache=True)
@@ -314,15 +316,8 @@ def _multi_sweep(P: int) -> bool:
 
 @njit(cache=True)
 def _wide_rows(C: int, itemsize: int) -> bool:
-    """Whether an (M, C) layout's reductions run in column blocks (above)."""
+    """Whether an (M, C) layout's reductions run in groups of whole rows (above)."""
     return C * itemsize >= _LONG_ROW
-
-
-@njit(cache=True)
-def _group_rows(C: int, itemsize: int, arrays: int) -> int:
-    """Rows per group of the column-block reductions reading ``arrays`` arrays: about
-    ``_GROUP_BYTES`` of each, at most ``_GROUP_LINES // arrays`` rows, at least one."""
-    return max(1, min(_GROUP_BYTES // (C * itemsize), _GROUP_LINES // arrays))
 
 
 @njit(cache=True)
@@ -1340,55 +1335,36 @@ def _fold(t, C, out):
 
 
 @njit(**_SERIAL)
-def _col_blocks(v, B):
-    """The first ``B * _TILE`` values of the 1-d ``v`` as ``(B, _TILE)`` rows (a copy): one row
-    of per-lane values per column block of the wide-row sweeps."""
-    out = np.empty((B, _TILE), v.dtype)
-    for b in range(B):
-        for p in range(_TILE):
-            out[b, p] = v[b * _TILE + p]
-    return out
-
-
-@njit(**_SERIAL)
-def _add_col_blocks(a1, a2, s1, s2):
-    """Add the column blocks' accumulators ``(B, _TILE)`` to the per-channel sums."""
-    for b in range(a1.shape[0]):
-        for p in range(_TILE):
-            s1[b * _TILE + p] += a1[b, p]
-            s2[b * _TILE + p] += a2[b, p]
-
-
-@njit(**_SERIAL)
-def _wide_sums(xf, z, C, r0, r1, s1, s2):
-    """Add the shifted sums of rows [r0, r1) of an (M, C) layout read as the flat ``xf`` to
-    ``s1[c]`` (sum d) and ``s2[c]`` (sum d^2), ``d = x - z[c]`` in float64 (``z``, ``s1``, ``s2``:
-    (C,) float64): column blocks of ``_TILE`` channels swept over groups of rows, the next group
-    prefetched block by block (see _LONG_ROW); the columns after the last whole block by an
-    array loop."""
-    B = C // _TILE
-    W = B * _TILE
-    G = _group_rows(C, xf.itemsize, 1)
-    line = _LINE_BYTES // xf.itemsize
-    zb = _col_blocks(z, B)
-    a1 = np.zeros((B, _TILE), np.float64)
-    a2 = np.zeros((B, _TILE), np.float64)
-    for t in range((r1 - r0 + G - 1) // G):
-        g0 = r0 + t * G
-        g1 = min(r1, g0 + G)
-        for b in range(B):
-            for i in range(g1, min(r1, g1 + G)):
-                at = i * C + b * _TILE
-                for k in range(at, at + _TILE, line):
-                    _prefetch(xf, k)
-            _sweep_sums(xf, zb[b], g0 * C + b * _TILE, g1 - g0, C, 0, a1[b], a2[b])
-        for i in range(g0, g1):
-            xs = xf[i * C + W : (i + 1) * C]
-            for q in range(C - W):
-                d = _ld(xs[q]) - z[W + q]
-                s1[W + q] += d
-                s2[W + q] += d * d
-    _add_col_blocks(a1, a2, s1, s2)
+def _wide_sums(x, z, r0, r1, s1, s2):
+    """Add the shifted sums of rows [r0, r1) of the (M, C) ``x`` to ``s1[c]`` (sum d) and
+    ``s2[c]`` (sum d^2), ``d = x - z[c]`` in float64 (``z``, ``s1``, ``s2``: (C,) float64): rows in
+    groups of ``_WIDE_GROUP``, each group's values summed per channel in registers before one
+    update of the accumulators (see _LONG_ROW)."""
+    C = x.shape[1]
+    i = r0
+    while i + _WIDE_GROUP <= r1:
+        x0, x1, x2, x3, x4, x5, x6, x7 = (x[i], x[i + 1], x[i + 2], x[i + 3], x[i + 4], x[i + 5],
+                                          x[i + 6], x[i + 7])  # fmt: skip
+        for c in range(C):
+            zc = z[c]
+            d0 = _ld(x0[c]) - zc
+            d1 = _ld(x1[c]) - zc
+            d2 = _ld(x2[c]) - zc
+            d3 = _ld(x3[c]) - zc
+            d4 = _ld(x4[c]) - zc
+            d5 = _ld(x5[c]) - zc
+            d6 = _ld(x6[c]) - zc
+            d7 = _ld(x7[c]) - zc
+            s1[c] += ((d0 + d1) + (d2 + d3)) + ((d4 + d5) + (d6 + d7))
+            s2[c] += ((d0 * d0 + d1 * d1) + (d2 * d2 + d3 * d3)) + (
+                (d4 * d4 + d5 * d5) + (d6 * d6 + d7 * d7))  # fmt: skip
+        i += _WIDE_GROUP
+    for r in range(i, r1):
+        xr = x[r]
+        for c in range(C):
+            d = _ld(xr[c]) - z[c]
+            s1[c] += d
+            s2[c] += d * d
 
 
 @njit(**_SERIAL)
@@ -1456,14 +1432,14 @@ def _tile_sums(x, z, r0, r1, s1, s2):
 def _mc_sums(x, z, r0, r1, cmean, cm2):
     """Shifted sums of rows [r0, r1) of (M, C) into ``cmean`` (C,) = mean - x0 and ``cm2`` (C,)
     = sum of squared deviations, float64: s1 = sum d, s2 = sum d^2 with d = x - x0, then
-    M2 = s2 - s1^2 / n (see module docstring); in column blocks where rows are wide
+    M2 = s2 - s1^2 / n (see module docstring); in groups of rows where rows are wide
     (:func:`_wide_sums`), in flat tiles elsewhere (:func:`_tile_sums`). ``z`` is x0 tiled
     (:func:`_tile`)."""
     C = x.shape[1]
     s1 = np.zeros(C, np.float64)
     s2 = np.zeros(C, np.float64)
     if _wide_rows(C, x.itemsize):
-        _wide_sums(x.reshape(-1), z, C, r0, r1, s1, s2)
+        _wide_sums(x, z, r0, r1, s1, s2)
     else:
         _tile_sums(x, z, r0, r1, s1, s2)
     inv_n = 1.0 / (r1 - r0)
@@ -1711,50 +1687,50 @@ def _ncs_gsums(dy, x, m, relu, mean, k, floor, i0, i1, p1, p2):
 
 
 @njit(**_SERIAL)
-def _wide_gsums(gf, xf, mf, relu, u, floor, C, r0, r1, s1, s2):
-    """:func:`_mc_gsums` for wide rows, in column blocks as :func:`_wide_sums` (``gf``, ``xf``,
-    ``mf``: the flat arrays; ``u``: (3, C) in the compute type, the mean and the mask's
+def _gated(g, m, k0, k1, floor, relu):
+    """``g`` as the gradient sums read it: ``dy`` or, with the fused ReLU, ``dy`` where
+    :func:`_kept` and 0 elsewhere."""
+    return _keep(_ld(g), not relu or _kept(_ld(m), k0, k1, floor))
+
+
+@njit(**_SERIAL)
+def _wide_gsums(dy, x, m, relu, u, floor, r0, r1, s1, s2):
+    """:func:`_mc_gsums` for wide rows, in groups of ``_WIDE_GSUM_GROUP`` rows as
+    :func:`_wide_sums` (``u``: (3, C) in the compute type, the mean and the mask's
     coefficients)."""
-    B = C // _TILE
-    W = B * _TILE
-    third = relu and mf.ctypes.data != xf.ctypes.data  # (a mask from x reads no third array)
-    G = _group_rows(C, xf.itemsize, 3 if third else 2)
-    line = _LINE_BYTES // xf.itemsize
-    mb = _col_blocks(u[0], B)
-    k0 = _col_blocks(u[1], B)
-    k1 = _col_blocks(u[2], B)
-    a1 = np.zeros((B, _TILE), np.float64)
-    a2 = np.zeros((B, _TILE), np.float64)
-    for t in range((r1 - r0 + G - 1) // G):
-        g0 = r0 + t * G
-        g1 = min(r1, g0 + G)
-        for b in range(B):
-            for i in range(g1, min(r1, g1 + G)):
-                at = i * C + b * _TILE
-                for k in range(at, at + _TILE, line):
-                    _prefetch(gf, k)
-                    _prefetch(xf, k)
-                    if third:
-                        _prefetch(mf, k)
-            _sweep_gsums(gf, xf, mf, mb[b], k0[b], k1[b], floor, g0 * C + b * _TILE, g1 - g0, C,
-                         relu, a1[b], a2[b])  # fmt: skip
-        for i in range(g0, g1):
-            xs = xf[i * C + W : (i + 1) * C]
-            gs = gf[i * C + W : (i + 1) * C]
-            ms = mf[i * C + W : (i + 1) * C]
-            for q in range(C - W):
-                g = _keep(_ld(gs[q]), not relu or _kept(_ld(ms[q]), u[1, W + q], u[2, W + q],
-                                                        floor))  # fmt: skip
-                s1[W + q] += g
-                s2[W + q] += np.float64(g) * np.float64(_ld(xs[q]) - u[0, W + q])
-    _add_col_blocks(a1, a2, s1, s2)
+    C = x.shape[1]
+    mu = u[0]
+    k0 = u[1]
+    k1 = u[2]
+    i = r0
+    while i + _WIDE_GSUM_GROUP <= r1:
+        g0, g1, g2, g3 = dy[i], dy[i + 1], dy[i + 2], dy[i + 3]
+        x0, x1, x2, x3 = x[i], x[i + 1], x[i + 2], x[i + 3]
+        m0, m1, m2, m3 = m[i], m[i + 1], m[i + 2], m[i + 3]
+        for c in range(C):
+            a, b, f = mu[c], k0[c], k1[c]
+            v0 = _gated(g0[c], m0[c], b, f, floor, relu)
+            v1 = _gated(g1[c], m1[c], b, f, floor, relu)
+            v2 = _gated(g2[c], m2[c], b, f, floor, relu)
+            v3 = _gated(g3[c], m3[c], b, f, floor, relu)
+            w0, w1, w2, w3 = np.float64(v0), np.float64(v1), np.float64(v2), np.float64(v3)
+            s1[c] += (w0 + w1) + (w2 + w3)
+            s2[c] += (w0 * np.float64(_ld(x0[c]) - a) + w1 * np.float64(_ld(x1[c]) - a)) + (
+                w2 * np.float64(_ld(x2[c]) - a) + w3 * np.float64(_ld(x3[c]) - a))  # fmt: skip
+        i += _WIDE_GSUM_GROUP
+    for r in range(i, r1):
+        gr, xr, mr = dy[r], x[r], m[r]
+        for c in range(C):
+            v = _gated(gr[c], mr[c], k0[c], k1[c], floor, relu)
+            s1[c] += v
+            s2[c] += np.float64(v) * np.float64(_ld(xr[c]) - mu[c])
 
 
 @njit(**_SERIAL)
 def _mc_gsums(dy, x, m, relu, u, floor, r0, r1, s1, s2):
     """Add sum g and sum g (x - mean) over rows [r0, r1) of (M, C) to s1, s2 (C,) float64, in
     flat tiles of ``_tile_rows(C)`` rows with tiled accumulators (in registers when a tile is
-    ``_TILE`` values: :func:`_sweep_gsums`), or in column blocks where rows are wide
+    ``_TILE`` values: :func:`_sweep_gsums`), or in groups of rows where rows are wide
     (:func:`_wide_gsums`); ``u`` holds the mean and the ReLU mask's coefficients, tiled
     (:func:`_tile`)."""
     C = x.shape[1]
@@ -1762,7 +1738,7 @@ def _mc_gsums(dy, x, m, relu, u, floor, r0, r1, s1, s2):
     gf = dy.reshape(-1)
     mf = m.reshape(-1)
     if _wide_rows(C, x.itemsize):
-        _wide_gsums(gf, xf, mf, relu, u, floor, C, r0, r1, s1, s2)
+        _wide_gsums(dy, x, m, relu, u, floor, r0, r1, s1, s2)
         return
     r = _tile_rows(C)
     P = r * C
