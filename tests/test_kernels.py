@@ -576,8 +576,9 @@ _MASK_CASES = [
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
 @pytest.mark.parametrize("training", [True, False])
 @pytest.mark.parametrize("stream", [False, True])
+@pytest.mark.parametrize("route", ["layer", "functions"])
 def test_fused_relu_backward_masks_exactly_where_the_output_is_positive(
-    shape, fmt, dtype, training, stream, monkeypatch
+    shape, fmt, dtype, training, stream, route, monkeypatch
 ):
     """The fused layer's backward recomputes the ReLU's mask from x (it keeps no output): at
     values whose pre-activation lands within rounding of 0 it must still pass the gradient
@@ -587,7 +588,9 @@ def test_fused_relu_backward_masks_exactly_where_the_output_is_positive(
     values, on both sides; a mask computed with another rounding than the forward's differs
     there by whole values of dy, far above the tolerance (a mask with ``c`` one ulp off fails
     every float32 and float64 case). Every layout's loops, both modes, float32, float64 and
-    bfloat16 (whose output is rounded: zero below 2^-134), dx stored as usual and streamed."""
+    bfloat16 (whose output is rounded: zero below 2^-134), dx stored as usual and streamed;
+    through the layer's short path and through the general autograd Functions (the
+    functional API's, which keep the forward's coefficients instead of the output)."""
     monkeypatch.setattr(K, "STREAM_BYTES", 0 if stream else 1 << 62)
     c = shape[1]
     cdt = torch.float32 if dtype == torch.bfloat16 else dtype
@@ -621,7 +624,16 @@ def test_fused_relu_backward_masks_exactly_where_the_output_is_positive(
         assert (y > 0).any() and (y == 0).any()
         xg = x.clone().requires_grad_()
         layer.zero_grad()
-        layer(xg).backward(dy)
+        if route == "layer":
+            out = layer(xg)
+        elif training:
+            out = bnlab.autograd.batch_norm_train(xg, layer.weight, layer.bias, layer.eps,
+                                                  "relu")[0]  # fmt: skip
+        else:
+            out = bnlab.autograd.batch_norm_eval(xg, layer.running_mean, layer.running_var,
+                                                 layer.weight, layer.bias, layer.eps, "relu")
+        assert torch.equal(out, y)
+        out.backward(dy)
     tol = dict(rtol=1e-2, atol=1e-2) if dtype == torch.bfloat16 else dict(rtol=1e-4, atol=1e-4)
     got = (xg.grad.double(), layer.weight.grad.double(), layer.bias.grad.double())
     for g, w in zip(got, want, strict=True):
@@ -664,10 +676,14 @@ def test_fused_relu_mask_floor_follows_the_output_rounding(shape, fmt, dtype, tr
 
 @pytest.mark.parametrize("training", [True, False])
 @pytest.mark.parametrize("fmt", ["contiguous", "channels_last"])
-def test_fused_relu_layer_keeps_its_input_and_not_its_output(training, fmt):
+@pytest.mark.parametrize("route", ["layer", "untracked", "functions"])
+def test_fused_relu_layer_keeps_its_input_and_not_its_output(training, fmt, route):
     """The fused layer's backward recomputes the ReLU's mask from x: autograd keeps x for it
-    (and the parameters), never the output, where torch's BN + ReLU pair keeps both."""
-    layer = bnlab.BatchNorm2d(8, activation="relu").train(training)
+    (and the parameters), never the output, where torch's BN + ReLU pair keeps both; so do a
+    layer without running statistics and the general autograd Functions (the functional
+    API's)."""
+    layer = bnlab.BatchNorm2d(8, activation="relu", track_running_stats=route != "untracked")
+    layer.train(training)
     x = to_format(torch.randn(4, 8, 5, 5), fmt).requires_grad_()
     saved = []
 
@@ -676,7 +692,13 @@ def test_fused_relu_layer_keeps_its_input_and_not_its_output(training, fmt):
         return t
 
     with bnlab.use_backend("fused"), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        y = layer(x)
+        if route != "functions":
+            y = layer(x)
+        elif training:
+            y = bnlab.autograd.batch_norm_train(x, layer.weight, layer.bias, 1e-5, "relu")[0]
+        else:
+            y = bnlab.autograd.batch_norm_eval(x, layer.running_mean, layer.running_var,
+                                               layer.weight, layer.bias, 1e-5, "relu")  # fmt: skip
     params = {p.data_ptr() for p in layer.parameters()}
     kept = [t for t in saved if t.data_ptr() not in params]
     assert [t.data_ptr() for t in kept if t.numel() == x.numel()] == [x.data_ptr()]
@@ -729,6 +751,12 @@ def test_kernel_calls_refuse_what_the_loops_cannot_read():
         got = K.batch_norm_train_backward(dy, x, mean, invstd, w)
         for a, b in zip(got, want, strict=True):
             torch.testing.assert_close(a, b)
+    # the fused ReLU's coefficients must be a forward's: (2, C) in the compute dtype
+    coef = K.batch_norm_train_forward(x, w, w, 1e-5, relu=True, return_coef=True)[4]
+    assert coef.shape == (2, 3) and coef.dtype == x.dtype
+    for bad in (coef.double(), coef[:, :2].contiguous(), coef.t().contiguous().t()):
+        with pytest.raises(ValueError, match="coef"):
+            K.batch_norm_train_backward(g, x, mean, invstd, w, coef=bad)
 
 
 # (48: a tile is not _TILE values, the array loop; 1040 and 2056: rows of a page or more, in

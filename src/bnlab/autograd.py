@@ -75,17 +75,19 @@ class BatchNormTrain(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float,
                 relu: bool, commit=None):  # fmt: skip
-        path, y, mean, var, invstd = B.train_forward(x, weight, bias, eps, relu=relu)
+        path, y, mean, var, invstd, mask = B.train_forward(x, weight, bias, eps, relu=relu,
+                                                           keep_mask=True)  # fmt: skip
         if commit is not None:
             commit(mean, var)
-        ctx.save_for_backward(x, weight, bias, mean, invstd, y if relu else None)
+        # (the ReLU's mask: the forward's coefficients, recomputing it from x on the fused path)
+        ctx.save_for_backward(x, weight, bias, mean, invstd, mask)
         ctx.path, ctx.eps, ctx.relu = path, eps, relu
         ctx.mark_non_differentiable(mean, var)
         return y, mean, var
 
     @staticmethod
     def backward(ctx, dy: Tensor, _dmean: Tensor | None, _dvar: Tensor | None):
-        x, weight, bias, mean, invstd, y = ctx.saved_tensors
+        x, weight, bias, mean, invstd, mask = ctx.saved_tensors
         needs = tuple(ctx.needs_input_grad[:3])
         if torch.is_grad_enabled():  # create_graph=True: a differentiable backward
             dx, dgamma, dbeta = ops.differentiable_grads(
@@ -94,7 +96,7 @@ class BatchNormTrain(torch.autograd.Function):
             return dx, dgamma, dbeta, None, None, None
         dx, dgamma, dbeta = B.train_backward(
             ctx.path, dy, x, mean, invstd, weight, need_dx=needs[0],
-            need_dparams=needs[1] or needs[2], y=y,
+            need_dparams=needs[1] or needs[2], mask=mask,
         )  # fmt: skip
         return dx, dgamma, dbeta if bias is not None else None, None, None, None
 
@@ -176,15 +178,15 @@ class BatchNormEval(torch.autograd.Function):
         eps: float,
         relu: bool,
     ):
-        path, y, invstd = B.eval_forward(x, running_mean, running_var, weight, bias, eps, relu=relu)
-        ctx.save_for_backward(x, running_mean, running_var, invstd, weight, bias,
-                              y if relu else None)  # fmt: skip
+        path, y, invstd, mask = B.eval_forward(x, running_mean, running_var, weight, bias, eps,
+                                               relu=relu, keep_mask=True)  # fmt: skip
+        ctx.save_for_backward(x, running_mean, running_var, invstd, weight, bias, mask)
         ctx.path, ctx.eps, ctx.relu = path, eps, relu
         return y
 
     @staticmethod
     def backward(ctx, dy: Tensor):
-        x, running_mean, running_var, invstd, weight, bias, y = ctx.saved_tensors
+        x, running_mean, running_var, invstd, weight, bias, mask = ctx.saved_tensors
         n = ctx.needs_input_grad
         needs = (n[0], n[3], n[4])
         if torch.is_grad_enabled():  # create_graph=True: a differentiable backward
@@ -194,7 +196,7 @@ class BatchNormEval(torch.autograd.Function):
             return dx, None, None, dgamma, dbeta, None, None
         dx, dgamma, dbeta = B.eval_backward(
             ctx.path, dy, x, running_mean, invstd, weight, need_dx=needs[0],
-            need_dparams=needs[1] or needs[2], y=y,
+            need_dparams=needs[1] or needs[2], mask=mask,
         )  # fmt: skip
         return dx, None, None, dgamma, dbeta if bias is not None else None, None, None
 

@@ -154,21 +154,33 @@ def _grads32(dy: Tensor, x: Tensor, y: Tensor | None) -> tuple:
 
 
 def train_forward(
-    x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float, relu: bool = False
-) -> tuple[str, Tensor, Tensor, Tensor, Tensor]:
-    """Algorithm 1 [+ ReLU] on the chosen path. Returns ``(path, y, mean, var, invstd)``."""
+    x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float, relu: bool = False,
+    keep_mask: bool = False,
+) -> tuple:
+    """Algorithm 1 [+ ReLU] on the chosen path. Returns ``(path, y, mean, var, invstd)``; with
+    ``keep_mask`` a sixth value, what :func:`train_backward` takes as ``mask`` (None without
+    ``relu``): on the fused path the forward's (2, C) normalize coefficients (the mask is
+    recomputed from x, and the output need not be kept), on the others the output."""
     path = choose(x, weight, bias)
     if path == "fused":
-        return (path, *K.batch_norm_train_forward(x, weight, bias, eps, relu=relu))
+        if keep_mask and relu:
+            y, mean, var, invstd, coef = K.batch_norm_train_forward(
+                x, weight, bias, eps, relu=True, return_coef=True
+            )
+            return path, y, mean, var, invstd, coef
+        out = (path, *K.batch_norm_train_forward(x, weight, bias, eps, relu=relu))
+        return (*out, None) if keep_mask else out
     if path == "fused32":
         y, mean, var, invstd = K.batch_norm_train_forward(
             _in32(x), _f32(weight), _f32(bias), eps, relu=relu
         )
-        return path, y.to(x.dtype), mean, var, invstd
-    y, mean, var, invstd = F.batch_norm_train_forward(x, weight, bias, eps)
-    if relu:
-        y = y.clamp_min_(0)
-    return path, y, mean, var, invstd
+        out = (path, y.to(x.dtype), mean, var, invstd)
+    else:
+        y, mean, var, invstd = F.batch_norm_train_forward(x, weight, bias, eps)
+        if relu:
+            y = y.clamp_min_(0)
+        out = (path, y, mean, var, invstd)
+    return (*out, out[1] if relu else None) if keep_mask else out
 
 
 def _relu_mask(dy: Tensor, y: Tensor | None) -> Tensor:
@@ -197,12 +209,17 @@ def train_backward(
     need_dx: bool = True,
     need_dparams: bool = True,
     y: Tensor | None = None,
+    mask: Tensor | None = None,
 ) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
-    """Gradients of Algorithm 1 on the path the forward took; ``y`` is the ReLU output or None."""
+    """Gradients of Algorithm 1 on the path the forward took; ``y`` is the ReLU output or None,
+    or ``mask`` is what :func:`train_forward` kept for it (``keep_mask``)."""
+    if mask is not None and path != "fused":
+        y = mask
     if path == "fused":
         return K.batch_norm_train_backward(
-            dy, x, mean, invstd, weight, need_dx=need_dx, need_dparams=need_dparams, y=y
-        )
+            dy, x, mean, invstd, weight, need_dx=need_dx, need_dparams=need_dparams, y=y,
+            coef=mask,
+        )  # fmt: skip
     if path == "fused32":
         g, x32, y32 = _grads32(dy, x, y)
         return _from32(x, weight, K.batch_norm_train_backward(
@@ -258,23 +275,29 @@ def eval_forward(
     bias: Tensor | None,
     eps: float,
     relu: bool = False,
-) -> tuple[str, Tensor, Tensor]:
-    """Algorithm 2 [+ ReLU] on the chosen path. Returns ``(path, y, invstd)``."""
+    keep_mask: bool = False,
+) -> tuple:
+    """Algorithm 2 [+ ReLU] on the chosen path. Returns ``(path, y, invstd)``, and with
+    ``keep_mask`` the ReLU's ``mask`` for :func:`eval_backward` as :func:`train_forward`
+    does."""
     path = choose(x, running_mean, running_var, weight, bias)
     if path == "fused":
         return (path, *K.batch_norm_eval_forward(
-            x, running_mean, running_var, weight, bias, eps, relu=relu
-        ))  # fmt: skip
+            x, running_mean, running_var, weight, bias, eps, relu=relu,
+            return_coef=keep_mask and relu,
+        ), *((None,) if keep_mask and not relu else ()))  # fmt: skip
     if path == "fused32":
         y, invstd = K.batch_norm_eval_forward(
             _in32(x), _f32(running_mean), _f32(running_var), _f32(weight), _f32(bias), eps,
             relu=relu,
         )  # fmt: skip
-        return path, y.to(x.dtype), invstd
-    y, invstd = F.batch_norm_eval_forward(x, running_mean, running_var, weight, bias, eps)
-    if relu:
-        y = y.clamp_min_(0)
-    return path, y, invstd
+        out = (path, y.to(x.dtype), invstd)
+    else:
+        y, invstd = F.batch_norm_eval_forward(x, running_mean, running_var, weight, bias, eps)
+        if relu:
+            y = y.clamp_min_(0)
+        out = (path, y, invstd)
+    return (*out, out[1] if relu else None) if keep_mask else out
 
 
 def eval_backward(
@@ -287,12 +310,17 @@ def eval_backward(
     need_dx: bool = True,
     need_dparams: bool = True,
     y: Tensor | None = None,
+    mask: Tensor | None = None,
 ) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
-    """Gradients of the inference transform on the path the forward took."""
+    """Gradients of the inference transform on the path the forward took (``y``, ``mask``: as
+    in :func:`train_backward`)."""
+    if mask is not None and path != "fused":
+        y = mask
     if path == "fused":
         return K.batch_norm_eval_backward(
-            dy, x, running_mean, invstd, weight, need_dx=need_dx, need_dparams=need_dparams, y=y
-        )
+            dy, x, running_mean, invstd, weight, need_dx=need_dx, need_dparams=need_dparams, y=y,
+            coef=mask,
+        )  # fmt: skip
     if path == "fused32":
         g, x32, y32 = _grads32(dy, x, y)
         return _from32(x, weight, K.batch_norm_eval_backward(

@@ -374,11 +374,14 @@ def _param(p: Tensor | None, dtype: torch.dtype):
 
 
 def batch_norm_train_forward(
-    x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float, relu: bool = False
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float, relu: bool = False,
+    return_coef: bool = False,
+) -> tuple[Tensor, ...]:
     """Algorithm 1, fused. Returns ``(y, mean, var, invstd)``: y like x (same strides), (C,)
     statistics in x's dtype (float32 for a bfloat16 x), ``var`` biased. With ``relu``,
-    ``y = max(BN(x), 0)``."""
+    ``y = max(BN(x), 0)``. With ``return_coef``, a fifth value: the (2, C) coefficients
+    ``(a, c)`` of the normalize pass ``a x + c``, from which the backward recomputes the ReLU's
+    mask (``coef`` of :func:`batch_norm_train_backward`)."""
     k = compiled()
     rows, c, s = _checked_layout(x)
     y = _empty_like(x)
@@ -389,6 +392,8 @@ def batch_norm_train_forward(
     k.train_fwd_at(x.data_ptr(), y.data_ptr(), rows, c, s, w, b, has_w, has_b, float(eps),
                    bool(relu), stats, _NONE[x.dtype], _streams(y))  # fmt: skip
     f = torch.from_numpy
+    if return_coef:
+        return y, f(stats[0]), f(stats[1]), f(stats[2]), f(stats[3:5])
     return y, f(stats[0]), f(stats[1]), f(stats[2])
 
 
@@ -400,9 +405,11 @@ def batch_norm_eval_forward(
     bias: Tensor | None,
     eps: float,
     relu: bool = False,
-) -> tuple[Tensor, Tensor]:
+    return_coef: bool = False,
+) -> tuple[Tensor, ...]:
     """Algorithm 2, fused: ``y = (x - E[x]) * gamma / sqrt(Var[x] + eps) + beta`` in one pass.
-    Returns ``(y, invstd)``."""
+    Returns ``(y, invstd)``, and with ``return_coef`` the (2, C) normalize coefficients as
+    :func:`batch_norm_train_forward` does."""
     k = compiled()
     rows, c, s = _checked_layout(x)
     y = _empty_like(x)
@@ -414,6 +421,8 @@ def batch_norm_eval_forward(
         x.data_ptr(), y.data_ptr(), rows, c, s, _vec(running_mean), _vec(running_var), w, b,
         has_w, has_b, float(eps), bool(relu), stats, _NONE[x.dtype], _streams(y),
     )  # fmt: skip
+    if return_coef:
+        return y, torch.from_numpy(stats[0]), torch.from_numpy(stats[1:3])
     return y, torch.from_numpy(stats[0])
 
 
@@ -627,22 +636,37 @@ def lean_backward(dy: Tensor, x: Tensor, relu: bool, plan, stats, train: bool,
     return dx, torch.from_numpy(grads[0]), torch.from_numpy(grads[1])
 
 
-def _backward(dy, x, mean, invstd, weight, need_dx, need_dparams, y, train):
+def _relu_coef(coef: Tensor, c: int, dt) -> np.ndarray:
+    """The (2, C) coefficients a forward returned (``return_coef``) as the loops read them,
+    refused if they cannot be that forward's."""
+    if coef.shape != (2, c) or coef.dtype != dt or not coef.is_contiguous() or not coef.is_cpu:
+        raise ValueError(
+            f"coef: expected the forward's (2, {c}) {dt} coefficients, got "
+            f"{tuple(coef.shape)} {coef.dtype}"
+        )
+    return coef.numpy()
+
+
+def _backward(dy, x, mean, invstd, weight, need_dx, need_dparams, y, train, coef=None):
     k = compiled()
     rows, c, s = _checked_layout(x)
     dy = _like(dy, x)  # (x's layout, so the loops may read it by address)
-    if y is not None:
+    cdt = _compute(x.dtype)
+    xp = x.data_ptr()
+    if coef is not None:  # the mask recomputed from x, bit for bit the forward's y > 0
+        mp, relu, k2, floor = xp, True, _relu_coef(coef, c, cdt), RELU_FLOOR[x.dtype]
+    elif y is not None:  # the mask read from the output (coefficients (1, 0), floor 0)
         y = _like(y, x)
+        mp, relu, k2, floor = y.data_ptr(), True, _mask_of_output(c, _NP[cdt]), RELU_FLOOR[cdt]
+    else:
+        mp, relu, k2, floor = xp, False, _mask_of_output(c, _NP[cdt]), RELU_FLOOR[cdt]
     dx = _empty_like(x) if need_dx else None
     need_sums = need_dparams and weight is not None
-    cdt = _compute(x.dtype)
     grads = np.empty((2, c), _NP[cdt])  # dgamma, dbeta
     w, has_w = _param(weight, cdt)
-    xp = x.data_ptr()
     k.backward_at(
-        dy.data_ptr(), xp, xp if y is None else y.data_ptr(), y is not None,
-        _mask_of_output(c, _NP[cdt]), RELU_FLOOR[cdt], rows, c, s, _vec(mean), _vec(invstd), w,
-        has_w, train, need_sums, 0 if dx is None else dx.data_ptr(), grads, _NONE[x.dtype],
+        dy.data_ptr(), xp, mp, relu, k2, floor, rows, c, s, _vec(mean), _vec(invstd), w, has_w,
+        train, need_sums, 0 if dx is None else dx.data_ptr(), grads, _NONE[x.dtype],
         dx is not None and _streams(dx),
     )  # fmt: skip
     if not need_sums:
@@ -660,6 +684,7 @@ def batch_norm_train_backward(
     need_dx: bool = True,
     need_dparams: bool = True,
     y: Tensor | None = None,
+    coef: Tensor | None = None,
 ) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
     """Section 3 gradients, fused: one pass for the per-channel sums, one for dx::
 
@@ -668,9 +693,11 @@ def batch_norm_train_backward(
         dx      = gamma invstd (g - dbeta / m - (x - mu) invstd^2 sum g (x - mu) / m)
 
     Same contract as :func:`bnlab.functional.batch_norm_train_backward`; mean/invstd as returned
-    by :func:`batch_norm_train_forward` (x's dtype).
+    by :func:`batch_norm_train_forward` (x's dtype). For the fused ReLU give either its output
+    ``y`` or, instead, the forward's coefficients ``coef`` (``return_coef``): the mask is then
+    recomputed from x, bit for bit the forward's ``y > 0``, and the output need not be kept.
     """
-    return _backward(dy, x, mean, invstd, weight, need_dx, need_dparams, y, True)
+    return _backward(dy, x, mean, invstd, weight, need_dx, need_dparams, y, True, coef)
 
 
 def batch_norm_eval_backward(
@@ -682,12 +709,15 @@ def batch_norm_eval_backward(
     need_dx: bool = True,
     need_dparams: bool = True,
     y: Tensor | None = None,
+    coef: Tensor | None = None,
 ) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
     """Gradients of the inference transform (statistics constant), fused::
 
     dx = g * gamma * invstd,   dgamma = invstd * sum g (x - E[x]),   dbeta = sum g
+
+    ``y`` or ``coef``: the fused ReLU's mask, as in :func:`batch_norm_train_backward`.
     """
-    return _backward(dy, x, running_mean, invstd, weight, need_dx, need_dparams, y, False)
+    return _backward(dy, x, running_mean, invstd, weight, need_dx, need_dparams, y, False, coef)
 
 
 _NO_COUNT = np.zeros((), np.int64)

@@ -299,7 +299,7 @@ _TILE = 64
 # compute-bound at about a cycle per value; sweeping the group in column blocks of _TILE
 # channels with the accumulators in registers (the vector sweeps below, with a stride of a row)
 # read each row in 256-byte pieces a row apart, which the prefetchers did not follow, and ran
-# at 1.6-2.6x a read of the input with cold caches against 1.2-1.6x for the groups
+# at 1.6-3.1x a read of the input with cold caches against 1.2-2.2x for the groups
 # (docs/kernels.md). The statistics read one array in groups of _WIDE_GROUP rows; the gradient
 # sums read two or three, in groups of _WIDE_GSUM_GROUP rows (eight rows, 16-24 streams, were
 # slower). The loops are written out for these group sizes.
