@@ -163,24 +163,22 @@ def train_forward(
     recomputed from x, and the output need not be kept), on the others the output."""
     path = choose(x, weight, bias)
     if path == "fused":
-        if keep_mask and relu:
-            y, mean, var, invstd, coef = K.batch_norm_train_forward(
-                x, weight, bias, eps, relu=True, return_coef=True
-            )
-            return path, y, mean, var, invstd, coef
-        out = (path, *K.batch_norm_train_forward(x, weight, bias, eps, relu=relu))
-        return (*out, None) if keep_mask else out
-    if path == "fused32":
-        y, mean, var, invstd = K.batch_norm_train_forward(
-            _in32(x), _f32(weight), _f32(bias), eps, relu=relu
+        y, mean, var, invstd, *coef = K.batch_norm_train_forward(
+            x, weight, bias, eps, relu=relu, return_coef=keep_mask and relu
         )
-        out = (path, y.to(x.dtype), mean, var, invstd)
+        mask = coef[0] if coef else None
     else:
-        y, mean, var, invstd = F.batch_norm_train_forward(x, weight, bias, eps)
-        if relu:
-            y = y.clamp_min_(0)
-        out = (path, y, mean, var, invstd)
-    return (*out, out[1] if relu else None) if keep_mask else out
+        if path == "fused32":
+            y, mean, var, invstd = K.batch_norm_train_forward(
+                _in32(x), _f32(weight), _f32(bias), eps, relu=relu
+            )
+            y = y.to(x.dtype)
+        else:
+            y, mean, var, invstd = F.batch_norm_train_forward(x, weight, bias, eps)
+            if relu:
+                y = y.clamp_min_(0)
+        mask = y if relu else None
+    return (path, y, mean, var, invstd, mask) if keep_mask else (path, y, mean, var, invstd)
 
 
 def _relu_mask(dy: Tensor, y: Tensor | None) -> Tensor:
@@ -282,22 +280,24 @@ def eval_forward(
     does."""
     path = choose(x, running_mean, running_var, weight, bias)
     if path == "fused":
-        return (path, *K.batch_norm_eval_forward(
+        y, invstd, *coef = K.batch_norm_eval_forward(
             x, running_mean, running_var, weight, bias, eps, relu=relu,
             return_coef=keep_mask and relu,
-        ), *((None,) if keep_mask and not relu else ()))  # fmt: skip
-    if path == "fused32":
-        y, invstd = K.batch_norm_eval_forward(
-            _in32(x), _f32(running_mean), _f32(running_var), _f32(weight), _f32(bias), eps,
-            relu=relu,
         )  # fmt: skip
-        out = (path, y.to(x.dtype), invstd)
+        mask = coef[0] if coef else None
     else:
-        y, invstd = F.batch_norm_eval_forward(x, running_mean, running_var, weight, bias, eps)
-        if relu:
-            y = y.clamp_min_(0)
-        out = (path, y, invstd)
-    return (*out, out[1] if relu else None) if keep_mask else out
+        if path == "fused32":
+            y, invstd = K.batch_norm_eval_forward(
+                _in32(x), _f32(running_mean), _f32(running_var), _f32(weight), _f32(bias), eps,
+                relu=relu,
+            )  # fmt: skip
+            y = y.to(x.dtype)
+        else:
+            y, invstd = F.batch_norm_eval_forward(x, running_mean, running_var, weight, bias, eps)
+            if relu:
+                y = y.clamp_min_(0)
+        mask = y if relu else None
+    return (path, y, invstd, mask) if keep_mask else (path, y, invstd)
 
 
 def eval_backward(
