@@ -301,7 +301,9 @@ def test_16_bit_inputs_take_the_kernels_in_float32(dtype, layout, relu, params):
 
 
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
-@pytest.mark.parametrize("shape", [(6, 5, 7, 9), (16, 8, 32, 33)], ids=["serial", "parallel"])
+@pytest.mark.parametrize(
+    "shape", [(6, 5, 7, 9), (16, 8, 32, 33), (3, 2064, 5, 7)], ids=["serial", "parallel", "wide"]
+)  # (wide: in channels_last, rows of 4 KB or more in bfloat16 and float32, groups of rows)
 @pytest.mark.parametrize("relu", [False, True], ids=["bn", "bn-relu"])
 def test_bfloat16_is_read_as_it_is_and_matches_its_float32_copy(layout, shape, relu):
     """The kernels read bfloat16 bits directly. Oracle: the same kernels on the float32 copy of
