@@ -16,12 +16,13 @@ dx          dy, x                               dx
 
 (The fused ReLU's mask is recomputed from x with the normalize pass's coefficients: no y read.)
 
-For each shape and layout (contiguous ``ncs``, channels_last ``mc``) this times every pass on
-preallocated float32 arrays (the compiled loops called directly: no allocation, no Python
-wrapper) beside two loops over the same bytes compiled the same way: a read (the sum of x) and
-a copy (x into y). A pass's floor is ``reads * read + writes * (copy - read)`` from the same
-run; the table prints each pass as a multiple of its floor, and the whole step (the four passes)
-and its floor as multiples of a copy. By default every call finds cold caches (a buffer larger
+For each shape and layout (contiguous ``ncs``, channels_last ``mc``; a dense ``(M, C)`` given as
+``M,C,1,1`` has the second only) this times every pass on preallocated float32 arrays (the
+compiled loops called directly: no allocation, no Python wrapper) beside two loops over the
+same bytes compiled the same way: a read (the sum of x) and a copy (x into y). A pass's floor
+is ``reads * read + writes * (copy - read)`` from the same run; the table prints each pass as a
+multiple of its floor, and the whole step (the four passes) and its floor as multiples of a
+copy. By default every call finds cold caches (a buffer larger
 than any last-level cache is written before it, :func:`bnlab.bench.cache_flusher`), as a layer
 of a real model finds its tensors after the other layers' have passed through the caches;
 ``--warm`` skips that, for tensors that fit in the last-level cache.
@@ -33,7 +34,7 @@ from __future__ import annotations
 import argparse
 
 SHAPES = [(128, 16, 32, 32), (128, 32, 16, 16), (128, 64, 8, 8), (64, 64, 32, 32),
-          (128, 256, 14, 14), (32, 128, 56, 56)]  # fmt: skip
+          (128, 256, 14, 14), (32, 128, 56, 56), (32, 2048, 7, 7), (4096, 1024, 1, 1)]  # fmt: skip
 
 
 def _references(numba, np):
@@ -134,7 +135,7 @@ def main(argv=None) -> None:
           "| step / copy | floor / copy |")  # fmt: skip
     print("|---|---|---|---|---|---|---|---|---|---|")
     for n, c, h, w in args.shapes:
-        for layout in ("ncs", "mc"):
+        for layout in ("ncs", "mc") if h * w > 1 else ("mc",):  # (a dense (M, C): rows only)
             shape = (n, c, h * w) if layout == "ncs" else (n * h * w, c)
             x, y, passes = _passes(K, np, shape, args.relu)
             xf, yf = x.reshape(-1), y.reshape(-1)
