@@ -3,7 +3,9 @@
 For ResNet-20 (``bnlab.models.resnet20``, CIFAR 3x32x32) and a torchvision-style ResNet-18
 (``tests/tv_resnet.py``) built three ways with the same weights - torch's ``BatchNorm2d``
 (``torch``), bnlab's (``bnlab``) and bnlab's with the fused ReLU (``bnlab+relu``, every BN
-followed by a ReLU built with ``activation="relu"``) - two steps are timed:
+followed by a ReLU built with ``activation="relu"``) - and, with ``--no-bn``, a fourth without
+any BN (``no-bn``: torch's model with every BN layer replaced by ``nn.Identity``, its ReLUs and
+residual additions kept) - two steps are timed:
 
 * ``train`` - forward, cross-entropy, backward and an SGD step (momentum 0.9);
 * ``eval``  - an inference forward under ``torch.no_grad()``.
@@ -16,7 +18,9 @@ the forward under bfloat16 autocast; ``--channels-last`` runs models and input i
 memory format (what a CPU user picks for oneDNN's convolutions; every BN layer then gets a
 channels_last input). Rounds are interleaved (each round times every case once,
 in a shuffled order); medians in milliseconds and the ratio
-``torch time / case time`` (above 1: faster than torch BN in the same setting). torch and Numba
+``torch time / case time`` (above 1: faster than torch BN in the same setting). The ``no-bn``
+ratio is the bound of every BN implementation: the step of a BN that took no time at all, so
+no BN can make the step faster than that ratio (eager and compiled alike). torch and Numba
 threads are both set to ``--threads``. Run (the machine otherwise idle)::
 
     PYTHONPATH=src python benchmarks/bench_models.py --threads 1 [--rounds 20] \
@@ -43,17 +47,34 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from tv_resnet import resnet18  # noqa: E402  (a torch.nn-only model, shared with the tests)
 
 
-def variants(name: str) -> dict[str, torch.nn.Module]:
+def without_bn(model: torch.nn.Module) -> torch.nn.Module:
+    """``model`` with every BN layer (torch's or bnlab's) replaced by ``nn.Identity``, in
+    place; refused for a BN layer with a fused activation, whose ReLU would go with it."""
+    for name, child in model.named_children():
+        if isinstance(child, torch.nn.modules.batchnorm._BatchNorm):
+            if getattr(child, "activation", None) is not None:
+                raise ValueError(f"without_bn: {name} fuses an activation")
+            setattr(model, name, torch.nn.Identity())
+        else:
+            without_bn(child)
+    return model
+
+
+def variants(name: str, no_bn: bool = False) -> dict[str, torch.nn.Module]:
     """torch BN, bnlab BN and bnlab BN+ReLU versions of one architecture (the fused model
-    has no separate ReLU modules; the timing does not depend on the weights' values)."""
+    has no separate ReLU modules; the timing does not depend on the weights' values), and
+    with ``no_bn`` the same architecture without BN (:func:`without_bn`)."""
     torch.manual_seed(0)
     if name == "resnet20":
         plain, fused = resnet20(), resnet20(fuse_relu=True)
     else:
         plain = bnlab.convert(resnet18())
         fused = resnet18(norm=bnlab.BatchNorm2d, fuse_relu=True)
-    return {"torch": bnlab.convert(copy.deepcopy(plain), to="torch"), "bnlab": plain,
-            "bnlab+relu": fused}  # fmt: skip
+    out = {"torch": bnlab.convert(copy.deepcopy(plain), to="torch"), "bnlab": plain,
+           "bnlab+relu": fused}  # fmt: skip
+    if no_bn:
+        out["no-bn"] = without_bn(copy.deepcopy(out["torch"]))
+    return out
 
 
 def cases(
@@ -63,25 +84,27 @@ def cases(
     compiled: list[tuple[str, str]],
     autocast: bool = False,
     channels_last: bool = False,
+    no_bn: bool = False,
 ):
     """{case name: a callable running one step}: every variant eagerly, and the compiled
     ``(variant, form)`` pairs; with ``autocast`` the forward runs under
     ``torch.autocast("cpu", torch.bfloat16)`` (bfloat16 convolution outputs, so every BN layer
     gets a bfloat16 input and keeps float32 parameters); with ``channels_last`` the models and
-    the input are in that memory format."""
+    the input are in that memory format; with ``no_bn`` the ``no-bn`` variant too."""
     torch.manual_seed(1)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     x = torch.randn(shape).contiguous(memory_format=fmt)
     target = torch.randint(0, 10, (shape[0],))
     out = {}
-    for variant, model in variants(name).items():
+    for variant, model in variants(name, no_bn).items():
         model.train(mode == "train")
         settings = [("eager", None)] + [("compiled", f) for v, f in compiled if v == variant]
         for how, form in settings:
             net = copy.deepcopy(model).to(memory_format=fmt)
             run_net = torch.compile(net) if how == "compiled" else net
             opt = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9)
-            label = f"{variant} {how}" + (f" {form}" if form and variant != "torch" else "")
+            formed = form and variant.startswith("bnlab")  # (the form is bnlab's to choose)
+            label = f"{variant} {how}" + (f" {form}" if formed else "")
 
             def step(run_net=run_net, opt=opt, form=form or "ops"):
                 amp = torch.autocast("cpu", torch.bfloat16, enabled=autocast)
@@ -119,6 +142,8 @@ def main(argv=None) -> None:
                    help="run the forward under torch.autocast('cpu', torch.bfloat16)")
     p.add_argument("--channels-last", action="store_true",
                    help="models and input in channels_last memory format")
+    p.add_argument("--no-bn", action="store_true",
+                   help="also time the model without BN: the bound of any BN (module docstring)")
     p.add_argument("--heap", choices=("as-is", "steady"), default="as-is",
                    help="glibc's heap as a process has it, or freed memory kept mapped "
                         "(bnlab.bench.steady_heap)")
@@ -132,8 +157,10 @@ def main(argv=None) -> None:
     compiled = []
     for item in filter(None, args.compiled.split(",")):
         variant, _, form = item.partition(":")
-        if variant not in ("torch", "bnlab", "bnlab+relu"):
+        if variant not in ("torch", "bnlab", "bnlab+relu", "no-bn"):
             p.error(f"--compiled: unknown variant {variant!r}")
+        if variant == "no-bn" and not args.no_bn:
+            p.error("--compiled: the no-bn variant needs --no-bn")
         ops.set_compile_form(form or "auto")  # validates
         compiled.append((variant, form or "auto"))
     ops.set_compile_form("auto")
@@ -147,7 +174,8 @@ def main(argv=None) -> None:
     shapes = {"resnet20": (args.batch20, 3, 32, 32), "resnet18": (args.batch18, 3, 112, 112)}
     for name in args.models.split(","):
         for mode in ("train", "eval"):
-            steps = cases(name, shapes[name], mode, compiled, args.autocast, args.channels_last)
+            steps = cases(name, shapes[name], mode, compiled, args.autocast, args.channels_last,
+                          args.no_bn)  # fmt: skip
             r = measure(steps, args.rounds)
             for label, ms in r.items():
                 key = "torch compiled" if "compiled" in label else "torch eager"
