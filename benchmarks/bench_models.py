@@ -25,7 +25,7 @@ threads are both set to ``--threads``. Run (the machine otherwise idle)::
 
     PYTHONPATH=src python benchmarks/bench_models.py --threads 1 [--rounds 20] \
         [--compiled torch,bnlab:auto,bnlab+relu:ops,bnlab+relu:decompose] [--autocast] \
-        [--channels-last]
+        [--channels-last] [--no-bn [--compiled ...,no-bn]]
 """
 
 from __future__ import annotations
@@ -49,14 +49,16 @@ from tv_resnet import resnet18  # noqa: E402  (a torch.nn-only model, shared wit
 
 def without_bn(model: torch.nn.Module) -> torch.nn.Module:
     """``model`` with every BN layer (torch's or bnlab's) replaced by ``nn.Identity``, in
-    place; refused for a BN layer with a fused activation, whose ReLU would go with it."""
-    for name, child in model.named_children():
-        if isinstance(child, torch.nn.modules.batchnorm._BatchNorm):
-            if getattr(child, "activation", None) is not None:
-                raise ValueError(f"without_bn: {name} fuses an activation")
-            setattr(model, name, torch.nn.Identity())
-        else:
-            without_bn(child)
+    place; refused, changing nothing, when a BN layer fuses an activation (its ReLU would go
+    with it)."""
+    bns = [(name, m) for name, m in model.named_modules()
+           if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]  # fmt: skip
+    for name, m in bns:
+        if getattr(m, "activation", None) is not None:
+            raise ValueError(f"without_bn: the BN layer {name!r} fuses an activation")
+    for name, _ in bns:
+        parent, _, leaf = name.rpartition(".")
+        setattr(model.get_submodule(parent), leaf, torch.nn.Identity())
     return model
 
 
