@@ -104,16 +104,16 @@ class BatchNormTrain(torch.autograd.Function):
 class BatchNormTrainLean(torch.autograd.Function):
     """y = BN_train(x, gamma, beta) [then ReLU] of a planned fused call (:func:`bnlab.kernels.
     lean_plan`): :class:`BatchNormTrain`'s math and kernels with fewer steps per call, and the
-    batch's statistics committed to the plan's running averages before the save
-    (:func:`bnlab.kernels.lean_commit`). Returns ``(y, ok)`` (``ok`` False: non-finite
-    statistics, nothing updated); the forward's numpy array of statistics stays with the node
-    for the backward."""
+    batch's statistics committed to the plan's running averages before the save, in the same
+    call of the loops (:func:`bnlab.kernels.lean_train_forward`). Returns ``(y, ok)`` (``ok``
+    False: non-finite statistics, nothing updated); the forward's numpy array of statistics
+    stays with the node for the backward."""
 
     @staticmethod
     def forward(ctx, x: Tensor, weight: Tensor | None, bias: Tensor | None, plan, eps: float,
-                relu: bool, momentum: float | None, m: int):  # fmt: skip
-        y, stats = K.lean_train_forward(x, plan, eps, relu)
-        ok = K.lean_commit(plan, stats, momentum, m)  # (before the save: see BatchNormTrain)
+                relu: bool, momentum: float | None):  # fmt: skip
+        # (the commit comes before the save, see BatchNormTrain)
+        y, stats, ok = K.lean_train_forward(x, plan, eps, relu, momentum)
         ctx.save_for_backward(x, weight, bias)  # (the ReLU's mask is recomputed from x)
         ctx.plan, ctx.stats, ctx.eps, ctx.relu = plan, stats, eps, relu
         return y, ok
@@ -126,11 +126,11 @@ class BatchNormTrainLean(torch.autograd.Function):
             dx, dgamma, dbeta = ops.differentiable_grads(
                 dy, x, weight, bias, ctx.eps, ctx.relu, None, None, (n[0], n[1], n[2])
             )
-            return dx, dgamma, dbeta, None, None, None, None, None
+            return dx, dgamma, dbeta, None, None, None, None
         dx, dgamma, dbeta = K.lean_backward(
             dy, x, ctx.relu, ctx.plan, ctx.stats, True, n[0], n[1] or n[2]
         )
-        return dx, dgamma, dbeta if bias is not None else None, None, None, None, None, None
+        return dx, dgamma, dbeta if bias is not None else None, None, None, None, None
 
 
 class BatchNormEvalLean(torch.autograd.Function):
@@ -234,18 +234,18 @@ def batch_norm_train_lean(
     plan,
     eps: float,
     momentum: float | None,
-    m: int,
     relu: bool,
 ) -> tuple[Tensor, bool]:
-    """An eager training call planned by :func:`bnlab.backend.lean_plan`: Algorithm 1 [+ ReLU]
-    (recorded for autograd when it needs to be), then the batch's statistics committed to the
-    plan's running averages (:func:`bnlab.kernels.lean_commit`: ``momentum`` None or a finite
-    float, ``m`` > 1 values per channel). Returns ``(y, ok)``; ``ok`` False means non-finite
-    statistics, nothing updated, for the caller to refuse."""
+    """An eager training call planned by :func:`bnlab.backend.lean_plan` (more than one value
+    per channel): Algorithm 1 [+ ReLU] (recorded for autograd when it needs to be), then the
+    batch's statistics committed to the plan's running averages
+    (:func:`bnlab.kernels.lean_train_forward`: ``momentum`` None or a finite float). Returns
+    ``(y, ok)``; ``ok`` False means non-finite statistics, nothing updated, for the caller to
+    refuse."""
     if _needs_graph(x, weight, bias):
-        return BatchNormTrainLean.apply(x, weight, bias, plan, eps, relu, momentum, m)
-    y, stats = K.lean_train_forward(x, plan, eps, relu)
-    return y, K.lean_commit(plan, stats, momentum, m)
+        return BatchNormTrainLean.apply(x, weight, bias, plan, eps, relu, momentum)
+    y, _, ok = K.lean_train_forward(x, plan, eps, relu, momentum)
+    return y, ok
 
 
 def batch_norm_eval_lean(

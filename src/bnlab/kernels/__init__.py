@@ -48,7 +48,6 @@ __all__ = [
     "lean_plan",
     "lean_train_forward",
     "lean_eval_forward",
-    "lean_commit",
     "lean_backward",
     "compiled",
     "warm_up",
@@ -339,6 +338,8 @@ def _like(t: Tensor, x: Tensor) -> Tensor:
 
 _NO_STATS = {t: np.empty((0, 0), d) for t, d in _NP.items()}  # (see eval_fwd_at)
 
+_NO_COUNT = np.zeros((), np.int64)  # (a counter for a training forward that commits nothing)
+
 _NONE = {
     torch.float32: np.empty(0, np.float32),
     torch.float64: np.empty(0, np.float64),
@@ -390,7 +391,8 @@ def batch_norm_train_forward(
     w, has_w = _param(weight, cdt)
     b, has_b = _param(bias, cdt)
     k.train_fwd_at(x.data_ptr(), y.data_ptr(), rows, c, s, w, b, has_w, has_b, float(eps),
-                   bool(relu), stats, _NONE[x.dtype], _streams(y))  # fmt: skip
+                   bool(relu), stats, _NONE[cdt], _NONE[cdt], _NO_COUNT, False, False, 0.0,
+                   _NONE[x.dtype], _streams(y))  # fmt: skip
     f = torch.from_numpy
     if return_coef:
         return y, f(stats[0]), f(stats[1]), f(stats[2]), f(stats[3:5])
@@ -557,7 +559,7 @@ def lean_plan(
     ``batch_norm_*`` functions and :func:`commit_batch_stats` through the backend, with their
     checks and errors). It takes the inputs :func:`eval_forward_fast` takes. With a counter
     ``num_batches_tracked`` (a 0-d int64 tensor) it plans a training call
-    (:func:`lean_train_forward`, :func:`lean_commit`, :func:`lean_backward`), the running
+    (:func:`lean_train_forward`, :func:`lean_backward`), the running
     statistics being the buffers to update; with None, an inference call with them as the
     population statistics (:func:`lean_eval_forward`, :func:`lean_backward`). ``views`` (a
     two-item list: item 0 for inference, 1 for training) caches their numpy views as there.
@@ -571,18 +573,23 @@ def lean_plan(
                       slot)  # fmt: skip
 
 
-def lean_train_forward(x: Tensor, plan, eps: float, relu: bool):
-    """Algorithm 1 [+ ReLU] of a planned call: ``(y, stats)``, y like x, ``stats`` the (5, C)
-    array of :func:`bnlab.kernels._numba.train_fwd_at` (mean, biased var, invstd, then the
-    coefficients) in the compute dtype. Same values as :func:`batch_norm_train_forward`."""
+def lean_train_forward(x: Tensor, plan, eps: float, relu: bool, momentum: float | None):
+    """Algorithm 1 [+ ReLU] of a planned training call, then the batch's statistics committed
+    to the plan's running averages and counter as :func:`commit_batch_stats` does (an update:
+    ``momentum`` None or a finite float), in one call of the loops. Returns ``(y, stats,
+    ok)``: y like x, ``stats`` the (5, C) array of :func:`bnlab.kernels._numba.train_fwd_at`
+    (mean, biased var, invstd, then the coefficients) in the compute dtype, ``ok`` False for
+    non-finite statistics (nothing updated). Same values as :func:`batch_norm_train_forward`
+    and :func:`commit_batch_stats`."""
     rows, c, s, p = plan
     y = _empty_like(x)
     stats = np.empty((5, c), p[0].dtype)
-    compiled().train_fwd_at(
+    ok = compiled().train_fwd_at(
         x.data_ptr(), y.data_ptr(), rows, c, s, p[2], p[3], p[2].size > 0, p[3].size > 0,
-        float(eps), bool(relu), stats, _NONE[x.dtype], _streams(y),
+        float(eps), bool(relu), stats, p[0], p[1], p[4], True, momentum is None,
+        0.0 if momentum is None else momentum, _NONE[x.dtype], _streams(y),
     )  # fmt: skip
-    return y, stats
+    return y, stats, ok
 
 
 def lean_eval_forward(x: Tensor, plan, eps: float, relu: bool):
@@ -597,17 +604,6 @@ def lean_eval_forward(x: Tensor, plan, eps: float, relu: bool):
         p[3].size > 0, float(eps), bool(relu), stats, _NONE[x.dtype], _streams(y),
     )  # fmt: skip
     return y, stats
-
-
-def lean_commit(plan, stats, momentum: float | None, m: int) -> bool:
-    """:func:`commit_batch_stats` of a planned call's statistics into its running averages and
-    counter (training mode with tracking: always an update): False, touching nothing, for
-    non-finite statistics. ``momentum`` None or a finite float, ``m`` > 1 values per channel."""
-    p = plan[3]
-    return compiled().commit_stats(
-        stats[0], stats[1], p[0], p[1], p[4], True, momentum is None,
-        0.0 if momentum is None else momentum, float(m),
-    )  # fmt: skip
 
 
 def lean_backward(dy: Tensor, x: Tensor, relu: bool, plan, stats, train: bool,

@@ -1582,19 +1582,30 @@ def train_fwd_mc(x, w, b, has_w, has_b, eps, relu, y, stats, stream=False):
 
 
 @njit(**_SERIAL)
-def train_fwd_at(xp, yp, rows, C, S, w, b, has_w, has_b, eps, relu, stats, like, stream):
+def train_fwd_at(xp, yp, rows, C, S, w, b, has_w, has_b, eps, relu, stats, rm, rv, nbt,
+                 commit, cumulative, momentum, like, stream):  # fmt: skip
     """:func:`train_fwd_ncs` (``S > 1``: ``rows`` = N) or :func:`train_fwd_mc` (``S == 1``:
     ``rows`` = M) on the tensors at the addresses ``xp`` and ``yp``: each ``rows * C * S``
     elements of ``like``'s dtype, dense in that layout, which the caller has checked and keeps
     alive for the call. Addresses rather than arrays save the caller two numpy views and their
     reshapes per tensor, which inside a model cost a small call more than its loops do.
-    ``stream``: y is stored non-temporally (the caller's choice for large outputs)."""
+    ``stream``: y is stored non-temporally (the caller's choice for large outputs).
+
+    With ``commit``, the batch's statistics are then accepted into the running averages ``rm``,
+    ``rv`` and the counter ``nbt`` as :func:`commit_stats` does (``update``; ``cumulative``,
+    ``momentum``; ``rows * S`` values per channel), in the same call: a training step of a
+    small layer pays for each call from Python. Returns :func:`commit_stats`' answer (False:
+    non-finite statistics, nothing updated), True without ``commit``."""
     if S > 1:
         train_fwd_ncs(carray(_at(xp, like), (rows, C, S)), w, b, has_w, has_b, eps, relu,
                       carray(_at(yp, like), (rows, C, S)), stats, stream)  # fmt: skip
     else:
         train_fwd_mc(carray(_at(xp, like), (rows, C)), w, b, has_w, has_b, eps, relu,
                      carray(_at(yp, like), (rows, C)), stats, stream)  # fmt: skip
+    if not commit:
+        return True
+    return commit_stats(stats[0], stats[1], rm, rv, nbt, True, cumulative, momentum,
+                        float(rows * S))  # fmt: skip
 
 
 # ----------------------------------------------------------------------------------- inference
@@ -1991,7 +2002,9 @@ def backward_at(dyp, xp, mp, relu, k, floor, rows, C, S, mean, invstd, w, has_w,
 
 
 # ----------------------------------------------------------------------------- running statistics
-@njit(cache=True, nogil=True)
+# (fastmath off explicitly: a callee compiled for a caller inherits the caller's flags unless it
+# sets its own, and the averages must round as torch's formula does wherever they are computed)
+@njit(cache=True, nogil=True, fastmath=False)
 def commit_stats(mean, var, rm, rv, nbt, update, cumulative, momentum, m):
     """Accept a batch's (C,) statistics: False, touching nothing, if any is NaN or Inf; else, with
     ``update``, fold them into the running averages (Algorithm 2's population estimates)::

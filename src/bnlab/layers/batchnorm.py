@@ -333,7 +333,7 @@ class _BatchNorm(nn.modules.batchnorm._BatchNorm):
         plan = B.lean_plan(x, weight, bias, running_mean, running_var, count, views)
         if plan is None:
             return None
-        y, ok = batch_norm_train_lean(x, weight, bias, plan, eps, momentum, m, act is not None)
+        y, ok = batch_norm_train_lean(x, weight, bias, plan, eps, momentum, act is not None)
         if not ok:
             raise FloatingPointError(non_finite_message(self._describe(), list(x.shape)))
         if self.population_estimator is not None:
