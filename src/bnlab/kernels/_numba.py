@@ -1592,10 +1592,12 @@ def train_fwd_at(xp, yp, rows, C, S, w, b, has_w, has_b, eps, relu, stats, rm, r
     ``stream``: y is stored non-temporally (the caller's choice for large outputs).
 
     With ``commit``, the batch's statistics are then accepted into the running averages ``rm``,
-    ``rv`` and the counter ``nbt`` as :func:`commit_stats` does (``update``; ``cumulative``,
-    ``momentum``; ``rows * S`` values per channel), in the same call: a training step of a
-    small layer pays for each call from Python. Returns :func:`commit_stats`' answer (False:
-    non-finite statistics, nothing updated), True without ``commit``."""
+    ``rv`` and the counter ``nbt`` in the same call, as :func:`commit_stats` with ``update``
+    does (its ``cumulative`` and ``momentum``; ``rows * S`` values per channel): a training
+    step of a small layer pays for each call from Python. Returns :func:`commit_stats`' answer
+    (False: non-finite statistics, nothing updated), True without ``commit``; a caller that
+    commits nothing passes placeholders of the same types, so both callers share one compiled
+    signature."""
     if S > 1:
         train_fwd_ncs(carray(_at(xp, like), (rows, C, S)), w, b, has_w, has_b, eps, relu,
                       carray(_at(yp, like), (rows, C, S)), stats, stream)  # fmt: skip
