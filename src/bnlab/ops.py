@@ -131,12 +131,19 @@ def compile_form(form: str) -> Iterator[None]:
         set_compile_form(previous)
 
 
+# (bound once: a layer between other layers finds every module attribute out of the caches)
+_is_compiling = torch.compiler.is_compiling
+_is_tracing = torch._C._is_tracing
+_functorch_active = torch._C._are_functorch_transforms_active
+_Proxy = torch.fx.Proxy
+
+
 def route(x: Tensor) -> int:
     """How a bnlab batch-norm call on ``x`` runs: ``OP`` (custom operators: ``torch.compile``,
     fx symbolic tracing), ``DECOMPOSE`` (standard ops: ``torch.export``, ``jit.trace``,
     ``torch.func`` transforms, forward-mode AD, meta tensors; under ``torch.compile`` as
     :func:`set_compile_form` says) or ``EAGER`` (the autograd Functions)."""
-    if torch.compiler.is_compiling():  # torch.compile and torch.export set it
+    if _is_compiling():  # torch.compile and torch.export set it
         if torch.compiler.is_exporting():
             return DECOMPOSE
         form = _compile_form
@@ -145,11 +152,11 @@ def route(x: Tensor) -> int:
         ):
             return DECOMPOSE
         return OP
-    if isinstance(x, torch.fx.Proxy):
+    if isinstance(x, _Proxy):
         return OP
     if (
-        torch._C._is_tracing()
-        or torch._C._are_functorch_transforms_active()
+        _is_tracing()
+        or _functorch_active()
         or x.is_meta
         or _forward_ad._current_level >= 0  # inside torch.autograd.forward_ad.dual_level()
     ):

@@ -29,6 +29,7 @@ themselves (:func:`compiled`, whose contracts are in :mod:`bnlab.kernels._numba`
 from __future__ import annotations
 
 import functools
+import math
 import os
 import threading
 
@@ -117,9 +118,9 @@ def _layout(x: Tensor) -> tuple[int, int, int] | None:
     c = shape[1]
     if x.is_contiguous():
         n = shape[0]
-        return n, c, x.numel() // (n * c)
+        return n, c, math.prod(shape) // (n * c)
     if len(shape) > 2 and _channels_last_dense(shape, x.stride()):
-        return x.numel() // c, c, 1
+        return math.prod(shape) // c, c, 1
     return None
 
 
@@ -253,14 +254,15 @@ class _HugePages:
 _huge: _HugePages | None = None
 
 
-def _empty_like(x: Tensor) -> Tensor:
-    """``torch.empty_like(x)`` (x's strides), on huge pages when large (:class:`_HugePages`)."""
+def _empty_like(x: Tensor, nbytes: int | None = None) -> Tensor:
+    """``torch.empty_like(x)`` (x's strides), on huge pages when large (:class:`_HugePages`);
+    ``nbytes``: x's size in bytes, where the caller knows it."""
     global _huge
     y = torch.empty_like(x)
     if _huge is None:
         _huge = _HugePages()
     if _huge.size:  # (where no advice is given, not even the size is looked at)
-        n = y.numel() * y.element_size()
+        n = y.numel() * y.element_size() if nbytes is None else nbytes
         if n >= _HugePages.MIN_BYTES:
             _huge.advise(y, n)
     return y
@@ -295,17 +297,25 @@ STREAM_BYTES: int | None = None
 
 def _streams(y: Tensor) -> bool:
     """Whether the fresh output ``y`` is large enough to be stored non-temporally."""
+    return _streams_bytes(y.numel() * y.element_size())
+
+
+def _streams_bytes(nbytes: int) -> bool:
+    """:func:`_streams` of an output of ``nbytes``."""
     global STREAM_BYTES
     if STREAM_BYTES is None:
         STREAM_BYTES = llc_bytes() // 2
-    return y.numel() * y.element_size() >= STREAM_BYTES
+    return nbytes >= STREAM_BYTES
 
 
 def _readable_layout(x: Tensor) -> tuple[int, int, int] | None:
     """:func:`_layout` of a tensor whose memory the loops may read by address (on the CPU, at
     least 2 dimensions and one value, not a negative view, dense in a loop layout), else None;
     :func:`layout_reason` says why (or the device)."""
-    if not x.is_cpu or x.dim() < 2 or x.numel() == 0 or x.is_neg():
+    if not x.is_cpu or x.is_neg():
+        return None
+    shape = x.shape  # (every query of a tensor is a call into torch: the shape says the rest)
+    if len(shape) < 2 or 0 in shape:
         return None
     return _layout(x)
 
@@ -336,7 +346,10 @@ def _like(t: Tensor, x: Tensor) -> Tensor:
     return _empty_like(x).copy_(t)
 
 
-_NO_STATS = {t: np.empty((0, 0), d) for t, d in _NP.items()}  # (see eval_fwd_at)
+# (see eval_fwd_at; by the input's dtype, each in its compute dtype)
+_NO_STATS = {t: np.empty((0, 0), _NP[_compute(t)]) for t in (*_NP, torch.bfloat16)}
+
+_ITEMSIZE = {torch.float32: 4, torch.float64: 8, torch.bfloat16: 2}
 
 _NO_COUNT = np.zeros((), np.int64)  # (a counter for a training forward that commits nothing)
 
@@ -510,21 +523,21 @@ def eval_forward_fast(
     plan = _lean_plan(x, running_mean, running_var, weight, bias, views, None, 0)
     if plan is None:
         return None
-    rows, c, s, p = plan
-    y = _empty_like(x)  # (x's strides: x is dense, so empty_like keeps them)
+    rows, c, s, p, dt, n = plan
+    y = _empty_like(x, n)  # (x's strides: x is dense, so empty_like keeps them)
     compiled().eval_fwd_at(
         x.data_ptr(), y.data_ptr(), rows, c, s, p[0], p[1], p[2], p[3], weight is not None,
-        bias is not None, float(eps), bool(relu), _NO_STATS[_compute(x.dtype)], _NONE[x.dtype],
-        _streams(y),
+        bias is not None, float(eps), bool(relu), _NO_STATS[dt], _NONE[dt], _streams_bytes(n),
     )  # fmt: skip
     return y
 
 
 def _lean_plan(x, running_mean, running_var, weight, bias, views, count, slot):
-    """``(rows, C, S, arrays)`` for a lean call on ``x``: its loop layout (:func:`_layout`) and
-    the numpy views of :func:`_fast_params` (cached in ``views[slot]``), or None unless x is a
-    float32/float64 CPU tensor the loops can read with statistics and parameters of its dtype,
-    or such a bfloat16 one with float32 statistics and parameters (the ``fused32`` path of
+    """``(rows, C, S, arrays, dtype, nbytes)`` for a lean call on ``x``: its loop layout
+    (:func:`_layout`), the numpy views of :func:`_fast_params` (cached in ``views[slot]``), x's
+    dtype and its size in bytes (which its outputs share); or None unless x is a float32/float64
+    CPU tensor the loops can read with statistics and parameters of its dtype, or such a
+    bfloat16 one with float32 statistics and parameters (the ``fused32`` path of
     :mod:`bnlab.backend`, which reads bfloat16 as it is). Raises nothing."""
     dt = x.dtype
     if dt in _NP:
@@ -543,7 +556,7 @@ def _lean_plan(x, running_mean, running_var, weight, bias, views, count, slot):
         return None
     if p is None:
         return None
-    return rows, c, s, p
+    return rows, c, s, p, dt, rows * c * s * _ITEMSIZE[dt]
 
 
 def lean_plan(
@@ -581,13 +594,13 @@ def lean_train_forward(x: Tensor, plan, eps: float, relu: bool, momentum: float 
     (mean, biased var, invstd, then the coefficients) in the compute dtype, ``ok`` False for
     non-finite statistics (nothing updated). Same values as :func:`batch_norm_train_forward`
     and :func:`commit_batch_stats`."""
-    rows, c, s, p = plan
-    y = _empty_like(x)
+    rows, c, s, p, dt, n = plan
+    y = _empty_like(x, n)
     stats = np.empty((5, c), p[0].dtype)
     ok = compiled().train_fwd_at(
         x.data_ptr(), y.data_ptr(), rows, c, s, p[2], p[3], p[2].size > 0, p[3].size > 0,
         float(eps), bool(relu), stats, p[0], p[1], p[4], True, momentum is None,
-        0.0 if momentum is None else momentum, _NONE[x.dtype], _streams(y),
+        0.0 if momentum is None else momentum, _NONE[dt], _streams_bytes(n),
     )  # fmt: skip
     return y, stats, ok
 
@@ -596,12 +609,12 @@ def lean_eval_forward(x: Tensor, plan, eps: float, relu: bool):
     """The inference transform [+ ReLU] of a planned inference call: ``(y, stats)``, y like x,
     ``stats`` the (3, C) array of :func:`bnlab.kernels._numba.eval_fwd_at` (invstd, then the
     coefficients). Same values as :func:`batch_norm_eval_forward`."""
-    rows, c, s, p = plan
-    y = _empty_like(x)
+    rows, c, s, p, dt, n = plan
+    y = _empty_like(x, n)
     stats = np.empty((3, c), p[0].dtype)
     compiled().eval_fwd_at(
         x.data_ptr(), y.data_ptr(), rows, c, s, p[0], p[1], p[2], p[3], p[2].size > 0,
-        p[3].size > 0, float(eps), bool(relu), stats, _NONE[x.dtype], _streams(y),
+        p[3].size > 0, float(eps), bool(relu), stats, _NONE[dt], _streams_bytes(n),
     )  # fmt: skip
     return y, stats
 
@@ -614,18 +627,18 @@ def lean_backward(dy: Tensor, x: Tensor, relu: bool, plan, stats, train: bool,
     and layout (autograd hands an output's backward a gradient of that output's dtype). The
     ReLU's mask is recomputed from x with the forward's normalize coefficients, bit for bit
     the forward's ``y > 0`` (``_numba.backward_ncs``), so the output is neither kept nor read."""
-    rows, c, s, p = plan
+    rows, c, s, p, dt, n = plan
     mean, invstd = (stats[0], stats[2]) if train else (p[0], stats[0])
     dy = _like(dy, x)  # (x's layout, so the loops may read it by address)
-    dx = _empty_like(x) if need_dx else None
+    dx = _empty_like(x, n) if need_dx else None
     has_w = p[2].size > 0
     need_sums = need_dparams and has_w
     grads = np.empty((2, c), stats.dtype)  # dgamma, dbeta
     xp = x.data_ptr()
     compiled().backward_at(
-        dy.data_ptr(), xp, xp, relu, stats[3:5] if train else stats[1:3], RELU_FLOOR[x.dtype],
+        dy.data_ptr(), xp, xp, relu, stats[3:5] if train else stats[1:3], RELU_FLOOR[dt],
         rows, c, s, mean, invstd, p[2], has_w, train, need_sums,
-        0 if dx is None else dx.data_ptr(), grads, _NONE[x.dtype], dx is not None and _streams(dx),
+        0 if dx is None else dx.data_ptr(), grads, _NONE[dt], dx is not None and _streams_bytes(n),
     )  # fmt: skip
     if not need_sums:
         return dx, None, None

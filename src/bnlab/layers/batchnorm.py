@@ -264,14 +264,17 @@ class _BatchNorm(nn.modules.batchnorm._BatchNorm):
         path costs many times what it costs in a loop of calls."""
         if self.training and not self.frozen:
             return None
-        if type(x) is not Tensor or route(x) != EAGER or x.dim() not in self._valid_ranks:
+        if type(x) is not Tensor or route(x) != EAGER:
+            return None
+        shape = x.shape  # (one call into torch for the rank and the channels)
+        if len(shape) not in self._valid_ranks:
             return None
         state = self._lean_state()
         if state is None:
             return None
         weight, bias, running_mean, running_var, _ = state
         act = self.activation
-        if x.shape[1] != self.num_features or not self.eps >= 0 or act not in (None, "relu"):
+        if shape[1] != self.num_features or not self.eps >= 0 or act not in (None, "relu"):
             return None
         if running_mean is None or running_var is None:
             return None
@@ -313,14 +316,17 @@ class _BatchNorm(nn.modules.batchnorm._BatchNorm):
         (:func:`bnlab.backend.lean_plan`)."""
         if not self.training or self.frozen or type(x) is not Tensor:
             return None
-        if not self._own_statistics() or route(x) != EAGER or x.dim() not in self._valid_ranks:
+        if not self._own_statistics() or route(x) != EAGER:
+            return None
+        shape = x.shape  # (one call into torch for the rank, the channels and the count)
+        if len(shape) not in self._valid_ranks:
             return None
         c, eps, momentum, act = self.num_features, self.eps, self.momentum, self.activation
-        if x.shape[1] != c or not eps > 0 or act not in (None, "relu"):
+        if shape[1] != c or not eps > 0 or act not in (None, "relu"):
             return None
         if not (momentum is None or (type(momentum) is float and math.isfinite(momentum))):
             return None
-        m = x.numel() // c
+        m = math.prod(shape) // c
         state = self._lean_state()
         if m < 2 or not self.track_running_stats or state is None:
             return None
