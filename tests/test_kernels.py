@@ -730,8 +730,9 @@ def test_resnet20_fused_relu_matches_unfused():
 
 def test_kernel_calls_refuse_what_the_loops_cannot_read():
     """The kernels hand the loops tensor addresses, so a call with a tensor off the CPU (meta
-    here), of another dtype or of strides the loops do not read raises a ValueError naming it,
-    before any loop runs; a dy of other strides or dtype is brought to x's."""
+    here), of another dtype or of strides the loops do not read, or a per-channel tensor of
+    another size than C, raises a ValueError naming it before any loop runs (and commits
+    nothing); a dy of other strides or dtype is brought to x's."""
     x = torch.randn(4, 3, 5, 5)
     w = torch.ones(3)
     for bad, what in [
@@ -753,6 +754,24 @@ def test_kernel_calls_refuse_what_the_loops_cannot_read():
         got = K.batch_norm_train_backward(dy, x, mean, invstd, w)
         for a, b in zip(got, want, strict=True):
             torch.testing.assert_close(a, b)
+    # per-channel tensors of another size than C, which the loops would read or write past
+    short = torch.ones(2)
+    for call in (
+        lambda: K.batch_norm_train_forward(x, short, w, 1e-5),
+        lambda: K.batch_norm_train_forward(x, w, short, 1e-5),
+        lambda: K.batch_norm_eval_forward(x, short, w, w, w, 1e-5),
+        lambda: K.batch_norm_eval_forward(x, w, short, w, w, 1e-5),
+        lambda: K.batch_norm_eval_forward(x, w, w, short, w, 1e-5),
+        lambda: K.batch_norm_train_backward(x, x, short, invstd, w),
+        lambda: K.batch_norm_train_backward(x, x, mean, invstd, short),
+        lambda: K.batch_norm_eval_backward(x, x, w, short, w),
+    ):
+        with pytest.raises(ValueError, match="2 values for 3 channels"):
+            call()
+    rm, rv, count = torch.zeros(2), torch.ones(2), torch.tensor(0)
+    with pytest.raises(ValueError, match="2 and 2 values for 3 channels"):
+        K.commit_batch_stats(mean, mean, rm, rv, count, 0.1, 100, True)
+    assert rm.eq(0).all() and rv.eq(1).all() and count.item() == 0
     # the fused ReLU's coefficients must be a forward's: (2, C) in the compute dtype
     coef = K.batch_norm_train_forward(x, w, w, 1e-5, relu=True, return_coef=True)[4]
     assert coef.shape == (2, 3) and coef.dtype == x.dtype

@@ -526,6 +526,45 @@ def test_short_inference_path_sees_every_change_of_state(backend):
     check(inp=x.double())
 
 
+@pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])
+def test_short_paths_see_a_parameter_reshaped_in_its_own_storage(train, backend):
+    """A statistic or parameter given a view of its own storage at the same address (its first
+    values, or a negative view of them): the short paths' cached views of the memory must not
+    stand in for it. Torch's answer each time: an error for a parameter of the wrong size, the
+    output and running statistics for a negative view of a parameter, or of the mean at
+    inference."""
+    shape = (4, 8, 5, 6)
+    for name in ("weight", "bias", "running_mean", "running_var"):
+        ours, ref = make_pair(shape)
+        _random_state(ours, ref)
+        ours.train(train), ref.train(train)
+        x = torch.randn(shape) * 2 + 1
+        with torch.no_grad():
+            ours(x), ref(x)  # (the short path caches its views)
+            for layer in (ours, ref):
+                t = getattr(layer, name)
+                t.data = t.data[:4]
+            errors = []
+            for layer in (ref, ours):
+                with pytest.raises(RuntimeError) as e:
+                    layer(x)
+                errors.append(str(e.value))
+            assert errors[1].endswith(f"{name} should contain 8 elements, not 4"), errors
+        if name == "running_var" or (train and name == "running_mean"):
+            continue  # (a negative variance; torch updates a negative view's memory as it is)
+        ours, ref = make_pair(shape)
+        _random_state(ours, ref)
+        ours.train(train), ref.train(train)
+        with torch.no_grad():
+            ours(x), ref(x)
+            for layer in (ours, ref):
+                t = getattr(layer, name)
+                t.data = torch._neg_view(t.data)
+            torch.testing.assert_close(ours(x), ref(x), **tol(x.dtype))
+            torch.testing.assert_close(ours.running_mean, ref.running_mean, **tol(x.dtype))
+            torch.testing.assert_close(ours.running_var, ref.running_var, **tol(x.dtype))
+
+
 def test_short_inference_path_reads_every_dense_layout(backend):
     """The short inference path hands the loops the addresses of x and y: inputs with a storage
     offset, size-1 dimensions of any stride, and channels innermost at every rank (a 3-D input

@@ -333,8 +333,12 @@ def _checked_layout(x: Tensor) -> tuple[int, int, int]:
     return lay
 
 
-def _vec(t: Tensor):
-    """numpy view of a (C,) statistic or parameter (a contiguous copy if it is strided)."""
+def _vec(t: Tensor, c: int):
+    """numpy view of a (C,) statistic or parameter (a contiguous copy if it is strided); a
+    ValueError for a tensor of another size, which the loops would read (or write) past."""
+    if t.numel() != c:
+        raise ValueError(f"fused kernels: a per-channel tensor of {t.numel()} values for {c} "
+                         "channels")  # fmt: skip
     return _np(t if t.is_contiguous() else t.contiguous())
 
 
@@ -380,11 +384,12 @@ def _mask_of_output(c: int, dt) -> np.ndarray:
     return k
 
 
-def _param(p: Tensor | None, dtype: torch.dtype):
-    """numpy view of a (C,) parameter, or an empty placeholder of the dtype when absent."""
+def _param(p: Tensor | None, dtype: torch.dtype, c: int):
+    """numpy view of a (C,) parameter (:func:`_vec`), or an empty placeholder of the dtype when
+    absent."""
     if p is None:
         return _NONE[dtype], False
-    return _vec(p), True
+    return _vec(p, c), True
 
 
 def batch_norm_train_forward(
@@ -401,8 +406,8 @@ def batch_norm_train_forward(
     y = _empty_like(x)
     cdt = _compute(x.dtype)
     stats = np.empty((5, c), _NP[cdt])  # mean, var, invstd, 2 coefficients
-    w, has_w = _param(weight, cdt)
-    b, has_b = _param(bias, cdt)
+    w, has_w = _param(weight, cdt, c)
+    b, has_b = _param(bias, cdt, c)
     k.train_fwd_at(x.data_ptr(), y.data_ptr(), rows, c, s, w, b, has_w, has_b, float(eps),
                    bool(relu), stats, _NONE[cdt], _NONE[cdt], _NO_COUNT, False, False, 0.0,
                    _NONE[x.dtype], _streams(y))  # fmt: skip
@@ -429,11 +434,11 @@ def batch_norm_eval_forward(
     rows, c, s = _checked_layout(x)
     y = _empty_like(x)
     cdt = _compute(x.dtype)
-    w, has_w = _param(weight, cdt)
-    b, has_b = _param(bias, cdt)
+    w, has_w = _param(weight, cdt, c)
+    b, has_b = _param(bias, cdt, c)
     stats = np.empty((3, c), _NP[cdt])  # invstd, 2 coefficients
     k.eval_fwd_at(
-        x.data_ptr(), y.data_ptr(), rows, c, s, _vec(running_mean), _vec(running_var), w, b,
+        x.data_ptr(), y.data_ptr(), rows, c, s, _vec(running_mean, c), _vec(running_var, c), w, b,
         has_w, has_b, float(eps), bool(relu), stats, _NONE[x.dtype], _streams(y),
     )  # fmt: skip
     if return_coef:
@@ -459,9 +464,10 @@ def _fast_params(dt, c, running_mean, running_var, weight, bias, views, count=No
     small call's cost. The item is replaced whole, so threads sharing a layer never pair a key
     with another key's views. A cached view holds its
     tensor's storage (its base is a detached alias of it), so no other storage can start at
-    the same address while it is cached: the same data pointers and dtypes mean the same
-    memory, whatever was assigned since (a new tensor, ``.data``, ``.to()``), and values
-    changed in place are read through the views."""
+    the same address while it is cached: the same data pointers, sizes, sign bits and dtypes
+    mean the same memory read the same way, whatever was assigned since (a new tensor,
+    ``.data``, ``.to()``, a view of the same memory), and values changed in place are read
+    through the views."""
     if (
         running_mean.dtype != dt
         or running_var.dtype != dt
@@ -473,9 +479,13 @@ def _fast_params(dt, c, running_mean, running_var, weight, bias, views, count=No
     key = (
         c,
         running_mean.data_ptr(),
+        running_mean.nbytes,
+        running_mean.is_neg(),
         running_var.data_ptr(),
-        0 if weight is None else weight.data_ptr(),
-        0 if bias is None else bias.data_ptr(),
+        running_var.nbytes,
+        running_var.is_neg(),
+        0 if weight is None else (weight.data_ptr(), weight.nbytes, weight.is_neg()),
+        0 if bias is None else (bias.data_ptr(), bias.nbytes, bias.is_neg()),
         0 if count is None else count.data_ptr(),
     )
     cached = None if views is None else views[slot]
@@ -672,9 +682,10 @@ def _backward(dy, x, mean, invstd, weight, need_dx, need_dparams, y, train, coef
     dx = _empty_like(x) if need_dx else None
     need_sums = need_dparams and weight is not None
     grads = np.empty((2, c), _NP[cdt])  # dgamma, dbeta
-    w, has_w = _param(weight, cdt)
+    w, has_w = _param(weight, cdt, c)
     k.backward_at(
-        dy.data_ptr(), xp, mp, relu, k2, floor, rows, c, s, _vec(mean), _vec(invstd), w, has_w,
+        dy.data_ptr(), xp, mp, relu, k2, floor, rows, c, s, _vec(mean, c), _vec(invstd, c), w,
+        has_w,
         train, need_sums, 0 if dx is None else dx.data_ptr(), grads, _NONE[x.dtype],
         dx is not None and _streams(dx),
     )  # fmt: skip
@@ -755,6 +766,9 @@ def commit_batch_stats(
     both moving averages): False, touching nothing, for non-finite statistics. ``momentum`` is
     None (cumulative average) or a finite real number of any sign or size."""
     has = running_mean is not None
+    if has and not (running_mean.numel() == running_var.numel() == var.numel() == mean.numel()):
+        raise ValueError(f"fused kernels: running statistics of {running_mean.numel()} and "
+                         f"{running_var.numel()} values for {mean.numel()} channels")  # fmt: skip
     empty = _NONE[mean.dtype]
     return compiled().commit_stats(
         _np(mean), _np(var),

@@ -143,9 +143,9 @@ class _BatchNorm(nn.modules.batchnorm._BatchNorm):
     ) -> None:
         """Refuse, naming the layer, what torch refuses (and what it would refuse only after
         counting the batch): a non-tensor or non-float input, a wrong rank or channel count,
-        mixed dtypes, one value per channel or ``eps <= 0`` with batch statistics, ``eps < 0``
-        with population statistics. The running statistics are given when this call uses or
-        updates them."""
+        mixed dtypes, a parameter or running statistic of another size than the channel count,
+        one value per channel or ``eps <= 0`` with batch statistics, ``eps < 0`` with population
+        statistics. The running statistics are given when this call uses or updates them."""
         if torch.jit.is_scripting():
             self._check_input_dim(x)  # torch's rank check; the ops check the rest
         else:
@@ -175,6 +175,14 @@ class _BatchNorm(nn.modules.batchnorm._BatchNorm):
                 and (running_var is None or running_var.dtype == dt)
             ):
                 self._check_mixed_dtypes(x, (weight, bias, running_mean, running_var))
+            c = self.num_features
+            for name, t in (("weight", weight), ("bias", bias), ("running_mean", running_mean),
+                            ("running_var", running_var)):  # fmt: skip
+                if t is not None and t.numel() != c:  # (torch's rule: the count, any shape)
+                    raise RuntimeError(
+                        f"{self._describe()}: {name} should contain {c} elements, not "
+                        f"{t.numel()}"
+                    )
         if batch_stats:
             if x.numel() == x.shape[1] or self.eps <= 0:  # m = 1, or no eps (NaN passes: torch)
                 check_batch(x, self.eps, True, self._describe())
