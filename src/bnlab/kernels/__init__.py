@@ -745,9 +745,11 @@ _NO_COUNT = np.zeros((), np.int64)
 
 def commit_supported(*stats: Tensor | None) -> bool:
     """True if :func:`commit_batch_stats` takes these (C,) statistics and buffers: CPU, float32 or
-    float64, contiguous (``None`` buffers allowed)."""
+    float64, contiguous, not negative views (``None`` buffers allowed)."""
     for t in stats:  # (a loop, not all() over a generator: this runs on every training call)
-        if t is not None and not (t.is_cpu and t.dtype in _DTYPES and t.is_contiguous()):
+        if t is not None and not (
+            t.is_cpu and t.dtype in _DTYPES and t.is_contiguous() and not t.is_neg()
+        ):
             return False
     return True
 
