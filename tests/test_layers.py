@@ -527,6 +527,31 @@ def test_short_inference_path_sees_every_change_of_state(backend):
 
 
 @pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])
+def test_parameters_and_statistics_of_another_shape_are_refused_naming_the_layer(train, backend):
+    """A running statistic of C values that is not 1-D: refused as torch refuses it, with the
+    layer named. A weight or bias of C values in another shape, which torch takes: refused with
+    a clear error naming the layer (bnlab's parameters are (C,)), the state untouched."""
+    shape = (4, 8, 5, 6)
+    x = torch.randn(shape)
+    for name in ("weight", "bias", "running_mean", "running_var"):
+        ours, ref = make_pair(shape)
+        ours.layer_name = "net.bn"
+        ours.train(train), ref.train(train)
+        with torch.no_grad():
+            for layer in (ours, ref):
+                t = getattr(layer, name)
+                t.data = t.data.view(8, 1)
+            state = {k: v.clone() for k, v in ours.state_dict().items()}
+            if name.startswith("running"):
+                with pytest.raises(RuntimeError):
+                    ref(x)
+            with pytest.raises(RuntimeError, match=rf"net.bn.*{name} should be 1-D \(8,\)"):
+                ours(x)
+            for k, v in ours.state_dict().items():
+                assert torch.equal(v, state[k]), k
+
+
+@pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])
 def test_short_paths_see_a_parameter_reshaped_in_its_own_storage(train, backend):
     """A statistic or parameter given a view of its own storage at the same address (its first
     values, or a negative view of them): the short paths' cached views of the memory must not

@@ -143,9 +143,11 @@ class _BatchNorm(nn.modules.batchnorm._BatchNorm):
     ) -> None:
         """Refuse, naming the layer, what torch refuses (and what it would refuse only after
         counting the batch): a non-tensor or non-float input, a wrong rank or channel count,
-        mixed dtypes, a parameter or running statistic of another size than the channel count,
-        one value per channel or ``eps <= 0`` with batch statistics, ``eps < 0`` with population
-        statistics. The running statistics are given when this call uses or updates them."""
+        mixed dtypes, a parameter or running statistic of another size than the channel count
+        or not 1-D (torch takes a weight or bias of C values in any shape; bnlab refuses it,
+        naming the layer), one value per channel or ``eps <= 0`` with batch statistics,
+        ``eps < 0`` with population statistics. The running statistics are given when this
+        call uses or updates them."""
         if torch.jit.is_scripting():
             self._check_input_dim(x)  # torch's rank check; the ops check the rest
         else:
@@ -178,10 +180,15 @@ class _BatchNorm(nn.modules.batchnorm._BatchNorm):
             c = self.num_features
             for name, t in (("weight", weight), ("bias", bias), ("running_mean", running_mean),
                             ("running_var", running_var)):  # fmt: skip
-                if t is not None and t.numel() != c:  # (torch's rule: the count, any shape)
+                if t is not None and t.numel() != c:  # (torch's rule: the count)
                     raise RuntimeError(
                         f"{self._describe()}: {name} should contain {c} elements, not "
                         f"{t.numel()}"
+                    )
+                if t is not None and t.dim() != 1:  # (torch refuses it for the statistics)
+                    raise RuntimeError(
+                        f"{self._describe()}: {name} should be 1-D ({c},), got shape "
+                        f"{tuple(t.shape)}"
                     )
         if batch_stats:
             if x.numel() == x.shape[1] or self.eps <= 0:  # m = 1, or no eps (NaN passes: torch)
