@@ -526,6 +526,28 @@ def test_short_inference_path_sees_every_change_of_state(backend):
     check(inp=x.double())
 
 
+@pytest.mark.parametrize("shape", [SHAPES["1d-dense"], SHAPES["2d"]], ids=["dense", "2d"])
+def test_an_inference_graph_sees_its_statistics_updated_by_a_training_step(shape, backend):
+    """An inference forward keeps the running statistics for its backward; a training step
+    before that backward updates them in place (the kernels write their memory), and autograd
+    is told: the backward raises its in-place error instead of giving gradients of statistics
+    the forward never used (torch's own layer does the latter). Without the step in between,
+    the same backward runs; a training step's own backward is not affected."""
+    ours, _ = make_pair(shape)
+    x = torch.randn(shape, requires_grad=True)
+    ours.eval()
+    ours(x).sum().backward()
+    y = ours(x)
+    ours.train()
+    z = ours(torch.randn(shape) * 2 + 1)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        y.sum().backward()
+    z.sum().backward()  # (the training graph saved no running statistic)
+    ours.zero_grad()
+    ours(torch.randn(shape)).sum().backward()
+    assert ours.weight.grad is not None
+
+
 @pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])
 def test_parameters_and_statistics_of_another_shape_are_refused_naming_the_layer(train, backend):
     """A running statistic of C values that is not 1-D: refused as torch refuses it, with the

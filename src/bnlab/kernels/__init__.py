@@ -36,6 +36,7 @@ import threading
 import numpy as np
 import torch
 from torch import Tensor
+from torch.autograd.graph import increment_version
 
 __all__ = [
     "unsupported_reason",
@@ -533,7 +534,7 @@ def eval_forward_fast(
     plan = _lean_plan(x, running_mean, running_var, weight, bias, views, None, 0)
     if plan is None:
         return None
-    rows, c, s, p, dt, n = plan
+    rows, c, s, p, dt, n, _ = plan
     y = _empty_like(x, n)  # (x's strides: x is dense, so empty_like keeps them)
     compiled().eval_fwd_at(
         x.data_ptr(), y.data_ptr(), rows, c, s, p[0], p[1], p[2], p[3], weight is not None,
@@ -543,9 +544,10 @@ def eval_forward_fast(
 
 
 def _lean_plan(x, running_mean, running_var, weight, bias, views, count, slot):
-    """``(rows, C, S, arrays, dtype, nbytes)`` for a lean call on ``x``: its loop layout
+    """``(rows, C, S, arrays, dtype, nbytes, buffers)`` for a lean call on ``x``: its loop layout
     (:func:`_layout`), the numpy views of :func:`_fast_params` (cached in ``views[slot]``), x's
-    dtype and its size in bytes (which its outputs share); or None unless x is a float32/float64
+    dtype and its size in bytes (which its outputs share), and for a training call (``count``
+    given) the running statistics and counter it updates; or None unless x is a float32/float64
     CPU tensor the loops can read with statistics and parameters of its dtype, or such a
     bfloat16 one with float32 statistics and parameters (the ``fused32`` path of
     :mod:`bnlab.backend`, which reads bfloat16 as it is). Raises nothing."""
@@ -566,7 +568,8 @@ def _lean_plan(x, running_mean, running_var, weight, bias, views, count, slot):
         return None
     if p is None:
         return None
-    return rows, c, s, p, dt, rows * c * s * _ITEMSIZE[dt]
+    buffers = None if count is None else (running_mean, running_var, count)
+    return rows, c, s, p, dt, rows * c * s * _ITEMSIZE[dt], buffers
 
 
 def lean_plan(
@@ -604,7 +607,7 @@ def lean_train_forward(x: Tensor, plan, eps: float, relu: bool, momentum: float 
     (mean, biased var, invstd, then the coefficients) in the compute dtype, ``ok`` False for
     non-finite statistics (nothing updated). Same values as :func:`batch_norm_train_forward`
     and :func:`commit_batch_stats`."""
-    rows, c, s, p, dt, n = plan
+    rows, c, s, p, dt, n, _ = plan
     y = _empty_like(x, n)
     stats = np.empty((5, c), p[0].dtype)
     ok = compiled().train_fwd_at(
@@ -612,6 +615,8 @@ def lean_train_forward(x: Tensor, plan, eps: float, relu: bool, momentum: float 
         float(eps), bool(relu), stats, p[0], p[1], p[4], True, momentum is None,
         0.0 if momentum is None else momentum, _NONE[dt], _streams_bytes(n),
     )  # fmt: skip
+    if ok:  # (written through their memory: autograd is told, as by an in-place operation)
+        increment_version(plan[6])
     return y, stats, ok
 
 
@@ -619,7 +624,7 @@ def lean_eval_forward(x: Tensor, plan, eps: float, relu: bool):
     """The inference transform [+ ReLU] of a planned inference call: ``(y, stats)``, y like x,
     ``stats`` the (3, C) array of :func:`bnlab.kernels._numba.eval_fwd_at` (invstd, then the
     coefficients). Same values as :func:`batch_norm_eval_forward`."""
-    rows, c, s, p, dt, n = plan
+    rows, c, s, p, dt, n, _ = plan
     y = _empty_like(x, n)
     stats = np.empty((3, c), p[0].dtype)
     compiled().eval_fwd_at(
@@ -637,7 +642,7 @@ def lean_backward(dy: Tensor, x: Tensor, relu: bool, plan, stats, train: bool,
     and layout (autograd hands an output's backward a gradient of that output's dtype). The
     ReLU's mask is recomputed from x with the forward's normalize coefficients, bit for bit
     the forward's ``y > 0`` (``_numba.backward_ncs``), so the output is neither kept nor read."""
-    rows, c, s, p, dt, n = plan
+    rows, c, s, p, dt, n, _ = plan
     mean, invstd = (stats[0], stats[2]) if train else (p[0], stats[0])
     dy = _like(dy, x)  # (x's layout, so the loops may read it by address)
     dx = _empty_like(x, n) if need_dx else None
@@ -772,12 +777,16 @@ def commit_batch_stats(
         raise ValueError(f"fused kernels: running statistics of {running_mean.numel()} and "
                          f"{running_var.numel()} values for {mean.numel()} channels")  # fmt: skip
     empty = _NONE[mean.dtype]
-    return compiled().commit_stats(
+    update = bool(update and has)
+    ok = compiled().commit_stats(
         _np(mean), _np(var),
         running_mean.numpy() if has else empty, running_var.numpy() if has else empty,
-        num_batches_tracked.numpy() if has else _NO_COUNT, bool(update and has),
+        num_batches_tracked.numpy() if has else _NO_COUNT, update,
         momentum is None, 0.0 if momentum is None else float(momentum), float(m),
     )  # fmt: skip
+    if ok and update:  # (written through their memory: autograd is told, as by an in-place op)
+        increment_version((running_mean, running_var, num_batches_tracked))
+    return ok
 
 
 def warm_up() -> None:
