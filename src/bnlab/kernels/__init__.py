@@ -690,8 +690,7 @@ def _backward(dy, x, mean, invstd, weight, need_dx, need_dparams, y, train, coef
     w, has_w = _param(weight, cdt, c)
     k.backward_at(
         dy.data_ptr(), xp, mp, relu, k2, floor, rows, c, s, _vec(mean, c), _vec(invstd, c), w,
-        has_w,
-        train, need_sums, 0 if dx is None else dx.data_ptr(), grads, _NONE[x.dtype],
+        has_w, train, need_sums, 0 if dx is None else dx.data_ptr(), grads, _NONE[x.dtype],
         dx is not None and _streams(dx),
     )  # fmt: skip
     if not need_sums:
