@@ -164,6 +164,26 @@ def test_bad_input_is_refused_and_state_is_kept():
         inverse_sqrt_psd(torch.eye(2), 0.0)
 
 
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+def test_parameters_and_buffers_of_another_shape_are_refused_and_state_is_kept(train):
+    """A parameter or buffer reassigned to another shape through ``.data``: refused with the
+    layer named before the running averages move (a (4, 1) weight would otherwise broadcast
+    against 4 rows into a (4, 4) output)."""
+    for name, bad in [("weight", lambda t: t[:2]), ("weight", lambda t: t.view(4, 1)),
+                      ("bias", lambda t: t[:3]), ("running_mean", lambda t: t[:2]),
+                      ("running_cov", lambda t: t[:, :1])]:  # fmt: skip
+        layer = BatchWhitening(4)
+        layer(_data(10, 4, dtype=torch.float32))
+        layer.train(train)
+        t = getattr(layer, name)
+        t.data = bad(t.data)
+        state = {k: v.clone() for k, v in layer.state_dict().items()}
+        with pytest.raises(RuntimeError, match=f"BatchWhitening\\(4\\): {name} should have shape"):
+            layer(_data(4, 4, seed=1, dtype=torch.float32))
+        for k, v in layer.state_dict().items():
+            assert torch.equal(v, state[k]), (name, k)
+
+
 def test_registered_as_a_norm_family():
     layer = make_norm("whiten", 8, 2, group_size=4)
     assert isinstance(layer, BatchWhitening) and layer.group_size == 4 and layer.groups == 2

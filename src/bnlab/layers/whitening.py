@@ -142,8 +142,22 @@ class BatchWhitening(nn.Module):
                              f"{self.num_features}, ...), got shape {tuple(x.shape)}")
         return x.movedim(1, -1).reshape(-1, self.num_features)
 
+    def _check_state(self) -> None:
+        """Refuse, naming the layer, a parameter or buffer of another shape than the layer's
+        (reassigned through ``.data``, say), before the forward changes anything: the
+        running averages would otherwise move before the affine step failed, or a (C, 1)
+        weight broadcast against M = C rows without an error."""
+        c, k, g = self.num_features, self.groups, self.group_size
+        for name, shape in (("weight", (c,)), ("bias", (c,)), ("running_mean", (c,)),
+                            ("running_cov", (k, g, g))):  # fmt: skip
+            t = getattr(self, name)
+            if t is not None and tuple(t.shape) != shape:
+                raise RuntimeError(f"{type(self).__name__}({c}): {name} should have shape "
+                                   f"{shape}, got {tuple(t.shape)}")  # fmt: skip
+
     def forward(self, x: Tensor) -> Tensor:
         rows = self._rows(x)  # (M, C)
+        self._check_state()
         m, g, k = rows.shape[0], self.group_size, self.groups
         if self.training:
             if m < 2:
