@@ -83,6 +83,24 @@ def test_inference_beyond_the_last_step_uses_its_statistics_training_is_refused(
         StepBatchNorm1d(5, 0)
 
 
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+def test_shared_parameters_of_another_shape_are_refused_before_the_step_moves(train):
+    """The shared gamma or beta reassigned to another shape through ``.data`` (fewer values, or
+    (C, 1), which would broadcast against C rows): refused with the layer named before the
+    step's running statistics move."""
+    for name, bad in [("weight", lambda t: t[:2]), ("bias", lambda t: t.view(5, 1))]:
+        layer = StepBatchNorm1d(5, max_steps=2, dtype=torch.float64)
+        layer(_steps(1)[0], 0)
+        layer.train(train)
+        p = getattr(layer, name)
+        p.data = bad(p.data)
+        state = {k: v.clone() for k, v in layer.state_dict().items()}
+        with pytest.raises(RuntimeError, match=f"StepBatchNorm1d\\(5\\): {name} should have"):
+            layer(_steps(1, n=5, seed=2)[0], 0)
+        for k, v in layer.state_dict().items():
+            assert torch.equal(v, state[k]), (name, k)
+
+
 def test_state_dict_round_trip():
     layer = StepBatchNorm1d(3, 2)
     layer(torch.randn(4, 3), 0)
