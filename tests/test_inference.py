@@ -368,6 +368,26 @@ def test_fold_refuses_training_mode_unsafe_graph_and_batch_stats_layers():
         )
 
 
+def test_fold_takes_torchs_parameters_of_any_shape_and_refuses_other_sizes():
+    """torch's BN reads a weight or bias of C values in any shape (a (C, 1) one assigned through
+    ``.data``): the folded model computes what torch's does; a parameter or statistic of another
+    count is refused with the layer named."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)).eval()
+    with torch.no_grad():
+        bn = model[1]
+        bn.running_mean.normal_(), bn.running_var.uniform_(0.5, 2)
+        bn.weight.uniform_(0.5, 2), bn.bias.normal_()
+        bn.weight.data = bn.weight.data.view(4, 1)
+        bn.bias.data = bn.bias.data.view(1, 4)
+    x = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(bnlab.fold(copy.deepcopy(model))(x), model(x))
+        model[1].running_var.data = model[1].running_var.data[:3]
+    with pytest.raises(ValueError, match="layer '1' has a running_var of 3 values for 4"):
+        bnlab.fold(model)
+
+
 def test_fold_carries_the_fused_relu():
     """A bnlab BN with activation="relu" computes max(BN(x), 0): folded, the ReLU stays (as
     nn.ReLU after a folded conv, inside ChannelAffine for a lone BN)."""

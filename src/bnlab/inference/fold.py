@@ -121,14 +121,21 @@ def _bn_scale_shift(bn: nn.Module, name: str) -> tuple[Tensor, Tensor]:
             f"fold: layer '{name}' has track_running_stats=False; it always uses batch statistics "
             "and cannot be folded"
         )
-    var = bn.running_var.detach().double()
-    mean = bn.running_mean.detach().double()
+    c = bn.num_features
+    for what, p in (("running_mean", bn.running_mean), ("running_var", bn.running_var),
+                    ("weight", bn.weight), ("bias", bn.bias)):  # fmt: skip
+        if p is not None and p.numel() != c:
+            raise ValueError(f"fold: layer '{name}' has a {what} of {p.numel()} values for {c} "
+                             "channels")  # fmt: skip
+    # (any shape of C values, as torch's layer reads them)
+    var = bn.running_var.detach().double().reshape(-1)
+    mean = bn.running_mean.detach().double().reshape(-1)
     s = 1.0 / torch.sqrt(var + bn.eps)
     if bn.weight is not None:
-        s = s * bn.weight.detach().double()
+        s = s * bn.weight.detach().double().reshape(-1)
     t = -mean * s
     if bn.bias is not None:
-        t = t + bn.bias.detach().double()
+        t = t + bn.bias.detach().double().reshape(-1)
     return s, t
 
 
