@@ -388,6 +388,18 @@ def test_fold_takes_torchs_parameters_of_any_shape_and_refuses_other_sizes():
         bnlab.fold(model)
 
 
+def test_convert_refuses_torch_parameters_of_another_shape_and_changes_nothing():
+    """bnlab's layers take (C,) parameters; convert refuses a torch layer holding a (C, 1) one
+    (which torch's layer reads) before it replaces any layer, saying how to reshape it."""
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.BatchNorm2d(4)).eval()
+    model[2].weight.data = model[2].weight.data.view(4, 1)
+    with pytest.raises(ValueError, match="layer '2' has a weight of shape \\(4, 1\\).*reshape"):
+        bnlab.convert(model)
+    assert type(model[1]) is nn.BatchNorm2d and type(model[2]) is nn.BatchNorm2d
+    model[2].weight.data = model[2].weight.data.reshape(-1)
+    assert isinstance(bnlab.convert(model)[2], bnlab.BatchNorm2d)
+
+
 def test_fold_carries_the_fused_relu():
     """A bnlab BN with activation="relu" computes max(BN(x), 0): folded, the ReLU stays (as
     nn.ReLU after a folded conv, inside ChannelAffine for a lone BN)."""
