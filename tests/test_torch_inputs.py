@@ -216,6 +216,38 @@ def test_num_batches_tracked_and_averages_over_modes(momentum, affine):
         assert assert_same(ours, theirs, torch.randn(shape) * 2 + 0.5) is None
 
 
+@pytest.mark.parametrize("decomposed", [False, True], ids=["eager", "standard-ops"])
+@pytest.mark.parametrize("removed", ["running stats", "counter", "counter, momentum None"])
+@pytest.mark.parametrize("training", [True, False])
+def test_buffers_set_to_none_after_construction(training, removed, decomposed):
+    """Running statistics or the counter set to None on a tracking layer, as torch's layer
+    allows: torch counts the batch whenever the counter is there (with or without running
+    averages) and, without a counter, updates the averages with the momentum, or with a factor
+    of 0 for momentum None. The same through the standard-op form (forward-mode AD takes it)."""
+    import torch.autograd.forward_ad as fwAD
+
+    shape = (5, 3, 4)
+    ours, theirs = pair(shape, momentum=None if "momentum" in removed else 0.1)
+    for layer in (ours, theirs):
+        layer.train(training)
+        if removed == "running stats":
+            layer.running_mean = layer.running_var = None
+        else:
+            layer.num_batches_tracked = None
+    for _ in range(2):
+        x = torch.randn(shape) * 2 + 0.5
+        if not decomposed:
+            assert assert_same(ours, theirs, x) is None
+            continue
+        with torch.no_grad():
+            want = theirs(x)
+            with fwAD.dual_level():
+                got = fwAD.unpack_dual(ours(fwAD.make_dual(x, torch.randn(shape)))).primal
+        torch.testing.assert_close(got, want, **tol(torch.float32))
+        for k, v in theirs.state_dict().items():
+            torch.testing.assert_close(ours.state_dict()[k], v, **tol(torch.float32), msg=k)
+
+
 @pytest.mark.parametrize("training", [True, False])
 def test_no_running_stats_uses_batch_statistics_in_both_modes(training):
     shape = (6, 4, 3, 3)

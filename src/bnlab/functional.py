@@ -275,12 +275,15 @@ def commit_running_stats(
     update: bool,
 ) -> bool:
     """Accept a batch's statistics: refuse non-finite ones, then fold them into the population
-    estimates of Algorithm 2 as a moving average (``update`` and running buffers given)::
+    estimates of Algorithm 2 as a moving average (``update``)::
 
         num_batches_tracked += 1
         f = momentum  (or 1 / num_batches_tracked when momentum is None: cumulative average)
         running_mean <- running_mean + f * (mu_B - running_mean)
         running_var  <- running_var  + f * (m / (m - 1) * sigma_B^2 - running_var)   (unbiased)
+
+    As torch's layer does, the counter is counted whenever it is given (running averages or
+    not), and without a counter a momentum of None means ``f = 0``.
 
     ``momentum`` is None or a finite real number (see :func:`check_momentum`; callers check it).
     Returns False, touching nothing, when ``var`` holds a NaN or Inf (it is computed from the
@@ -296,9 +299,15 @@ def commit_running_stats(
         return True
     if not math.isfinite(float(var.max())):
         return False
-    if update and running_mean is not None:
+    if update and num_batches_tracked is not None:
         num_batches_tracked.add_(1)
-        f = 1.0 / float(num_batches_tracked.item()) if momentum is None else float(momentum)
+    if update and running_mean is not None:
+        if momentum is not None:
+            f = float(momentum)
+        elif num_batches_tracked is not None:
+            f = 1.0 / float(num_batches_tracked.item())
+        else:
+            f = 0.0
         dtype = running_mean.dtype
         running_mean.lerp_(_as(mean.detach(), dtype), f)
         running_var.lerp_(_as(var.detach() * (m / (m - 1)), dtype), f)

@@ -345,27 +345,37 @@ def decompose_commit(
     else:
         if not _accept_python(x, var, ok, running_mean, update, layer):
             return
-    if update and running_mean is not None and running_var is not None:
-        if num_batches_tracked is None:
-            return
-        dtype = running_mean.dtype
+    if not update:
+        return
+    # (as torch's layer: the counter counted whenever given, the averages updated when given;
+    # without a counter, momentum=None is a factor of 0)
+    buffers: list[Tensor] = []
+    values: list[Tensor] = []
+    count: Tensor | None = None
+    if num_batches_tracked is not None:
         count = num_batches_tracked + ok.to(num_batches_tracked.dtype)
+        buffers.append(num_batches_tracked)
+        values.append(count)
+    if running_mean is not None and running_var is not None:
+        dtype = running_mean.dtype
         new_mean = mean.detach().to(dtype)
         new_var = (var.detach() * (m / (m - 1))).to(dtype)
-        if momentum is None:  # cumulative average: f = 1 / num_batches_tracked
+        if momentum is not None:
+            new_mean = torch.lerp(running_mean, new_mean, momentum)
+            new_var = torch.lerp(running_var, new_var, momentum)
+        elif count is not None:  # cumulative average: f = 1 / num_batches_tracked
             f = torch.reciprocal(count.to(dtype))
             new_mean = torch.lerp(running_mean, new_mean, f)
             new_var = torch.lerp(running_var, new_var, f)
         else:
-            new_mean = torch.lerp(running_mean, new_mean, momentum)
-            new_var = torch.lerp(running_var, new_var, momentum)
-        if torch.jit.is_scripting():
-            running_mean.copy_(new_mean)
-            running_var.copy_(new_var)
-            num_batches_tracked.copy_(count)
-        else:
-            _write_python(ok, (running_mean, running_var, num_batches_tracked),
-                          (new_mean, new_var, count), layer)  # fmt: skip
+            new_mean, new_var = running_mean.clone(), running_var.clone()
+        buffers += [running_mean, running_var]
+        values += [new_mean, new_var]
+    if torch.jit.is_scripting():
+        for i in range(len(buffers)):
+            buffers[i].copy_(values[i])
+    else:
+        _write_python(ok, tuple(buffers), tuple(values), layer)
 
 
 def _accept_python(x, var, ok, running_mean, update, layer) -> bool:

@@ -769,22 +769,32 @@ def commit_batch_stats(
     update: bool,
 ) -> bool:
     """:func:`bnlab.functional.commit_running_stats` in one compiled call (finiteness check, count,
-    both moving averages): False, touching nothing, for non-finite statistics. ``momentum`` is
-    None (cumulative average) or a finite real number of any sign or size."""
+    both moving averages; as there, the counter counted whenever given and, without one,
+    momentum None a factor of 0): False, touching nothing, for non-finite statistics.
+    ``momentum`` is None (cumulative average) or a finite real number of any sign or size."""
     has = running_mean is not None
     if has and not (running_mean.numel() == running_var.numel() == var.numel() == mean.numel()):
         raise ValueError(f"fused kernels: running statistics of {running_mean.numel()} and "
                          f"{running_var.numel()} values for {mean.numel()} channels")  # fmt: skip
     empty = _NONE[mean.dtype]
-    update = bool(update and has)
+    count = num_batches_tracked is not None
+    averages = bool(update and has)
+    if not averages:
+        nbt = _NO_COUNT  # (not written)
+    elif count:
+        nbt = num_batches_tracked.numpy()
+    else:  # (no counter: torch's momentum=None is then a factor of 0; a scratch counter)
+        nbt = np.zeros((), np.int64)
     ok = compiled().commit_stats(
         _np(mean), _np(var),
-        running_mean.numpy() if has else empty, running_var.numpy() if has else empty,
-        num_batches_tracked.numpy() if has else _NO_COUNT, update,
-        momentum is None, 0.0 if momentum is None else float(momentum), float(m),
+        running_mean.numpy() if has else empty, running_var.numpy() if has else empty, nbt,
+        averages, momentum is None and count, 0.0 if momentum is None else float(momentum),
+        float(m),
     )  # fmt: skip
-    if ok and update:  # (written through their memory: autograd is told, as by an in-place op)
-        increment_version((running_mean, running_var, num_batches_tracked))
+    if ok and averages:  # (written through their memory: autograd is told, as by an in-place op)
+        increment_version((running_mean, running_var) + ((num_batches_tracked,) if count else ()))
+    elif ok and update and count:  # (no averages to update: the counter alone, as torch counts)
+        num_batches_tracked.add_(1)
     return ok
 
 
