@@ -182,6 +182,16 @@ def shape_text(shape: list[int]) -> str:
     return "(" + ", ".join([str(s) for s in shape]) + ")"
 
 
+def check_shapes(layer: str, expected) -> None:
+    """Refuse, naming ``layer``, the first of ``(name, tensor, shape)`` whose tensor (None:
+    absent, skipped) has another shape: a parameter or buffer reassigned through ``.data``,
+    which a layer must see before its forward changes any state."""
+    for name, t, shape in expected:
+        if t is not None and tuple(t.shape) != shape:
+            raise RuntimeError(f"{layer}: {name} should have shape {shape}, got "
+                               f"{tuple(t.shape)}")  # fmt: skip
+
+
 def check_batch(x: Tensor, eps: float, batch_stats: bool, layer: str) -> None:
     """Refuse, with ``layer`` named, what torch refuses before it computes anything: batch
     statistics from one value per channel (``m = 1``; an empty batch, ``m = 0``, is accepted)

@@ -23,6 +23,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from ..ops import check_shapes
 from .batchnorm import BatchNorm1d
 
 __all__ = ["StepBatchNorm1d"]
@@ -65,10 +66,8 @@ class StepBatchNorm1d(nn.Module):
                 f"StepBatchNorm1d({self.num_features}, max_steps={self.max_steps}): training at "
                 f"step {t} would mix its statistics into step {self.max_steps - 1}'s; build the "
                 "layer with a larger max_steps")
-        c = self.num_features
-        for name, p in (("weight", self.weight), ("bias", self.bias)):
-            if p.shape != (c,):  # (before the step's statistics move; (C, 1) would broadcast)
-                raise RuntimeError(f"StepBatchNorm1d({c}): {name} should have shape ({c},), got "
-                                   f"{tuple(p.shape)}")  # fmt: skip
+        c = self.num_features  # (before the step's statistics move; (C, 1) would broadcast)
+        check_shapes(f"StepBatchNorm1d({c})", (("weight", self.weight, (c,)),
+                                               ("bias", self.bias, (c,))))  # fmt: skip
         y = self.steps[min(t, self.max_steps - 1)](x)
         return y * self.weight + self.bias

@@ -37,6 +37,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ..ops import check_shapes
 from .registry import register_norm
 
 __all__ = ["BatchWhitening", "inverse_sqrt_psd"]
@@ -148,12 +149,11 @@ class BatchWhitening(nn.Module):
         running averages would otherwise move before the affine step failed, or a (C, 1)
         weight broadcast against M = C rows without an error."""
         c, k, g = self.num_features, self.groups, self.group_size
-        for name, shape in (("weight", (c,)), ("bias", (c,)), ("running_mean", (c,)),
-                            ("running_cov", (k, g, g))):  # fmt: skip
-            t = getattr(self, name)
-            if t is not None and tuple(t.shape) != shape:
-                raise RuntimeError(f"{type(self).__name__}({c}): {name} should have shape "
-                                   f"{shape}, got {tuple(t.shape)}")  # fmt: skip
+        check_shapes(f"{type(self).__name__}({c})", (
+            ("weight", self.weight, (c,)), ("bias", self.bias, (c,)),
+            ("running_mean", self.running_mean, (c,)),
+            ("running_cov", self.running_cov, (k, g, g)),
+        ))  # fmt: skip
 
     def forward(self, x: Tensor) -> Tensor:
         rows = self._rows(x)  # (M, C)
