@@ -301,13 +301,10 @@ def commit_running_stats(
         return False
     if update and num_batches_tracked is not None:
         num_batches_tracked.add_(1)
-    if update and running_mean is not None:
-        if momentum is not None:
-            f = float(momentum)
-        elif num_batches_tracked is not None:
-            f = 1.0 / float(num_batches_tracked.item())
-        else:
-            f = 0.0
+    # (no counter and momentum None: torch's factor is 0, the averages stay as they are)
+    if update and running_mean is not None and (momentum is not None or num_batches_tracked
+                                                is not None):  # fmt: skip
+        f = 1.0 / float(num_batches_tracked.item()) if momentum is None else float(momentum)
         dtype = running_mean.dtype
         running_mean.lerp_(_as(mean.detach(), dtype), f)
         running_var.lerp_(_as(var.detach() * (m / (m - 1)), dtype), f)

@@ -357,8 +357,7 @@ def decompose_commit(
             return
     if not update:
         return
-    # (as torch's layer: the counter counted whenever given, the averages updated when given;
-    # without a counter, momentum=None is a factor of 0)
+    # (as torch's layer: the counter counted whenever given, the averages updated when given)
     buffers: list[Tensor] = []
     values: list[Tensor] = []
     count: Tensor | None = None
@@ -366,7 +365,10 @@ def decompose_commit(
         count = num_batches_tracked + ok.to(num_batches_tracked.dtype)
         buffers.append(num_batches_tracked)
         values.append(count)
-    if running_mean is not None and running_var is not None:
+    # (no counter and momentum None: torch's factor is 0, the averages stay as they are)
+    if running_mean is not None and running_var is not None and (
+        momentum is not None or count is not None
+    ):
         dtype = running_mean.dtype
         new_mean = mean.detach().to(dtype)
         new_var = (var.detach() * (m / (m - 1))).to(dtype)
@@ -377,8 +379,6 @@ def decompose_commit(
             f = torch.reciprocal(count.to(dtype))
             new_mean = torch.lerp(running_mean, new_mean, f)
             new_var = torch.lerp(running_var, new_var, f)
-        else:
-            new_mean, new_var = running_mean.clone(), running_var.clone()
         buffers += [running_mean, running_var]
         values += [new_mean, new_var]
     if torch.jit.is_scripting():

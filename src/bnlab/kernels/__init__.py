@@ -778,18 +778,18 @@ def commit_batch_stats(
                          f"{running_var.numel()} values for {mean.numel()} channels")  # fmt: skip
     empty = _NONE[mean.dtype]
     count = num_batches_tracked is not None
-    averages = bool(update and has)
+    # (no counter and momentum None: torch's factor is 0, the averages stay as they are)
+    averages = bool(update and has and (count or momentum is not None))
     if not averages:
         nbt = _NO_COUNT  # (not written)
     elif count:
         nbt = num_batches_tracked.numpy()
-    else:  # (no counter: torch's momentum=None is then a factor of 0; a scratch counter)
+    else:  # (no counter: a scratch one for the loop to count)
         nbt = np.zeros((), np.int64)
     ok = compiled().commit_stats(
         _np(mean), _np(var),
         running_mean.numpy() if has else empty, running_var.numpy() if has else empty, nbt,
-        averages, momentum is None and count, 0.0 if momentum is None else float(momentum),
-        float(m),
+        averages, momentum is None, 0.0 if momentum is None else float(momentum), float(m),
     )  # fmt: skip
     if ok and averages:  # (written through their memory: autograd is told, as by an in-place op)
         increment_version((running_mean, running_var) + ((num_batches_tracked,) if count else ()))
