@@ -388,16 +388,34 @@ def test_fold_takes_torchs_parameters_of_any_shape_and_refuses_other_sizes():
         bnlab.fold(model)
 
 
-def test_convert_refuses_torch_parameters_of_another_shape_and_changes_nothing():
-    """bnlab's layers take (C,) parameters; convert refuses a torch layer holding a (C, 1) one
-    (which torch's layer reads) before it replaces any layer, saying how to reshape it."""
-    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.BatchNorm2d(4)).eval()
-    model[2].weight.data = model[2].weight.data.view(4, 1)
-    with pytest.raises(ValueError, match="layer '2' has a weight of shape \\(4, 1\\).*reshape"):
-        bnlab.convert(model)
-    assert type(model[1]) is nn.BatchNorm2d and type(model[2]) is nn.BatchNorm2d
-    model[2].weight.data = model[2].weight.data.reshape(-1)
-    assert isinstance(bnlab.convert(model)[2], bnlab.BatchNorm2d)
+def test_convert_keeps_torch_parameters_of_any_shape():
+    """torch's BN reads a weight or bias of C values in any shape (a (C, 1) one assigned through
+    ``.data``); the converted layer keeps those Parameters and computes what torch's does in
+    both modes, its gradients in the parameters' own shapes (torch's backward refuses a 2-D
+    weight; the gradients are those of the same layer with (C,) parameters)."""
+    torch.manual_seed(0)
+    flat = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4))
+    with torch.no_grad():
+        flat[1].weight.uniform_(0.5, 2), flat[1].bias.normal_()
+    x = torch.randn(2, 3, 8, 8)
+    for train in (True, False):
+        ref = copy.deepcopy(flat).train(train)
+        model = copy.deepcopy(flat).train(train)
+        model[1].weight.data = model[1].weight.data.view(4, 1)
+        model[1].bias.data = model[1].bias.data.view(1, 4)
+        ours = bnlab.convert(copy.deepcopy(model))
+        with torch.no_grad():
+            want = model(x)  # torch's forward, on the reshaped parameters
+        assert isinstance(ours[1], bnlab.BatchNorm2d) and ours[1].weight.shape == (4, 1)
+        y = ours(x)
+        torch.testing.assert_close(y, want)
+        y.square().sum().backward()
+        ref(x).square().sum().backward()
+        assert ours[1].weight.grad.shape == (4, 1) and ours[1].bias.grad.shape == (1, 4)
+        torch.testing.assert_close(ours[1].weight.grad.view(4), ref[1].weight.grad)
+        torch.testing.assert_close(ours[1].bias.grad.view(4), ref[1].bias.grad)
+        for key in ("running_mean", "running_var", "num_batches_tracked"):
+            torch.testing.assert_close(getattr(ours[1], key), getattr(model[1], key))
 
 
 def test_fold_carries_the_fused_relu():

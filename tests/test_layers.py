@@ -6,6 +6,7 @@ import copy
 
 import pytest
 import torch
+from torch import nn
 
 import bnlab
 from conftest import SHAPES, family_classes, to_format
@@ -549,13 +550,12 @@ def test_an_inference_graph_sees_its_statistics_updated_by_a_training_step(shape
 
 
 @pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])
-def test_parameters_and_statistics_of_another_shape_are_refused_naming_the_layer(train, backend):
+def test_running_statistics_of_another_shape_are_refused_naming_the_layer(train, backend):
     """A running statistic of C values that is not 1-D: refused as torch refuses it, with the
-    layer named. A weight or bias of C values in another shape, which torch takes: refused with
-    a clear error naming the layer (bnlab's parameters are (C,)), the state untouched."""
+    layer named, the state untouched."""
     shape = (4, 8, 5, 6)
     x = torch.randn(shape)
-    for name in ("weight", "bias", "running_mean", "running_var"):
+    for name in ("running_mean", "running_var"):
         ours, ref = make_pair(shape)
         ours.layer_name = "net.bn"
         ours.train(train), ref.train(train)
@@ -564,13 +564,73 @@ def test_parameters_and_statistics_of_another_shape_are_refused_naming_the_layer
                 t = getattr(layer, name)
                 t.data = t.data.view(8, 1)
             state = {k: v.clone() for k, v in ours.state_dict().items()}
-            if name.startswith("running"):
-                with pytest.raises(RuntimeError):
-                    ref(x)
+            with pytest.raises(RuntimeError):
+                ref(x)
             with pytest.raises(RuntimeError, match=rf"net.bn.*{name} should be 1-D \(8,\)"):
                 ours(x)
             for k, v in ours.state_dict().items():
                 assert torch.equal(v, state[k]), k
+
+
+_AFFINE_SHAPES = {"weight": (8, 1), "bias": (2, 4)}
+
+
+@pytest.mark.parametrize("family", ["bn", "renorm", "ghost", "sync"])
+@pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])
+@pytest.mark.parametrize("fmt", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("act", [None, "relu"])
+def test_weight_and_bias_of_c_values_in_any_shape(family, train, fmt, act, backend):
+    """torch's layers read a weight or bias of C values in any shape ((C, 1), (2, C/2), ...,
+    reassigned through ``.data``); so does every bnlab family, as its own layer with (C,)
+    parameters does: the same output, input gradient, running statistics and counter, and the
+    parameters' gradients in their own shapes (torch's backward refuses a 2-D weight, so the
+    oracle is the (C,) layer, checked against torch's forward). Twice, so the short paths'
+    caches see the shapes too."""
+    shape = (6, 8, 5, 4)
+    kinds = {
+        "bn": lambda: bnlab.BatchNorm2d(8, activation=act),
+        "renorm": lambda: bnlab.BatchRenorm2d(8, activation=act, warmup_steps=0),
+        "ghost": lambda: bnlab.GhostBatchNorm2d(8, virtual_batch_size=4, activation=act),
+        "sync": lambda: bnlab.SyncBatchNorm(8, activation=act),
+    }
+    flat = kinds[family]()
+    _random_state(flat, flat)
+    with torch.no_grad():
+        flat.weight.uniform_(0.5, 2), flat.bias.normal_()
+    shaped = copy.deepcopy(flat)
+    for name, new in _AFFINE_SHAPES.items():
+        t = getattr(shaped, name)
+        t.data = t.data.view(new)
+    flat.train(train), shaped.train(train)
+    torch_bn = nn.BatchNorm2d(8).train(train)
+    torch_bn.load_state_dict({k: v.view(-1) if v.dim() else v for k, v in
+                              shaped.state_dict().items() if k in torch_bn.state_dict()})
+    for name, new in _AFFINE_SHAPES.items():  # (torch's forward reads the reshaped ones)
+        t = getattr(torch_bn, name)
+        t.data = t.data.view(new)
+    for step in range(2):
+        x = to_format(torch.randn(shape) * 2 + step, fmt)
+        dy = to_format(torch.randn(shape), fmt)
+        xs, xf = x.clone().requires_grad_(), x.clone().requires_grad_()
+        ys, yf = shaped(xs), flat(xf)
+        torch.testing.assert_close(ys, yf, rtol=0, atol=0)
+        if family in ("bn", "sync"):
+            with torch.no_grad():
+                want = torch_bn(x)
+            torch.testing.assert_close(ys, torch.relu(want) if act else want, **tol(x.dtype))
+        ys.backward(dy), yf.backward(dy)
+        torch.testing.assert_close(xs.grad, xf.grad, rtol=0, atol=0)
+        for name, new in _AFFINE_SHAPES.items():
+            g, gf = getattr(shaped, name).grad, getattr(flat, name).grad
+            assert g.shape == new, name
+            torch.testing.assert_close(g.reshape(-1), gf, rtol=0, atol=0)
+        for key, v in flat.state_dict().items():
+            torch.testing.assert_close(shaped.state_dict()[key].reshape(v.shape), v, rtol=0,
+                                       atol=0)  # fmt: skip
+        shaped.zero_grad(), flat.zero_grad()
+    with torch.no_grad():  # (no graph: the inference and training short paths' own checks)
+        x = to_format(torch.randn(shape), fmt)
+        torch.testing.assert_close(shaped(x), flat(x), rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])

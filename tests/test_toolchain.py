@@ -627,6 +627,50 @@ def test_double_backward_through_a_model_matches_torch():
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("mode", MODES)
+def test_tools_take_a_weight_and_bias_of_another_shape(mode):
+    """A (C, 1) weight and (1, C) bias (C values in another shape, which torch's layers read):
+    torch.compile, export, jit.script, jit.trace, fx, torch.func.grad and the meta device give
+    the eager layer's output, and the gradients come back in the parameters' shapes."""
+    torch.manual_seed(0)
+    base = bnlab.BatchNorm2d(8, track_running_stats=mode == "eval")
+    with torch.no_grad():
+        base.weight.uniform_(0.5, 2), base.bias.normal_()
+        if mode == "eval":
+            base.running_mean.normal_(), base.running_var.uniform_(0.5, 2)
+    base.weight.data = base.weight.data.view(8, 1)
+    base.bias.data = base.bias.data.view(1, 8)
+    base.train(mode == "train")
+    x = torch.randn(4, 8, 5, 5)
+    want = copy.deepcopy(base)(x)
+
+    def fresh():
+        return copy.deepcopy(base)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        outputs = {
+            "compile": torch.compile(fresh(), backend="aot_eager", fullgraph=True)(x),
+            "export": torch.export.export(fresh(), (x,)).module()(x),
+            "script": torch.jit.script(fresh())(x),
+            "trace": torch.jit.trace(fresh(), (x,))(x),
+            "fx": torch.fx.symbolic_trace(fresh())(x),
+        }
+    for tool, y in outputs.items():
+        close(y, want, tool)
+    layer = fresh()
+    params = dict(layer.named_parameters())
+    grads = torch.func.grad(
+        lambda p: torch.func.functional_call(layer, p, (x,)).square().sum()
+    )(params)
+    eager = fresh()
+    eager(x).square().sum().backward()
+    for name, p in eager.named_parameters():
+        assert grads[name].shape == p.shape, name
+        close(grads[name], p.grad, name)
+    assert fresh().to("meta")(x.to("meta")).shape == x.shape
+
+
 @pytest.mark.parametrize("early_stop", [True, False], ids=["early-stop", "full"])
 @pytest.mark.parametrize("reentrant", [True, False], ids=["reentrant", "non-reentrant"])
 def test_activation_checkpoint_recomputes_as_torch(reentrant, early_stop, backend):

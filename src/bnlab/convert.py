@@ -49,14 +49,6 @@ def _refusal(module: nn.Module, name: str, to: str) -> str | None:
     if lazy and module.has_uninitialized_params():
         return f"convert: lazy layer '{label}' is not initialized; run one forward pass first"
     if to != "torch":
-        for key in _STATE[:4]:  # (torch's layer reads C values in any shape; bnlab's takes (C,))
-            t = getattr(module, key, None)
-            if t is not None and t.dim() != 1:
-                return (
-                    f"convert: layer '{label}' has a {key} of shape {tuple(t.shape)}; bnlab's "
-                    f"layers take ({module.num_features},): reshape it first "
-                    f"(layer.{key}.data = layer.{key}.data.reshape(-1))"
-                )
         return None
     if getattr(module, "activation", None) is not None:  # torch's BN has no fused activation
         return (

@@ -68,6 +68,14 @@ __all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "name_layers"]
 _HALF = (torch.float16, torch.bfloat16)
 
 
+def _as_vector(t: Tensor | None) -> Tensor | None:
+    """``t`` reshaped to 1-D when it is not (a parameter of C values in another shape, which
+    torch's layers take); otherwise ``t`` itself."""
+    if t is not None and t.dim() != 1:
+        return t.reshape(-1)
+    return t
+
+
 class _BatchNorm(nn.modules.batchnorm._BatchNorm):
     """Common state and behaviour of the bnlab BatchNorm layers (torch's ``_BatchNorm`` with
     bnlab's forward)."""
@@ -143,9 +151,9 @@ class _BatchNorm(nn.modules.batchnorm._BatchNorm):
     ) -> None:
         """Refuse, naming the layer, what torch refuses (and what it would refuse only after
         counting the batch): a non-tensor or non-float input, a wrong rank or channel count,
-        mixed dtypes, a parameter or running statistic of another size than the channel count
-        or not 1-D (torch takes a weight or bias of C values in any shape; bnlab refuses it,
-        naming the layer), one value per channel or ``eps <= 0`` with batch statistics,
+        mixed dtypes, a parameter or running statistic of another size than the channel count,
+        a running statistic that is not 1-D (a weight or bias of C values may have any shape, as
+        in torch: :meth:`_affine`), one value per channel or ``eps <= 0`` with batch statistics,
         ``eps < 0`` with population statistics. The running statistics are given when this
         call uses or updates them."""
         if torch.jit.is_scripting():
@@ -185,8 +193,8 @@ class _BatchNorm(nn.modules.batchnorm._BatchNorm):
                         f"{self._describe()}: {name} should contain {c} elements, not "
                         f"{t.numel()}"
                     )
-                if t is not None and t.dim() != 1:  # (torch refuses it for the statistics)
-                    raise RuntimeError(
+                if t is not None and t.dim() != 1 and name.startswith("running"):
+                    raise RuntimeError(  # (torch refuses them; it reads weight/bias in any shape)
                         f"{self._describe()}: {name} should be 1-D ({c},), got shape "
                         f"{tuple(t.shape)}"
                     )
@@ -218,6 +226,27 @@ class _BatchNorm(nn.modules.batchnorm._BatchNorm):
         except (TypeError, ValueError) as exc:
             raise type(exc)(f"{self._describe()}: {exc}") from None
 
+    def _affine(self) -> tuple[Tensor | None, Tensor | None]:
+        """``(weight, bias)`` as (C,) tensors. torch's layer reads a weight or bias of C values
+        in any shape (a (C, 1) weight, say); the computations take (C,), so such a parameter
+        goes in as its reshape, which autograd records: its gradient comes back in the
+        parameter's own shape."""
+        weight, bias = self.weight, self.bias
+        if torch.jit.is_scripting():
+            return _as_vector(weight), _as_vector(bias)
+        return self._traced_vector("weight", weight), self._traced_vector("bias", bias)
+
+    @torch.jit.unused
+    def _traced_vector(self, name: str, t: Tensor | None) -> Tensor | None:
+        """:func:`_as_vector` of the parameter ``name`` read as ``t``, which fx symbolic tracing
+        gives as a proxy of unknown rank: the rank is then the registered tensor's."""
+        if t is None:
+            return None
+        real = self._parameters.get(name, t) if isinstance(t, torch.fx.Proxy) else t
+        if isinstance(real, torch.fx.Proxy) or real is None or real.dim() == 1:
+            return t
+        return t.reshape(-1)
+
     # ----------------------------------------------------------------------------- forward
     def _use_batch_stats(self) -> bool:
         """Training mode, or no population statistics to use (track_running_stats=False); a frozen
@@ -229,7 +258,8 @@ class _BatchNorm(nn.modules.batchnorm._BatchNorm):
     def _train_forward(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Normalize with statistics of this batch. Returns ``(y, mean, biased_var)`` with (C,)
         statistics. The one method variants override; ``y`` includes ``self.activation``."""
-        return batch_norm_train(x, self.weight, self.bias, self.eps, self.activation)
+        weight, bias = self._affine()
+        return batch_norm_train(x, weight, bias, self.eps, self.activation)
 
     def _commit_batch_stats(self, x: Tensor, mean: Tensor, var: Tensor) -> None:
         """The one place where a batch's statistics are accepted or refused. Non-finite
@@ -368,18 +398,17 @@ class _BatchNorm(nn.modules.batchnorm._BatchNorm):
         :meth:`_commit_batch_stats` in one autograd Function that commits before it saves its
         tensors (:class:`bnlab.autograd.BatchNormTrain`), as torch's layer does; the input has
         been checked."""
-        if (
-            not self._own_statistics()
-            or route(x) != EAGER
-            or not _needs_graph(x, self.weight, self.bias)
-        ):
+        if not self._own_statistics() or route(x) != EAGER:
+            return None
+        weight, bias = self._affine()
+        if not _needs_graph(x, weight, bias):
             return None
 
         def commit(mean: Tensor, var: Tensor) -> None:
             self._commit_batch_stats(x, mean, var)
 
         relu = _relu_flag(self.activation)
-        return BatchNormTrain.apply(x, self.weight, self.bias, self.eps, relu, commit)[0]
+        return BatchNormTrain.apply(x, weight, bias, self.eps, relu, commit)[0]
 
     def __getstate__(self) -> dict[str, Any]:
         """The module's state without the cache of numpy views (:meth:`_eval_fast`): pickles
@@ -420,6 +449,7 @@ class _BatchNorm(nn.modules.batchnorm._BatchNorm):
             y, mean, var = self._train_forward(input)
             self._commit_batch_stats(input, mean, var)
             return y
+        weight, bias = self._affine()
         return batch_norm_eval(
             input, running_mean, running_var, weight, bias, self.eps, self.activation
         )

@@ -109,6 +109,7 @@ class _GhostBatchNorm(_BatchNorm):
             )
         sizes = ghost_sizes(n, v, per_example)
         full = sum(1 for s in sizes if s == v)  # the leading ghost batches of v examples
+        weight, bias = self._affine()
         ys, means, vars_, counts = [], [], [], []
         if full:
             # (full*v, C, *S) -> (full, v, C, *S) -> (v, full, C, *S) -> (v, full*C, *S): each
@@ -116,8 +117,8 @@ class _GhostBatchNorm(_BatchNorm):
             spatial = list(x.shape[2:])
             xs = x[: full * v].reshape([full, v, c] + spatial).transpose(0, 1)
             xs = xs.reshape([v, full * c] + spatial)
-            w = None if self.weight is None else self.weight.repeat(full)
-            b = None if self.bias is None else self.bias.repeat(full)
+            w = None if weight is None else weight.repeat(full)
+            b = None if bias is None else bias.repeat(full)
             y, mean, var = batch_norm_train(xs, w, b, self.eps, self.activation)
             y = y.reshape([v, full, c] + spatial).transpose(0, 1).reshape([full * v, c] + spatial)
             ys.append(y)
@@ -126,8 +127,8 @@ class _GhostBatchNorm(_BatchNorm):
             counts += [v * per_example] * full
         for size in sizes[full:]:  # the last ghost batch, when its size differs
             start = full * v
-            y, mean, var = batch_norm_train(x[start : start + size], self.weight, self.bias,
-                                            self.eps, self.activation)  # fmt: skip
+            y, mean, var = batch_norm_train(x[start : start + size], weight, bias, self.eps,
+                                            self.activation)  # fmt: skip
             ys.append(y)
             means.append(mean.view(1, c))
             vars_.append(var.view(1, c))

@@ -221,11 +221,12 @@ class _BatchRenorm(_BatchNorm):
             r = torch.minimum(torch.maximum(torch.sqrt(var + self.eps) / sigma, 1.0 / rmax), rmax)
             d = torch.minimum(torch.maximum((mean - running_mean.to(acc)) / sigma, -dmax), dmax)
         scale, shift = r, d
-        if self.weight is not None:
-            scale = self.weight.to(acc) * r
-            shift = self.weight.to(acc) * d
-        if self.bias is not None:
-            shift = shift + self.bias.to(acc)
+        weight, bias = self._affine()
+        if weight is not None:
+            scale = weight.to(acc) * r
+            shift = weight.to(acc) * d
+        if bias is not None:
+            shift = shift + bias.to(acc)
         y = torch.addcmul(per_channel(shift, x), x_hat.to(acc), per_channel(scale, x))
         if self.activation == "relu":
             y = torch.relu(y)

@@ -221,7 +221,8 @@ class SyncBatchNorm(_BatchNorm):
                 f"statistics, got 1 over all ranks (this rank's input of shape "
                 f"{shape_text(list(x.shape))})"
             )
-        y = _SyncBatchNormFn.apply(x, self.weight, self.bias, mean, var, count, self.eps,
+        weight, bias = self._affine()
+        y = _SyncBatchNormFn.apply(x, weight, bias, mean, var, count, self.eps,
                                    self.activation == "relu", group)  # fmt: skip
         self._sync_count = count
         return y, mean, var
