@@ -290,3 +290,38 @@ def test_forward_mode_ad(training):
     torch.testing.assert_close(out[0].tangent, out[1].tangent, **tol(torch.float32))
     for k, v in theirs.state_dict().items():
         torch.testing.assert_close(ours.state_dict()[k], v, **tol(torch.float32), msg=k)
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_functions_read_weight_and_bias_in_any_shape_and_name_wrong_counts(training):
+    """bnlab.batch_norm_train/eval read a weight or bias of C values in any shape, as
+    ``torch.nn.functional.batch_norm`` does (its output the oracle), gradients in their own
+    shapes (those of the (C,) call: torch's backward refuses a 2-D weight); another count, or a
+    running statistic that is not 1-D, is refused naming the function and argument."""
+    x = torch.randn(6, 4, 3, 5, requires_grad=True)
+    rm, rv = torch.randn(4), torch.rand(4) + 0.5
+    w = (torch.rand(4, 1) + 0.5).requires_grad_()
+    b = torch.randn(2, 2).requires_grad_()
+
+    def ours(w, b):
+        if training:
+            return bnlab.batch_norm_train(x, w, b, 1e-5, "relu")[0]
+        return bnlab.batch_norm_eval(x, rm, rv, w, b, 1e-5, "relu")
+
+    y = ours(w, b)
+    with torch.no_grad():
+        want = torch.relu(nn.functional.batch_norm(x, rm.clone(), rv.clone(), w, b, training))
+    torch.testing.assert_close(y, want)
+    grads = torch.autograd.grad(y.square().sum(), [x, w, b])
+    flat = torch.autograd.grad(ours(w.view(4), b.view(4)).square().sum(), [x, w, b])
+    for g, f, t in zip(grads, flat, (x, w, b), strict=True):
+        assert g.shape == t.shape
+        torch.testing.assert_close(g, f)
+    name = "batch_norm_train" if training else "batch_norm_eval"
+    with pytest.raises(RuntimeError, match=rf"{name}: weight should hold 4 values.*\(3,\)"):
+        ours(torch.ones(3), None)
+    with pytest.raises(RuntimeError, match=rf"{name}: bias should hold 4 values.*\(5,\)"):
+        ours(None, torch.ones(5))
+    if not training:
+        with pytest.raises(RuntimeError, match=r"running_var should hold 4 values.*1-D.*\(4, 1\)"):
+            bnlab.batch_norm_eval(x, rm, rv.view(4, 1), None, None, 1e-5)

@@ -63,6 +63,35 @@ def _needs_graph(x: Tensor, weight: Tensor | None, bias: Tensor | None) -> bool:
     )
 
 
+def _per_channel(x: Tensor, t: Tensor | None, arg: str, fn: str) -> Tensor | None:
+    """A weight or bias ``t`` as the (C,) tensor of x's C channels: C values in any shape, as
+    torch's ``batch_norm`` reads them (reshaped; autograd records it, so their gradients come
+    back in their own shapes), or a RuntimeError naming ``fn`` and ``arg`` for another count
+    (the error torch raises)."""
+    if t is None:
+        return t
+    _check_count(x, t, arg, fn, True)
+    if t.dim() != 1:
+        return t.reshape(-1)
+    return t
+
+
+def _check_count(x: Tensor, t: Tensor, arg: str, fn: str, any_shape: bool) -> None:
+    """A RuntimeError (the error torch raises) naming ``fn`` and its argument ``arg`` unless
+    ``t`` holds C values for x's C channels, 1-D unless ``any_shape`` (running statistics must
+    be, as torch requires)."""
+    if x.dim() < 2:
+        return
+    c = x.shape[1]
+    if t.numel() != c or (t.dim() != 1 and not any_shape):
+        raise RuntimeError(
+            fn + ": " + arg + " should hold " + str(c) + " values for the " + str(c)
+            + " channels of input of shape " + ops.shape_text(list(x.shape))
+            + (" (in any shape)" if any_shape else ", 1-D") + ", got shape "
+            + ops.shape_text(list(t.shape))
+        )  # fmt: skip
+
+
 class BatchNormTrain(torch.autograd.Function):
     """y, mean, var = BN_train(x, gamma, beta) [then ReLU]; gradients flow to x, gamma, beta.
 
@@ -212,10 +241,15 @@ def batch_norm_train(
     ``max(y, 0)`` (fused on the kernel path)."""
     relu = _relu_flag(activation)
     if torch.jit.is_scripting():
+        weight = _per_channel(x, weight, "weight", "batch_norm_train")
+        bias = _per_channel(x, bias, "bias", "batch_norm_train")
         y, mean, var, _ = ops.decompose_train(x, weight, bias, eps, relu)
         return y, mean, var
     else:
         how = ops.route(x)
+        if not isinstance(x, torch.fx.Proxy):  # (fx symbolic tracing: no shapes to read)
+            weight = _per_channel(x, weight, "weight", "batch_norm_train")
+            bias = _per_channel(x, bias, "bias", "batch_norm_train")
         if how == ops.EAGER:
             if not _needs_graph(x, weight, bias):  # no autograd bookkeeping when nothing needs it
                 return B.train_forward(x, weight, bias, eps, relu=relu)[1:4]
@@ -274,10 +308,20 @@ def batch_norm_eval(
 ) -> Tensor:
     """Differentiable inference transform with population statistics [then ReLU]."""
     relu = _relu_flag(activation)
+    fn = "batch_norm_eval"
     if torch.jit.is_scripting():
+        _check_count(x, running_mean, "running_mean", fn, False)
+        _check_count(x, running_var, "running_var", fn, False)
+        weight = _per_channel(x, weight, "weight", fn)
+        bias = _per_channel(x, bias, "bias", fn)
         return ops.decompose_eval(x, running_mean, running_var, weight, bias, eps, relu)
     else:
         how = ops.route(x)
+        if not isinstance(x, torch.fx.Proxy):  # (fx symbolic tracing: no shapes to read)
+            _check_count(x, running_mean, "running_mean", fn, False)
+            _check_count(x, running_var, "running_var", fn, False)
+            weight = _per_channel(x, weight, "weight", fn)
+            bias = _per_channel(x, bias, "bias", fn)
         if how == ops.EAGER:
             if not _needs_graph(x, weight, bias):
                 return B.eval_forward(x, running_mean, running_var, weight, bias, eps, relu=relu)[1]
