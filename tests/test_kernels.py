@@ -27,8 +27,10 @@ TOL = {
 
 
 def _layout(x: torch.Tensor, layout: str) -> torch.Tensor:
-    """contiguous, channels_last (any rank >= 3), or a non-contiguous slice of a larger tensor."""
-    if layout == "channels_last" and x.dim() >= 3:
+    """contiguous, channels_last (rank 4 or 5: torch's formats; the kernels take no other
+    channels-innermost layout, since torch's output for one is contiguous), or a
+    non-contiguous slice of a larger tensor."""
+    if layout == "channels_last" and x.dim() in (4, 5):
         perm = (0, *range(2, x.dim()), 1)
         inv = (0, x.dim() - 1, *range(1, x.dim() - 1))
         return x.permute(perm).contiguous().permute(inv)
@@ -64,7 +66,11 @@ def check_fused_matches_reference(x, w, b, relu, gen):
         gradsr = B.train_backward(path, dy, x, meanr, invr, w, y=yr if relu else None)
         _, yer, inver = B.eval_forward(x, rm, rv, w, b, 1e-5, relu=relu)
         egradsr = B.eval_backward(path, dy, x, rm, inver, w, y=yer if relu else None)
-    assert y.stride() == x.stride() and ye.stride() == x.stride()  # layout preserved
+    # layout preserved, with the format's own strides (torch's: where a size-1 dimension's
+    # stride differs, the same addresses), and the gradient in x's strides (torch's)
+    want = F.standard_strides(x).stride()
+    assert y.stride() == want and ye.stride() == want and yr.stride() == want
+    assert yer.stride() == want
     for a, r in [(y, yr), (mean, meanr), (var, varr), (inv, invr), (ye, yer), (inve, inver)]:
         assert a.dtype == r.dtype
         torch.testing.assert_close(a, r, **tol)
@@ -246,7 +252,15 @@ def test_choose_and_fallbacks():
         with pytest.raises(ValueError, match="bfloat16"):
             B.choose(x.bfloat16()[:, :, ::2])
         with pytest.raises(ValueError, match="strides"):
-            bnlab.BatchNorm2d(3)(x[:, :, ::2])
+            B.choose(x[:, :, ::2])
+        # the layer takes it as torch does: copied into torch's output layout, which the kernels
+        # read (and the kernels themselves refuse it)
+        with pytest.raises(ValueError, match="strides"):
+            K.batch_norm_train_forward(x[:, :, ::2], None, None, 1e-5)
+        y = bnlab.BatchNorm2d(3)(x[:, :, ::2])
+        want = torch.nn.BatchNorm2d(3)(x[:, :, ::2])
+        torch.testing.assert_close(y, want)
+        assert y.stride() == want.stride()
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "f16"])

@@ -272,6 +272,83 @@ def test_strided_inputs(layout):
         )
 
 
+def _odd_layouts():
+    """Inputs of unusual strides, as views of other tensors give them: ``(name, x)``."""
+    cl, cl3 = torch.channels_last, torch.channels_last_3d
+    return [
+        ("expanded", torch.randn(8, 4, 5, 1).expand(8, 4, 5, 6)),
+        ("transposed H, W", torch.randn(8, 4, 6, 5).transpose(2, 3)),
+        ("transposed N, C", torch.randn(4, 8, 5, 6).transpose(0, 1)),
+        ("every other batch", torch.randn(16, 4, 5, 6)[::2]),
+        ("every other channel", torch.randn(8, 8, 5, 6)[:, ::2]),
+        ("overlapping", torch.as_strided(torch.randn(1000), (8, 4, 5, 6), (30, 7, 6, 1))),
+        ("channels_last, every other column",
+            torch.randn(8, 4, 5, 12).to(memory_format=cl)[..., ::2]),
+        ("permuted, channels innermost", torch.randn(5, 6, 8, 4).permute(2, 3, 0, 1)),
+        ("channels_last (N, C, 1, 1)", torch.randn(8, 4, 1, 1).to(memory_format=cl)),
+        ("channels_last, one channel", torch.randn(8, 1, 5, 6).to(memory_format=cl)),
+        ("channels_last, size-1 stride", torch.randn(8, 4, 1, 6).to(memory_format=cl)
+            .as_strided((8, 4, 1, 6), (24, 1, 999, 4))),
+        ("channels_last, spatial transposed", torch.randn(8, 4, 5, 6).to(memory_format=cl)
+            .transpose(2, 3)),
+        ("(N, C) transposed", torch.randn(4, 8).t()),
+        ("(N, L, C) transposed", torch.randn(8, 5, 4).transpose(1, 2)),
+        ("channels_last_3d", torch.randn(2, 4, 3, 5, 6).to(memory_format=cl3)),
+        ("5-D permuted", torch.randn(2, 3, 5, 6, 4).permute(0, 4, 1, 2, 3)),
+    ]  # fmt: skip
+
+
+def _memory_order(t):
+    """t's strides on its dimensions of more than one element (its memory order)."""
+    return [s for s, n in zip(t.stride(), t.shape, strict=True) if n > 1]
+
+
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("relu", [False, True], ids=["bn", "bn+relu"])
+def test_outputs_and_gradients_have_torchs_strides(training, relu):
+    """The output has the strides torch's layer gives it for every input layout (contiguous, or
+    the input's channels_last format with that format's own strides, or the layout torch's
+    reading of the strides suggests), so views and formats downstream behave as with torch; the
+    gradient of a leaf input has the memory order torch's has (the strides of size-1 dimensions
+    aside, which torch sets differently from one graph to another). Values and running
+    statistics as torch's, gradients as float64 autograd's, with and without a graph."""
+    for name, base in _odd_layouts():
+        ours, theirs = pair(tuple(base.shape))
+        ours.activation = "relu" if relu else None
+        ours.train(training), theirs.train(training)
+        with torch.no_grad():
+            y, want = ours(base), theirs(base)
+            want = torch.relu(want) if relu else want
+        torch.testing.assert_close(y, want, **tol(base.dtype), msg=name)
+        assert y.stride() == want.stride(), name
+        torch.testing.assert_close(ours.running_mean, theirs.running_mean, msg=name)
+        if 0 in base.stride():
+            continue  # (no leaf tensor has such strides)
+        xs = [torch.empty_strided(base.shape, base.stride()).copy_(base).requires_grad_()
+              for _ in range(2)]  # fmt: skip
+        state = copy.deepcopy(ours)
+        y, want = ours(xs[0]), theirs(xs[1])
+        want = torch.relu(want) if relu else want
+        assert y.stride() == want.stride(), name
+        dy = torch.randn(base.shape)
+        y.backward(dy), want.backward(dy)
+        assert _memory_order(xs[0].grad) == _memory_order(xs[1].grad), name
+        # the values against float64 autograd: torch's own gradient is wrong for a channels_last
+        # input whose size-1 dimension has another stride
+        xd = base.detach().double().requires_grad_()
+        dims = [d for d in range(xd.dim()) if d != 1]
+        view = [1, -1] + [1] * (xd.dim() - 2)
+        if training:
+            mean, var = xd.mean(dims, keepdim=True), xd.var(dims, unbiased=False, keepdim=True)
+        else:
+            mean = state.running_mean.double().view(view)
+            var = state.running_var.double().view(view)
+        yd = (xd - mean) / (var + state.eps).sqrt() * state.weight.double().view(view)
+        yd = yd + state.bias.double().view(view)
+        (torch.relu(yd) if relu else yd).backward(dy.double())
+        torch.testing.assert_close(xs[0].grad, xd.grad.float(), **tol(base.dtype), msg=name)
+
+
 @pytest.mark.parametrize("training", [True, False])
 def test_forward_mode_ad(training):
     """Dual tensors (torch.autograd.forward_ad): the same output, tangent and running

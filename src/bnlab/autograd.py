@@ -34,6 +34,7 @@ from torch import Tensor
 from . import backend as B
 from . import kernels as K
 from . import ops
+from .functional import standard_layout
 
 __all__ = [
     "BatchNormTrain",
@@ -251,6 +252,7 @@ def batch_norm_train(
             weight = _per_channel(x, weight, "weight", "batch_norm_train")
             bias = _per_channel(x, bias, "bias", "batch_norm_train")
         if how == ops.EAGER:
+            x = standard_layout(x)  # (so y has the strides torch's output has)
             if not _needs_graph(x, weight, bias):  # no autograd bookkeeping when nothing needs it
                 return B.train_forward(x, weight, bias, eps, relu=relu)[1:4]
             return BatchNormTrain.apply(x, weight, bias, eps, relu)
@@ -323,6 +325,7 @@ def batch_norm_eval(
             weight = _per_channel(x, weight, "weight", fn)
             bias = _per_channel(x, bias, "bias", fn)
         if how == ops.EAGER:
+            x = standard_layout(x)  # (so y has the strides torch's output has)
             if not _needs_graph(x, weight, bias):
                 return B.eval_forward(x, running_mean, running_var, weight, bias, eps, relu=relu)[1]
             return BatchNormEval.apply(x, running_mean, running_var, weight, bias, eps, relu)

@@ -177,6 +177,7 @@ def train_forward(
             y, mean, var, invstd = F.batch_norm_train_forward(x, weight, bias, eps)
             if relu:
                 y = y.clamp_min_(0)
+            y = F.standard_strides(y)  # (torch's strides, as the kernels' outputs have)
         mask = y if relu else None
     return (path, y, mean, var, invstd, mask) if keep_mask else (path, y, mean, var, invstd)
 
@@ -296,6 +297,7 @@ def eval_forward(
             y, invstd = F.batch_norm_eval_forward(x, running_mean, running_var, weight, bias, eps)
             if relu:
                 y = y.clamp_min_(0)
+            y = F.standard_strides(y)  # (torch's strides, as the kernels' outputs have)
         mask = y if relu else None
     return (path, y, invstd, mask) if keep_mask else (path, y, invstd)
 

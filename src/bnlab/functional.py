@@ -45,6 +45,9 @@ __all__ = [
     "pivot_values",
     "reduce_dims",
     "scale_shift",
+    "standard_layout",
+    "standard_strides",
+    "format_strides",
 ]
 
 
@@ -308,4 +311,80 @@ def commit_running_stats(
         dtype = running_mean.dtype
         running_mean.lerp_(_as(mean.detach(), dtype), f)
         running_var.lerp_(_as(var.detach() * (m / (m - 1)), dtype), f)
+    return True
+
+
+# ---------------------------------------------------------------------------- output layout
+def standard_layout(x: Tensor) -> Tensor:
+    """``x`` in the memory layout torch's batch norm gives its output for ``x`` (eager, on the
+    CPU), so that every path's output, which takes its input's layout, has torch's: ``x``
+    itself when it is contiguous or channels_last (channels_last_3d), the common case (the
+    outputs then get that format's own strides, see :func:`standard_strides`); for any other a
+    copy in torch's format: channels_last if its strides look so as torch reads them (a slice of
+    a channels_last tensor), else contiguous (a dense ``(N, L, C)`` tensor transposed to
+    ``(N, C, L)``, say). Autograd records the copy, so gradients reach ``x`` as given."""
+    if x.is_contiguous():
+        return x
+    shape = x.shape
+    rank = len(shape)
+    if rank not in (4, 5):
+        return x.contiguous()
+    fmt = _LAST[rank]
+    if x.is_contiguous(memory_format=fmt):
+        return x
+    like = _strides_like_channels_last(shape, x.stride())
+    return x.contiguous(memory_format=fmt if like else torch.contiguous_format)
+
+
+def standard_strides(y: Tensor) -> Tensor:
+    """``y``, contiguous or channels_last (channels_last_3d), with that format's own strides:
+    ``y`` itself, or a view at the same addresses where a size-1 dimension's stride differs
+    (as a channels_last ``(N, C, 1, 1)`` tensor's: torch's outputs have the contiguous ones);
+    any other ``y`` as it is."""
+    shape = y.shape
+    if 1 not in shape:
+        return y
+    rank = len(shape)
+    if y.is_contiguous():
+        fmt = torch.contiguous_format
+    elif rank in (4, 5) and y.is_contiguous(memory_format=_LAST[rank]):
+        fmt = _LAST[rank]
+    else:
+        return y
+    strides = format_strides(shape, fmt)
+    if y.stride() == strides:
+        return y
+    return y.as_strided(shape, strides)
+
+
+def format_strides(shape, fmt: torch.memory_format) -> tuple[int, ...]:
+    """The strides torch gives a tensor of ``shape`` in the memory format ``fmt``."""
+    rank = len(shape)
+    order = range(rank - 1, -1, -1)
+    if fmt != torch.contiguous_format:
+        order = (1, *range(rank - 1, 1, -1), 0)
+    strides, step = [0] * rank, 1
+    for d in order:
+        strides[d] = step
+        step *= max(shape[d], 1)
+    return tuple(strides)
+
+
+_LAST = {4: torch.channels_last, 5: torch.channels_last_3d}
+
+
+def _strides_like_channels_last(shape, strides) -> bool:
+    """torch's reading of 4-D/5-D strides as channels_last (the channels innermost, then the
+    spatial dimensions last to first, then the batch, each stride at least the extent of the
+    ones inside it; ambiguous cases read as contiguous), which decides the layout of the
+    output torch's batch norm makes for a tensor in neither format."""
+    if strides[1] == 0:
+        return False
+    low = 0
+    for d in (1, *range(len(shape) - 1, 1, -1), 0):
+        if shape[d] == 0 or strides[d] < low:
+            return False
+        if d == 0 and low == strides[1]:
+            return False
+        low = strides[d] * (shape[d] if shape[d] > 1 else 1)
     return True

@@ -98,8 +98,8 @@ _loops = None  # bnlab.kernels._numba once imported (compiled)
 def _channels_last_dense(shape, strides) -> bool:
     """Whether a tensor of ``shape`` and ``strides`` (at least 3 dimensions) is dense with its
     channels innermost, then its spatial dimensions last to first, then the batch (the memory
-    order of ``torch.channels_last``, for any rank); like torch, the strides of size-1
-    dimensions are not looked at."""
+    order of ``torch.channels_last``); like torch, the strides of size-1 dimensions are not
+    looked at."""
     expected = 1
     for d in (1, *range(len(shape) - 1, 1, -1), 0):
         if shape[d] != 1:
@@ -109,18 +109,20 @@ def _channels_last_dense(shape, strides) -> bool:
     return True
 
 
-def _layout(x: Tensor) -> tuple[int, int, int] | None:
+def _layout(x: Tensor, shape=None) -> tuple[int, int, int] | None:
     """``(rows, C, S)``: x (at least 2 dimensions, at least one value) dense as ``(N, C, S)``
     with ``S > 1`` (contiguous: ``rows`` = N), or as ``(M, C)`` rows with ``S == 1``
-    (contiguous with one value per (n, c), or channels innermost: ``rows`` = M); None for any
-    other strides. The layouts of the loops (:mod:`bnlab.kernels._numba`), which take x's
-    address: a tensor made by ``empty_like(x)`` has x's strides, so the same layout."""
-    shape = x.shape
+    (contiguous with one value per (n, c), or channels innermost in torch's channels_last or
+    channels_last_3d format: ``rows`` = M); None for any other strides (a dense ``(N, C, L)``
+    tensor with its channels innermost, say: torch's output for it is contiguous, which the
+    loops cannot write from it). The layouts of the loops (:mod:`bnlab.kernels._numba`), which
+    take x's address: a tensor made by :func:`_empty_like` has the same layout."""
+    shape = x.shape if shape is None else shape
     c = shape[1]
     if x.is_contiguous():
         n = shape[0]
         return n, c, math.prod(shape) // (n * c)
-    if len(shape) > 2 and _channels_last_dense(shape, x.stride()):
+    if len(shape) in (4, 5) and _channels_last_dense(shape, x.stride()):
         return math.prod(shape) // c, c, 1
     return None
 
@@ -255,11 +257,32 @@ class _HugePages:
 _huge: _HugePages | None = None
 
 
+_LAST = {4: torch.channels_last, 5: torch.channels_last_3d}
+
+
 def _empty_like(x: Tensor, nbytes: int | None = None) -> Tensor:
-    """``torch.empty_like(x)`` (x's strides), on huge pages when large (:class:`_HugePages`);
-    ``nbytes``: x's size in bytes, where the caller knows it."""
+    """``torch.empty_like(x)`` (x's strides: a gradient or a copy for the loops), on huge pages
+    when large (:class:`_HugePages`); ``nbytes``: x's size in bytes, where the caller knows it."""
+    return _advised(torch.empty_like(x), nbytes)
+
+
+def _output_like(x: Tensor, nbytes: int | None = None, fmt=False) -> Tensor:
+    """A forward's output for x (in a loop layout), as :func:`_empty_like` but with the
+    strides torch gives its output: those of x's memory format (x's own, but where a size-1
+    dimension's stride differs: the same addresses, so the same loop layout). ``fmt``: that
+    format, or None where x's strides are known to be its own (:func:`_lean_layout`)."""
+    if fmt is False:
+        if x.is_contiguous():
+            fmt = torch.contiguous_format
+        else:  # (x is channels_last, or channels_last_3d: the loops' other layout)
+            fmt = _LAST[len(x.shape)]
+    y = torch.empty_like(x) if fmt is None else torch.empty_like(x, memory_format=fmt)
+    return _advised(y, nbytes)
+
+
+def _advised(y: Tensor, nbytes: int | None) -> Tensor:
+    """``y``, advised onto huge pages when large (:class:`_HugePages`)."""
     global _huge
-    y = torch.empty_like(x)
     if _huge is None:
         _huge = _HugePages()
     if _huge.size:  # (where no advice is given, not even the size is looked at)
@@ -318,7 +341,24 @@ def _readable_layout(x: Tensor) -> tuple[int, int, int] | None:
     shape = x.shape  # (every query of a tensor is a call into torch: the shape says the rest)
     if len(shape) < 2 or 0 in shape:
         return None
-    return _layout(x)
+    return _layout(x, shape)
+
+
+def _lean_layout(x: Tensor):
+    """``(layout, fmt)``: :func:`_readable_layout` of x (None where it is None) and the memory
+    format its outputs take (:func:`_output_like`): None where x has no size-1 dimension, so
+    its own strides are its format's (the outputs are made like x), else that format."""
+    if not x.is_cpu or x.is_neg():
+        return None
+    shape = x.shape
+    if len(shape) < 2 or 0 in shape:
+        return None
+    lay = _layout(x, shape)
+    if lay is None:
+        return None
+    if 1 not in shape:
+        return lay, None
+    return lay, torch.contiguous_format if x.is_contiguous() else _LAST[len(shape)]
 
 
 def _checked_layout(x: Tensor) -> tuple[int, int, int]:
@@ -344,10 +384,14 @@ def _vec(t: Tensor, c: int):
 
 
 def _like(t: Tensor, x: Tensor) -> Tensor:
-    """``t`` (x's shape) with exactly x's strides and dtype, so x's layout: a copy only if they
-    differ (an expanded dy, say)."""
-    if t.stride() == x.stride() and t.dtype == x.dtype and t.is_cpu and not t.is_neg():
-        return t
+    """``t`` (x's shape) in x's dtype and at x's addresses (x's strides, or others that differ
+    only on size-1 dimensions), so x's layout: a copy only if they differ (an expanded dy, say)."""
+    if t.dtype == x.dtype and t.is_cpu and not t.is_neg():
+        if t.stride() == x.stride():
+            return t
+        lay = _layout(t)
+        if lay is not None and lay == _layout(x):  # (the same addresses)
+            return t
     return _empty_like(x).copy_(t)
 
 
@@ -404,7 +448,7 @@ def batch_norm_train_forward(
     mask (``coef`` of :func:`batch_norm_train_backward`)."""
     k = compiled()
     rows, c, s = _checked_layout(x)
-    y = _empty_like(x)
+    y = _output_like(x)
     cdt = _compute(x.dtype)
     stats = np.empty((5, c), _NP[cdt])  # mean, var, invstd, 2 coefficients
     w, has_w = _param(weight, cdt, c)
@@ -433,7 +477,7 @@ def batch_norm_eval_forward(
     :func:`batch_norm_train_forward` does."""
     k = compiled()
     rows, c, s = _checked_layout(x)
-    y = _empty_like(x)
+    y = _output_like(x)
     cdt = _compute(x.dtype)
     w, has_w = _param(weight, cdt, c)
     b, has_b = _param(bias, cdt, c)
@@ -534,8 +578,8 @@ def eval_forward_fast(
     plan = _lean_plan(x, running_mean, running_var, weight, bias, views, None, 0)
     if plan is None:
         return None
-    rows, c, s, p, dt, n, _ = plan
-    y = _empty_like(x, n)  # (x's strides: x is dense, so empty_like keeps them)
+    rows, c, s, p, dt, n, _, fmt = plan
+    y = _output_like(x, n, fmt)  # (x's layout: x is dense)
     compiled().eval_fwd_at(
         x.data_ptr(), y.data_ptr(), rows, c, s, p[0], p[1], p[2], p[3], weight is not None,
         bias is not None, float(eps), bool(relu), _NO_STATS[dt], _NONE[dt], _streams_bytes(n),
@@ -544,10 +588,11 @@ def eval_forward_fast(
 
 
 def _lean_plan(x, running_mean, running_var, weight, bias, views, count, slot):
-    """``(rows, C, S, arrays, dtype, nbytes, buffers)`` for a lean call on ``x``: its loop layout
-    (:func:`_layout`), the numpy views of :func:`_fast_params` (cached in ``views[slot]``), x's
-    dtype and its size in bytes (which its outputs share), and for a training call (``count``
-    given) the running statistics and counter it updates; or None unless x is a float32/float64
+    """``(rows, C, S, arrays, dtype, nbytes, buffers, fmt)`` for a lean call on ``x``: its loop
+    layout (:func:`_layout`), the numpy views of :func:`_fast_params` (cached in
+    ``views[slot]``), x's dtype and its size in bytes (which its outputs share), for a training
+    call (``count`` given) the running statistics and counter it updates, and the outputs'
+    memory format (:func:`_lean_layout`); or None unless x is a float32/float64
     CPU tensor the loops can read with statistics and parameters of its dtype, or such a
     bfloat16 one with float32 statistics and parameters (the ``fused32`` path of
     :mod:`bnlab.backend`, which reads bfloat16 as it is). Raises nothing."""
@@ -558,10 +603,10 @@ def _lean_plan(x, running_mean, running_var, weight, bias, views, count, slot):
         pdt = torch.float32
     else:
         return None
-    lay = _readable_layout(x)
+    lay = _lean_layout(x)
     if lay is None:
         return None
-    rows, c, s = lay
+    (rows, c, s), fmt = lay
     try:
         p = _fast_params(pdt, c, running_mean, running_var, weight, bias, views, count, slot)
     except (TypeError, RuntimeError):  # (a parameter off the CPU)
@@ -569,7 +614,7 @@ def _lean_plan(x, running_mean, running_var, weight, bias, views, count, slot):
     if p is None:
         return None
     buffers = None if count is None else (running_mean, running_var, count)
-    return rows, c, s, p, dt, rows * c * s * _ITEMSIZE[dt], buffers
+    return rows, c, s, p, dt, rows * c * s * _ITEMSIZE[dt], buffers, fmt
 
 
 def lean_plan(
@@ -607,8 +652,8 @@ def lean_train_forward(x: Tensor, plan, eps: float, relu: bool, momentum: float 
     (mean, biased var, invstd, then the coefficients) in the compute dtype, ``ok`` False for
     non-finite statistics (nothing updated). Same values as :func:`batch_norm_train_forward`
     and :func:`commit_batch_stats`."""
-    rows, c, s, p, dt, n, _ = plan
-    y = _empty_like(x, n)
+    rows, c, s, p, dt, n, _, fmt = plan
+    y = _output_like(x, n, fmt)
     stats = np.empty((5, c), p[0].dtype)
     ok = compiled().train_fwd_at(
         x.data_ptr(), y.data_ptr(), rows, c, s, p[2], p[3], p[2].size > 0, p[3].size > 0,
@@ -624,8 +669,8 @@ def lean_eval_forward(x: Tensor, plan, eps: float, relu: bool):
     """The inference transform [+ ReLU] of a planned inference call: ``(y, stats)``, y like x,
     ``stats`` the (3, C) array of :func:`bnlab.kernels._numba.eval_fwd_at` (invstd, then the
     coefficients). Same values as :func:`batch_norm_eval_forward`."""
-    rows, c, s, p, dt, n, _ = plan
-    y = _empty_like(x, n)
+    rows, c, s, p, dt, n, _, fmt = plan
+    y = _output_like(x, n, fmt)
     stats = np.empty((3, c), p[0].dtype)
     compiled().eval_fwd_at(
         x.data_ptr(), y.data_ptr(), rows, c, s, p[0], p[1], p[2], p[3], p[2].size > 0,
@@ -642,7 +687,7 @@ def lean_backward(dy: Tensor, x: Tensor, relu: bool, plan, stats, train: bool,
     and layout (autograd hands an output's backward a gradient of that output's dtype). The
     ReLU's mask is recomputed from x with the forward's normalize coefficients, bit for bit
     the forward's ``y > 0`` (``_numba.backward_ncs``), so the output is neither kept nor read."""
-    rows, c, s, p, dt, n, _ = plan
+    rows, c, s, p, dt, n = plan[:6]
     mean, invstd = (stats[0], stats[2]) if train else (p[0], stats[0])
     dy = _like(dy, x)  # (x's layout, so the loops may read it by address)
     dx = _empty_like(x, n) if need_dx else None
@@ -806,7 +851,7 @@ def warm_up() -> None:
     for dtype in (*_DTYPES, torch.bfloat16):
         cdt = _compute(dtype)
         for shape in [(4, 3), (2, 3, 4), (2, 3, 2, 2)]:
-            for cl in (False, True):
+            for cl in (False, len(shape) == 4):
                 x = torch.randn(shape).to(dtype)
                 if cl:
                     x = x.permute(0, *range(2, x.dim()), 1).contiguous()

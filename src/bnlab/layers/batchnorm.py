@@ -60,7 +60,7 @@ from ..autograd import (
     batch_norm_train_lean,
     commit_stats,
 )
-from ..functional import check_momentum
+from ..functional import check_momentum, standard_layout
 from ..ops import EAGER, check_batch, non_finite_message, route
 
 __all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "name_layers"]
@@ -441,6 +441,9 @@ class _BatchNorm(nn.modules.batchnorm._BatchNorm):
             input, batch_stats, weight, bias, running_mean if tracked else None,
             running_var if tracked else None,
         )  # fmt: skip
+        if not torch.jit.is_scripting():
+            if isinstance(input, Tensor) and route(input) == EAGER:
+                input = standard_layout(input)  # (every path's output takes its input's layout)
         if batch_stats or running_mean is None or running_var is None:
             if not torch.jit.is_scripting():
                 y = self._train_recorded(input)
