@@ -761,6 +761,27 @@ def test_opcheck_every_operator(relu, layout):
         torch.library.opcheck(ops.commit_stats, (*args, momentum, True, "layer"))
 
 
+@pytest.mark.parametrize("relu", [False, True])
+def test_operators_give_the_strides_their_fake_promises(relu):
+    """Where eager outputs take their format's own strides and x's differ on a size-1 dimension
+    (a channels_last (N, C, 1, 1) input, one with one channel), the operators still return the
+    strides their fake implementation promises (``empty_like(x)``'s), which compiled code
+    indexes by."""
+    ops = torch.ops.bnlab
+    for shape in [(8, 4, 1, 1), (8, 1, 5, 6)]:
+        x = torch.randn(shape).to(memory_format=torch.channels_last)
+        c = shape[1]
+        w, b = torch.rand(c) + 0.5, torch.randn(c)
+        want = torch.empty_like(x).stride()
+        assert want != torch.nn.BatchNorm2d(c)(x).stride()  # (torch's eager output differs)
+        y, stats = ops.batch_norm_train(x, w, b, 1e-5, relu)
+        assert y.stride() == want
+        assert ops.batch_norm_eval(x, stats[0], stats[1], w, b, 1e-5, relu).stride() == want
+        dx, _ = ops.batch_norm_backward(torch.randn_like(y), x, stats[0], stats[2], w,
+                                        y if relu else None, True, True, True)  # fmt: skip
+        assert dx.stride() == want
+
+
 def test_operators_match_the_decomposition_and_torch():
     ops = torch.ops.bnlab
     x, w, b = _op_args(True)
