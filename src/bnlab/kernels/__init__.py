@@ -38,6 +38,8 @@ import torch
 from torch import Tensor
 from torch.autograd.graph import increment_version
 
+from ..functional import _LAST
+
 __all__ = [
     "unsupported_reason",
     "layout_reason",
@@ -257,9 +259,6 @@ class _HugePages:
 _huge: _HugePages | None = None
 
 
-_LAST = {4: torch.channels_last, 5: torch.channels_last_3d}
-
-
 def _empty_like(x: Tensor, nbytes: int | None = None) -> Tensor:
     """``torch.empty_like(x)`` (x's strides: a gradient or a copy for the loops), on huge pages
     when large (:class:`_HugePages`); ``nbytes``: x's size in bytes, where the caller knows it."""
@@ -336,12 +335,8 @@ def _readable_layout(x: Tensor) -> tuple[int, int, int] | None:
     """:func:`_layout` of a tensor whose memory the loops may read by address (on the CPU, at
     least 2 dimensions and one value, not a negative view, dense in a loop layout), else None;
     :func:`layout_reason` says why (or the device)."""
-    if not x.is_cpu or x.is_neg():
-        return None
-    shape = x.shape  # (every query of a tensor is a call into torch: the shape says the rest)
-    if len(shape) < 2 or 0 in shape:
-        return None
-    return _layout(x, shape)
+    lay = _lean_layout(x)
+    return None if lay is None else lay[0]
 
 
 def _lean_layout(x: Tensor):
@@ -350,7 +345,7 @@ def _lean_layout(x: Tensor):
     its own strides are its format's (the outputs are made like x), else that format."""
     if not x.is_cpu or x.is_neg():
         return None
-    shape = x.shape
+    shape = x.shape  # (every query of a tensor is a call into torch: the shape says the rest)
     if len(shape) < 2 or 0 in shape:
         return None
     lay = _layout(x, shape)
