@@ -436,11 +436,11 @@ def batch_norm_train_forward(
     x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float, relu: bool = False,
     return_coef: bool = False,
 ) -> tuple[Tensor, ...]:
-    """Algorithm 1, fused. Returns ``(y, mean, var, invstd)``: y like x (same strides), (C,)
-    statistics in x's dtype (float32 for a bfloat16 x), ``var`` biased. With ``relu``,
-    ``y = max(BN(x), 0)``. With ``return_coef``, a fifth value: the (2, C) coefficients
-    ``(a, c)`` of the normalize pass ``a x + c``, from which the backward recomputes the ReLU's
-    mask (``coef`` of :func:`batch_norm_train_backward`)."""
+    """Algorithm 1, fused. Returns ``(y, mean, var, invstd)``: y in x's layout (torch's strides
+    for it, :func:`_output_like`), (C,) statistics in x's dtype (float32 for a bfloat16 x),
+    ``var`` biased. With ``relu``, ``y = max(BN(x), 0)``. With ``return_coef``, a fifth value:
+    the (2, C) coefficients ``(a, c)`` of the normalize pass ``a x + c``, from which the
+    backward recomputes the ReLU's mask (``coef`` of :func:`batch_norm_train_backward`)."""
     k = compiled()
     rows, c, s = _checked_layout(x)
     y = _output_like(x)
@@ -569,7 +569,8 @@ def eval_forward_fast(
     data and code: there every step of the Python path costs many times what it costs in a
     loop of calls, so the common call takes as few as possible. x and y go to the loop as
     addresses (:func:`bnlab.kernels._numba.eval_fwd_at`), checked here to be dense in the
-    loop's layout: y is made with x's strides, and both stay referenced for the call."""
+    loop's layout: y is made in that layout (:func:`_output_like`), and both stay referenced
+    for the call."""
     plan = _lean_plan(x, running_mean, running_var, weight, bias, views, None, 0)
     if plan is None:
         return None
@@ -643,7 +644,7 @@ def lean_train_forward(x: Tensor, plan, eps: float, relu: bool, momentum: float 
     """Algorithm 1 [+ ReLU] of a planned training call, then the batch's statistics committed
     to the plan's running averages and counter as :func:`commit_batch_stats` does (an update:
     ``momentum`` None or a finite float), in one call of the loops. Returns ``(y, stats,
-    ok)``: y like x, ``stats`` the (5, C) array of :func:`bnlab.kernels._numba.train_fwd_at`
+    ok)``: y in x's layout, ``stats`` the (5, C) array of :func:`bnlab.kernels._numba.train_fwd_at`
     (mean, biased var, invstd, then the coefficients) in the compute dtype, ``ok`` False for
     non-finite statistics (nothing updated). Same values as :func:`batch_norm_train_forward`
     and :func:`commit_batch_stats`."""
@@ -661,9 +662,9 @@ def lean_train_forward(x: Tensor, plan, eps: float, relu: bool, momentum: float 
 
 
 def lean_eval_forward(x: Tensor, plan, eps: float, relu: bool):
-    """The inference transform [+ ReLU] of a planned inference call: ``(y, stats)``, y like x,
-    ``stats`` the (3, C) array of :func:`bnlab.kernels._numba.eval_fwd_at` (invstd, then the
-    coefficients). Same values as :func:`batch_norm_eval_forward`."""
+    """The inference transform [+ ReLU] of a planned inference call: ``(y, stats)``, y in x's
+    layout, ``stats`` the (3, C) array of :func:`bnlab.kernels._numba.eval_fwd_at` (invstd,
+    then the coefficients). Same values as :func:`batch_norm_eval_forward`."""
     rows, c, s, p, dt, n, _, fmt = plan
     y = _output_like(x, n, fmt)
     stats = np.empty((3, c), p[0].dtype)
