@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -307,10 +308,40 @@ def test_running_stats_match_torch_for_every_momentum(momentum, shape, dtype, wh
         assert ours.num_batches_tracked.item() == ref.num_batches_tracked.item()
 
 
+OTHER_MOMENTA = {
+    "bool": True,
+    "bool-false": False,
+    "tensor": torch.tensor(0.3),
+    "tensor-f64": torch.tensor(0.3, dtype=torch.float64),
+    "tensor-int": torch.tensor(1),
+    "numpy": np.float32(0.3),
+    "numpy-int": np.int64(1),
+}
+
+
+@pytest.mark.parametrize("kind", list(OTHER_MOMENTA), ids=list(OTHER_MOMENTA))
+@pytest.mark.parametrize("when", ["constructor", "set-later"])
+def test_momentum_of_every_type_torch_takes(kind, when):
+    """torch's training forward passes its momentum on as a number: a bool, a 0-d real tensor
+    that does not require grad, numpy scalars. bnlab takes them the same, with the same
+    running statistics and counter."""
+    value = OTHER_MOMENTA[kind]
+    shape = (6, 4, 3, 3)
+    ours, ref = make_pair(shape, momentum=value if when == "constructor" else 0.1)
+    if when == "set-later":
+        ours.momentum = ref.momentum = value
+    for step in range(3):
+        x = torch.randn(shape) * 2 + step
+        torch.testing.assert_close(ours(x), ref(x), **tol(x.dtype))
+        torch.testing.assert_close(ours.running_mean, ref.running_mean, **tol(x.dtype))
+        torch.testing.assert_close(ours.running_var, ref.running_var, **tol(x.dtype))
+        assert ours.num_batches_tracked.item() == ref.num_batches_tracked.item()
+
+
 BAD_MOMENTA = {
     "str": ("0.1", TypeError),
-    "bool": (True, TypeError),
-    "tensor": (torch.tensor(0.1), TypeError),
+    "tensor-of-one": (torch.tensor([0.1]), TypeError),
+    "tensor-needing-grad": (torch.tensor(0.1, requires_grad=True), TypeError),
     "complex": (0.1 + 0j, TypeError),
     "nan": (float("nan"), ValueError),
     "inf": (float("inf"), ValueError),
@@ -321,8 +352,9 @@ BAD_MOMENTA = {
 def test_bad_momentum_refused_at_construction_and_at_forward_state_untouched(bad):
     """A momentum that is not None or a finite real number raises, naming the layer, both when
     given to the constructor and when set later (at the next training forward, before any
-    buffer moves). torch counts the batch in num_batches_tracked before failing on a string:
-    that is the poisoning refused here."""
+    buffer moves). torch counts the batch in num_batches_tracked before failing on a string or
+    a tensor it cannot read as a number, and writes NaN running statistics for a non-finite
+    one: that is the poisoning refused here."""
     value, exc = BAD_MOMENTA[bad]
     with pytest.raises(exc, match=r"BatchNorm1d\(4\): momentum"):
         bnlab.BatchNorm1d(4, momentum=value)

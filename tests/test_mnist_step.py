@@ -120,6 +120,31 @@ def test_sgd_step_equals_autograd_and_torch_sgd(norm, momentum, act):
         torch.testing.assert_close(explicit.state_dict()[key], value, rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.parametrize("bn_momentum", [True, torch.tensor(0.3), None],
+                         ids=["bool", "tensor", "none"])  # fmt: skip
+def test_sgd_step_reads_every_momentum_the_layer_takes(bn_momentum):
+    """The BN layers' momentum of any kind the layer itself takes (a bool, a 0-d tensor, None):
+    the step's running statistics and counters equal those of forward + autograd."""
+    auto = StackedMLP(3, in_features=20, hidden=(16, 12), norm="batchnorm1d")
+    auto.init_gaussian_([1, 2, 3], 0.3)
+    auto.double()
+    for n in auto.norms:
+        n.momentum = bn_momentum
+    explicit = copy.deepcopy(auto)
+    opt = torch.optim.SGD(auto.parameters(), lr=0.3)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(3):
+        x = torch.randn(3, 16, 20, generator=g, dtype=torch.float64)
+        y = torch.randint(10, (3, 16), generator=g)
+        ce = nn.functional.cross_entropy(auto(x).reshape(-1, 10), y.reshape(-1), reduction="none")
+        opt.zero_grad()
+        ce.view(3, -1).mean(1).sum().backward()
+        opt.step()
+        explicit.sgd_step(x, y, 0.3)
+    for key, value in auto.state_dict().items():
+        torch.testing.assert_close(explicit.state_dict()[key], value, rtol=1e-10, atol=1e-12)
+
+
 @pytest.mark.usefixtures("backend")
 @pytest.mark.parametrize("norm", [None, "batchnorm1d"])
 def test_sgd_step_workspace_follows_dtype_batch_size_loads_and_new_parameters(norm):
@@ -345,7 +370,8 @@ def test_sgd_step_refuses_what_it_does_not_write_out_and_bad_momentum():
     with pytest.raises(RuntimeError, match="frozen"):
         m.sgd_step(x, y, 0.1)
     bnlab.unfreeze(m)
-    for bad, exc in [("0.1", TypeError), (True, TypeError), (float("nan"), ValueError)]:
+    for bad, exc in [("0.1", TypeError), (torch.tensor([0.1]), TypeError),
+                     (float("nan"), ValueError)]:  # fmt: skip
         m.norms[0].momentum = bad
         with pytest.raises(exc, match=r"'norms.0' BatchNorm1d\(8\): momentum"):
             m.sgd_step(x, y, 0.1)

@@ -246,25 +246,39 @@ def batch_norm_eval_backward(
     return dx, dgamma, dbeta
 
 
-def check_momentum(momentum: object) -> None:
-    """Refuse a momentum that cannot weigh a moving average, before any state is touched.
+def check_momentum(momentum: object) -> float | None:
+    """Refuse a momentum that cannot weigh a moving average, before any state is touched, and
+    return it as a float (None stays None).
 
-    Valid: ``None`` (cumulative average) or any finite real number (``int``, ``float``, numpy
-    scalars), including values outside [0, 1]: the update ``(1 - f) * running + f * batch`` is
-    defined for every ``f``, as in ``torch.nn.BatchNorm``. TypeError for anything else (a string, a
-    bool, a tensor: torch counts the batch in ``num_batches_tracked`` before its update fails on a
-    string or on a tensor that needs grad, and a bool is almost surely a misplaced argument);
-    ValueError for NaN or infinity (they would write non-finite running statistics).
+    Valid, as in ``torch.nn.BatchNorm`` (whose training forward passes it on as a number): None
+    (cumulative average) or any finite real number, including values outside [0, 1] (the
+    update ``(1 - f) * running + f * batch`` is defined for every ``f``): ``int``, ``float``,
+    ``bool`` (True weighs the batch fully), numpy scalars, and a 0-d real tensor that does not
+    require grad. TypeError for anything else (a string, a tensor of more dimensions or one
+    that requires grad: torch counts the batch in ``num_batches_tracked`` before its update
+    fails on them); ValueError for NaN or infinity (torch would write non-finite running
+    statistics).
     """
     if momentum is None:
-        return
-    if isinstance(momentum, bool) or not isinstance(momentum, numbers.Real):
+        return None
+    if isinstance(momentum, torch.Tensor):
+        usable = (
+            momentum.dim() == 0
+            and not momentum.requires_grad
+            and not momentum.is_complex()
+            and not momentum.is_meta
+        )
+    else:
+        usable = isinstance(momentum, numbers.Real)
+    if not usable:
         raise TypeError(
             f"momentum must be None or a real number, got {type(momentum).__name__} "
             f"{momentum!r}"
         )
-    if not math.isfinite(momentum):
+    value = float(momentum)
+    if not math.isfinite(value):
         raise ValueError(f"momentum must be finite, got {momentum!r}")
+    return value
 
 
 def commit_running_stats(

@@ -382,7 +382,7 @@ class _BatchNormStep:
         momentum = layer.momentum
         if update:
             try:
-                check_momentum(momentum)
+                momentum = check_momentum(momentum)  # (a float, or None)
             except (TypeError, ValueError) as exc:
                 raise type(exc)(f"{_describe(layer)}: {exc}") from None
         relu = layer.activation == "relu"

@@ -217,12 +217,13 @@ class _BatchNorm(nn.modules.batchnorm._BatchNorm):
             "(e.g. layer.to(x.dtype))"
         )
 
-    def _check_momentum(self) -> None:
-        """TypeError/ValueError naming the layer for a momentum that is not None or a finite
-        real number (:func:`bnlab.functional.check_momentum`); checked at construction and
-        before every running-statistics update, since ``momentum`` may be set at any time."""
+    def _check_momentum(self) -> float | None:
+        """The momentum as a float (None stays None), or a TypeError/ValueError naming the layer
+        for one that is not None or a finite real number (:func:`bnlab.functional.
+        check_momentum`); checked at construction and before every running-statistics update,
+        since ``momentum`` may be set at any time."""
         try:
-            check_momentum(self.momentum)
+            return check_momentum(self.momentum)
         except (TypeError, ValueError) as exc:
             raise type(exc)(f"{self._describe()}: {exc}") from None
 
@@ -273,11 +274,10 @@ class _BatchNorm(nn.modules.batchnorm._BatchNorm):
                 self.momentum, update, self._describe(),
             )  # fmt: skip
         else:
-            if update:
-                self._check_momentum()
+            momentum = self._check_momentum() if update else None  # (a float, or None)
             commit_stats(
                 x, mean, var, self.running_mean, self.running_var, self.num_batches_tracked,
-                self.momentum, update, self._describe,  # (the name is made only when needed)
+                momentum, update, self._describe,  # (the name is made only when needed)
             )  # fmt: skip
             if update and self.population_estimator is not None:
                 self.population_estimator = None  # a running average again, not a recomputed one

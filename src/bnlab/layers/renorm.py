@@ -240,8 +240,7 @@ class _BatchRenorm(_BatchNorm):
         running_mean, running_var = self.running_mean, self.running_var
         if running_mean is None or running_var is None or self.renorm_steps is None:
             return super()._commit_batch_stats(x, mean, var)
-        if update:
-            self._check_momentum()
+        momentum = self._check_momentum() if update else None  # (a float, or None)
         m = x.numel() // x.shape[1]
         if m > 0 and not bool(torch.isfinite(var).all() and torch.isfinite(mean).all()):
             raise FloatingPointError(non_finite_message(self._describe(), list(x.shape)))
@@ -254,10 +253,10 @@ class _BatchRenorm(_BatchNorm):
             self.renorm_steps.add_(1)
             if m == 0:
                 return
-            if self.momentum is None:  # cumulative average over the batches counted
+            if momentum is None:  # cumulative average over the batches counted
                 f = 1.0 / float(counted.item()) if counted is not None else 1.0
             else:
-                f = float(self.momentum)
+                f = momentum
             dtype = running_mean.dtype
             acc = mean.dtype
             sigma = torch.sqrt(running_var.to(acc) + self.eps)

@@ -235,10 +235,9 @@ class SyncBatchNorm(_BatchNorm):
         if count is None:
             return super()._commit_batch_stats(x, mean, var)
         update = self.training and self.track_running_stats
-        if update:
-            self._check_momentum()
+        momentum = self._check_momentum() if update else None  # (a float, or None)
         ok = B.commit_stats(mean, var, self.running_mean, self.running_var,
-                            self.num_batches_tracked, self.momentum, count, update)  # fmt: skip
+                            self.num_batches_tracked, momentum, count, update)  # fmt: skip
         if not ok:
             raise FloatingPointError(non_finite_message(self._describe(), list(x.shape)))
 
