@@ -282,6 +282,28 @@ def test_constructor_validation():
     bnlab.BatchNorm2d(3, eps=0)  # as torch: eps is checked where it is used (see test_eps_*)
 
 
+EPS_KINDS = {
+    "tensor": torch.tensor(1e-3),
+    "numpy": np.float32(1e-3),
+    "int": 1,
+    "bool": True,
+}
+
+
+@pytest.mark.parametrize("kind", list(EPS_KINDS), ids=list(EPS_KINDS))
+def test_eps_of_every_type_torch_takes(kind):
+    """torch's layers take as eps what their forward reads as a number (a 0-d tensor, a numpy
+    scalar, an int, a bool); so do bnlab's, with torch's outputs and running statistics in
+    both modes."""
+    shape = (6, 4, 3, 3)
+    ours, ref = make_pair(shape, eps=EPS_KINDS[kind])
+    for train in (True, False):
+        ours.train(train), ref.train(train)
+        x = torch.randn(shape) * 2 + 1
+        torch.testing.assert_close(ours(x), ref(x), **tol(x.dtype))
+        torch.testing.assert_close(ours.running_var, ref.running_var, **tol(x.dtype))
+
+
 # ------------------------------------------------------------------------- momentum
 MOMENTA = [None, 0, 0.1, 1, -0.5, 1.5]
 

@@ -40,6 +40,7 @@ __all__ = [
     "batch_norm_eval_forward",
     "batch_norm_eval_backward",
     "check_momentum",
+    "is_real_number",
     "commit_running_stats",
     "per_channel",
     "pivot_values",
@@ -246,6 +247,20 @@ def batch_norm_eval_backward(
     return dx, dgamma, dbeta
 
 
+def is_real_number(value: object) -> bool:
+    """Whether torch's batch norm reads ``value`` as a real number where it takes a float
+    (momentum, eps): a Python or numpy real (a bool too), or a 0-d real tensor that does not
+    require grad."""
+    if isinstance(value, torch.Tensor):
+        return (
+            value.dim() == 0
+            and not value.requires_grad
+            and not value.is_complex()
+            and not value.is_meta
+        )
+    return isinstance(value, numbers.Real)
+
+
 def check_momentum(momentum: object) -> float | None:
     """Refuse a momentum that cannot weigh a moving average, before any state is touched, and
     return it as a float (None stays None).
@@ -261,16 +276,7 @@ def check_momentum(momentum: object) -> float | None:
     """
     if momentum is None:
         return None
-    if isinstance(momentum, torch.Tensor):
-        usable = (
-            momentum.dim() == 0
-            and not momentum.requires_grad
-            and not momentum.is_complex()
-            and not momentum.is_meta
-        )
-    else:
-        usable = isinstance(momentum, numbers.Real)
-    if not usable:
+    if not is_real_number(momentum):
         raise TypeError(
             f"momentum must be None or a real number, got {type(momentum).__name__} "
             f"{momentum!r}"

@@ -43,7 +43,6 @@ override :meth:`_BatchNorm._train_forward`, the one place where statistics are c
 from __future__ import annotations
 
 import math
-import numbers
 from typing import Any
 
 import torch
@@ -60,7 +59,7 @@ from ..autograd import (
     batch_norm_train_lean,
     commit_stats,
 )
-from ..functional import check_momentum, standard_layout
+from ..functional import check_momentum, is_real_number, standard_layout
 from ..ops import EAGER, check_batch, non_finite_message, route
 
 __all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "name_layers"]
@@ -107,7 +106,7 @@ class _BatchNorm(nn.modules.batchnorm._BatchNorm):
         name = type(self).__name__
         if isinstance(num_features, bool) or not isinstance(num_features, int) or num_features < 1:
             raise ValueError(f"{name}: num_features must be a positive int, got {num_features!r}")
-        if isinstance(eps, bool) or not isinstance(eps, numbers.Real):
+        if not is_real_number(eps):  # (as torch's forward reads it: a bool or 0-d tensor too)
             raise TypeError(f"{name}: eps must be a real number, got {type(eps).__name__} {eps!r}")
         if activation not in (None, "relu"):
             raise ValueError(f"{name}: activation must be None or 'relu', got {activation!r}")
