@@ -275,6 +275,17 @@ def test_non_finite_batch_leaves_running_stats_untouched(bad, momentum):
 def test_constructor_validation():
     with pytest.raises(ValueError, match="num_features"):
         bnlab.BatchNorm2d(0)
+    for bad in (True, 3.0, torch.tensor(3.0), torch.tensor(True), "3"):
+        with pytest.raises(ValueError, match="num_features"):
+            bnlab.BatchNorm2d(bad)
+    # the integers torch takes as a size, as torch takes them
+    counts = (np.int64(3), torch.tensor(3), torch.tensor([3]), torch.tensor(3, dtype=torch.uint8))
+    for count in counts:
+        ours, ref = bnlab.BatchNorm2d(count), torch.nn.BatchNorm2d(count)
+        assert ours.num_features == 3 and type(ours.num_features) is int
+        assert ours.state_dict().keys() == ref.state_dict().keys()
+        x = torch.randn(4, 3, 5, 5)
+        torch.testing.assert_close(ours(x), ref(x), **tol(x.dtype))
     with pytest.raises(TypeError, match=r"BatchNorm2d: eps must be a real number.*str"):
         bnlab.BatchNorm2d(3, eps="1e-5")
     with pytest.raises(TypeError, match=r"BatchNorm2d\(3\): momentum"):

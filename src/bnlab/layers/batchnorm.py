@@ -43,6 +43,7 @@ override :meth:`_BatchNorm._train_forward`, the one place where statistics are c
 from __future__ import annotations
 
 import math
+import operator
 from typing import Any
 
 import torch
@@ -65,6 +66,20 @@ from ..ops import EAGER, check_batch, non_finite_message, route
 __all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "name_layers"]
 
 _HALF = (torch.float16, torch.bfloat16)
+
+
+def _positive_int(value: object) -> int | None:
+    """``value`` as a positive int where it is an integer torch takes as a size (an int, a
+    numpy integer, a 0-d integer tensor; not a bool), else None."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, Tensor) and (value.is_floating_point() or value.dtype == torch.bool):
+        return None
+    try:
+        count = operator.index(value)
+    except TypeError:
+        return None
+    return count if count >= 1 else None
 
 
 def _as_vector(t: Tensor | None) -> Tensor | None:
@@ -104,8 +119,10 @@ class _BatchNorm(nn.modules.batchnorm._BatchNorm):
         activation: str | None = None,
     ) -> None:
         name = type(self).__name__
-        if isinstance(num_features, bool) or not isinstance(num_features, int) or num_features < 1:
+        count = _positive_int(num_features)  # (an int, as a numpy or 0-d tensor one torch takes)
+        if count is None:
             raise ValueError(f"{name}: num_features must be a positive int, got {num_features!r}")
+        num_features = count
         if not is_real_number(eps):  # (as torch's forward reads it: a bool or 0-d tensor too)
             raise TypeError(f"{name}: eps must be a real number, got {type(eps).__name__} {eps!r}")
         if activation not in (None, "relu"):
