@@ -272,6 +272,40 @@ def test_strided_inputs(layout):
         )
 
 
+REFUSED = {
+    "channels": (lambda m: None, lambda: torch.randn(4, 5, 5, 5), ValueError),
+    "integer input": (lambda m: None, lambda: torch.ones(4, 3, 5, 5, dtype=torch.int64), TypeError),
+    "bool input": (lambda m: None, lambda: torch.ones(4, 3, 5, 5, dtype=torch.bool), TypeError),
+    "complex input": (lambda m: None, lambda: torch.randn(4, 3, 5, 5, dtype=torch.cfloat),
+                      TypeError),
+    "mixed dtypes": (lambda m: m.double(), lambda: torch.randn(4, 3, 5, 5), TypeError),
+    "not a tensor": (lambda m: None, lambda: [[1.0, 2.0, 3.0]], TypeError),
+    "rank": (lambda m: None, lambda: torch.randn(4, 3, 5), ValueError),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", list(REFUSED), ids=list(REFUSED))
+@pytest.mark.parametrize("training", [True, False])
+def test_refusals_are_of_the_class_torch_raises(case, training):
+    """An input torch's layer refuses raises in bnlab's layer an exception of the class torch
+    raises (so ``except RuntimeError:`` written against torch's layer catches it) and of
+    bnlab's documented class, naming the layer; the state is untouched."""
+    setup, make, ours_class = REFUSED[case]
+    ours, theirs = bnlab.BatchNorm2d(3), torch.nn.BatchNorm2d(3)
+    for layer in (ours, theirs):
+        setup(layer)
+        layer.train(training)
+    x = make()
+    with pytest.raises(Exception) as caught:
+        theirs(x)
+    state = {k: v.clone() for k, v in ours.state_dict().items()}
+    with pytest.raises(ours_class, match=r"BatchNorm2d\(3\)") as ours_caught:
+        ours(x)
+    assert isinstance(ours_caught.value, type(caught.value)), (type(caught.value), ours_caught)
+    for k, v in ours.state_dict().items():
+        assert torch.equal(v, state[k]), k
+
+
 def _odd_layouts():
     """Inputs of unusual strides, as views of other tensors give them: ``(name, x)``."""
     cl, cl3 = torch.channels_last, torch.channels_last_3d

@@ -13,7 +13,7 @@ are PyTorch operators (:mod:`bnlab.ops`) that ``torch.compile``, ``torch.export`
 TorchScript, fx and ``torch.func`` see. Training on several processes: :mod:`bnlab.distributed`.
 """
 
-from . import fusers, ops  # noqa: F401  (ops: registers the torch.ops.bnlab operators)
+from . import errors, fusers, ops  # noqa: F401  (ops: registers the torch.ops.bnlab operators)
 from .autograd import batch_norm_eval, batch_norm_train
 from .backend import get_backend, set_backend, use_backend
 from .checkpoint import load_checkpoint, save_checkpoint

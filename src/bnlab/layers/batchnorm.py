@@ -60,6 +60,7 @@ from ..autograd import (
     batch_norm_train_lean,
     commit_stats,
 )
+from ..errors import ChannelCountError, InputDtypeError, MixedDtypeError, NotATensorError
 from ..functional import check_momentum, is_real_number, standard_layout
 from ..ops import EAGER, check_batch, non_finite_message, route
 
@@ -178,9 +179,11 @@ class _BatchNorm(nn.modules.batchnorm._BatchNorm):
             if isinstance(x, torch.fx.Proxy):  # symbolic tracing: no values to check yet
                 return
             if not isinstance(x, Tensor):
-                raise TypeError(f"{self._describe()}: expected a Tensor, got {type(x).__name__}")
+                raise NotATensorError(
+                    f"{self._describe()}: expected a Tensor, got {type(x).__name__}"
+                )
             if not x.is_floating_point():
-                raise TypeError(
+                raise InputDtypeError(
                     f"{self._describe()}: expected a floating-point input, got dtype {x.dtype}"
                 )
             if x.dim() not in self._valid_ranks:
@@ -189,7 +192,7 @@ class _BatchNorm(nn.modules.batchnorm._BatchNorm):
                     f"got {x.dim()}D input of shape {tuple(x.shape)}"
                 )
             if x.shape[1] != self.num_features:
-                raise ValueError(
+                raise ChannelCountError(
                     f"{self._describe()}: expected {self.num_features} channels in dim 1, "
                     f"got input of shape {tuple(x.shape)}"
                 )
@@ -226,7 +229,7 @@ class _BatchNorm(nn.modules.batchnorm._BatchNorm):
         dtypes = {t.dtype for t in tensors if t is not None}
         if x.dtype in _HALF and dtypes == {torch.float32}:
             return
-        raise TypeError(
+        raise MixedDtypeError(
             f"{self._describe()}: input of dtype {x.dtype} with parameters/running statistics of "
             f"dtype {', '.join(sorted(str(d) for d in dtypes))}; they must all have the input's "
             "dtype (or be float32 for a float16/bfloat16 input): convert the input or the layer "
