@@ -746,9 +746,10 @@ def test_short_paths_see_a_parameter_reshaped_in_its_own_storage(train, backend)
 
 def test_short_inference_path_reads_every_dense_layout(backend):
     """The short inference path hands the loops the addresses of x and y: inputs with a storage
-    offset, size-1 dimensions of any stride, and channels innermost at every rank (a 3-D input
-    in (N, L, C) memory order too) give exactly the general path's output, with x's strides and
-    torch's values; a strided input that is not dense is left to the general path."""
+    offset, size-1 dimensions of any stride, channels_last ones give exactly the general path's
+    output, with torch's strides and values; a strided input that is not dense, or a 3-D one in
+    (N, L, C) memory order (whose output torch makes contiguous), is left to the general
+    path."""
     torch.manual_seed(0)
     cl = torch.randn(3, 4, 5, 6).contiguous(memory_format=torch.channels_last) * 2 + 1
     dense = [
