@@ -1121,3 +1121,20 @@ def test_only_outputs_of_32_mib_and_more_are_advised(monkeypatch):
     y = K._empty_like(large)
     assert y.stride() == large.stride()
     assert advised == [(y.data_ptr(), 32 * mib)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
+def test_to_channels_inner_writes_the_values_with_channels_innermost(dtype):
+    """kernels.to_channels_inner: a contiguous (N, C, L) tensor copied with its channels
+    innermost, value for value, for every element size and channel counts that are and are not
+    multiples of the loop's blocks of eight; None where torch's own copy is left to do it."""
+    for shape in [(2, 5, 7), (3, 8, 16), (2, 13, 3), (1, 1, 1), (4, 128, 2), (2, 70, 33)]:
+        g = (torch.randn(shape, dtype=torch.float64) * 3).to(dtype)
+        out = K.to_channels_inner(g)
+        assert torch.equal(out, g), shape
+        assert out.stride() == (shape[1] * shape[2], 1, shape[1])
+    g = torch.randn(2, 3, 4)
+    assert K.to_channels_inner(g.transpose(1, 2).contiguous().transpose(1, 2)) is None
+    assert K.to_channels_inner(torch.randn(2, K.SWAP_MAX_C + 1, 3)) is None
+    assert K.to_channels_inner(torch.randn(2, 3)) is None
+    assert K.to_channels_inner(torch.randn(2, 3, 4, dtype=torch.cfloat)) is None

@@ -383,6 +383,40 @@ def test_outputs_and_gradients_have_torchs_strides(training, relu):
         torch.testing.assert_close(xs[0].grad, xd.grad.float(), **tol(base.dtype), msg=name)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("training", [True, False])
+def test_a_transposed_sequence_gets_torchs_gradients_first_and_second_order(dtype, training):
+    """BatchNorm1d on a (N, L, C) sequence transposed to (N, C, L) (channels innermost, whose
+    gradient the kernels write back in that layout): the leaf's gradient as torch's (values and
+    memory order), and a gradient penalty through it (double backward) as torch's."""
+    tol_ = tol(dtype) if dtype != torch.bfloat16 else dict(rtol=3e-2, atol=5e-2)
+    for c in (6, 40, 200):  # (the kernels write it up to SWAP_MAX_C channels, torch's copy above)
+        ours, theirs = pair((5, c, 7))
+        ours.to(dtype if dtype != torch.bfloat16 else torch.float32)
+        theirs.to(dtype if dtype != torch.bfloat16 else torch.float32)
+        ours.train(training), theirs.train(training)
+        base = torch.randn(5, 7, c, dtype=torch.float64).to(dtype)
+        dy = torch.randn(5, c, 7, dtype=torch.float64).to(dtype)
+        grads = []
+        for layer in (ours, theirs):
+            leaf = base.clone().requires_grad_()
+            layer(leaf.transpose(1, 2)).backward(dy)
+            grads.append(leaf.grad)
+        torch.testing.assert_close(grads[0], grads[1], **tol_)
+        assert grads[0].stride() == grads[1].stride() == base.stride()
+        if dtype == torch.bfloat16:
+            continue  # (second order in float32/float64 only)
+        penalties = []
+        for layer in (ours, theirs):
+            leaf = base.clone().requires_grad_()
+            (g,) = torch.autograd.grad(layer(leaf.transpose(1, 2)).square().sum(), leaf,
+                                       create_graph=True)  # fmt: skip
+            penalty = g.square().sum()
+            penalties.append((penalty, torch.autograd.grad(penalty, leaf)[0]))
+        torch.testing.assert_close(penalties[0][0], penalties[1][0], rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(penalties[0][1], penalties[1][1], rtol=1e-3, atol=1e-3)
+
+
 @pytest.mark.parametrize("training", [True, False])
 def test_forward_mode_ad(training):
     """Dual tensors (torch.autograd.forward_ad): the same output, tangent and running

@@ -44,6 +44,7 @@ __all__ = [
     "batch_norm_train",
     "batch_norm_eval",
     "commit_stats",
+    "standard_input",
 ]
 
 
@@ -91,6 +92,42 @@ def _check_count(x: Tensor, t: Tensor, arg: str, fn: str, any_shape: bool) -> No
             + (" (in any shape)" if any_shape else ", 1-D") + ", got shape "
             + ops.shape_text(list(t.shape))
         )  # fmt: skip
+
+
+class _ChannelsOuter(torch.autograd.Function):
+    """``x.contiguous()`` of a 3-D ``x`` with its channels innermost
+    (:func:`bnlab.kernels.channels_inner_3d`: a transposed ``(N, L, C)`` sequence), the layout
+    torch gives batch norm's output for it. The backward hands the gradient back in x's layout,
+    written by the kernels, where autograd would otherwise copy it into the leaf's layout with
+    torch's strided copy in its slowest direction; the same values either way."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor) -> Tensor:
+        return x.contiguous()
+
+    @staticmethod
+    def backward(ctx, g: Tensor) -> Tensor:
+        if not torch.is_grad_enabled():  # (create_graph=True: the identity, as it is)
+            out = K.to_channels_inner(g)
+            if out is not None:
+                return out
+        return g
+
+
+def standard_input(x: Tensor) -> Tensor:
+    """:func:`bnlab.functional.standard_layout` of an eager call's input: x in the layout torch
+    gives batch norm's output for it, a copy where it is in another one. A channels-innermost
+    3-D input whose gradient is wanted goes through :class:`_ChannelsOuter`."""
+    if x.is_contiguous():
+        return x
+    if (
+        x.requires_grad
+        and torch.is_grad_enabled()
+        and B.kernels_enabled()
+        and K.channels_inner_3d(x)
+    ):
+        return _ChannelsOuter.apply(x)
+    return standard_layout(x)
 
 
 class BatchNormTrain(torch.autograd.Function):
@@ -252,7 +289,7 @@ def batch_norm_train(
             weight = _per_channel(x, weight, "weight", "batch_norm_train")
             bias = _per_channel(x, bias, "bias", "batch_norm_train")
         if how == ops.EAGER:
-            x = standard_layout(x)  # (so y has the strides torch's output has)
+            x = standard_input(x)  # (so y has the strides torch's output has)
             if not _needs_graph(x, weight, bias):  # no autograd bookkeeping when nothing needs it
                 return B.train_forward(x, weight, bias, eps, relu=relu)[1:4]
             return BatchNormTrain.apply(x, weight, bias, eps, relu)
@@ -325,7 +362,7 @@ def batch_norm_eval(
             weight = _per_channel(x, weight, "weight", fn)
             bias = _per_channel(x, bias, "bias", fn)
         if how == ops.EAGER:
-            x = standard_layout(x)  # (so y has the strides torch's output has)
+            x = standard_input(x)  # (so y has the strides torch's output has)
             if not _needs_graph(x, weight, bias):
                 return B.eval_forward(x, running_mean, running_var, weight, bias, eps, relu=relu)[1]
             return BatchNormEval.apply(x, running_mean, running_var, weight, bias, eps, relu)

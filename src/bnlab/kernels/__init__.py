@@ -356,6 +356,53 @@ def _lean_layout(x: Tensor):
     return lay, torch.contiguous_format if x.is_contiguous() else _LAST[len(shape)]
 
 
+def channels_inner_3d(x: Tensor) -> bool:
+    """Whether a 3-D CPU tensor is dense with its channels innermost (``(N, L, C)`` memory
+    order, as a transposed sequence is) and not contiguous: the layout whose gradient
+    :func:`to_channels_inner` writes."""
+    shape = x.shape
+    return (
+        len(shape) == 3
+        and x.is_cpu
+        and not x.is_contiguous()
+        and 0 not in shape
+        and _channels_last_dense(shape, x.stride())
+    )
+
+
+_BITS = {2: torch.int16, 4: torch.int32, 8: torch.int64}
+# Up to this many channels the loop's blocks of eight channels beat torch's strided copy in
+# this direction (4x at 32-64 channels, parity at 128); above it torch's copy was the faster
+# (0.7-0.8x the loop's time at 256-512 channels; RESULTS.md "session 18").
+SWAP_MAX_C = 128
+
+
+def to_channels_inner(g: Tensor) -> Tensor | None:
+    """A contiguous ``(N, C, L)`` CPU tensor ``g`` of at most :data:`SWAP_MAX_C` channels as a
+    new tensor of its shape and values with its channels innermost (strides ``(L * C, 1, C)``),
+    written by the loops (:func:`bnlab.kernels._numba.swap_inner`); None for any other ``g``."""
+    shape = g.shape
+    bits = _BITS.get(g.element_size())
+    if (
+        bits is None
+        or len(shape) != 3
+        or not g.is_cpu
+        or not g.is_contiguous()
+        or g.is_neg()
+        or g.is_conj()
+        or g.is_complex()
+        or 0 in shape
+        or shape[1] > SWAP_MAX_C
+    ):
+        return None
+    n, c, length = shape
+    out = torch.empty((n, length, c), dtype=g.dtype)
+    compiled().swap_inner(
+        g.view(bits).numpy().reshape(-1), out.view(bits).numpy().reshape(-1), n, c, length
+    )
+    return out.transpose(1, 2)
+
+
 def _checked_layout(x: Tensor) -> tuple[int, int, int]:
     """:func:`_readable_layout` of an input the kernels take (also a float32, float64 or
     bfloat16 one); a ValueError naming what is wrong for any other: the loops read the tensors

@@ -2031,3 +2031,35 @@ def commit_stats(mean, var, rm, rv, nbt, update, cumulative, momentum, m):
             rm[c] = rm[c] + f * (mu - rm[c])
             rv[c] = rv[c] + f * (v - rv[c])
     return True
+
+
+# ----------------------------------------------------------------------------- layout
+@njit(parallel=True, cache=True, nogil=True)
+def swap_inner(src, dst, N, A, B):
+    """dst[n, b, a] = src[n, a, b] for flat contiguous ``(N, A, B)`` ``src`` and ``(N, B, A)``
+    ``dst`` (any element type: the bits are moved). Blocks of eight ``a`` per job: each reads
+    eight runs of ``src`` along ``b`` and writes eight adjacent values of ``dst`` per ``b``,
+    the direction in which torch's strided copy is slowest (autograd's copy of a gradient into
+    a channels-innermost leaf)."""
+    nblocks = (A + 7) // 8
+    for job in prange(N * nblocks):
+        n = job // nblocks
+        a0 = (job - n * nblocks) * 8
+        s0 = n * A * B + a0 * B
+        d0 = n * B * A + a0
+        if a0 + 8 <= A:
+            for b in range(B):
+                d = d0 + b * A
+                s = s0 + b
+                dst[d] = src[s]
+                dst[d + 1] = src[s + B]
+                dst[d + 2] = src[s + 2 * B]
+                dst[d + 3] = src[s + 3 * B]
+                dst[d + 4] = src[s + 4 * B]
+                dst[d + 5] = src[s + 5 * B]
+                dst[d + 6] = src[s + 6 * B]
+                dst[d + 7] = src[s + 7 * B]
+        else:
+            for a in range(a0, A):
+                for b in range(B):
+                    dst[d0 + (a - a0) + b * A] = src[s0 + (a - a0) * B + b]

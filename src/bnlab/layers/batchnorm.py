@@ -59,9 +59,10 @@ from ..autograd import (
     batch_norm_train,
     batch_norm_train_lean,
     commit_stats,
+    standard_input,
 )
 from ..errors import ChannelCountError, InputDtypeError, MixedDtypeError, NotATensorError
-from ..functional import check_momentum, is_real_number, standard_layout
+from ..functional import check_momentum, is_real_number
 from ..ops import EAGER, check_batch, non_finite_message, route
 
 __all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "name_layers"]
@@ -462,7 +463,7 @@ class _BatchNorm(nn.modules.batchnorm._BatchNorm):
         )  # fmt: skip
         if not torch.jit.is_scripting():
             if isinstance(input, Tensor) and route(input) == EAGER:
-                input = standard_layout(input)  # (every path's output takes its input's layout)
+                input = standard_input(input)  # (every path's output takes its input's layout)
         if batch_stats or running_mean is None or running_var is None:
             if not torch.jit.is_scripting():
                 y = self._train_recorded(input)
