@@ -905,6 +905,8 @@ def test_warm_up_compiles_every_kernel():
     for name in ("train_fwd_at", "eval_fwd_at", "backward_at"):
         seen = {sig[-2].dtype for sig in getattr(_numba, name).signatures}
         assert {numba.float32, numba.float64, numba.uint16} <= seen, (name, seen)
+    seen = {sig[0].dtype for sig in _numba.swap_inner.signatures}  # (the gradient's layout)
+    assert {numba.int16, numba.int32, numba.int64} <= seen, seen
 
 
 @pytest.mark.parametrize("momentum", [0.1, None, 0.0, 1.0, -0.5, 1.5, 2])

@@ -888,7 +888,8 @@ def commit_batch_stats(
 
 def warm_up() -> None:
     """Compile (or load from the on-disk cache) every kernel: float32 and float64 inputs, and
-    bfloat16 ones with float32 parameters, both layouts. Compiling a public kernel compiles the
+    bfloat16 ones with float32 parameters, both layouts, and the gradient's relayout of
+    :func:`to_channels_inner` for 2-, 4- and 8-byte values. Compiling a public kernel compiles the
     loops it calls, serial and parallel alike, whatever the input's size; one call above
     ``SERIAL_MAX`` values also starts Numba's thread pool."""
     for dtype in (*_DTYPES, torch.bfloat16):
@@ -907,6 +908,8 @@ def warm_up() -> None:
                 eval_forward_fast(x, mean, inv, w, None, 1e-5, False)
         rm, rv = torch.zeros(3, dtype=cdt), torch.ones(3, dtype=cdt)
         commit_batch_stats(mean, inv, rm, rv, torch.tensor(0), None, 4, True)
+    for dtype in (torch.bfloat16, torch.float32, torch.float64):  # (2, 4 and 8 bytes)
+        to_channels_inner(torch.zeros(2, 3, 4, dtype=dtype))
     # run the parallel loops once (above SERIAL_MAX values): starts Numba's thread pool
     x = torch.randn(compiled().SERIAL_MAX // 3 + 1, 3)
     w = torch.ones(3)
