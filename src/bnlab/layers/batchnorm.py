@@ -261,12 +261,10 @@ class _BatchNorm(nn.modules.batchnorm._BatchNorm):
     def _traced_vector(self, name: str, t: Tensor | None) -> Tensor | None:
         """:func:`_as_vector` of the parameter ``name`` read as ``t``, which fx symbolic tracing
         gives as a proxy of unknown rank: the rank is then the registered tensor's."""
-        if t is None:
-            return None
-        real = self._parameters.get(name, t) if isinstance(t, torch.fx.Proxy) else t
-        if isinstance(real, torch.fx.Proxy) or real is None or real.dim() == 1:
-            return t
-        return t.reshape(-1)
+        if not isinstance(t, torch.fx.Proxy):
+            return _as_vector(t)
+        real = self._parameters.get(name)
+        return t if real is None or real.dim() == 1 else t.reshape(-1)
 
     # ----------------------------------------------------------------------------- forward
     def _use_batch_stats(self) -> bool:
