@@ -9,7 +9,16 @@ from __future__ import annotations
 
 from torch import nn
 
-from .layers.batchnorm import BatchNorm1d, BatchNorm2d, BatchNorm3d, name_layers
+from .layers.batchnorm import (
+    BatchNorm1d,
+    BatchNorm2d,
+    BatchNorm3d,
+    LazyBatchNorm1d,
+    LazyBatchNorm2d,
+    LazyBatchNorm3d,
+    _LazyBatchNorm,
+    name_layers,
+)
 
 __all__ = ["convert"]
 
@@ -17,14 +26,18 @@ _TO_BNLAB: dict[type[nn.Module], type[nn.Module]] = {
     nn.BatchNorm1d: BatchNorm1d,
     nn.BatchNorm2d: BatchNorm2d,
     nn.BatchNorm3d: BatchNorm3d,
+    nn.LazyBatchNorm1d: LazyBatchNorm1d,
+    nn.LazyBatchNorm2d: LazyBatchNorm2d,
+    nn.LazyBatchNorm3d: LazyBatchNorm3d,
 }
 _TO_TORCH: dict[type[nn.Module], type[nn.Module]] = {v: k for k, v in _TO_BNLAB.items()}
 _STATE = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
 
 
 def _swap(old: nn.Module, cls: type[nn.Module]) -> nn.Module:
+    lazy = isinstance(old, nn.modules.lazy.LazyModuleMixin)
     new = cls(
-        old.num_features,
+        *(() if lazy else (old.num_features,)),  # (a lazy layer's comes from its first input)
         eps=old.eps,
         momentum=old.momentum,
         affine=old.affine,
@@ -38,6 +51,10 @@ def _swap(old: nn.Module, cls: type[nn.Module]) -> nn.Module:
             new._parameters[key] = value
         else:
             new._buffers[key] = value
+    if lazy:  # (the count of what it holds, if sized: torch's keeps 0 after a loaded state)
+        new.num_features = old.num_features
+        if isinstance(new, _LazyBatchNorm) and new.num_features == 0:
+            new.num_features = new._loaded_features()
     new.train(old.training)
     return new
 
@@ -45,9 +62,6 @@ def _swap(old: nn.Module, cls: type[nn.Module]) -> nn.Module:
 def _refusal(module: nn.Module, name: str, to: str) -> str | None:
     """Why ``module`` cannot be converted (None when it can)."""
     label = name or type(module).__name__
-    lazy = isinstance(module, nn.modules.lazy.LazyModuleMixin)
-    if lazy and module.has_uninitialized_params():
-        return f"convert: lazy layer '{label}' is not initialized; run one forward pass first"
     if to != "torch":
         return None
     if getattr(module, "activation", None) is not None:  # torch's BN has no fused activation
@@ -65,8 +79,9 @@ def _refusal(module: nn.Module, name: str, to: str) -> str | None:
 
 
 def convert(model: nn.Module, to: str = "bnlab", *, sync: bool = False) -> nn.Module:
-    """Replace every ``torch.nn.BatchNorm1d/2d/3d`` in ``model`` by bnlab's (``to="bnlab"``) or
-    every bnlab ``BatchNorm1d/2d/3d`` by torch's (``to="torch"``). With ``sync=True`` (only
+    """Replace every ``torch.nn.BatchNorm1d/2d/3d`` and ``LazyBatchNorm1d/2d/3d`` in ``model`` by
+    bnlab's (``to="bnlab"``) or every bnlab one by torch's (``to="torch"``); a lazy layer not yet
+    sized stays lazy, to be sized by its first input. With ``sync=True`` (only
     with ``to="bnlab"``) every BatchNorm, torch's or bnlab's, becomes bnlab's
     :class:`~bnlab.SyncBatchNorm` instead (:func:`bnlab.convert_sync`).
 
@@ -74,10 +89,10 @@ def convert(model: nn.Module, to: str = "bnlab", *, sync: bool = False) -> nn.Mo
     ``model`` itself is a BatchNorm layer). A layer registered at several places (the same object
     twice in an ``nn.Sequential``) is replaced by one new layer at all of them. Subclasses of
     either family (e.g. ``SyncBatchNorm``, bnlab variants) are left alone. What the other family
-    cannot carry is refused, never dropped: ``ValueError`` naming the layer for an uninitialized
-    lazy layer and, with ``to="torch"``, for a bnlab layer with a fused ``activation`` or frozen
-    by :func:`bnlab.freeze`. Every layer is checked before the first is replaced, so a refused
-    conversion leaves the model as it was.
+    cannot carry is refused, never dropped: with ``to="torch"``, ``ValueError`` naming the layer
+    for a bnlab layer with a fused ``activation`` or frozen by :func:`bnlab.freeze`. Every layer
+    is checked before the first is replaced, so a refused conversion leaves the model as it
+    was.
     """
     if to not in ("bnlab", "torch"):
         raise ValueError(f"convert: to must be 'bnlab' or 'torch', got {to!r}")
@@ -97,7 +112,7 @@ def convert(model: nn.Module, to: str = "bnlab", *, sync: bool = False) -> nn.Mo
         if id(module) in seen:
             return
         seen.add(id(module))
-        if type(module) in table or isinstance(module, nn.modules.lazy.LazyModuleMixin):
+        if type(module) in table:
             reason = _refusal(module, name, to)
             if reason:
                 raise ValueError(reason)

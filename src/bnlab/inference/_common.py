@@ -28,9 +28,16 @@ def _is_bn(module: nn.Module) -> bool:
     return isinstance(module, _BN_TYPES)
 
 
-def _bn_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """(qualified name, layer) of every BatchNorm layer, in registration order."""
-    return [(name or type(m).__name__, m) for name, m in model.named_modules() if _is_bn(m)]
+def _bn_layers(model: nn.Module, fn: str) -> list[tuple[str, nn.Module]]:
+    """(qualified name, layer) of every BatchNorm layer, in registration order; a lazy layer not
+    sized yet (no statistics or parameters to read or set) is refused, naming ``fn`` and it."""
+    layers = [(name or type(m).__name__, m) for name, m in model.named_modules() if _is_bn(m)]
+    for name, m in layers:
+        if isinstance(m, nn.modules.lazy.LazyModuleMixin) and m.has_uninitialized_params():
+            raise ValueError(
+                f"{fn}: lazy layer '{name}' is not sized yet; run one forward pass first"
+            )
+    return layers
 
 
 def _first_input(batch: Any) -> Tensor:

@@ -108,7 +108,7 @@ def diagnose(
             f"diagnose: need shift_tol > 0 and var_tol > 1, got {shift_tol!r}, {var_tol!r}"
         )
     _check_num_batches("diagnose", num_batches)
-    layers = _bn_layers(model)
+    layers = _bn_layers(model, "diagnose")
     tracked = [(n, m) for n, m in layers if m.running_mean is not None]
     moments = {id(m): _Moments() for _, m in tracked}
     order: list[int] = []

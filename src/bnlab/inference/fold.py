@@ -33,7 +33,7 @@ import torch
 from torch import Tensor, nn
 
 from ..layers.batchnorm import _BatchNorm
-from ._common import _is_bn, _TorchBN
+from ._common import _bn_layers, _is_bn, _TorchBN
 
 __all__ = ["ChannelAffine", "fold"]
 
@@ -433,6 +433,7 @@ def fold(model: nn.Module) -> nn.Module:
                 f"fold: {what} is in training mode, where BN uses mini-batch statistics; "
                 "call model.eval() first"
             )
+    _bn_layers(model, "fold")  # (refuses a lazy layer not sized yet, which cannot be copied)
     try:
         copied = copy.deepcopy(model)
     except Exception as exc:  # e.g. torch.nn.utils.weight_norm's non-leaf weights

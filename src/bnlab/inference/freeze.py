@@ -19,7 +19,7 @@ __all__ = ["freeze", "unfreeze"]
 
 def _bnlab_layers_for(fn: str, model: nn.Module) -> list[tuple[str, _BatchNorm]]:
     out = []
-    for name, m in _bn_layers(model):
+    for name, m in _bn_layers(model, fn):
         if not isinstance(m, _BatchNorm):
             raise TypeError(
                 f"{fn}: layer '{name}' is a torch.nn {type(m).__name__}, whose train() cannot be "

@@ -112,7 +112,7 @@ def recompute_population_stats(
         )
     layers = [
         (name, m)
-        for name, m in _bn_layers(model)
+        for name, m in _bn_layers(model, _FN)
         if m.running_mean is not None and not getattr(m, "frozen", False)
     ]
     if not layers:

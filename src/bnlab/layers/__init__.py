@@ -1,7 +1,15 @@
 """bnlab normalization layers (``nn.Module``s owning state and mode) and the ``norm=`` registry
 models are built from."""
 
-from .batchnorm import BatchNorm1d, BatchNorm2d, BatchNorm3d, name_layers
+from .batchnorm import (
+    BatchNorm1d,
+    BatchNorm2d,
+    BatchNorm3d,
+    LazyBatchNorm1d,
+    LazyBatchNorm2d,
+    LazyBatchNorm3d,
+    name_layers,
+)
 from .ghost import GhostBatchNorm1d, GhostBatchNorm2d, GhostBatchNorm3d
 from .noisy import ScaleShiftNoise
 from .recurrent import StepBatchNorm1d
@@ -21,6 +29,9 @@ __all__ = [
     "BatchNorm1d",
     "BatchNorm2d",
     "BatchNorm3d",
+    "LazyBatchNorm1d",
+    "LazyBatchNorm2d",
+    "LazyBatchNorm3d",
     "BatchWhitening",
     "ScaleShiftNoise",
     "StepBatchNorm1d",

@@ -65,7 +65,15 @@ from ..errors import ChannelCountError, InputDtypeError, MixedDtypeError, NotATe
 from ..functional import check_momentum, is_real_number
 from ..ops import EAGER, check_batch, non_finite_message, route
 
-__all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "name_layers"]
+__all__ = [
+    "BatchNorm1d",
+    "BatchNorm2d",
+    "BatchNorm3d",
+    "LazyBatchNorm1d",
+    "LazyBatchNorm2d",
+    "LazyBatchNorm3d",
+    "name_layers",
+]
 
 _HALF = (torch.float16, torch.bfloat16)
 
@@ -122,6 +130,8 @@ class _BatchNorm(nn.modules.batchnorm._BatchNorm):
     ) -> None:
         name = type(self).__name__
         count = _positive_int(num_features)  # (an int, as a numpy or 0-d tensor one torch takes)
+        if count is None and num_features == 0 and isinstance(self, _LazyBatchNorm):
+            count = 0  # (torch's lazy base constructs with 0 features until the first input)
         if count is None:
             raise ValueError(f"{name}: num_features must be a positive int, got {num_features!r}")
         num_features = count
@@ -179,19 +189,7 @@ class _BatchNorm(nn.modules.batchnorm._BatchNorm):
         else:
             if isinstance(x, torch.fx.Proxy):  # symbolic tracing: no values to check yet
                 return
-            if not isinstance(x, Tensor):
-                raise NotATensorError(
-                    f"{self._describe()}: expected a Tensor, got {type(x).__name__}"
-                )
-            if not x.is_floating_point():
-                raise InputDtypeError(
-                    f"{self._describe()}: expected a floating-point input, got dtype {x.dtype}"
-                )
-            if x.dim() not in self._valid_ranks:
-                raise ValueError(
-                    f"{self._describe()}: expected {self._rank_text} input, "
-                    f"got {x.dim()}D input of shape {tuple(x.shape)}"
-                )
+            self._check_kind(x)
             if x.shape[1] != self.num_features:
                 raise ChannelCountError(
                     f"{self._describe()}: expected {self.num_features} channels in dim 1, "
@@ -223,6 +221,22 @@ class _BatchNorm(nn.modules.batchnorm._BatchNorm):
                 check_batch(x, self.eps, True, self._describe())
         elif self.eps < 0:
             check_batch(x, self.eps, False, self._describe())
+
+    @torch.jit.unused
+    def _check_kind(self, x: Tensor) -> None:
+        """Refuse, naming the layer and with torch's exception class, a non-tensor, an input
+        that is not floating point or one of another rank than the layer's."""
+        if not isinstance(x, Tensor):
+            raise NotATensorError(f"{self._describe()}: expected a Tensor, got {type(x).__name__}")
+        if not x.is_floating_point():
+            raise InputDtypeError(
+                f"{self._describe()}: expected a floating-point input, got dtype {x.dtype}"
+            )
+        if x.dim() not in self._valid_ranks:
+            raise ValueError(
+                f"{self._describe()}: expected {self._rank_text} input, "
+                f"got {x.dim()}D input of shape {tuple(x.shape)}"
+            )
 
     def _check_mixed_dtypes(self, x: Tensor, tensors: tuple[Tensor | None, ...]) -> None:
         """torch's CPU rule for parameters and running statistics of another dtype than the
@@ -495,6 +509,102 @@ class BatchNorm3d(_BatchNorm, nn.BatchNorm3d):
 
     _valid_ranks = (5,)
     _rank_text = "5D (N, C, D, H, W)"
+
+
+class _LazyBatchNorm(nn.modules.batchnorm._LazyNormBase, _BatchNorm):
+    """A bnlab layer whose ``num_features`` comes from its first input, as torch's
+    ``LazyBatchNorm*d``: the weight, bias and running statistics are uninitialized until the
+    first forward (or a ``load_state_dict`` of an initialized layer's state), which sizes them
+    from ``input.shape[1]`` and turns the layer into the bnlab layer of ``cls_to_become``. The
+    other arguments are those of the non-lazy layer (``activation`` included).
+
+    Stricter than torch only where torch's layer would keep a wrong state: an input that is not
+    a floating-point tensor of the layer's rank is refused, naming the layer, before anything is
+    sized (torch's layer takes its size first and stays so), and a layer given its state by
+    ``load_state_dict`` takes its ``num_features`` from that state (torch's keeps 0)."""
+
+    def __init__(
+        self,
+        eps: float = 1e-5,
+        momentum: float | None = 0.1,
+        affine: bool = True,
+        track_running_stats: bool = True,
+        device: Any = None,
+        dtype: Any = None,
+        *,
+        bias: bool = True,
+        activation: str | None = None,
+    ) -> None:
+        name = type(self).__name__
+        if activation not in (None, "relu"):
+            raise ValueError(f"{name}: activation must be None or 'relu', got {activation!r}")
+        try:
+            check_momentum(momentum)
+        except (TypeError, ValueError) as exc:
+            raise type(exc)(f"{name}: {exc}") from None
+        super().__init__(eps, momentum, affine, track_running_stats, device, dtype, bias=bias)
+        self.activation = activation
+
+    @torch.jit.unused
+    def _describe(self) -> str:
+        if self.num_features:
+            return super()._describe()
+        name = self.layer_name
+        return ("" if name is None else f"'{name}' ") + type(self).__name__ + " (not sized yet)"
+
+    @torch.jit.unused
+    def initialize_parameters(self, input: Tensor) -> None:  # type: ignore[override]
+        """Size the layer from ``input`` (checked first: nothing is sized from an input the
+        forward would refuse), as torch's lazy layers do; also gives ``num_features`` to a layer
+        whose tensors were sized already (by a state loaded, or with none to size)."""
+        self._check_kind(input)
+        if self.has_uninitialized_params():
+            super().initialize_parameters(input)  # (sizes, then resets them as torch's)
+        if self.num_features == 0:
+            self.num_features = self._loaded_features() or int(input.shape[1])
+
+    @torch.jit.unused
+    def _loaded_features(self) -> int:
+        """The channel count of the tensors this layer holds (0 when none is sized)."""
+        for t in (self.weight, self.bias, self.running_mean, self.running_var):
+            if t is not None and not nn.parameter.is_lazy(t):
+                return t.numel()
+        return 0
+
+    @torch.jit.unused
+    def _lazy_load_hook(self, state_dict, prefix, *args: Any) -> None:
+        """torch's hook (tensors sized as the state's), then ``num_features`` read from them, so
+        the layer checks its input against the count of the state it holds."""
+        super()._lazy_load_hook(state_dict, prefix, *args)
+        if self.num_features == 0:
+            self.num_features = self._loaded_features()
+
+
+class LazyBatchNorm1d(_LazyBatchNorm, nn.LazyBatchNorm1d):
+    """:class:`BatchNorm1d` with ``num_features`` taken from the first input (torch's
+    ``LazyBatchNorm1d``)."""
+
+    cls_to_become = BatchNorm1d  # type: ignore[assignment]
+    _valid_ranks = BatchNorm1d._valid_ranks
+    _rank_text = BatchNorm1d._rank_text
+
+
+class LazyBatchNorm2d(_LazyBatchNorm, nn.LazyBatchNorm2d):
+    """:class:`BatchNorm2d` with ``num_features`` taken from the first input (torch's
+    ``LazyBatchNorm2d``)."""
+
+    cls_to_become = BatchNorm2d  # type: ignore[assignment]
+    _valid_ranks = BatchNorm2d._valid_ranks
+    _rank_text = BatchNorm2d._rank_text
+
+
+class LazyBatchNorm3d(_LazyBatchNorm, nn.LazyBatchNorm3d):
+    """:class:`BatchNorm3d` with ``num_features`` taken from the first input (torch's
+    ``LazyBatchNorm3d``)."""
+
+    cls_to_become = BatchNorm3d  # type: ignore[assignment]
+    _valid_ranks = BatchNorm3d._valid_ranks
+    _rank_text = BatchNorm3d._rank_text
 
 
 def name_layers(model: nn.Module) -> nn.Module:
