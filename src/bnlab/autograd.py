@@ -9,6 +9,8 @@ Three calls, one per step of the paper:
 * :func:`commit_stats` - accept a batch's statistics (refuse non-finite ones) and fold them into
   the running averages.
 
+and :func:`batch_norm`, ``torch.nn.functional.batch_norm``'s signature and answers on them.
+
 Each call takes the form :func:`bnlab.ops.route` picks: in eager mode the Functions below
 (:class:`BatchNormTrain`, :class:`BatchNormEval`), which run on the path :mod:`bnlab.backend`
 chooses (fused CPU kernels or the reference functions) and run their backward on the same path;
@@ -34,13 +36,15 @@ from torch import Tensor
 from . import backend as B
 from . import kernels as K
 from . import ops
-from .functional import standard_layout
+from .errors import InputDtypeError, MixedDtypeError, NotATensorError
+from .functional import check_momentum, is_real_number, standard_layout
 
 __all__ = [
     "BatchNormTrain",
     "BatchNormEval",
     "BatchNormTrainLean",
     "BatchNormEvalLean",
+    "batch_norm",
     "batch_norm_train",
     "batch_norm_eval",
     "commit_stats",
@@ -92,6 +96,24 @@ def _check_count(x: Tensor, t: Tensor, arg: str, fn: str, any_shape: bool) -> No
             + (" (in any shape)" if any_shape else ", 1-D") + ", got shape "
             + ops.shape_text(list(t.shape))
         )  # fmt: skip
+
+
+_HALF = (torch.float16, torch.bfloat16)
+
+
+def check_dtypes(x: Tensor, tensors: tuple[Tensor | None, ...], who: str) -> None:
+    """torch's CPU rule for parameters and running statistics of another dtype than the input
+    ``x``: allowed only as float32 for a float16/bfloat16 input (all of them); otherwise a
+    :class:`~bnlab.errors.MixedDtypeError` naming ``who``."""
+    dtypes = {t.dtype for t in tensors if t is not None}
+    if not dtypes or dtypes == {x.dtype} or (x.dtype in _HALF and dtypes == {torch.float32}):
+        return
+    raise MixedDtypeError(
+        f"{who}: input of dtype {x.dtype} with parameters/running statistics of "
+        f"dtype {', '.join(sorted(str(d) for d in dtypes))}; they must all have the input's "
+        "dtype (or be float32 for a float16/bfloat16 input): convert the input or the layer "
+        "(e.g. layer.to(x.dtype))"
+    )
 
 
 class _ChannelsOuter(torch.autograd.Function):
@@ -298,6 +320,157 @@ def batch_norm_train(
             return y, stats[0], stats[1]
         y, mean, var, _ = ops.graph_train(x, weight, bias, eps, relu)
         return y, mean, var
+
+
+def batch_norm(
+    input: Tensor,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    weight: Tensor | None = None,
+    bias: Tensor | None = None,
+    training: bool = False,
+    momentum: float = 0.1,
+    eps: float = 1e-5,
+) -> Tensor:
+    """``torch.nn.functional.batch_norm`` on bnlab's kernels: the same arguments and answers.
+    With ``training`` the batch's statistics normalize ``input`` (Algorithm 1) and, when running
+    statistics are given, are folded into them in place (``(1 - momentum) * running + momentum
+    * batch``, the variance unbiased as in Algorithm 2); otherwise the running statistics
+    normalize it. Gradients flow to ``input``, ``weight`` and ``bias``.
+
+    What torch refuses is refused, naming ``batch_norm`` and the argument, with the class torch
+    raises (``momentum`` None, running statistics missing in evaluation or only one of them
+    given, one value per channel or ``eps <= 0`` in training, counts or dtypes that do not
+    match, running statistics that require grad). Stricter where torch would poison the
+    running statistics: a non-finite momentum is refused before anything is read, and a
+    training batch with non-finite statistics raises ``FloatingPointError`` and leaves them
+    as they were (without running statistics its output is NaN, as torch's)."""
+    x = input
+    if not torch.jit.is_scripting():
+        if not isinstance(x, torch.fx.Proxy):
+            _check_call(x, running_mean, running_var, weight, bias, training, momentum, eps)
+            if ops.route(x) == ops.EAGER:
+                return _eager_call(x, running_mean, running_var, weight, bias, training,
+                                   float(momentum), float(eps))  # fmt: skip
+    if not training:
+        assert running_mean is not None and running_var is not None  # (checked; TorchScript)
+        return batch_norm_eval(x, running_mean, running_var, weight, bias, eps)
+    y, mean, var = batch_norm_train(x, weight, bias, eps)
+    if running_mean is not None and running_var is not None:
+        commit_stats(x, mean, var, running_mean, running_var, None, float(momentum), True,
+                     "batch_norm")  # fmt: skip
+    return y
+
+
+# The lean training loops count each batch in a counter (a layer's num_batches_tracked);
+# the function has none, and its momentum is a number, so they count in this one, never read.
+_UNREAD_COUNT = torch.zeros((), dtype=torch.int64)
+
+
+@torch.jit.unused
+def _eager_call(
+    x: Tensor,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    training: bool,
+    momentum: float,
+    eps: float,
+) -> Tensor:
+    """:func:`batch_norm`'s eager call, checked: the Functions (when autograd records the call)
+    or the chosen path directly. A training call recorded by autograd updates the running
+    statistics inside the Function, before it saves its tensors, as torch's operator does (what
+    a recomputation that stops at the last saved tensor has done depends on it)."""
+    if weight is not None and weight.dim() != 1:  # (C values in any shape, as torch reads them)
+        weight = weight.reshape(-1)
+    if bias is not None and bias.dim() != 1:
+        bias = bias.reshape(-1)
+    x = standard_input(x)  # (so y has the strides torch's output has)
+    graph = _needs_graph(x, weight, bias)
+    if not training:
+        assert running_mean is not None and running_var is not None  # (checked)
+        if graph:
+            plan = B.lean_plan(x, weight, bias, running_mean, running_var, None)
+            if plan is not None:
+                return batch_norm_eval_lean(
+                    x, running_mean, running_var, weight, bias, plan, eps, False
+                )
+            return BatchNormEval.apply(x, running_mean, running_var, weight, bias, eps, False)
+        y = B.eval_fast(x, running_mean, running_var, weight, bias, eps)
+        if y is not None:
+            return y
+        return B.eval_forward(x, running_mean, running_var, weight, bias, eps)[1]
+    commit = None
+    if running_mean is not None and running_var is not None:
+        rm, rv = running_mean, running_var
+        if x.numel() > x.shape[1]:  # (the lean loops: 2 or more values per channel)
+            plan = B.lean_plan(x, weight, bias, rm, rv, _UNREAD_COUNT)
+            if plan is not None:
+                y, ok = batch_norm_train_lean(x, weight, bias, plan, eps, momentum, False)
+                if not ok:
+                    raise FloatingPointError(ops.non_finite_message("batch_norm", list(x.shape)))
+                return y
+
+        def commit(mean: Tensor, var: Tensor) -> None:
+            commit_stats(x, mean, var, rm, rv, None, momentum, True, "batch_norm")
+
+    if graph:
+        return BatchNormTrain.apply(x, weight, bias, eps, False, commit)[0]
+    _, y, mean, var, _ = B.train_forward(x, weight, bias, eps)
+    if commit is not None:
+        commit(mean, var)
+    return y
+
+
+@torch.jit.unused
+def _check_call(
+    x: Tensor,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    training: bool,
+    momentum: object,
+    eps: object,
+) -> None:
+    """:func:`batch_norm`'s refusals, before anything is computed or updated."""
+    fn = "batch_norm"
+    if not isinstance(x, Tensor):
+        raise NotATensorError(f"{fn}: input must be a Tensor, got {type(x).__name__}")
+    if not x.is_floating_point():
+        raise InputDtypeError(f"{fn}: expected a floating-point input, got dtype {x.dtype}")
+    if x.dim() < 2:
+        raise RuntimeError(
+            f"{fn}: expected an input (N, C, ...) of 2 or more dimensions, got shape "
+            f"{ops.shape_text(list(x.shape))}"
+        )
+    if not isinstance(training, bool):
+        raise TypeError(f"{fn}: training must be a bool, got {type(training).__name__}")
+    if not is_real_number(momentum) or not is_real_number(eps):
+        name, value = ("momentum", momentum) if not is_real_number(momentum) else ("eps", eps)
+        raise TypeError(f"{fn}: {name} must be a real number, got {type(value).__name__}")
+    if training and running_mean is not None and running_var is not None:
+        try:
+            check_momentum(momentum)  # (finite: the running statistics take it)
+        except (TypeError, ValueError) as exc:
+            raise type(exc)(f"{fn}: {exc}") from None
+    if training and (running_mean is None) != (running_var is None):
+        raise ValueError(
+            f"{fn}: running_mean and running_var must both be None or neither be None"
+        )
+    for name, t in (("running_mean", running_mean), ("running_var", running_var)):
+        if t is None and not training:
+            raise RuntimeError(f"{fn}: {name} must be given in evaluation mode (training=False)")
+        if t is not None:
+            _check_count(x, t, name, fn, False)
+            if t.requires_grad:
+                raise RuntimeError(f"{fn}: {name} cannot require grad (it is not differentiated)")
+    for name, t in (("weight", weight), ("bias", bias)):
+        if t is not None:
+            _check_count(x, t, name, fn, True)
+    check_dtypes(x, (weight, bias, running_mean, running_var), fn)
+    ops.check_batch(x, float(eps), training, fn)
 
 
 def batch_norm_train_lean(

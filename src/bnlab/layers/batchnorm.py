@@ -58,10 +58,11 @@ from ..autograd import (
     batch_norm_eval_lean,
     batch_norm_train,
     batch_norm_train_lean,
+    check_dtypes,
     commit_stats,
     standard_input,
 )
-from ..errors import ChannelCountError, InputDtypeError, MixedDtypeError, NotATensorError
+from ..errors import ChannelCountError, InputDtypeError, NotATensorError
 from ..functional import check_momentum, is_real_number
 from ..ops import EAGER, check_batch, non_finite_message, route
 
@@ -74,8 +75,6 @@ __all__ = [
     "LazyBatchNorm3d",
     "name_layers",
 ]
-
-_HALF = (torch.float16, torch.bfloat16)
 
 
 def _positive_int(value: object) -> int | None:
@@ -238,18 +237,11 @@ class _BatchNorm(nn.modules.batchnorm._BatchNorm):
                 f"got {x.dim()}D input of shape {tuple(x.shape)}"
             )
 
+    @torch.jit.unused
     def _check_mixed_dtypes(self, x: Tensor, tensors: tuple[Tensor | None, ...]) -> None:
         """torch's CPU rule for parameters and running statistics of another dtype than the
-        input: allowed only as float32 for a float16/bfloat16 input (all of them)."""
-        dtypes = {t.dtype for t in tensors if t is not None}
-        if x.dtype in _HALF and dtypes == {torch.float32}:
-            return
-        raise MixedDtypeError(
-            f"{self._describe()}: input of dtype {x.dtype} with parameters/running statistics of "
-            f"dtype {', '.join(sorted(str(d) for d in dtypes))}; they must all have the input's "
-            "dtype (or be float32 for a float16/bfloat16 input): convert the input or the layer "
-            "(e.g. layer.to(x.dtype))"
-        )
+        input (:func:`bnlab.autograd.check_dtypes`)."""
+        check_dtypes(x, tensors, self._describe())
 
     def _check_momentum(self) -> float | None:
         """The momentum as a float (None stays None), or a TypeError/ValueError naming the layer
