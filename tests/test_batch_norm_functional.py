@@ -31,15 +31,15 @@ def _tol(dtype):
 
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
 @pytest.mark.parametrize("mode", ["train", "train-without-stats", "eval"])
-@pytest.mark.parametrize("affine", ["both", "none", "weight", "(C,1)"])
+@pytest.mark.parametrize("affine", ["both", "none", "weight", "bias", "(C,1)"])
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last", "transposed"])
 @pytest.mark.parametrize("grad", [True, False], ids=["grad", "no-grad"])
 def test_same_answers_as_torchs_function(shape, mode, affine, layout, grad):
     training, stats = mode != "eval", mode != "train-without-stats"
     c = shape[1]
     x = _layout(torch.randn(shape, dtype=torch.float64).mul(3).add(1).float(), layout)
-    weight = torch.rand(c) + 0.5 if affine != "none" else None
-    bias = torch.randn(c) if affine in ("both", "(C,1)") else None
+    weight = torch.rand(c) + 0.5 if affine not in ("none", "bias") else None
+    bias = torch.randn(c) if affine in ("both", "bias", "(C,1)") else None
     if affine == "(C,1)":
         weight, bias = weight.view(c, 1), bias.view(c, 1)
     rm, rv = (torch.randn(c), torch.rand(c) + 0.5) if stats else (None, None)

@@ -291,6 +291,7 @@ BN_SETUPS = {
     "bn-relu": lambda m: [setattr(bn, "activation", "relu") for bn in m.norms],
     "no-tracking": _no_tracking,
     "gamma-fixed": lambda m: m.norms[0].weight.requires_grad_(False),
+    "bias-alone": lambda m: [setattr(bn, "weight", None) for bn in m.norms],
     "recomputed-population": lambda m: [
         setattr(bn, "population_estimator", "unbiased") for bn in m.norms
     ],

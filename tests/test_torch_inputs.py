@@ -470,3 +470,74 @@ def test_functions_read_weight_and_bias_in_any_shape_and_name_wrong_counts(train
     if not training:
         with pytest.raises(RuntimeError, match=r"running_var should hold 4 values.*1-D.*\(4, 1\)"):
             bnlab.batch_norm_eval(x, rm, rv.view(4, 1), None, None, 1e-5)
+
+
+def _bias_alone_cases():
+    """(name, make(training) -> (bnlab layer, its torch oracle as a function of x))."""
+
+    def plain(cls, torch_cls, relu=False):
+        def make():
+            ours = cls(3, activation="relu") if relu else cls(3)
+            theirs = torch_cls(3)
+            for layer in (ours, theirs):
+                layer.weight = None  # a bias alone: torch's layers take it
+            with torch.no_grad():
+                theirs.bias.normal_()
+                ours.bias.copy_(theirs.bias)
+            return ours, theirs, (lambda x: torch.relu(theirs(x))) if relu else theirs
+
+        return make
+
+    return {
+        "BatchNorm1d": ((6, 3), plain(bnlab.BatchNorm1d, nn.BatchNorm1d)),
+        "BatchNorm2d": ((4, 3, 2, 5), plain(bnlab.BatchNorm2d, nn.BatchNorm2d)),
+        "BatchNorm2d+relu": ((4, 3, 2, 5), plain(bnlab.BatchNorm2d, nn.BatchNorm2d, True)),
+        "BatchNorm3d": ((2, 3, 2, 2, 3), plain(bnlab.BatchNorm3d, nn.BatchNorm3d)),
+        "SyncBatchNorm": ((4, 3, 2, 5), plain(bnlab.SyncBatchNorm, nn.BatchNorm2d)),
+    }
+
+
+BIAS_ALONE = _bias_alone_cases()
+
+
+@pytest.mark.parametrize("case", list(BIAS_ALONE), ids=list(BIAS_ALONE))
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("tool", ["eager", "channels_last", "ops", "standard-ops", "func.grad"])
+def test_a_bias_without_a_weight_gets_torchs_gradient(case, training, tool):
+    """A layer whose weight was set to None keeps a bias: torch's layer gives it a gradient, in
+    every form of bnlab's call (eager paths, bnlab's operators and standard ops under
+    torch.compile, torch.func)."""
+    shape, make = BIAS_ALONE[case]
+    if tool == "channels_last" and len(shape) != 4:
+        pytest.skip("channels_last is 4-D")
+    ours, theirs, oracle = make()
+    ours.train(training)
+    theirs.train(training)
+    x = torch.randn(shape) * 2 + 1
+    if tool == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    dy = torch.randn(shape)
+    xr = x.clone().requires_grad_()
+    oracle(xr).backward(dy)
+    if tool == "func.grad":
+        if training:
+            ours.track_running_stats = False  # (torch.func refuses an update, as with torch's)
+            ours.running_mean = ours.running_var = None
+
+        def loss(bias, x):
+            out = torch.func.functional_call(ours, {"bias": bias}, (x,))
+            return (out * dy).sum()
+
+        gb, gx = torch.func.grad(loss, argnums=(0, 1))(ours.bias.detach(), x)
+    else:
+        run = ours
+        if tool in ("ops", "standard-ops"):
+            torch._dynamo.reset()
+            run = torch.compile(ours, backend="aot_eager", fullgraph=True)
+        xo = x.clone().requires_grad_()
+        with bnlab.ops.compile_form("ops" if tool == "ops" else "decompose"):
+            run(xo).backward(dy)
+        gb, gx = ours.bias.grad, xo.grad
+    assert gb is not None
+    torch.testing.assert_close(gb, theirs.bias.grad, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(gx, xr.grad, rtol=1e-5, atol=1e-5)

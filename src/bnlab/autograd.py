@@ -116,6 +116,19 @@ def check_dtypes(x: Tensor, tensors: tuple[Tensor | None, ...], who: str) -> Non
     )
 
 
+def _param_grads(
+    dgamma: Tensor | None, dbeta: Tensor | None, weight: Tensor | None, bias: Tensor | None
+) -> tuple[Tensor | None, Tensor | None]:
+    """The backward's parameter gradients as a Function returns them: None for an absent
+    parameter, dbeta in the bias's dtype (the sums come in the weight's, and in the
+    accumulation dtype when a bias has no weight beside it)."""
+    if weight is None:
+        dgamma = None
+    if bias is None or dbeta is None:
+        return dgamma, None
+    return dgamma, dbeta if dbeta.dtype == bias.dtype else dbeta.to(bias.dtype)
+
+
 class _ChannelsOuter(torch.autograd.Function):
     """``x.contiguous()`` of a 3-D ``x`` with its channels innermost
     (:func:`bnlab.kernels.channels_inner_3d`: a transposed ``(N, L, C)`` sequence), the layout
@@ -187,7 +200,7 @@ class BatchNormTrain(torch.autograd.Function):
             ctx.path, dy, x, mean, invstd, weight, need_dx=needs[0],
             need_dparams=needs[1] or needs[2], mask=mask,
         )  # fmt: skip
-        return dx, dgamma, dbeta if bias is not None else None, None, None, None
+        return dx, *_param_grads(dgamma, dbeta, weight, bias), None, None, None
 
 
 class BatchNormTrainLean(torch.autograd.Function):
@@ -219,7 +232,7 @@ class BatchNormTrainLean(torch.autograd.Function):
         dx, dgamma, dbeta = K.lean_backward(
             dy, x, ctx.relu, ctx.plan, ctx.stats, True, n[0], n[1] or n[2]
         )
-        return dx, dgamma, dbeta if bias is not None else None, None, None, None, None
+        return dx, *_param_grads(dgamma, dbeta, weight, bias), None, None, None, None
 
 
 class BatchNormEvalLean(torch.autograd.Function):
@@ -250,7 +263,7 @@ class BatchNormEvalLean(torch.autograd.Function):
         dx, dgamma, dbeta = K.lean_backward(
             dy, x, ctx.relu, ctx.plan, ctx.stats, False, n[0], n[3] or n[4]
         )
-        return dx, None, None, dgamma, dbeta if bias is not None else None, None, None, None
+        return dx, None, None, *_param_grads(dgamma, dbeta, weight, bias), None, None, None
 
 
 class BatchNormEval(torch.autograd.Function):
@@ -287,7 +300,7 @@ class BatchNormEval(torch.autograd.Function):
             ctx.path, dy, x, running_mean, invstd, weight, need_dx=needs[0],
             need_dparams=needs[1] or needs[2], mask=mask,
         )  # fmt: skip
-        return dx, None, None, dgamma, dbeta if bias is not None else None, None, None
+        return dx, None, None, *_param_grads(dgamma, dbeta, weight, bias), None, None
 
 
 def batch_norm_train(

@@ -194,7 +194,8 @@ def batch_norm_train_backward(
 
         dL/dx_i = gamma * invstd / m * (m * dL/dy_i - dL/dbeta - x_hat_i * dL/dgamma)
 
-    Sums are accumulated in ``acc_dtype``; dx has x's dtype, dgamma/dbeta the weight's dtype.
+    Sums are accumulated in ``acc_dtype``; dx has x's dtype, dgamma/dbeta the weight's dtype
+    (without a weight ``acc_dtype``: a layer may have a bias alone).
     """
     acc = acc_dtype(x.dtype)
     dims = reduce_dims(x)
@@ -212,9 +213,10 @@ def batch_norm_train_backward(
         dx = dx.sub_(x_hat.mul_(per_channel(sum_dy_xhat / m, x)))
         dx = _as(dx.mul_(per_channel(gamma, x)), x.dtype)
     dgamma = dbeta = None
-    if need_dparams and weight is not None:
-        dgamma = _as(sum_dy_xhat, weight.dtype)
-        dbeta = _as(sum_dy, weight.dtype)
+    if need_dparams:  # (also without a weight: a bias alone has its gradient)
+        pdt = acc if weight is None else weight.dtype
+        dgamma = _as(sum_dy_xhat, pdt)
+        dbeta = _as(sum_dy, pdt)
     return dx, dgamma, dbeta
 
 
@@ -240,10 +242,11 @@ def batch_norm_eval_backward(
         scale = invstd if weight is None else invstd * _as(weight, acc)
         dx = _as(dya * per_channel(scale, x), x.dtype)
     dgamma = dbeta = None
-    if need_dparams and weight is not None:
+    if need_dparams:  # (also without a weight: a bias alone has its gradient)
+        pdt = acc if weight is None else weight.dtype
         x_hat = (_as(x, acc) - per_channel(_as(running_mean, acc), x)) * per_channel(invstd, x)
-        dgamma = _as((dya * x_hat).sum(dims), weight.dtype)
-        dbeta = _as(dya.sum(dims), weight.dtype)
+        dgamma = _as((dya * x_hat).sum(dims), pdt)
+        dbeta = _as(dya.sum(dims), pdt)
     return dx, dgamma, dbeta
 
 

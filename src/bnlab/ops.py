@@ -299,12 +299,7 @@ class _InductorTrain(torch.autograd.Function):
             dy, d, mean_d, invstd, weight, y, True, need[0], need[1] or need[2]
         )
         dgamma = dparams[0] if need[1] and weight is not None else None
-        dbeta = None
-        if need[2] and ctx.has_bias:
-            if weight is not None:
-                dbeta = dparams[1]
-            else:  # (no weight: the decomposition returns no sums)
-                dbeta = relu_grad(dy, y).to(d.dtype).sum(reduce_dims(x))
+        dbeta = dparams[1] if need[2] and ctx.has_bias else None
         return dx.to(x.dtype) if need[0] else None, dgamma, dbeta, None, None
 
 
@@ -521,7 +516,7 @@ def _backward_op(
     need_dparams: bool,
 ) -> tuple[Tensor, Tensor]:
     """dx (x's shape; empty (0,) when not needed) and dparams = (dgamma; dbeta) as (2, C) in
-    the weight's dtype (empty (0,) when not needed or there is no weight)."""
+    :func:`_param_dtype` (empty (0,) when not needed)."""
     path = B.choose(x, weight)
     fn = B.train_backward if train else B.eval_backward
     dx, dgamma, dbeta = fn(
@@ -536,9 +531,9 @@ def _backward_op(
 @_backward_op.register_fake
 def _backward_fake(dy, x, mean, invstd, weight, y, train, need_dx, need_dparams):
     dx = torch.empty_like(x) if need_dx else x.new_empty(0)
-    if not need_dparams or weight is None:
+    if not need_dparams:
         return dx, x.new_empty(0)
-    return dx, weight.new_empty((2, x.shape[1]))
+    return dx, x.new_empty((2, x.shape[1]), dtype=_param_dtype(x, weight))
 
 
 @torch.library.custom_op(
@@ -592,12 +587,21 @@ def _train_backward(ctx, dy, _dstats):
 
 
 def _split_grads(dx, dparams, needs, bias):
-    """(dx, dgamma, dbeta) from the backward operator's outputs, None where not needed."""
+    """(dx, dgamma, dbeta) from the backward operator's outputs, None where not needed (dbeta
+    in the bias's dtype: without a weight the sums come in :func:`_param_dtype`)."""
     dx = dx if needs[0] else None
     if dparams.numel() == 0:
         return dx, None, None
     dgamma = dparams[0] if needs[1] else None
-    return dx, dgamma, dparams[1] if needs[2] and bias is not None else None
+    if not needs[2] or bias is None:
+        return dx, dgamma, None
+    return dx, dgamma, dparams[1].to(bias.dtype)
+
+
+def _param_dtype(x: Tensor, weight: Tensor | None) -> torch.dtype:
+    """The dtype of the parameter gradients of the backward operator: the weight's, or without a
+    weight (a bias alone) the accumulation dtype of x."""
+    return acc_dtype(x.dtype) if weight is None else weight.dtype
 
 
 _train_op.register_autograd(_train_backward, setup_context=_train_setup)
@@ -712,9 +716,9 @@ def _backward_decomposition(dy, x, mean, invstd, weight, y, train, need_dx, need
             m = x.numel() // x.shape[1]
             g = g - (sum_g / m).view(shape) - x_hat * (sum_gx / m).view(shape)
         dx = (g * scale.view(shape)).to(x.dtype)
-    if not need_dparams or weight is None:
+    if not need_dparams:
         return dx, x.new_empty(0)
-    return dx, torch.stack((sum_gx, sum_g)).to(weight.dtype)
+    return dx, torch.stack((sum_gx, sum_g)).to(_param_dtype(x, weight))
 
 
 def decompositions() -> dict:

@@ -431,7 +431,7 @@ class _BatchNormStep:
             # bnlab.kernels.lean_backward does)
             bwd(
                 dy, x, x, relu, stats[3:5], K.RELU_FLOOR[self.x.dtype], mean, invstd, wv,
-                has_w, True, need and has_w, True, dx, grads, False,
+                has_w, True, need, True, dx, grads, False,
             )  # fmt: skip
             dgamma, dbeta = self.dgamma, self.dbeta
         else:

@@ -735,7 +735,7 @@ def lean_backward(dy: Tensor, x: Tensor, relu: bool, plan, stats, train: bool,
     dy = _like(dy, x)  # (x's layout, so the loops may read it by address)
     dx = _empty_like(x, n) if need_dx else None
     has_w = p[2].size > 0
-    need_sums = need_dparams and has_w
+    need_sums = need_dparams  # (also without a weight: a bias alone has its gradient)
     grads = np.empty((2, c), stats.dtype)  # dgamma, dbeta
     xp = x.data_ptr()
     compiled().backward_at(
@@ -773,7 +773,7 @@ def _backward(dy, x, mean, invstd, weight, need_dx, need_dparams, y, train, coef
     else:
         mp, relu, k2, floor = xp, False, _mask_of_output(c, _NP[cdt]), RELU_FLOOR[cdt]
     dx = _empty_like(x) if need_dx else None
-    need_sums = need_dparams and weight is not None
+    need_sums = need_dparams  # (also without a weight: a bias alone has its gradient)
     grads = np.empty((2, c), _NP[cdt])  # dgamma, dbeta
     w, has_w = _param(weight, cdt, c)
     k.backward_at(
