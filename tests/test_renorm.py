@@ -290,3 +290,72 @@ def test_reset_running_stats_restarts_the_schedule():
     brn.reset_running_stats()
     assert int(brn.renorm_steps) == 0 and int(brn.num_batches_tracked) == 0
     assert "rmax=3" in repr(brn) and "warmup_steps=5000" in repr(brn)
+
+
+def _renorm_states(layer):
+    return {k: v.clone() for k, v in layer.state_dict().items()}
+
+
+@pytest.mark.parametrize("momentum", [0.1, None])
+@pytest.mark.parametrize("tool", ["compile", "export", "trace"])
+def test_tools_capture_the_training_step(tool, momentum):
+    """torch.compile (no graph break), torch.export and jit.trace of a training-mode layer whose
+    correction is active: each step gives eager's output (and, compiled, gradients) and
+    leaves the same running statistics and counters."""
+    import torch._dynamo.testing
+
+    torch.manual_seed(0)
+    schedule = dict(rmax=2.0, dmax=1.0, warmup_steps=0, rmax_steps=2, dmax_steps=2)
+    eager = bnlab.BatchRenorm2d(3, momentum=momentum, **schedule)
+    with torch.no_grad():
+        eager.weight.uniform_(0.5, 1.5)
+        eager.bias.normal_()
+        eager.running_mean.normal_()
+        eager.running_var.uniform_(0.2, 3.0)
+    model = copy.deepcopy(eager)
+    xs = [torch.randn(6, 3, 4, 4) * 2 + 1 for _ in range(3)]
+    counter = torch._dynamo.testing.CompileCounterWithBackend("aot_eager")
+    if tool == "compile":
+        torch._dynamo.reset()
+        run = torch.compile(model, backend=counter, fullgraph=True)
+    elif tool == "export":
+        run = model = torch.export.export(model, (xs[0],)).module()
+    else:
+        run = torch.jit.trace(model, (xs[0].clone(),), check_trace=False)
+        model.load_state_dict(eager.state_dict())  # (tracing ran one step on the real buffers)
+    for x in xs:
+        xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+        ya, yb = run(xa), eager(xb)
+        torch.testing.assert_close(ya, yb, rtol=1e-5, atol=1e-5)
+        if tool == "compile":
+            ya.square().sum().backward()
+            yb.square().sum().backward()
+            torch.testing.assert_close(xa.grad, xb.grad, rtol=1e-4, atol=1e-5)
+        ours, theirs = _renorm_states(model), _renorm_states(eager)
+        for key in theirs:
+            torch.testing.assert_close(ours[key], theirs[key], rtol=1e-5, atol=1e-6, msg=key)
+    assert int(eager.renorm_steps) == 3
+    if tool == "compile":
+        assert counter.frame_count == 1
+
+
+def test_a_captured_step_refuses_a_non_finite_batch_and_keeps_the_state():
+    """Compiled: an assertion naming the layer; traced (a graph that cannot raise): nothing
+    written, the counters included."""
+    layer = bnlab.BatchRenorm2d(3, warmup_steps=0, rmax_steps=2, dmax_steps=2)
+    layer.layer_name = "block.bn"
+    bad = torch.randn(4, 3, 5, 5)
+    bad[1, 2, 0, 0] = float("nan")
+    torch._dynamo.reset()
+    compiled = torch.compile(layer, backend="aot_eager", fullgraph=True)
+    compiled(torch.randn(4, 3, 5, 5))
+    before = _renorm_states(layer)
+    with pytest.raises(RuntimeError, match=r"'block.bn' BatchRenorm2d\(3\): non-finite"):
+        compiled(bad)
+    for key, value in _renorm_states(layer).items():
+        assert torch.equal(value, before[key]), key
+    traced = torch.jit.trace(layer, (torch.randn(4, 3, 5, 5),), check_trace=False)
+    before = _renorm_states(layer)
+    traced(bad)
+    for key, value in _renorm_states(layer).items():
+        assert torch.equal(value, before[key]), key

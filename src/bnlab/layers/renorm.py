@@ -57,6 +57,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from .. import ops
 from ..autograd import batch_norm_train
 from ..functional import acc_dtype, per_channel
 from ..ops import non_finite_message
@@ -241,6 +242,8 @@ class _BatchRenorm(_BatchNorm):
         if running_mean is None or running_var is None or self.renorm_steps is None:
             return super()._commit_batch_stats(x, mean, var)
         momentum = self._check_momentum() if update else None  # (a float, or None)
+        if ops.route(x) != ops.EAGER:
+            return self._commit_captured(x, mean, var, update, momentum)
         m = x.numel() // x.shape[1]
         if m > 0 and not bool(torch.isfinite(var).all() and torch.isfinite(mean).all()):
             raise FloatingPointError(non_finite_message(self._describe(), list(x.shape)))
@@ -263,6 +266,54 @@ class _BatchRenorm(_BatchNorm):
             sigma_new = torch.lerp(sigma, torch.sqrt(var.detach() + self.eps), f)
             running_mean.lerp_(mean.detach().to(dtype), f)
             running_var.copy_((sigma_new.square() - self.eps).clamp_min(0.0).to(dtype))
+
+    def _commit_captured(
+        self, x: Tensor, mean: Tensor, var: Tensor, update: bool, momentum: float | None
+    ) -> None:
+        """:meth:`_commit_batch_stats` in tensor operations only, for a call a tool captures
+        (``torch.compile``, ``torch.export``, ``jit.trace``, ``torch.func``): no Python number
+        is read from a tensor. Non-finite statistics raise where the values can be read and
+        fail an assertion in a captured graph, as BN's commit (:func:`bnlab.ops.
+        decompose_commit`); every buffer, the counters included, is written through
+        ``torch.where`` on the finiteness flag, so a graph that cannot raise (``jit.trace``)
+        leaves them all unchanged."""
+        running_mean, running_var, steps = self.running_mean, self.running_var, self.renorm_steps
+        assert running_mean is not None and running_var is not None and steps is not None
+        counted = self.num_batches_tracked
+        name = self._describe()
+        if x.numel() == 0:  # an empty batch: counted only
+            if update:
+                with torch.no_grad():
+                    if counted is not None:
+                        counted.add_(1)
+                    steps.add_(1)
+            return
+        ok = torch.isfinite(var).all() & torch.isfinite(mean).all()
+        if not ops._accept_python(x, var, ok, running_mean, update, name) or not update:
+            return
+        with torch.no_grad():
+            buffers: list[Tensor] = [steps]
+            values: list[Tensor] = [steps + ok.to(steps.dtype)]
+            count = None
+            if counted is not None:
+                count = counted + ok.to(counted.dtype)
+                buffers.append(counted)
+                values.append(count)
+            acc, dtype = mean.dtype, running_mean.dtype
+            if momentum is not None:
+                f, f_stat = momentum, momentum
+            else:  # cumulative average over the batches counted (1 without a counter)
+                n = count.to(acc) if count is not None else torch.ones((), dtype=acc)
+                f = torch.reciprocal(n)
+                f_stat = f.to(dtype)
+            sigma = torch.sqrt(running_var.to(acc) + self.eps)
+            sigma_new = torch.lerp(sigma, torch.sqrt(var.detach() + self.eps), f)
+            buffers += [running_mean, running_var]
+            values += [
+                torch.lerp(running_mean, mean.detach().to(dtype), f_stat),
+                (sigma_new.square() - self.eps).clamp_min(0.0).to(dtype),
+            ]
+            ops._write_python(ok, tuple(buffers), tuple(values), name)
 
 
 class BatchRenorm1d(_BatchRenorm, nn.BatchNorm1d):
