@@ -167,3 +167,35 @@ def test_state_dict_interchange_eval_fold_freeze_recompute():
     feats = torch.cat([model[0](b) for b in batches]).detach()
     torch.testing.assert_close(ghost.running_mean, feats.mean((0, 2, 3)))
     assert "virtual_batch_size=2" in repr(ghost)
+
+
+@pytest.mark.parametrize("tool", ["compile", "export", "trace"])
+def test_tools_capture_the_training_step(tool):
+    """torch.compile (no graph break), torch.export and jit.trace of a training-mode layer with
+    ghost batches of two sizes: eager's outputs and running statistics at every step."""
+    import torch._dynamo.testing
+
+    torch.manual_seed(0)
+    eager = bnlab.GhostBatchNorm2d(3, virtual_batch_size=4, momentum=None)
+    with torch.no_grad():
+        eager.weight.uniform_(0.5, 1.5)
+        eager.bias.normal_()
+    model = copy.deepcopy(eager)
+    xs = [torch.randn(10, 3, 4, 4) * 2 + 1 for _ in range(3)]  # ghost batches of 4, 4, 2
+    counter = torch._dynamo.testing.CompileCounterWithBackend("aot_eager")
+    if tool == "compile":
+        torch._dynamo.reset()
+        run = torch.compile(model, backend=counter, fullgraph=True)
+    elif tool == "export":
+        run = model = torch.export.export(model, (xs[0],)).module()
+    else:
+        run = torch.jit.trace(model, (xs[0].clone(),), check_trace=False)
+        model.load_state_dict(eager.state_dict())  # (tracing ran one step on the real buffers)
+    for x in xs:
+        torch.testing.assert_close(run(x), eager(x), rtol=1e-5, atol=1e-5)
+        ours, theirs = model.state_dict(), eager.state_dict()
+        for key in theirs:
+            torch.testing.assert_close(ours[key], theirs[key], rtol=1e-5, atol=1e-6, msg=key)
+    assert int(eager.num_batches_tracked) == 3
+    if tool == "compile":
+        assert counter.frame_count == 1

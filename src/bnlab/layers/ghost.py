@@ -96,10 +96,11 @@ class _GhostBatchNorm(_BatchNorm):
         """Normalize each ghost batch with its own statistics; returns ``(y, mean, var)`` with
         the whole batch's mean and the biased-variance equivalent of the pooled within-ghost
         variance (``var * M / (M - 1) = var_unb``), which the running-average update expects."""
-        n, c = x.shape[0], x.shape[1]
+        # (Python ints: jit.trace gives sizes as tensors, and a trace is of one shape anyway)
+        n, c, numel = int(x.shape[0]), int(x.shape[1]), int(x.numel())
         v = self.virtual_batch_size
-        per_example = x.numel() // max(n, 1) // c if x.numel() else 0
-        if n <= v or x.numel() == 0:
+        per_example = numel // max(n, 1) // c if numel else 0
+        if n <= v or numel == 0:
             return super()._train_forward(x)
         if v * per_example == 1:
             raise ValueError(
