@@ -74,10 +74,13 @@ def compiled():
     changed since; a direct ``numba.set_num_threads`` holds until then.
 
     Starting Numba's thread pool (the first ``follow_threads`` in the process) also sets the
-    OpenMP thread count of the calling thread to the pool's size, and with Numba's OpenMP layer
-    that is the count torch itself reads (both use the same ``libgomp``): the user's
-    ``torch.set_num_threads`` would be lost, for torch's operators as well as the kernels. It is
-    put back here.
+    OpenMP thread count of the calling thread to the pool's size. Where Numba's OpenMP layer
+    and torch load the same ``libgomp`` that is the count torch itself reads, and the user's
+    ``torch.set_num_threads`` would be lost, for torch's operators as well as the kernels, so
+    it is put back here. (Numba's layer asks for the system's ``libgomp.so.1.0.0`` by file
+    name; a torch wheel that bundles its own ``libgomp.so.1`` then runs a second OpenMP
+    runtime with a pool of its own, each pool's idle threads spinning while the other works.
+    Measurements of both arrangements: docs/kernels.md.)
     """
     global _loops
     mod = _loops
