@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 import bnlab
 from bnlab.layers.ghost import ghost_sizes
-from conftest import SHAPES, to_format
+from conftest import SHAPES, captured, to_format
 
 pytestmark = pytest.mark.usefixtures("backend")
 
@@ -183,14 +183,7 @@ def test_tools_capture_the_training_step(tool):
     model = copy.deepcopy(eager)
     xs = [torch.randn(10, 3, 4, 4) * 2 + 1 for _ in range(3)]  # ghost batches of 4, 4, 2
     counter = torch._dynamo.testing.CompileCounterWithBackend("aot_eager")
-    if tool == "compile":
-        torch._dynamo.reset()
-        run = torch.compile(model, backend=counter, fullgraph=True)
-    elif tool == "export":
-        run = model = torch.export.export(model, (xs[0],)).module()
-    else:
-        run = torch.jit.trace(model, (xs[0].clone(),), check_trace=False)
-        model.load_state_dict(eager.state_dict())  # (tracing ran one step on the real buffers)
+    run, model = captured(model, tool, xs[0], counter)
     for x in xs:
         torch.testing.assert_close(run(x), eager(x), rtol=1e-5, atol=1e-5)
         ours, theirs = model.state_dict(), eager.state_dict()

@@ -12,7 +12,7 @@ import torch
 
 import bnlab
 from bnlab.layers.renorm import renorm_limits
-from conftest import SHAPES, to_format
+from conftest import SHAPES, captured, to_format
 
 pytestmark = pytest.mark.usefixtures("backend")
 
@@ -315,14 +315,7 @@ def test_tools_capture_the_training_step(tool, momentum):
     model = copy.deepcopy(eager)
     xs = [torch.randn(6, 3, 4, 4) * 2 + 1 for _ in range(3)]
     counter = torch._dynamo.testing.CompileCounterWithBackend("aot_eager")
-    if tool == "compile":
-        torch._dynamo.reset()
-        run = torch.compile(model, backend=counter, fullgraph=True)
-    elif tool == "export":
-        run = model = torch.export.export(model, (xs[0],)).module()
-    else:
-        run = torch.jit.trace(model, (xs[0].clone(),), check_trace=False)
-        model.load_state_dict(eager.state_dict())  # (tracing ran one step on the real buffers)
+    run, model = captured(model, tool, xs[0], counter)
     for x in xs:
         xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
         ya, yb = run(xa), eager(xb)
