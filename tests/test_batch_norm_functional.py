@@ -190,3 +190,25 @@ def test_tools_see_the_function(training, tmp_path):
         torch.testing.assert_close(run.rm, ref.rm, msg=tool)
         torch.testing.assert_close(run.rv, ref.rv, msg=tool)
     assert counter.frame_count == 1
+
+
+@pytest.mark.parametrize("mode", ["train", "train-without-stats", "eval"])
+def test_vmap_as_torchs_function(mode):
+    """Per-sample calls under torch.vmap give the loop's answers; an update of running
+    statistics from per-sample statistics is refused with torch's class, naming the call."""
+    training, stats = mode != "eval", mode != "train-without-stats"
+    xs = torch.randn(5, 4, 3, 6) * 2 + 1
+    rm, rv = torch.randn(3), torch.rand(3) + 0.5
+    weight = torch.rand(3) + 0.5
+
+    def call(fn, x):
+        return fn(x, rm.clone() if stats else None, rv.clone() if stats else None, weight, None,
+                  training)  # fmt: skip
+
+    if training and stats:
+        for fn in (F.batch_norm, bnlab.batch_norm):
+            with pytest.raises(RuntimeError, match="batch_norm" if fn is bnlab.batch_norm else ""):
+                torch.vmap(lambda x, fn=fn: call(fn, x))(xs)
+        return
+    ours = torch.vmap(lambda x: call(bnlab.batch_norm, x))(xs)
+    torch.testing.assert_close(ours, torch.stack([call(F.batch_norm, x) for x in xs]))

@@ -4,7 +4,18 @@ layers (``except RuntimeError:`` around a probing call, say) catches them the sa
 
 from __future__ import annotations
 
-__all__ = ["ChannelCountError", "InputDtypeError", "MixedDtypeError", "NotATensorError"]
+__all__ = [
+    "BatchedUpdateError",
+    "ChannelCountError",
+    "InputDtypeError",
+    "MixedDtypeError",
+    "NotATensorError",
+]
+
+
+class BatchedUpdateError(ValueError, RuntimeError):
+    """A running-statistics update from per-sample statistics under ``torch.vmap`` (torch:
+    RuntimeError)."""
 
 
 class ChannelCountError(ValueError, RuntimeError):

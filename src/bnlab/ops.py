@@ -52,6 +52,7 @@ import torch.nn.functional as TF
 from torch import Tensor
 
 from . import backend as B
+from .errors import BatchedUpdateError
 from .functional import (
     acc_dtype,
     batch_norm_train_forward,
@@ -395,7 +396,7 @@ def _accept_python(x, var, ok, running_mean, update, layer) -> bool:
         bad = not bool(ok)
     except RuntimeError:  # vmap: per-sample statistics cannot be read (nor averaged in)
         if update and running_mean is not None:
-            raise ValueError(
+            raise BatchedUpdateError(
                 f"{layer}: running statistics cannot be updated from per-sample statistics "
                 "under vmap (torch.nn.BatchNorm refuses this too); use eval mode, "
                 "track_running_stats=False or bnlab.freeze"
@@ -681,7 +682,7 @@ def _eval_vmap(info, in_dims, x, running_mean, running_var, weight, bias, eps, r
 def _commit_vmap(info, in_dims, x, mean, var, running_mean, running_var, num_batches_tracked,
                  momentum, update, layer):  # fmt: skip
     if update and running_mean is not None and in_dims[1] is not None:
-        raise ValueError(
+        raise BatchedUpdateError(
             f"{layer}: running statistics cannot be updated from per-sample statistics under "
             "vmap (torch.nn.BatchNorm refuses this too); use eval mode, "
             "track_running_stats=False or bnlab.freeze"
