@@ -141,7 +141,8 @@ class _BatchNorm(nn.modules.batchnorm._BatchNorm):
         try:
             check_momentum(momentum)
         except (TypeError, ValueError) as exc:
-            raise type(exc)(f"{name}({num_features}): {exc}") from None
+            label = f"{name}({num_features})" if num_features else name  # (a lazy layer: 0)
+            raise type(exc)(f"{label}: {exc}") from None
         super().__init__(
             num_features, eps, momentum, affine, track_running_stats, device, dtype, bias=bias
         )
@@ -527,13 +528,10 @@ class _LazyBatchNorm(nn.modules.batchnorm._LazyNormBase, _BatchNorm):
         bias: bool = True,
         activation: str | None = None,
     ) -> None:
-        name = type(self).__name__
-        if activation not in (None, "relu"):
-            raise ValueError(f"{name}: activation must be None or 'relu', got {activation!r}")
-        try:
-            check_momentum(momentum)
-        except (TypeError, ValueError) as exc:
-            raise type(exc)(f"{name}: {exc}") from None
+        if activation not in (None, "relu"):  # (torch's lazy base hands the rest to _BatchNorm)
+            raise ValueError(
+                f"{type(self).__name__}: activation must be None or 'relu', got {activation!r}"
+            )
         super().__init__(eps, momentum, affine, track_running_stats, device, dtype, bias=bias)
         self.activation = activation
 
