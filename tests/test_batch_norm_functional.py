@@ -212,3 +212,104 @@ def test_vmap_as_torchs_function(mode):
         return
     ours = torch.vmap(lambda x: call(bnlab.batch_norm, x))(xs)
     torch.testing.assert_close(ours, torch.stack([call(F.batch_norm, x) for x in xs]))
+
+
+class _ActBN(torch.nn.BatchNorm2d):
+    """A torch BatchNorm subclass that calls the function itself and fuses an activation, as
+    model libraries write them (bnlab.convert leaves subclasses alone)."""
+
+    def forward(self, x):
+        y = F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias,
+                         self.training, self.momentum, self.eps)  # fmt: skip
+        return torch.nn.functional.silu(y)
+
+
+def _torch_model(cumulative=True):
+    """``cumulative``: the last layer's momentum None (which torch's layer turns into a number
+    read from num_batches_tracked: torch.export refuses it in training, torch's own model too)."""
+    torch.manual_seed(0)
+    return torch.nn.Sequential(
+        torch.nn.Conv2d(3, 4, 3, padding=1), torch.nn.BatchNorm2d(4), torch.nn.ReLU(),
+        torch.nn.Conv2d(4, 4, 3, padding=1), _ActBN(4), torch.nn.Flatten(),
+        torch.nn.Linear(4 * 36, 5), torch.nn.BatchNorm1d(5, momentum=None if cumulative else 0.1),
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_patch_functional_runs_torchs_layers_on_bnlab_with_torchs_answers(training):
+    original = F.batch_norm
+    ours, ref = _torch_model().train(training), _torch_model().train(training)
+    for step in range(2):
+        x = torch.randn(6, 3, 6, 6) * 2 + step
+        xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+        with bnlab.patch_functional():
+            assert F.batch_norm is not original
+            ya = ours(xa)
+            ya.square().sum().backward()
+        yb = ref(xb)
+        yb.square().sum().backward()
+        torch.testing.assert_close(ya, yb, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(xa.grad, xb.grad, rtol=1e-4, atol=1e-5)
+        for (name, a), b in zip(ours.state_dict().items(), ref.state_dict().values(), strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
+        for (name, a), b in zip(ours.named_parameters(), ref.parameters(), strict=True):
+            # (float32 sums in another order, through two BN backwards of a batch of 6, where
+            # the parameters before a BN get gradients that are rounding left after cancellation)
+            scale = 1e-3 * float(b.grad.abs().max()) + 1e-4
+            assert float((a.grad - b.grad).abs().max()) <= scale, name
+    assert F.batch_norm is original
+
+
+def test_patch_functional_is_bnlabs_function_and_is_put_back_however_the_block_ends():
+    original = F.batch_norm
+    layer = torch.nn.BatchNorm2d(3)
+    bad = torch.randn(4, 3, 5, 5)
+    bad[1, 2, 0, 0] = float("nan")
+    with pytest.raises(FloatingPointError, match="batch_norm: non-finite"):  # bnlab's refusal
+        with bnlab.patch_functional():
+            with bnlab.patch_functional():  # (nested: put back by the outer block)
+                pass
+            assert F.batch_norm is not original
+            layer(bad)
+    assert F.batch_norm is original
+    assert torch.equal(layer.running_mean, torch.zeros(3))  # (torch's layer counted it first)
+    assert int(layer.num_batches_tracked) == 1
+
+    class Logged(torch.Tensor):  # a tensor that overrides torch functions keeps torch's one
+        seen: list = []
+
+        @classmethod
+        def __torch_function__(cls, func, types, args=(), kwargs=None):
+            cls.seen.append(getattr(func, "__name__", str(func)))
+            return super().__torch_function__(func, types, args, kwargs or {})
+
+    with bnlab.patch_functional():
+        F.batch_norm(torch.randn(4, 3).as_subclass(Logged), None, None, training=True)
+    assert "batch_norm" in Logged.seen
+
+
+@pytest.mark.parametrize("tool", ["compile", "export", "trace"])
+def test_tools_inside_patch_functional(tool):
+    """A torch-BN model compiled (no graph break), exported or traced inside the block gives
+    the eager answers; in eval, the exported program holds torch's own operator."""
+    import torch._dynamo.testing
+
+    for training in (True, False):
+        cumulative = not (tool == "export" and training)
+        ref = _torch_model(cumulative).train(training)
+        model = _torch_model(cumulative).train(training)
+        x = torch.randn(6, 3, 6, 6)
+        counter = torch._dynamo.testing.CompileCounterWithBackend("aot_eager")
+        with bnlab.patch_functional():
+            if tool == "compile":
+                torch._dynamo.reset()
+                run = torch.compile(model, backend=counter, fullgraph=True)
+            elif tool == "export":
+                run = torch.export.export(model, (x,)).module()
+            else:
+                run = torch.jit.trace(model, (x,), check_trace=False)
+                run.load_state_dict(ref.state_dict())
+            y = run(x)
+        torch.testing.assert_close(y, ref(x), rtol=1e-5, atol=1e-5)
+        if tool == "compile":
+            assert counter.frame_count == 1

@@ -14,7 +14,7 @@ TorchScript, fx and ``torch.func`` see. Training on several processes: :mod:`bnl
 """
 
 from . import errors, fusers, ops  # noqa: F401  (ops: registers the torch.ops.bnlab operators)
-from .autograd import batch_norm, batch_norm_eval, batch_norm_train
+from .autograd import batch_norm, batch_norm_eval, batch_norm_train, patch_functional
 from .backend import get_backend, set_backend, use_backend
 from .checkpoint import load_checkpoint, save_checkpoint
 from .convert import convert
@@ -73,6 +73,7 @@ __all__ = [
     "convert_sync",
     "renorm_schedule",
     "batch_norm",
+    "patch_functional",
     "batch_norm_train",
     "batch_norm_eval",
     "convert",

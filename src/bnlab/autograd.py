@@ -30,6 +30,10 @@ lean Functions, which keep no output (:func:`bnlab.kernels.lean_backward`).
 
 from __future__ import annotations
 
+import contextlib
+import threading
+from collections.abc import Iterator
+
 import torch
 from torch import Tensor
 
@@ -45,6 +49,7 @@ __all__ = [
     "BatchNormTrainLean",
     "BatchNormEvalLean",
     "batch_norm",
+    "patch_functional",
     "batch_norm_train",
     "batch_norm_eval",
     "commit_stats",
@@ -358,10 +363,28 @@ def batch_norm(
     running statistics: a non-finite momentum is refused before anything is read, and a
     training batch with non-finite statistics raises ``FloatingPointError`` and leaves them
     as they were (without running statistics its output is NaN, as torch's)."""
-    x = input
+    return _batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps,
+                       True)  # fmt: skip
+
+
+def _batch_norm(
+    x: Tensor,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    training: bool,
+    momentum: float,
+    eps: float,
+    momentum_checked: bool,
+) -> Tensor:
+    """:func:`batch_norm`, the momentum's check skipped unless ``momentum_checked``: for one
+    torch's layer computed (``1 / num_batches_tracked`` for ``momentum=None``, a number a
+    captured graph knows only when it runs, so its finiteness cannot be asked while tracing)."""
     if not torch.jit.is_scripting():
         if not isinstance(x, torch.fx.Proxy):
-            _check_call(x, running_mean, running_var, weight, bias, training, momentum, eps)
+            _check_call(x, running_mean, running_var, weight, bias, training,
+                        momentum if momentum_checked else 0.0, eps)  # fmt: skip
             if ops.route(x) == ops.EAGER:
                 return _eager_call(x, running_mean, running_var, weight, bias, training,
                                    float(momentum), float(eps))  # fmt: skip
@@ -370,9 +393,73 @@ def batch_norm(
         return batch_norm_eval(x, running_mean, running_var, weight, bias, eps)
     y, mean, var = batch_norm_train(x, weight, bias, eps)
     if running_mean is not None and running_var is not None:
-        commit_stats(x, mean, var, running_mean, running_var, None, float(momentum), True,
+        if not torch.jit.is_scripting():
+            if not isinstance(momentum, torch.SymFloat):  # (a traced number stays symbolic)
+                momentum = float(momentum)
+        commit_stats(x, mean, var, running_mean, running_var, None, momentum, True,
                      "batch_norm")  # fmt: skip
     return y
+
+
+_PATCH_LOCK = threading.Lock()
+_patch_depth = 0  # open patch_functional blocks (the function is put back when the last ends)
+_torch_batch_norm = None  # torch.nn.functional.batch_norm as it was before the first block
+
+
+def _patched_batch_norm(
+    input: Tensor,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    weight: Tensor | None = None,
+    bias: Tensor | None = None,
+    training: bool = False,
+    momentum: float = 0.1,
+    eps: float = 1e-5,
+) -> Tensor:
+    """``torch.nn.functional.batch_norm`` inside :func:`patch_functional`: :func:`batch_norm`,
+    except for tensors that override torch functions (``__torch_function__`` subclasses), which
+    keep torch's function and so their own handling of it."""
+    original = _torch_batch_norm
+    relevant = (input, running_mean, running_var, weight, bias)
+    if original is not None and torch.overrides.has_torch_function_variadic(*relevant):
+        return torch.overrides.handle_torch_function(
+            original, relevant, input, running_mean, running_var, weight=weight, bias=bias,
+            training=training, momentum=momentum, eps=eps,
+        )  # fmt: skip
+    # (torch's layers compute the momentum they pass: 1 / num_batches_tracked for momentum
+    # None, finite, and a number a captured graph knows only when it runs)
+    return _batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps,
+                       not torch.compiler.is_compiling())  # fmt: skip
+
+
+@contextlib.contextmanager
+def patch_functional() -> Iterator[None]:
+    """A block in which ``torch.nn.functional.batch_norm`` is :func:`batch_norm`: every call of
+    it - torch's BatchNorm layers' forwards, subclasses of them that call it (a layer fusing
+    an activation, say), code of your own - runs bnlab's kernels, with torch's answers, in
+    models that :func:`bnlab.convert` leaves alone. torch's function is put back when the
+    block ends, however it ends (blocks may nest, and overlap across threads: it is put back
+    when the last one ends). The replacement is process-wide, as the function is.
+
+    torch's layers count a training batch in ``num_batches_tracked`` before they call the
+    function, so a batch with non-finite statistics, which :func:`batch_norm` refuses before
+    the running averages move, is still counted by them."""
+    global _patch_depth, _torch_batch_norm
+    import torch.nn.functional as TF
+
+    with _PATCH_LOCK:
+        if _patch_depth == 0:
+            _torch_batch_norm = TF.batch_norm
+            TF.batch_norm = _patched_batch_norm
+        _patch_depth += 1
+    try:
+        yield
+    finally:
+        with _PATCH_LOCK:
+            _patch_depth -= 1
+            if _patch_depth == 0:
+                TF.batch_norm = _torch_batch_norm
+                _torch_batch_norm = None
 
 
 # The lean training loops count each batch in a counter (a layer's num_batches_tracked);

@@ -48,7 +48,6 @@ from collections.abc import Iterator
 
 import torch
 import torch.autograd.forward_ad as _forward_ad
-import torch.nn.functional as TF
 from torch import Tensor
 
 from . import backend as B
@@ -313,9 +312,11 @@ def decompose_eval(
     eps: float,
     relu: bool,
 ) -> Tensor:
-    """The inference transform [+ ReLU] as ``torch.nn.functional.batch_norm`` (exports as one
-    BatchNormalization node that runtimes fold into a preceding convolution)."""
-    y = TF.batch_norm(x, running_mean, running_var, weight, bias, False, 0.0, eps)
+    """The inference transform [+ ReLU] as ``torch.nn.functional.batch_norm`` computes it, the
+    operator it calls (exports as one BatchNormalization node that runtimes fold into a
+    preceding convolution). The operator itself, not the Python function, which
+    :func:`bnlab.patch_functional` may have replaced by bnlab's."""
+    y = torch.batch_norm(x, weight, bias, running_mean, running_var, False, 0.0, eps, False)
     if relu:
         y = torch.relu(y)
     return y
