@@ -541,3 +541,48 @@ def test_a_bias_without_a_weight_gets_torchs_gradient(case, training, tool):
     assert gb is not None
     torch.testing.assert_close(gb, theirs.bias.grad, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(gx, xr.grad, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("relu", [False, True], ids=["bn", "bn+relu"])
+def test_a_sequence_transposed_there_and_back_gets_torchs_answers(training, relu):
+    """``bn(x.transpose(1, 2)).transpose(1, 2)`` on an (N, L, C) leaf, as sequence models call
+    BatchNorm1d (the gradient comes back in the sequence's own layout): output, its strides,
+    the leaf's gradient in its memory order, the parameters' gradients and the running
+    statistics as torch's, over two steps; a non-finite batch refused naming the layer with the
+    statistics untouched."""
+    for c in (6, 40, 200):
+        ours, theirs = pair((5, c, 7), momentum=None)
+        ours.train(training)
+        theirs.train(training)
+        if relu:
+            ours.activation = "relu"
+        for step in range(2):
+            base = torch.randn(5, 7, c, dtype=torch.float64).float() * 2 + step
+            g = torch.randn(5, 7, c)
+            outs = []
+            for layer in (ours, theirs):
+                leaf = base.clone().requires_grad_()
+                y = layer(leaf.transpose(1, 2))
+                if relu and layer is theirs:
+                    y = torch.relu(y)
+                (y.transpose(1, 2) * g).sum().backward()
+                outs.append((y, leaf.grad))
+            (y, dx), (y_, dx_) = outs
+            torch.testing.assert_close(y, y_, **tol(torch.float32))
+            assert y.stride() == y_.stride()
+            torch.testing.assert_close(dx, dx_, **tol(torch.float32))
+            assert dx.stride() == dx_.stride() == base.stride()
+            for p, q in zip(ours.parameters(), theirs.parameters(), strict=True):
+                torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-4)
+            for (key, a), b in zip(ours.state_dict().items(), theirs.state_dict().values(),
+                                   strict=True):  # fmt: skip
+                torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=key)
+        bad = torch.randn(5, 7, c)
+        bad[2, 3, 1] = float("nan")
+        if training:
+            before = {k: v.clone() for k, v in ours.state_dict().items()}
+            with pytest.raises(FloatingPointError, match=r"BatchNorm1d\(" + str(c) + r"\)"):
+                ours(bad.requires_grad_().transpose(1, 2))
+            for key, value in ours.state_dict().items():
+                assert torch.equal(value, before[key]), key

@@ -137,9 +137,9 @@ def _param_grads(
 class _ChannelsOuter(torch.autograd.Function):
     """``x.contiguous()`` of a 3-D ``x`` with its channels innermost
     (:func:`bnlab.kernels.channels_inner_3d`: a transposed ``(N, L, C)`` sequence), the layout
-    torch gives batch norm's output for it. The backward hands the gradient back in x's layout,
-    written by the kernels, where autograd would otherwise copy it into the leaf's layout with
-    torch's strided copy in its slowest direction; the same values either way."""
+    torch gives batch norm's output for it. The backward hands a contiguous gradient back in
+    x's layout, written by the kernels, where autograd would otherwise copy it with torch's
+    strided copy in its slowest direction; the same values either way."""
 
     @staticmethod
     def forward(ctx, x: Tensor) -> Tensor:
@@ -152,6 +152,31 @@ class _ChannelsOuter(torch.autograd.Function):
             if out is not None:
                 return out
         return g
+
+
+def as_rows(x: Tensor) -> bool:
+    """Whether an eager call on ``x`` that autograd records runs on the ``(N * L, C)`` rows of
+    a transposed ``(N, L, C)`` sequence (x of shape ``(N, C, L)``, channels innermost, at most
+    :data:`bnlab.kernels.SWAP_MAX_C` of them), its output then made contiguous by
+    :func:`rows_to_sequence`. The same statistics as on x (per channel, over N and L); the
+    layout's conversion moves from the input to the output, so that a gradient coming back
+    in the sequence's own layout (``bn(x.transpose(1, 2)).transpose(1, 2)``, as sequence
+    models call it) reaches the loops and x without a copy, and any other is written by the
+    kernels (:class:`_ChannelsOuter`) where torch's copy would be the slow one."""
+    return (
+        x.dim() == 3
+        and x.requires_grad
+        and torch.is_grad_enabled()
+        and B.kernels_enabled()
+        and K.channels_inner_3d(x)
+        and x.shape[1] <= K.SWAP_MAX_C
+    )
+
+
+def rows_to_sequence(y: Tensor, n: int, length: int) -> Tensor:
+    """The output ``y`` of a call on the ``(N * L, C)`` rows (:func:`as_rows`) as the
+    contiguous ``(N, C, L)`` tensor torch's batch norm returns for the sequence."""
+    return _ChannelsOuter.apply(y.view(n, length, y.shape[1]).transpose(1, 2))
 
 
 def standard_input(x: Tensor) -> Tensor:
@@ -486,6 +511,11 @@ def _eager_call(
         weight = weight.reshape(-1)
     if bias is not None and bias.dim() != 1:
         bias = bias.reshape(-1)
+    if as_rows(x):  # (a transposed sequence: its rows, the output made contiguous)
+        n, c, length = x.shape
+        rows = x.transpose(1, 2).reshape(n * length, c)
+        y = _eager_call(rows, running_mean, running_var, weight, bias, training, momentum, eps)
+        return rows_to_sequence(y, n, length)
     x = standard_input(x)  # (so y has the strides torch's output has)
     graph = _needs_graph(x, weight, bias)
     if not training:

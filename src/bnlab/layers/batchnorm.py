@@ -54,12 +54,14 @@ from ..autograd import (
     BatchNormTrain,
     _needs_graph,
     _relu_flag,
+    as_rows,
     batch_norm_eval,
     batch_norm_eval_lean,
     batch_norm_train,
     batch_norm_train_lean,
     check_dtypes,
     commit_stats,
+    rows_to_sequence,
     standard_input,
 )
 from ..errors import ChannelCountError, InputDtypeError, NotATensorError
@@ -468,6 +470,10 @@ class _BatchNorm(nn.modules.batchnorm._BatchNorm):
         )  # fmt: skip
         if not torch.jit.is_scripting():
             if isinstance(input, Tensor) and route(input) == EAGER:
+                if self._own_statistics() and as_rows(input):  # (a transposed sequence)
+                    n, c, length = input.shape
+                    y = self.forward(input.transpose(1, 2).reshape(n * length, c))
+                    return rows_to_sequence(y, n, length)
                 input = standard_input(input)  # (every path's output takes its input's layout)
         if batch_stats or running_mean is None or running_var is None:
             if not torch.jit.is_scripting():
