@@ -514,7 +514,10 @@ def _eager_call(
     if as_rows(x):  # (a transposed sequence: its rows, the output made contiguous)
         n, c, length = x.shape
         rows = x.transpose(1, 2).reshape(n * length, c)
-        y = _eager_call(rows, running_mean, running_var, weight, bias, training, momentum, eps)
+        try:
+            y = _eager_call(rows, running_mean, running_var, weight, bias, training, momentum, eps)
+        except FloatingPointError:  # (named with the shape the caller gave)
+            raise FloatingPointError(ops.non_finite_message("batch_norm", [n, c, length])) from None
         return rows_to_sequence(y, n, length)
     x = standard_input(x)  # (so y has the strides torch's output has)
     graph = _needs_graph(x, weight, bias)

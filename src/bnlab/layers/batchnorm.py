@@ -472,7 +472,11 @@ class _BatchNorm(nn.modules.batchnorm._BatchNorm):
             if isinstance(input, Tensor) and route(input) == EAGER:
                 if self._own_statistics() and as_rows(input):  # (a transposed sequence)
                     n, c, length = input.shape
-                    y = self.forward(input.transpose(1, 2).reshape(n * length, c))
+                    try:
+                        y = self.forward(input.transpose(1, 2).reshape(n * length, c))
+                    except FloatingPointError:  # (named with the shape the caller gave)
+                        message = non_finite_message(self._describe(), [n, c, length])
+                        raise FloatingPointError(message) from None
                     return rows_to_sequence(y, n, length)
                 input = standard_input(input)  # (every path's output takes its input's layout)
         if batch_stats or running_mean is None or running_var is None:
