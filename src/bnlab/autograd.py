@@ -354,6 +354,11 @@ def batch_norm_train(
             weight = _per_channel(x, weight, "weight", "batch_norm_train")
             bias = _per_channel(x, bias, "bias", "batch_norm_train")
         if how == ops.EAGER:
+            if as_rows(x):  # (a transposed sequence: its rows, the output made contiguous)
+                n, c, length = x.shape
+                rows = x.transpose(1, 2).reshape(n * length, c)
+                y, mean, var = batch_norm_train(rows, weight, bias, eps, activation)
+                return rows_to_sequence(y, n, length), mean, var
             x = standard_input(x)  # (so y has the strides torch's output has)
             if not _needs_graph(x, weight, bias):  # no autograd bookkeeping when nothing needs it
                 return B.train_forward(x, weight, bias, eps, relu=relu)[1:4]
@@ -668,6 +673,11 @@ def batch_norm_eval(
             weight = _per_channel(x, weight, "weight", fn)
             bias = _per_channel(x, bias, "bias", fn)
         if how == ops.EAGER:
+            if as_rows(x):  # (a transposed sequence: its rows, the output made contiguous)
+                n, c, length = x.shape
+                rows = x.transpose(1, 2).reshape(n * length, c)
+                y = batch_norm_eval(rows, running_mean, running_var, weight, bias, eps, activation)
+                return rows_to_sequence(y, n, length)
             x = standard_input(x)  # (so y has the strides torch's output has)
             if not _needs_graph(x, weight, bias):
                 return B.eval_forward(x, running_mean, running_var, weight, bias, eps, relu=relu)[1]

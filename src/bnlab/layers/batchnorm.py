@@ -437,6 +437,19 @@ class _BatchNorm(nn.modules.batchnorm._BatchNorm):
         relu = _relu_flag(self.activation)
         return BatchNormTrain.apply(x, weight, bias, self.eps, relu, commit)[0]
 
+    @torch.jit.unused
+    def _rows_forward(self, x: Tensor) -> Tensor:
+        """The forward of a transposed ``(N, L, C)`` sequence on its ``(N * L, C)`` rows, the
+        output made contiguous (:func:`bnlab.autograd.as_rows`); x has been checked."""
+        n, c, length = x.shape
+        try:
+            y = self.forward(x.transpose(1, 2).reshape(n * length, c))
+        except FloatingPointError:  # (named with the shape the caller gave)
+            raise FloatingPointError(
+                non_finite_message(self._describe(), [n, c, length])
+            ) from None
+        return rows_to_sequence(y, n, length)
+
     def __getstate__(self) -> dict[str, Any]:
         """The module's state without the cache of numpy views (:meth:`_eval_fast`): pickles
         and deep copies carry only tensors, and a copy makes its own views."""
@@ -471,13 +484,7 @@ class _BatchNorm(nn.modules.batchnorm._BatchNorm):
         if not torch.jit.is_scripting():
             if isinstance(input, Tensor) and route(input) == EAGER:
                 if self._own_statistics() and as_rows(input):  # (a transposed sequence)
-                    n, c, length = input.shape
-                    try:
-                        y = self.forward(input.transpose(1, 2).reshape(n * length, c))
-                    except FloatingPointError:  # (named with the shape the caller gave)
-                        message = non_finite_message(self._describe(), [n, c, length])
-                        raise FloatingPointError(message) from None
-                    return rows_to_sequence(y, n, length)
+                    return self._rows_forward(input)
                 input = standard_input(input)  # (every path's output takes its input's layout)
         if batch_stats or running_mean is None or running_var is None:
             if not torch.jit.is_scripting():
