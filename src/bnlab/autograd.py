@@ -173,6 +173,13 @@ def as_rows(x: Tensor) -> bool:
     )
 
 
+def sequence_rows(x: Tensor) -> tuple[Tensor, int, int]:
+    """``(rows, N, L)``: the ``(N * L, C)`` view of a sequence x for which :func:`as_rows`
+    holds."""
+    n, c, length = x.shape
+    return x.transpose(1, 2).reshape(n * length, c), n, length
+
+
 def rows_to_sequence(y: Tensor, n: int, length: int) -> Tensor:
     """The output ``y`` of a call on the ``(N * L, C)`` rows (:func:`as_rows`) as the
     contiguous ``(N, C, L)`` tensor torch's batch norm returns for the sequence."""
@@ -355,8 +362,7 @@ def batch_norm_train(
             bias = _per_channel(x, bias, "bias", "batch_norm_train")
         if how == ops.EAGER:
             if as_rows(x):  # (a transposed sequence: its rows, the output made contiguous)
-                n, c, length = x.shape
-                rows = x.transpose(1, 2).reshape(n * length, c)
+                rows, n, length = sequence_rows(x)
                 y, mean, var = batch_norm_train(rows, weight, bias, eps, activation)
                 return rows_to_sequence(y, n, length), mean, var
             x = standard_input(x)  # (so y has the strides torch's output has)
@@ -517,12 +523,11 @@ def _eager_call(
     if bias is not None and bias.dim() != 1:
         bias = bias.reshape(-1)
     if as_rows(x):  # (a transposed sequence: its rows, the output made contiguous)
-        n, c, length = x.shape
-        rows = x.transpose(1, 2).reshape(n * length, c)
+        rows, n, length = sequence_rows(x)
         try:
             y = _eager_call(rows, running_mean, running_var, weight, bias, training, momentum, eps)
         except FloatingPointError:  # (named with the shape the caller gave)
-            raise FloatingPointError(ops.non_finite_message("batch_norm", [n, c, length])) from None
+            raise FloatingPointError(ops.non_finite_message("batch_norm", list(x.shape))) from None
         return rows_to_sequence(y, n, length)
     x = standard_input(x)  # (so y has the strides torch's output has)
     graph = _needs_graph(x, weight, bias)
@@ -674,8 +679,7 @@ def batch_norm_eval(
             bias = _per_channel(x, bias, "bias", fn)
         if how == ops.EAGER:
             if as_rows(x):  # (a transposed sequence: its rows, the output made contiguous)
-                n, c, length = x.shape
-                rows = x.transpose(1, 2).reshape(n * length, c)
+                rows, n, length = sequence_rows(x)
                 y = batch_norm_eval(rows, running_mean, running_var, weight, bias, eps, activation)
                 return rows_to_sequence(y, n, length)
             x = standard_input(x)  # (so y has the strides torch's output has)

@@ -62,6 +62,7 @@ from ..autograd import (
     check_dtypes,
     commit_stats,
     rows_to_sequence,
+    sequence_rows,
     standard_input,
 )
 from ..errors import ChannelCountError, InputDtypeError, NotATensorError
@@ -441,13 +442,11 @@ class _BatchNorm(nn.modules.batchnorm._BatchNorm):
     def _rows_forward(self, x: Tensor) -> Tensor:
         """The forward of a transposed ``(N, L, C)`` sequence on its ``(N * L, C)`` rows, the
         output made contiguous (:func:`bnlab.autograd.as_rows`); x has been checked."""
-        n, c, length = x.shape
+        rows, n, length = sequence_rows(x)
         try:
-            y = self.forward(x.transpose(1, 2).reshape(n * length, c))
+            y = self.forward(rows)
         except FloatingPointError:  # (named with the shape the caller gave)
-            raise FloatingPointError(
-                non_finite_message(self._describe(), [n, c, length])
-            ) from None
+            raise FloatingPointError(non_finite_message(self._describe(), list(x.shape))) from None
         return rows_to_sequence(y, n, length)
 
     def __getstate__(self) -> dict[str, Any]:
