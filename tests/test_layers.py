@@ -1109,3 +1109,16 @@ def test_functional_call_substitutes_parameters_and_buffers_as_torch(fmt, backen
                 assert a == b  # (own buffers untouched exactly when torch's are)
             else:
                 torch.testing.assert_close(a, b, **tol(torch.float32))
+
+
+def test_the_readmes_python_example_runs():
+    """The code of the README's "The layer in Python" section runs as written."""
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    code = readme.split("## The layer in Python", 1)[1].split("```python", 1)[1]
+    code = code.split("```", 1)[0]
+    namespace: dict = {}
+    exec(compile(code, "README.md", "exec"), namespace)
+    assert isinstance(namespace["model"][1], bnlab.BatchNorm2d)
+    assert isinstance(namespace["lazy"][1], bnlab.BatchNorm2d)  # (sized by its first input)
