@@ -68,15 +68,22 @@ def isolated_data(tmp_path, monkeypatch):
 def captured(model, tool, example, counter=None):
     """``(run, holder)``: ``model`` as ``tool`` runs it - ``"compile"`` (``torch.compile`` with
     ``fullgraph=True`` on ``counter``, a dynamo test backend), ``"export"`` (the module of
-    ``torch.export.export``) or ``"trace"`` (``torch.jit.trace`` on ``example``) - and the module
-    whose buffers the runs update, given back the state ``model`` had before capturing (tracing
-    runs one call on the real buffers)."""
+    ``torch.export.export``), ``"trace"`` (``torch.jit.trace`` on ``example``), ``"fx"``
+    (``torch.fx.symbolic_trace``) or ``"script"`` (``torch.jit.script``) - and the module whose
+    buffers the runs update, given back the state ``model`` had before capturing (tracing runs
+    one call on the real buffers)."""
     state = {k: v.clone() for k, v in model.state_dict().items()}
     if tool == "compile":
         torch._dynamo.reset()
         return torch.compile(model, backend=counter, fullgraph=True), model
     if tool == "export":
         run = torch.export.export(model, (example,)).module()
+        return run, run
+    if tool == "fx":
+        run = torch.fx.symbolic_trace(model)
+        return run, run
+    if tool == "script":
+        run = torch.jit.script(model)
         return run, run
     run = torch.jit.trace(model, (example.clone(),), check_trace=False)
     model.load_state_dict(state)

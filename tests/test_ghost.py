@@ -169,10 +169,12 @@ def test_state_dict_interchange_eval_fold_freeze_recompute():
     assert "virtual_batch_size=2" in repr(ghost)
 
 
-@pytest.mark.parametrize("tool", ["compile", "export", "trace"])
+@pytest.mark.parametrize("tool", ["compile", "export", "trace", "fx", "script"])
 def test_tools_capture_the_training_step(tool):
-    """torch.compile (no graph break), torch.export and jit.trace of a training-mode layer with
-    ghost batches of two sizes: eager's outputs and running statistics at every step."""
+    """torch.compile (no graph break), torch.export, jit.trace, fx symbolic tracing and
+    jit.script of a training-mode layer with ghost batches of two sizes: eager's outputs (and,
+    where the tool keeps autograd, gradients) and running statistics at every step; the
+    captured layer then gives eager's inference output."""
     import torch._dynamo.testing
 
     torch.manual_seed(0)
@@ -180,15 +182,26 @@ def test_tools_capture_the_training_step(tool):
     with torch.no_grad():
         eager.weight.uniform_(0.5, 1.5)
         eager.bias.normal_()
-    model = copy.deepcopy(eager)
+    layer = copy.deepcopy(eager)
     xs = [torch.randn(10, 3, 4, 4) * 2 + 1 for _ in range(3)]  # ghost batches of 4, 4, 2
     counter = torch._dynamo.testing.CompileCounterWithBackend("aot_eager")
-    run, model = captured(model, tool, xs[0], counter)
+    run, model = captured(layer, tool, xs[0], counter)
     for x in xs:
-        torch.testing.assert_close(run(x), eager(x), rtol=1e-5, atol=1e-5)
+        xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+        ya, yb = run(xa), eager(xb)
+        torch.testing.assert_close(ya, yb, rtol=1e-5, atol=1e-5)
+        if tool in ("compile", "fx", "script"):
+            ya.square().sum().backward()
+            yb.square().sum().backward()
+            torch.testing.assert_close(xa.grad, xb.grad, rtol=1e-4, atol=1e-5)
         ours, theirs = model.state_dict(), eager.state_dict()
         for key in theirs:
             torch.testing.assert_close(ours[key], theirs[key], rtol=1e-5, atol=1e-6, msg=key)
     assert int(eager.num_batches_tracked) == 3
     if tool == "compile":
         assert counter.frame_count == 1
+    if tool in ("fx", "script"):  # (an fx graph is of the mode it was traced in)
+        eager.eval()
+        run = run.eval() if tool == "script" else torch.fx.symbolic_trace(layer.eval())
+        x = torch.randn(5, 3, 4, 4)
+        torch.testing.assert_close(run(x), eager(x), rtol=1e-5, atol=1e-5)

@@ -153,7 +153,7 @@ def test_schedule_values_and_scaling():
         brn.renorm_steps.fill_(step)
         expect = renorm_limits(step, 3.0, 5.0, 50, 400, 250)
         assert brn.limits() == pytest.approx(expect)
-        r, d = brn._limit_tensors(torch.float64)
+        r, d = brn._limit_tensors(brn.renorm_steps.double())
         assert (r.item(), d.item()) == pytest.approx(expect)
 
 
@@ -297,11 +297,12 @@ def _renorm_states(layer):
 
 
 @pytest.mark.parametrize("momentum", [0.1, None])
-@pytest.mark.parametrize("tool", ["compile", "export", "trace"])
+@pytest.mark.parametrize("tool", ["compile", "export", "trace", "fx", "script"])
 def test_tools_capture_the_training_step(tool, momentum):
-    """torch.compile (no graph break), torch.export and jit.trace of a training-mode layer whose
-    correction is active: each step gives eager's output (and, compiled, gradients) and
-    leaves the same running statistics and counters."""
+    """torch.compile (no graph break), torch.export, jit.trace, fx symbolic tracing and
+    jit.script of a training-mode layer whose correction is active: each step gives eager's
+    output (and, where the tool keeps autograd, gradients) and leaves the same running
+    statistics and counters; the captured layer then gives eager's inference output."""
     import torch._dynamo.testing
 
     torch.manual_seed(0)
@@ -312,15 +313,15 @@ def test_tools_capture_the_training_step(tool, momentum):
         eager.bias.normal_()
         eager.running_mean.normal_()
         eager.running_var.uniform_(0.2, 3.0)
-    model = copy.deepcopy(eager)
+    layer = copy.deepcopy(eager)
     xs = [torch.randn(6, 3, 4, 4) * 2 + 1 for _ in range(3)]
     counter = torch._dynamo.testing.CompileCounterWithBackend("aot_eager")
-    run, model = captured(model, tool, xs[0], counter)
+    run, model = captured(layer, tool, xs[0], counter)
     for x in xs:
         xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
         ya, yb = run(xa), eager(xb)
         torch.testing.assert_close(ya, yb, rtol=1e-5, atol=1e-5)
-        if tool == "compile":
+        if tool in ("compile", "fx", "script"):
             ya.square().sum().backward()
             yb.square().sum().backward()
             torch.testing.assert_close(xa.grad, xb.grad, rtol=1e-4, atol=1e-5)
@@ -330,11 +331,16 @@ def test_tools_capture_the_training_step(tool, momentum):
     assert int(eager.renorm_steps) == 3
     if tool == "compile":
         assert counter.frame_count == 1
+    if tool in ("fx", "script"):  # (an fx graph is of the mode it was traced in)
+        eager.eval()
+        run = run.eval() if tool == "script" else torch.fx.symbolic_trace(layer.eval())
+        x = torch.randn(5, 3, 4, 4)
+        torch.testing.assert_close(run(x), eager(x), rtol=1e-5, atol=1e-5)
 
 
 def test_a_captured_step_refuses_a_non_finite_batch_and_keeps_the_state():
     """Compiled: an assertion naming the layer; traced (a graph that cannot raise): nothing
-    written, the counters included."""
+    written, the counters included; symbolically traced and scripted: the layer's refusal."""
     layer = bnlab.BatchRenorm2d(3, warmup_steps=0, rmax_steps=2, dmax_steps=2)
     layer.layer_name = "block.bn"
     bad = torch.randn(4, 3, 5, 5)
@@ -352,3 +358,11 @@ def test_a_captured_step_refuses_a_non_finite_batch_and_keeps_the_state():
     traced(bad)
     for key, value in _renorm_states(layer).items():
         assert torch.equal(value, before[key]), key
+    for run, error in ((torch.fx.symbolic_trace(layer), FloatingPointError),
+                       (torch.jit.script(layer), torch.jit.Error)):  # fmt: skip
+        run(torch.randn(4, 3, 5, 5))
+        before = _renorm_states(layer)
+        with pytest.raises(error, match=r"'block.bn' \w+\(3\): non-finite"):
+            run(bad)
+        for key, value in _renorm_states(layer).items():
+            assert torch.equal(value, before[key]), key

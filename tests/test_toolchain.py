@@ -448,6 +448,56 @@ def test_jit_script_frozen_layer_and_non_finite_refusal():
     assert_same_states(bn_states(unfrozen), before)
 
 
+_RENORM = {"rmax": 2.0, "dmax": 1.0, "warmup_steps": 0, "rmax_steps": 2, "dmax_steps": 2}
+VARIANT_CASES = {
+    "renorm-1d-dense": (bnlab.BatchRenorm1d, (10, 5), _RENORM),
+    "renorm-1d-seq-relu": (bnlab.BatchRenorm1d, (10, 5, 3), {**_RENORM, "activation": "relu"}),
+    "renorm-2d-cl-noaffine": (bnlab.BatchRenorm2d, (10, 5, 3, 3), {**_RENORM, "affine": False}),
+    "renorm-3d-notrack": (bnlab.BatchRenorm3d, (10, 5, 2, 2, 3), {"track_running_stats": False}),
+    "ghost-1d-dense": (bnlab.GhostBatchNorm1d, (10, 5), {"virtual_batch_size": 4}),
+    "ghost-1d-seq-relu": (bnlab.GhostBatchNorm1d, (10, 5, 3),
+                          {"virtual_batch_size": 4, "activation": "relu", "momentum": None}),
+    "ghost-2d-cl-noaffine": (bnlab.GhostBatchNorm2d, (10, 5, 3, 3),
+                             {"virtual_batch_size": 3, "affine": False}),
+    "ghost-3d-notrack": (bnlab.GhostBatchNorm3d, (10, 5, 2, 2, 3),
+                         {"virtual_batch_size": 4, "track_running_stats": False}),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("tool", ["script", "fx"])
+@pytest.mark.parametrize("case", list(VARIANT_CASES))
+def test_variants_under_script_and_fx_match_eager(case, tool):
+    """BatchRenorm and GhostBatchNorm (ghost batches of two sizes; the correction of renorm
+    active) scripted or symbolically traced in training: eager's outputs, gradients, strides
+    and state (the renorm step and the counters included) at each of three steps; then
+    eager's inference output (an fx graph is of the mode it was traced in: traced again). In
+    float64, where TorchScript's standard ops and the kernels round alike to 1e-5."""
+    cls, shape, kwargs = VARIANT_CASES[case]
+    torch.manual_seed(0)
+    layer = cls(shape[1], **kwargs, dtype=torch.float64)
+    if layer.affine:
+        with torch.no_grad():
+            layer.weight.uniform_(0.5, 1.5)
+            layer.bias.normal_()
+    ref = copy.deepcopy(layer)
+    run = torch.jit.script(layer) if tool == "script" else torch.fx.symbolic_trace(layer)
+    for _ in range(3):
+        x = torch.randn(shape, dtype=torch.float64) * 2 + 1
+        if "-cl" in case:
+            x = x.contiguous(memory_format=torch.channels_last)
+        ours, theirs = step(run, x), step(ref, x)
+        assert_same_step(ours, theirs)
+        assert ours[0].stride() == theirs[0].stride()
+        state, expected = run.state_dict(), ref.state_dict()
+        assert state.keys() == expected.keys()
+        for k in expected:
+            close(state[k], expected[k], k)
+    ref.eval()
+    run = run.eval() if tool == "script" else torch.fx.symbolic_trace(layer.eval())
+    x = torch.randn(shape, dtype=torch.float64)
+    close(run(x), ref(x))
+
+
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("name", ["resnet20-fused-relu", "cnn"])
 def test_jit_script_models_match_eager(name, mode):

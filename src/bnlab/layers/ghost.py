@@ -51,11 +51,11 @@ def ghost_sizes(n: int, virtual_batch_size: int, values_per_example: int = 2) ->
     v = virtual_batch_size
     if n <= v:
         return [n]
-    k, rest = divmod(n, v)
-    sizes = [v] * k
-    if rest and rest * values_per_example == 1:
-        sizes[-1] += rest
-    elif rest:
+    k, rest = n // v, n % v
+    sizes: list[int] = [v] * k
+    if rest > 0 and rest * values_per_example == 1:
+        sizes[k - 1] = v + rest
+    elif rest > 0:
         sizes.append(rest)
     return sizes
 
@@ -93,65 +93,87 @@ class _GhostBatchNorm(_BatchNorm):
         return f"{super().extra_repr()}, virtual_batch_size={self.virtual_batch_size}"
 
     def _train_forward(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """Normalize each ghost batch with its own statistics; returns ``(y, mean, var)`` with
-        the whole batch's mean and the biased-variance equivalent of the pooled within-ghost
-        variance (``var * M / (M - 1) = var_unb``), which the running-average update expects."""
-        # (Python ints: jit.trace gives sizes as tensors, and a trace is of one shape anyway)
-        n, c, numel = int(x.shape[0]), int(x.shape[1]), int(x.numel())
-        v = self.virtual_batch_size
-        per_example = numel // max(n, 1) // c if numel else 0
-        if n <= v or numel == 0:
-            return super()._train_forward(x)
-        if v * per_example == 1:
-            raise ValueError(
-                f"{self._describe()}: virtual_batch_size=1 gives ghost batches of one value per "
-                f"channel for input of shape {shape_text(list(x.shape))}, which cannot be "
-                "normalized; use virtual_batch_size >= 2"
-            )
-        sizes = ghost_sizes(n, v, per_example)
-        full = sum(1 for s in sizes if s == v)  # the leading ghost batches of v examples
         weight, bias = self._affine()
-        ys, means, vars_, counts = [], [], [], []
-        if full:
-            # (full*v, C, *S) -> (full, v, C, *S) -> (v, full, C, *S) -> (v, full*C, *S): each
-            # (ghost batch, channel) pair becomes a channel of one BN call on bnlab's kernels
-            spatial = list(x.shape[2:])
-            xs = x[: full * v].reshape([full, v, c] + spatial).transpose(0, 1)
-            xs = xs.reshape([v, full * c] + spatial)
-            w = None if weight is None else weight.repeat(full)
-            b = None if bias is None else bias.repeat(full)
-            y, mean, var = batch_norm_train(xs, w, b, self.eps, self.activation)
-            y = y.reshape([v, full, c] + spatial).transpose(0, 1).reshape([full * v, c] + spatial)
-            ys.append(y)
-            means.append(mean.view(full, c))
-            vars_.append(var.view(full, c))
-            counts += [v * per_example] * full
-        for size in sizes[full:]:  # the last ghost batch, when its size differs
-            start = full * v
-            y, mean, var = batch_norm_train(x[start : start + size], weight, bias, self.eps,
-                                            self.activation)  # fmt: skip
-            ys.append(y)
-            means.append(mean.view(1, c))
-            vars_.append(var.view(1, c))
-            counts.append(size * per_example)
-        y = torch.cat(ys) if len(ys) > 1 else ys[0]
-        if x.dim() > 2 and x.is_contiguous(memory_format=_memory_format(x)):
-            y = y.contiguous(memory_format=_memory_format(x))
-        mean_k, var_k = torch.cat(means), torch.cat(vars_)  # (K, C) each
-        w_k = torch.tensor(counts, dtype=mean_k.dtype, device=mean_k.device).view(-1, 1)
-        total, groups = float(sum(counts)), len(counts)
-        mean = (w_k * mean_k).sum(0) / total
-        within = (w_k * var_k).sum(0)  # sum of squared deviations from each ghost mean, (C,)
-        var = within * ((total - 1.0) / (total * (total - groups)))
-        return y, mean, var
+        return ghost_train(x, weight, bias, self.eps, self.activation, self.virtual_batch_size,
+                           self._describe())  # fmt: skip
 
 
-def _memory_format(x: Tensor) -> torch.memory_format:
-    if x.dim() == 4:
-        return torch.channels_last
-    if x.dim() == 5:
-        return torch.channels_last_3d
-    return torch.contiguous_format
+@torch.fx.wrap  # (one node in a symbolic trace: the ghost batches depend on the batch's size)
+def ghost_train(
+    x: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    eps: float,
+    activation: str | None,
+    virtual_batch_size: int,
+    layer: str,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Normalize each ghost batch of ``x`` with its own statistics (the module docstring);
+    returns ``(y, mean, var)`` with the whole batch's mean and the biased-variance equivalent
+    of the pooled within-ghost variance (``var * M / (M - 1) = var_unb``), which the
+    running-average update expects. ``layer`` names the layer in errors."""
+    # (Python ints: jit.trace gives sizes as tensors, and a trace is of one shape anyway)
+    n, c, numel = int(x.shape[0]), int(x.shape[1]), int(x.numel())
+    v = virtual_batch_size
+    if n <= v or numel == 0:
+        return batch_norm_train(x, weight, bias, eps, activation)
+    per_example = numel // n // c
+    if v * per_example == 1:
+        raise ValueError(
+            layer + ": virtual_batch_size=1 gives ghost batches of one value per channel for "
+            "input of shape " + shape_text(list(x.shape)) + ", which cannot be normalized; "
+            "use virtual_batch_size >= 2"
+        )
+    sizes = ghost_sizes(n, v, per_example)
+    full = 0  # the leading ghost batches of v examples
+    for size in sizes:
+        if size == v:
+            full += 1
+    ys: list[Tensor] = []
+    means: list[Tensor] = []
+    vars_: list[Tensor] = []
+    counts: list[int] = []
+    spatial: list[int] = list(x.shape[2:])
+    if full > 0:
+        # (full*v, C, *S) -> (full, v, C, *S) -> (v, full, C, *S) -> (v, full*C, *S): each
+        # (ghost batch, channel) pair becomes a channel of one BN call on bnlab's kernels
+        xs = x[: full * v].reshape([full, v, c] + spatial).transpose(0, 1)
+        xs = xs.reshape([v, full * c] + spatial)
+        w: Tensor | None = None
+        b: Tensor | None = None
+        if weight is not None:
+            w = weight.repeat(full)
+        if bias is not None:
+            b = bias.repeat(full)
+        y, mean, var = batch_norm_train(xs, w, b, eps, activation)
+        y = y.reshape([v, full, c] + spatial).transpose(0, 1).reshape([full * v, c] + spatial)
+        ys.append(y)
+        means.append(mean.view(full, c))
+        vars_.append(var.view(full, c))
+        counts += [v * per_example] * full
+    start = full * v
+    for size in sizes[full:]:  # the last ghost batch, when its size differs
+        y, mean, var = batch_norm_train(x[start : start + size], weight, bias, eps, activation)
+        ys.append(y)
+        means.append(mean.view(1, c))
+        vars_.append(var.view(1, c))
+        counts.append(size * per_example)
+        start += size
+    y = torch.cat(ys) if len(ys) > 1 else ys[0]
+    # (the output in the input's layout, as BN's)
+    if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last):
+        y = y.contiguous(memory_format=torch.channels_last)
+    elif x.dim() == 5 and x.is_contiguous(memory_format=torch.channels_last_3d):
+        y = y.contiguous(memory_format=torch.channels_last_3d)
+    elif x.dim() > 2 and x.is_contiguous():
+        y = y.contiguous()
+    mean_k, var_k = torch.cat(means), torch.cat(vars_)  # (K, C) each
+    w_k = torch.tensor(counts, dtype=mean_k.dtype, device=mean_k.device).view(-1, 1)
+    total, groups = float(sum(counts)), len(counts)
+    mean = (w_k * mean_k).sum(0) / total
+    within = (w_k * var_k).sum(0)  # sum of squared deviations from each ghost mean, (C,)
+    var = within * ((total - 1.0) / (total * (total - groups)))
+    return y, mean, var
 
 
 class GhostBatchNorm1d(_GhostBatchNorm, nn.BatchNorm1d):

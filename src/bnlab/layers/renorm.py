@@ -58,8 +58,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import ops
-from ..autograd import batch_norm_train
-from ..functional import acc_dtype, per_channel
+from ..autograd import _relu_flag, batch_norm_train, commit_stats
 from ..ops import non_finite_message
 from .batchnorm import _BatchNorm
 
@@ -185,17 +184,15 @@ class _BatchRenorm(_BatchNorm):
         return renorm_limits(step, self.rmax, self.dmax, self.warmup_steps, self.rmax_steps,
                              self.dmax_steps)  # fmt: skip
 
-    def _limit_tensors(self, acc: torch.dtype) -> tuple[Tensor, Tensor]:
-        """:meth:`limits` as 0-d tensors computed from the ``renorm_steps`` buffer (no Python
-        number is read from a tensor, so a captured graph keeps the schedule)."""
-        step = self.renorm_steps.to(acc)
-
-        def ramp(end: int) -> Tensor:
-            if end <= self.warmup_steps:
-                return (step >= self.warmup_steps).to(acc)
-            return ((step - self.warmup_steps) / (end - self.warmup_steps)).clamp(0.0, 1.0)
-
-        return 1.0 + (self.rmax - 1.0) * ramp(self.rmax_steps), self.dmax * ramp(self.dmax_steps)
+    def _limit_tensors(self, step: Tensor) -> tuple[Tensor, Tensor]:
+        """:meth:`limits` as 0-d tensors at ``step``, the ``renorm_steps`` buffer in the dtype
+        of the computation (no Python number is read from a tensor, so a captured graph keeps
+        the schedule)."""
+        start = self.warmup_steps
+        return (
+            1.0 + (self.rmax - 1.0) * _ramp_tensor(step, start, self.rmax_steps),
+            self.dmax * _ramp_tensor(step, start, self.dmax_steps),
+        )
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs) -> None:  # fmt: skip
@@ -210,50 +207,103 @@ class _BatchRenorm(_BatchNorm):
     def _train_forward(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """``y = gamma * (r * x_hat_B + d) + beta`` with ``x_hat_B`` Algorithm 1's normalized
         batch (bnlab's kernels, differentiable) and ``r``, ``d`` constants; returns
-        ``(y, mu_B, biased var_B)``."""
-        running_mean, running_var = self.running_mean, self.running_var
-        if running_mean is None or running_var is None or self.renorm_steps is None:
-            return super()._train_forward(x)
-        x_hat, mean, var = batch_norm_train(x, None, None, self.eps, None)
-        acc = acc_dtype(x.dtype)
-        with torch.no_grad():
-            rmax, dmax = self._limit_tensors(acc)
-            sigma = torch.sqrt(running_var.to(acc) + self.eps)
-            r = torch.minimum(torch.maximum(torch.sqrt(var + self.eps) / sigma, 1.0 / rmax), rmax)
-            d = torch.minimum(torch.maximum((mean - running_mean.to(acc)) / sigma, -dmax), dmax)
-        scale, shift = r, d
+        ``(y, mu_B, biased var_B)``. Written for every tool: ``r`` and ``d`` come from detached
+        statistics (a symbolic trace does not record a ``no_grad`` block), dtypes are taken from
+        tensors and the (C,) coefficients broadcast with the channels moved last (fx knows
+        neither dtype nor rank), and no base-class call (TorchScript has none)."""
+        running_mean, running_var, steps = self.running_mean, self.running_var, self.renorm_steps
         weight, bias = self._affine()
+        if running_mean is None or running_var is None or steps is None:
+            return batch_norm_train(x, weight, bias, self.eps, self.activation)  # (BN's)
+        x_hat, mean, var = batch_norm_train(x, None, None, self.eps, None)
+        # (mean and var are in the accumulation dtype: float32 for 16-bit inputs)
+        mu_b, var_b = mean.detach(), var.detach()
+        rmax, dmax = self._limit_tensors(steps.to(mu_b))
+        sigma = torch.sqrt(running_var.to(mu_b) + self.eps)
+        r = torch.minimum(torch.maximum(torch.sqrt(var_b + self.eps) / sigma, 1.0 / rmax), rmax)
+        d = torch.minimum(torch.maximum((mu_b - running_mean.to(mu_b)) / sigma, -dmax), dmax)
+        scale, shift = r, d
         if weight is not None:
-            scale = weight.to(acc) * r
-            shift = weight.to(acc) * d
+            scale = weight.to(mu_b) * r
+            shift = weight.to(mu_b) * d
         if bias is not None:
-            shift = shift + bias.to(acc)
-        y = torch.addcmul(per_channel(shift, x), x_hat.to(acc), per_channel(scale, x))
-        if self.activation == "relu":
+            shift = shift + bias.to(mu_b)
+        y = torch.addcmul(shift, x_hat.to(mu_b).movedim(1, -1), scale).movedim(-1, 1)
+        if _relu_flag(self.activation):
             y = torch.relu(y)
         return y.to(x.dtype), mean, var
 
     def _commit_batch_stats(self, x: Tensor, mean: Tensor, var: Tensor) -> None:
         """Refuse non-finite statistics (FloatingPointError naming the layer, nothing
         changed); in training mode with tracking, count the step and update the moving
-        averages of ``mu`` and ``sigma`` (module docstring). An empty batch is counted only."""
+        averages of ``mu`` and ``sigma`` (module docstring, :func:`renorm_commit`). An empty
+        batch is counted only."""
+        running_mean, running_var, steps = self.running_mean, self.running_var, self.renorm_steps
         update = self.training and self.track_running_stats
-        running_mean, running_var = self.running_mean, self.running_var
-        if running_mean is None or running_var is None or self.renorm_steps is None:
-            return super()._commit_batch_stats(x, mean, var)
-        momentum = self._check_momentum() if update else None  # (a float, or None)
-        if ops.route(x) != ops.EAGER:
-            return self._commit_captured(x, mean, var, update, momentum)
+        if torch.jit.is_scripting():
+            if running_mean is None or running_var is None or steps is None:
+                commit_stats(
+                    x, mean, var, running_mean, running_var, self.num_batches_tracked,
+                    self.momentum, update, self._describe(),
+                )  # fmt: skip
+            else:
+                renorm_commit(
+                    x, mean, var, running_mean, running_var, steps, self.num_batches_tracked,
+                    self.momentum, update, self.eps, self._describe(),
+                )  # fmt: skip
+        else:
+            if running_mean is None or running_var is None or steps is None:
+                return super()._commit_batch_stats(x, mean, var)  # (BN's)
+            momentum = self._check_momentum() if update else None  # (a float, or None)
+            renorm_commit(
+                x, mean, var, running_mean, running_var, steps, self.num_batches_tracked,
+                momentum, update, self.eps, self._describe(),
+            )  # fmt: skip
+
+
+def _ramp_tensor(step: Tensor, start: int, end: int) -> Tensor:
+    """:func:`_ramp` of a step held in a 0-d floating-point tensor."""
+    if end <= start:
+        return (step >= start).to(step.dtype)
+    return ((step - start) / (end - start)).clamp(0.0, 1.0)
+
+
+@torch.fx.wrap  # (one node in a symbolic trace: the commit reads values fx does not have)
+def renorm_commit(
+    x: Tensor,
+    mean: Tensor,
+    var: Tensor,
+    running_mean: Tensor,
+    running_var: Tensor,
+    steps: Tensor,
+    counted: Tensor | None,
+    momentum: float | None,
+    update: bool,
+    eps: float,
+    layer: str,
+) -> None:
+    """Accept the statistics ``mean``/``var`` (biased) of the batch ``x`` of the layer named
+    ``layer``: ``FloatingPointError`` with no buffer changed if they are not finite; otherwise,
+    when ``update``, count the step in ``steps`` and ``counted`` (``num_batches_tracked``, if
+    any) and move the averages of ``mu`` and ``sigma`` by ``momentum`` (None: the cumulative
+    average over the batches counted). An empty batch is counted only. Eager calls read
+    values; TorchScript and the tools that capture a graph take :func:`_commit_tensors`."""
+    if torch.jit.is_scripting():
+        _commit_tensors(x, mean, var, running_mean, running_var, steps, counted, momentum,
+                        update, eps, layer)  # fmt: skip
+    elif ops.route(x) != ops.EAGER:
+        _commit_tensors(x, mean, var, running_mean, running_var, steps, counted, momentum,
+                        update, eps, layer)  # fmt: skip
+    else:
         m = x.numel() // x.shape[1]
         if m > 0 and not bool(torch.isfinite(var).all() and torch.isfinite(mean).all()):
-            raise FloatingPointError(non_finite_message(self._describe(), list(x.shape)))
+            raise FloatingPointError(non_finite_message(layer, list(x.shape)))
         if not update:
             return
         with torch.no_grad():
-            counted = self.num_batches_tracked
             if counted is not None:
                 counted.add_(1)
-            self.renorm_steps.add_(1)
+            steps.add_(1)
             if m == 0:
                 return
             if momentum is None:  # cumulative average over the batches counted
@@ -261,59 +311,76 @@ class _BatchRenorm(_BatchNorm):
             else:
                 f = momentum
             dtype = running_mean.dtype
-            acc = mean.dtype
-            sigma = torch.sqrt(running_var.to(acc) + self.eps)
-            sigma_new = torch.lerp(sigma, torch.sqrt(var.detach() + self.eps), f)
+            sigma = torch.sqrt(running_var.to(mean.dtype) + eps)
+            sigma_new = torch.lerp(sigma, torch.sqrt(var.detach() + eps), f)
             running_mean.lerp_(mean.detach().to(dtype), f)
-            running_var.copy_((sigma_new.square() - self.eps).clamp_min(0.0).to(dtype))
+            running_var.copy_((sigma_new.square() - eps).clamp_min(0.0).to(dtype))
 
-    def _commit_captured(
-        self, x: Tensor, mean: Tensor, var: Tensor, update: bool, momentum: float | None
-    ) -> None:
-        """:meth:`_commit_batch_stats` in tensor operations only, for a call a tool captures
-        (``torch.compile``, ``torch.export``, ``jit.trace``, ``torch.func``): no Python number
-        is read from a tensor. Non-finite statistics raise where the values can be read and
-        fail an assertion in a captured graph, as BN's commit (:func:`bnlab.ops.
-        decompose_commit`); every buffer, the counters included, is written through
-        ``torch.where`` on the finiteness flag, so a graph that cannot raise (``jit.trace``)
-        leaves them all unchanged."""
-        running_mean, running_var, steps = self.running_mean, self.running_var, self.renorm_steps
-        assert running_mean is not None and running_var is not None and steps is not None
-        counted = self.num_batches_tracked
-        name = self._describe()
-        if x.numel() == 0:  # an empty batch: counted only
-            if update:
-                with torch.no_grad():
-                    if counted is not None:
-                        counted.add_(1)
-                    steps.add_(1)
-            return
-        ok = torch.isfinite(var).all() & torch.isfinite(mean).all()
-        if not ops._accept_python(x, var, ok, running_mean, update, name) or not update:
-            return
-        with torch.no_grad():
-            buffers: list[Tensor] = [steps]
-            values: list[Tensor] = [steps + ok.to(steps.dtype)]
-            count = None
-            if counted is not None:
-                count = counted + ok.to(counted.dtype)
-                buffers.append(counted)
-                values.append(count)
-            acc, dtype = mean.dtype, running_mean.dtype
-            if momentum is not None:
-                f, f_stat = momentum, momentum
-            else:  # cumulative average over the batches counted (1 without a counter)
-                n = count.to(acc) if count is not None else torch.ones((), dtype=acc)
-                f = torch.reciprocal(n)
-                f_stat = f.to(dtype)
-            sigma = torch.sqrt(running_var.to(acc) + self.eps)
-            sigma_new = torch.lerp(sigma, torch.sqrt(var.detach() + self.eps), f)
-            buffers += [running_mean, running_var]
-            values += [
-                torch.lerp(running_mean, mean.detach().to(dtype), f_stat),
-                (sigma_new.square() - self.eps).clamp_min(0.0).to(dtype),
-            ]
-            ops._write_python(ok, tuple(buffers), tuple(values), name)
+
+def _commit_tensors(
+    x: Tensor,
+    mean: Tensor,
+    var: Tensor,
+    running_mean: Tensor,
+    running_var: Tensor,
+    steps: Tensor,
+    counted: Tensor | None,
+    momentum: float | None,
+    update: bool,
+    eps: float,
+    layer: str,
+) -> None:
+    """:func:`renorm_commit` in tensor operations only, for TorchScript and for a call a tool
+    captures (``torch.compile``, ``torch.export``, ``jit.trace``, ``torch.func``): no Python
+    number is read from a tensor but the finiteness flag where values can be read. Non-finite
+    statistics raise there and fail an assertion in a captured graph, as BN's commit
+    (:func:`bnlab.ops.decompose_commit`); every buffer, the counters included, is written
+    through ``torch.where`` on that flag, so a graph that cannot raise (``jit.trace``) leaves
+    them all unchanged."""
+    if x.numel() == 0:  # an empty batch: counted only
+        if update:
+            with torch.no_grad():
+                if counted is not None:
+                    counted.add_(1)
+                steps.add_(1)
+        return
+    ok = torch.isfinite(var).all() & torch.isfinite(mean).all()
+    if torch.jit.is_scripting():
+        if not bool(ok):
+            raise FloatingPointError(non_finite_message(layer))
+    elif not ops._accept_python(x, var, ok, running_mean, update, layer):
+        return
+    if not update:
+        return
+    with torch.no_grad():
+        buffers: list[Tensor] = [steps]
+        values: list[Tensor] = [steps + ok.to(steps.dtype)]
+        count: Tensor | None = None
+        if counted is not None:
+            count = counted + ok.to(counted.dtype)
+            buffers.append(counted)
+            values.append(count)
+        dtype = running_mean.dtype
+        mu_b, var_b = mean.detach(), var.detach()
+        sigma = torch.sqrt(running_var.to(mu_b) + eps)
+        sigma_b = torch.sqrt(var_b + eps)
+        if momentum is not None:
+            sigma_new = torch.lerp(sigma, sigma_b, momentum)
+            new_mean = torch.lerp(running_mean, mu_b.to(dtype), momentum)
+        else:  # cumulative average over the batches counted (1 without a counter)
+            if count is not None:
+                f = torch.reciprocal(count.to(mu_b))
+            else:
+                f = torch.ones((), dtype=mu_b.dtype, device=mu_b.device)
+            sigma_new = torch.lerp(sigma, sigma_b, f)
+            new_mean = torch.lerp(running_mean, mu_b.to(dtype), f.to(dtype))
+        buffers += [running_mean, running_var]
+        values += [new_mean, (sigma_new.square() - eps).clamp_min(0.0).to(dtype)]
+        if torch.jit.is_scripting():
+            for i in range(len(buffers)):
+                buffers[i].copy_(values[i])
+        else:
+            ops._write_python(ok, tuple(buffers), tuple(values), layer)
 
 
 class BatchRenorm1d(_BatchRenorm, nn.BatchNorm1d):
