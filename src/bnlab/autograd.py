@@ -138,8 +138,9 @@ class _ChannelsOuter(torch.autograd.Function):
     """``x.contiguous()`` of a 3-D ``x`` with its channels innermost
     (:func:`bnlab.kernels.channels_inner_3d`: a transposed ``(N, L, C)`` sequence), the layout
     torch gives batch norm's output for it. The backward hands a contiguous gradient back in
-    x's layout, written by the kernels, where autograd would otherwise copy it with torch's
-    strided copy in its slowest direction; the same values either way."""
+    x's layout, written by the kernels up to :data:`bnlab.kernels.SWAP_MAX_C` channels, where
+    torch's strided copy in that direction is the slower (above it, autograd makes torch's
+    copy); the same values either way."""
 
     @staticmethod
     def forward(ctx, x: Tensor) -> Tensor:
@@ -156,20 +157,19 @@ class _ChannelsOuter(torch.autograd.Function):
 
 def as_rows(x: Tensor) -> bool:
     """Whether an eager call on ``x`` that autograd records runs on the ``(N * L, C)`` rows of
-    a transposed ``(N, L, C)`` sequence (x of shape ``(N, C, L)``, channels innermost, at most
-    :data:`bnlab.kernels.SWAP_MAX_C` of them), its output then made contiguous by
-    :func:`rows_to_sequence`. The same statistics as on x (per channel, over N and L); the
-    layout's conversion moves from the input to the output, so that a gradient coming back
-    in the sequence's own layout (``bn(x.transpose(1, 2)).transpose(1, 2)``, as sequence
-    models call it) reaches the loops and x without a copy, and any other is written by the
-    kernels (:class:`_ChannelsOuter`) where torch's copy would be the slow one."""
+    a transposed ``(N, L, C)`` sequence (x of shape ``(N, C, L)``, channels innermost), its
+    output then made contiguous by :func:`rows_to_sequence`. The same statistics as on x (per
+    channel, over N and L); the layout's conversion moves from the input to the output, so
+    that a gradient coming back in the sequence's own layout
+    (``bn(x.transpose(1, 2)).transpose(1, 2)``, as sequence models call it) reaches the loops
+    and x without a copy, and any other is converted by whichever copy is the faster for its
+    channel count (:class:`_ChannelsOuter`)."""
     return (
         x.dim() == 3
         and x.requires_grad
         and torch.is_grad_enabled()
         and B.kernels_enabled()
         and K.channels_inner_3d(x)
-        and x.shape[1] <= K.SWAP_MAX_C
     )
 
 
