@@ -160,6 +160,36 @@ def test_compile_has_no_graph_break_and_matches_eager(name, form, mode):
     assert bool(bnlab_op_targets(graph)) == (form == "ops")
 
 
+DYNAMIC_CASES = {
+    "bn2d-none-relu": (lambda: bnlab.BatchNorm2d(4, momentum=None, activation="relu"), (4, 5, 5)),
+    "bn1d": (lambda: bnlab.BatchNorm1d(7, momentum=0.3), (7,)),
+    "renorm": (lambda: bnlab.BatchRenorm2d(4, warmup_steps=0, rmax_steps=2, dmax_steps=2),
+               (4, 5, 5)),
+    "ghost": (lambda: bnlab.GhostBatchNorm2d(4, virtual_batch_size=4), (4, 5, 5)),
+    "cnn": (lambda: bnlab.convert(cnn()), (3, 8, 8)),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("case", list(DYNAMIC_CASES))
+def test_compile_with_dynamic_shapes_matches_eager(case, mode):
+    """torch.compile(dynamic=True), which also makes the layers' float attributes (momentum,
+    eps) symbolic, with fullgraph=True: batches of three sizes give eager's outputs, input
+    gradients and state."""
+    make, tail = DYNAMIC_CASES[case]
+    torch.manual_seed(0)
+    model = make().train(mode == "train")
+    ref = copy.deepcopy(model)
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="aot_eager", dynamic=True, fullgraph=True)
+    for n in (6, 9, 12):
+        x = torch.randn(n, *tail)
+        assert_same_step(step(compiled, x), step(ref, x))
+        state, expected = model.state_dict(), ref.state_dict()
+        for k in expected:
+            close(state[k], expected[k], k)
+
+
 FRESH_PROCESS = r"""
 import copy, torch, bnlab
 from torch import nn

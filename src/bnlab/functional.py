@@ -285,7 +285,9 @@ def check_momentum(momentum: object) -> float | None:
             f"{momentum!r}"
         )
     value = float(momentum)
-    if not math.isfinite(value):
+    # (math.isfinite as a comparison, which a compiler that made the momentum symbolic,
+    # torch.compile(dynamic=True), can guard on)
+    if not abs(value) < math.inf:
         raise ValueError(f"momentum must be finite, got {momentum!r}")
     return value
 
