@@ -487,6 +487,36 @@ def test_folded_linear_refuses_input_where_bn_normalizes_another_dimension():
         traced(x3)
 
 
+def test_a_folded_model_goes_through_torchscript():
+    """A model folded by bnlab.fold scripts, and freezes with optimize_for_inference, with the
+    folded model's outputs (the folded layers' refusal of input of another rank included, which
+    TorchScript compiles with them); freezing then leaves no batch norm. ConvTranspose layers are
+    left out: TorchScript compiles no pre-hook on a layer whose forward takes an optional
+    argument, so a folded one runs under jit.trace, torch.export and ONNX only."""
+    from bnlab.models import resnet20
+
+    cases = [
+        (nn.Sequential(nn.Linear(4, 3), nn.BatchNorm1d(3), nn.ReLU()), (5, 4)),
+        (nn.Sequential(nn.Conv1d(3, 5, 1), bnlab.BatchNorm1d(5, activation="relu")), (2, 3, 6)),
+        (resnet20(num_classes=4, fuse_relu=True), (2, 3, 8, 8)),
+    ]
+    for model, shape in cases:
+        model = randomize_bn(model)
+        model.train()
+        with torch.no_grad():
+            for _ in range(2):
+                model(torch.randn(shape) * 2 + 1)
+        folded = bnlab.fold(model.eval())
+        scripted = torch.jit.script(folded)
+        frozen = torch.jit.optimize_for_inference(torch.jit.freeze(torch.jit.script(folded)))
+        assert "batch_norm" not in str(frozen.graph)
+        x = torch.randn(shape)
+        for run in (scripted, frozen):
+            torch.testing.assert_close(run(x), model(x), rtol=1e-5, atol=1e-5)
+        with pytest.raises(torch.jit.Error, match=rf"expected a {len(shape)}D input"):
+            scripted(torch.randn(shape[1:]))
+
+
 def test_fold_leaves_layers_it_does_not_understand_and_refuses_such_bns():
     class Doubled(nn.Linear):  # an overridden forward: W' = s * W would not be BN(forward(x))
         def forward(self, x):

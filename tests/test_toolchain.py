@@ -539,6 +539,23 @@ def test_jit_script_models_match_eager(name, mode):
     assert_same_states(bn_states(scripted), bn_states(ref))
 
 
+def test_jit_freeze_runs_the_model_and_folds_after_bnlab_fold():
+    """torch.jit.freeze + optimize_for_inference of a scripted inference model gives eager's
+    outputs; it keeps bnlab's layers as batch-norm operators (their running statistics are
+    written in place in training, so freezing keeps them as attributes, not constants it could
+    fold), and a model folded by bnlab.fold first freezes with no batch norm left."""
+    model, x1, x2 = build("cnn", "eval")
+    frozen = torch.jit.optimize_for_inference(torch.jit.freeze(torch.jit.script(model)))
+    for x in (x1, x2):
+        close(frozen(x), model(x))
+    folded = torch.jit.optimize_for_inference(
+        torch.jit.freeze(torch.jit.script(bnlab.fold(model)))
+    )
+    assert "batch_norm" not in str(folded.graph)
+    for x in (x1, x2):
+        close(folded(x), model(x))
+
+
 def test_jit_script_mlp():
     from bnlab.models.mlp import MLP
 

@@ -33,6 +33,7 @@ import torch
 from torch import Tensor, nn
 
 from ..layers.batchnorm import _BatchNorm
+from ..ops import shape_text
 from ._common import _bn_layers, _is_bn, _TorchBN
 
 __all__ = ["ChannelAffine", "fold"]
@@ -155,12 +156,35 @@ def _plain_linear(m: nn.Module) -> bool:
     return isinstance(m.weight, Tensor)
 
 
-class _BatchedInput:
+def _batched_input(module: nn.Module, args: tuple[Tensor]) -> None:
     """Forward pre-hook of a layer folded with the BN that followed it: the fold scaled the
     layer's output channel, which is the channel BN normalized (dim 1) only for batched input of
-    rank ``rank`` (``(N, C)`` for a Linear, ``(N, C, *spatial)`` for a conv). Any other input is
-    refused, since the unfolded pair would compute something else (e.g. a Linear applied to the
-    last dim of ``(N, L, F)`` followed by ``BatchNorm1d`` normalizing ``L``)."""
+    rank ``module._fold_rank`` (``(N, C)`` for a Linear, ``(N, C, *spatial)`` for a conv). Any
+    other input is refused, since the unfolded pair would compute something else (e.g. a Linear
+    applied to the last dim of ``(N, L, F)`` followed by ``BatchNorm1d`` normalizing ``L``).
+    A function of the module's attributes, which TorchScript compiles with the module (for
+    calls with one argument, as ``nn.Sequential`` and model code make them: TorchScript types
+    a pre-hook's arguments as each call passes them)."""
+    if not torch.jit.is_scripting():
+        if not args or not isinstance(args[0], Tensor):
+            return  # (the layer refuses it itself)
+    _check_rank(args[0], module._fold_rank, module._fold_name, module._fold_bn_name)
+
+
+def _check_rank(x: Tensor, rank: int, name: str, bn_name: str) -> None:
+    if x.dim() != rank:
+        raise ValueError(
+            "folded layer '" + name + "': expected a " + str(rank) + "D input, got shape "
+            + shape_text(list(x.shape)) + ". '" + bn_name + "' was folded into it, which is "
+            "exact only when BN's channel (dim 1) is this layer's output channel, i.e. for "
+            + str(rank) + "D input; for this input use the unfolded model"
+        )  # fmt: skip
+
+
+class _BatchedInput:
+    """The pre-hook of folded layers as an object, as earlier versions registered it: kept so
+    that models they folded and pickled still load (such a model runs, but TorchScript cannot
+    compile an object hook; fold the unfolded model again to script it)."""
 
     def __init__(self, rank: int, name: str, bn_name: str) -> None:
         self.rank, self.name, self.bn_name = rank, name, bn_name
@@ -204,7 +228,8 @@ def _fold_into(lin: nn.Module, bn: nn.Module, lin_name: str, bn_name: str) -> nn
     new.weight = nn.Parameter(w_new.to(dtype=dtype, device=device), requires_grad=False)
     new.bias = nn.Parameter(b_new.to(dtype=dtype, device=device), requires_grad=False)
     rank = 2 if isinstance(lin, nn.Linear) else lin.weight.dim()  # conv weight: 2 + spatial
-    new.register_forward_pre_hook(_BatchedInput(rank, lin_name, bn_name))
+    new._fold_rank, new._fold_name, new._fold_bn_name = rank, lin_name, bn_name
+    new.register_forward_pre_hook(_batched_input)
     return new
 
 
