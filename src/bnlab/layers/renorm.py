@@ -288,33 +288,39 @@ def renorm_commit(
     any) and move the averages of ``mu`` and ``sigma`` by ``momentum`` (None: the cumulative
     average over the batches counted). An empty batch is counted only. Eager calls read
     values; TorchScript and the tools that capture a graph take :func:`_commit_tensors`."""
-    if torch.jit.is_scripting():
-        _commit_tensors(x, mean, var, running_mean, running_var, steps, counted, momentum,
-                        update, eps, layer)  # fmt: skip
-    elif ops.route(x) != ops.EAGER:
-        _commit_tensors(x, mean, var, running_mean, running_var, steps, counted, momentum,
-                        update, eps, layer)  # fmt: skip
-    else:
-        m = x.numel() // x.shape[1]
-        if m > 0 and not bool(torch.isfinite(var).all() and torch.isfinite(mean).all()):
-            raise FloatingPointError(non_finite_message(layer, list(x.shape)))
-        if not update:
+    if not torch.jit.is_scripting():
+        if ops.route(x) == ops.EAGER:
+            _commit_eager(x, mean, var, running_mean, running_var, steps, counted, momentum,
+                          update, eps, layer)  # fmt: skip
             return
-        with torch.no_grad():
-            if counted is not None:
-                counted.add_(1)
-            steps.add_(1)
-            if m == 0:
-                return
-            if momentum is None:  # cumulative average over the batches counted
-                f = 1.0 / float(counted.item()) if counted is not None else 1.0
-            else:
-                f = momentum
-            dtype = running_mean.dtype
-            sigma = torch.sqrt(running_var.to(mean.dtype) + eps)
-            sigma_new = torch.lerp(sigma, torch.sqrt(var.detach() + eps), f)
-            running_mean.lerp_(mean.detach().to(dtype), f)
-            running_var.copy_((sigma_new.square() - eps).clamp_min(0.0).to(dtype))
+    _commit_tensors(x, mean, var, running_mean, running_var, steps, counted, momentum, update,
+                    eps, layer)  # fmt: skip
+
+
+@torch.jit.unused
+def _commit_eager(x, mean, var, running_mean, running_var, steps, counted, momentum, update,
+                  eps, layer) -> None:  # fmt: skip
+    """:func:`renorm_commit` of an eager call, reading Python numbers from tensors."""
+    m = x.numel() // x.shape[1]
+    if m > 0 and not bool(torch.isfinite(var).all() and torch.isfinite(mean).all()):
+        raise FloatingPointError(non_finite_message(layer, list(x.shape)))
+    if not update:
+        return
+    with torch.no_grad():
+        if counted is not None:
+            counted.add_(1)
+        steps.add_(1)
+        if m == 0:
+            return
+        if momentum is None:  # cumulative average over the batches counted
+            f = 1.0 / float(counted.item()) if counted is not None else 1.0
+        else:
+            f = momentum
+        dtype = running_mean.dtype
+        sigma = torch.sqrt(running_var.to(mean.dtype) + eps)
+        sigma_new = torch.lerp(sigma, torch.sqrt(var.detach() + eps), f)
+        running_mean.lerp_(mean.detach().to(dtype), f)
+        running_var.copy_((sigma_new.square() - eps).clamp_min(0.0).to(dtype))
 
 
 def _commit_tensors(
