@@ -620,6 +620,31 @@ def test_fuse_modules_folds_bnlab_layers(fused_relu):
     assert qat[0][1].weight is model[1].weight or torch.equal(qat[0][1].weight, model[1].weight)
 
 
+def test_fx_quantization_runs_and_fuses_after_converting_to_torchs_layers():
+    """torch.ao.quantization's fx flow: prepare_fx/convert_fx of a model with bnlab's layers
+    runs and gives a model close to eager (8-bit quantization error); fx traces into bnlab's
+    layers (not torch.nn modules) and its patterns match torch's classes, so the BN stays
+    apart from its convolution. After bnlab.convert(model, to="torch") the flow fuses them:
+    no batch norm is left in the quantized model and QAT preparation builds torch's
+    Conv+BN+ReLU modules."""
+    from torch.ao.quantization import get_default_qat_qconfig_mapping, get_default_qconfig_mapping
+    from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx, prepare_qat_fx
+
+    model, x1, x2 = build("cnn", "eval")
+    for m in (model, bnlab.convert(copy.deepcopy(model), to="torch")):
+        prepared = prepare_fx(copy.deepcopy(m), get_default_qconfig_mapping("x86"), (x1,))
+        prepared(x1)
+        prepared(x2)
+        quantized = convert_fx(prepared)
+        scale = model(x2).abs().max()
+        assert (quantized(x2) - model(x2)).abs().max() < 0.05 * scale
+        bns = [n for n in quantized.graph.nodes if "batch_norm" in str(n.target)]
+        assert bool(bns) == (m is model)
+    qat = prepare_qat_fx(bnlab.convert(copy.deepcopy(model), to="torch").train(),
+                         get_default_qat_qconfig_mapping("x86"), (x1,))  # fmt: skip
+    assert any(isinstance(m, torch.ao.nn.intrinsic.qat.ConvBnReLU2d) for m in qat.modules())
+
+
 def test_fuse_modules_qat_refuses_a_frozen_layer():
     from torch.ao.quantization import fuse_modules_qat
 
