@@ -124,16 +124,17 @@ def ghost_train(
             "input of shape " + shape_text(list(x.shape)) + ", which cannot be normalized; "
             "use virtual_batch_size >= 2"
         )
-    sizes = ghost_sizes(n, v, per_example)
-    full = 0  # the leading ghost batches of v examples
-    for size in sizes:
-        if size == v:
-            full += 1
+    # the ghost batches of ghost_sizes(n, v, per_example): `full` of v examples, then `rest`
+    # (counted, not listed, so that a compiler with a symbolic n guards on the remainder's
+    # presence, not on the number of ghost batches)
+    full, rest = n // v, n % v
+    if rest > 0 and rest * per_example == 1:  # (joins the ghost batch before it)
+        full, rest = full - 1, rest + v
     ys: list[Tensor] = []
-    means: list[Tensor] = []
-    vars_: list[Tensor] = []
-    counts: list[int] = []
     spatial: list[int] = list(x.shape[2:])
+    # the count-weighted sums of the ghost batches' statistics, (C,) each
+    mean_sum: Tensor | None = None
+    var_sum: Tensor | None = None
     if full > 0:
         # (full*v, C, *S) -> (full, v, C, *S) -> (v, full, C, *S) -> (v, full*C, *S): each
         # (ghost batch, channel) pair becomes a channel of one BN call on bnlab's kernels
@@ -148,17 +149,15 @@ def ghost_train(
         y, mean, var = batch_norm_train(xs, w, b, eps, activation)
         y = y.reshape([v, full, c] + spatial).transpose(0, 1).reshape([full * v, c] + spatial)
         ys.append(y)
-        means.append(mean.view(full, c))
-        vars_.append(var.view(full, c))
-        counts += [v * per_example] * full
-    start = full * v
-    for size in sizes[full:]:  # the last ghost batch, when its size differs
-        y, mean, var = batch_norm_train(x[start : start + size], weight, bias, eps, activation)
+        mean_sum = mean.view(full, c).sum(0) * (v * per_example)
+        var_sum = var.view(full, c).sum(0) * (v * per_example)
+    if rest > 0:  # the last ghost batch, of another size
+        y, mean, var = batch_norm_train(x[full * v :], weight, bias, eps, activation)
         ys.append(y)
-        means.append(mean.view(1, c))
-        vars_.append(var.view(1, c))
-        counts.append(size * per_example)
-        start += size
+        count = rest * per_example
+        mean_sum = mean * count if mean_sum is None else mean_sum + mean * count
+        var_sum = var * count if var_sum is None else var_sum + var * count
+    assert mean_sum is not None and var_sum is not None  # (n > v: at least one ghost batch)
     y = torch.cat(ys) if len(ys) > 1 else ys[0]
     # (the output in the input's layout, as BN's)
     if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last):
@@ -167,12 +166,11 @@ def ghost_train(
         y = y.contiguous(memory_format=torch.channels_last_3d)
     elif x.dim() > 2 and x.is_contiguous():
         y = y.contiguous()
-    mean_k, var_k = torch.cat(means), torch.cat(vars_)  # (K, C) each
-    w_k = torch.tensor(counts, dtype=mean_k.dtype, device=mean_k.device).view(-1, 1)
-    total, groups = float(sum(counts)), len(counts)
-    mean = (w_k * mean_k).sum(0) / total
-    within = (w_k * var_k).sum(0)  # sum of squared deviations from each ghost mean, (C,)
-    var = within * ((total - 1.0) / (total * (total - groups)))
+    total = float(n * per_example)
+    groups = full + (1 if rest > 0 else 0)
+    mean = mean_sum / total
+    # (var_sum: the sum of squared deviations from each ghost batch's own mean)
+    var = var_sum * ((total - 1.0) / (total * (total - groups)))
     return y, mean, var
 
 
