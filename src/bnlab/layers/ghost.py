@@ -51,11 +51,11 @@ def ghost_sizes(n: int, virtual_batch_size: int, values_per_example: int = 2) ->
     v = virtual_batch_size
     if n <= v:
         return [n]
-    k, rest = n // v, n % v
-    sizes: list[int] = [v] * k
-    if rest > 0 and rest * values_per_example == 1:
-        sizes[k - 1] = v + rest
-    elif rest > 0:
+    k, rest = divmod(n, v)
+    sizes = [v] * k
+    if rest and rest * values_per_example == 1:
+        sizes[-1] += rest
+    elif rest:
         sizes.append(rest)
     return sizes
 
