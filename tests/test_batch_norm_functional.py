@@ -111,6 +111,47 @@ BAD = {  # name: (call arguments after x, or a replacement x), expected torch cl
 }  # fmt: skip
 
 
+def test_repeated_calls_read_the_tensors_as_they_are_now():
+    """The function keeps numpy views of the statistics and parameters between calls (found by
+    the tensors' identities, checked by their memory): values changed in place, a tensor given
+    new memory (``.data``, ``set_``), tensors freed and others made in their place, and more
+    sets of tensors than the cache holds all give torch's answers, in eval and training."""
+    from bnlab import autograd
+
+    torch.manual_seed(0)
+    x = torch.randn(6, 5)
+
+    def fresh():
+        return [torch.randn(5), torch.rand(5) + 0.5, torch.rand(5) + 0.5, torch.randn(5)]
+
+    def same(rm, rv, w, b, training):
+        ours_rm, ours_rv = rm.clone(), rv.clone()
+        ours = bnlab.batch_norm(x, rm, rv, w, b, training, 0.3, 1e-5)
+        ours_state = (rm.clone(), rv.clone())
+        rm.copy_(ours_rm), rv.copy_(ours_rv)
+        theirs = F.batch_norm(x, rm, rv, w, b, training, 0.3, 1e-5)
+        torch.testing.assert_close(ours, theirs)
+        torch.testing.assert_close(ours_state, (rm, rv))
+
+    for training in (False, True):
+        rm, rv, w, b = fresh()
+        same(rm, rv, w, b, training)
+        with torch.no_grad():
+            rm.add_(1.0), w.mul_(2.0)  # in place: read through the cached views
+        same(rm, rv, w, b, training)
+        rm.data = torch.randn(5)  # new memory behind the same tensor
+        w.set_(torch.rand(5) + 0.5)
+        same(rm, rv, w, b, training)
+        for _ in range(3):  # freed, others (perhaps at the same ids) made in their place
+            del rm, rv, w, b
+            rm, rv, w, b = fresh()
+            same(rm, rv, w, b, training)
+        kept = [fresh() for _ in range(autograd._FUNCTION_VIEWS_MAX + 5)]  # (evicting the first)
+        for tensors in kept + kept[:3]:
+            same(*tensors, training)
+        assert len(autograd._FUNCTION_VIEWS) <= autograd._FUNCTION_VIEWS_MAX
+
+
 @pytest.mark.parametrize("case", BAD, ids=list(BAD))
 def test_refusals_of_torchs_class_and_nothing_updated(case):
     change, error = BAD[case]

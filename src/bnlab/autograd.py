@@ -502,6 +502,29 @@ def patch_functional() -> Iterator[None]:
 # the function has none, and its momentum is a number, so they count in this one, never read.
 _UNREAD_COUNT = torch.zeros((), dtype=torch.int64)
 
+# The function's caches of numpy views (what a layer keeps in its _fast_views), one per set of
+# statistics and parameters, found by the tensors' identities and checked by their addresses
+# (bnlab.kernels._fast_params: a stale entry is a miss, never a wrong view). Bounded, so that
+# the storages the views hold stay few; the oldest entry goes first.
+_FUNCTION_VIEWS: dict[tuple[int, ...], list] = {}
+_FUNCTION_VIEWS_MAX = 256  # (a model of up to 256 BN layers calling the function hits)
+
+
+def _function_views(
+    running_mean: Tensor, running_var: Tensor, weight: Tensor | None, bias: Tensor | None
+) -> list:
+    """The view cache (a two-slot list, as a layer's) of one set of the function's tensors."""
+    key = (id(running_mean), id(running_var), id(weight), id(bias))
+    views = _FUNCTION_VIEWS.get(key)
+    if views is None:
+        if len(_FUNCTION_VIEWS) >= _FUNCTION_VIEWS_MAX:
+            try:
+                del _FUNCTION_VIEWS[next(iter(_FUNCTION_VIEWS))]
+            except (KeyError, StopIteration, RuntimeError):  # (another thread got there)
+                pass
+        views = _FUNCTION_VIEWS[key] = [None, None]
+    return views
+
 
 @torch.jit.unused
 def _eager_call(
@@ -533,14 +556,15 @@ def _eager_call(
     graph = _needs_graph(x, weight, bias)
     if not training:
         assert running_mean is not None and running_var is not None  # (checked)
+        views = _function_views(running_mean, running_var, weight, bias)
         if graph:
-            plan = B.lean_plan(x, weight, bias, running_mean, running_var, None)
+            plan = B.lean_plan(x, weight, bias, running_mean, running_var, None, views)
             if plan is not None:
                 return batch_norm_eval_lean(
                     x, running_mean, running_var, weight, bias, plan, eps, False
                 )
             return BatchNormEval.apply(x, running_mean, running_var, weight, bias, eps, False)
-        y = B.eval_fast(x, running_mean, running_var, weight, bias, eps)
+        y = B.eval_fast(x, running_mean, running_var, weight, bias, eps, False, views)
         if y is not None:
             return y
         return B.eval_forward(x, running_mean, running_var, weight, bias, eps)[1]
@@ -548,7 +572,8 @@ def _eager_call(
     if running_mean is not None and running_var is not None:
         rm, rv = running_mean, running_var
         if x.numel() > x.shape[1]:  # (the lean loops: 2 or more values per channel)
-            plan = B.lean_plan(x, weight, bias, rm, rv, _UNREAD_COUNT)
+            views = _function_views(rm, rv, weight, bias)
+            plan = B.lean_plan(x, weight, bias, rm, rv, _UNREAD_COUNT, views)
             if plan is not None:
                 y, ok = batch_norm_train_lean(x, weight, bias, plan, eps, momentum, False)
                 if not ok:
