@@ -517,11 +517,11 @@ def _function_views(
     key = (id(running_mean), id(running_var), id(weight), id(bias))
     views = _FUNCTION_VIEWS.get(key)
     if views is None:
-        if len(_FUNCTION_VIEWS) >= _FUNCTION_VIEWS_MAX:
+        while len(_FUNCTION_VIEWS) >= _FUNCTION_VIEWS_MAX:  # (threads may have added more)
             try:
                 del _FUNCTION_VIEWS[next(iter(_FUNCTION_VIEWS))]
             except (KeyError, StopIteration, RuntimeError):  # (another thread got there)
-                pass
+                break
         views = _FUNCTION_VIEWS[key] = [None, None]
     return views
 
