@@ -88,3 +88,26 @@ def captured(model, tool, example, counter=None):
     run = torch.jit.trace(model, (example.clone(),), check_trace=False)
     model.load_state_dict(state)
     return run, model
+
+
+def assert_captured_steps(run, holder, layer, eager, tool, xs, inference_x):
+    """Each batch of ``xs`` through ``run`` (``layer`` as :func:`captured` gave it, its buffers
+    in ``holder``) and through ``eager``: the same output, the same input gradient where the
+    tool keeps autograd (compile, fx, script), the same state afterwards; then, for fx and
+    script, the same inference output on ``inference_x`` (an fx graph is of the mode it was
+    traced in: ``layer`` is traced again in eval mode)."""
+    for x in xs:
+        xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+        ya, yb = run(xa), eager(xb)
+        torch.testing.assert_close(ya, yb, rtol=1e-5, atol=1e-5)
+        if tool in ("compile", "fx", "script"):
+            ya.square().sum().backward()
+            yb.square().sum().backward()
+            torch.testing.assert_close(xa.grad, xb.grad, rtol=1e-4, atol=1e-5)
+        ours, theirs = holder.state_dict(), eager.state_dict()
+        for key in theirs:
+            torch.testing.assert_close(ours[key], theirs[key], rtol=1e-5, atol=1e-6, msg=key)
+    if tool in ("fx", "script"):
+        eager.eval()
+        run = run.eval() if tool == "script" else torch.fx.symbolic_trace(layer.eval())
+        torch.testing.assert_close(run(inference_x), eager(inference_x), rtol=1e-5, atol=1e-5)
