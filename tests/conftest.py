@@ -15,6 +15,15 @@ SHAPES = {
 }
 
 
+def pytest_sessionstart(session):
+    """Compile bnlab's kernels once, before any test (or load them from Numba's on-disk cache):
+    in a fresh checkout the first tests would otherwise compile them piecemeal, and the tests
+    that start processes of their own, each compiling what was not yet on disk."""
+    from bnlab.kernels import warm_up
+
+    warm_up()
+
+
 @pytest.fixture(params=["reference", "auto"])
 def backend(request):
     """Run a test once per bnlab backend: the reference functions, and "auto" (the fused CPU
