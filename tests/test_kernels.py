@@ -127,9 +127,8 @@ def test_fused_matches_reference_random_shapes(rank, data, dtype, layout, params
         (3, 16, 41, 43),  # channels_last: 5,289 rows of 16, not a whole number of flat tiles
         (5, 32, 3, 7),  # channels_last: flat tiles of two 32-channel rows, one row left
         (3, 64, 5, 5),  # channels_last: a 64-channel row is one flat tile
-        (8, 128, 9, 9),  # channels_last above SERIAL_MAX: 128-channel rows, statistics in blocks
-        # of rows swept in two column blocks, chunks whose last block is short
-        (613, 192),  # dense: 192-channel rows, three column blocks, parallel chunks
+        (8, 128, 9, 9),  # channels_last above SERIAL_MAX: 128-channel rows, parallel chunks
+        (613, 192),  # dense: 192-channel rows, parallel chunks
         (70000, 1),  # long dense, one channel (several row chunks)
         (3, 2, 70000),  # long rows
     ],
@@ -797,9 +796,8 @@ def test_kernel_calls_refuse_what_the_loops_cannot_read():
             K.batch_norm_train_backward(g, x, mean, invstd, w, coef=bad)
 
 
-# (48: a tile is not _TILE values, the array loop; 128 and 320: the statistics in column blocks
-# of _TILE channels (float32, float64, bfloat16); 1040 and 2056: rows of a page or more, in
-# groups of rows, for float32 and float64, and 2056 for bfloat16)
+# (48, 128 and 320: a tile is not _TILE values, the array loop; 1040 and 2056: rows of a page or
+# more, in groups of rows, for float32 and float64, and 2056 for bfloat16)
 @pytest.mark.parametrize("C", [1, 16, 64, 48, 128, 320, 1040, 2056])
 @pytest.mark.parametrize("dtype", ["float32", "float64", "bfloat16"])
 def test_channels_last_sums_match_float64_sums(C, dtype):

@@ -194,9 +194,6 @@ _INLINE = dict(_SERIAL, inline="always")
 # caches already the hints are pure cost, a small one (figures in docs/kernels.md). The other
 # passes did not gain from them.
 _AHEAD_BYTES = 4096
-# Bytes of rows per block of the column-block reductions (:func:`_block_sums`): well inside a
-# core's L1 data cache, where a block's later column sweeps find it.
-_BLOCK_BYTES = 8192
 _LINE_BYTES = 64
 
 
@@ -306,13 +303,6 @@ _TILE = 64
 # (docs/kernels.md). The statistics read one array in groups of _WIDE_GROUP rows; the gradient
 # sums read two or three, in groups of _WIDE_GSUM_GROUP rows (eight rows, 16-24 streams, were
 # slower). The loops are written out for these group sizes.
-#
-# Rows between one tile and a page whose length is a multiple of _TILE (128-960 float32
-# channels) have their statistics reduced in blocks of rows of about _BLOCK_BYTES, each block
-# swept once per column block of _TILE channels with that block's accumulators in registers
-# (:func:`_block_sums`): the first sweep brings the block into L1, where the others find it. The
-# gradient sums of such rows stay in the array loop: swept the same way, two arrays at once ran
-# at up to 2.5x its time on tensors larger than the caches (docs/kernels.md).
 _LONG_ROW = 4096
 _WIDE_GROUP = 8
 _WIDE_GSUM_GROUP = 4
@@ -1377,43 +1367,6 @@ def _wide_sums(x, z, r0, r1, s1, s2):
             s2[c] += d * d
 
 
-@njit(cache=True)
-def _column_blocks(C: int, itemsize: int) -> bool:
-    """Whether an (M, C) layout's reductions sweep blocks of rows in column blocks of ``_TILE``
-    channels with the accumulators in registers (:func:`_block_sums`): rows of more than one
-    tile, shorter than a page, C a multiple of ``_TILE``."""
-    return C > _TILE and C % _TILE == 0 and not _wide_rows(C, itemsize)
-
-
-@njit(cache=True)
-def _block_rows(C: int, itemsize: int) -> int:
-    """Rows per block of :func:`_block_sums`: ``_BLOCK_BYTES`` of them, at least 8."""
-    return max(8, _BLOCK_BYTES // (C * itemsize))
-
-
-@njit(**_SERIAL)
-def _block_sums(xf, z, r0, r1, C, s1, s2):
-    """:func:`_tile_sums` for rows of C channels, C a multiple of ``_TILE`` (``z``, ``s1``,
-    ``s2``: C values): rows [r0, r1) in blocks of :func:`_block_rows` rows, each block swept
-    once per column block of ``_TILE`` channels with that block's accumulators in registers
-    (:func:`_sweep_sums` with a step of a row). The first sweep of a block reads its rows from
-    memory (with software prefetch, as :func:`_tile_sums`) and the others find them in the
-    caches; an array loop over whole rows would load and store both float64 accumulators for
-    every value read."""
-    B = _block_rows(C, xf.itemsize)
-    ahead = _AHEAD_BYTES // xf.itemsize
-    blocks = (r1 - r0 + B - 1) // B
-    for k in range(blocks):
-        i = r0 + k * B
-        b = min(B, r1 - i)
-        # (prefetch only where the lines named stay inside xf)
-        pre = ahead if (i + b) * C + ahead <= xf.shape[0] else 0
-        for j in range(C // _TILE):
-            c = j * _TILE
-            _sweep_sums(xf, z[c : c + _TILE], i * C + c, b, C, pre, s1[c : c + _TILE],
-                        s2[c : c + _TILE])  # fmt: skip
-
-
 @njit(**_SERIAL)
 def _tile_sums(x, z, r0, r1, s1, s2):
     """Shifted sums ``s1[c] = sum d``, ``s2[c] = sum d^2`` (``d = x - x0`` in float64) of rows
@@ -1422,11 +1375,6 @@ def _tile_sums(x, z, r0, r1, s1, s2):
     tiled (:func:`_tile`)."""
     C = x.shape[1]
     xf = x.reshape(-1)
-    if _column_blocks(C, x.itemsize):
-        s1[:] = 0.0
-        s2[:] = 0.0
-        _block_sums(xf, z, r0, r1, C, s1, s2)
-        return
     r = _tile_rows(C)
     P = r * C
     s1t = np.zeros(P, np.float64)
