@@ -287,62 +287,19 @@ def renorm_commit(
     when ``update``, count the step in ``steps`` and ``counted`` (``num_batches_tracked``, if
     any) and move the averages of ``mu`` and ``sigma`` by ``momentum`` (None: the cumulative
     average over the batches counted). An empty batch is counted only. Eager calls read
-    values; TorchScript and the tools that capture a graph take :func:`_commit_tensors`."""
+    values; TorchScript and the tools that capture a graph take its tensor form (below)."""
     if not torch.jit.is_scripting():
         if ops.route(x) == ops.EAGER:
             _commit_eager(x, mean, var, running_mean, running_var, steps, counted, momentum,
                           update, eps, layer)  # fmt: skip
             return
-    _commit_tensors(x, mean, var, running_mean, running_var, steps, counted, momentum, update,
-                    eps, layer)  # fmt: skip
-
-
-@torch.jit.unused
-def _commit_eager(x, mean, var, running_mean, running_var, steps, counted, momentum, update,
-                  eps, layer) -> None:  # fmt: skip
-    """:func:`renorm_commit` of an eager call, reading Python numbers from tensors."""
-    m = x.numel() // x.shape[1]
-    if m > 0 and not bool(torch.isfinite(var).all() and torch.isfinite(mean).all()):
-        raise FloatingPointError(non_finite_message(layer, list(x.shape)))
-    if not update:
-        return
-    with torch.no_grad():
-        if counted is not None:
-            counted.add_(1)
-        steps.add_(1)
-        if m == 0:
-            return
-        if momentum is None:  # cumulative average over the batches counted
-            f = 1.0 / float(counted.item()) if counted is not None else 1.0
-        else:
-            f = momentum
-        dtype = running_mean.dtype
-        sigma = torch.sqrt(running_var.to(mean.dtype) + eps)
-        sigma_new = torch.lerp(sigma, torch.sqrt(var.detach() + eps), f)
-        running_mean.lerp_(mean.detach().to(dtype), f)
-        running_var.copy_((sigma_new.square() - eps).clamp_min(0.0).to(dtype))
-
-
-def _commit_tensors(
-    x: Tensor,
-    mean: Tensor,
-    var: Tensor,
-    running_mean: Tensor,
-    running_var: Tensor,
-    steps: Tensor,
-    counted: Tensor | None,
-    momentum: float | None,
-    update: bool,
-    eps: float,
-    layer: str,
-) -> None:
-    """:func:`renorm_commit` in tensor operations only, for TorchScript and for a call a tool
-    captures (``torch.compile``, ``torch.export``, ``jit.trace``, ``torch.func``): no Python
-    number is read from a tensor but the finiteness flag where values can be read. Non-finite
-    statistics raise there and fail an assertion in a captured graph, as BN's commit
-    (:func:`bnlab.ops.decompose_commit`); every buffer, the counters included, is written
-    through ``torch.where`` on that flag, so a graph that cannot raise (``jit.trace``) leaves
-    them all unchanged."""
+    # In tensor operations only, for TorchScript and for a call a tool captures
+    # (``torch.compile``, ``torch.export``, ``jit.trace``, ``torch.func``): no Python number is
+    # read from a tensor but the finiteness flag where values can be read. Non-finite
+    # statistics raise there and fail an assertion in a captured graph, as BN's commit
+    # (:func:`bnlab.ops.decompose_commit`); every buffer, the counters included, is written
+    # through ``torch.where`` on that flag, so a graph that cannot raise (``jit.trace``) leaves
+    # them all unchanged.
     if x.numel() == 0:  # an empty batch: counted only
         if update:
             with torch.no_grad():
@@ -387,6 +344,32 @@ def _commit_tensors(
                 buffers[i].copy_(values[i])
         else:
             ops._write_python(ok, tuple(buffers), tuple(values), layer)
+
+
+@torch.jit.unused
+def _commit_eager(x, mean, var, running_mean, running_var, steps, counted, momentum, update,
+                  eps, layer) -> None:  # fmt: skip
+    """:func:`renorm_commit` of an eager call, reading Python numbers from tensors."""
+    m = x.numel() // x.shape[1]
+    if m > 0 and not bool(torch.isfinite(var).all() and torch.isfinite(mean).all()):
+        raise FloatingPointError(non_finite_message(layer, list(x.shape)))
+    if not update:
+        return
+    with torch.no_grad():
+        if counted is not None:
+            counted.add_(1)
+        steps.add_(1)
+        if m == 0:
+            return
+        if momentum is None:  # cumulative average over the batches counted
+            f = 1.0 / float(counted.item()) if counted is not None else 1.0
+        else:
+            f = momentum
+        dtype = running_mean.dtype
+        sigma = torch.sqrt(running_var.to(mean.dtype) + eps)
+        sigma_new = torch.lerp(sigma, torch.sqrt(var.detach() + eps), f)
+        running_mean.lerp_(mean.detach().to(dtype), f)
+        running_var.copy_((sigma_new.square() - eps).clamp_min(0.0).to(dtype))
 
 
 class BatchRenorm1d(_BatchRenorm, nn.BatchNorm1d):
