@@ -730,6 +730,41 @@ def test_func_transforms_refuse_running_stat_updates_as_torch_does():
     assert torch.equal(ours.running_mean, torch.zeros(3))
 
 
+@pytest.mark.parametrize("mode", ["train", "eval"])
+@pytest.mark.parametrize("shape", [(6, 5), (4, 5, 3, 3)])
+def test_a_tensor_kept_from_inside_a_transform_runs_as_through_torch(mode, shape):
+    """A tensor kept from inside ``torch.func.grad`` once the transform has exited (a dead
+    functorch wrapper) is taken by torch's layer as a plain tensor; bnlab's gives the same
+    output, gradients and running statistics (its short eager paths unwrap it, as
+    ``autograd.Function.apply`` does)."""
+    kept = []
+
+    def f(x):
+        kept.append(x)
+        return x.square().sum()
+
+    torch.func.grad(f)(torch.randn(shape, dtype=torch.float64) * 2 + 1)
+    x = kept[0]
+    assert torch._C._functorch.is_functorch_wrapped_tensor(x)  # (the case under test)
+    cls = (bnlab.BatchNorm1d, nn.BatchNorm1d) if len(shape) == 2 else (bnlab.BatchNorm2d,
+                                                                         nn.BatchNorm2d)
+    ours, theirs = cls[0](5).double(), cls[1](5).double()
+    with torch.no_grad():
+        for layer in (ours, theirs):
+            layer.weight.copy_(torch.linspace(0.5, 1.5, 5))
+            layer.bias.copy_(torch.linspace(-1, 1, 5))
+            layer.train(mode == "train")
+    dy = torch.randn(shape, dtype=torch.float64)
+    y1, y2 = ours(x), theirs(x)
+    torch.testing.assert_close(y1, y2)
+    y1.backward(dy)
+    y2.backward(dy)
+    for name in ("weight", "bias"):
+        torch.testing.assert_close(getattr(ours, name).grad, getattr(theirs, name).grad)
+    for name in ("running_mean", "running_var", "num_batches_tracked"):
+        torch.testing.assert_close(getattr(ours, name), getattr(theirs, name))
+
+
 # ----------------------------------------------------------------------------- meta, double bwd
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("name", ["cnn", "resnet20-fused-relu"])

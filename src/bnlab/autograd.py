@@ -641,6 +641,30 @@ def _check_call(
     ops.check_batch(x, float(eps), training, fn)
 
 
+def _direct_apply(cls):
+    """``cls.apply`` without the Python prologue of ``torch.autograd.Function.apply``: the C
+    entry that prologue ends in (``torch._C._FunctionBase.apply``), bound to ``cls``; or
+    ``cls.apply`` itself where torch has no such entry. For the lean Functions on eager calls,
+    where :func:`bnlab.ops.route` has found no functorch transform active: the prologue then
+    only binds default arguments (for Functions that define ``setup_context``, which these do
+    not) and unwraps dead functorch wrappers, which the callers do themselves
+    (:func:`_alive`). A layer runs between other layers, which leave the caches cold, and
+    there each Python frame of the prologue costs many times what it costs in a loop of calls
+    (measurements in docs/kernels.md)."""
+    entry = getattr(torch._C, "_FunctionBase", None)
+    entry = None if entry is None else entry.__dict__.get("apply")
+    return cls.apply if entry is None else entry.__get__(None, cls)
+
+
+_unwrap_if_dead = torch._C._functorch.unwrap_if_dead
+
+
+def _alive(t: Tensor | None) -> Tensor | None:
+    """``t`` unwrapped if it is a functorch wrapper whose transform has exited (a tensor kept
+    from inside ``torch.func.grad`` or ``vmap``), as ``Function.apply`` unwraps its inputs."""
+    return None if t is None else _unwrap_if_dead(t)
+
+
 def batch_norm_train_lean(
     x: Tensor,
     weight: Tensor | None,
@@ -650,14 +674,14 @@ def batch_norm_train_lean(
     momentum: float | None,
     relu: bool,
 ) -> tuple[Tensor, bool]:
-    """An eager training call planned by :func:`bnlab.backend.lean_plan` (more than one value
-    per channel): Algorithm 1 [+ ReLU] (recorded for autograd when it needs to be), then the
-    batch's statistics committed to the plan's running averages
-    (:func:`bnlab.kernels.lean_train_forward`: ``momentum`` None or a finite float). Returns
-    ``(y, ok)``; ``ok`` False means non-finite statistics, nothing updated, for the caller to
-    refuse."""
+    """An eager training call (:func:`bnlab.ops.route` EAGER) planned by
+    :func:`bnlab.backend.lean_plan` (more than one value per channel): Algorithm 1 [+ ReLU]
+    (recorded for autograd when it needs to be), then the batch's statistics committed to the
+    plan's running averages (:func:`bnlab.kernels.lean_train_forward`: ``momentum`` None or a
+    finite float). Returns ``(y, ok)``; ``ok`` False means non-finite statistics, nothing
+    updated, for the caller to refuse."""
     if _needs_graph(x, weight, bias):
-        return BatchNormTrainLean.apply(x, weight, bias, plan, eps, relu, momentum)
+        return _TRAIN_LEAN(_alive(x), _alive(weight), _alive(bias), plan, eps, relu, momentum)
     y, _, ok = K.lean_train_forward(x, plan, eps, relu, momentum)
     return y, ok
 
@@ -672,9 +696,16 @@ def batch_norm_eval_lean(
     eps: float,
     relu: bool,
 ) -> Tensor:
-    """An eager inference call with an autograd graph to record, planned by
-    :func:`bnlab.backend.lean_plan` (without a counter): :class:`BatchNormEvalLean`."""
-    return BatchNormEvalLean.apply(x, running_mean, running_var, weight, bias, plan, eps, relu)
+    """An eager inference call (:func:`bnlab.ops.route` EAGER) with an autograd graph to
+    record, planned by :func:`bnlab.backend.lean_plan` (without a counter):
+    :class:`BatchNormEvalLean`."""
+    return _EVAL_LEAN(
+        _alive(x), running_mean, running_var, _alive(weight), _alive(bias), plan, eps, relu
+    )
+
+
+_TRAIN_LEAN = _direct_apply(BatchNormTrainLean)
+_EVAL_LEAN = _direct_apply(BatchNormEvalLean)
 
 
 def batch_norm_eval(
