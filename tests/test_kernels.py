@@ -855,6 +855,7 @@ def test_channels_last_sums_match_float64_sums(C, dtype):
         ((2, 16, 4, 4), "channels_last"),  # rows of 16 channels: one line
         ((4, 48, 3, 5), "channels_last"),  # three lines a row
         ((5, 20, 3, 3), "channels_last"),  # 20 channels: not whole lines
+        ((3, 32, 3, 3), "channels_last"),  # 32 channels: one bfloat16 line, two float32
         ((64, 32), "contiguous"),  # dense (N, C)
     ],
 )
@@ -862,7 +863,8 @@ def test_channels_last_sums_match_float64_sums(C, dtype):
 def test_streamed_outputs_hold_the_same_values(shape, fmt, dtype, monkeypatch):
     """Outputs large enough to stream (non-temporal stores; forced here for small tensors with
     ``STREAM_BYTES = 0``) hold the values of the usual stores, in every layout, dtype (bfloat16
-    is never streamed) and with the fused ReLU: the forward outputs (one multiply-add a value)
+    rounded as the usual stores round it) and with the fused ReLU: the forward outputs (one
+    multiply-add a value)
     exactly; dx, whose multiply-adds LLVM may contract in either order in either loop, to a few
     units in the last place."""
     gen = torch.Generator().manual_seed(7)

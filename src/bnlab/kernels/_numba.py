@@ -628,16 +628,16 @@ def _fence(builder):
     builder.call(fn, [])
 
 
-def _trap_bits(context, builder, aryty) -> bool:
-    """For bfloat16 bits (which the callers never stream: their rounding is not written here)
-    emit a trap instead of the loop, so a call could never write an unrounded output; True
-    then."""
-    if aryty.dtype != types.uint16:
-        return False
-    fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ir.VoidType(), []),
-                                        "llvm.trap")  # fmt: skip
-    builder.call(fn, [])
-    return True
+def _widened(builder, v):
+    """``v``, a value or vector loaded from an array, in its compute type: bfloat16 bits (i16)
+    widened exactly to float32, as ``_ld`` widens them; float32 and float64 as they are."""
+    n = v.type.count if isinstance(v.type, ir.VectorType) else None
+    if not isinstance(v.type.element if n else v.type, ir.IntType):
+        return v
+    i32 = ir.IntType(32)
+    wide = ir.VectorType(i32, n) if n else i32
+    u = builder.shl(builder.zext(v, wide), ir.Constant(wide, [i32(16)] * n) if n else i32(16))
+    return builder.bitcast(u, ir.VectorType(ir.FloatType(), n) if n else ir.FloatType())
 
 
 @intrinsic
@@ -653,19 +653,18 @@ def _stream_rows(typingctx, xf, a, c, yf, start, C, rows, relu):
 
     def codegen(context, builder, sig, args):
         xv, av, cv, yv, s, nc, nr, rl = args
-        if _trap_bits(context, builder, sig.args[0]):
-            return context.get_dummy_value()
         size = sig.args[0].dtype.bitwidth // 8
         lanes = _LINE // size
         xd, ad, cd, yd = (_data(context, builder, t, v)
                           for t, v in zip(sig.args[:4], (xv, av, cv, yv), strict=True))  # fmt: skip
+        elem = yd.type.pointee
 
         def vector_for(masked):
             def vector(at, o):
-                r = _affine_value(builder, _vec_of(builder, xd, at, lanes, size),
+                r = _affine_value(builder, _widened(builder, _vec_of(builder, xd, at, lanes, size)),
                                   _vec_of(builder, ad, o, lanes, size),
                                   _vec_of(builder, cd, o, lanes, size), masked)  # fmt: skip
-                _store_stream(builder, r, yd, at)
+                _store_stream(builder, _narrow(builder, r, elem), yd, at)
 
             return vector
 
@@ -689,21 +688,21 @@ def _stream_run(typingctx, xf, yf, start, n, a, c, relu):
 
     def codegen(context, builder, sig, args):
         xv, yv, s, n, av, cv, rl = args
-        if _trap_bits(context, builder, sig.args[0]):
-            return context.get_dummy_value()
         size = sig.args[0].dtype.bitwidth // 8
         lanes = _LINE // size
         xd, yd = _data(context, builder, sig.args[0], xv), _data(context, builder, sig.args[1], yv)
         va, vc = _splat(builder, av, lanes), _splat(builder, cv, lanes)
+        elem = yd.type.pointee
 
         def loop(masked):
             def scalar(at):
-                v = builder.load(builder.gep(xd, [at]))
-                builder.store(_affine_value(builder, v, av, cv, masked), builder.gep(yd, [at]))
+                r = _affine_value(builder, _scalar_of(builder, xd, at), av, cv, masked)
+                builder.store(_narrow(builder, r, elem), builder.gep(yd, [at]))
 
             def vector(at):
-                r = _affine_value(builder, _vec_of(builder, xd, at, lanes, size), va, vc, masked)
-                _store_stream(builder, r, yd, at)
+                v = _widened(builder, _vec_of(builder, xd, at, lanes, size))
+                r = _affine_value(builder, v, va, vc, masked)
+                _store_stream(builder, _narrow(builder, r, elem), yd, at)
 
             _run(builder, yd, s, n, lanes, scalar, vector)
 
@@ -1107,8 +1106,6 @@ def _stream_dx_rows(typingctx, gf, xf, mf, t, floor, df, start, C, rows, relu):
 
     def codegen(context, builder, sig, args):
         gv, xv, mv, tv, fl, dv, s, nc, nr, rl = args
-        if _trap_bits(context, builder, sig.args[0]):
-            return context.get_dummy_value()
         size = sig.args[0].dtype.bitwidth // 8
         lanes = _LINE // size
         arrays = ((sig.args[0], gv), (sig.args[1], xv), (sig.args[2], mv), (sig.args[5], dv))
@@ -1121,11 +1118,11 @@ def _stream_dx_rows(typingctx, gf, xf, mf, t, floor, df, start, C, rows, relu):
             def vector(at, o):
                 co = [_vec_of(builder, tary.data, builder.add(builder.mul(i64(k), stride), o),
                               lanes, size) for k in range(6 if masked else 4)]  # fmt: skip
-                m = _vec_of(builder, md, at, lanes, size) if masked else None
-                g = _vec_of(builder, gd, at, lanes, size)
-                v = _vec_of(builder, xd, at, lanes, size)
+                m = _widened(builder, _vec_of(builder, md, at, lanes, size)) if masked else None
+                g = _widened(builder, _vec_of(builder, gd, at, lanes, size))
+                v = _widened(builder, _vec_of(builder, xd, at, lanes, size))
                 r = _dx_value(builder, g, v, m, *co[:4], co[4:], fl, masked)
-                _store_stream(builder, r, dd, at)
+                _store_stream(builder, _narrow(builder, r, dd.type.pointee), dd, at)
 
             return vector
 
@@ -1145,29 +1142,27 @@ def _stream_dx_run(typingctx, gf, xf, mf, df, start, n, mu, a, bb, d, k0, k1, fl
 
     def codegen(context, builder, sig, args):
         gv, xv, mv, dv, s, n, mu, a, bb, d, k0, k1, fl, rl = args
-        if _trap_bits(context, builder, sig.args[0]):
-            return context.get_dummy_value()
         size = sig.args[0].dtype.bitwidth // 8
         lanes = _LINE // size
         arrays = zip(sig.args[:4], (gv, xv, mv, dv), strict=True)
         gd, xd, md, dd = (_data(context, builder, ty, v) for ty, v in arrays)
         co = [_splat(builder, v, lanes) for v in (mu, a, bb, d)]
         vk = (_splat(builder, k0, lanes), _splat(builder, k1, lanes))
+        elem = dd.type.pointee
 
         def loop(masked):
             def scalar(at):
-                m = builder.load(builder.gep(md, [at])) if masked else None
-                g = builder.load(builder.gep(gd, [at]))
-                v = builder.load(builder.gep(xd, [at]))
+                m = _scalar_of(builder, md, at) if masked else None
+                g, v = _scalar_of(builder, gd, at), _scalar_of(builder, xd, at)
                 r = _dx_value(builder, g, v, m, mu, a, bb, d, (k0, k1), fl, masked)
-                builder.store(r, builder.gep(dd, [at]))
+                builder.store(_narrow(builder, r, elem), builder.gep(dd, [at]))
 
             def vector(at):
-                m = _vec_of(builder, md, at, lanes, size) if masked else None
-                g = _vec_of(builder, gd, at, lanes, size)
-                v = _vec_of(builder, xd, at, lanes, size)
+                m = _widened(builder, _vec_of(builder, md, at, lanes, size)) if masked else None
+                g = _widened(builder, _vec_of(builder, gd, at, lanes, size))
+                v = _widened(builder, _vec_of(builder, xd, at, lanes, size))
                 r = _dx_value(builder, g, v, m, *co, vk, fl, masked)
-                _store_stream(builder, r, dd, at)
+                _store_stream(builder, _narrow(builder, r, elem), dd, at)
 
             _run(builder, dd, s, n, lanes, scalar, vector)
 
@@ -1274,9 +1269,9 @@ def _merge(x0, bmean, bm2, counts, mean, var):
 @njit(**_SERIAL)
 def _ncs_normalize(x, coef, relu, y, i0, i1, stream=False):
     """y = a x + c [then max(., 0)] on rows [i0, i1), coef rows (a, c) (:func:`_affine`);
-    ``stream``: y's whole lines stored non-temporally (float32/float64; see above)."""
+    ``stream``: y's whole lines stored non-temporally (see above)."""
     N, C, S = x.shape
-    if stream and x.itemsize > 2:
+    if stream:
         xf = x.reshape(-1)
         yf = y.reshape(-1)
         for i in range(i0, i1):
@@ -1456,7 +1451,7 @@ def _mc_normalize(x, t, relu, y, r0, r1, stream=False):
     C = x.shape[1]
     xf = x.reshape(-1)
     yf = y.reshape(-1)
-    if stream and x.itemsize > 2 and (C * x.itemsize) % _LINE == 0 and (
+    if stream and (C * x.itemsize) % _LINE == 0 and (
             y.ctypes.data + r0 * C * x.itemsize) % _LINE == 0:  # fmt: skip
         _stream_rows(xf, t[0], t[1], yf, r0 * C, C, r1 - r0, relu)
         return
@@ -1818,7 +1813,7 @@ def _ncs_dx(dy, x, m, relu, coef, floor, dx, i0, i1, stream=False):
     xf = x.reshape(-1)
     mf = m.reshape(-1)
     df = dx.reshape(-1)
-    if stream and x.itemsize > 2:
+    if stream:
         for i in range(i0, i1):
             c = i % C
             _stream_dx_run(gf, xf, mf, df, i * S, S, coef[0, c], coef[1, c], coef[2, c],
@@ -1844,7 +1839,7 @@ def _mc_dx(dy, x, m, relu, t, floor, dx, r0, r1, stream=False):
     gf = dy.reshape(-1)
     mf = m.reshape(-1)
     df = dx.reshape(-1)
-    if stream and x.itemsize > 2 and (C * x.itemsize) % _LINE == 0 and (
+    if stream and (C * x.itemsize) % _LINE == 0 and (
             dx.ctypes.data + r0 * C * x.itemsize) % _LINE == 0:  # fmt: skip
         _stream_dx_rows(gf, xf, mf, t, floor, df, r0 * C, C, r1 - r0, relu)
         return
