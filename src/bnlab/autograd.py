@@ -681,7 +681,8 @@ def batch_norm_train_lean(
     finite float). Returns ``(y, ok)``; ``ok`` False means non-finite statistics, nothing
     updated, for the caller to refuse."""
     if _needs_graph(x, weight, bias):
-        return _TRAIN_LEAN(_alive(x), _alive(weight), _alive(bias), plan, eps, relu, momentum)
+        x = _unwrap_if_dead(x)
+        return _TRAIN_LEAN(x, _alive(weight), _alive(bias), plan, eps, relu, momentum)
     y, _, ok = K.lean_train_forward(x, plan, eps, relu, momentum)
     return y, ok
 
@@ -699,9 +700,8 @@ def batch_norm_eval_lean(
     """An eager inference call (:func:`bnlab.ops.route` EAGER) with an autograd graph to
     record, planned by :func:`bnlab.backend.lean_plan` (without a counter):
     :class:`BatchNormEvalLean`."""
-    return _EVAL_LEAN(
-        _alive(x), running_mean, running_var, _alive(weight), _alive(bias), plan, eps, relu
-    )
+    x = _unwrap_if_dead(x)
+    return _EVAL_LEAN(x, running_mean, running_var, _alive(weight), _alive(bias), plan, eps, relu)
 
 
 _TRAIN_LEAN = _direct_apply(BatchNormTrainLean)

@@ -352,6 +352,23 @@ def _vec_of(builder, ptr_elem, index, n, align):
                         align=align)  # fmt: skip
 
 
+def _widened(builder, v):
+    """``v``, a value or vector loaded from an array, in its compute type: bfloat16 bits (i16)
+    widened exactly to float32, as ``_ld`` widens them; float32 and float64 as they are."""
+    n = v.type.count if isinstance(v.type, ir.VectorType) else None
+    if not isinstance(v.type.element if n else v.type, ir.IntType):
+        return v
+    i32 = ir.IntType(32)
+    wide = ir.VectorType(i32, n) if n else i32
+    u = builder.shl(builder.zext(v, wide), ir.Constant(wide, [i32(16)] * n) if n else i32(16))
+    return builder.bitcast(u, ir.VectorType(ir.FloatType(), n) if n else ir.FloatType())
+
+
+def _wide_vec_of(builder, ptr_elem, index, n, align):
+    """:func:`_vec_of` in the compute type (:func:`_widened`)."""
+    return _widened(builder, _vec_of(builder, ptr_elem, index, n, align))
+
+
 def _branch(builder, flag, emit):
     """``emit(True)`` where the i1 ``flag`` holds, ``emit(False)`` elsewhere: a loop built twice,
     each specialized, the test made once outside it."""
@@ -366,13 +383,7 @@ def _lanes(context, builder, aryty, ary, index):
     """``_LANES`` values of the 1-d array ``ary`` from ``index`` as a vector of their compute
     type: float32 (for float32, and bfloat16 bits widened exactly as ``_ld`` does) or float64."""
     data = _data(context, builder, aryty, ary)
-    v = _vec_of(builder, data, index, _LANES, aryty.dtype.bitwidth // 8)
-    if aryty.dtype == types.uint16:
-        i32 = ir.IntType(32)
-        v = builder.zext(v, ir.VectorType(i32, _LANES))
-        v = builder.shl(v, ir.Constant(ir.VectorType(i32, _LANES), [i32(16)] * _LANES))
-        v = builder.bitcast(v, ir.VectorType(ir.FloatType(), _LANES))
-    return v
+    return _wide_vec_of(builder, data, index, _LANES, aryty.dtype.bitwidth // 8)
 
 
 def _wide(builder, v):
@@ -628,18 +639,6 @@ def _fence(builder):
     builder.call(fn, [])
 
 
-def _widened(builder, v):
-    """``v``, a value or vector loaded from an array, in its compute type: bfloat16 bits (i16)
-    widened exactly to float32, as ``_ld`` widens them; float32 and float64 as they are."""
-    n = v.type.count if isinstance(v.type, ir.VectorType) else None
-    if not isinstance(v.type.element if n else v.type, ir.IntType):
-        return v
-    i32 = ir.IntType(32)
-    wide = ir.VectorType(i32, n) if n else i32
-    u = builder.shl(builder.zext(v, wide), ir.Constant(wide, [i32(16)] * n) if n else i32(16))
-    return builder.bitcast(u, ir.VectorType(ir.FloatType(), n) if n else ir.FloatType())
-
-
 @intrinsic
 def _stream_rows(typingctx, xf, a, c, yf, start, C, rows, relu):
     """``y = a[ch] x + c[ch]`` [then ``max(., 0)``] over ``rows`` rows of ``C`` channels of the
@@ -661,7 +660,7 @@ def _stream_rows(typingctx, xf, a, c, yf, start, C, rows, relu):
 
         def vector_for(masked):
             def vector(at, o):
-                r = _affine_value(builder, _widened(builder, _vec_of(builder, xd, at, lanes, size)),
+                r = _affine_value(builder, _wide_vec_of(builder, xd, at, lanes, size),
                                   _vec_of(builder, ad, o, lanes, size),
                                   _vec_of(builder, cd, o, lanes, size), masked)  # fmt: skip
                 _store_stream(builder, _narrow(builder, r, elem), yd, at)
@@ -700,7 +699,7 @@ def _stream_run(typingctx, xf, yf, start, n, a, c, relu):
                 builder.store(_narrow(builder, r, elem), builder.gep(yd, [at]))
 
             def vector(at):
-                v = _widened(builder, _vec_of(builder, xd, at, lanes, size))
+                v = _wide_vec_of(builder, xd, at, lanes, size)
                 r = _affine_value(builder, v, va, vc, masked)
                 _store_stream(builder, _narrow(builder, r, elem), yd, at)
 
@@ -734,11 +733,7 @@ def _narrow(builder, v, elem):
 
 def _scalar_of(builder, ptr_elem, index):
     """The element at ``ptr_elem[index]`` in its compute type (bfloat16 bits widened exactly)."""
-    v = builder.load(builder.gep(ptr_elem, [index]))
-    if isinstance(v.type, ir.IntType):
-        i32 = ir.IntType(32)
-        v = builder.bitcast(builder.shl(builder.zext(v, i32), i32(16)), ir.FloatType())
-    return v
+    return _widened(builder, builder.load(builder.gep(ptr_elem, [index])))
 
 
 def _vectors_then_rest(builder, start, n, vector, scalar):
@@ -1118,9 +1113,9 @@ def _stream_dx_rows(typingctx, gf, xf, mf, t, floor, df, start, C, rows, relu):
             def vector(at, o):
                 co = [_vec_of(builder, tary.data, builder.add(builder.mul(i64(k), stride), o),
                               lanes, size) for k in range(6 if masked else 4)]  # fmt: skip
-                m = _widened(builder, _vec_of(builder, md, at, lanes, size)) if masked else None
-                g = _widened(builder, _vec_of(builder, gd, at, lanes, size))
-                v = _widened(builder, _vec_of(builder, xd, at, lanes, size))
+                m = _wide_vec_of(builder, md, at, lanes, size) if masked else None
+                g = _wide_vec_of(builder, gd, at, lanes, size)
+                v = _wide_vec_of(builder, xd, at, lanes, size)
                 r = _dx_value(builder, g, v, m, *co[:4], co[4:], fl, masked)
                 _store_stream(builder, _narrow(builder, r, dd.type.pointee), dd, at)
 
@@ -1158,9 +1153,9 @@ def _stream_dx_run(typingctx, gf, xf, mf, df, start, n, mu, a, bb, d, k0, k1, fl
                 builder.store(_narrow(builder, r, elem), builder.gep(dd, [at]))
 
             def vector(at):
-                m = _widened(builder, _vec_of(builder, md, at, lanes, size)) if masked else None
-                g = _widened(builder, _vec_of(builder, gd, at, lanes, size))
-                v = _widened(builder, _vec_of(builder, xd, at, lanes, size))
+                m = _wide_vec_of(builder, md, at, lanes, size) if masked else None
+                g = _wide_vec_of(builder, gd, at, lanes, size)
+                v = _wide_vec_of(builder, xd, at, lanes, size)
                 r = _dx_value(builder, g, v, m, *co, vk, fl, masked)
                 _store_stream(builder, _narrow(builder, r, elem), dd, at)
 
