@@ -864,9 +864,8 @@ def test_streamed_outputs_hold_the_same_values(shape, fmt, dtype, monkeypatch):
     """Outputs large enough to stream (non-temporal stores; forced here for small tensors with
     ``STREAM_BYTES = 0``) hold the values of the usual stores, in every layout, dtype (bfloat16
     rounded as the usual stores round it) and with the fused ReLU: the forward outputs (one
-    multiply-add a value)
-    exactly; dx, whose multiply-adds LLVM may contract in either order in either loop, to a few
-    units in the last place."""
+    multiply-add a value) exactly; dx, whose multiply-adds LLVM may contract in either order in
+    either loop, to a few units in the last place."""
     gen = torch.Generator().manual_seed(7)
     x = to_format((torch.randn(shape, generator=gen) * 2 + 0.5).to(dtype), fmt)
     dy = to_format(torch.randn(shape, generator=gen).to(dtype), fmt)

@@ -559,7 +559,10 @@ def _splat(builder, v, n):
 
 
 def _store_stream(builder, v, ptr_elem, index):
-    """Store the vector ``v`` (one 64-byte line) at ``ptr_elem[index]``, aligned, non-temporal."""
+    """Store the vector ``v`` (one 64-byte line once in the element type) at ``ptr_elem[index]``,
+    aligned, non-temporal: computed values in the element type (:func:`_narrow`: bfloat16 bits
+    rounded as the usual stores round them)."""
+    v = _narrow(builder, v, ptr_elem.type.pointee)
     st = builder.store(v, builder.bitcast(builder.gep(ptr_elem, [index]), v.type.as_pointer()),
                        align=_LINE)  # fmt: skip
     st.set_metadata("nontemporal", builder.module.add_metadata([ir.IntType(32)(1)]))
@@ -656,14 +659,13 @@ def _stream_rows(typingctx, xf, a, c, yf, start, C, rows, relu):
         lanes = _LINE // size
         xd, ad, cd, yd = (_data(context, builder, t, v)
                           for t, v in zip(sig.args[:4], (xv, av, cv, yv), strict=True))  # fmt: skip
-        elem = yd.type.pointee
 
         def vector_for(masked):
             def vector(at, o):
                 r = _affine_value(builder, _wide_vec_of(builder, xd, at, lanes, size),
                                   _vec_of(builder, ad, o, lanes, size),
                                   _vec_of(builder, cd, o, lanes, size), masked)  # fmt: skip
-                _store_stream(builder, _narrow(builder, r, elem), yd, at)
+                _store_stream(builder, r, yd, at)
 
             return vector
 
@@ -701,7 +703,7 @@ def _stream_run(typingctx, xf, yf, start, n, a, c, relu):
             def vector(at):
                 v = _wide_vec_of(builder, xd, at, lanes, size)
                 r = _affine_value(builder, v, va, vc, masked)
-                _store_stream(builder, _narrow(builder, r, elem), yd, at)
+                _store_stream(builder, r, yd, at)
 
             _run(builder, yd, s, n, lanes, scalar, vector)
 
@@ -1117,7 +1119,7 @@ def _stream_dx_rows(typingctx, gf, xf, mf, t, floor, df, start, C, rows, relu):
                 g = _wide_vec_of(builder, gd, at, lanes, size)
                 v = _wide_vec_of(builder, xd, at, lanes, size)
                 r = _dx_value(builder, g, v, m, *co[:4], co[4:], fl, masked)
-                _store_stream(builder, _narrow(builder, r, dd.type.pointee), dd, at)
+                _store_stream(builder, r, dd, at)
 
             return vector
 
@@ -1157,7 +1159,7 @@ def _stream_dx_run(typingctx, gf, xf, mf, df, start, n, mu, a, bb, d, k0, k1, fl
                 g = _wide_vec_of(builder, gd, at, lanes, size)
                 v = _wide_vec_of(builder, xd, at, lanes, size)
                 r = _dx_value(builder, g, v, m, *co, vk, fl, masked)
-                _store_stream(builder, _narrow(builder, r, elem), dd, at)
+                _store_stream(builder, r, dd, at)
 
             _run(builder, dd, s, n, lanes, scalar, vector)
 
