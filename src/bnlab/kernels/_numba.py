@@ -713,13 +713,87 @@ def _stream_run(typingctx, xf, yf, start, n, a, c, relu):
     return sig, codegen
 
 
+class _BFloat(ir.Type):
+    """LLVM's ``bfloat`` type, which llvmlite's IR builder does not name (used only as the
+    target of a conversion whose result is bitcast to i16 lanes at once)."""
+
+    def __str__(self):
+        return "bfloat"
+
+    def __eq__(self, other):
+        return isinstance(other, _BFloat)
+
+    def __hash__(self):
+        return hash(_BFloat)
+
+
+def _host_converts_bf16() -> bool:
+    """Whether the CPU the loops are compiled for converts float32 to bfloat16 in one
+    instruction and classifies float32 values in another (AVX512-BF16 and AVX512-DQ). Numba
+    compiles for the host and keys its on-disk cache by the host's CPU and features, so code
+    built with the instructions never runs on a CPU without them; where Numba is told to
+    compile for another CPU (``NUMBA_CPU_NAME``, ``NUMBA_CPU_FEATURES``) they are not used."""
+    if numba.config.CPU_NAME or numba.config.CPU_FEATURES:
+        return False
+    try:
+        from llvmlite import binding
+
+        features = binding.get_host_cpu_features()
+        return bool(features.get("avx512bf16", False) and features.get("avx512dq", False))
+    except Exception:  # (features unknown: the integer rounding, which every CPU runs)
+        return False
+
+
+_HW_BF16 = _host_converts_bf16()
+
+
 def _narrow(builder, v, elem):
     """A float32/float64 value or vector as the output element type ``elem`` (an llvmlite type):
     itself, or for bfloat16 bits (i16) the float32 rounded to nearest even with NaN kept quiet,
-    as ``_st`` rounds."""
+    as ``_st`` rounds.
+
+    Where the CPU has the conversion instruction (:func:`_host_converts_bf16`), a vector of
+    ``_LANES`` float32 values takes it: it rounds to nearest even as the integer rounding does,
+    but reads a subnormal input as zero and keeps a NaN's sign and payload. So a vector with a
+    NaN or a nonzero subnormal lane (never in a normalized output unless its input holds such
+    values) takes the integer rounding instead, and every value is the same bits either way."""
     if not isinstance(elem, ir.IntType):
         return v
     n = v.type.count if isinstance(v.type, ir.VectorType) else None
+    if _HW_BF16 and n == _LANES and v.type.element == ir.FloatType():
+        return _narrow_hw(builder, v, elem)
+    return _narrow_int(builder, v, elem, n)
+
+
+def _narrow_hw(builder, v, elem):
+    """:func:`_narrow` of a float32 vector through the conversion instruction, with the
+    integer rounding for a vector that holds a NaN or a nonzero subnormal."""
+    n = v.type.count
+    classify = cgutils.get_or_insert_function(
+        builder.module,
+        ir.FunctionType(ir.VectorType(ir.IntType(1), n), [v.type, ir.IntType(32)]),
+        "llvm.x86.avx512.fpclass.ps.512",
+    )
+    # (the classes quiet NaN, subnormal and signalling NaN)
+    odd = builder.call(classify, [v, ir.IntType(32)(0xA1)])
+    any_odd = builder.icmp_unsigned("!=", builder.bitcast(odd, ir.IntType(n)), ir.IntType(n)(0))
+    out = ir.VectorType(elem, n)
+    with builder.if_else(any_odd, likely=False) as (rare, common):
+        with rare:
+            slow = _narrow_int(builder, v, elem, n)
+            rare_block = builder.block
+        with common:
+            fast = builder.bitcast(builder.fptrunc(v, ir.VectorType(_BFloat(), n)), out)
+            common_block = builder.block
+    r = builder.phi(out)
+    r.add_incoming(slow, rare_block)
+    r.add_incoming(fast, common_block)
+    return r
+
+
+def _narrow_int(builder, v, elem, n):
+    """:func:`_narrow` in integer operations: round to nearest even by adding 0x7FFF and the
+    kept part's lowest bit, NaN to 0x7FC0."""
     i32 = ir.IntType(32)
 
     def k(value, ty=i32):
