@@ -755,8 +755,9 @@ def _narrow(builder, v, elem):
     Where the CPU has the conversion instruction (:func:`_host_converts_bf16`), a vector of
     ``_LANES`` float32 values takes it: it rounds to nearest even as the integer rounding does,
     but reads a subnormal input as zero and keeps a NaN's sign and payload. So a vector with a
-    NaN or a nonzero subnormal lane (never in a normalized output unless its input holds such
-    values) takes the integer rounding instead, and every value is the same bits either way."""
+    NaN or a nonzero subnormal lane (rare in an output: a subnormal result needs operands of
+    about that size) takes the integer rounding instead, and every value is the same bits
+    either way."""
     if not isinstance(elem, ir.IntType):
         return v
     n = v.type.count if isinstance(v.type, ir.VectorType) else None
