@@ -442,15 +442,20 @@ def test_bfloat16_runs_round_as_torch(run, relu):
 def test_bfloat16_vectors_round_bit_for_bit_as_single_values(relu):
     """The vector stores of bfloat16 outputs (the conversion instruction where the CPU has one,
     the integer rounding elsewhere and for vectors holding a NaN or a nonzero subnormal) give
-    the bits the one-value store gives (``_st``, torch's rounding): every bfloat16 bit pattern
-    times a scale, in one run of whole vectors, so every vector of normal values sits beside
-    vectors of subnormals, zeros, infinities and NaN, and some vectors mix them."""
+    the bits the one-value store gives (``_st``, torch's rounding), stored as usual and
+    streamed: every bfloat16 bit pattern times a scale, in one run of whole vectors, so every
+    vector of normal values sits beside vectors of subnormals, zeros, infinities and NaN, and
+    some vectors mix them."""
     import numba
     import numpy as np
 
     @numba.njit
     def vectors(src, dst, a, relu):
         _numba._affine_run(src, dst, 0, src.size, a, np.float32(0.0), relu)
+
+    @numba.njit
+    def streamed(src, dst, a, relu):  # (whole 64-byte lines of 32 values, stored non-temporally)
+        _numba._stream_run(src, dst, 0, src.size, a, np.float32(0.0), relu)
 
     @numba.njit
     def singles(src, dst, a, relu):
@@ -465,14 +470,15 @@ def test_bfloat16_vectors_round_bit_for_bit_as_single_values(relu):
     shuffled = bits[torch.randperm(65536, generator=g).numpy()]  # (mixed vectors)
     for src in (bits, shuffled):
         for a in (1.0, 1.0 + 2**-9, 3.0, -0.7, 2.0**-100, 2.0**100):
-            got = np.empty_like(src)
             expect = np.empty_like(src)
-            vectors(src, got, np.float32(a), relu)
             singles(src, expect, np.float32(a), relu)
             # (a zero's sign is the arithmetic's, which may drop the pass's "+ 0": not the store's)
-            got[got == 0x8000] = 0
             expect[expect == 0x8000] = 0
-            assert np.array_equal(got, expect), (a, np.flatnonzero(got != expect)[:5])
+            for kernel in (vectors, streamed):
+                got = np.empty_like(src)
+                kernel(src, got, np.float32(a), relu)
+                got[got == 0x8000] = 0
+                assert np.array_equal(got, expect), (a, np.flatnonzero(got != expect)[:5])
 
 
 def test_set_backend_validates_and_context_restores():

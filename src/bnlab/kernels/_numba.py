@@ -753,16 +753,28 @@ def _narrow(builder, v, elem):
     as ``_st`` rounds.
 
     Where the CPU has the conversion instruction (:func:`_host_converts_bf16`), a vector of
-    ``_LANES`` float32 values takes it: it rounds to nearest even as the integer rounding does,
-    but reads a subnormal input as zero and keeps a NaN's sign and payload. So a vector with a
-    NaN or a nonzero subnormal lane (rare in an output: a subnormal result needs operands of
-    about that size) takes the integer rounding instead, and every value is the same bits
-    either way."""
+    ``_LANES`` float32 values (and each half of a streamed line of twice as many) takes it: it
+    rounds to nearest even as the integer rounding does, but reads a subnormal input as zero
+    and keeps a NaN's sign and payload. So a vector with a NaN or a nonzero subnormal lane (rare
+    in an output: a subnormal result needs operands of about that size) takes the integer
+    rounding instead, and every value is the same bits either way."""
     if not isinstance(elem, ir.IntType):
         return v
     n = v.type.count if isinstance(v.type, ir.VectorType) else None
-    if _HW_BF16 and n == _LANES and v.type.element == ir.FloatType():
-        return _narrow_hw(builder, v, elem)
+    if _HW_BF16 and n in (_LANES, 2 * _LANES) and v.type.element == ir.FloatType():
+        if n == _LANES:
+            return _narrow_hw(builder, v, elem)
+        # (a streamed line of 32 values: each half on its own, then the line again)
+        i32 = ir.IntType(32)
+
+        def lanes(first, count):
+            return ir.Constant(ir.VectorType(i32, count), [i32(first + j) for j in range(count)])
+
+        low, high = (
+            _narrow_hw(builder, builder.shuffle_vector(v, v, lanes(i, _LANES)), elem)
+            for i in (0, _LANES)
+        )
+        return builder.shuffle_vector(low, high, lanes(0, n))
     return _narrow_int(builder, v, elem, n)
 
 
