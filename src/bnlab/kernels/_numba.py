@@ -767,20 +767,19 @@ def _narrow(builder, v, elem):
         # (a streamed line of 32 values: each half on its own, then the line again)
         i32 = ir.IntType(32)
 
-        def lanes(first, count):
+        def positions(first, count):  # (shufflevector's lane indices)
             return ir.Constant(ir.VectorType(i32, count), [i32(first + j) for j in range(count)])
 
-        low, high = (
-            _narrow_hw(builder, builder.shuffle_vector(v, v, lanes(i, _LANES)), elem)
-            for i in (0, _LANES)
-        )
-        return builder.shuffle_vector(low, high, lanes(0, n))
+        halves = [_narrow_hw(builder, builder.shuffle_vector(v, v, positions(i, _LANES)), elem)
+                  for i in (0, _LANES)]  # fmt: skip
+        return builder.shuffle_vector(halves[0], halves[1], positions(0, n))
     return _narrow_int(builder, v, elem, n)
 
 
 def _narrow_hw(builder, v, elem):
-    """:func:`_narrow` of a float32 vector through the conversion instruction, with the
-    integer rounding for a vector that holds a NaN or a nonzero subnormal."""
+    """:func:`_narrow` of a vector of ``_LANES`` float32 values (one 512-bit register, as the
+    classification intrinsic takes it) through the conversion instruction, with the integer
+    rounding for a vector that holds a NaN or a nonzero subnormal."""
     n = v.type.count
     classify = cgutils.get_or_insert_function(
         builder.module,
