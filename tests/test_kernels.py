@@ -481,6 +481,52 @@ def test_bfloat16_vectors_round_bit_for_bit_as_single_values(relu):
                 assert np.array_equal(got, expect), (a, np.flatnonzero(got != expect)[:5])
 
 
+@pytest.mark.parametrize("relu", [False, True], ids=["bn", "bn-relu"])
+def test_float32_runs_give_the_same_bits_wherever_they_start(relu):
+    """The normalize and dx passes store a float32 run's first values one by one until the
+    output reaches a 64-byte line, then whole vectors, from every start in a line (lengths
+    around the vector's, a 7x7 and a 14x14 map's): the float64 computation's values, nothing
+    written outside the run, and for the normalize pass (one multiply-add, the same in a vector
+    and alone) the same bits from every start. (The dx pass may reassociate its terms, in a
+    vector and alone differently.)"""
+    import numba
+    import numpy as np
+
+    @numba.njit
+    def affine(x, y, start, n, a, c, relu):
+        _numba._affine_run(x, y, start, n, a, c, relu)
+
+    @numba.njit
+    def dx(g, x, m, d, start, n, co, relu):
+        _numba._dx_run(g, x, m, d, start, n, co[0], co[1], co[2], co[3], co[4], co[5],
+                       np.float32(0.0), relu)  # fmt: skip
+
+    rng = np.random.default_rng(6)
+    co = rng.normal(size=6).astype(np.float32)
+    a, c = co[4], co[5]
+    for n in (0, 1, 5, 15, 16, 17, 31, 33, 49, 196):
+        xs, gs = rng.normal(size=n).astype(np.float32), rng.normal(size=n).astype(np.float32)
+        pre = xs.astype(np.float64) * a + c
+        ref_y = np.where(pre > 0, pre, 0.0) if relu else pre
+        keep = (pre > 0) if relu else np.ones(n, bool)
+        ref_d = (co[1] * np.where(keep, gs, 0.0).astype(np.float64)
+                 - co[2] * (xs.astype(np.float64) - co[0]) - co[3])  # fmt: skip
+        first = None
+        for offset in range(17):  # (a fresh float32 array starts on a 64-byte line)
+            buf = [np.zeros(offset + n + 16, np.float32) for _ in range(5)]
+            x, y, g, d, m = buf
+            x[offset:offset + n], g[offset:offset + n], m[offset:offset + n] = xs, gs, xs
+            affine(x, y, offset, n, a, c, relu)
+            dx(g, x, m, d, offset, n, co, relu)
+            got = (y[offset:offset + n].copy(), d[offset:offset + n].copy())
+            assert not y[:offset].any() and not y[offset + n:].any()  # (nothing else written)
+            assert not d[:offset].any() and not d[offset + n:].any()
+            np.testing.assert_allclose(got[0], ref_y, rtol=1e-6, atol=1e-6)
+            np.testing.assert_allclose(got[1], ref_d, rtol=1e-5, atol=1e-5)
+            first = got[0] if first is None else first
+            assert np.array_equal(got[0].view(np.int32), first.view(np.int32)), (n, offset)
+
+
 def test_set_backend_validates_and_context_restores():
     before = bnlab.get_backend()
     with pytest.raises(ValueError, match="backend must be one of"):

@@ -836,6 +836,29 @@ def _vectors_then_rest(builder, start, n, vector, scalar):
         scalar(builder.add(done, k.index))
 
 
+def _aligned_vectors(builder, out, start, n, vector, scalar):
+    """Over the ``n`` values from the flat index ``start`` of the output pointer ``out``, as
+    :func:`_vectors_then_rest`; for float32 outputs, whose vectors of ``_LANES`` values are one
+    64-byte line, first ``scalar(at)`` for the values before the first vector that starts on a
+    line. A vector stored across two lines costs two stores, and on some CPUs (Intel's with
+    512-bit vectors) a good deal more, which on rows whose length is not a multiple of 16 (7x7
+    and 14x14 maps) is nearly every store. Narrower outputs (bfloat16: half a line per vector,
+    split by half the misaligned stores) keep their vectors from ``start``: a head of up to 15
+    single values, each rounded on its own, costs them more than the splits it saves."""
+    elem = out.type.pointee
+    if not isinstance(elem, ir.FloatType) or _LANES * 4 != _LINE:
+        _vectors_then_rest(builder, start, n, vector, scalar)
+        return
+    i64 = ir.IntType(64)
+    addr = builder.ptrtoint(builder.gep(out, [start]), i64)
+    head = builder.udiv(builder.urem(builder.sub(i64(_LINE), builder.urem(addr, i64(_LINE))),
+                                     i64(_LINE)), i64(4))  # fmt: skip
+    head = builder.select(builder.icmp_signed("<", n, head), n, head)
+    with cgutils.for_range(builder, head) as k:
+        scalar(builder.add(start, k.index))
+    _vectors_then_rest(builder, builder.add(start, head), builder.sub(n, head), vector, scalar)
+
+
 def _store_vec(builder, v, ptr_elem, index, align):
     """Store the vector ``v`` at ``ptr_elem[index]`` (unaligned: ``align`` is the element's)."""
     builder.store(v, builder.bitcast(builder.gep(ptr_elem, [index]), v.type.as_pointer()),
@@ -876,7 +899,8 @@ def _over_tiles(builder, start, n, body):
 def _affine_run(typingctx, xf, yf, start, n, a, c, relu):
     """``y = a x + c`` [then ``max(., 0)``] on the ``n`` values of the flat arrays from
     ``start`` (one channel's run: scalar ``a``, ``c`` in the compute type), in vectors of
-    ``_LANES`` values and the last ``n % _LANES`` one by one. LLVM's own vector loop takes
+    ``_LANES`` values and the rest one by one (float32: the vectors stored on whole lines,
+    :func:`_aligned_vectors`). LLVM's own vector loop takes
     several vectors per iteration and leaves the rest of a run to a scalar loop, which on short
     runs (a 7x7 map: all 49 values) is most of the work; this takes a vector at a time."""
     if not _loop_arrays(xf, yf) or relu != types.boolean:
@@ -903,7 +927,7 @@ def _affine_run(typingctx, xf, yf, start, n, a, c, relu):
                 r = _affine_value(builder, _scalar_of(builder, xd, at), av, cv, masked)
                 builder.store(_narrow(builder, r, elem), builder.gep(yd, [at]))
 
-            _vectors_then_rest(builder, s, nv, vector, scalar)
+            _aligned_vectors(builder, yd, s, nv, vector, scalar)
 
         _branch(builder, rl, loop)
         return context.get_dummy_value()
@@ -1125,7 +1149,8 @@ def _run_gsums(typingctx, gf, xf, mf, start, n, mu, k0, k1, floor, relu):
 def _dx_run(typingctx, gf, xf, mf, df, start, n, mu, a, bb, d, k0, k1, floor, relu):
     """:func:`_ncs_dx`'s values on one channel's run of ``n`` values from ``start`` (scalar
     coefficients in the compute type), a vector of ``_LANES`` values at a time and the rest one by
-    one (as :func:`_affine_run`, for short runs); bfloat16 outputs rounded as ``_st`` rounds."""
+    one (as :func:`_affine_run`, for short runs, float32 on whole lines); bfloat16 outputs
+    rounded as ``_st`` rounds."""
     sig = _dx_run_sig(gf, xf, mf, df, mu, a, bb, d, k0, k1, floor, relu)
     if sig is None:
         return None
@@ -1153,7 +1178,7 @@ def _dx_run(typingctx, gf, xf, mf, df, start, n, mu, a, bb, d, k0, k1, floor, re
                 r = _dx_value(builder, g, x, m, mu, a, bb, d, (k0, k1), fl, masked)
                 builder.store(_narrow(builder, r, elem), builder.gep(dd, [at]))
 
-            _vectors_then_rest(builder, s, nv, vector, scalar)
+            _aligned_vectors(builder, dd, s, nv, vector, scalar)
 
         _branch(builder, rl, loop)
         return context.get_dummy_value()
