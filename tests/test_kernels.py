@@ -318,8 +318,11 @@ def test_16_bit_inputs_take_the_kernels_in_float32(dtype, layout, relu, params):
 
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 @pytest.mark.parametrize(
-    "shape", [(6, 5, 7, 9), (16, 8, 32, 33), (3, 2064, 5, 7)], ids=["serial", "parallel", "wide"]
-)  # (wide: in channels_last, rows of 4 KB or more in bfloat16 and float32, groups of rows)
+    "shape",
+    [(6, 5, 7, 9), (16, 8, 32, 33), (12, 192, 5, 6), (3, 2064, 5, 7)],
+    ids=["serial", "parallel", "blocks", "wide"],
+)  # (in channels_last, blocks: column blocks of 64 channels; wide: rows of 4 KB or more in
+# bfloat16 and float32, groups of rows)
 @pytest.mark.parametrize("relu", [False, True], ids=["bn", "bn-relu"])
 def test_bfloat16_is_read_as_it_is_and_matches_its_float32_copy(layout, shape, relu):
     """The kernels read bfloat16 bits directly. Oracle: the same kernels on the float32 copy of
@@ -666,12 +669,14 @@ def _relu_mask_oracle(layer, x, dy, training):
 
 
 # Layouts the backward reaches by different loops: NCHW runs (vectors and a rest), channels_last
-# rows of 16 channels (tiles in registers), 48 (the array loop, two tiles a sweep), 1040 (wide
-# rows in column blocks), a dense (M, C) input, and inputs above SERIAL_MAX (parallel chunks).
+# rows of 16 channels (tiles in registers), 48 (the array loop, two tiles a sweep), 192 (column
+# blocks of 64 channels down chunks of rows, the last chunk short), 1040 (wide rows), a dense
+# (M, C) input, and inputs above SERIAL_MAX (parallel chunks).
 _MASK_CASES = [
     ((6, 40, 5, 7), "contiguous"),
     ((6, 16, 5, 7), "channels_last"),
     ((6, 48, 5, 7), "channels_last"),
+    ((12, 192, 5, 6), "channels_last"),
     ((8, 1040, 3, 3), "channels_last"),
     ((300, 40), "contiguous"),
     ((64, 40, 8, 8), "contiguous"),
@@ -885,9 +890,10 @@ def test_kernel_calls_refuse_what_the_loops_cannot_read():
             K.batch_norm_train_backward(g, x, mean, invstd, w, coef=bad)
 
 
-# (48, 128 and 320: a tile is not _TILE values, the array loop; 1040 and 2056: rows of a page or
-# more, in groups of rows, for float32 and float64, and 2056 for bfloat16)
-@pytest.mark.parametrize("C", [1, 16, 64, 48, 128, 320, 1040, 2056])
+# (48: a tile is not _TILE values, the array loop; 128, 192 and 320: column blocks of _TILE
+# channels, the last chunk of rows short; 1040 and 2056: rows of a page or more, in groups of
+# rows, for float32 and float64, and 2056 for bfloat16)
+@pytest.mark.parametrize("C", [1, 16, 64, 48, 128, 192, 320, 1040, 2056])
 @pytest.mark.parametrize("dtype", ["float32", "float64", "bfloat16"])
 def test_channels_last_sums_match_float64_sums(C, dtype):
     """The channels_last reductions, narrow layers' vector sweeps held in registers included,
@@ -922,9 +928,9 @@ def test_channels_last_sums_match_float64_sums(C, dtype):
         u = np.tile(np.stack([mean, np.ones_like(mean), np.zeros_like(mean)]), reps)
         _numba._mc_gsums(g, x, y, relu, u, mean.dtype.type(0), r0, r1, s1, s2)
         gm = g64[r0:r1] * (y64[r0:r1] > 0) if relu else g64[r0:r1]
-        # (the vector sweeps and wide rows add every value in float64; the array loop adds pairs
-        # first)
-        exact = 64 % C == 0 or _numba._wide_rows(C, x.itemsize)
+        # (the vector sweeps, column blocks and wide rows add every value in float64; the array
+        # loop adds pairs first)
+        exact = 64 % C == 0 or _numba._column_blocks(C) or _numba._wide_rows(C, x.itemsize)
         np.testing.assert_allclose(s1, gm.sum(0), rtol=1e-12 if exact else 1e-6, atol=1e-9)
         terms = gm * (x64[r0:r1] - mean.astype(np.float64))
         if exact:  # (x - mean rounded once to the compute type, the rest in float64)

@@ -320,6 +320,30 @@ def _wide_rows(C: int, itemsize: int) -> bool:
     return C * itemsize >= _LONG_ROW
 
 
+# Layers wider than a tile whose channels come in whole tiles (C a multiple of _TILE, above 64)
+# run the channels_last passes in column blocks: the _TILE channels of a block down a chunk of
+# rows, their coefficients and accumulators in registers (the sweeps above, each tile a row apart),
+# then the next block down the same rows, which the first block's sweep brought into the caches
+# (every line of a row belongs to one block). A flat tile of C values instead runs LLVM's loop
+# once per row, with its setup and overlap checks each time and its accumulators in memory,
+# which costs the reductions of rows of 128-512 values about twice a 64-value tile's time per
+# value and the gradient pass of 128-value rows nearly three times. Wide rows reduce in groups
+# of rows (``_WIDE_GSUM_GROUP``); their gradient pass takes the blocks too.
+_BLOCK_BYTES = 16384  # a chunk's rows: about this many bytes of one array, a third of an L1
+
+
+@njit(cache=True)
+def _column_blocks(C: int) -> bool:
+    """Whether an (M, C) layout's passes run in column blocks of ``_TILE`` channels (above)."""
+    return C > _TILE and C % _TILE == 0
+
+
+@njit(cache=True)
+def _block_rows(C: int, itemsize: int) -> int:
+    """Rows per chunk of the column blocks: about ``_BLOCK_BYTES`` of one array."""
+    return max(1, _BLOCK_BYTES // (C * itemsize))
+
+
 @njit(cache=True)
 def _tile_rows(C: int) -> int:
     """Rows per flat tile of an (M, C) layout: ``_TILE // C`` rows, at least one."""
@@ -885,12 +909,14 @@ def _tile_vectors(context, builder, aryty, ary):
     return [_lanes(context, builder, aryty, ary, i64(j * _LANES)) for j in range(_TILE // _LANES)]
 
 
-def _over_tiles(builder, start, n, body):
+def _over_tiles(builder, start, n, body, step=None):
     """``body(at, j)`` for each vector ``j`` of each of the ``n`` tiles of ``_TILE`` values from
-    the flat index ``start`` (``at``: the vector's first index)."""
+    the flat index ``start``, ``step`` values apart (an i64; None: consecutive tiles); ``at``:
+    the vector's first index."""
     i64 = ir.IntType(64)
+    step = i64(_TILE) if step is None else step
     with cgutils.for_range(builder, n) as k:
-        base = builder.add(start, builder.mul(k.index, i64(_TILE)))
+        base = builder.add(start, builder.mul(k.index, step))
         for j in range(_TILE // _LANES):
             body(builder.add(base, i64(j * _LANES)), j)
 
@@ -972,9 +998,9 @@ def _affine_tiles(typingctx, xf, yf, start, n, a, c, relu):
 
 
 @intrinsic
-def _dx_tiles(typingctx, gf, xf, mf, df, start, n, mu, a, bb, d, k0, k1, floor, relu):
-    """:func:`_ncs_dx`'s values on ``n`` consecutive tiles of ``_TILE`` values from ``start``
-    (``mu``, ``a``, ``bb``, ``d`` and the mask's ``k0``, ``k1``: ``_TILE`` per-lane
+def _dx_tiles(typingctx, gf, xf, mf, df, start, n, step, mu, a, bb, d, k0, k1, floor, relu):
+    """:func:`_ncs_dx`'s values on ``n`` tiles of ``_TILE`` values from ``start``, ``step``
+    values apart (``mu``, ``a``, ``bb``, ``d`` and the mask's ``k0``, ``k1``: ``_TILE`` per-lane
     coefficients in the compute type, held in registers for the whole run), as
     :func:`_affine_tiles` for the normalize pass."""
     if not _loop_arrays(gf, xf, mf, df) or relu != types.boolean:
@@ -982,15 +1008,16 @@ def _dx_tiles(typingctx, gf, xf, mf, df, start, n, mu, a, bb, d, k0, k1, floor, 
     comp = types.Array(_compute_type(gf.dtype), 1, "C")
     if any(v != comp for v in (mu, a, bb, d, k0, k1)) or floor != comp.dtype:
         return None
-    sig = types.void(gf, xf, mf, df, types.intp, types.intp, mu, a, bb, d, k0, k1, floor, relu)
+    sig = types.void(gf, xf, mf, df, types.intp, types.intp, types.intp, mu, a, bb, d, k0, k1,
+                     floor, relu)  # fmt: skip
 
     def codegen(context, builder, sig, args):
-        gv, xv, mv, dv, s, nv = args[:6]
-        fl, rl = args[12], args[13]
+        gv, xv, mv, dv, s, nv, stepv = args[:7]
+        fl, rl = args[13], args[14]
         dd = _data(context, builder, sig.args[3], dv)
         elem = dd.type.pointee
         align = sig.args[3].dtype.bitwidth // 8
-        mu, a, bb, d, k0, k1 = (_tile_vectors(context, builder, sig.args[6 + i], args[6 + i])
+        mu, a, bb, d, k0, k1 = (_tile_vectors(context, builder, sig.args[7 + i], args[7 + i])
                                 for i in range(6))  # fmt: skip
 
         def loop(masked):
@@ -1002,7 +1029,7 @@ def _dx_tiles(typingctx, gf, xf, mf, df, start, n, mu, a, bb, d, k0, k1, floor, 
                                                (k0[j], k1[j]), fl, masked), elem)  # fmt: skip
                 _store_vec(builder, r, dd, at, align)
 
-            _over_tiles(builder, s, nv, vector)
+            _over_tiles(builder, s, nv, vector, stepv)
 
         _branch(builder, rl, loop)
         return context.get_dummy_value()
@@ -1482,6 +1509,17 @@ def _tile_sums(x, z, r0, r1, s1, s2):
     P = r * C
     s1t = np.zeros(P, np.float64)
     s2t = np.zeros(P, np.float64)
+    if _column_blocks(C):
+        rb = _block_rows(C, x.itemsize)
+        for k in range((r1 - r0 + rb - 1) // rb):
+            q = r0 + k * rb
+            n = min(rb, r1 - q)
+            for o in range(0, C, _TILE):
+                _sweep_sums(xf, z[o : o + _TILE], q * C + o, n, C, 0, s1t[o : o + _TILE],
+                            s2t[o : o + _TILE])  # fmt: skip
+        _fold(s1t, C, s1)
+        _fold(s2t, C, s2)
+        return
     # (loops over tile counts, not strided while loops: a variable stride makes LLVM compute
     # trip counts with 128-bit division, which Numba cannot link)
     tiles = (r1 - r0) // r
@@ -1863,6 +1901,19 @@ def _mc_gsums(dy, x, m, relu, u, floor, r0, r1, s1, s2):
     k1 = u[2]
     s1t = np.zeros(P, np.float64)
     s2t = np.zeros(P, np.float64)
+    if _column_blocks(C):
+        rb = _block_rows(C, x.itemsize)
+        for k in range((r1 - r0 + rb - 1) // rb):
+            q = r0 + k * rb
+            n = min(rb, r1 - q)
+            for o in range(0, C, _TILE):
+                e = o + _TILE
+                _sweep_gsums(gf, xf, mf, mu[o:e], k0[o:e], k1[o:e], floor, q * C + o, n, C,
+                             relu, s1t[o:e], s2t[o:e])  # fmt: skip
+        for c in range(C):
+            s1[c] += s1t[c]
+            s2[c] += s2t[c]
+        return
     tiles = (r1 - r0) // r
     if P == _TILE:  # C divides _TILE: every whole tile in registers
         _sweep_gsums(gf, xf, mf, mu, k0, k1, floor, r0 * C, tiles, P, relu, s1t, s2t)
@@ -1959,10 +2010,20 @@ def _mc_dx(dy, x, m, relu, t, floor, dx, r0, r1, stream=False):
     d = t[3]
     k0 = t[4]
     k1 = t[5]
+    if _column_blocks(C):
+        rb = _block_rows(C, x.itemsize)
+        for k in range((r1 - r0 + rb - 1) // rb):
+            q = r0 + k * rb
+            n = min(rb, r1 - q)
+            for o in range(0, C, _TILE):
+                e = o + _TILE
+                _dx_tiles(gf, xf, mf, df, q * C + o, n, C, mu[o:e], a[o:e], bb[o:e], d[o:e],
+                          k0[o:e], k1[o:e], floor, relu)  # fmt: skip
+        return
     first = 0
     if P == _TILE:  # C divides _TILE: whole tiles with the coefficients in registers
         first = (r1 - r0) // r
-        _dx_tiles(gf, xf, mf, df, r0 * C, first, mu, a, bb, d, k0, k1, floor, relu)
+        _dx_tiles(gf, xf, mf, df, r0 * C, first, _TILE, mu, a, bb, d, k0, k1, floor, relu)
     for t in range(first, (r1 - r0 + r - 1) // r):  # whole tiles, then the rows left
         base = (r0 + t * r) * C
         n = min(P, (r1 - r0 - t * r) * C)
