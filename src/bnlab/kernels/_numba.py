@@ -191,8 +191,13 @@ _INLINE = dict(_SERIAL, inline="always")
 # caches the hardware prefetchers did not keep that loop fed, and it read far below a plain
 # read's speed. So it names each line it will read ``_AHEAD_BYTES`` ahead of its sweep
 # (``_prefetch``: a hint, which changes no value and cannot fault). Where the data is in the
-# caches already the hints are pure cost, a small one (figures in docs/kernels.md). The other
-# passes did not gain from them.
+# caches already the hints are pure cost, a small one (figures in docs/kernels.md). The gradient
+# sums read two arrays (dy and x) at a float64 multiply-add per value, and on a CPU whose one
+# core keeps few lines in flight (a 2-core slice of an Intel Xeon) they read from memory at
+# about two thirds of a plain two-array read's speed; they name the lines of both
+# ``_AHEAD_BYTES`` ahead too (NCHW runs; the channels_last column blocks, as do their
+# statistics). The one-input passes and the dx pass, whose stores keep the hardware
+# prefetchers ahead, did not gain from them.
 _AHEAD_BYTES = 4096
 _LINE_BYTES = 64
 
@@ -217,6 +222,16 @@ def _prefetch(typingctx, a, i):
         return context.get_dummy_value()
 
     return types.void(a, i), codegen
+
+
+def _prefetch_at(builder, ptr_elem, index):
+    """``llvm.prefetch`` of ``ptr_elem[index]`` (as :func:`_prefetch`, in an intrinsic's code)."""
+    i8p = ir.IntType(8).as_pointer()
+    i32 = ir.IntType(32)
+    fn = cgutils.get_or_insert_function(
+        builder.module, ir.FunctionType(ir.VoidType(), [i8p, i32, i32, i32]), "llvm.prefetch.p0")
+    builder.call(fn, [builder.bitcast(builder.gep(ptr_elem, [index]), i8p), i32(0), i32(3),
+                      i32(1)])  # fmt: skip
 
 
 @intrinsic
@@ -342,6 +357,13 @@ def _column_blocks(C: int) -> bool:
 def _block_rows(C: int, itemsize: int) -> int:
     """Rows per chunk of the column blocks: about ``_BLOCK_BYTES`` of one array."""
     return max(1, _BLOCK_BYTES // (C * itemsize))
+
+
+@njit(cache=True)
+def _ahead_rows(C: int, itemsize: int) -> int:
+    """Rows ahead of a column block's sweep whose lines it names (software prefetch, above):
+    about ``_AHEAD_BYTES`` of one array, at least one row."""
+    return max(1, _AHEAD_BYTES // (C * itemsize))
 
 
 @njit(cache=True)
@@ -512,12 +534,13 @@ def _sweep_sums(typingctx, xf, z, a, n, step, ahead, s1, s2):
 
 
 @intrinsic
-def _sweep_gsums(typingctx, gf, xf, mf, mu, k0, k1, floor, a, n, step, relu, s1, s2):
+def _sweep_gsums(typingctx, gf, xf, mf, mu, k0, k1, floor, a, n, step, relu, s1, s2, ahead):
     """For tiles ``k < n`` of ``_TILE`` values from ``a + k * step``: ``s1[p] += g``,
     ``s2[p] += g (x - mu[p])``, the sums of :func:`_mc_gsums` (``x - mu`` in the compute type,
     the product and sums in float64), ``g = dy`` or, with ``relu``, ``dy`` where
     ``k0[p] m + k1[p] > floor`` and 0 elsewhere (:func:`_gate`; ``mf`` is not read without
-    it)."""
+    it). ``ahead > 0``: each tile first names the lines of dy and x ``ahead`` elements further
+    on (software prefetch, kept inside the arrays)."""
     f64 = types.Array(types.float64, 1, "C")
     if not _loop_arrays(gf, xf, mf) or s1 != f64 or s2 != f64:
         return None
@@ -525,21 +548,32 @@ def _sweep_gsums(typingctx, gf, xf, mf, mu, k0, k1, floor, a, n, step, relu, s1,
     if not all(isinstance(v, types.Array) and v.ndim == 1 and v.layout == "C" and v.dtype == comp
                for v in (mu, k0, k1)) or floor != comp:  # fmt: skip
         return None
-    if not all(isinstance(i, types.Integer) for i in (a, n, step)) or relu != types.boolean:
+    if not all(isinstance(i, types.Integer) for i in (a, n, step, ahead)):
+        return None
+    if relu != types.boolean:
         return None
     sig = types.void(gf, xf, mf, mu, k0, k1, floor, types.intp, types.intp, types.intp, relu,
-                     s1, s2)  # fmt: skip
+                     s1, s2, types.intp)  # fmt: skip
+    literal_ahead = getattr(ahead, "literal_value", None)  # (as in _sweep_sums)
 
     def codegen(context, builder, sig, args):
-        gv, xv, mv, muv, k0v, k1v, fl, av, nv, stepv, reluv, s1v, s2v = args
+        gv, xv, mv, muv, k0v, k1v, fl, av, nv, stepv, reluv, s1v, s2v, ah = args
         i64 = ir.IntType(64)
+        size = sig.args[0].dtype.bitwidth // 8
+        gd, xd = _data(context, builder, sig.args[0], gv), _data(context, builder, sig.args[1], xv)
+        last = builder.sub(context.make_array(sig.args[0])(context, builder, gv).nitems, i64(1))
         mus, k0s, k1s = ([_lanes(context, builder, sig.args[i], v, i64(j * _LANES))
                           for j in range(_TILE // _LANES)]
                          for i, v in ((3, muv), (4, k0v), (5, k1v)))  # fmt: skip
 
-        def body(masked):
+        def body(masked, prefetch):
             def run(k, acc1, acc2):
                 base = builder.add(av, builder.mul(k, stepv))
+                for off in range(0, _TILE * size, _LINE_BYTES) if prefetch else ():
+                    q = builder.add(base, builder.add(ah, i64(off // size)))
+                    q = builder.select(builder.icmp_signed(">", q, last), last, q)
+                    for d in (gd, xd):
+                        _prefetch_at(builder, d, q)
                 for j in range(_TILE // _LANES):
                     at = builder.add(base, i64(j * _LANES))
                     g = _lanes(context, builder, sig.args[0], gv, at)
@@ -554,7 +588,15 @@ def _sweep_gsums(typingctx, gf, xf, mf, mu, k0, k1, floor, a, n, step, relu, s1,
             return run
 
         sums = ((sig.args[11], s1v), (sig.args[12], s2v))
-        _branch(builder, reluv, lambda masked: _sweep(context, builder, sums, nv, body(masked)))
+
+        def loops(prefetch):
+            _branch(builder, reluv,
+                    lambda masked: _sweep(context, builder, sums, nv, body(masked, prefetch)))
+
+        if literal_ahead is None:
+            _branch(builder, builder.icmp_signed(">", ah, i64(0)), loops)
+        else:
+            loops(literal_ahead > 0)
         return context.get_dummy_value()
 
     return sig, codegen
@@ -1059,13 +1101,14 @@ def _fpext(builder, v):
     return builder.fpext(v, ir.DoubleType())
 
 
-def _run_reduce(context, builder, start, n, step):
+def _run_reduce(context, builder, start, n, step, before=None):
     """Two float64 sums over the ``n`` values from ``start``: ``step(at, vector)`` gives the two
     terms of the values at ``at`` (``_LANES`` of them as float64 vectors when ``vector``, else
     one). Whole vectors go to vector accumulators, two vectors per iteration into two sets (two
     chains of additions: one chain would wait on the adder's latency on long rows), then one
     more vector if a whole one is left, and the rest to scalars, with the lanes summed once in
-    between. Returns the two sums."""
+    between; ``before(at)``, if given, is emitted at the start of each two-vector iteration.
+    Returns the two sums."""
     i64 = ir.IntType(64)
     vd = ir.VectorType(ir.DoubleType(), _LANES)
     sets = [[cgutils.alloca_once_value(builder, ir.Constant(vd, None)) for _ in range(2)]
@@ -1078,6 +1121,8 @@ def _run_reduce(context, builder, start, n, step):
     pairs = builder.sdiv(n, i64(2 * _LANES))
     with cgutils.for_range(builder, pairs) as j:
         at = builder.add(start, builder.mul(j.index, i64(2 * _LANES)))
+        if before is not None:
+            before(at)
         add(sets[0], step(at, True))
         add(sets[1], step(builder.add(at, i64(_LANES)), True))
     done = builder.add(start, builder.mul(pairs, i64(2 * _LANES)))
@@ -1127,21 +1172,37 @@ def _run_sums(typingctx, xf, start, n, x0):
 
 
 @intrinsic
-def _run_gsums(typingctx, gf, xf, mf, start, n, mu, k0, k1, floor, relu):
+def _run_gsums(typingctx, gf, xf, mf, start, n, mu, k0, k1, floor, relu, ahead):
     """``(sum g, sum g (x - mu))`` over the ``n`` values from ``start`` (one row of
     :func:`_ncs_gsums`: ``x - mu`` in the compute type, the product and sums in float64;
     ``g = dy``, or with ``relu`` 0 where ``k0 m + k1 <= floor``, :func:`_gate`), a vector at a
-    time."""
+    time. ``ahead > 0``: each iteration first names the lines of dy and x ``ahead`` values
+    further on (software prefetch, kept inside the arrays)."""
     if not _loop_arrays(gf, xf, mf) or relu != types.boolean:
         return None
     if any(v != _compute_type(gf.dtype) for v in (mu, k0, k1, floor)):
         return None
+    if not isinstance(ahead, types.Integer):
+        return None
     sig = types.UniTuple(types.float64, 2)(gf, xf, mf, types.intp, types.intp, mu, k0, k1,
-                                           floor, relu)  # fmt: skip
+                                           floor, relu, types.intp)  # fmt: skip
 
     def codegen(context, builder, sig, args):
-        gv, xv, mv, s, nv, m, k0, k1, fl, rl = args
+        gv, xv, mv, s, nv, m, k0, k1, fl, rl, ah = args
         gd, xd, md = (_data(context, builder, sig.args[i], v) for i, v in enumerate((gv, xv, mv)))
+        i64 = ir.IntType(64)
+        size = sig.args[0].dtype.bitwidth // 8
+        last = builder.sub(context.make_array(sig.args[0])(context, builder, gv).nitems, i64(1))
+        has_ahead = builder.icmp_signed(">", ah, i64(0))
+
+        def before(at):  # (the lines of this iteration's values, ahead values on)
+            with builder.if_then(has_ahead):
+                for off in range(0, 2 * _LANES * size, _LINE_BYTES):
+                    k = builder.add(at, builder.add(ah, i64(off // size)))
+                    k = builder.select(builder.icmp_signed(">", k, last), last, k)
+                    for d in (gd, xd):
+                        _prefetch_at(builder, d, k)
+
         vm = _splat(builder, m, _LANES)
         vk = (_splat(builder, k0, _LANES), _splat(builder, k1, _LANES))
         out = [cgutils.alloca_once(builder, ir.DoubleType()) for _ in range(2)]
@@ -1163,7 +1224,8 @@ def _run_gsums(typingctx, gf, xf, mf, start, n, mu, k0, k1, floor, relu):
                 g = _fpext(builder, g)
                 return g, builder.fmul(g, _fpext(builder, builder.fsub(x, mu_)))
 
-            for o, v in zip(out, _run_reduce(context, builder, s, nv, step), strict=True):
+            sums = _run_reduce(context, builder, s, nv, step, before)
+            for o, v in zip(out, sums, strict=True):
                 builder.store(v, o)
 
         _branch(builder, rl, loop)
@@ -1511,11 +1573,13 @@ def _tile_sums(x, z, r0, r1, s1, s2):
     s2t = np.zeros(P, np.float64)
     if _column_blocks(C):
         rb = _block_rows(C, x.itemsize)
+        ra = _ahead_rows(C, x.itemsize)
         for k in range((r1 - r0 + rb - 1) // rb):
             q = r0 + k * rb
             n = min(rb, r1 - q)
+            ahead = ra * C if (q + n + ra) * C <= xf.shape[0] else 0  # (hints inside x)
             for o in range(0, C, _TILE):
-                _sweep_sums(xf, z[o : o + _TILE], q * C + o, n, C, 0, s1t[o : o + _TILE],
+                _sweep_sums(xf, z[o : o + _TILE], q * C + o, n, C, ahead, s1t[o : o + _TILE],
                             s2t[o : o + _TILE])  # fmt: skip
         _fold(s1t, C, s1)
         _fold(s2t, C, s2)
@@ -1831,9 +1895,10 @@ def _ncs_gsums(dy, x, m, relu, mean, k, floor, i0, i1, p1, p2):
     mf = m.reshape(-1)
     n = i0 // C
     c = i0 - n * C
+    ahead = _AHEAD_BYTES // x.itemsize
     for i in range(i0, i1):
         p1[n, c], p2[n, c] = _run_gsums(gf, xf, mf, i * S, S, mean[c], k[0, c], k[1, c], floor,
-                                        relu)  # fmt: skip
+                                        relu, ahead)  # fmt: skip
         c += 1
         if c == C:
             n += 1
@@ -1903,20 +1968,21 @@ def _mc_gsums(dy, x, m, relu, u, floor, r0, r1, s1, s2):
     s2t = np.zeros(P, np.float64)
     if _column_blocks(C):
         rb = _block_rows(C, x.itemsize)
+        ahead = _ahead_rows(C, x.itemsize) * C
         for k in range((r1 - r0 + rb - 1) // rb):
             q = r0 + k * rb
             n = min(rb, r1 - q)
             for o in range(0, C, _TILE):
                 e = o + _TILE
                 _sweep_gsums(gf, xf, mf, mu[o:e], k0[o:e], k1[o:e], floor, q * C + o, n, C,
-                             relu, s1t[o:e], s2t[o:e])  # fmt: skip
+                             relu, s1t[o:e], s2t[o:e], ahead)  # fmt: skip
         for c in range(C):
             s1[c] += s1t[c]
             s2[c] += s2t[c]
         return
     tiles = (r1 - r0) // r
     if P == _TILE:  # C divides _TILE: every whole tile in registers
-        _sweep_gsums(gf, xf, mf, mu, k0, k1, floor, r0 * C, tiles, P, relu, s1t, s2t)
+        _sweep_gsums(gf, xf, mf, mu, k0, k1, floor, r0 * C, tiles, P, relu, s1t, s2t, 0)
         pairs = 0
         first = tiles
     else:
