@@ -196,8 +196,8 @@ _INLINE = dict(_SERIAL, inline="always")
 # core keeps few lines in flight (a 2-core slice of an Intel Xeon) they read from memory at
 # about two thirds of a plain two-array read's speed; they name the lines of both
 # ``_AHEAD_BYTES`` ahead too (NCHW runs; the channels_last column blocks, as do their
-# statistics). The one-input passes and the dx pass, whose stores keep the hardware
-# prefetchers ahead, did not gain from them.
+# statistics). The NCHW dx pass did not gain from them there; the other passes were not
+# measured with them on that CPU.
 _AHEAD_BYTES = 4096
 _LINE_BYTES = 64
 
