@@ -1085,6 +1085,52 @@ def test_kernels_follow_torch_set_num_threads():
         torch.set_num_threads(before)
 
 
+@pytest.mark.parametrize(
+    "shape, fmt",
+    [((16, 24, 18, 20), "contiguous"), ((16, 24, 18, 20), "channels_last"),
+     ((9000, 24), "contiguous"), ((8, 128, 9, 9), "channels_last")],
+)  # fmt: skip
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_one_thread_gives_the_values_of_two(shape, fmt, dtype):
+    """The parallel loops' chunks do not depend on the thread count: every output of a
+    training step (y, the running statistics, dx, dgamma, dbeta) and of an inference call is
+    bit for bit the same on one thread and on two, on inputs above SERIAL_MAX of both layouts
+    (the channels_last reductions sum per chunk, then merge)."""
+    import numba
+
+    if numba.config.NUMBA_NUM_THREADS < 2:
+        pytest.skip("needs a Numba pool of two threads")
+    g = torch.Generator().manual_seed(8)
+    x = _layout(torch.randn(shape, generator=g).to(dtype) * 3 + 1, fmt)
+    assert x.numel() > _numba.SERIAL_MAX
+    dy = _layout(torch.randn(shape, generator=g).to(dtype), fmt)
+    c = shape[1]
+    kind = bnlab.BatchNorm2d if len(shape) == 4 else bnlab.BatchNorm1d
+    weight = torch.rand(c, generator=g) + 0.5
+    bias = torch.rand(c, generator=g) - 0.5
+    before = torch.get_num_threads()
+    results = []
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            layer = kind(c)  # (float32 parameters; a bfloat16 input as under autocast)
+            with torch.no_grad():
+                layer.weight.copy_(weight)
+                layer.bias.copy_(bias)
+            xi = x.clone().requires_grad_()
+            y = layer(xi)
+            y.backward(dy)
+            layer.eval()
+            with torch.no_grad():
+                z = layer(x)
+            results.append((y, xi.grad, layer.weight.grad, layer.bias.grad, layer.running_mean,
+                            layer.running_var, z))  # fmt: skip
+    finally:
+        torch.set_num_threads(before)
+    for a, b in zip(*results, strict=True):
+        assert a.dtype == b.dtype and torch.equal(a, b)
+
+
 _KEEP_THREADS = """
 import torch, bnlab, numba
 torch.set_num_threads(1)
