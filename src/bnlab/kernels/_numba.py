@@ -193,11 +193,10 @@ _INLINE = dict(_SERIAL, inline="always")
 # (``_prefetch``: a hint, which changes no value and cannot fault). Where the data is in the
 # caches already the hints are pure cost, a small one (figures in docs/kernels.md). The gradient
 # sums read two arrays (dy and x) at a float64 multiply-add per value, and on a CPU whose one
-# core keeps few lines in flight (a 2-core slice of an Intel Xeon) they read from memory at
-# about two thirds of a plain two-array read's speed; they name the lines of both
-# ``_AHEAD_BYTES`` ahead too (NCHW runs; the channels_last column blocks, as do their
-# statistics). The NCHW dx pass did not gain from them there; the other passes were not
-# measured with them on that CPU.
+# core keeps few lines in flight (a 2-core slice of an Intel Xeon) they read from memory well
+# below a plain two-array read's speed; they name the lines of both ``_AHEAD_BYTES`` ahead too
+# (NCHW runs; the channels_last column blocks, as do their statistics). The NCHW dx pass did not
+# gain from them there; the other passes were not measured with them on that CPU.
 _AHEAD_BYTES = 4096
 _LINE_BYTES = 64
 
@@ -341,10 +340,9 @@ def _wide_rows(C: int, itemsize: int) -> bool:
 # then the next block down the same rows, which the first block's sweep brought into the caches
 # (every line of a row belongs to one block). A flat tile of C values instead runs LLVM's loop
 # once per row, with its setup and overlap checks each time and its accumulators in memory,
-# which costs the reductions of rows of 128-512 values about twice a 64-value tile's time per
-# value and the gradient pass of 128-value rows nearly three times. Wide rows reduce in groups
-# of rows (``_WIDE_GSUM_GROUP``); their gradient pass takes the blocks too.
-_BLOCK_BYTES = 16384  # a chunk's rows: about this many bytes of one array, a third of an L1
+# several times the narrow tiles' cost per value (figures in docs/kernels.md). Wide rows reduce
+# in groups of rows (``_WIDE_GSUM_GROUP``); their gradient pass takes the blocks too.
+_BLOCK_BYTES = 16384  # a chunk's rows: about this many bytes of one array (two fit an L1)
 
 
 @njit(cache=True)
