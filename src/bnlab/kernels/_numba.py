@@ -195,8 +195,9 @@ _INLINE = dict(_SERIAL, inline="always")
 # sums read two arrays (dy and x) at a float64 multiply-add per value, and on a CPU whose one
 # core keeps few lines in flight (a 2-core slice of an Intel Xeon) they read from memory well
 # below a plain two-array read's speed; they name the lines of both ``_AHEAD_BYTES`` ahead too
-# (NCHW runs; the channels_last column blocks, as do their statistics). The NCHW dx pass did not
-# gain from them there; the other passes were not measured with them on that CPU.
+# (NCHW runs; the channels_last column blocks), and so do the statistics (NCHW runs, the column
+# blocks). The NCHW dx pass did not gain from them there; the other passes were not measured
+# with them on that CPU.
 _AHEAD_BYTES = 4096
 _LINE_BYTES = 64
 
@@ -1099,6 +1100,26 @@ def _fpext(builder, v):
     return builder.fpext(v, ir.DoubleType())
 
 
+def _prefetcher(context, builder, aryty, ary, pointers, ahead):
+    """``before(at)`` for :func:`_run_reduce`: where ``ahead > 0`` (an i64), hint the lines of a
+    two-vector iteration's values ``ahead`` values further on in each of ``pointers`` (arrays of
+    ``ary``'s size and element type), kept inside the arrays (``llvm.prefetch``)."""
+    i64 = ir.IntType(64)
+    size = aryty.dtype.bitwidth // 8
+    last = builder.sub(context.make_array(aryty)(context, builder, ary).nitems, i64(1))
+    has_ahead = builder.icmp_signed(">", ahead, i64(0))
+
+    def before(at):
+        with builder.if_then(has_ahead):
+            for off in range(0, 2 * _LANES * size, _LINE_BYTES):
+                k = builder.add(at, builder.add(ahead, i64(off // size)))
+                k = builder.select(builder.icmp_signed(">", k, last), last, k)
+                for d in pointers:
+                    _prefetch_at(builder, d, k)
+
+    return before
+
+
 def _run_reduce(context, builder, start, n, step, before=None):
     """Two float64 sums over the ``n`` values from ``start``: ``step(at, vector)`` gives the two
     terms of the values at ``at`` (``_LANES`` of them as float64 vectors when ``vector``, else
@@ -1144,18 +1165,20 @@ def _pair(context, builder, values):
 
 
 @intrinsic
-def _run_sums(typingctx, xf, start, n, x0):
+def _run_sums(typingctx, xf, start, n, x0, ahead):
     """``(sum d, sum d^2)`` with ``d = x - x0`` in float64 over the ``n`` values of the flat array
     from ``start`` (one row of :func:`_ncs_sums`), a vector of ``_LANES`` values at a time (as
-    :func:`_affine_run`, for short rows)."""
-    if not _loop_arrays(xf) or x0 != types.float64:
+    :func:`_affine_run`, for short rows); ``ahead > 0``: software prefetch as in
+    :func:`_run_gsums`."""
+    if not _loop_arrays(xf) or x0 != types.float64 or not isinstance(ahead, types.Integer):
         return None
-    sig = types.UniTuple(types.float64, 2)(xf, types.intp, types.intp, x0)
+    sig = types.UniTuple(types.float64, 2)(xf, types.intp, types.intp, x0, types.intp)
 
     def codegen(context, builder, sig, args):
-        xv, s, nv, z = args
+        xv, s, nv, z, ah = args
         xd = _data(context, builder, sig.args[0], xv)
         vz = _splat(builder, z, _LANES)
+        before = _prefetcher(context, builder, sig.args[0], xv, (xd,), ah)
 
         def step(at, vector):
             if vector:
@@ -1164,7 +1187,7 @@ def _run_sums(typingctx, xf, start, n, x0):
                 d = builder.fsub(_fpext(builder, _scalar_of(builder, xd, at)), z)
             return d, builder.fmul(d, d)
 
-        return _pair(context, builder, _run_reduce(context, builder, s, nv, step))
+        return _pair(context, builder, _run_reduce(context, builder, s, nv, step, before))
 
     return sig, codegen
 
@@ -1188,18 +1211,7 @@ def _run_gsums(typingctx, gf, xf, mf, start, n, mu, k0, k1, floor, relu, ahead):
     def codegen(context, builder, sig, args):
         gv, xv, mv, s, nv, m, k0, k1, fl, rl, ah = args
         gd, xd, md = (_data(context, builder, sig.args[i], v) for i, v in enumerate((gv, xv, mv)))
-        i64 = ir.IntType(64)
-        size = sig.args[0].dtype.bitwidth // 8
-        last = builder.sub(context.make_array(sig.args[0])(context, builder, gv).nitems, i64(1))
-        has_ahead = builder.icmp_signed(">", ah, i64(0))
-
-        def before(at):  # (the lines of this iteration's values, ahead values on)
-            with builder.if_then(has_ahead):
-                for off in range(0, 2 * _LANES * size, _LINE_BYTES):
-                    k = builder.add(at, builder.add(ah, i64(off // size)))
-                    k = builder.select(builder.icmp_signed(">", k, last), last, k)
-                    for d in (gd, xd):
-                        _prefetch_at(builder, d, k)
+        before = _prefetcher(context, builder, sig.args[0], gv, (gd, xd), ah)
 
         vm = _splat(builder, m, _LANES)
         vk = (_splat(builder, k0, _LANES), _splat(builder, k1, _LANES))
@@ -1424,9 +1436,10 @@ def _ncs_sums(x, i0, i1, bmean, bm2):
     xf = x.reshape(-1)
     n = i0 // C
     c = i0 - n * C
+    ahead = _AHEAD_BYTES // x.itemsize
     for i in range(i0, i1):
         x0 = np.float64(_ld(x[0, c, 0]))  # the channel's shift (see module docstring)
-        s, q = _run_sums(xf, i * S, S, x0)
+        s, q = _run_sums(xf, i * S, S, x0, ahead)
         mb = s / S  # block mean - x0
         bmean[n, c] = mb
         bm2[n, c] = max(q - s * mb, 0.0)
