@@ -213,23 +213,20 @@ def _prefetch(typingctx, a, i):
         aryty = sig.args[0]
         ary = context.make_array(aryty)(context, builder, args[0])
         ptr = cgutils.get_item_pointer(context, builder, aryty, ary, [args[1]], wraparound=False)
-        i8p = ir.IntType(8).as_pointer()
-        i32 = ir.IntType(32)
-        fnty = ir.FunctionType(ir.VoidType(), [i8p, i32, i32, i32])
-        fn = cgutils.get_or_insert_function(builder.module, fnty, "llvm.prefetch.p0")
-        # (read, highest locality, data cache)
-        builder.call(fn, [builder.bitcast(ptr, i8p), i32(0), i32(3), i32(1)])
+        _prefetch_at(builder, ptr, ir.IntType(64)(0))
         return context.get_dummy_value()
 
     return types.void(a, i), codegen
 
 
 def _prefetch_at(builder, ptr_elem, index):
-    """``llvm.prefetch`` of ``ptr_elem[index]`` (as :func:`_prefetch`, in an intrinsic's code)."""
+    """``llvm.prefetch`` of ``ptr_elem[index]`` for reading, into all cache levels (the code of
+    :func:`_prefetch`, for intrinsics)."""
     i8p = ir.IntType(8).as_pointer()
     i32 = ir.IntType(32)
     fn = cgutils.get_or_insert_function(
         builder.module, ir.FunctionType(ir.VoidType(), [i8p, i32, i32, i32]), "llvm.prefetch.p0")
+    # (read, highest locality, data cache)
     builder.call(fn, [builder.bitcast(builder.gep(ptr_elem, [index]), i8p), i32(0), i32(3),
                       i32(1)])  # fmt: skip
 
@@ -498,11 +495,6 @@ def _sweep_sums(typingctx, xf, z, a, n, step, ahead, s1, s2):
               for j in range(_TILE // _LANES)]  # fmt: skip
         itemsize = sig.args[0].dtype.bitwidth // 8
         data = _data(context, builder, sig.args[0], xfv)
-        i8p = ir.IntType(8).as_pointer()
-        i32 = ir.IntType(32)
-        pf = cgutils.get_or_insert_function(
-            builder.module, ir.FunctionType(ir.VoidType(), [i8p, i32, i32, i32]),
-            "llvm.prefetch.p0")
 
         def body(prefetch):
             def run(k, acc1, acc2):
@@ -510,8 +502,7 @@ def _sweep_sums(typingctx, xf, z, a, n, step, ahead, s1, s2):
                 if prefetch:
                     for off in range(0, _TILE * itemsize, _LINE_BYTES):
                         at = builder.add(base, builder.add(aheadv, i64(off // itemsize)))
-                        builder.call(pf, [builder.bitcast(builder.gep(data, [at]), i8p),
-                                          i32(0), i32(3), i32(1)])  # fmt: skip
+                        _prefetch_at(builder, data, at)
                 for j in range(_TILE // _LANES):
                     v = _wide(builder, _lanes(context, builder, sig.args[0], xfv,
                                               builder.add(base, i64(j * _LANES))))  # fmt: skip
@@ -910,8 +901,7 @@ def _aligned_vectors(builder, out, start, n, vector, scalar):
     and 14x14 maps) is nearly every store. Narrower outputs (bfloat16: half a line per vector,
     split by half the misaligned stores) keep their vectors from ``start``: a head of up to 15
     single values, each rounded on its own, costs them more than the splits it saves."""
-    elem = out.type.pointee
-    if not isinstance(elem, ir.FloatType) or _LANES * 4 != _LINE:
+    if not isinstance(out.type.pointee, ir.FloatType):
         _vectors_then_rest(builder, start, n, vector, scalar)
         return
     i64 = ir.IntType(64)
