@@ -1131,6 +1131,35 @@ def test_one_thread_gives_the_values_of_two(shape, fmt, dtype):
         assert a.dtype == b.dtype and torch.equal(a, b)
 
 
+
+def test_spans_split_the_chunks_in_order():
+    """Each thread's span of the parallel loops' chunks: contiguous, in order, covering every
+    chunk once, lengths differing by at most one (the first ``K % T`` longer)."""
+    for chunks in range(1, 70):
+        for teams in range(1, min(chunks, 9) + 1):
+            spans = [_numba._span(chunks, teams, t) for t in range(teams)]
+            assert spans[0][0] == 0 and spans[-1][1] == chunks
+            assert all(a[1] == b[0] for a, b in zip(spans[:-1], spans[1:], strict=True))
+            lengths = [hi - lo for lo, hi in spans]
+            q, r = divmod(chunks, teams)
+            assert lengths == [q + (t < r) for t in range(teams)]
+
+
+def test_spans_follow_the_thread_count():
+    """The loops split their chunks into one span per thread Numba runs them on (read in the
+    compiled code, so it follows ``numba.set_num_threads`` and ``torch.set_num_threads``),
+    never more spans than chunks."""
+    import numba
+
+    before = numba.get_num_threads()
+    try:
+        for n in range(1, numba.config.NUMBA_NUM_THREADS + 1):
+            numba.set_num_threads(n)
+            assert _numba._teams(64) == n
+            assert _numba._teams(1) == 1
+    finally:
+        numba.set_num_threads(before)
+
 _KEEP_THREADS = """
 import torch, bnlab, numba
 torch.set_num_threads(1)

@@ -64,6 +64,11 @@ import numba
 import numpy as np
 from llvmlite import ir
 from numba import carray, njit, prange
+
+try:  # the thread count inside compiled code, as a call Numba's on-disk cache can keep
+    from numba.np.ufunc.parallel import _iget_num_threads as _num_threads
+except ImportError:  # pragma: no cover (a Numba without it: the same count, uncached loops)
+    from numba import get_num_threads as _num_threads
 from numba.core import cgutils, types
 from numba.extending import intrinsic, overload
 
@@ -274,8 +279,9 @@ def mc_rows_per_chunk(M: int, C: int) -> int:
 def use_serial(size: int) -> bool:
     """True when a call on ``size`` values runs its loops serially: at most ``SERIAL_MAX``
     values, too little work per thread to pay for a parallel region. (On one thread a parallel
-    region costs about a microsecond, a few percent of the work above that size; the thread
-    count is not read inside the loops, which keeps them in Numba's on-disk cache.)"""
+    region costs about a microsecond, a few percent of the work above that size. The choice
+    and the chunks do not depend on the thread count, so neither do the values; inside the
+    loops it only splits the chunks into spans, see :func:`_span`.)"""
     return size <= SERIAL_MAX
 
 
@@ -286,6 +292,30 @@ def _chunks(rows: int) -> tuple[int, int]:
     K = min(rows, _MAX_CHUNKS)
     R = (rows + K - 1) // K
     return R, (rows + R - 1) // R
+
+
+# Passes in order. A layer's second pass over its input (the normalize pass after the statistics;
+# the dx pass after the gradient sums) reads what the first has just read. Each thread takes a
+# contiguous span of the chunks (:func:`_span`, one parallel iteration per thread): the first
+# pass runs its span first to last, the second last to first, so it starts on the chunks the
+# first pass read last, still in that core's caches, instead of the chunks longest evicted. The
+# order changes no value: each chunk's sums go to its own slot, merged in chunk order.
+@njit(**_INLINE)
+def _teams(K):
+    """The number of spans the parallel loops split ``K`` chunks into: one per thread, at most
+    ``K``."""
+    return max(np.intp(1), min(np.intp(_num_threads()), np.intp(K)))
+
+
+@njit(**_INLINE)
+def _span(K, T, t):
+    """``(lo, hi)``: span ``t`` of ``T`` contiguous spans of chunks [0, K), the first
+    ``K % T`` one chunk longer."""
+    t = np.intp(t)  # (a parallel loop's index may be unsigned)
+    q = np.intp(K) // np.intp(T)
+    r = np.intp(K) - q * np.intp(T)
+    lo = t * q + min(t, r)
+    return lo, lo + q + (np.intp(1) if t < r else np.intp(0))
 
 
 # Channels-innermost loops read runs of rows ("tiles") as one flat vector, so the inner loop is
@@ -1692,49 +1722,68 @@ def _mc_normalize(x, t, relu, y, r0, r1, stream=False):
 def _ncs_sums_par(x, bmean, bm2):
     N, C, S = x.shape
     R, K = _chunks(N * C)
-    for k in prange(K):
-        _ncs_sums(x, k * R, min(N * C, (k + 1) * R), bmean, bm2)
+    T = _teams(K)
+    for t in prange(T):
+        lo, hi = _span(K, T, t)
+        for k in range(lo, hi):
+            _ncs_sums(x, k * R, min(N * C, (k + 1) * R), bmean, bm2)
 
 
 @njit(**_OPTS)
-def _ncs_normalize_par(x, coef, relu, y, stream=False):
+def _ncs_normalize_par(x, coef, relu, y, back, stream=False):
     N, C, S = x.shape
     R, K = _chunks(N * C)
-    for k in prange(K):
-        _ncs_normalize(x, coef, relu, y, k * R, min(N * C, (k + 1) * R), stream)
+    T = _teams(K)
+    for t in prange(T):
+        lo, hi = _span(K, T, t)
+        for j in range(hi - lo):
+            k = hi - 1 - j if back else lo + j
+            _ncs_normalize(x, coef, relu, y, k * R, min(N * C, (k + 1) * R), stream)
 
 
 @njit(**_OPTS)
 def _mc_sums_par(x, z, R, cmean, cm2):
     M = x.shape[0]
-    for k in prange(cmean.shape[0]):
-        _mc_sums(x, z, k * R, min(M, (k + 1) * R), cmean[k], cm2[k])
+    K = cmean.shape[0]
+    T = _teams(K)
+    for t in prange(T):
+        lo, hi = _span(K, T, t)
+        for k in range(lo, hi):
+            _mc_sums(x, z, k * R, min(M, (k + 1) * R), cmean[k], cm2[k])
 
 
 @njit(**_OPTS)
-def _mc_normalize_par(x, t, relu, y, R, stream=False):
+def _mc_normalize_par(x, t, relu, y, R, back, stream=False):
     M = x.shape[0]
-    for k in prange((M + R - 1) // R):
-        _mc_normalize(x, t, relu, y, k * R, min(M, (k + 1) * R), stream)
+    K = (M + R - 1) // R
+    T = _teams(K)
+    for i in prange(T):
+        lo, hi = _span(K, T, i)
+        for j in range(hi - lo):
+            k = hi - 1 - j if back else lo + j
+            _mc_normalize(x, t, relu, y, k * R, min(M, (k + 1) * R), stream)
 
 
 @njit(**_INLINE)
-def _ncs_norm(x, coef, relu, y, stream=False):
+def _ncs_norm(x, coef, relu, y, back, stream=False):
+    """The normalize pass on (N, C, S); ``back``: each thread's chunks last to first (after
+    the statistics pass, see :func:`_span`)."""
     N, C, S = x.shape
     if use_serial(x.size):
         _ncs_normalize(x, coef, relu, y, np.intp(0), N * C, stream)
     else:
-        _ncs_normalize_par(x, coef, relu, y, stream)
+        _ncs_normalize_par(x, coef, relu, y, back, stream)
 
 
 @njit(**_INLINE)
-def _mc_norm(x, coef, relu, y, stream=False):
+def _mc_norm(x, coef, relu, y, back, stream=False):
+    """:func:`_ncs_norm` on (M, C)."""
     M, C = x.shape
     t = _tile(coef, coef.dtype)
     if use_serial(x.size):
         _mc_normalize(x, t, relu, y, np.intp(0), M, stream)
     else:
-        _mc_normalize_par(x, t, relu, y, mc_rows_per_chunk(M, C), stream)
+        _mc_normalize_par(x, t, relu, y, mc_rows_per_chunk(M, C), back, stream)
 
 
 @njit(**_INLINE)
@@ -1756,7 +1805,7 @@ def train_fwd_ncs(x, w, b, has_w, has_b, eps, relu, y, stats, stream=False):
     var = np.empty(C, np.float64)
     _merge(x0, bmean, bm2, np.full(N, np.float64(S)), mean, var)
     _finish_stats(mean, var, w, b, has_w, has_b, eps, stats)
-    _ncs_norm(x, stats[3:5], relu, y, stream)
+    _ncs_norm(x, stats[3:5], relu, y, True, stream)
 
 
 @njit(**_INLINE)
@@ -1784,7 +1833,7 @@ def train_fwd_mc(x, w, b, has_w, has_b, eps, relu, y, stats, stream=False):
     var = np.empty(C, np.float64)
     _merge(x0, cmean, cm2, counts, mean, var)
     _finish_stats(mean, var, w, b, has_w, has_b, eps, stats)
-    _mc_norm(x, stats[3:5], relu, y, stream)
+    _mc_norm(x, stats[3:5], relu, y, True, stream)
 
 
 @njit(**_SERIAL)
@@ -1832,14 +1881,14 @@ def _eval_coef(rm, rv, w, b, has_w, has_b, eps, stats):
 def eval_fwd_ncs(x, rm, rv, w, b, has_w, has_b, eps, relu, y, stats, stream=False):
     """Inference forward on (N, C, S) with population statistics (Algorithm 2)."""
     _eval_coef(rm, rv, w, b, has_w, has_b, eps, stats)
-    _ncs_norm(x, stats[1:3], relu, y, stream)
+    _ncs_norm(x, stats[1:3], relu, y, False, stream)
 
 
 @njit(**_INLINE)
 def eval_fwd_mc(x, rm, rv, w, b, has_w, has_b, eps, relu, y, stats, stream=False):
     """Inference forward on (M, C) with population statistics (Algorithm 2)."""
     _eval_coef(rm, rv, w, b, has_w, has_b, eps, stats)
-    _mc_norm(x, stats[1:3], relu, y, stream)
+    _mc_norm(x, stats[1:3], relu, y, False, stream)
 
 
 @njit(**_SERIAL)
@@ -1853,10 +1902,10 @@ def eval_fwd_at(xp, yp, rows, C, S, rm, rv, w, b, has_w, has_b, eps, relu, stats
     _eval_coef(rm, rv, w, b, has_w, has_b, eps, stats)
     if S > 1:
         _ncs_norm(carray(_at(xp, like), (rows, C, S)), stats[1:3], relu,
-                  carray(_at(yp, like), (rows, C, S)), stream)  # fmt: skip
+                  carray(_at(yp, like), (rows, C, S)), False, stream)  # fmt: skip
     else:
         _mc_norm(carray(_at(xp, like), (rows, C)), stats[1:3], relu,
-                 carray(_at(yp, like), (rows, C)), stream)  # fmt: skip
+                 carray(_at(yp, like), (rows, C)), False, stream)  # fmt: skip
 
 
 # ----------------------------------------------------------------------------------- backward
@@ -2111,30 +2160,47 @@ def _mc_dx(dy, x, m, relu, t, floor, dx, r0, r1, stream=False):
 def _ncs_gsums_par(dy, x, m, relu, mean, k, floor, p1, p2):
     N, C, S = x.shape
     R, K = _chunks(N * C)
-    for j in prange(K):
-        _ncs_gsums(dy, x, m, relu, mean, k, floor, j * R, min(N * C, (j + 1) * R), p1, p2)
+    T = _teams(K)
+    for t in prange(T):
+        lo, hi = _span(K, T, t)
+        for j in range(lo, hi):
+            _ncs_gsums(dy, x, m, relu, mean, k, floor, j * R, min(N * C, (j + 1) * R), p1, p2)
 
 
 @njit(**_OPTS)
 def _mc_gsums_par(dy, x, m, relu, u, floor, R, p1, p2):
     M = x.shape[0]
-    for k in prange(p1.shape[0]):
-        _mc_gsums(dy, x, m, relu, u, floor, k * R, min(M, (k + 1) * R), p1[k], p2[k])
+    K = p1.shape[0]
+    T = _teams(K)
+    for t in prange(T):
+        lo, hi = _span(K, T, t)
+        for k in range(lo, hi):
+            _mc_gsums(dy, x, m, relu, u, floor, k * R, min(M, (k + 1) * R), p1[k], p2[k])
 
 
+# (the dx passes follow the gradient sums: each thread's chunks last to first, see _span)
 @njit(**_OPTS)
 def _ncs_dx_par(dy, x, m, relu, coef, floor, dx, stream=False):
     N, C, S = x.shape
     R, K = _chunks(N * C)
-    for k in prange(K):
-        _ncs_dx(dy, x, m, relu, coef, floor, dx, k * R, min(N * C, (k + 1) * R), stream)
+    T = _teams(K)
+    for t in prange(T):
+        lo, hi = _span(K, T, t)
+        for j in range(hi - lo):
+            k = hi - 1 - j
+            _ncs_dx(dy, x, m, relu, coef, floor, dx, k * R, min(N * C, (k + 1) * R), stream)
 
 
 @njit(**_OPTS)
 def _mc_dx_par(dy, x, m, relu, t, floor, dx, R, stream=False):
     M = x.shape[0]
-    for k in prange((M + R - 1) // R):
-        _mc_dx(dy, x, m, relu, t, floor, dx, k * R, min(M, (k + 1) * R), stream)
+    K = (M + R - 1) // R
+    T = _teams(K)
+    for i in prange(T):
+        lo, hi = _span(K, T, i)
+        for j in range(hi - lo):
+            k = hi - 1 - j
+            _mc_dx(dy, x, m, relu, t, floor, dx, k * R, min(M, (k + 1) * R), stream)
 
 
 @njit(**_SERIAL)
