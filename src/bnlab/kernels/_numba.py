@@ -299,7 +299,10 @@ def _chunks(rows: int) -> tuple[int, int]:
 # contiguous span of the chunks (:func:`_span`, one parallel iteration per thread): the first
 # pass runs its span first to last, the second last to first, so it starts on the chunks the
 # first pass read last, still in that core's caches, instead of the chunks longest evicted. The
-# order changes no value: each chunk's sums go to its own slot, merged in chunk order.
+# order changes no value: each chunk's sums go to its own slot, merged in chunk order. A pass
+# with no pass before it in the call (inference) runs its chunks in order: run backwards, each
+# chunk starts a new stream for the hardware prefetchers, with nothing in the caches to make up
+# for it (measured slower, docs/kernels.md).
 @njit(**_INLINE)
 def _teams(K):
     """The number of spans the parallel loops split ``K`` chunks into: one per thread, at most
