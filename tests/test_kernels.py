@@ -1131,7 +1131,6 @@ def test_one_thread_gives_the_values_of_two(shape, fmt, dtype):
         assert a.dtype == b.dtype and torch.equal(a, b)
 
 
-
 def test_spans_split_the_chunks_in_order():
     """Each thread's span of the parallel loops' chunks: contiguous, in order, covering every
     chunk once, lengths differing by at most one (the first ``K % T`` longer)."""
@@ -1146,9 +1145,9 @@ def test_spans_split_the_chunks_in_order():
 
 
 def test_spans_follow_the_thread_count():
-    """The loops split their chunks into one span per thread Numba runs them on (read in the
-    compiled code, so it follows ``numba.set_num_threads`` and ``torch.set_num_threads``),
-    never more spans than chunks."""
+    """The loops split their chunks into one span per thread Numba runs them on, read in the
+    compiled code (so it follows ``numba.set_num_threads``, which the kernels set from torch's
+    thread count), never more spans than chunks."""
     import numba
 
     before = numba.get_num_threads()
@@ -1159,6 +1158,7 @@ def test_spans_follow_the_thread_count():
             assert _numba._teams(1) == 1
     finally:
         numba.set_num_threads(before)
+
 
 _KEEP_THREADS = """
 import torch, bnlab, numba
