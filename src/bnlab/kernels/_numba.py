@@ -1737,10 +1737,11 @@ def _ncs_normalize_par(x, coef, relu, y, back, stream=False):
     N, C, S = x.shape
     R, K = _chunks(N * C)
     T = _teams(K)
+    s = np.intp(1) if back else np.intp(0)  # (arithmetic: no branch to unswitch)
     for t in prange(T):
         lo, hi = _span(K, T, t)
         for j in range(hi - lo):
-            k = hi - 1 - j if back else lo + j
+            k = lo + j + s * (hi - 1 - lo - 2 * j)  # (back: hi - 1 - j)
             _ncs_normalize(x, coef, relu, y, k * R, min(N * C, (k + 1) * R), stream)
 
 
@@ -1760,10 +1761,11 @@ def _mc_normalize_par(x, t, relu, y, R, back, stream=False):
     M = x.shape[0]
     K = (M + R - 1) // R
     T = _teams(K)
+    s = np.intp(1) if back else np.intp(0)  # (arithmetic: no branch to unswitch)
     for i in prange(T):
         lo, hi = _span(K, T, i)
         for j in range(hi - lo):
-            k = hi - 1 - j if back else lo + j
+            k = lo + j + s * (hi - 1 - lo - 2 * j)  # (back: hi - 1 - j)
             _mc_normalize(x, t, relu, y, k * R, min(M, (k + 1) * R), stream)
 
 
