@@ -321,6 +321,14 @@ def _span(K, T, t):
     return lo, lo + q + (np.intp(1) if t < r else np.intp(0))
 
 
+@njit(**_INLINE)
+def _nth(lo, hi, j, back):
+    """The ``j``-th chunk a thread runs of its span [lo, hi): in order for ``back`` 0, last to
+    first for 1 (an integer, and arithmetic rather than a branch: LLVM unswitched a branch on it
+    and compiled the loop's body twice)."""
+    return lo + j + back * (hi - 1 - lo - 2 * j)
+
+
 # Channels-innermost loops read runs of rows ("tiles") as one flat vector, so the inner loop is
 # long enough to vectorize well whatever C is (a 16-channel float32 row alone is one SIMD
 # register), with per-channel values tiled to the same length. A tile is short: reductions keep
@@ -1737,11 +1745,11 @@ def _ncs_normalize_par(x, coef, relu, y, back, stream=False):
     N, C, S = x.shape
     R, K = _chunks(N * C)
     T = _teams(K)
-    s = np.intp(1) if back else np.intp(0)  # (arithmetic: no branch to unswitch)
+    s = np.intp(back)
     for t in prange(T):
         lo, hi = _span(K, T, t)
         for j in range(hi - lo):
-            k = lo + j + s * (hi - 1 - lo - 2 * j)  # (back: hi - 1 - j)
+            k = _nth(lo, hi, j, s)
             _ncs_normalize(x, coef, relu, y, k * R, min(N * C, (k + 1) * R), stream)
 
 
@@ -1761,11 +1769,11 @@ def _mc_normalize_par(x, t, relu, y, R, back, stream=False):
     M = x.shape[0]
     K = (M + R - 1) // R
     T = _teams(K)
-    s = np.intp(1) if back else np.intp(0)  # (arithmetic: no branch to unswitch)
+    s = np.intp(back)
     for i in prange(T):
         lo, hi = _span(K, T, i)
         for j in range(hi - lo):
-            k = lo + j + s * (hi - 1 - lo - 2 * j)  # (back: hi - 1 - j)
+            k = _nth(lo, hi, j, s)
             _mc_normalize(x, t, relu, y, k * R, min(M, (k + 1) * R), stream)
 
 
@@ -2192,7 +2200,7 @@ def _ncs_dx_par(dy, x, m, relu, coef, floor, dx, stream=False):
     for t in prange(T):
         lo, hi = _span(K, T, t)
         for j in range(hi - lo):
-            k = hi - 1 - j
+            k = _nth(lo, hi, j, np.intp(1))
             _ncs_dx(dy, x, m, relu, coef, floor, dx, k * R, min(N * C, (k + 1) * R), stream)
 
 
@@ -2204,7 +2212,7 @@ def _mc_dx_par(dy, x, m, relu, t, floor, dx, R, stream=False):
     for i in prange(T):
         lo, hi = _span(K, T, i)
         for j in range(hi - lo):
-            k = hi - 1 - j
+            k = _nth(lo, hi, j, np.intp(1))
             _mc_dx(dy, x, m, relu, t, floor, dx, k * R, min(M, (k + 1) * R), stream)
 
 
