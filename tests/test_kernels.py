@@ -991,6 +991,60 @@ def test_streamed_outputs_hold_the_same_values(shape, fmt, dtype, monkeypatch):
         torch.testing.assert_close(streamed, usual, rtol=0, atol=atol)
 
 
+def test_a_planned_inference_call_plans_again_on_every_change():
+    """eval_forward_fast with a cache keeps the whole plan of a call (its compiled loop and
+    arguments): the same call again takes the same plan; a call that differs in x's shape,
+    strides, dtype or sign bit, in eps or relu, or in a statistic or parameter's address, size,
+    strides, dtype or sign bit plans again (or is refused, as without a cache); and every call
+    gives exactly the output of the same call without a cache. Values changed in place are
+    read through the plan."""
+    g = torch.Generator().manual_seed(3)
+    c = 6
+    rm, w, b = (torch.randn(c, generator=g) for _ in range(3))
+    rv = torch.rand(c, generator=g) + 0.5
+    x = torch.randn(4, c, 5, 3, generator=g) * 2 + 1
+    views = K.new_views()
+
+    def call(x=x, rm=rm, rv=rv, w=w, b=b, eps=1e-5, relu=False):
+        y = K.eval_forward_fast(x, rm, rv, w, b, eps, relu, views)
+        want = K.eval_forward_fast(x, rm, rv, w, b, eps, relu)
+        if want is None:
+            assert y is None
+            return None
+        assert torch.equal(y, want) and y.stride() == want.stride()
+        return views[2]
+
+    plan = call(x)
+    assert plan is not None and call(x) is plan
+    with torch.no_grad():
+        w.mul_(3)
+        rv.add_(1)
+    assert call(x) is plan  # (read through the plan's views)
+    torch.testing.assert_close(
+        K.eval_forward_fast(x, rm, rv, w, b, 1e-5, False, views),
+        torch.nn.functional.batch_norm(x, rm, rv, w, b, False, 0.0, 1e-5),
+    )
+    changed = [
+        dict(x=x[:3]), dict(x=x.contiguous(memory_format=torch.channels_last)),
+        dict(x=x.transpose(2, 3)), dict(x=torch._neg_view(x)), dict(x=x.double()),
+        dict(x=x.double(), rm=rm.double(), rv=rv.double(), w=w.double(), b=b.double()),
+        dict(x=x.bfloat16()), dict(eps=1e-3), dict(relu=True),
+        dict(w=w.clone()), dict(b=torch._neg_view(b)), dict(rm=rm.as_strided((c,), (0,))),
+        dict(rv=rv[:5]), dict(w=w.double()), dict(x=x.to("meta")),
+    ]  # fmt: skip
+    planned = 0
+    for change in changed:
+        new = call(**change)
+        if new is None:  # (refused, with or without a cache: the plan kept)
+            assert views[2] is plan and call(x) is plan, change
+            continue
+        planned += 1
+        assert new is not plan, change
+        plan = call(x)  # (back to the first call: planned again)
+        assert plan is not new
+    assert planned == 7
+
+
 def test_warm_up_compiles_every_kernel():
     """warm_up() compiles (or loads) the kernels a layer can reach, so that processes started
     after it (distributed ranks) do not compile them concurrently: each public kernel then has
@@ -1070,6 +1124,14 @@ def test_kernels_follow_torch_set_num_threads():
         torch.set_num_threads(pool + 3)  # more than Numba's pool: capped at the pool
         got = _numba_threads_after(lambda: K.batch_norm_eval_forward(x, w, w, w, w, 1e-5))
         assert got == pool
+        # the planned inference call (its compiled loop kept with the plan) as well
+        views = K.new_views()
+        for n in (1, min(2, pool), 1):
+            torch.set_num_threads(n)
+            got = _numba_threads_after(
+                lambda: K.eval_forward_fast(x, w, w, w, w, 1e-5, False, views)
+            )
+            assert got == n and views[2] is not None
         # Numba's count is per Python thread: a new thread's first kernel call sets its own
         torch.set_num_threads(1)
         seen = []

@@ -700,10 +700,12 @@ def test_weight_and_bias_of_c_values_in_any_shape(family, train, fmt, act, backe
 @pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])
 def test_short_paths_see_a_parameter_reshaped_in_its_own_storage(train, backend):
     """A statistic or parameter given a view of its own storage at the same address (its first
-    values, or a negative view of them): the short paths' cached views of the memory must not
-    stand in for it. Torch's answer each time: an error for a parameter of the wrong size, the
-    output and running statistics for a negative view (of a parameter or the mean; the running
-    mean updated as its values, where torch updates the memory under the view)."""
+    values, a negative view of them, or its first value repeated by a zero stride): the short
+    paths' cached views of the memory must not stand in for it. Torch's answer each time: an
+    error for a parameter of the wrong size, the output and running statistics for a negative
+    view (of a parameter or the mean; the running mean updated as its values, where torch
+    updates the memory under the view) and for a repeated value (a running statistic only at
+    inference, which writes none)."""
     shape = (4, 8, 5, 6)
     for name in ("weight", "bias", "running_mean", "running_var"):
         ours, ref = make_pair(shape)
@@ -741,6 +743,19 @@ def test_short_paths_see_a_parameter_reshaped_in_its_own_storage(train, backend)
                 torch.testing.assert_close(ours.running_mean, want, **tol(x.dtype))
             else:
                 torch.testing.assert_close(ours.running_mean, ref.running_mean, **tol(x.dtype))
+        if train and name.startswith("running"):
+            continue
+        ours, ref = make_pair(shape)
+        _random_state(ours, ref)
+        ours.train(train), ref.train(train)
+        with torch.no_grad():
+            ours(x), ref(x)
+            for layer in (ours, ref):
+                t = getattr(layer, name)
+                t.data = t.data.as_strided((8,), (0,))  # (same address, size and dtype)
+            torch.testing.assert_close(ours(x), ref(x), **tol(x.dtype))
+            torch.testing.assert_close(ours.running_mean, ref.running_mean, **tol(x.dtype))
+            torch.testing.assert_close(ours.running_var, ref.running_var, **tol(x.dtype))
 
 
 def test_short_inference_path_reads_every_dense_layout(backend):

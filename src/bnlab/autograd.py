@@ -513,7 +513,8 @@ _FUNCTION_VIEWS_MAX = 256  # (a model of up to 256 BN layers calling the functio
 def _function_views(
     running_mean: Tensor, running_var: Tensor, weight: Tensor | None, bias: Tensor | None
 ) -> list:
-    """The view cache (a two-slot list, as a layer's) of one set of the function's tensors."""
+    """The view cache (:func:`bnlab.kernels.new_views`, as a layer keeps) of one set of the
+    function's tensors."""
     key = (id(running_mean), id(running_var), id(weight), id(bias))
     views = _FUNCTION_VIEWS.get(key)
     if views is None:
@@ -522,7 +523,7 @@ def _function_views(
                 del _FUNCTION_VIEWS[next(iter(_FUNCTION_VIEWS))]
             except (KeyError, StopIteration, RuntimeError):  # (another thread got there)
                 break
-        views = _FUNCTION_VIEWS[key] = [None, None]
+        views = _FUNCTION_VIEWS[key] = K.new_views()
     return views
 
 

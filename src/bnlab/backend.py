@@ -248,6 +248,9 @@ def eval_fast(
     return K.eval_forward_fast(x, running_mean, running_var, weight, bias, eps, relu, views)
 
 
+new_views = K.new_views  # (the cache the lean calls keep between calls)
+
+
 def lean_plan(
     x: Tensor,
     weight: Tensor | None,

@@ -543,6 +543,23 @@ def _fast_vec(t: Tensor, dt: torch.dtype, c: int):
     return t.detach().numpy()  # (TypeError for a tensor off the CPU: the caller's fallback)
 
 
+def _state_key(running_mean, running_var, weight, bias, count=None) -> tuple:
+    """What the cached numpy views of these tensors depend on (:func:`_fast_params`): each
+    one's address, shape, strides, dtype and sign bit, flat (an absent one as None). A cached
+    view holds its tensor's storage (its base is a detached alias of it), so no other storage
+    can start at the same address while it is cached: an equal key means the same memory read
+    the same way, whatever was assigned since (a new tensor, ``.data``, ``.to()``, another
+    view of the same memory), and values changed in place are read through the views."""
+    rm, rv = running_mean, running_var
+    key = (
+        rm.data_ptr(), rm.shape, rm.stride(), rm.dtype, rm.is_neg(),
+        rv.data_ptr(), rv.shape, rv.stride(), rv.dtype, rv.is_neg(),
+    )  # fmt: skip
+    for t in (weight, bias, count):
+        key += (None,) if t is None else (t.data_ptr(), t.shape, t.stride(), t.dtype, t.is_neg())
+    return key
+
+
 def _fast_params(dt, c, running_mean, running_var, weight, bias, views, count=None, slot=0):
     """numpy views ``(rm, rv, w, b)`` of the statistics and parameters (placeholders for absent
     ones), and of ``count`` (``num_batches_tracked``, a 0-d int64 CPU tensor) as a fifth when
@@ -550,37 +567,15 @@ def _fast_params(dt, c, running_mean, running_var, weight, bias, views, count=No
     not a contiguous (c,) CPU tensor of dtype ``dt`` (or ``count`` not such a counter).
 
     ``views`` (a list whose item ``slot`` holds ``(key, arrays)`` or None, which its caller
-    keeps; or None) caches them between calls: making a numpy view of a tensor is most of a
-    small call's cost. The item is replaced whole, so threads sharing a layer never pair a key
-    with another key's views. A cached view holds its
-    tensor's storage (its base is a detached alias of it), so no other storage can start at
-    the same address while it is cached: the same data pointers, sizes, sign bits and dtypes
-    mean the same memory read the same way, whatever was assigned since (a new tensor,
-    ``.data``, ``.to()``, a view of the same memory), and values changed in place are read
-    through the views."""
-    if (
-        running_mean.dtype != dt
-        or running_var.dtype != dt
-        or (weight is not None and weight.dtype != dt)
-        or (bias is not None and bias.dtype != dt)
-        or (count is not None and (count.dtype != torch.int64 or count.dim() != 0))
-    ):
-        return None
-    key = (
-        c,
-        running_mean.data_ptr(),
-        running_mean.nbytes,
-        running_mean.is_neg(),
-        running_var.data_ptr(),
-        running_var.nbytes,
-        running_var.is_neg(),
-        0 if weight is None else (weight.data_ptr(), weight.nbytes, weight.is_neg()),
-        0 if bias is None else (bias.data_ptr(), bias.nbytes, bias.is_neg()),
-        0 if count is None else count.data_ptr(),
-    )
+    keeps; or None) caches them between calls, found by :func:`_state_key`: making a numpy
+    view of a tensor is most of a small call's cost. The item is replaced whole, so threads
+    sharing a layer never pair a key with another key's views."""
+    key = (dt, c, *_state_key(running_mean, running_var, weight, bias, count))
     cached = None if views is None else views[slot]
     if cached is not None and cached[0] == key:
         return cached[1]
+    if count is not None and (count.dtype != torch.int64 or count.dim() != 0 or count.is_neg()):
+        return None
     arrays = (
         _fast_vec(running_mean, dt, c),
         _fast_vec(running_var, dt, c),
@@ -594,6 +589,33 @@ def _fast_params(dt, c, running_mean, running_var, weight, bias, views, count=No
     if views is not None:
         views[slot] = (key, arrays)
     return arrays
+
+
+# The slots of a caller's ``views`` list (a layer's, or the function's for one set of tensors):
+# the parameters' views for an inference call and for a training call (:func:`_fast_params`),
+# and the whole plan of a common inference call (:func:`eval_forward_fast`).
+VIEW_SLOTS = 3
+_EVAL_PLAN = 2
+
+
+def new_views() -> list:
+    """An empty cache for the lean calls' ``views`` argument."""
+    return [None] * VIEW_SLOTS
+
+
+def _entry(dispatcher, args):
+    """The compiled function Numba's ``dispatcher`` runs for ``args``: its overload's entry
+    point, which converts each argument to the overload's type without the dispatcher's
+    resolution of the types and choice of the overload (compiled, or loaded from the cache, if
+    it is not yet); or the dispatcher itself where Numba does not give one. Every call of it
+    must pass arguments of exactly these types (the caller keeps them in its plan, adding only
+    Python ints where ints were given)."""
+    import numba
+
+    try:
+        return dispatcher.compile(tuple(numba.typeof(a) for a in args))
+    except Exception:  # (any reason at all: the dispatcher takes the call as it always can)
+        return dispatcher
 
 
 def eval_forward_fast(
@@ -613,24 +635,56 @@ def eval_forward_fast(
     of :mod:`bnlab.backend`, which reads bfloat16 as it is). Returns y, or None for
     any other call, which the general path then takes with its checks and errors (nothing here
     raises for a call it does not take, and nothing here changes any state but ``views``, a
-    cache of the parameters' numpy views the caller keeps, see :func:`_fast_params`).
+    cache the caller keeps, see :func:`new_views`).
 
     An inference layer runs between other layers, which leave the caches full of their own
     data and code: there every step of the Python path costs many times what it costs in a
     loop of calls, so the common call takes as few as possible. x and y go to the loop as
-    addresses (:func:`bnlab.kernels._numba.eval_fwd_at`), checked here to be dense in the
-    loop's layout: y is made in that layout (:func:`_output_like`), and both stay referenced
-    for the call."""
-    plan = _lean_plan(x, running_mean, running_var, weight, bias, views, None, 0)
+    addresses (:func:`bnlab.kernels._numba.eval_fwd_at`), checked to be dense in the loop's
+    layout: y is made in that layout (:func:`_output_like`), and both stay referenced for the
+    call. With ``views``, the whole call is planned once (the layout, the parameters' views, the
+    loop's other arguments and its compiled entry point) and kept in ``views``, found again by
+    x's shape, strides, dtype, device and sign bit, ``eps``, ``relu`` and the tensors'
+    :func:`_state_key`: a call that differs in any of them plans again."""
+    if views is None:
+        plan = _eval_plan(x, running_mean, running_var, weight, bias, eps, relu, None, None)
+    else:
+        try:  # (a tensor without memory, say: the general path says what it is)
+            key = (x.shape, x.stride(), x.dtype, x.is_cpu, x.is_neg(), eps, relu,
+                   *_state_key(running_mean, running_var, weight, bias))  # fmt: skip
+        except RuntimeError:
+            return None
+        plan = views[_EVAL_PLAN]
+        if plan is None or plan[0] != key:
+            plan = _eval_plan(x, running_mean, running_var, weight, bias, eps, relu, key, views)
     if plan is None:
         return None
-    rows, c, s, p, dt, n, _, fmt = plan
-    y = _output_like(x, n, fmt)  # (x's layout: x is dense)
-    compiled().eval_fwd_at(
-        x.data_ptr(), y.data_ptr(), rows, c, s, p[0], p[1], p[2], p[3], weight is not None,
-        bias is not None, float(eps), bool(relu), _NO_STATS[dt], _NONE[dt], _streams_bytes(n),
-    )  # fmt: skip
+    _, run, args, fmt, n = plan
+    compiled()  # (the thread count follows torch's)
+    y = torch.empty_like(x) if fmt is None else torch.empty_like(x, memory_format=fmt)
+    if n >= _HugePages.MIN_BYTES:
+        _advised(y, n)
+    run(x.data_ptr(), y.data_ptr(), *args)
     return y
+
+
+def _eval_plan(x, running_mean, running_var, weight, bias, eps, relu, key, views):
+    """The plan of :func:`eval_forward_fast` (``(key, run, args, fmt, nbytes)``: the loop's
+    entry point and its arguments after the two addresses, the output's memory format and size
+    in bytes), kept in ``views`` when given; or None for a call it does not take."""
+    lean = _lean_plan(x, running_mean, running_var, weight, bias, views, None, 0)
+    if lean is None:
+        return None
+    rows, c, s, p, dt, n, _, fmt = lean
+    args = (
+        rows, c, s, p[0], p[1], p[2], p[3], weight is not None, bias is not None, float(eps),
+        bool(relu), _NO_STATS[dt], _NONE[dt], _streams_bytes(n),
+    )  # fmt: skip
+    run = compiled().eval_fwd_at
+    if views is not None:
+        run = _entry(run, (0, 0, *args))  # (addresses are ints)
+        views[_EVAL_PLAN] = (key, run, args, fmt, n)
+    return key, run, args, fmt, n
 
 
 def _lean_plan(x, running_mean, running_var, weight, bias, views, count, slot):

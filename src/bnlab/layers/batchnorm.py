@@ -69,6 +69,8 @@ from ..errors import ChannelCountError, InputDtypeError, NotATensorError
 from ..functional import check_momentum, is_real_number
 from ..ops import EAGER, check_batch, non_finite_message, route
 
+_grad_enabled = torch.is_grad_enabled
+
 __all__ = [
     "BatchNorm1d",
     "BatchNorm2d",
@@ -114,7 +116,7 @@ class _BatchNorm(nn.modules.batchnorm._BatchNorm):
     # (TorchScript reads instance attributes), so every construction path starts unfrozen with
     # running averages from training.
     frozen = False  # freeze(): population statistics in train and eval, no updates
-    _fast_views = None  # numpy views of the statistics and parameters (eval, train), made on use
+    _fast_views = None  # the short paths' cache (views, a plan: bnlab.kernels.new_views), on use
     population_estimator = None  # recompute_population_stats(): "unbiased"/"biased"
 
     def __init__(
@@ -340,30 +342,34 @@ class _BatchNorm(nn.modules.batchnorm._BatchNorm):
         if type(x) is not Tensor or route(x) != EAGER:
             return None
         shape = x.shape  # (one call into torch for the rank and the channels)
-        if len(shape) not in self._valid_ranks:
+        if len(shape) not in self._valid_ranks or shape[1] != self.num_features:
             return None
-        state = self._lean_state()
-        if state is None:
+        p, b = self._parameters, self._buffers  # (as _lean_state reads them, in place here)
+        try:
+            weight, bias = p["weight"], p["bias"]
+            running_mean, running_var = b["running_mean"], b["running_var"]
+        except KeyError:
             return None
-        weight, bias, running_mean, running_var, _ = state
-        act = self.activation
-        if shape[1] != self.num_features or not self.eps >= 0 or act not in (None, "relu"):
+        eps, act = self.eps, self.activation
+        if running_mean is None or running_var is None or not eps >= 0:
             return None
-        if running_mean is None or running_var is None:
+        if act is not None and act != "relu":
             return None
         views = self._fast_views
         if views is None:
-            views = self._fast_views = [None, None]
-        if _needs_graph(x, weight, bias):
+            views = self._fast_views = B.new_views()
+        if _grad_enabled() and (  # (_needs_graph, in place here)
+            x.requires_grad
+            or (weight is not None and weight.requires_grad)
+            or (bias is not None and bias.requires_grad)
+        ):
             plan = B.lean_plan(x, weight, bias, running_mean, running_var, None, views)
             if plan is None:
                 return None
             return batch_norm_eval_lean(
-                x, running_mean, running_var, weight, bias, plan, self.eps, act is not None
+                x, running_mean, running_var, weight, bias, plan, eps, act is not None
             )
-        return B.eval_fast(
-            x, running_mean, running_var, weight, bias, self.eps, act is not None, views
-        )
+        return B.eval_fast(x, running_mean, running_var, weight, bias, eps, act is not None, views)
 
     @torch.jit.unused
     def _own_statistics(self) -> bool:
@@ -408,7 +414,7 @@ class _BatchNorm(nn.modules.batchnorm._BatchNorm):
             return None
         views = self._fast_views
         if views is None:
-            views = self._fast_views = [None, None]
+            views = self._fast_views = B.new_views()
         plan = B.lean_plan(x, weight, bias, running_mean, running_var, count, views)
         if plan is None:
             return None
@@ -450,8 +456,9 @@ class _BatchNorm(nn.modules.batchnorm._BatchNorm):
         return rows_to_sequence(y, n, length)
 
     def __getstate__(self) -> dict[str, Any]:
-        """The module's state without the cache of numpy views (:meth:`_eval_fast`): pickles
-        and deep copies carry only tensors, and a copy makes its own views."""
+        """The module's state without the short paths' cache (numpy views and a plan,
+        :meth:`_eval_fast`): pickles and deep copies carry only tensors, and a copy makes its
+        own."""
         state = super().__getstate__()
         state.pop("_fast_views", None)
         return state
