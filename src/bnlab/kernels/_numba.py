@@ -71,6 +71,7 @@ except ImportError:  # pragma: no cover (a Numba without it: the same count, unc
     from numba import get_num_threads as _num_threads
 from numba.core import cgutils, types
 from numba.extending import intrinsic, overload
+from numba.np.arrayobj import populate_array
 
 __all__ = [
     "train_fwd_ncs",
@@ -246,6 +247,26 @@ def _at(typingctx, address, like):
 
     def codegen(context, builder, sig, args):
         return builder.inttoptr(args[0], context.get_value_type(sig.return_type))
+
+    return sig, codegen
+
+
+@intrinsic
+def _flat(typingctx, a):
+    """The values of the C-contiguous array ``a`` as a 1-d array, borrowed (no reference of its
+    own: valid while ``a`` is, as the loops use it inside one call). ``a.reshape(-1)`` is the
+    same array but calls into Numba's helper library to check the strides, a call the chunked
+    passes made for each array of each chunk (measured in docs/kernels.md)."""
+    if not isinstance(a, types.Array) or a.layout != "C":
+        return None
+    sig = types.Array(a.dtype, 1, "C")(a)
+
+    def codegen(context, builder, sig, args):
+        src = context.make_array(sig.args[0])(context, builder, args[0])
+        out = context.make_array(sig.return_type)(context, builder)
+        populate_array(out, data=src.data, shape=[src.nitems], strides=[src.itemsize],
+                       itemsize=src.itemsize, meminfo=None)  # fmt: skip
+        return out._getvalue()
 
     return sig, codegen
 
@@ -1464,7 +1485,7 @@ def _ncs_sums(x, i0, i1, bmean, bm2):
     row's sum of squared deviations (one pass, see module docstring; a row's sums by
     :func:`_run_sums`)."""
     N, C, S = x.shape
-    xf = x.reshape(-1)
+    xf = _flat(x)
     n = i0 // C
     c = i0 - n * C
     ahead = _AHEAD_BYTES // x.itemsize
@@ -1511,16 +1532,16 @@ def _ncs_normalize(x, coef, relu, y, i0, i1, stream=False):
     ``stream``: y's whole lines stored non-temporally (see above)."""
     N, C, S = x.shape
     if stream:
-        xf = x.reshape(-1)
-        yf = y.reshape(-1)
+        xf = _flat(x)
+        yf = _flat(y)
         for i in range(i0, i1):
             c = i % C
             _stream_run(xf, yf, i * S, S, coef[0, c], coef[1, c], relu)
         _sfence()
         return
     if x.itemsize <= 4:  # float32, bfloat16: a vector at a time (float64: LLVM's loop as fast)
-        xf = x.reshape(-1)
-        yf = y.reshape(-1)
+        xf = _flat(x)
+        yf = _flat(y)
         c = i0 % C
         for i in range(i0, i1):
             _affine_run(xf, yf, i * S, S, coef[0, c], coef[1, c], relu)
@@ -1608,7 +1629,7 @@ def _tile_sums(x, z, r0, r1, s1, s2):
     with P accumulators (in registers when P is ``_TILE``: :func:`_sweep_sums`); ``z`` is x0
     tiled (:func:`_tile`)."""
     C = x.shape[1]
-    xf = x.reshape(-1)
+    xf = _flat(x)
     r = _tile_rows(C)
     P = r * C
     s1t = np.zeros(P, np.float64)
@@ -1701,8 +1722,8 @@ def _mc_normalize(x, t, relu, y, r0, r1, stream=False):
     ``_tile_rows(C)`` rows; ``t`` holds the coefficients tiled alike (:func:`_tile`).
     ``stream``: stored non-temporally where every row starts on a line."""
     C = x.shape[1]
-    xf = x.reshape(-1)
-    yf = y.reshape(-1)
+    xf = _flat(x)
+    yf = _flat(y)
     if stream and (C * x.itemsize) % _LINE == 0 and (
             y.ctypes.data + r0 * C * x.itemsize) % _LINE == 0:  # fmt: skip
         _stream_rows(xf, t[0], t[1], yf, r0 * C, C, r1 - r0, relu)
@@ -1953,9 +1974,9 @@ def _ncs_gsums(dy, x, m, relu, mean, k, floor, i0, i1, p1, p2):
     ``g = dy`` or, for the fused ReLU, ``dy`` where :func:`_kept` (``k``: (2, C)) and 0
     elsewhere (a row's sums by :func:`_run_gsums`)."""
     N, C, S = x.shape
-    xf = x.reshape(-1)
-    gf = dy.reshape(-1)
-    mf = m.reshape(-1)
+    xf = _flat(x)
+    gf = _flat(dy)
+    mf = _flat(m)
     n = i0 // C
     c = i0 - n * C
     ahead = _AHEAD_BYTES // x.itemsize
@@ -2016,9 +2037,9 @@ def _mc_gsums(dy, x, m, relu, u, floor, r0, r1, s1, s2):
     (:func:`_wide_gsums`); ``u`` holds the mean and the ReLU mask's coefficients, tiled
     (:func:`_tile`)."""
     C = x.shape[1]
-    xf = x.reshape(-1)
-    gf = dy.reshape(-1)
-    mf = m.reshape(-1)
+    xf = _flat(x)
+    gf = _flat(dy)
+    mf = _flat(m)
     if _wide_rows(C, x.itemsize):
         _wide_gsums(dy, x, m, relu, u, floor, r0, r1, s1, s2)
         return
@@ -2097,10 +2118,10 @@ def _ncs_dx(dy, x, m, relu, coef, floor, dx, i0, i1, stream=False):
     D = A sum(g) / m.  Inference: B = D = 0. ``stream``: as :func:`_ncs_normalize`.
     """
     N, C, S = x.shape
-    gf = dy.reshape(-1)
-    xf = x.reshape(-1)
-    mf = m.reshape(-1)
-    df = dx.reshape(-1)
+    gf = _flat(dy)
+    xf = _flat(x)
+    mf = _flat(m)
+    df = _flat(dx)
     if stream:
         for i in range(i0, i1):
             c = i % C
@@ -2123,10 +2144,10 @@ def _mc_dx(dy, x, m, relu, t, floor, dx, r0, r1, stream=False):
     ``_tile_rows(C)`` rows with the coefficients tiled alike. ``stream``: as
     :func:`_mc_normalize`."""
     C = x.shape[1]
-    xf = x.reshape(-1)
-    gf = dy.reshape(-1)
-    mf = m.reshape(-1)
-    df = dx.reshape(-1)
+    xf = _flat(x)
+    gf = _flat(dy)
+    mf = _flat(m)
+    df = _flat(dx)
     if stream and (C * x.itemsize) % _LINE == 0 and (
             dx.ctypes.data + r0 * C * x.itemsize) % _LINE == 0:  # fmt: skip
         _stream_dx_rows(gf, xf, mf, t, floor, df, r0 * C, C, r1 - r0, relu)
