@@ -1801,9 +1801,10 @@ def _mc_normalize_par(x, t, relu, y, R, back, stream=False):
 @njit(**_INLINE)
 def _ncs_norm(x, coef, relu, y, back, stream=False):
     """The normalize pass on (N, C, S); ``back``: each thread's chunks last to first (after
-    the statistics pass, see :func:`_span`)."""
+    the statistics pass, see :func:`_span`). On one thread a pass in order (inference) is the
+    serial loop: the same rows in the same order, without a parallel region to launch."""
     N, C, S = x.shape
-    if use_serial(x.size):
+    if use_serial(x.size) or (not back and _teams(_MAX_CHUNKS) == 1):
         _ncs_normalize(x, coef, relu, y, np.intp(0), N * C, stream)
     else:
         _ncs_normalize_par(x, coef, relu, y, back, stream)
@@ -1814,7 +1815,7 @@ def _mc_norm(x, coef, relu, y, back, stream=False):
     """:func:`_ncs_norm` on (M, C)."""
     M, C = x.shape
     t = _tile(coef, coef.dtype)
-    if use_serial(x.size):
+    if use_serial(x.size) or (not back and _teams(_MAX_CHUNKS) == 1):
         _mc_normalize(x, t, relu, y, np.intp(0), M, stream)
     else:
         _mc_normalize_par(x, t, relu, y, mc_rows_per_chunk(M, C), back, stream)
