@@ -991,13 +991,13 @@ def test_streamed_outputs_hold_the_same_values(shape, fmt, dtype, monkeypatch):
         torch.testing.assert_close(streamed, usual, rtol=0, atol=atol)
 
 
-def test_a_planned_inference_call_plans_again_on_every_change():
-    """eval_forward_fast with a cache keeps the whole plan of a call (its compiled loop and
-    arguments): the same call again takes the same plan; a call that differs in x's shape,
-    strides, dtype or sign bit, in eps or relu, or in a statistic or parameter's address, size,
-    strides, dtype or sign bit plans again (or is refused, as without a cache); and every call
-    gives exactly the output of the same call without a cache. Values changed in place are
-    read through the plan."""
+def test_a_kept_inference_plan_is_taken_again_only_for_the_same_call():
+    """A lean plan kept in a cache (a layer's ``views``) with its loops' entry points: the same
+    call again takes the same plan (for any eps or relu, which it does not hold); a call that
+    differs in x's shape, strides, dtype, device or sign bit, or in a statistic or parameter's
+    address, size, strides, dtype or sign bit plans again (or is refused, as without a cache);
+    and every call gives exactly the output of the same call without a cache. Values changed
+    in place are read through the plan."""
     g = torch.Generator().manual_seed(3)
     c = 6
     rm, w, b = (torch.randn(c, generator=g) for _ in range(3))
@@ -1012,10 +1012,11 @@ def test_a_planned_inference_call_plans_again_on_every_change():
             assert y is None
             return None
         assert torch.equal(y, want) and y.stride() == want.stride()
-        return views[2]
+        return views[0][1]
 
     plan = call(x)
     assert plan is not None and call(x) is plan
+    assert call(eps=1e-3) is plan and call(relu=True) is plan
     with torch.no_grad():
         w.mul_(3)
         rv.add_(1)
@@ -1028,21 +1029,47 @@ def test_a_planned_inference_call_plans_again_on_every_change():
         dict(x=x[:3]), dict(x=x.contiguous(memory_format=torch.channels_last)),
         dict(x=x.transpose(2, 3)), dict(x=torch._neg_view(x)), dict(x=x.double()),
         dict(x=x.double(), rm=rm.double(), rv=rv.double(), w=w.double(), b=b.double()),
-        dict(x=x.bfloat16()), dict(eps=1e-3), dict(relu=True),
-        dict(w=w.clone()), dict(b=torch._neg_view(b)), dict(rm=rm.as_strided((c,), (0,))),
-        dict(rv=rv[:5]), dict(w=w.double()), dict(x=x.to("meta")),
+        dict(x=x.bfloat16()), dict(w=w.clone()), dict(b=torch._neg_view(b)),
+        dict(rm=rm.as_strided((c,), (0,))), dict(rv=rv[:5]), dict(w=w.double()),
+        dict(x=x.to("meta")),
     ]  # fmt: skip
     planned = 0
     for change in changed:
         new = call(**change)
         if new is None:  # (refused, with or without a cache: the plan kept)
-            assert views[2] is plan and call(x) is plan, change
+            assert views[0][1] is plan and call(x) is plan, change
             continue
         planned += 1
         assert new is not plan, change
         plan = call(x)  # (back to the first call: planned again)
         assert plan is not new
-    assert planned == 7
+    assert planned == 5
+
+
+@pytest.mark.parametrize("fmt", ["contiguous", "channels_last"])
+def test_a_kept_training_plan_gives_the_outputs_and_state_of_a_new_one(fmt):
+    """Training calls through a kept plan (its compiled loops' entry points) and through a plan
+    made for each call give the same y, running statistics, counter, dx, dgamma and dbeta bit
+    for bit, call after call (the second and later calls take the kept plan), with and without
+    the fused ReLU, with a momentum and with None (the cumulative average)."""
+    g = torch.Generator().manual_seed(4)
+    c = 5
+    x = to_format(torch.randn(6, c, 4, 3, generator=g) * 2 + 1, fmt)
+    dy = to_format(torch.randn(6, c, 4, 3, generator=g), fmt)
+    w, b = torch.rand(c, generator=g) + 0.5, torch.randn(c, generator=g)
+    state = [(torch.zeros(c), torch.ones(c), torch.zeros((), dtype=torch.int64)) for _ in "ab"]
+    views = K.new_views()
+    for relu, momentum in [(False, 0.1), (False, 0.1), (True, None), (False, 0.3)]:
+        outs = []
+        for (rm, rv, count), cache in zip(state, (views, None), strict=True):
+            plan = K.lean_plan(x, w, b, rm, rv, count, cache)
+            y, stats, ok = K.lean_train_forward(x, plan, 1e-5, relu, momentum)
+            grads = K.lean_backward(dy, x, relu, plan, stats, True, True, True)
+            outs.append((y, rm.clone(), rv.clone(), count.clone(), *grads))
+            assert ok
+        assert views[1][1] is K.lean_plan(x, w, b, *state[0], views)  # (kept)
+        for got, want in zip(*outs, strict=True):
+            assert torch.equal(got, want) and got.stride() == want.stride()
 
 
 def test_warm_up_compiles_every_kernel():
@@ -1131,7 +1158,7 @@ def test_kernels_follow_torch_set_num_threads():
             got = _numba_threads_after(
                 lambda: K.eval_forward_fast(x, w, w, w, w, 1e-5, False, views)
             )
-            assert got == n and views[2] is not None
+            assert got == n and views[0] is not None
         # Numba's count is per Python thread: a new thread's first kernel call sets its own
         torch.set_num_threads(1)
         seen = []

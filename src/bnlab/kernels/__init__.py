@@ -560,20 +560,11 @@ def _state_key(running_mean, running_var, weight, bias, count=None) -> tuple:
     return key
 
 
-def _fast_params(dt, c, running_mean, running_var, weight, bias, views, count=None, slot=0):
+def _fast_params(dt, c, running_mean, running_var, weight, bias, count=None):
     """numpy views ``(rm, rv, w, b)`` of the statistics and parameters (placeholders for absent
     ones), and of ``count`` (``num_batches_tracked``, a 0-d int64 CPU tensor) as a fifth when
-    given, for the lean calls (:func:`eval_forward_fast`, :func:`lean_plan`); or None if one is
-    not a contiguous (c,) CPU tensor of dtype ``dt`` (or ``count`` not such a counter).
-
-    ``views`` (a list whose item ``slot`` holds ``(key, arrays)`` or None, which its caller
-    keeps; or None) caches them between calls, found by :func:`_state_key`: making a numpy
-    view of a tensor is most of a small call's cost. The item is replaced whole, so threads
-    sharing a layer never pair a key with another key's views."""
-    key = (dt, c, *_state_key(running_mean, running_var, weight, bias, count))
-    cached = None if views is None else views[slot]
-    if cached is not None and cached[0] == key:
-        return cached[1]
+    given, for a lean plan (:func:`_lean_plan`); or None if one is not a contiguous (c,) CPU
+    tensor of dtype ``dt`` (or ``count`` not such a counter)."""
     if count is not None and (count.dtype != torch.int64 or count.dim() != 0 or count.is_neg()):
         return None
     arrays = (
@@ -586,21 +577,13 @@ def _fast_params(dt, c, running_mean, running_var, weight, bias, views, count=No
         arrays += (count.numpy(),)
     if any(a is None for a in arrays):
         return None
-    if views is not None:
-        views[slot] = (key, arrays)
     return arrays
 
 
-# The slots of a caller's ``views`` list (a layer's, or the function's for one set of tensors):
-# the parameters' views for an inference call and for a training call (:func:`_fast_params`),
-# and the whole plan of a common inference call (:func:`eval_forward_fast`).
-VIEW_SLOTS = 3
-_EVAL_PLAN = 2
-
-
 def new_views() -> list:
-    """An empty cache for the lean calls' ``views`` argument."""
-    return [None] * VIEW_SLOTS
+    """An empty cache for the lean calls' ``views`` argument (:func:`lean_plan`): item 0 holds
+    the plan of an inference call, item 1 that of a training call."""
+    return [None, None]
 
 
 def _entry(dispatcher, args):
@@ -608,8 +591,8 @@ def _entry(dispatcher, args):
     point, which converts each argument to the overload's type without the dispatcher's
     resolution of the types and choice of the overload (compiled, or loaded from the cache, if
     it is not yet); or the dispatcher itself where Numba does not give one. Every call of it
-    must pass arguments of exactly these types (the caller keeps them in its plan, adding only
-    Python ints where ints were given)."""
+    must pass arguments of exactly these types: ints, bools and floats as Python's, and arrays
+    of the same dtype, rank and layout."""
     import numba
 
     try:
@@ -634,68 +617,55 @@ def eval_forward_fast(
     with float32 statistics and parameters (as under ``torch.autocast``; the ``fused32`` path
     of :mod:`bnlab.backend`, which reads bfloat16 as it is). Returns y, or None for
     any other call, which the general path then takes with its checks and errors (nothing here
-    raises for a call it does not take, and nothing here changes any state but ``views``, a
-    cache the caller keeps, see :func:`new_views`).
+    raises for a call it does not take, and nothing here changes any state but ``views``, the
+    cache of plans the caller keeps, see :func:`lean_plan`).
 
     An inference layer runs between other layers, which leave the caches full of their own
     data and code: there every step of the Python path costs many times what it costs in a
     loop of calls, so the common call takes as few as possible. x and y go to the loop as
     addresses (:func:`bnlab.kernels._numba.eval_fwd_at`), checked to be dense in the loop's
     layout: y is made in that layout (:func:`_output_like`), and both stay referenced for the
-    call. With ``views``, the whole call is planned once (the layout, the parameters' views, the
-    loop's other arguments and its compiled entry point) and kept in ``views``, found again by
-    x's shape, strides, dtype, device and sign bit, ``eps``, ``relu`` and the tensors'
-    :func:`_state_key`: a call that differs in any of them plans again."""
-    if views is None:
-        plan = _eval_plan(x, running_mean, running_var, weight, bias, eps, relu, None, None)
-    else:
-        try:  # (a tensor without memory, say: the general path says what it is)
-            key = (x.shape, x.stride(), x.dtype, x.is_cpu, x.is_neg(), eps, relu,
-                   *_state_key(running_mean, running_var, weight, bias))  # fmt: skip
-        except RuntimeError:
-            return None
-        plan = views[_EVAL_PLAN]
-        if plan is None or plan[0] != key:
-            plan = _eval_plan(x, running_mean, running_var, weight, bias, eps, relu, key, views)
+    call."""
+    plan = _lean_plan(x, running_mean, running_var, weight, bias, views, None, 0)
     if plan is None:
         return None
-    _, run, args, fmt, n = plan
+    rows, c, s, p, dt, n, _, fmt, stream, run = plan
     compiled()  # (the thread count follows torch's)
     y = torch.empty_like(x) if fmt is None else torch.empty_like(x, memory_format=fmt)
     if n >= _HugePages.MIN_BYTES:
         _advised(y, n)
-    run(x.data_ptr(), y.data_ptr(), *args)
+    run[0](
+        x.data_ptr(), y.data_ptr(), rows, c, s, p[0], p[1], p[2], p[3], weight is not None,
+        bias is not None, float(eps), bool(relu), _NO_STATS[dt], _NONE[dt], stream,
+    )  # fmt: skip
     return y
 
 
-def _eval_plan(x, running_mean, running_var, weight, bias, eps, relu, key, views):
-    """The plan of :func:`eval_forward_fast` (``(key, run, args, fmt, nbytes)``: the loop's
-    entry point and its arguments after the two addresses, the output's memory format and size
-    in bytes), kept in ``views`` when given; or None for a call it does not take."""
-    lean = _lean_plan(x, running_mean, running_var, weight, bias, views, None, 0)
-    if lean is None:
-        return None
-    rows, c, s, p, dt, n, _, fmt = lean
-    args = (
-        rows, c, s, p[0], p[1], p[2], p[3], weight is not None, bias is not None, float(eps),
-        bool(relu), _NO_STATS[dt], _NONE[dt], _streams_bytes(n),
-    )  # fmt: skip
-    run = compiled().eval_fwd_at
-    if views is not None:
-        run = _entry(run, (0, 0, *args))  # (addresses are ints)
-        views[_EVAL_PLAN] = (key, run, args, fmt, n)
-    return key, run, args, fmt, n
-
-
 def _lean_plan(x, running_mean, running_var, weight, bias, views, count, slot):
-    """``(rows, C, S, arrays, dtype, nbytes, buffers, fmt)`` for a lean call on ``x``: its loop
-    layout (:func:`_layout`), the numpy views of :func:`_fast_params` (cached in
-    ``views[slot]``), x's dtype and its size in bytes (which its outputs share), for a training
-    call (``count`` given) the running statistics and counter it updates, and the outputs'
-    memory format (:func:`_lean_layout`); or None unless x is a float32/float64
-    CPU tensor the loops can read with statistics and parameters of its dtype, or such a
-    bfloat16 one with float32 statistics and parameters (the ``fused32`` path of
-    :mod:`bnlab.backend`, which reads bfloat16 as it is). Raises nothing."""
+    """``(rows, C, S, arrays, dtype, nbytes, buffers, fmt, stream, run)`` for a lean call on
+    ``x``: its loop layout (:func:`_layout`), the numpy views of :func:`_fast_params`, x's
+    dtype and its size in bytes (which its outputs share), for a training call (``count``
+    given) the running statistics and counter it updates, the outputs' memory format
+    (:func:`_lean_layout`), whether they are stored non-temporally (:func:`_streams`) and the
+    loops the call runs (``(forward, backward)``: entry points, :func:`_entry`, when the plan
+    is kept; Numba's dispatchers otherwise); or None unless x is a float32/float64 CPU tensor
+    the loops can read with statistics and parameters of its dtype, or such a bfloat16 one
+    with float32 statistics and parameters (the ``fused32`` path of :mod:`bnlab.backend`, which
+    reads bfloat16 as it is). Raises nothing.
+
+    With ``views``, the plan is kept in ``views[slot]`` with its key: x's shape, strides,
+    dtype, device and sign bit and the tensors' :func:`_state_key`; a call with the same key
+    takes the same plan, any other plans again. The item is replaced whole, so threads sharing
+    a layer never pair a key with another key's plan."""
+    if views is not None:
+        try:  # (a tensor without memory, say: the general path says what it is)
+            key = (x.shape, x.stride(), x.dtype, x.is_cpu, x.is_neg(),
+                   *_state_key(running_mean, running_var, weight, bias, count))  # fmt: skip
+        except RuntimeError:
+            return None
+        kept = views[slot]
+        if kept is not None and kept[0] == key:
+            return kept[1]
     dt = x.dtype
     if dt in _NP:
         pdt = dt  # the statistics' and parameters' dtype, and the computation's
@@ -708,13 +678,36 @@ def _lean_plan(x, running_mean, running_var, weight, bias, views, count, slot):
         return None
     (rows, c, s), fmt = lay
     try:
-        p = _fast_params(pdt, c, running_mean, running_var, weight, bias, views, count, slot)
+        p = _fast_params(pdt, c, running_mean, running_var, weight, bias, count)
     except (TypeError, RuntimeError):  # (a parameter off the CPU)
         return None
     if p is None:
         return None
+    n = rows * c * s * _ITEMSIZE[dt]
+    stream = _streams_bytes(n)
+    k = compiled()
+    fwd = k.eval_fwd_at if count is None else k.train_fwd_at
+    run = (fwd, k.backward_at)
+    if views is not None:  # (the entry points, for arguments of the types the calls pass)
+        cdt = p[0].dtype
+        floor, like, grads = RELU_FLOOR[dt], _NONE[dt], np.empty((2, c), cdt)
+        if count is None:
+            stats = np.empty((3, c), cdt)
+            f = (0, 0, rows, c, s, *p, True, True, 0.0, False, stats, like, False)
+            coef, mean, invstd = stats[1:3], p[0], stats[0]
+        else:
+            stats = np.empty((5, c), cdt)
+            f = (0, 0, rows, c, s, p[2], p[3], True, True, 0.0, False, stats, *p[:2], p[4],
+                 True, True, 0.0, like, False)  # fmt: skip
+            coef, mean, invstd = stats[3:5], stats[0], stats[2]
+        b = (0, 0, 0, False, coef, floor, rows, c, s, mean, invstd, p[2], True, True, True, 0,
+             grads, like, False)  # fmt: skip
+        run = (_entry(fwd, f), _entry(k.backward_at, b))
     buffers = None if count is None else (running_mean, running_var, count)
-    return rows, c, s, p, dt, rows * c * s * _ITEMSIZE[dt], buffers, fmt
+    plan = rows, c, s, p, dt, n, buffers, fmt, stream, run
+    if views is not None:
+        views[slot] = (key, plan)
+    return plan
 
 
 def lean_plan(
@@ -732,8 +725,9 @@ def lean_plan(
     ``num_batches_tracked`` (a 0-d int64 tensor) it plans a training call
     (:func:`lean_train_forward`, :func:`lean_backward`), the running
     statistics being the buffers to update; with None, an inference call with them as the
-    population statistics (:func:`lean_eval_forward`, :func:`lean_backward`). ``views`` (a
-    two-item list: item 0 for inference, 1 for training) caches their numpy views as there.
+    population statistics (:func:`lean_eval_forward`, :func:`eval_forward_fast`,
+    :func:`lean_backward`). ``views`` (:func:`new_views`, kept by the caller) keeps the last
+    plan of each kind, found again by its key (:func:`_lean_plan`).
 
     A layer runs between other layers: the general path's steps (choosing a backend, checking
     every tensor, numpy views of each statistic and parameter, the statistics as tensors, a
@@ -752,16 +746,17 @@ def lean_train_forward(x: Tensor, plan, eps: float, relu: bool, momentum: float 
     (mean, biased var, invstd, then the coefficients) in the compute dtype, ``ok`` False for
     non-finite statistics (nothing updated). Same values as :func:`batch_norm_train_forward`
     and :func:`commit_batch_stats`."""
-    rows, c, s, p, dt, n, _, fmt = plan
+    rows, c, s, p, dt, n, _, fmt, stream, run = plan
     y = _output_like(x, n, fmt)
     stats = np.empty((5, c), p[0].dtype)
-    ok = compiled().train_fwd_at(
+    compiled()  # (the thread count follows torch's)
+    ok = run[0](
         x.data_ptr(), y.data_ptr(), rows, c, s, p[2], p[3], p[2].size > 0, p[3].size > 0,
         float(eps), bool(relu), stats, p[0], p[1], p[4], True, momentum is None,
-        0.0 if momentum is None else momentum, _NONE[dt], _streams_bytes(n),
+        0.0 if momentum is None else float(momentum), _NONE[dt], stream,
     )  # fmt: skip
     if ok:  # (written through their memory: autograd is told, as by an in-place operation)
-        increment_version(plan[6])
+        increment_version(plan[6])  # (the buffers)
     return y, stats, ok
 
 
@@ -769,12 +764,13 @@ def lean_eval_forward(x: Tensor, plan, eps: float, relu: bool):
     """The inference transform [+ ReLU] of a planned inference call: ``(y, stats)``, y in x's
     layout, ``stats`` the (3, C) array of :func:`bnlab.kernels._numba.eval_fwd_at` (invstd,
     then the coefficients). Same values as :func:`batch_norm_eval_forward`."""
-    rows, c, s, p, dt, n, _, fmt = plan
+    rows, c, s, p, dt, n, _, fmt, stream, run = plan
     y = _output_like(x, n, fmt)
     stats = np.empty((3, c), p[0].dtype)
-    compiled().eval_fwd_at(
+    compiled()  # (the thread count follows torch's)
+    run[0](
         x.data_ptr(), y.data_ptr(), rows, c, s, p[0], p[1], p[2], p[3], p[2].size > 0,
-        p[3].size > 0, float(eps), bool(relu), stats, _NONE[dt], _streams_bytes(n),
+        p[3].size > 0, float(eps), bool(relu), stats, _NONE[dt], stream,
     )  # fmt: skip
     return y, stats
 
@@ -787,7 +783,7 @@ def lean_backward(dy: Tensor, x: Tensor, relu: bool, plan, stats, train: bool,
     and layout (autograd hands an output's backward a gradient of that output's dtype). The
     ReLU's mask is recomputed from x with the forward's normalize coefficients, bit for bit
     the forward's ``y > 0`` (``_numba.backward_ncs``), so the output is neither kept nor read."""
-    rows, c, s, p, dt, n = plan[:6]
+    rows, c, s, p, dt, n, _, _, stream, run = plan
     mean, invstd = (stats[0], stats[2]) if train else (p[0], stats[0])
     dy = _like(dy, x)  # (x's layout, so the loops may read it by address)
     dx = _empty_like(x, n) if need_dx else None
@@ -795,10 +791,11 @@ def lean_backward(dy: Tensor, x: Tensor, relu: bool, plan, stats, train: bool,
     need_sums = need_dparams  # (also without a weight: a bias alone has its gradient)
     grads = np.empty((2, c), stats.dtype)  # dgamma, dbeta
     xp = x.data_ptr()
-    compiled().backward_at(
-        dy.data_ptr(), xp, xp, relu, stats[3:5] if train else stats[1:3], RELU_FLOOR[dt],
-        rows, c, s, mean, invstd, p[2], has_w, train, need_sums,
-        0 if dx is None else dx.data_ptr(), grads, _NONE[dt], dx is not None and _streams_bytes(n),
+    compiled()  # (the thread count follows torch's)
+    run[1](
+        dy.data_ptr(), xp, xp, bool(relu), stats[3:5] if train else stats[1:3], RELU_FLOOR[dt],
+        rows, c, s, mean, invstd, p[2], has_w, bool(train), bool(need_sums),
+        0 if dx is None else dx.data_ptr(), grads, _NONE[dt], dx is not None and stream,
     )  # fmt: skip
     if not need_sums:
         return dx, None, None
