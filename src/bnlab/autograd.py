@@ -502,10 +502,10 @@ def patch_functional() -> Iterator[None]:
 # the function has none, and its momentum is a number, so they count in this one, never read.
 _UNREAD_COUNT = torch.zeros((), dtype=torch.int64)
 
-# The function's caches of numpy views (what a layer keeps in its _fast_views), one per set of
-# statistics and parameters, found by the tensors' identities and checked by their addresses
-# (bnlab.kernels._fast_params: a stale entry is a miss, never a wrong view). Bounded, so that
-# the storages the views hold stay few; the oldest entry goes first.
+# The function's caches of lean plans (what a layer keeps in its _fast_views), one per set of
+# statistics and parameters, found by the tensors' identities and checked by their key
+# (bnlab.kernels._lean_plan: a stale entry is a miss, never a wrong view). Bounded, so that
+# the storages the plans' views hold stay few; the oldest entry goes first.
 _FUNCTION_VIEWS: dict[tuple[int, ...], list] = {}
 _FUNCTION_VIEWS_MAX = 256  # (a model of up to 256 BN layers calling the function hits)
 
