@@ -1091,6 +1091,54 @@ def _affine_tiles(typingctx, xf, yf, start, n, a, c, relu):
 
 
 @intrinsic
+def _affine_lanes(typingctx, xf, yf, start, n, a, c, relu):
+    """``y = a[p] x + c[p]`` [then ``max(., 0)``] on the ``n`` values of the flat arrays from
+    ``start``, ``p`` a value's index from ``start`` (``a``, ``c``: at least ``n`` per-value
+    coefficients in the compute type): one tile of a channels_last normalize pass whose tile is
+    not ``_TILE`` values (a wide row, or channels that do not divide ``_TILE``), a vector at a
+    time with float32 outputs stored on whole lines (:func:`_aligned_vectors`) and bfloat16
+    ones rounded by :func:`_narrow` (the conversion instruction where the CPU has one; LLVM
+    vectorizes the scalar rounding of ``_st`` into a dozen integer operations a vector)."""
+    if not _loop_arrays(xf, yf) or relu != types.boolean:
+        return None
+    comp = types.Array(_compute_type(xf.dtype), 1, "C")
+    if a != comp or c != comp:
+        return None
+    sig = types.void(xf, yf, types.intp, types.intp, a, c, relu)
+
+    def codegen(context, builder, sig, args):
+        xv, yv, s, nv, av, cv, rl = args
+        xd = _data(context, builder, sig.args[0], xv)
+        yd = _data(context, builder, sig.args[1], yv)
+        ad = _data(context, builder, sig.args[4], av)
+        cd = _data(context, builder, sig.args[5], cv)
+        elem = yd.type.pointee
+        align = sig.args[1].dtype.bitwidth // 8
+
+        def loop(masked):
+            def vector(at):
+                p = builder.sub(at, s)
+                v = _lanes(context, builder, sig.args[0], xv, at)
+                va = _lanes(context, builder, sig.args[4], av, p)
+                vc = _lanes(context, builder, sig.args[5], cv, p)
+                r = _narrow(builder, _affine_value(builder, v, va, vc, masked), elem)
+                _store_vec(builder, r, yd, at, align)
+
+            def scalar(at):
+                p = builder.sub(at, s)
+                r = _affine_value(builder, _scalar_of(builder, xd, at), _scalar_of(builder, ad, p),
+                                  _scalar_of(builder, cd, p), masked)  # fmt: skip
+                builder.store(_narrow(builder, r, elem), builder.gep(yd, [at]))
+
+            _aligned_vectors(builder, yd, s, nv, vector, scalar)
+
+        _branch(builder, rl, loop)
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+@intrinsic
 def _dx_tiles(typingctx, gf, xf, mf, df, start, n, step, mu, a, bb, d, k0, k1, floor, relu):
     """:func:`_ncs_dx`'s values on ``n`` tiles of ``_TILE`` values from ``start``, ``step``
     values apart (``mu``, ``a``, ``bb``, ``d`` and the mask's ``k0``, ``k1``: ``_TILE`` per-lane
@@ -1738,16 +1786,7 @@ def _mc_normalize(x, t, relu, y, r0, r1, stream=False):
         _affine_tiles(xf, yf, r0 * C, first, a, cc, relu)
     for t in range(first, (r1 - r0 + r - 1) // r):  # whole tiles, then the rows left
         base = (r0 + t * r) * C
-        n = min(P, (r1 - r0 - t * r) * C)
-        xs = xf[base : base + n]  # (slices: indices known non-negative, so loops vectorize)
-        ys = yf[base : base + n]
-        if relu:  # (x a + c as _kept recomputes it in the backward)
-            for p in range(n):
-                v = _ld(xs[p]) * a[p] + cc[p]
-                ys[p] = _st(_keep(v, v > 0), ys)
-        else:
-            for p in range(n):
-                ys[p] = _st(_ld(xs[p]) * a[p] + cc[p], ys)
+        _affine_lanes(xf, yf, base, min(P, (r1 - r0 - t * r) * C), a, cc, relu)
 
 
 @njit(**_OPTS)
