@@ -69,8 +69,6 @@ from ..errors import ChannelCountError, InputDtypeError, NotATensorError
 from ..functional import check_momentum, is_real_number
 from ..ops import EAGER, check_batch, non_finite_message, route
 
-_grad_enabled = torch.is_grad_enabled
-
 __all__ = [
     "BatchNorm1d",
     "BatchNorm2d",
@@ -342,34 +340,30 @@ class _BatchNorm(nn.modules.batchnorm._BatchNorm):
         if type(x) is not Tensor or route(x) != EAGER:
             return None
         shape = x.shape  # (one call into torch for the rank and the channels)
-        if len(shape) not in self._valid_ranks or shape[1] != self.num_features:
+        if len(shape) not in self._valid_ranks:
             return None
-        p, b = self._parameters, self._buffers  # (as _lean_state reads them, in place here)
-        try:
-            weight, bias = p["weight"], p["bias"]
-            running_mean, running_var = b["running_mean"], b["running_var"]
-        except KeyError:
+        state = self._lean_state()
+        if state is None:
             return None
-        eps, act = self.eps, self.activation
-        if running_mean is None or running_var is None or not eps >= 0:
+        weight, bias, running_mean, running_var, _ = state
+        act = self.activation
+        if shape[1] != self.num_features or not self.eps >= 0 or act not in (None, "relu"):
             return None
-        if act is not None and act != "relu":
+        if running_mean is None or running_var is None:
             return None
         views = self._fast_views
         if views is None:
             views = self._fast_views = B.new_views()
-        if _grad_enabled() and (  # (_needs_graph, in place here)
-            x.requires_grad
-            or (weight is not None and weight.requires_grad)
-            or (bias is not None and bias.requires_grad)
-        ):
+        if _needs_graph(x, weight, bias):
             plan = B.lean_plan(x, weight, bias, running_mean, running_var, None, views)
             if plan is None:
                 return None
             return batch_norm_eval_lean(
-                x, running_mean, running_var, weight, bias, plan, eps, act is not None
+                x, running_mean, running_var, weight, bias, plan, self.eps, act is not None
             )
-        return B.eval_fast(x, running_mean, running_var, weight, bias, eps, act is not None, views)
+        return B.eval_fast(
+            x, running_mean, running_var, weight, bias, self.eps, act is not None, views
+        )
 
     @torch.jit.unused
     def _own_statistics(self) -> bool:
