@@ -707,16 +707,23 @@ def test_short_paths_see_a_parameter_reshaped_in_its_own_storage(train, backend)
     updates the memory under the view) and for a repeated value (a running statistic only at
     inference, which writes none)."""
     shape = (4, 8, 5, 6)
-    for name in ("weight", "bias", "running_mean", "running_var"):
+    x = torch.randn(shape) * 2 + 1
+
+    def primed(name, view):
+        """A pair whose short paths have kept their views, then ``name`` given ``view`` of
+        its own data in both."""
         ours, ref = make_pair(shape)
         _random_state(ours, ref)
         ours.train(train), ref.train(train)
-        x = torch.randn(shape) * 2 + 1
+        ours(x), ref(x)  # (the short path keeps its plan)
+        for layer in (ours, ref):
+            t = getattr(layer, name)
+            t.data = view(t.data)
+        return ours, ref
+
+    for name in ("weight", "bias", "running_mean", "running_var"):
         with torch.no_grad():
-            ours(x), ref(x)  # (the short path caches its views)
-            for layer in (ours, ref):
-                t = getattr(layer, name)
-                t.data = t.data[:4]
+            ours, ref = primed(name, lambda t: t[:4])
             errors = []
             for layer in (ref, ours):
                 with pytest.raises(RuntimeError) as e:
@@ -725,14 +732,8 @@ def test_short_paths_see_a_parameter_reshaped_in_its_own_storage(train, backend)
             assert errors[1].endswith(f"{name} should contain 8 elements, not 4"), errors
         if name == "running_var":
             continue  # (a negative view of a variance is a negative variance)
-        ours, ref = make_pair(shape)
-        _random_state(ours, ref)
-        ours.train(train), ref.train(train)
         with torch.no_grad():
-            ours(x), ref(x)
-            for layer in (ours, ref):
-                t = getattr(layer, name)
-                t.data = torch._neg_view(t.data)
+            ours, ref = primed(name, torch._neg_view)
             before = ours.running_mean.clone()
             torch.testing.assert_close(ours(x), ref(x), **tol(x.dtype))
             torch.testing.assert_close(ours.running_var, ref.running_var, **tol(x.dtype))
@@ -745,14 +746,8 @@ def test_short_paths_see_a_parameter_reshaped_in_its_own_storage(train, backend)
                 torch.testing.assert_close(ours.running_mean, ref.running_mean, **tol(x.dtype))
         if train and name.startswith("running"):
             continue
-        ours, ref = make_pair(shape)
-        _random_state(ours, ref)
-        ours.train(train), ref.train(train)
-        with torch.no_grad():
-            ours(x), ref(x)
-            for layer in (ours, ref):
-                t = getattr(layer, name)
-                t.data = t.data.as_strided((8,), (0,))  # (same address, size and dtype)
+        with torch.no_grad():  # (the same address, size and dtype)
+            ours, ref = primed(name, lambda t: t.as_strided((8,), (0,)))
             torch.testing.assert_close(ours(x), ref(x), **tol(x.dtype))
             torch.testing.assert_close(ours.running_mean, ref.running_mean, **tol(x.dtype))
             torch.testing.assert_close(ours.running_var, ref.running_var, **tol(x.dtype))
