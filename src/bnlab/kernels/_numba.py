@@ -1054,6 +1054,18 @@ def _affine_run(typingctx, xf, yf, start, n, a, c, relu):
     return sig, codegen
 
 
+def _affine_sig(xf, yf, a, c, relu):
+    """The signature of a normalize intrinsic with per-value coefficients
+    (:func:`_affine_tiles`, :func:`_affine_lanes`): two flat arrays, start, count, two arrays
+    of coefficients in the compute type, the ReLU flag; None for other argument types."""
+    if not _loop_arrays(xf, yf) or relu != types.boolean:
+        return None
+    comp = types.Array(_compute_type(xf.dtype), 1, "C")
+    if a != comp or c != comp:
+        return None
+    return types.void(xf, yf, types.intp, types.intp, a, c, relu)
+
+
 @intrinsic
 def _affine_tiles(typingctx, xf, yf, start, n, a, c, relu):
     """``y = a[p] x + c[p]`` [then ``max(., 0)``] on ``n`` consecutive tiles of ``_TILE`` values of
@@ -1061,12 +1073,9 @@ def _affine_tiles(typingctx, xf, yf, start, n, a, c, relu):
     type, held in registers for the whole run): the channels_last normalize pass of a narrow
     layer, a vector at a time (LLVM's loop over one tile at a time checks its bounds and the
     arrays' overlap on every tile)."""
-    if not _loop_arrays(xf, yf) or relu != types.boolean:
+    sig = _affine_sig(xf, yf, a, c, relu)
+    if sig is None:
         return None
-    comp = types.Array(_compute_type(xf.dtype), 1, "C")
-    if a != comp or c != comp:
-        return None
-    sig = types.void(xf, yf, types.intp, types.intp, a, c, relu)
 
     def codegen(context, builder, sig, args):
         xv, yv, s, nv, av, cv, rl = args
@@ -1099,12 +1108,9 @@ def _affine_lanes(typingctx, xf, yf, start, n, a, c, relu):
     time with float32 outputs stored on whole lines (:func:`_aligned_vectors`) and bfloat16
     ones rounded by :func:`_narrow` (the conversion instruction where the CPU has one; LLVM
     vectorizes the scalar rounding of ``_st`` into a dozen integer operations a vector)."""
-    if not _loop_arrays(xf, yf) or relu != types.boolean:
+    sig = _affine_sig(xf, yf, a, c, relu)
+    if sig is None:
         return None
-    comp = types.Array(_compute_type(xf.dtype), 1, "C")
-    if a != comp or c != comp:
-        return None
-    sig = types.void(xf, yf, types.intp, types.intp, a, c, relu)
 
     def codegen(context, builder, sig, args):
         xv, yv, s, nv, av, cv, rl = args
