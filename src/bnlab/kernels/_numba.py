@@ -1144,16 +1144,23 @@ def _affine_lanes(typingctx, xf, yf, start, n, a, c, relu):
     return sig, codegen
 
 
+def _dx_lanes_ok(gf, xf, mf, df, coefs, floor, relu) -> bool:
+    """Whether a dx intrinsic with per-value coefficients (:func:`_dx_tiles`,
+    :func:`_dx_lanes`) takes these types: four flat arrays of one element type, six arrays of
+    coefficients and a floor in the compute type, the ReLU flag."""
+    if not _loop_arrays(gf, xf, mf, df) or relu != types.boolean:
+        return False
+    comp = types.Array(_compute_type(gf.dtype), 1, "C")
+    return all(v == comp for v in coefs) and floor == comp.dtype
+
+
 @intrinsic
 def _dx_tiles(typingctx, gf, xf, mf, df, start, n, step, mu, a, bb, d, k0, k1, floor, relu):
     """:func:`_ncs_dx`'s values on ``n`` tiles of ``_TILE`` values from ``start``, ``step``
     values apart (``mu``, ``a``, ``bb``, ``d`` and the mask's ``k0``, ``k1``: ``_TILE`` per-lane
     coefficients in the compute type, held in registers for the whole run), as
     :func:`_affine_tiles` for the normalize pass."""
-    if not _loop_arrays(gf, xf, mf, df) or relu != types.boolean:
-        return None
-    comp = types.Array(_compute_type(gf.dtype), 1, "C")
-    if any(v != comp for v in (mu, a, bb, d, k0, k1)) or floor != comp.dtype:
+    if not _dx_lanes_ok(gf, xf, mf, df, (mu, a, bb, d, k0, k1), floor, relu):
         return None
     sig = types.void(gf, xf, mf, df, types.intp, types.intp, types.intp, mu, a, bb, d, k0, k1,
                      floor, relu)  # fmt: skip
@@ -1177,6 +1184,52 @@ def _dx_tiles(typingctx, gf, xf, mf, df, start, n, step, mu, a, bb, d, k0, k1, f
                 _store_vec(builder, r, dd, at, align)
 
             _over_tiles(builder, s, nv, vector, stepv)
+
+        _branch(builder, rl, loop)
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+@intrinsic
+def _dx_lanes(typingctx, gf, xf, mf, df, start, n, mu, a, bb, d, k0, k1, floor, relu):
+    """:func:`_ncs_dx`'s values on the ``n`` values from ``start``, ``p`` a value's index from
+    ``start`` (``mu``, ``a``, ``bb``, ``d`` and the mask's ``k0``, ``k1``: at least ``n``
+    per-value coefficients in the compute type): one tile of a channels_last dx pass whose tile
+    is not ``_TILE`` values and whose rows are not taken in column blocks, as
+    :func:`_affine_lanes` for the normalize pass."""
+    if not _dx_lanes_ok(gf, xf, mf, df, (mu, a, bb, d, k0, k1), floor, relu):
+        return None
+    sig = types.void(gf, xf, mf, df, types.intp, types.intp, mu, a, bb, d, k0, k1, floor, relu)
+
+    def codegen(context, builder, sig, args):
+        gv, xv, mv, dv, s, nv = args[:6]
+        fl, rl = args[12], args[13]
+        gd, xd, md, dd = (_data(context, builder, sig.args[i], args[i]) for i in range(4))
+        cd = [_data(context, builder, sig.args[6 + i], args[6 + i]) for i in range(6)]
+        elem = dd.type.pointee
+        align = sig.args[3].dtype.bitwidth // 8
+
+        def loop(masked):
+            def vector(at):
+                p = builder.sub(at, s)
+                c = [_lanes(context, builder, sig.args[6 + i], args[6 + i], p) for i in range(6)]
+                m = _lanes(context, builder, sig.args[2], mv, at) if masked else None
+                g = _lanes(context, builder, sig.args[0], gv, at)
+                x = _lanes(context, builder, sig.args[1], xv, at)
+                r = _narrow(builder, _dx_value(builder, g, x, m, *c[:4], (c[4], c[5]), fl,
+                                               masked), elem)  # fmt: skip
+                _store_vec(builder, r, dd, at, align)
+
+            def scalar(at):
+                p = builder.sub(at, s)
+                c = [_scalar_of(builder, q, p) for q in cd]
+                m = _scalar_of(builder, md, at) if masked else None
+                r = _dx_value(builder, _scalar_of(builder, gd, at), _scalar_of(builder, xd, at),
+                              m, *c[:4], (c[4], c[5]), fl, masked)  # fmt: skip
+                builder.store(_narrow(builder, r, elem), builder.gep(dd, [at]))
+
+            _aligned_vectors(builder, dd, s, nv, vector, scalar)
 
         _branch(builder, rl, loop)
         return context.get_dummy_value()
@@ -2222,18 +2275,8 @@ def _mc_dx(dy, x, m, relu, t, floor, dx, r0, r1, stream=False):
         _dx_tiles(gf, xf, mf, df, r0 * C, first, _TILE, mu, a, bb, d, k0, k1, floor, relu)
     for t in range(first, (r1 - r0 + r - 1) // r):  # whole tiles, then the rows left
         base = (r0 + t * r) * C
-        n = min(P, (r1 - r0 - t * r) * C)
-        xs = xf[base : base + n]
-        gs = gf[base : base + n]
-        ds = df[base : base + n]
-        if relu:
-            ms = mf[base : base + n]
-            for p in range(n):
-                g = _keep(_ld(gs[p]), _kept(_ld(ms[p]), k0[p], k1[p], floor))
-                ds[p] = _st(a[p] * g - bb[p] * (_ld(xs[p]) - mu[p]) - d[p], ds)
-        else:
-            for p in range(n):
-                ds[p] = _st(a[p] * _ld(gs[p]) - bb[p] * (_ld(xs[p]) - mu[p]) - d[p], ds)
+        _dx_lanes(gf, xf, mf, df, base, min(P, (r1 - r0 - t * r) * C), mu, a, bb, d, k0, k1,
+                  floor, relu)  # fmt: skip
 
 
 @njit(**_OPTS)
