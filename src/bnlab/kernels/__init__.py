@@ -544,12 +544,13 @@ def _fast_vec(t: Tensor, dt: torch.dtype, c: int):
 
 
 def _state_key(running_mean, running_var, weight, bias, count=None) -> tuple:
-    """What the cached numpy views of these tensors depend on (:func:`_fast_params`): each
-    one's address, shape, strides, dtype and sign bit, flat (an absent one as None). A cached
-    view holds its tensor's storage (its base is a detached alias of it), so no other storage
-    can start at the same address while it is cached: an equal key means the same memory read
-    the same way, whatever was assigned since (a new tensor, ``.data``, ``.to()``, another
-    view of the same memory), and values changed in place are read through the views."""
+    """What a kept plan's numpy views of these tensors (:func:`_fast_params`,
+    :func:`_lean_plan`) depend on: each one's address, shape, strides, dtype and sign bit, flat
+    (an absent one as None). A kept view holds its tensor's storage (its base is a detached
+    alias of it), so no other storage can start at the same address while it is kept: an equal
+    key means the same memory read the same way, whatever was assigned since (a new tensor,
+    ``.data``, ``.to()``, another view of the same memory), and values changed in place are
+    read through the views."""
     rm, rv = running_mean, running_var
     key = (
         rm.data_ptr(), rm.shape, rm.stride(), rm.dtype, rm.is_neg(),
