@@ -1046,6 +1046,26 @@ def test_a_kept_inference_plan_is_taken_again_only_for_the_same_call():
     assert planned == 5
 
 
+def test_a_plan_runs_the_loops_entry_points_or_their_dispatchers():
+    """A kept plan calls its loops' compiled entry points (no type resolution per call); one
+    made for a single call, or a dispatcher that gives no entry point, calls the dispatcher
+    itself, which takes any call."""
+    x, w = torch.randn(4, 3, 2, 2), torch.ones(3)
+    k = K.compiled()
+    kept = K.lean_plan(x, w, w, w.clone(), w.clone(), torch.zeros((), dtype=torch.int64),
+                       K.new_views())  # fmt: skip
+    single = K.lean_plan(x, w, w, w.clone(), w.clone(), torch.zeros((), dtype=torch.int64))
+    assert single[9] == (k.train_fwd_at, k.backward_at)
+    assert all(type(r) is not type(k.train_fwd_at) and callable(r) for r in kept[9])
+
+    class NoEntry:
+        def compile(self, sig):
+            raise RuntimeError("compilation disabled")
+
+    no_entry = NoEntry()
+    assert K._entry(no_entry, (1, 2.0)) is no_entry
+
+
 @pytest.mark.parametrize("fmt", ["contiguous", "channels_last"])
 def test_a_kept_training_plan_gives_the_outputs_and_state_of_a_new_one(fmt):
     """Training calls through a kept plan (its compiled loops' entry points) and through a plan
