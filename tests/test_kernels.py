@@ -1106,6 +1106,20 @@ def test_warm_up_compiles_every_kernel():
         assert {numba.float32, numba.float64, numba.uint16} <= seen, (name, seen)
     seen = {sig[0].dtype for sig in _numba.swap_inner.signatures}  # (the gradient's layout)
     assert {numba.int16, numba.int32, numba.int64} <= seen, seen
+    # kept plans call the same overloads through their entry points: none is added
+    names = ("train_fwd_at", "eval_fwd_at", "backward_at")
+    before = {name: set(getattr(_numba, name).signatures) for name in names}
+    for dtype in (torch.float32, torch.float64, torch.bfloat16):
+        pdt = torch.float32 if dtype == torch.bfloat16 else dtype
+        inputs = [("contiguous", (4, 3)), ("contiguous", (2, 3, 4)),
+                  ("contiguous", (2, 3, 2, 2)), ("channels_last", (2, 3, 2, 2))]  # fmt: skip
+        for fmt, shape in inputs:
+            x = to_format(torch.randn(shape).to(dtype), fmt)
+            w = torch.ones(3, dtype=pdt)
+            for count in (None, torch.zeros((), dtype=torch.int64)):
+                plan = K.lean_plan(x, w, w, w.clone(), w.clone(), count, K.new_views())
+                assert plan is not None and all(r is not None for r in plan[9])
+    assert {name: set(getattr(_numba, name).signatures) for name in names} == before
 
 
 @pytest.mark.parametrize("momentum", [0.1, None, 0.0, 1.0, -0.5, 1.5, 2])
