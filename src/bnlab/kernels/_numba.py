@@ -2099,7 +2099,17 @@ def _gated(g, m, k0, k1, floor, relu):
 def _wide_gsums(dy, x, m, relu, u, floor, r0, r1, s1, s2):
     """:func:`_mc_gsums` for wide rows, in groups of ``_WIDE_GSUM_GROUP`` rows as
     :func:`_wide_sums` (``u``: (3, C) in the compute type, the mean and the mask's
-    coefficients)."""
+    coefficients). Without the fused ReLU the loop reads dy and x only: a mask computed and
+    discarded would cost a load and a compare per value."""
+    if relu:
+        _wide_gsums_of(dy, x, m, True, u, floor, r0, r1, s1, s2)
+    else:
+        _wide_gsums_of(dy, x, m, False, u, floor, r0, r1, s1, s2)
+
+
+@njit(**_INLINE)
+def _wide_gsums_of(dy, x, m, relu, u, floor, r0, r1, s1, s2):
+    """The loop of :func:`_wide_gsums`, inlined with ``relu`` a constant."""
     C = x.shape[1]
     mu = u[0]
     k0 = u[1]
