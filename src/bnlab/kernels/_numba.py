@@ -2204,11 +2204,17 @@ def _mc_gsums(dy, x, m, relu, u, floor, r0, r1, s1, s2):
         n = min(P, (r1 - r0 - t * r) * C)
         xs = xf[base : base + n]
         gs = gf[base : base + n]
-        ms = mf[base : base + n]
-        for p in range(n):
-            g = _keep(_ld(gs[p]), not relu or _kept(_ld(ms[p]), k0[p], k1[p], floor))
-            s1t[p] += g
-            s2t[p] += g * (_ld(xs[p]) - mu[p])
+        if relu:
+            ms = mf[base : base + n]
+            for p in range(n):
+                g = _keep(_ld(gs[p]), _kept(_ld(ms[p]), k0[p], k1[p], floor))
+                s1t[p] += g
+                s2t[p] += g * (_ld(xs[p]) - mu[p])
+        else:  # (a loop of its own: no mask loads and compares)
+            for p in range(n):
+                g = _ld(gs[p])
+                s1t[p] += g
+                s2t[p] += g * (_ld(xs[p]) - mu[p])
     t1 = np.empty(C, np.float64)
     t2 = np.empty(C, np.float64)
     _fold(s1t, C, t1)
