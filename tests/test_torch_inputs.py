@@ -7,8 +7,9 @@ positions, momentum None, affine off, ``track_running_stats`` off (in training a
 where torch then uses batch statistics) and switched after construction, ``eps = 0`` and
 negative eps, and every combination of input and parameter dtypes. Where torch refuses after
 having counted the batch in ``num_batches_tracked`` (one value per channel, ``eps <= 0`` in
-training), bnlab refuses the same input before touching anything: the one documented
-difference.
+training), bnlab refuses the same input before touching anything; and a running statistic
+whose channels share memory, which torch's training call fills with one channel's average,
+bnlab refuses: the two documented differences.
 """
 
 from __future__ import annotations
@@ -135,6 +136,44 @@ def test_one_value_per_channel_refused_as_torch_but_before_counting(shape, track
     theirs.eval()
     x = torch.randn(shape)
     assert assert_same(ours, theirs, x) is (None if track else ValueError)
+
+
+@pytest.mark.parametrize("buffer", ["running_mean", "running_var"])
+@pytest.mark.parametrize("shape", [(6, 4, 3, 3), (6, 4)])
+def test_a_running_statistic_sharing_memory_is_refused_untouched(shape, buffer):
+    """A running statistic whose channels share one element (``expand``): torch's layer writes
+    every channel's average into it and keeps the last one, a state no channel had; bnlab
+    refuses the training call, naming the layer and the buffer, and changes nothing. Inference
+    only reads the buffer: outputs and gradients as the float64 formula gives them (torch's
+    own inference backward of a 2-D input reads such a buffer wrongly, so it is no oracle)."""
+    ours, theirs = pair(shape)
+    for layer in (ours, theirs):
+        setattr(layer, buffer, torch.full((1,), 1.5).expand(shape[1]))
+    x = torch.randn(shape)
+    with torch.no_grad():
+        theirs(x)
+    kept = getattr(theirs, buffer)  # (one value: the last channel's update)
+    assert kept.unique().numel() == 1 and kept[0].item() != 1.5
+    before = {k: (v.clone(), v.stride()) for k, v in ours.state_dict().items()}
+    with pytest.raises(RuntimeError, match=rf"{type(ours).__name__}\(4\): {buffer} has elements "
+                       "that share memory"):  # fmt: skip
+        ours(x.clone().requires_grad_())
+    for k, v in ours.state_dict().items():
+        assert torch.equal(v, before[k][0]) and v.stride() == before[k][1], k
+    ours.eval()
+    dy = torch.randn(shape)
+    xg = x.clone().requires_grad_()
+    ours(xg).backward(dy)
+    view = [1] * len(shape)
+    view[1] = shape[1]
+    x64 = x.double().requires_grad_()
+    w64, b64 = (p.detach().double().requires_grad_() for p in (ours.weight, ours.bias))
+    mean, var = (t.double().reshape(view) for t in (ours.running_mean, ours.running_var))
+    y64 = (x64 - mean) / torch.sqrt(var + ours.eps) * w64.reshape(view) + b64.reshape(view)
+    y64.backward(dy.double())
+    for got, want in ((ours(x).detach(), y64.detach()), (xg.grad, x64.grad),
+                      (ours.weight.grad, w64.grad), (ours.bias.grad, b64.grad)):  # fmt: skip
+        torch.testing.assert_close(got, want.float(), **tol(torch.float32))
 
 
 # ----------------------------------------------------------------------------- eps

@@ -41,7 +41,13 @@ from . import backend as B
 from . import kernels as K
 from . import ops
 from .errors import InputDtypeError, MixedDtypeError, NotATensorError
-from .functional import check_momentum, is_real_number, standard_layout
+from .functional import (
+    check_momentum,
+    is_real_number,
+    shared_buffer,
+    shared_buffer_message,
+    standard_layout,
+)
 
 __all__ = [
     "BatchNormTrain",
@@ -766,7 +772,14 @@ def commit_stats(
     they are not finite; otherwise, when ``update``, fold them
     into the running averages (:func:`bnlab.functional.commit_running_stats`: ``momentum`` None
     for the cumulative average, any finite number as torch's factor). An empty batch is only
-    counted in ``num_batches_tracked``."""
+    counted in ``num_batches_tracked``. A running statistic whose elements share memory
+    (:func:`bnlab.functional.shared_buffer`) raises RuntimeError naming ``layer``, touching
+    nothing."""
+    if update:
+        shared = shared_buffer(running_mean, running_var)
+        if shared:
+            name = layer if isinstance(layer, str) else layer()
+            raise RuntimeError(shared_buffer_message(name, shared))
     if torch.jit.is_scripting():
         ops.decompose_commit(x, mean, var, running_mean, running_var, num_batches_tracked,
                              momentum, update, layer)  # fmt: skip

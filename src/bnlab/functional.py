@@ -292,6 +292,33 @@ def check_momentum(momentum: object) -> float | None:
     return value
 
 
+def shared_buffer(running_mean: Tensor | None, running_var: Tensor | None) -> str:
+    """The name of the running statistic whose elements share memory (a stride of 0 over more
+    than one element, as ``expand()`` makes), or "" if neither does. An in-place update refuses
+    such a tensor, and its channels' averages would overwrite one another (torch's layer keeps
+    the last channel's), so a training call refuses it before it writes anything."""
+    names = ["running_mean", "running_var"]
+    tensors = [running_mean, running_var]
+    for k in range(2):
+        t = tensors[k]
+        if t is not None:
+            sizes = t.size()
+            strides = t.stride()
+            for i in range(len(sizes)):
+                if sizes[i] > 1 and strides[i] == 0:
+                    return names[k]
+    return ""
+
+
+def shared_buffer_message(who: str, name: str) -> str:
+    """The error for :func:`shared_buffer`'s ``name`` in a call by ``who``."""
+    return (
+        f"{who}: {name} has elements that share memory (a stride of 0, as expand() makes), so "
+        f"its channels' running averages would overwrite one another; give it memory of its "
+        f"own ({name}.clone()). Nothing was updated."
+    )
+
+
 def commit_running_stats(
     mean: Tensor,
     var: Tensor,
@@ -319,8 +346,14 @@ def commit_running_stats(
     of C values).
 
     An empty batch (``m = 0``, which torch accepts in training) has no statistics: it is counted
-    in ``num_batches_tracked`` and leaves the running averages as they are, as torch does.
+    in ``num_batches_tracked`` and leaves the running averages as they are, as torch does. A
+    running statistic whose elements share memory (:func:`shared_buffer`) raises RuntimeError
+    before anything is written.
     """
+    if update:
+        shared = shared_buffer(running_mean, running_var)
+        if shared:
+            raise RuntimeError(shared_buffer_message("batch norm", shared))
     if m == 0:
         if update and num_batches_tracked is not None:
             num_batches_tracked.add_(1)
