@@ -176,6 +176,26 @@ def test_a_running_statistic_sharing_memory_is_refused_untouched(shape, buffer):
         torch.testing.assert_close(got, want.float(), **tol(torch.float32))
 
 
+@pytest.mark.parametrize("buffer", ["running_mean", "running_var", "num_batches_tracked"])
+def test_buffers_made_in_inference_mode_take_the_update_as_ordinary_ones(buffer):
+    """A model built under ``torch.inference_mode()`` and trained outside it: its buffers are
+    inference tensors, which in-place operations outside that mode refuse. torch's operator
+    writes them through its kernel under ``no_grad``; bnlab's layer takes the update on both
+    backends, all of it (the state of a layer whose buffers are ordinary tensors), in training
+    with autograd as well."""
+    shape = (6, 4, 3, 3)
+    ours, theirs = pair(shape)
+    with torch.inference_mode():
+        made = getattr(ours, buffer).clone()
+    setattr(ours, buffer, made)
+    x = torch.randn(shape)
+    ours(x.clone().requires_grad_()).sum().backward()
+    with torch.no_grad():
+        theirs(x)
+    for k, v in theirs.state_dict().items():
+        torch.testing.assert_close(ours.state_dict()[k], v, **tol(torch.float32), msg=k)
+
+
 # ----------------------------------------------------------------------------- eps
 @pytest.mark.parametrize("eps", [0.0, -1e-5, float("nan"), 1e-3])
 @pytest.mark.parametrize("training", [True, False])

@@ -27,6 +27,7 @@ channels_last inputs stay channels_last.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import numbers
 
@@ -354,22 +355,34 @@ def commit_running_stats(
         shared = shared_buffer(running_mean, running_var)
         if shared:
             raise RuntimeError(shared_buffer_message("batch norm", shared))
-    if m == 0:
-        if update and num_batches_tracked is not None:
-            num_batches_tracked.add_(1)
-        return True
-    if not math.isfinite(float(var.max())):
+    if m > 0 and not math.isfinite(float(var.max())):
         return False
-    if update and num_batches_tracked is not None:
-        num_batches_tracked.add_(1)
-    # (no counter and momentum None: torch's factor is 0, the averages stay as they are)
-    if update and running_mean is not None and (momentum is not None or num_batches_tracked
-                                                is not None):  # fmt: skip
-        f = 1.0 / float(num_batches_tracked.item()) if momentum is None else float(momentum)
-        dtype = running_mean.dtype
-        running_mean.lerp_(_as(mean.detach(), dtype), f)
-        running_var.lerp_(_as(var.detach() * (m / (m - 1)), dtype), f)
+    if not update:
+        return True
+    with _updatable(running_mean, running_var, num_batches_tracked):
+        if num_batches_tracked is not None:
+            num_batches_tracked.add_(1)
+        # (no counter and momentum None: torch's factor is 0, the averages stay as they are)
+        if m > 0 and running_mean is not None and (momentum is not None or num_batches_tracked
+                                                   is not None):  # fmt: skip
+            f = 1.0 / float(num_batches_tracked.item()) if momentum is None else float(momentum)
+            dtype = running_mean.dtype
+            running_mean.lerp_(_as(mean.detach(), dtype), f)
+            running_var.lerp_(_as(var.detach() * (m / (m - 1)), dtype), f)
     return True
+
+
+def _updatable(*buffers: Tensor | None):
+    """The context in which the buffers can be updated in place: inference mode if one of them
+    is an inference tensor (made under ``torch.inference_mode()``, a model built there and
+    trained outside it), which an in-place operation outside that mode refuses, else none. The
+    fused kernels write such buffers through their memory, as torch's operator does under
+    ``no_grad``; an update here either writes them all or, refused, none."""
+    if not torch.is_inference_mode_enabled():
+        for t in buffers:
+            if t is not None and t.is_inference():
+                return torch.inference_mode()
+    return contextlib.nullcontext()
 
 
 # ---------------------------------------------------------------------------- output layout
