@@ -401,11 +401,14 @@ def _wide_rows(C: int, itemsize: int) -> bool:
 # line of a row belongs to one block). A flat tile of C values instead runs LLVM's loop once per
 # row, with its setup and overlap checks each time and its accumulators in memory, several
 # times the narrow tiles' cost per value (figures in docs/kernels.md). Wide rows reduce in
-# groups of rows (``_WIDE_GSUM_GROUP``). The elementwise passes have no accumulators and run a
-# row at a time (:func:`_affine_lanes`, :func:`_dx_lanes`): one sequential stream per array,
-# which the hardware prefetchers follow across rows; blocks of 256-byte pieces a row apart made
-# the dx pass 5-15% slower than a plain loop with the data in memory (docs/kernels.md).
+# groups of rows (``_WIDE_GSUM_GROUP``). The normalize pass runs a row at a time
+# (:func:`_affine_lanes`); the dx pass takes the blocks (coefficients in registers) on rows
+# shorter than _ROW_DX_BYTES and a row at a time (:func:`_dx_lanes`) on longer ones: there a
+# block's chunk holds only a few rows, read in 256-byte pieces a row apart, which made the pass
+# 5-15% slower than a plain loop with the data in memory, while on short rows the blocks were
+# faster with the data in the caches (docs/kernels.md).
 _BLOCK_BYTES = 16384  # a chunk's rows: about this many bytes of one array (two fit an L1)
+_ROW_DX_BYTES = 1024
 
 
 @njit(cache=True)
@@ -1005,12 +1008,14 @@ def _tile_vectors(context, builder, aryty, ary):
     return [_lanes(context, builder, aryty, ary, i64(j * _LANES)) for j in range(_TILE // _LANES)]
 
 
-def _over_tiles(builder, start, n, body):
-    """``body(at, j)`` for each vector ``j`` of each of the ``n`` consecutive tiles of ``_TILE``
-    values from the flat index ``start``; ``at``: the vector's first index."""
+def _over_tiles(builder, start, n, body, step=None):
+    """``body(at, j)`` for each vector ``j`` of each of the ``n`` tiles of ``_TILE`` values from
+    the flat index ``start``, ``step`` values apart (an i64; None: consecutive tiles); ``at``:
+    the vector's first index."""
     i64 = ir.IntType(64)
+    step = i64(_TILE) if step is None else step
     with cgutils.for_range(builder, n) as k:
-        base = builder.add(start, builder.mul(k.index, i64(_TILE)))
+        base = builder.add(start, builder.mul(k.index, step))
         for j in range(_TILE // _LANES):
             body(builder.add(base, i64(j * _LANES)), j)
 
@@ -1156,22 +1161,23 @@ def _dx_lanes_ok(gf, xf, mf, df, coefs, floor, relu) -> bool:
 
 
 @intrinsic
-def _dx_tiles(typingctx, gf, xf, mf, df, start, n, mu, a, bb, d, k0, k1, floor, relu):
-    """:func:`_ncs_dx`'s values on ``n`` consecutive tiles of ``_TILE`` values from ``start``
-    (``mu``, ``a``, ``bb``, ``d`` and the mask's ``k0``, ``k1``: ``_TILE`` per-lane
+def _dx_tiles(typingctx, gf, xf, mf, df, start, n, step, mu, a, bb, d, k0, k1, floor, relu):
+    """:func:`_ncs_dx`'s values on ``n`` tiles of ``_TILE`` values from ``start``, ``step``
+    values apart (``mu``, ``a``, ``bb``, ``d`` and the mask's ``k0``, ``k1``: ``_TILE`` per-lane
     coefficients in the compute type, held in registers for the whole run), as
     :func:`_affine_tiles` for the normalize pass."""
     if not _dx_lanes_ok(gf, xf, mf, df, (mu, a, bb, d, k0, k1), floor, relu):
         return None
-    sig = types.void(gf, xf, mf, df, types.intp, types.intp, mu, a, bb, d, k0, k1, floor, relu)
+    sig = types.void(gf, xf, mf, df, types.intp, types.intp, types.intp, mu, a, bb, d, k0, k1,
+                     floor, relu)  # fmt: skip
 
     def codegen(context, builder, sig, args):
-        gv, xv, mv, dv, s, nv = args[:6]
-        fl, rl = args[12], args[13]
+        gv, xv, mv, dv, s, nv, stepv = args[:7]
+        fl, rl = args[13], args[14]
         dd = _data(context, builder, sig.args[3], dv)
         elem = dd.type.pointee
         align = sig.args[3].dtype.bitwidth // 8
-        mu, a, bb, d, k0, k1 = (_tile_vectors(context, builder, sig.args[6 + i], args[6 + i])
+        mu, a, bb, d, k0, k1 = (_tile_vectors(context, builder, sig.args[7 + i], args[7 + i])
                                 for i in range(6))  # fmt: skip
 
         def loop(masked):
@@ -1183,7 +1189,7 @@ def _dx_tiles(typingctx, gf, xf, mf, df, start, n, mu, a, bb, d, k0, k1, floor, 
                                                (k0[j], k1[j]), fl, masked), elem)  # fmt: skip
                 _store_vec(builder, r, dd, at, align)
 
-            _over_tiles(builder, s, nv, vector)
+            _over_tiles(builder, s, nv, vector, stepv)
 
         _branch(builder, rl, loop)
         return context.get_dummy_value()
@@ -1196,8 +1202,8 @@ def _dx_lanes(typingctx, gf, xf, mf, df, start, n, mu, a, bb, d, k0, k1, floor, 
     """:func:`_ncs_dx`'s values on the ``n`` values from ``start``, ``p`` a value's index from
     ``start`` (``mu``, ``a``, ``bb``, ``d`` and the mask's ``k0``, ``k1``: at least ``n``
     per-value coefficients in the compute type): one tile of a channels_last dx pass whose tile
-    is not ``_TILE`` values (a row of more than 64 channels, say), as :func:`_affine_lanes` for
-    the normalize pass."""
+    is not ``_TILE`` values and whose rows are not taken in column blocks, as
+    :func:`_affine_lanes` for the normalize pass."""
     if not _dx_lanes_ok(gf, xf, mf, df, (mu, a, bb, d, k0, k1), floor, relu):
         return None
     sig = types.void(gf, xf, mf, df, types.intp, types.intp, mu, a, bb, d, k0, k1, floor, relu)
@@ -2275,10 +2281,20 @@ def _mc_dx(dy, x, m, relu, t, floor, dx, r0, r1, stream=False):
     d = t[3]
     k0 = t[4]
     k1 = t[5]
+    if _column_blocks(C) and C * x.itemsize < _ROW_DX_BYTES:
+        rb = _block_rows(C, x.itemsize)
+        for k in range((r1 - r0 + rb - 1) // rb):
+            q = r0 + k * rb
+            n = min(rb, r1 - q)
+            for o in range(0, C, _TILE):
+                e = o + _TILE
+                _dx_tiles(gf, xf, mf, df, q * C + o, n, C, mu[o:e], a[o:e], bb[o:e], d[o:e],
+                          k0[o:e], k1[o:e], floor, relu)  # fmt: skip
+        return
     first = 0
     if P == _TILE:  # C divides _TILE: whole tiles with the coefficients in registers
         first = (r1 - r0) // r
-        _dx_tiles(gf, xf, mf, df, r0 * C, first, mu, a, bb, d, k0, k1, floor, relu)
+        _dx_tiles(gf, xf, mf, df, r0 * C, first, _TILE, mu, a, bb, d, k0, k1, floor, relu)
     for t in range(first, (r1 - r0 + r - 1) // r):  # whole tiles, then the rows left
         base = (r0 + t * r) * C
         _dx_lanes(gf, xf, mf, df, base, min(P, (r1 - r0 - t * r) * C), mu, a, bb, d, k0, k1,
