@@ -670,8 +670,9 @@ def _relu_mask_oracle(layer, x, dy, training):
 
 # Layouts the backward reaches by different loops: NCHW runs (vectors and a rest), channels_last
 # rows of 16 channels (tiles in registers), 48 (the array loop, two tiles a sweep), 192 (column
-# blocks of 64 channels down chunks of rows, the last chunk short), 1040 (wide rows), a dense
-# (M, C) input, and inputs above SERIAL_MAX (parallel chunks).
+# blocks of 64 channels down chunks of rows, the last chunk short; the float64 dx pass, rows of
+# 1.5 KB, a row at a time), 1040 (wide rows), a dense (M, C) input, and inputs above SERIAL_MAX
+# (parallel chunks).
 _MASK_CASES = [
     ((6, 40, 5, 7), "contiguous"),
     ((6, 16, 5, 7), "channels_last"),
