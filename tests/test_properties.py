@@ -146,10 +146,26 @@ def test_random_configurations_match_torch(cfg):
         return
     assert not isinstance(got, type), got
     tol = dict(rtol=1e-4, atol=1e-4) if dtype == torch.float32 else dict(rtol=1e-9, atol=1e-9)
-    torch.testing.assert_close(got[0], want[0], **tol)
+    torch.testing.assert_close(got[0], want[0], **_output_tol(tol, x, ref, cfg))
     assert (got[1] is None) == (want[1] is None)
     for a, b in zip(got[1] or (), want[1] or (), strict=True):
         torch.testing.assert_close(a, b, **tol)
     for (k, a), (k2, b) in zip(ours.state_dict().items(), ref.state_dict().items(), strict=True):
         assert k == k2
         torch.testing.assert_close(a, b, **tol)
+
+
+def _output_tol(tol, x, ref, cfg):
+    """``tol`` for the outputs, widened in float32 by a few units in the last place of the
+    largest ``|x| invstd``: the fused kernels normalize as one multiply-add, ``y = x a + c``,
+    as torch's own contiguous kernels do, whose rounding is relative to ``x a`` and not to
+    ``y``. A batch of equal values (the strided layout makes one of two samples, var 0, invstd
+    ``1/sqrt(eps)``) then gives ``y`` = 0 up to ~1e-4 (torch's strided path subtracts the mean
+    first and gives 0)."""
+    if x.dtype != torch.float32 or x.numel() == 0:
+        return tol
+    dims = [d for d in range(x.dim()) if d != 1]
+    batch = cfg["training"] or ref.running_var is None
+    var = x.double().var(dims, unbiased=False) if batch else ref.running_var.double()
+    scale = (x.double().abs().amax(dims) / torch.sqrt((var + cfg["eps"]).clamp_min(0))).max()
+    return dict(tol, atol=tol["atol"] + 8 * 2.0**-24 * float(scale))
