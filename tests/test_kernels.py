@@ -117,6 +117,7 @@ def test_fused_matches_reference_random_shapes(rank, data, dtype, layout, params
         (7, 1100),  # rows of a page or more (f32 and f64): groups of whole rows, none full for
         # the statistics (8 rows), one and three rows left for the gradient sums (4 rows)
         (100, 1088),  # the same, parallel: chunks of 64 and 36 rows, four rows left in the second
+        (1100, 1040),  # wide with few rows: 16 chunks of 69 rows (above _MIN_ROWS), 65 last
         (2, 1030, 3, 1),  # the same in channels_last: six rows of 1030 channels
         (2, 20000, 1, 2),  # huge C, spatial
         (1000, 3),  # long dense, few channels
@@ -1212,7 +1213,7 @@ def test_kernels_follow_torch_set_num_threads():
 @pytest.mark.parametrize(
     "shape, fmt",
     [((16, 24, 18, 20), "contiguous"), ((16, 24, 18, 20), "channels_last"),
-     ((9000, 24), "contiguous"), ((8, 128, 9, 9), "channels_last")],
+     ((9000, 24), "contiguous"), ((8, 128, 9, 9), "channels_last"), ((1100, 1040), "contiguous")],
 )  # fmt: skip
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_one_thread_gives_the_values_of_two(shape, fmt, dtype):
@@ -1253,6 +1254,21 @@ def test_one_thread_gives_the_values_of_two(shape, fmt, dtype):
         torch.set_num_threads(before)
     for a, b in zip(*results, strict=True):
         assert a.dtype == b.dtype and torch.equal(a, b)
+
+
+@pytest.mark.parametrize("C", [1, 16, 128, 1024, 2048, 20000])
+@pytest.mark.parametrize("M", [1, 63, 64, 1000, 1568, 4096, 9000, 100352])
+def test_chunk_rows_bound_the_chunk_count_and_the_partial_sums(M, C):
+    """Rows per chunk of an (M, C) layout: at most 64 chunks unless a chunk holds its ~256K
+    values, every chunk but the last whole, and at least min(_PARTIAL_ROWS, M / _MIN_CHUNKS)
+    rows, so the float64 partial sums of each chunk stay a small part of its reads where the
+    rows allow it."""
+    R = _numba.mc_rows_per_chunk(M, C)
+    assert 1 <= R <= M
+    K = -(-M // R)
+    assert (K - 1) * R < M
+    assert K <= _numba._MAX_CHUNKS or R >= max(1, _numba._MAX_CHUNK // C)
+    assert R >= min(_numba._PARTIAL_ROWS, -(-M // _numba._MIN_CHUNKS))
 
 
 def test_spans_split_the_chunks_in_order():

@@ -276,11 +276,17 @@ def _flat(typingctx, a):
 # partial-sum arrays, and chunks that stay in L2 between the statistics and the normalize pass
 # when M*C is small). Each chunk of a reduction writes two float64 partial sums per channel, which
 # the merge reads again: against R rows of float32 that is 16 / (4 R) of the pass's traffic, 25%
-# on a 16-row chunk of a wide layer and 6% from _MIN_ROWS.
+# on a 16-row chunk of a wide layer and 6% from _MIN_ROWS, and those lines move more than once
+# (zeroed, added to, evicted by the stream of data, merged): 64-row chunks cost the gradient sums
+# of a (4096, 1024) layer a tenth of their time (docs/kernels.md). So a chunk also takes up to
+# _PARTIAL_ROWS rows where that leaves at least _MIN_CHUNKS chunks, above the ~256K values if
+# need be; wide layers with few rows are the ones this changes.
 _MIN_CHUNK = 1 << 14
 _MAX_CHUNK = 1 << 18
 _MAX_CHUNKS = 64
 _MIN_ROWS = 64
+_PARTIAL_ROWS = 256
+_MIN_CHUNKS = 16
 
 # Inputs of at most this many values (any layout) run serially (module docstring, use_serial):
 # four minimum-size chunks, too little work per thread to pay for a parallel region.
@@ -292,6 +298,7 @@ def mc_rows_per_chunk(M: int, C: int) -> int:
     """Rows per chunk for an (M, C) layout (see module docstring)."""
     r = max((M + _MAX_CHUNKS - 1) // _MAX_CHUNKS, _MIN_CHUNK // C, _MIN_ROWS)
     r = min(r, max(1, _MAX_CHUNK // C))
+    r = max(r, min(_PARTIAL_ROWS, (M + _MIN_CHUNKS - 1) // _MIN_CHUNKS))
     return max(1, min(r, M))
 
 
