@@ -171,6 +171,21 @@ def test_refusals_of_torchs_class_and_nothing_updated(case):
             assert t is None or torch.equal(t, b)
 
 
+@pytest.mark.parametrize("training", [True, False])
+def test_running_statistics_that_require_grad_are_taken_outside_autograd(training):
+    """torch refuses running statistics that require grad only while autograd records (the
+    refusal above); under ``no_grad`` both functions take them, with the same answers."""
+    x = torch.randn(4, 3, 5)
+    stats = [torch.randn(3).requires_grad_(), (torch.rand(3) + 0.5).requires_grad_()]
+    outs = []
+    for fn in (F.batch_norm, bnlab.batch_norm):
+        rm, rv = (t.detach().clone().requires_grad_() for t in stats)
+        with torch.no_grad():
+            outs.append((fn(x, rm, rv, None, None, training, 0.3, 1e-5), rm, rv))
+    for a, b in zip(*outs, strict=True):
+        torch.testing.assert_close(a, b)
+
+
 def test_a_non_finite_batch_leaves_the_running_statistics_alone():
     x = torch.randn(4, 3, 5)
     x[1, 2, 3] = float("inf")

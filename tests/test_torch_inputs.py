@@ -5,7 +5,8 @@ statistics, ``num_batches_tracked``, and whether each raises. The inputs follow 
 BatchNorm tests: empty batches (zero samples or zero positions), one sample with several
 positions, momentum None, affine off, ``track_running_stats`` off (in training and in eval,
 where torch then uses batch statistics) and switched after construction, ``eps = 0`` and
-negative eps, and every combination of input and parameter dtypes. Where torch refuses after
+negative eps, running statistics that require grad (refused while autograd records, taken
+under ``no_grad``), and every combination of input and parameter dtypes. Where torch refuses after
 having counted the batch in ``num_batches_tracked`` (one value per channel, ``eps <= 0`` in
 training), bnlab refuses the same input before touching anything; and a running statistic
 whose channels share memory, which torch's training call fills with one channel's average,
@@ -174,6 +175,38 @@ def test_a_running_statistic_sharing_memory_is_refused_untouched(shape, buffer):
     for got, want in ((ours(x).detach(), y64.detach()), (xg.grad, x64.grad),
                       (ours.weight.grad, w64.grad), (ours.bias.grad, b64.grad)):  # fmt: skip
         torch.testing.assert_close(got, want.float(), **tol(torch.float32))
+
+
+@pytest.mark.parametrize("mode", ["grad", "no_grad", "inference_mode"])
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("buffer", ["running_mean", "running_var"])
+def test_a_running_statistic_that_requires_grad(buffer, training, mode):
+    """A running statistic that requires grad: while autograd records, torch refuses the call
+    (in training and in eval, whether or not the input requires grad) and so does bnlab, naming
+    the layer and the buffer, with nothing counted or updated; under ``no_grad`` and
+    ``inference_mode`` both take it, with the same output and state."""
+    shape = (6, 4, 3, 3)
+    ours, theirs = pair(shape)
+    for layer in (ours, theirs):
+        setattr(layer, buffer, getattr(layer, buffer).clone().requires_grad_())
+        layer.train(training)
+    x = torch.randn(shape)
+    if mode == "grad":
+        with pytest.raises(RuntimeError, match=buffer):
+            theirs(x)
+        before = {k: v.clone() for k, v in ours.state_dict().items()}
+        for xi in (x, x.clone().requires_grad_()):
+            with pytest.raises(RuntimeError, match=rf"BatchNorm2d\(4\): {buffer} requires grad"):
+                ours(xi)
+        for k, v in ours.state_dict().items():
+            assert torch.equal(v, before[k]), k
+        return
+    with getattr(torch, mode)():
+        got, want = ours(x), theirs(x)
+    torch.testing.assert_close(got, want, **tol(torch.float32))
+    for k, v in theirs.state_dict().items():
+        torch.testing.assert_close(ours.state_dict()[k], v, **tol(torch.float32), msg=k)
+    assert getattr(ours, buffer).requires_grad
 
 
 @pytest.mark.parametrize("buffer", ["running_mean", "running_var", "num_batches_tracked"])

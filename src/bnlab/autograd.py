@@ -401,10 +401,10 @@ def batch_norm(
     What torch refuses is refused, naming ``batch_norm`` and the argument, with the class torch
     raises (``momentum`` None, running statistics missing in evaluation or only one of them
     given, one value per channel or ``eps <= 0`` in training, counts or dtypes that do not
-    match, running statistics that require grad). Stricter where torch would poison the
-    running statistics: a non-finite momentum is refused before anything is read, and a
-    training batch with non-finite statistics raises ``FloatingPointError`` and leaves them
-    as they were (without running statistics its output is NaN, as torch's)."""
+    match, running statistics that require grad while autograd records). Stricter where torch
+    would poison the running statistics: a non-finite momentum is refused before anything is
+    read, and a training batch with non-finite statistics raises ``FloatingPointError`` and
+    leaves them as they were (without running statistics its output is NaN, as torch's)."""
     return _batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps,
                        True)  # fmt: skip
 
@@ -639,7 +639,7 @@ def _check_call(
             raise RuntimeError(f"{fn}: {name} must be given in evaluation mode (training=False)")
         if t is not None:
             _check_count(x, t, name, fn, False)
-            if t.requires_grad:
+            if t.requires_grad and torch.is_grad_enabled():  # (torch's refusal, under autograd)
                 raise RuntimeError(f"{fn}: {name} cannot require grad (it is not differentiated)")
     for name, t in (("weight", weight), ("bias", bias)):
         if t is not None:

@@ -185,8 +185,9 @@ class _BatchNorm(nn.modules.batchnorm._BatchNorm):
         mixed dtypes, a parameter or running statistic of another size than the channel count,
         a running statistic that is not 1-D (a weight or bias of C values may have any shape, as
         in torch: :meth:`_affine`), one value per channel or ``eps <= 0`` with batch statistics,
-        ``eps < 0`` with population statistics. The running statistics are given when this
-        call uses or updates them."""
+        ``eps < 0`` with population statistics, a running statistic that requires grad while
+        autograd records. The running statistics are given when this call uses or updates
+        them."""
         if torch.jit.is_scripting():
             self._check_input_dim(x)  # torch's rank check; the ops check the rest
         else:
@@ -219,6 +220,13 @@ class _BatchNorm(nn.modules.batchnorm._BatchNorm):
                         f"{self._describe()}: {name} should be 1-D ({c},), got shape "
                         f"{tuple(t.shape)}"
                     )
+                if t is not None and t.requires_grad and name.startswith("running"):
+                    if torch.is_grad_enabled():  # (torch's refusal, under autograd only)
+                        raise RuntimeError(
+                            f"{self._describe()}: {name} requires grad, but a running "
+                            "statistic is not differentiated: detach it, or call the layer "
+                            "under torch.no_grad()"
+                        )
         if batch_stats:
             if x.numel() == x.shape[1] or self.eps <= 0:  # m = 1, or no eps (NaN passes: torch)
                 check_batch(x, self.eps, True, self._describe())
@@ -351,6 +359,8 @@ class _BatchNorm(nn.modules.batchnorm._BatchNorm):
             return None
         if running_mean is None or running_var is None:
             return None
+        if running_mean.requires_grad or running_var.requires_grad:  # (the general path decides)
+            return None
         views = self._fast_views
         if views is None:
             views = self._fast_views = B.new_views()
@@ -405,6 +415,8 @@ class _BatchNorm(nn.modules.batchnorm._BatchNorm):
             return None
         weight, bias, running_mean, running_var, count = state
         if running_mean is None or running_var is None or count is None:
+            return None
+        if running_mean.requires_grad or running_var.requires_grad:  # (the general path decides)
             return None
         views = self._fast_views
         if views is None:
