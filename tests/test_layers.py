@@ -1008,6 +1008,23 @@ def test_short_training_path_refuses_non_finite_batches_untouched(bad, backend):
         assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("shape", [(4, 3, 2, 2), (8, 3)])
+def test_a_variance_beyond_float32_is_refused_untouched(shape, backend):
+    """Finite float32 values whose batch variance exceeds float32's range: torch's layer puts
+    Inf into running_var (and outputs the bias); bnlab's refuses the batch, says that the
+    variance may be the cause, and keeps its state, on both paths (short and general)."""
+    for grad in (False, True):
+        layer = bnlab.BatchNorm1d(3) if len(shape) == 2 else bnlab.BatchNorm2d(3)
+        x = torch.randn(shape) * 1e20
+        dims = [d for d in range(x.dim()) if d != 1]
+        assert torch.isfinite(x).all() and torch.isinf(x.double().var(dims).float()).all()
+        before = [b.clone() for b in layer.buffers()]
+        with pytest.raises(FloatingPointError, match="a variance beyond the range of its dtype"):
+            layer(x.requires_grad_(grad))
+        for a, b in zip(before, layer.buffers(), strict=True):
+            assert torch.equal(a, b)
+
+
 def test_short_training_path_sees_every_change_of_state(backend):
     """The short training path keeps numpy views of the parameters, running averages and
     count between calls; every way of changing them (in place, ``.data``, new buffers,

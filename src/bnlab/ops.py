@@ -213,8 +213,8 @@ def check_batch(x: Tensor, eps: float, batch_stats: bool, layer: str) -> None:
 def non_finite_message(layer: str, shape: list[int] | None = None) -> str:
     where = "the input" if shape is None else "the input of shape " + shape_text(shape)
     return (
-        f"{layer}: non-finite batch statistics (NaN or Inf in {where}); running statistics "
-        "were left unchanged"
+        f"{layer}: non-finite batch statistics (NaN or Inf in {where}, or a variance beyond "
+        "the range of its dtype); running statistics were left unchanged"
     )
 
 
