@@ -277,9 +277,9 @@ def _flat(typingctx, a):
 # when M*C is small). Each chunk of a reduction writes two float64 partial sums per channel, which
 # the merge reads again: against R rows of float32 that is 16 / (4 R) of the pass's traffic, 25%
 # on a 16-row chunk of a wide layer and 6% from _MIN_ROWS, and those lines move more than once
-# (zeroed, added to, evicted by the stream of data, merged): 64-row chunks cost the gradient sums
-# of a (4096, 1024) layer a tenth of their time (docs/kernels.md). So a chunk also takes up to
-# _PARTIAL_ROWS rows where that leaves at least _MIN_CHUNKS chunks, above the ~256K values if
+# (zeroed, added to, evicted by the stream of data, merged), so they cost short chunks more than
+# that share (docs/kernels.md). So a chunk also takes up to _PARTIAL_ROWS rows where that leaves
+# at least _MIN_CHUNKS chunks (which balance 2, 4, 8 and 16 threads), above the ~256K values if
 # need be; wide layers with few rows are the ones this changes.
 _MIN_CHUNK = 1 << 14
 _MAX_CHUNK = 1 << 18
