@@ -83,6 +83,23 @@ def test_cold_rounds_flush_before_every_timed_call_only():
     assert timed[0::2] == ["flush"] * 12 and sorted(timed[1::2]) == sorted(["a", "b", "c"] * 4)
 
 
+@pytest.mark.parametrize("llc_mb", [16, 32, 300])
+def test_cold_flush_writes_twice_the_last_level_cache(monkeypatch, llc_mb):
+    """``--cold`` writes at least twice the last-level cache the machine reports (a server part
+    of 300 MB included) and never less than ``COLD_BYTES``."""
+    import bnlab.kernels
+    from bnlab import bench
+
+    monkeypatch.setattr(bnlab.kernels, "llc_bytes", lambda: llc_mb << 20)
+    want = max(bench.COLD_BYTES, 2 * (llc_mb << 20))
+    assert bench.cold_bytes() == want
+    sizes = []
+    real_empty = bench.torch.empty
+    monkeypatch.setattr(bench.torch, "empty", lambda n: sizes.append(n) or real_empty(1))
+    bench.cache_flusher()
+    assert sizes == [want // 4]
+
+
 def test_spread_table_takes_each_ratio_within_a_process():
     """``--processes``' table: times are the median of the per-process medians, each ratio the
     median and range of the ratios taken inside each process (hand-computed here)."""

@@ -44,10 +44,10 @@ its time, for torch's layer and bnlab's alike. ``--heap steady`` fixes both thre
 header gives the minor page faults of the timed calls per call.
 
 By default a call finds in the caches whatever the calls before it left there (a tensor that fits
-in the last-level cache is often still in it). ``--cold`` writes a buffer larger than any
-last-level cache before every timed call, untimed, so that every call reads its tensors from
-memory, as a layer of a large model does when the other layers' tensors have passed through the
-caches since.
+in the last-level cache is often still in it). ``--cold`` writes a buffer of twice the
+last-level cache (at least 128 MB, :func:`cold_bytes`) before every timed call, untimed, so
+that every call reads its tensors from memory, as a layer of a large model does when the other
+layers' tensors have passed through the caches since.
 """
 
 from __future__ import annotations
@@ -324,14 +324,25 @@ def faults_text() -> str:
     return f"{TIMED['faults'] / max(1, TIMED['calls']):.1f} minor page faults per timed call"
 
 
-# More than the last-level cache a core sees on current CPUs (up to 96 MB per CCD or socket).
+# At least this much is written to evict the caches: more than the last-level cache a core sees
+# on most CPUs (96 MB per CCD or socket on many; some server parts have several times that, which
+# cold_bytes() reads from the machine).
 COLD_BYTES = 128 << 20
 
 
-def cache_flusher(nbytes: int = COLD_BYTES) -> Callable[[], None]:
-    """A callable that writes ``nbytes`` of a buffer of its own, evicting other data from the
-    caches (written, not only read, so that the lines it leaves are its own)."""
-    buf = torch.empty(nbytes // 4)
+def cold_bytes() -> int:
+    """Bytes :func:`cache_flusher` writes by default: twice this machine's last-level cache
+    (:func:`bnlab.kernels.llc_bytes`, as the kernels read it), at least ``COLD_BYTES``."""
+    from bnlab.kernels import llc_bytes
+
+    return max(COLD_BYTES, 2 * llc_bytes())
+
+
+def cache_flusher(nbytes: int | None = None) -> Callable[[], None]:
+    """A callable that writes ``nbytes`` (default :func:`cold_bytes`) of a buffer of its own,
+    evicting other data from the caches (written, not only read, so that the lines it leaves are
+    its own)."""
+    buf = torch.empty((cold_bytes() if nbytes is None else nbytes) // 4)
 
     def flush() -> None:
         buf.fill_(1.0)
