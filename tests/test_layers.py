@@ -1012,7 +1012,7 @@ def test_short_training_path_refuses_non_finite_batches_untouched(bad, backend):
 def test_a_variance_beyond_float32_is_refused_untouched(shape, backend):
     """Finite float32 values whose batch variance exceeds float32's range: torch's layer puts
     Inf into running_var (and outputs the bias); bnlab's refuses the batch, says that the
-    variance may be the cause, and keeps its state, on both paths (short and general)."""
+    variance may be the cause, and keeps its state, with and without a graph to record."""
     for grad in (False, True):
         layer = bnlab.BatchNorm1d(3) if len(shape) == 2 else bnlab.BatchNorm2d(3)
         x = torch.randn(shape) * 1e20

@@ -220,13 +220,12 @@ class _BatchNorm(nn.modules.batchnorm._BatchNorm):
                         f"{self._describe()}: {name} should be 1-D ({c},), got shape "
                         f"{tuple(t.shape)}"
                     )
-                if t is not None and t.requires_grad and name.startswith("running"):
-                    if torch.is_grad_enabled():  # (torch's refusal, under autograd only)
-                        raise RuntimeError(
-                            f"{self._describe()}: {name} requires grad, but a running "
-                            "statistic is not differentiated: detach it, or call the layer "
-                            "under torch.no_grad()"
-                        )
+                if (t is not None and t.requires_grad and name.startswith("running")
+                        and torch.is_grad_enabled()):  # (torch refuses it under autograd only)
+                    raise RuntimeError(
+                        f"{self._describe()}: {name} requires grad, but a running statistic is "
+                        "not differentiated: detach it, or call the layer under torch.no_grad()"
+                    )
         if batch_stats:
             if x.numel() == x.shape[1] or self.eps <= 0:  # m = 1, or no eps (NaN passes: torch)
                 check_batch(x, self.eps, True, self._describe())
