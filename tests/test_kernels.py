@@ -117,7 +117,7 @@ def test_fused_matches_reference_random_shapes(rank, data, dtype, layout, params
         (7, 1100),  # rows of a page or more (f32 and f64): groups of whole rows, none full for
         # the statistics (8 rows), one and three rows left for the gradient sums (4 rows)
         (100, 1088),  # the same, parallel: chunks of 64 and 36 rows, four rows left in the second
-        (1100, 1040),  # wide with few rows: 16 chunks of 69 rows (above _MIN_ROWS), 65 last
+        (2100, 1040),  # wide with few rows: 32 chunks of 66 rows (above _MIN_ROWS), 54 last
         (2, 1030, 3, 1),  # the same in channels_last: six rows of 1030 channels
         (2, 20000, 1, 2),  # huge C, spatial
         (1000, 3),  # long dense, few channels
@@ -1213,7 +1213,7 @@ def test_kernels_follow_torch_set_num_threads():
 @pytest.mark.parametrize(
     "shape, fmt",
     [((16, 24, 18, 20), "contiguous"), ((16, 24, 18, 20), "channels_last"),
-     ((9000, 24), "contiguous"), ((8, 128, 9, 9), "channels_last"), ((1100, 1040), "contiguous")],
+     ((9000, 24), "contiguous"), ((8, 128, 9, 9), "channels_last"), ((2100, 1040), "contiguous")],
 )  # fmt: skip
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_one_thread_gives_the_values_of_two(shape, fmt, dtype):

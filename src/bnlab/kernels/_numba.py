@@ -279,14 +279,16 @@ def _flat(typingctx, a):
 # on a 16-row chunk of a wide layer and 6% from _MIN_ROWS, and those lines move more than once
 # (zeroed, added to, evicted by the stream of data, merged), so they cost short chunks more than
 # that share (docs/kernels.md). So a chunk also takes up to _PARTIAL_ROWS rows where that leaves
-# at least _MIN_CHUNKS chunks (which balance 2, 4, 8 and 16 threads), above the ~256K values if
-# need be; wide layers with few rows are the ones this changes.
+# at least _MIN_CHUNKS chunks, above the ~256K values if need be; wide layers with few rows are
+# the ones this changes. (The chunks may not depend on the thread count, so their number is a
+# compromise: 32 split evenly over 2, 4, 8, 16 and 32 threads and within one chunk in eight over
+# 3, 6 or 12, where 16 chunks would leave 12 threads half of the time idle.)
 _MIN_CHUNK = 1 << 14
 _MAX_CHUNK = 1 << 18
 _MAX_CHUNKS = 64
 _MIN_ROWS = 64
 _PARTIAL_ROWS = 256
-_MIN_CHUNKS = 16
+_MIN_CHUNKS = 32
 
 # Inputs of at most this many values (any layout) run serially (module docstring, use_serial):
 # four minimum-size chunks, too little work per thread to pay for a parallel region.
