@@ -117,8 +117,8 @@ def test_fused_matches_reference_random_shapes(rank, data, dtype, layout, params
         (7, 1100),  # rows of a page or more (f32 and f64): groups of whole rows, none full for
         # the statistics (8 rows), one and three rows left for the gradient sums (4 rows)
         (100, 1088),  # the same, parallel: chunks of 64 and 36 rows, four rows left in the second
-        (2100, 1040),  # wide with few rows: 32 chunks of 66 rows (above _MIN_ROWS), 54 last
         (2, 1030, 3, 1),  # the same in channels_last: six rows of 1030 channels
+        (2100, 1040),  # wide with few rows: 32 chunks of 66 rows (above _MIN_ROWS), 54 last
         (2, 20000, 1, 2),  # huge C, spatial
         (1000, 3),  # long dense, few channels
         (60, 300),  # dense, at most SERIAL_MAX values: the serial kernels
