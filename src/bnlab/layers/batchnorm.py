@@ -323,13 +323,18 @@ class _BatchNorm(nn.modules.batchnorm._BatchNorm):
         paths, read from the module's dictionaries of parameters and buffers, which is what
         attribute access returns for them (``nn.Module.__getattr__``, reached only after a
         search of the class hierarchy that costs several times more); None when one of them is
-        not registered there (deleted, or assigned as a plain attribute), for the general path."""
+        not registered there (deleted, or assigned as a plain attribute) or a running statistic
+        requires grad (refused under autograd, :meth:`_check_input`), for the general path."""
         p, b = self._parameters, self._buffers
         try:
-            return (p["weight"], p["bias"], b["running_mean"], b["running_var"],
-                    b["num_batches_tracked"])  # fmt: skip
+            state = (p["weight"], p["bias"], b["running_mean"], b["running_var"],
+                     b["num_batches_tracked"])  # fmt: skip
         except KeyError:
             return None
+        for t in state[2:4]:
+            if t is not None and t.requires_grad:
+                return None
+        return state
 
     @torch.jit.unused
     def _eval_fast(self, x: Tensor) -> Tensor | None:
@@ -357,8 +362,6 @@ class _BatchNorm(nn.modules.batchnorm._BatchNorm):
         if shape[1] != self.num_features or not self.eps >= 0 or act not in (None, "relu"):
             return None
         if running_mean is None or running_var is None:
-            return None
-        if running_mean.requires_grad or running_var.requires_grad:  # (the general path decides)
             return None
         views = self._fast_views
         if views is None:
@@ -414,8 +417,6 @@ class _BatchNorm(nn.modules.batchnorm._BatchNorm):
             return None
         weight, bias, running_mean, running_var, count = state
         if running_mean is None or running_var is None or count is None:
-            return None
-        if running_mean.requires_grad or running_var.requires_grad:  # (the general path decides)
             return None
         views = self._fast_views
         if views is None:
