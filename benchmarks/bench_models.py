@@ -166,6 +166,12 @@ def main(argv=None) -> None:
         ops.set_compile_form(form or "auto")  # validates
         compiled.append((variant, form or "auto"))
     ops.set_compile_form("auto")
+    # Every compiled case runs the same forward code with other guards (module, mode, form):
+    # past Dynamo's default limit of recompilations per code object the later cases would run
+    # eagerly and be timed as compiled.
+    dyn = torch._dynamo.config
+    dyn.recompile_limit = max(dyn.recompile_limit, 8 * len(compiled) + 8)
+    dyn.accumulated_recompile_limit = max(dyn.accumulated_recompile_limit, 64 * len(compiled))
     print(f"torch {torch.__version__}, threads={torch.get_num_threads()} (numba "
           f"{numba.get_num_threads()}), {'bf16 autocast' if args.autocast else 'float32'}, "
           f"{'channels_last' if args.channels_last else 'contiguous'}, {heap}, "

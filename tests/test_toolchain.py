@@ -20,6 +20,7 @@ from __future__ import annotations
 import copy
 import io
 import os
+import re
 import subprocess
 import sys
 import warnings
@@ -241,6 +242,36 @@ def test_compile_in_a_fresh_process_with_inductor():
     assert out.returncode == 0, out.stderr[-3000:]
     worst = float(out.stdout.split("WORST")[-1])
     assert worst < 1e-5
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_inductor_hands_the_operators_its_own_layout(mode):
+    """Inductor runs a contiguous model's convolutions channels_last; bnlab's operators take
+    any dense layout (their outputs and dx follow x's), so they get the convolutions' outputs as
+    they are: no generated kernel comes from an operator (one would be a layout copy of its
+    input or output, as bnlab's operators are opaque to Inductor), and the step is eager's."""
+    import torch._inductor.config as inductor_config
+    from torch._inductor.utils import run_and_get_code
+
+    torch.manual_seed(0)
+    net = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1, bias=False), bnlab.BatchNorm2d(8, activation="relu"),
+        nn.Conv2d(8, 8, 3, padding=1, bias=False), bnlab.BatchNorm2d(8), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+    ).train(mode == "train")  # fmt: skip
+    ref = copy.deepcopy(net)
+    torch._dynamo.reset()
+    compiled = torch.compile(net, fullgraph=True)
+    x = torch.randn(4, 3, 8, 8)
+    with bnlab.ops.compile_form("ops"), inductor_config.patch(fx_graph_cache=False):
+        got, code = run_and_get_code(step, compiled, x)
+    assert_same_step(got, step(ref, x))
+    assert_same_states(net, ref)
+    text = "\n".join(code)
+    assert "torch.ops.bnlab.batch_norm_" in text
+    copies = re.findall(r"cpp_fused\w*(?:batch_norm_train|batch_norm_eval|batch_norm_backward"
+                        r"|commit_stats)\w*", text)  # fmt: skip
+    assert not copies, sorted(set(copies))
 
 
 @pytest.mark.parametrize("form", ["ops", "decompose"])

@@ -86,13 +86,13 @@ EAGER, OP, DECOMPOSE = 0, 1, 2
 COMPILE_FORMS = ("auto", "ops", "decompose")
 # Under torch.compile, "auto" lets Inductor fuse the decomposition of every input but a
 # channels_last one of more than this many values, for which it calls the operators (bnlab's
-# kernels). A custom operator is an opaque call back into Python per operator, it keeps Inductor
-# from fusing BN with the convolution's output and the ReLU, and Inductor materializes its
-# inputs and outputs in the strides eager mode would give them: in a contiguous model, whose
-# convolutions Inductor runs in channels_last, that is a layout copy of x, y, dy and dx around
-# every operator call. The decomposition was the faster form at every size measured in
-# contiguous models and layers (to 12.8M values); in a channels_last layer, where no copy is
-# needed, the operators were as fast or faster above this bound (docs/kernels.md).
+# kernels). A custom operator is an opaque call back into Python per operator and keeps Inductor
+# from fusing BN with the ReLU and the residual addition around it; in a contiguous model,
+# whose convolutions Inductor runs channels_last, the operators also get channels_last inputs
+# (they take any layout, _ANY_LAYOUT) where eager mode gives them contiguous ones. The
+# decomposition was the faster form at every size measured in contiguous models and layers (to
+# 12.8M values); in a channels_last layer the operators were as fast or faster above this bound
+# (docs/kernels.md).
 COMPILE_DECOMPOSE_MAX = 1 << 21
 
 
@@ -471,7 +471,16 @@ def _empty_like_out(y: Tensor, x: Tensor) -> Tensor:
     return like.copy_(y)
 
 
-@torch.library.custom_op("bnlab::batch_norm_train", mutates_args=())
+# Every operator takes its tensors in any strides (the kernels read both dense layouts, the
+# reference path any other), and its outputs (and dx) take x's as torch.empty_like gives them, in
+# the fake implementations too. So Inductor may hand them its buffers as it laid them out: without
+# this tag it copies each tensor argument to the strides of the traced call first (for a
+# contiguous model whose convolutions it runs channels_last: x, y, dy and dx around every call,
+# and x once more for commit_stats, which reads only its shape).
+_ANY_LAYOUT = (torch.Tag.flexible_layout,)
+
+
+@torch.library.custom_op("bnlab::batch_norm_train", mutates_args=(), tags=_ANY_LAYOUT)
 def _train_op(
     x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float, relu: bool
 ) -> tuple[Tensor, Tensor]:
@@ -485,7 +494,7 @@ def _train_fake(x, weight, bias, eps, relu):
     return torch.empty_like(x), x.new_empty((3, x.shape[1]), dtype=acc_dtype(x.dtype))
 
 
-@torch.library.custom_op("bnlab::batch_norm_eval", mutates_args=())
+@torch.library.custom_op("bnlab::batch_norm_eval", mutates_args=(), tags=_ANY_LAYOUT)
 def _eval_op(
     x: Tensor,
     running_mean: Tensor,
@@ -505,7 +514,7 @@ def _eval_fake(x, running_mean, running_var, weight, bias, eps, relu):
     return torch.empty_like(x)
 
 
-@torch.library.custom_op("bnlab::batch_norm_backward", mutates_args=())
+@torch.library.custom_op("bnlab::batch_norm_backward", mutates_args=(), tags=_ANY_LAYOUT)
 def _backward_op(
     dy: Tensor,
     x: Tensor,
@@ -539,7 +548,9 @@ def _backward_fake(dy, x, mean, invstd, weight, y, train, need_dx, need_dparams)
 
 
 @torch.library.custom_op(
-    "bnlab::commit_stats", mutates_args=("running_mean", "running_var", "num_batches_tracked")
+    "bnlab::commit_stats",
+    mutates_args=("running_mean", "running_var", "num_batches_tracked"),
+    tags=_ANY_LAYOUT,
 )
 def _commit_op(
     x: Tensor,
