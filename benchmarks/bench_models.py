@@ -13,7 +13,7 @@ residual additions kept) - two steps are timed:
 Each eagerly and with the model compiled by Inductor (``torch.compile(model)``; the loss,
 backward and optimizer stay eager) as ``--compiled`` lists, ``variant:form`` with a form of
 :func:`bnlab.ops.set_compile_form` (``ops``: bnlab's operators and kernels inside the graph;
-``decompose``: standard ops that Inductor fuses; ``auto``: by input size); ``--autocast`` runs
+``decompose``: standard ops that Inductor fuses; ``auto``: the default); ``--autocast`` runs
 the forward under bfloat16 autocast; ``--channels-last`` runs models and input in channels_last
 memory format (what a CPU user picks for oneDNN's convolutions; every BN layer then gets a
 channels_last input). Rounds are interleaved (each round times every case once,

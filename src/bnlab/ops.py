@@ -34,10 +34,11 @@ the running averages it uses), the section 3 gradients. Three forms of the same 
 * **eager** (:mod:`bnlab.autograd`): the ``torch.autograd.Function`` s that call the backend
   directly, without the dispatcher's per-call cost.
 
-:func:`route` picks one per call: the custom operators under ``torch.compile`` and ``torch.fx``
-symbolic tracing; the decomposition under ``torch.export`` (and so ONNX with ``dynamo=True``),
-``torch.jit.trace`` (and the TorchScript ONNX exporter), ``torch.jit.script``, ``torch.func``
-transforms and on the meta device; eager otherwise.
+:func:`route` picks one per call: the custom operators under ``torch.fx`` symbolic tracing and
+under ``torch.compile`` in the ``"ops"`` form (:func:`set_compile_form`; the default there is the
+decomposition, which Inductor fuses); the decomposition under ``torch.export`` (and so ONNX with
+``dynamo=True``), ``torch.jit.trace`` (and the TorchScript ONNX exporter), ``torch.jit.script``,
+``torch.func`` transforms and on the meta device; eager otherwise.
 """
 
 from __future__ import annotations
@@ -67,7 +68,6 @@ __all__ = [
     "DECOMPOSE",
     "route",
     "COMPILE_FORMS",
-    "COMPILE_DECOMPOSE_MAX",
     "set_compile_form",
     "get_compile_form",
     "compile_form",
@@ -84,16 +84,13 @@ __all__ = [
 
 EAGER, OP, DECOMPOSE = 0, 1, 2
 COMPILE_FORMS = ("auto", "ops", "decompose")
-# Under torch.compile, "auto" lets Inductor fuse the decomposition of every input but a
-# channels_last one of more than this many values, for which it calls the operators (bnlab's
-# kernels). A custom operator is an opaque call back into Python per operator and keeps Inductor
-# from fusing BN with the ReLU and the residual addition around it; in a contiguous model,
-# whose convolutions Inductor runs channels_last, the operators also get channels_last inputs
-# (they take any layout, _ANY_LAYOUT) where eager mode gives them contiguous ones. The
-# decomposition was the faster form at every size measured in contiguous models and layers (to
-# 12.8M values); in a channels_last layer the operators were as fast or faster above this bound
-# (docs/kernels.md).
-COMPILE_DECOMPOSE_MAX = 1 << 21
+# Under torch.compile, "auto" lets Inductor fuse the decomposition of every input. A custom
+# operator is an opaque call back into Python per operator and keeps Inductor from fusing BN with
+# the ReLU and the residual addition around it, and Inductor's own code for what it must then run
+# apart can be slow (a ReLU and a max pooling after an operator: several times the fused loop).
+# In whole models, contiguous and channels_last, the decomposition was as fast as the operators
+# or faster, by up to 14% (docs/kernels.md, "Dispatch"); the operators remain for other compile
+# backends and for comparison ("ops").
 
 
 def _check_form(form: str, where: str = "compile form") -> str:
@@ -108,9 +105,9 @@ _compile_form = _check_form(os.environ.get("BNLAB_COMPILE_FORM", "auto"), "BNLAB
 def set_compile_form(form: str) -> None:
     """How bnlab's BN is traced by ``torch.compile``: ``"ops"`` (its custom operators, which
     run bnlab's kernels), ``"decompose"`` (standard ops that Inductor fuses with their
-    neighbours) or ``"auto"`` (the decomposition, but the operators for a channels_last input
-    of more than :data:`COMPILE_DECOMPOSE_MAX` values). Read when a graph is traced:
-    a compiled function is traced again when the form changes."""
+    neighbours) or ``"auto"`` (the default: the form that runs fastest under Inductor, which
+    is the decomposition for every input measured). Read when a graph is traced: a compiled
+    function is traced again when the form changes."""
     global _compile_form
     _compile_form = _check_form(form)
 
@@ -146,12 +143,7 @@ def route(x: Tensor) -> int:
     if _is_compiling():  # torch.compile and torch.export set it
         if torch.compiler.is_exporting():
             return DECOMPOSE
-        form = _compile_form
-        if form == "decompose" or (
-            form == "auto" and (x.numel() <= COMPILE_DECOMPOSE_MAX or not _channels_last(x))
-        ):
-            return DECOMPOSE
-        return OP
+        return OP if _compile_form == "ops" else DECOMPOSE
     if isinstance(x, _Proxy):
         return OP
     if (
@@ -162,17 +154,6 @@ def route(x: Tensor) -> int:
     ):
         return DECOMPOSE
     return EAGER
-
-
-def _channels_last(x: Tensor) -> bool:
-    """Whether x is laid out channels_last (4-D) or channels_last_3d (5-D) and not contiguous."""
-    if x.dim() == 4:
-        fmt = torch.channels_last
-    elif x.dim() == 5:
-        fmt = torch.channels_last_3d
-    else:
-        return False
-    return x.is_contiguous(memory_format=fmt) and not x.is_contiguous()
 
 
 def shape_text(shape: list[int]) -> str:
