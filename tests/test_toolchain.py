@@ -298,7 +298,7 @@ def test_auto_compile_form_decomposes_every_input():
     channels_last (the inputs a size rule would tell apart), and every case gives eager's
     step."""
     assert bnlab.get_compile_form() == "auto"
-    large = (1, 4, 128, 4100)  # (more than 2M values)
+    large = (1, 4, 128, 4100)  # (2.1M values: a large layer)
     cases = (((4, 4, 8, 8), True), (large, False), (large, True))
     for shape, channels_last in cases:
         torch._dynamo.reset()

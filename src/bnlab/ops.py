@@ -89,8 +89,8 @@ COMPILE_FORMS = ("auto", "ops", "decompose")
 # the ReLU and the residual addition around it, and Inductor's own code for what it must then run
 # apart can be slow (a ReLU and a max pooling after an operator: several times the fused loop).
 # In whole models, contiguous and channels_last, the decomposition was as fast as the operators
-# or faster, by up to 14% (docs/kernels.md, "Dispatch"); the operators remain for other compile
-# backends and for comparison ("ops").
+# or faster (docs/kernels.md, "Dispatch"); the operators remain for other compile backends, for
+# what Inductor's own loops do slowly, and for comparison ("ops").
 
 
 def _check_form(form: str, where: str = "compile form") -> str:
