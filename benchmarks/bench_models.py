@@ -21,7 +21,8 @@ in a shuffled order); medians in milliseconds and the ratio
 ``torch time / case time`` (above 1: faster than torch BN in the same setting). The ``no-bn``
 ratio is the bound of every BN implementation: the step of a BN that took no time at all, so
 no BN can make the step faster than that ratio (eager and compiled alike). torch and Numba
-threads are both set to ``--threads``. Run (the machine otherwise idle)::
+threads are both set to ``--threads``; Inductor's on-disk caches are off, so every compiled case
+is generated from the code being measured. Run (the machine otherwise idle)::
 
     PYTHONPATH=src python benchmarks/bench_models.py --threads 1 [--rounds 20] \
         [--compiled torch,bnlab:auto,bnlab+relu:ops,bnlab+relu:decompose] [--autocast] \
@@ -172,6 +173,10 @@ def main(argv=None) -> None:
     dyn = torch._dynamo.config
     dyn.recompile_limit = max(dyn.recompile_limit, 8 * len(compiled) + 8)
     dyn.accumulated_recompile_limit = max(dyn.accumulated_recompile_limit, 64 * len(compiled))
+    # Compiled code is generated afresh: Inductor's on-disk caches do not key on everything
+    # bnlab's operators declare (their layout tags), so a cache filled by another version of
+    # bnlab could be timed instead of this one.
+    torch.compiler.config.force_disable_caches = True
     print(f"torch {torch.__version__}, threads={torch.get_num_threads()} (numba "
           f"{numba.get_num_threads()}), {'bf16 autocast' if args.autocast else 'float32'}, "
           f"{'channels_last' if args.channels_last else 'contiguous'}, {heap}, "
