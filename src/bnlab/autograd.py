@@ -116,8 +116,14 @@ def check_dtypes(x: Tensor, tensors: tuple[Tensor | None, ...], who: str) -> Non
     """torch's CPU rule for parameters and running statistics of another dtype than the input
     ``x``: allowed only as float32 for a float16/bfloat16 input (all of them); otherwise a
     :class:`~bnlab.errors.MixedDtypeError` naming ``who``."""
+    dt = x.dtype
+    for t in tensors:
+        if t is not None and t.dtype != dt:
+            break
+    else:  # (the common call: every one of them in x's dtype, or none given)
+        return
     dtypes = {t.dtype for t in tensors if t is not None}
-    if not dtypes or dtypes == {x.dtype} or (x.dtype in _HALF and dtypes == {torch.float32}):
+    if x.dtype in _HALF and dtypes == {torch.float32}:
         return
     raise MixedDtypeError(
         f"{who}: input of dtype {x.dtype} with parameters/running statistics of "

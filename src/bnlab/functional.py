@@ -255,6 +255,8 @@ def is_real_number(value: object) -> bool:
     """Whether torch's batch norm reads ``value`` as a real number where it takes a float
     (momentum, eps): a Python or numpy real (a bool too), or a 0-d real tensor that does not
     require grad."""
+    if type(value) is float or type(value) is int:  # (the common call, without the ABC check)
+        return True
     if isinstance(value, torch.Tensor):
         return (
             value.dim() == 0
