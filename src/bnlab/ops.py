@@ -88,9 +88,10 @@ COMPILE_FORMS = ("auto", "ops", "decompose")
 # operator is an opaque call back into Python per operator and keeps Inductor from fusing BN with
 # the ReLU and the residual addition around it, and Inductor's own code for what it must then run
 # apart can be slow (a ReLU and a max pooling after an operator: several times the fused loop).
-# In whole models, contiguous and channels_last, the decomposition was as fast as the operators
-# or faster (docs/kernels.md, "Dispatch"); the operators remain for other compile backends, for
-# what Inductor's own loops do slowly, and for comparison ("ops").
+# In float32 whole models, contiguous and channels_last, the decomposition was as fast as the
+# operators or faster (docs/kernels.md, "Dispatch"); the operators remain ("ops") for other
+# compile backends, for what Inductor's own loops do slowly (bfloat16 rows of few channels),
+# and for comparison.
 
 
 def _check_form(form: str, where: str = "compile form") -> str:
@@ -105,9 +106,9 @@ _compile_form = _check_form(os.environ.get("BNLAB_COMPILE_FORM", "auto"), "BNLAB
 def set_compile_form(form: str) -> None:
     """How bnlab's BN is traced by ``torch.compile``: ``"ops"`` (its custom operators, which
     run bnlab's kernels), ``"decompose"`` (standard ops that Inductor fuses with their
-    neighbours) or ``"auto"`` (the default: the form that runs fastest under Inductor, which
-    is the decomposition for every input measured). Read when a graph is traced: a compiled
-    function is traced again when the form changes."""
+    neighbours) or ``"auto"`` (the default: the decomposition, as fast as the operators or
+    faster in the float32 models measured). Read when a graph is traced: a compiled function
+    is traced again when the form changes."""
     global _compile_form
     _compile_form = _check_form(form)
 
