@@ -4,11 +4,12 @@ For a Conv-BN-ReLU CNN, bnlab's ResNet-20 (with and without the fused BN+ReLU) a
 torchvision-style ResNet-18 converted with ``bnlab.convert``, each tool's result is compared with
 the eager model (the oracle): outputs, gradients, running statistics and ``num_batches_tracked``
 to 1e-5, in training and in eval mode. One test (or group) per row of the README's "works with"
-table: torch.compile (zero graph breaks, also in a fresh process with Inductor), torch.export,
-ONNX (both exporters, run by onnxruntime), jit.trace (every grad mode, saved and loaded),
-jit.script, torch.fx and fuse_modules, torch.func.grad/vmap, the meta device, double backward,
-isinstance-based torch utilities (SyncBatchNorm conversion, weight-decay filters), and the custom
-operators themselves (torch.library.opcheck, vmap rules, decompositions).
+table: torch.compile (zero graph breaks, also in a fresh process with Inductor), torch.export
+(also with a symbolic batch) and AOTInductor, ONNX (both exporters, run by onnxruntime),
+jit.trace (every grad mode, saved and loaded), jit.script, torch.fx and fuse_modules,
+torch.func.grad/vmap, the meta device, double backward, isinstance-based torch utilities
+(SyncBatchNorm conversion, weight-decay filters), and the custom operators themselves
+(torch.library.opcheck, vmap rules, decompositions).
 
 torch.compile is slow on small machines, so compiled models use the ``aot_eager`` backend (the
 same Dynamo capture, fake tensors, functionalization and autograd as Inductor, without code
@@ -403,6 +404,38 @@ def test_export_standard_ops_match_eager(name, mode):
     assert_same_states(exported, ref)
     decomposed = ep.run_decompositions().module()
     torch.testing.assert_close(decomposed(x2), copy.deepcopy(ref)(x2), **TOL)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_export_with_a_dynamic_batch_matches_eager(mode):
+    """Exported with a symbolic batch dimension (``torch.export.Dim``), the program takes batches
+    of other sizes and gives eager's outputs and, in training, eager's running statistics (the
+    unbiased variance's factor m/(m-1) follows the batch it is given)."""
+    model, x1, _ = build("cnn", mode)
+    ref = copy.deepcopy(model)
+    batch = torch.export.Dim("batch", min=2, max=64)
+    ep = torch.export.export(model, (x1,), dynamic_shapes=({0: batch},))
+    exported = ep.module()
+    for n in (3, 7):
+        x = torch.randn(n, *x1.shape[1:]) * 1.5 + 0.3
+        torch.testing.assert_close(exported(x), ref(x), **TOL)
+        assert_same_states(exported, ref)
+
+
+def test_aot_inductor_package_runs_as_eager(tmp_path):
+    """An eval model exported with a symbolic batch, compiled ahead of time by AOTInductor into
+    a package and loaded back, gives eager's outputs on a batch of another size (standard ops
+    only: the package runs without bnlab)."""
+    model, x1, _ = build("cnn", "eval")
+    batch = torch.export.Dim("batch", min=2, max=64)
+    ep = torch.export.export(model, (x1,), dynamic_shapes=({0: batch},))
+    assert not bnlab_op_targets(ep.graph)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # (torch's own deprecation notices while packaging)
+        path = torch._inductor.aoti_compile_and_package(ep, package_path=str(tmp_path / "cnn.pt2"))
+        loaded = torch._inductor.aoti_load_package(path)
+    x = torch.randn(7, *x1.shape[1:]) * 1.5 + 0.3
+    torch.testing.assert_close(loaded(x), model(x).detach(), **TOL)
 
 
 def test_exported_training_program_refuses_non_finite_batch():
