@@ -205,6 +205,39 @@ def test_compile_with_dynamic_shapes_matches_eager(case, mode):
     assert counter.frame_count <= limit
 
 
+WHOLE_STEP_CASES = [("cnn", "ops"), ("cnn", "decompose"), ("resnet20-fused-relu", "ops")]
+
+
+@pytest.mark.parametrize("name,form", WHOLE_STEP_CASES, ids=["-".join(c) for c in WHOLE_STEP_CASES])
+def test_compiled_training_step_with_its_backward_matches_eager(name, form):
+    """A whole training step (zero_grad, forward, backward) under torch.compile with Dynamo
+    tracing the backward too (``trace_autograd_ops``) and fullgraph=True: no graph break,
+    eager's outputs, gradients and running statistics over two steps, and as many compiled
+    frames as the same step of the model built with torch's BN (the second step recompiles on
+    the gradients no longer being None, for both; the fused ReLU's twin is the model with a
+    separate ReLU, which torch's layers need)."""
+    frames = {}
+    for which in ("torch", "bnlab"):
+        if which == "torch":
+            model, x1, x2 = build(name.removesuffix("-fused-relu"), "train")
+            model = bnlab.convert(model, to="torch")
+        else:
+            model, x1, x2 = build(name, "train")
+        ref = copy.deepcopy(model)
+        torch._dynamo.reset()
+        counter = torch._dynamo.testing.CompileCounterWithBackend("aot_eager")
+        compiled = torch.compile(lambda x, m=model: step(m, x), backend=counter, fullgraph=True)
+        with bnlab.ops.compile_form(form), torch._dynamo.config.patch(trace_autograd_ops=True):
+            for x in (x1, x2):
+                assert_same_step(compiled(x), step(ref, x))
+                assert_same_states(model, ref)
+        frames[which] = counter.frame_count
+        if which == "bnlab":
+            ops_in_graph = set().union(*(bnlab_op_targets(g.graph) for g in counter.graphs))
+            assert bool(ops_in_graph) == (form == "ops")
+    assert frames["bnlab"] == frames["torch"]
+
+
 FRESH_PROCESS = r"""
 import copy, torch, bnlab
 from torch import nn
