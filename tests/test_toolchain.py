@@ -238,6 +238,52 @@ def test_compiled_training_step_with_its_backward_matches_eager(name, form):
     assert frames["bnlab"] == frames["torch"]
 
 
+def _ddp_rank(form: str, compiled: bool) -> dict:
+    """One rank of :func:`test_ddp_eager_and_compiled_averages_per_rank_gradients`: two steps of
+    a DistributedDataParallel ResNet-20 (fused ReLU) on this rank's half of each batch."""
+    import torch.distributed as dist
+
+    rank = dist.get_rank()
+    model, x1, x2 = build("resnet20-fused-relu", "train")
+    ddp = nn.parallel.DistributedDataParallel(model, bucket_cap_mb=1)
+    counter = torch._dynamo.testing.CompileCounterWithBackend("aot_eager")
+    run = torch.compile(ddp, backend=counter) if compiled else ddp
+    with bnlab.ops.compile_form(form):
+        for x in (x1, x2):
+            part = x.chunk(2)[rank]
+            ddp.zero_grad(set_to_none=True)
+            y = run(part)
+            (y.square().sum() + y.sum()).backward()
+    return {"grads": {k: p.grad for k, p in model.named_parameters()},
+            "states": bn_states(model), "graphs": len(counter.graphs)}  # fmt: skip
+
+
+@pytest.mark.parametrize("form,compiled", [("ops", True), ("decompose", True), ("auto", False)])
+def test_ddp_eager_and_compiled_averages_per_rank_gradients(form, compiled):
+    """DistributedDataParallel on two processes (gloo), eager and under torch.compile, where
+    DDP's graph optimizer splits the model into one graph per gradient bucket: each rank's
+    gradients are the average of what eager copies give on each rank's half of the batch (per
+    rank BN, as torch's BatchNorm under DDP), and each rank's running statistics are those of
+    its own half of the batch after DDP broadcast rank 0's before the forward (its default)."""
+    from bnlab.distributed import launch
+
+    per_rank = launch(_ddp_rank, 2, args=(form, compiled), timeout=300)
+    model, x1, x2 = build("resnet20-fused-relu", "train")
+    copies = [copy.deepcopy(model) for _ in range(2)]
+    for x in (x1, x2):
+        copies[1].load_state_dict(copies[0].state_dict())  # (DDP's buffer broadcast)
+        for rank, m in enumerate(copies):
+            part = x.chunk(2)[rank]
+            m.zero_grad(set_to_none=True)
+            y = m(part)
+            (y.square().sum() + y.sum()).backward()
+    for rank, got in enumerate(per_rank):
+        for k, p in copies[0].named_parameters():
+            close(got["grads"][k], (p.grad + dict(copies[1].named_parameters())[k].grad) / 2, k)
+        assert_same_states(got["states"], copies[rank])
+        assert got["graphs"] > 1 if compiled else got["graphs"] == 0
+
+
 FRESH_PROCESS = r"""
 import copy, torch, bnlab
 from torch import nn
