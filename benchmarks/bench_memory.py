@@ -11,9 +11,12 @@ forward + backward step is measured twice:
 * ``saved`` - the bytes of the distinct tensors autograd keeps for the backward
   (``torch.autograd.graph.saved_tensors_hooks``), parameters excluded: the activation memory.
 
-Ratios are against torch's BatchNorm in the same run. Run::
+Ratios are against torch's BatchNorm in the same run. With ``--compiled`` every model runs
+compiled by Inductor as well (its caches off), bnlab's in both compile forms
+(:func:`bnlab.set_compile_form`), against torch's compiled. Run::
 
     PYTHONPATH=src python benchmarks/bench_memory.py [--batch20 64] [--batch18 8] [--threads 2]
+                                                     [--compiled]
 """
 
 from __future__ import annotations
@@ -87,13 +90,17 @@ def main(argv=None) -> None:
     p.add_argument("--batch20", type=int, default=64, help="ResNet-20 batch (3x32x32)")
     p.add_argument("--batch18", type=int, default=8, help="ResNet-18 batch (3x224x224)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    p.add_argument("--compiled", action="store_true",
+                   help="also every model under torch.compile (Inductor), both compile forms")
     args = p.parse_args(argv)
+    # (Inductor's on-disk caches do not key on the operators' tags: compile afresh)
+    torch.compiler.config.force_disable_caches = True
     if args.threads:
         torch.set_num_threads(args.threads)
     threads = torch.get_num_threads()
     print(f"torch {torch.__version__}, threads={threads}, float32, one training step")
     print(
-        f"{'model':>10} {'variant':>14} | {'peak MB':>8} {'ratio':>6} | "
+        f"{'model':>10} {'variant':>36} | {'peak MB':>8} {'ratio':>6} | "
         f"{'saved MB':>8} {'ratio':>6}"
     )
     for name, shape in (("resnet20", (args.batch20, 3, 32, 32)),
@@ -104,10 +111,20 @@ def main(argv=None) -> None:
         for variant, model in variants(name).items():
             model.train()
             rows[variant] = (peak_bytes(model, x), saved_bytes(model, x))
-        ref_peak, ref_saved = rows["torch BN"]
+            for form in ("decompose", "ops") if args.compiled else ():
+                if variant == "torch BN" and form == "ops":
+                    continue
+                label = "compiled" if variant == "torch BN" else f"compiled, {form}"
+                torch._dynamo.reset()
+                with bnlab.ops.compile_form(form):
+                    compiled = torch.compile(model)
+                    rows[f"{variant} ({label})"] = (peak_bytes(compiled, x),
+                                                    saved_bytes(compiled, x))  # fmt: skip
         for variant, (peak, saved) in rows.items():
+            ref_peak, ref_saved = rows["torch BN (compiled)" if "compiled" in variant
+                                       else "torch BN"]  # fmt: skip
             print(
-                f"{name:>10} {variant:>14} | {peak / 2**20:8.1f} {peak / ref_peak:6.3f} | "
+                f"{name:>10} {variant:>36} | {peak / 2**20:8.1f} {peak / ref_peak:6.3f} | "
                 f"{saved / 2**20:8.1f} {saved / ref_saved:6.3f}"
             )
 

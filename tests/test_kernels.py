@@ -788,24 +788,27 @@ def test_fused_relu_mask_floor_follows_the_output_rounding(shape, fmt, dtype, tr
     torch.testing.assert_close(layer.weight.grad.double(), want[1], rtol=1e-3, atol=1e-3)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("training", [True, False])
 @pytest.mark.parametrize("fmt", ["contiguous", "channels_last"])
 @pytest.mark.parametrize("route", ["layer", "untracked", "functions"])
-def test_fused_relu_layer_keeps_its_input_and_not_its_output(training, fmt, route):
+def test_fused_relu_layer_keeps_its_input_and_not_its_output(training, fmt, route, dtype):
     """The fused layer's backward recomputes the ReLU's mask from x: autograd keeps x for it
     (and the parameters), never the output, where torch's BN + ReLU pair keeps both; so do a
     layer without running statistics and the general autograd Functions (the functional
-    API's)."""
+    API's), in float32 and in bfloat16 (parameters too: the kernels read x as it is and
+    compute in float32)."""
     layer = bnlab.BatchNorm2d(8, activation="relu", track_running_stats=route != "untracked")
-    layer.train(training)
-    x = to_format(torch.randn(4, 8, 5, 5), fmt).requires_grad_()
+    layer.train(training).to(dtype)
+    x = to_format(torch.randn(4, 8, 5, 5, dtype=dtype), fmt).requires_grad_()
     saved = []
 
     def pack(t):
         saved.append(t)
         return t
 
-    with bnlab.use_backend("fused"), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    backend = "fused" if dtype == torch.float32 else "auto"
+    with bnlab.use_backend(backend), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         if route != "functions":
             y = layer(x)
         elif training:

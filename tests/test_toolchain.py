@@ -1061,6 +1061,7 @@ def test_opcheck_every_operator(relu, layout):
     torch.library.opcheck(ops.batch_norm_train, (x, w, b, 1e-5, relu))
     torch.library.opcheck(ops.batch_norm_eval, (x, rm, rv, w, b, 1e-5, relu))
     y, stats = ops.batch_norm_train(x.detach(), w.detach(), b.detach(), 1e-5, relu)
+    assert stats.shape == (5 if relu else 3, 3)
     dy = torch.randn_like(y)
     for train in (True, False):
         torch.library.opcheck(
@@ -1068,6 +1069,9 @@ def test_opcheck_every_operator(relu, layout):
             (dy, x.detach(), stats[0], stats[2], w.detach(), y if relu else None, train, True,
              True),
         )  # fmt: skip
+    if relu:  # (the training forward's coefficients in place of its output)
+        torch.library.opcheck(ops.batch_norm_backward, (dy, x.detach(), stats[0], stats[2],
+                              w.detach(), None, True, True, True, stats[3:5]))  # fmt: skip
     for momentum in (0.1, None):
         args = (x.detach(), stats[0], stats[1], rm.clone(), rv.clone(), torch.tensor(3))
         torch.library.opcheck(ops.commit_stats, (*args, momentum, True, "layer"))
@@ -1108,6 +1112,40 @@ def test_operators_match_the_decomposition_and_torch():
     var, mean = torch.var_mean(x.detach(), (0, 2, 3), correction=0)
     torch.testing.assert_close(stats[0], mean, **TOL)
     torch.testing.assert_close(stats[1], var, **TOL)
+
+
+FUSED_RELU_OP_CASES = [("auto", torch.float32), ("auto", torch.float64),
+                       ("reference", torch.float32), ("auto", torch.bfloat16)]  # fmt: skip
+
+
+@pytest.mark.parametrize("backend,dtype", FUSED_RELU_OP_CASES,
+                         ids=[f"{b}-{str(d)[6:]}" for b, d in FUSED_RELU_OP_CASES])  # fmt: skip
+def test_fused_relu_operator_keeps_x_alone(backend, dtype):
+    """The training operator with the fused ReLU keeps x and per-channel values for its backward,
+    not its output (the mask is recomputed from x with the forward's coefficients, on the
+    kernels' path and on the others), and gives torch's BN + ReLU: outputs and gradients."""
+    ops = torch.ops.bnlab
+    torch.manual_seed(0)
+    x = (torch.randn(6, 3, 5, 5) * 2 + 0.3).to(dtype).requires_grad_()
+    w = (torch.rand(3) + 0.5).requires_grad_()
+    b = torch.randn(3).requires_grad_()
+    big = []
+    with bnlab.use_backend(backend), torch.autograd.graph.saved_tensors_hooks(
+        lambda t: big.append(t) or t if t.numel() > 3 * 5 else t, lambda t: t
+    ):
+        y, stats = ops.batch_norm_train(x, w, b, 1e-5, True)
+    assert len(big) == 1
+    assert big[0].untyped_storage().data_ptr() == x.untyped_storage().data_ptr()
+    dy = torch.randn_like(y)
+    with bnlab.use_backend(backend):
+        got = torch.autograd.grad(y, (x, w, b), dy)
+    ref = torch.relu(nn.functional.batch_norm(x, None, None, w.to(dtype), b.to(dtype), True, 0.0,
+                                              1e-5))  # fmt: skip
+    want = torch.autograd.grad(ref, (x, w, b), dy)
+    tol = dict(rtol=2e-2, atol=2e-2) if dtype == torch.bfloat16 else TOL
+    torch.testing.assert_close(y, ref, **tol)
+    for a, c in zip(got, want, strict=True):
+        torch.testing.assert_close(a, c.to(a.dtype), **tol)
 
 
 def test_vmap_rules_of_the_operators():

@@ -159,20 +159,24 @@ def train_forward(
 ) -> tuple:
     """Algorithm 1 [+ ReLU] on the chosen path. Returns ``(path, y, mean, var, invstd)``; with
     ``keep_mask`` a sixth value, what :func:`train_backward` takes as ``mask`` (None without
-    ``relu``): on the fused path the forward's (2, C) normalize coefficients (the mask is
-    recomputed from x, and the output need not be kept), on the others the output."""
+    ``relu``): where the kernels read x as it is (the fused path, and the fused32 path of a
+    bfloat16 x) the forward's (2, C) normalize coefficients (the mask is recomputed from x, and
+    the output need not be kept), elsewhere the output."""
     path = choose(x, weight, bias)
+    coef_kept = keep_mask and relu and mask_from_coef(path, x)
     if path == "fused":
         y, mean, var, invstd, *coef = K.batch_norm_train_forward(
-            x, weight, bias, eps, relu=relu, return_coef=keep_mask and relu
+            x, weight, bias, eps, relu=relu, return_coef=coef_kept
         )
         mask = coef[0] if coef else None
     else:
         if path == "fused32":
-            y, mean, var, invstd = K.batch_norm_train_forward(
-                _in32(x), _f32(weight), _f32(bias), eps, relu=relu
+            y, mean, var, invstd, *coef = K.batch_norm_train_forward(
+                _in32(x), _f32(weight), _f32(bias), eps, relu=relu, return_coef=coef_kept
             )
             y = y.to(x.dtype)
+            if coef_kept:
+                return path, y, mean, var, invstd, coef[0]
         else:
             y, mean, var, invstd = F.batch_norm_train_forward(x, weight, bias, eps)
             if relu:
@@ -180,6 +184,14 @@ def train_forward(
             y = F.standard_strides(y)  # (torch's strides, as the kernels' outputs have)
         mask = y if relu else None
     return (path, y, mean, var, invstd, mask) if keep_mask else (path, y, mean, var, invstd)
+
+
+def mask_from_coef(path: str, x: Tensor) -> bool:
+    """Whether a fused ReLU on ``path`` recomputes its mask from x with the forward's normalize
+    coefficients (the kernels' ``coef``) rather than reading it from the output: where the
+    kernels read x as it is, the fused path and the fused32 path of a bfloat16 x (a float16 x is
+    read through a float32 copy, whose mask could differ from that of the rounded output)."""
+    return path == "fused" or (path == "fused32" and x.dtype == torch.bfloat16)
 
 
 def _relu_mask(dy: Tensor, y: Tensor | None) -> Tensor:
@@ -212,18 +224,19 @@ def train_backward(
 ) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
     """Gradients of Algorithm 1 on the path the forward took; ``y`` is the ReLU output or None,
     or ``mask`` is what :func:`train_forward` kept for it (``keep_mask``)."""
-    if mask is not None and path != "fused":
+    coef = mask if mask_from_coef(path, x) else None
+    if mask is not None and coef is None:
         y = mask
     if path == "fused":
         return K.batch_norm_train_backward(
             dy, x, mean, invstd, weight, need_dx=need_dx, need_dparams=need_dparams, y=y,
-            coef=mask,
+            coef=coef,
         )  # fmt: skip
     if path == "fused32":
         g, x32, y32 = _grads32(dy, x, y)
         return _from32(x, weight, K.batch_norm_train_backward(
             g, x32, mean, invstd, _f32(weight), need_dx=need_dx, need_dparams=need_dparams,
-            y=y32,
+            y=y32, coef=coef,
         ))  # fmt: skip
     return F.batch_norm_train_backward(
         _relu_mask(dy, y), x, mean, invstd, weight, need_dx=need_dx, need_dparams=need_dparams
@@ -283,19 +296,21 @@ def eval_forward(
     ``keep_mask`` the ReLU's ``mask`` for :func:`eval_backward` as :func:`train_forward`
     does."""
     path = choose(x, running_mean, running_var, weight, bias)
+    coef_kept = keep_mask and relu and mask_from_coef(path, x)
     if path == "fused":
         y, invstd, *coef = K.batch_norm_eval_forward(
-            x, running_mean, running_var, weight, bias, eps, relu=relu,
-            return_coef=keep_mask and relu,
+            x, running_mean, running_var, weight, bias, eps, relu=relu, return_coef=coef_kept,
         )  # fmt: skip
         mask = coef[0] if coef else None
     else:
         if path == "fused32":
-            y, invstd = K.batch_norm_eval_forward(
+            y, invstd, *coef = K.batch_norm_eval_forward(
                 _in32(x), _f32(running_mean), _f32(running_var), _f32(weight), _f32(bias), eps,
-                relu=relu,
+                relu=relu, return_coef=coef_kept,
             )  # fmt: skip
             y = y.to(x.dtype)
+            if coef_kept:
+                return path, y, invstd, coef[0]
         else:
             y, invstd = F.batch_norm_eval_forward(x, running_mean, running_var, weight, bias, eps)
             if relu:
@@ -319,18 +334,19 @@ def eval_backward(
 ) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
     """Gradients of the inference transform on the path the forward took (``y``, ``mask``: as
     in :func:`train_backward`)."""
-    if mask is not None and path != "fused":
+    coef = mask if mask_from_coef(path, x) else None
+    if mask is not None and coef is None:
         y = mask
     if path == "fused":
         return K.batch_norm_eval_backward(
             dy, x, running_mean, invstd, weight, need_dx=need_dx, need_dparams=need_dparams, y=y,
-            coef=mask,
+            coef=coef,
         )  # fmt: skip
     if path == "fused32":
         g, x32, y32 = _grads32(dy, x, y)
         return _from32(x, weight, K.batch_norm_eval_backward(
             g, x32, _f32(running_mean), invstd, _f32(weight), need_dx=need_dx,
-            need_dparams=need_dparams, y=y32,
+            need_dparams=need_dparams, y=y32, coef=coef,
         ))  # fmt: skip
     return F.batch_norm_eval_backward(
         _relu_mask(dy, y), x, running_mean, invstd, weight, need_dx=need_dx,

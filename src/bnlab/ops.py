@@ -8,10 +8,12 @@ the running averages it uses), the section 3 gradients. Three forms of the same 
   decomposition into standard torch ops::
 
       torch.ops.bnlab.batch_norm_train(x, weight?, bias?, eps, relu) -> (y, stats)
-          stats = (3, C): mean, biased var, invstd = 1 / sqrt(var + eps)  (acc dtype)
+          stats = (3, C): mean, biased var, invstd = 1 / sqrt(var + eps)  (acc dtype);
+          with relu (5, C): then the coefficients (a, c) of the ReLU's mask a x + c > 0
       torch.ops.bnlab.batch_norm_eval(x, running_mean, running_var, weight?, bias?, eps, relu) -> y
       torch.ops.bnlab.batch_norm_backward(dy, x, mean, invstd, weight?, y?, train, need_dx,
-                                          need_dparams) -> (dx, dparams)   dparams = (2, C)
+                                          need_dparams, coef?) -> (dx, dparams)   dparams = (2, C)
+          (the ReLU's mask: from coef = stats[3:5] of the training forward, else y > 0)
       torch.ops.bnlab.commit_stats(x, mean, var, running_mean!?, running_var!?,
                                    num_batches_tracked!?, momentum?, update, layer) -> ()
 
@@ -462,18 +464,47 @@ def _empty_like_out(y: Tensor, x: Tensor) -> Tensor:
 _ANY_LAYOUT = (torch.Tag.flexible_layout,)
 
 
+def _mask_coef(mean: Tensor, invstd: Tensor, weight: Tensor | None,
+               bias: Tensor | None) -> Tensor:  # fmt: skip
+    """(2, C): the normalize coefficients ``(a, c)`` of ``BN(x) = a x + c`` in mean's dtype."""
+    a = invstd if weight is None else invstd * weight.to(invstd.dtype)
+    c = -mean * a if bias is None else bias.to(a.dtype) - mean * a
+    return torch.stack((a, c))
+
+
+def _coef_mask(x: Tensor, coef: Tensor) -> Tensor:
+    """The fused ReLU's mask ``a x + c > 0`` in standard ops, in coef's dtype: the same ops in
+    the forward (which zeroes y outside it) and in the backward, so both see the same mask."""
+    return x.to(coef.dtype) * per_channel(coef[0], x) + per_channel(coef[1], x) > 0
+
+
+# The fused ReLU's backward needs its mask, y > 0. Saving y for it keeps a second tensor beside
+# x wherever nothing else keeps y (a ReLU before a pooling, whose compiled backward keeps only
+# its indices). The training operator returns the normalize coefficients instead, from which the
+# backward recomputes the mask from x: the kernels' own (their forward's, bit for bit) where
+# they read x as it is (:func:`bnlab.backend.mask_from_coef`), :func:`_coef_mask` on the other
+# paths, whose output is made to agree with it.
 @torch.library.custom_op("bnlab::batch_norm_train", mutates_args=(), tags=_ANY_LAYOUT)
 def _train_op(
     x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float, relu: bool
 ) -> tuple[Tensor, Tensor]:
     check_batch(x, eps, True, "bnlab::batch_norm_train")
-    _, y, mean, var, invstd = B.train_forward(x, weight, bias, eps, relu=relu)
-    return _empty_like_out(y, x), torch.stack((mean, var, invstd))
+    path, y, mean, var, invstd, mask = B.train_forward(x, weight, bias, eps, relu=relu,
+                                                       keep_mask=True)  # fmt: skip
+    if not relu:
+        return _empty_like_out(y, x), torch.stack((mean, var, invstd))
+    if B.mask_from_coef(path, x):  # (the kernels' coefficients, their mask)
+        coef = mask
+    else:
+        coef = _mask_coef(mean, invstd, weight, bias)
+        y = torch.where(_coef_mask(x, coef), y, torch.zeros((), dtype=y.dtype))
+    return _empty_like_out(y, x), torch.cat((torch.stack((mean, var, invstd)), coef))
 
 
 @_train_op.register_fake
 def _train_fake(x, weight, bias, eps, relu):
-    return torch.empty_like(x), x.new_empty((3, x.shape[1]), dtype=acc_dtype(x.dtype))
+    rows = 5 if relu else 3
+    return torch.empty_like(x), x.new_empty((rows, x.shape[1]), dtype=acc_dtype(x.dtype))
 
 
 @torch.library.custom_op("bnlab::batch_norm_eval", mutates_args=(), tags=_ANY_LAYOUT)
@@ -507,14 +538,24 @@ def _backward_op(
     train: bool,
     need_dx: bool,
     need_dparams: bool,
+    coef: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """dx (x's shape; empty (0,) when not needed) and dparams = (dgamma; dbeta) as (2, C) in
-    :func:`_param_dtype` (empty (0,) when not needed)."""
+    :func:`_param_dtype` (empty (0,) when not needed). The fused ReLU's mask comes from ``coef``
+    (rows 3-4 of the training operator's stats, its mask recomputed from x) when given, else
+    from ``y`` (its output) when given."""
     path = B.choose(x, weight)
     fn = B.train_backward if train else B.eval_backward
-    dx, dgamma, dbeta = fn(
-        path, dy, x, mean, invstd, weight, need_dx=need_dx, need_dparams=need_dparams, y=y
-    )
+    if coef is not None and train and B.mask_from_coef(path, x):
+        dx, dgamma, dbeta = fn(path, dy, x, mean, invstd, weight, need_dx=need_dx,
+                               need_dparams=need_dparams, mask=coef.contiguous())  # fmt: skip
+    else:
+        if coef is not None:
+            dy = torch.where(_coef_mask(x, coef), dy, torch.zeros((), dtype=dy.dtype))
+            y = None
+        dx, dgamma, dbeta = fn(
+            path, dy, x, mean, invstd, weight, need_dx=need_dx, need_dparams=need_dparams, y=y
+        )
     dx = x.new_empty(0) if dx is None else _empty_like_out(dx, x)
     if dgamma is None or dbeta is None:
         return dx, x.new_empty(0)
@@ -522,7 +563,7 @@ def _backward_op(
 
 
 @_backward_op.register_fake
-def _backward_fake(dy, x, mean, invstd, weight, y, train, need_dx, need_dparams):
+def _backward_fake(dy, x, mean, invstd, weight, y, train, need_dx, need_dparams, coef=None):
     dx = torch.empty_like(x) if need_dx else x.new_empty(0)
     if not need_dparams:
         return dx, x.new_empty(0)
@@ -563,20 +604,21 @@ def _train_setup(ctx, inputs, output):
     x, weight, bias, eps, relu = inputs
     y, stats = output
     ctx.mark_non_differentiable(stats)
-    ctx.save_for_backward(x, weight, bias, stats, y if relu else None)
+    ctx.save_for_backward(x, weight, bias, stats)  # (the ReLU's mask: stats' coefficients)
     ctx.eps, ctx.relu = eps, relu
 
 
 def _train_backward(ctx, dy, _dstats):
-    x, weight, bias, stats, y = ctx.saved_tensors
+    x, weight, bias, stats = ctx.saved_tensors
     needs = tuple(ctx.needs_input_grad[:3])
     if torch.is_grad_enabled():
         dx, dw, db = differentiable_grads(dy, x, weight, bias, ctx.eps, ctx.relu, None, None,
                                           needs)  # fmt: skip
     else:
         dxo, dparams = torch.ops.bnlab.batch_norm_backward(
-            dy, x, stats[0], stats[2], weight, y, True, needs[0], needs[1] or needs[2]
-        )
+            dy, x, stats[0], stats[2], weight, None, True, needs[0], needs[1] or needs[2],
+            stats[3:5] if ctx.relu else None,
+        )  # fmt: skip
         dx, dw, db = _split_grads(dxo, dparams, needs, bias)
     return dx, dw, db, None, None
 
@@ -656,7 +698,7 @@ def _train_vmap(info, in_dims, x, weight, bias, eps, relu):
         _fold_channels(x, in_dims[0], size), _fold_param(weight, in_dims[1], size),
         _fold_param(bias, in_dims[2], size), eps, relu,
     )  # fmt: skip
-    return (_unfold_channels(y, size), stats.reshape(3, size, -1)), (0, 1)
+    return (_unfold_channels(y, size), stats.reshape(stats.shape[0], size, -1)), (0, 1)
 
 
 def _eval_vmap(info, in_dims, x, running_mean, running_var, weight, bias, eps, relu):
@@ -693,14 +735,23 @@ torch.library.register_vmap("bnlab::commit_stats", _commit_vmap)
 
 def _train_decomposition(x, weight, bias, eps, relu):
     y, mean, var, invstd = decompose_train(x, weight, bias, eps, relu)
-    return y, torch.stack((mean, var, invstd))
+    stats = torch.stack((mean, var, invstd))
+    if not relu:
+        return y, stats
+    coef = _mask_coef(mean, invstd, weight, bias)
+    y = torch.where(_coef_mask(x, coef), y, torch.zeros((), dtype=y.dtype))
+    return y, torch.cat((stats, coef))
 
 
-def _backward_decomposition(dy, x, mean, invstd, weight, y, train, need_dx, need_dparams):
+def _backward_decomposition(dy, x, mean, invstd, weight, y, train, need_dx, need_dparams,
+                            coef=None):  # fmt: skip
     """bnlab::batch_norm_backward in functional standard ops (the section 3 gradients)."""
     acc = acc_dtype(x.dtype)
     dims = reduce_dims(x)
     shape = [1, -1] + [1] * (x.dim() - 2)
+    if coef is not None:
+        dy = torch.where(_coef_mask(x, coef), dy, torch.zeros((), dtype=dy.dtype))
+        y = None
     g = relu_grad(dy, y).to(acc)
     x_hat = (x.to(acc) - mean.view(shape)) * invstd.view(shape)
     sum_g, sum_gx = g.sum(dims), (g * x_hat).sum(dims)
