@@ -690,7 +690,7 @@ _MASK_CASES = [
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
 @pytest.mark.parametrize("training", [True, False])
 @pytest.mark.parametrize("stream", [False, True])
-@pytest.mark.parametrize("route", ["layer", "functions"])
+@pytest.mark.parametrize("route", ["layer", "functions", "operators"])
 def test_fused_relu_backward_masks_exactly_where_the_output_is_positive(
     shape, fmt, dtype, training, stream, route, monkeypatch
 ):
@@ -703,8 +703,9 @@ def test_fused_relu_backward_masks_exactly_where_the_output_is_positive(
     there by whole values of dy, far above the tolerance (a mask with ``c`` one ulp off fails
     every float32 and float64 case). Every layout's loops, both modes, float32, float64 and
     bfloat16 (whose output is rounded: zero below 2^-134), dx stored as usual and streamed;
-    through the layer's short path and through the general autograd Functions (the
-    functional API's, which keep the forward's coefficients instead of the output)."""
+    through the layer's short path, the general autograd Functions (the functional API's,
+    which keep the forward's coefficients instead of the output) and the custom operators (the
+    training one returns its coefficients for the backward's mask)."""
     monkeypatch.setattr(K, "STREAM_BYTES", 0 if stream else 1 << 62)
     c = shape[1]
     cdt = torch.float32 if dtype == torch.bfloat16 else dtype
@@ -740,6 +741,12 @@ def test_fused_relu_backward_masks_exactly_where_the_output_is_positive(
         layer.zero_grad()
         if route == "layer":
             out = layer(xg)
+        elif route == "operators" and training:
+            out = torch.ops.bnlab.batch_norm_train(xg, layer.weight, layer.bias, layer.eps,
+                                                   True)[0]  # fmt: skip
+        elif route == "operators":
+            out = torch.ops.bnlab.batch_norm_eval(xg, layer.running_mean, layer.running_var,
+                                                  layer.weight, layer.bias, layer.eps, True)
         elif training:
             out = bnlab.autograd.batch_norm_train(xg, layer.weight, layer.bias, layer.eps,
                                                   "relu")[0]  # fmt: skip
