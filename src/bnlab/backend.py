@@ -164,26 +164,24 @@ def train_forward(
     the output need not be kept), elsewhere the output."""
     path = choose(x, weight, bias)
     coef_kept = keep_mask and relu and mask_from_coef(path, x)
+    coef: list[Tensor] = []
     if path == "fused":
         y, mean, var, invstd, *coef = K.batch_norm_train_forward(
             x, weight, bias, eps, relu=relu, return_coef=coef_kept
         )
-        mask = coef[0] if coef else None
+    elif path == "fused32":
+        y, mean, var, invstd, *coef = K.batch_norm_train_forward(
+            _in32(x), _f32(weight), _f32(bias), eps, relu=relu, return_coef=coef_kept
+        )
+        y = y.to(x.dtype)
     else:
-        if path == "fused32":
-            y, mean, var, invstd, *coef = K.batch_norm_train_forward(
-                _in32(x), _f32(weight), _f32(bias), eps, relu=relu, return_coef=coef_kept
-            )
-            y = y.to(x.dtype)
-            if coef_kept:
-                return path, y, mean, var, invstd, coef[0]
-        else:
-            y, mean, var, invstd = F.batch_norm_train_forward(x, weight, bias, eps)
-            if relu:
-                y = y.clamp_min_(0)
-            y = F.standard_strides(y)  # (torch's strides, as the kernels' outputs have)
-        mask = y if relu else None
-    return (path, y, mean, var, invstd, mask) if keep_mask else (path, y, mean, var, invstd)
+        y, mean, var, invstd = F.batch_norm_train_forward(x, weight, bias, eps)
+        if relu:
+            y = y.clamp_min_(0)
+        y = F.standard_strides(y)  # (torch's strides, as the kernels' outputs have)
+    if not keep_mask:
+        return path, y, mean, var, invstd
+    return path, y, mean, var, invstd, coef[0] if coef else (y if relu else None)
 
 
 def mask_from_coef(path: str, x: Tensor) -> bool:
@@ -297,27 +295,25 @@ def eval_forward(
     does."""
     path = choose(x, running_mean, running_var, weight, bias)
     coef_kept = keep_mask and relu and mask_from_coef(path, x)
+    coef: list[Tensor] = []
     if path == "fused":
         y, invstd, *coef = K.batch_norm_eval_forward(
             x, running_mean, running_var, weight, bias, eps, relu=relu, return_coef=coef_kept,
         )  # fmt: skip
-        mask = coef[0] if coef else None
+    elif path == "fused32":
+        y, invstd, *coef = K.batch_norm_eval_forward(
+            _in32(x), _f32(running_mean), _f32(running_var), _f32(weight), _f32(bias), eps,
+            relu=relu, return_coef=coef_kept,
+        )  # fmt: skip
+        y = y.to(x.dtype)
     else:
-        if path == "fused32":
-            y, invstd, *coef = K.batch_norm_eval_forward(
-                _in32(x), _f32(running_mean), _f32(running_var), _f32(weight), _f32(bias), eps,
-                relu=relu, return_coef=coef_kept,
-            )  # fmt: skip
-            y = y.to(x.dtype)
-            if coef_kept:
-                return path, y, invstd, coef[0]
-        else:
-            y, invstd = F.batch_norm_eval_forward(x, running_mean, running_var, weight, bias, eps)
-            if relu:
-                y = y.clamp_min_(0)
-            y = F.standard_strides(y)  # (torch's strides, as the kernels' outputs have)
-        mask = y if relu else None
-    return (path, y, invstd, mask) if keep_mask else (path, y, invstd)
+        y, invstd = F.batch_norm_eval_forward(x, running_mean, running_var, weight, bias, eps)
+        if relu:
+            y = y.clamp_min_(0)
+        y = F.standard_strides(y)  # (torch's strides, as the kernels' outputs have)
+    if not keep_mask:
+        return path, y, invstd
+    return path, y, invstd, coef[0] if coef else (y if relu else None)
 
 
 def eval_backward(

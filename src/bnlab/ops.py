@@ -472,17 +472,19 @@ def _mask_coef(mean: Tensor, invstd: Tensor, weight: Tensor | None,
     return torch.stack((a, c))
 
 
-def _coef_mask(x: Tensor, coef: Tensor) -> Tensor:
-    """The fused ReLU's mask ``a x + c > 0`` in standard ops, in coef's dtype: the same ops in
-    the forward (which zeroes y outside it) and in the backward, so both see the same mask."""
-    return x.to(coef.dtype) * per_channel(coef[0], x) + per_channel(coef[1], x) > 0
+def _gate(t: Tensor, x: Tensor, coef: Tensor) -> Tensor:
+    """t where the fused ReLU's mask ``a x + c > 0`` holds, else 0; the mask in standard ops in
+    coef's dtype, the same ops for the output in the forward and for dy in the backward, so both
+    see the same mask."""
+    mask = x.to(coef.dtype) * per_channel(coef[0], x) + per_channel(coef[1], x) > 0
+    return torch.where(mask, t, torch.zeros((), dtype=t.dtype))
 
 
 # The fused ReLU's backward needs its mask, y > 0. Saving y for it keeps a second tensor beside
 # x wherever nothing else keeps y (a ReLU before a pooling, whose compiled backward keeps only
 # its indices). The training operator returns the normalize coefficients instead, from which the
 # backward recomputes the mask from x: the kernels' own (their forward's, bit for bit) where
-# they read x as it is (:func:`bnlab.backend.mask_from_coef`), :func:`_coef_mask` on the other
+# they read x as it is (:func:`bnlab.backend.mask_from_coef`), :func:`_gate`'s on the other
 # paths, whose output is made to agree with it.
 @torch.library.custom_op("bnlab::batch_norm_train", mutates_args=(), tags=_ANY_LAYOUT)
 def _train_op(
@@ -497,7 +499,7 @@ def _train_op(
         coef = mask
     else:
         coef = _mask_coef(mean, invstd, weight, bias)
-        y = torch.where(_coef_mask(x, coef), y, torch.zeros((), dtype=y.dtype))
+        y = _gate(y, x, coef)
     return _empty_like_out(y, x), torch.cat((torch.stack((mean, var, invstd)), coef))
 
 
@@ -551,8 +553,7 @@ def _backward_op(
                                need_dparams=need_dparams, mask=coef.contiguous())  # fmt: skip
     else:
         if coef is not None:
-            dy = torch.where(_coef_mask(x, coef), dy, torch.zeros((), dtype=dy.dtype))
-            y = None
+            dy, y = _gate(dy, x, coef), None
         dx, dgamma, dbeta = fn(
             path, dy, x, mean, invstd, weight, need_dx=need_dx, need_dparams=need_dparams, y=y
         )
@@ -739,8 +740,7 @@ def _train_decomposition(x, weight, bias, eps, relu):
     if not relu:
         return y, stats
     coef = _mask_coef(mean, invstd, weight, bias)
-    y = torch.where(_coef_mask(x, coef), y, torch.zeros((), dtype=y.dtype))
-    return y, torch.cat((stats, coef))
+    return _gate(y, x, coef), torch.cat((stats, coef))
 
 
 def _backward_decomposition(dy, x, mean, invstd, weight, y, train, need_dx, need_dparams,
@@ -750,8 +750,7 @@ def _backward_decomposition(dy, x, mean, invstd, weight, y, train, need_dx, need
     dims = reduce_dims(x)
     shape = [1, -1] + [1] * (x.dim() - 2)
     if coef is not None:
-        dy = torch.where(_coef_mask(x, coef), dy, torch.zeros((), dtype=dy.dtype))
-        y = None
+        dy, y = _gate(dy, x, coef), None
     g = relu_grad(dy, y).to(acc)
     x_hat = (x.to(acc) - mean.view(shape)) * invstd.view(shape)
     sum_g, sum_gx = g.sum(dims), (g * x_hat).sum(dims)
