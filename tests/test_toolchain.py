@@ -299,6 +299,48 @@ def test_ddp_eager_and_compiled_averages_per_rank_gradients(form, compiled):
         assert got["graphs"] > 1 if compiled else got["graphs"] == 0
 
 
+class _Sequence(nn.Module):
+    """BatchNorm1d with the fused ReLU on a transposed (N, L, C) sequence, as sequence models
+    call it (bnlab's eager path runs on its rows)."""
+
+    def __init__(self):
+        super().__init__()
+        self.bn = bnlab.BatchNorm1d(6, activation="relu")
+
+    def forward(self, x):
+        return self.bn(x.transpose(1, 2)).transpose(1, 2)
+
+
+COMPILED_AUTOGRAD_CASES = [("cnn", "train"), ("cnn", "eval"), ("resnet20-fused-relu", "train"),
+                           ("sequence", "train")]  # fmt: skip
+
+
+@pytest.mark.parametrize("name,mode", COMPILED_AUTOGRAD_CASES,
+                         ids=["-".join(c) for c in COMPILED_AUTOGRAD_CASES])  # fmt: skip
+def test_compiled_autograd_traces_the_eager_layers_backward(name, mode):
+    """Compiled autograd with the forward left eager: Dynamo traces the backward of bnlab's
+    eager autograd Functions, which then take the section 3 gradients in standard ops instead
+    of calling the kernels, so the whole backward is one graph (fullgraph=True), with eager's
+    gradients and statistics over two steps (the second reuses the graph)."""
+    if name == "sequence":
+        torch.manual_seed(0)
+        model = _Sequence().train(mode == "train")
+        x1, x2 = torch.randn(4, 7, 6) * 2 + 0.5, torch.randn(4, 7, 6)
+    else:
+        model, x1, x2 = build(name, mode)
+    ref = copy.deepcopy(model)
+    torch._dynamo.reset()
+    counter = torch._dynamo.testing.CompileCounterWithBackend("aot_eager")
+    for x in (x1, x2):
+        with torch._dynamo.compiled_autograd._enable(
+            torch.compile(backend=counter, fullgraph=True)
+        ):
+            got = step(model, x)
+        assert_same_step(got, step(ref, x))
+        assert_same_states(model, ref)
+    assert counter.frame_count == 1
+
+
 FRESH_PROCESS = r"""
 import copy, torch, bnlab
 from torch import nn

@@ -160,7 +160,8 @@ class _ChannelsOuter(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g: Tensor) -> Tensor:
-        if not torch.is_grad_enabled():  # (create_graph=True: the identity, as it is)
+        # (create_graph=True, or traced by compiled autograd: the identity, as it is)
+        if not torch.is_grad_enabled() and not torch.compiler.is_compiling():
             out = K.to_channels_inner(g)
             if out is not None:
                 return out
@@ -245,6 +246,9 @@ class BatchNormTrain(torch.autograd.Function):
                 dy, x, weight, bias, ctx.eps, ctx.relu, None, None, needs
             )
             return dx, dgamma, dbeta, None, None, None
+        if torch.compiler.is_compiling():  # (traced by compiled autograd: no kernel call)
+            return *ops.traced_grads(dy, x, weight, bias, ctx.eps, ctx.relu, None, None,
+                                     needs), None, None, None  # fmt: skip
         dx, dgamma, dbeta = B.train_backward(
             ctx.path, dy, x, mean, invstd, weight, need_dx=needs[0],
             need_dparams=needs[1] or needs[2], mask=mask,
@@ -278,6 +282,9 @@ class BatchNormTrainLean(torch.autograd.Function):
                 dy, x, weight, bias, ctx.eps, ctx.relu, None, None, (n[0], n[1], n[2])
             )
             return dx, dgamma, dbeta, None, None, None, None
+        if torch.compiler.is_compiling():  # (traced by compiled autograd: no kernel call)
+            return *ops.traced_grads(dy, x, weight, bias, ctx.eps, ctx.relu, None, None,
+                                     (n[0], n[1], n[2])), None, None, None, None  # fmt: skip
         dx, dgamma, dbeta = K.lean_backward(
             dy, x, ctx.relu, ctx.plan, ctx.stats, True, n[0], n[1] or n[2]
         )
@@ -308,6 +315,10 @@ class BatchNormEvalLean(torch.autograd.Function):
                 dy, x, weight, bias, ctx.eps, ctx.relu, running_mean, running_var,
                 (n[0], n[3], n[4]),
             )  # fmt: skip
+            return dx, None, None, dgamma, dbeta, None, None, None
+        if torch.compiler.is_compiling():  # (traced by compiled autograd: no kernel call)
+            dx, dgamma, dbeta = ops.traced_grads(dy, x, weight, bias, ctx.eps, ctx.relu,
+                                                 running_mean, running_var, (n[0], n[3], n[4]))
             return dx, None, None, dgamma, dbeta, None, None, None
         dx, dgamma, dbeta = K.lean_backward(
             dy, x, ctx.relu, ctx.plan, ctx.stats, False, n[0], n[3] or n[4]
@@ -344,6 +355,10 @@ class BatchNormEval(torch.autograd.Function):
             dx, dgamma, dbeta = ops.differentiable_grads(
                 dy, x, weight, bias, ctx.eps, ctx.relu, running_mean, running_var, needs
             )
+            return dx, None, None, dgamma, dbeta, None, None
+        if torch.compiler.is_compiling():  # (traced by compiled autograd: no kernel call)
+            dx, dgamma, dbeta = ops.traced_grads(dy, x, weight, bias, ctx.eps, ctx.relu,
+                                                 running_mean, running_var, needs)
             return dx, None, None, dgamma, dbeta, None, None
         dx, dgamma, dbeta = B.eval_backward(
             ctx.path, dy, x, running_mean, invstd, weight, need_dx=needs[0],

@@ -441,6 +441,35 @@ def differentiable_grads(
     return out[0], out[1], out[2]
 
 
+def traced_grads(
+    dy: Tensor,
+    x: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    eps: float,
+    relu: bool,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    needs: tuple[bool, bool, bool],
+) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+    """(dx, dgamma, dbeta) of an eager call's autograd Function, for its backward while Dynamo
+    traces it (compiled autograd with the forward left eager): the section 3 gradients in
+    standard ops (:func:`_backward_decomposition`), the statistics recomputed from the saved
+    inputs (``running_mean`` None means the training transform), the fused ReLU's mask from
+    their coefficients, so the traced graph has no call into the kernels."""
+    acc = acc_dtype(x.dtype)
+    if running_mean is None or running_var is None:
+        var, mean = torch.var_mean(x.to(acc), reduce_dims(x), correction=0)
+    else:
+        mean, var = running_mean.to(acc), running_var.to(acc)
+    invstd = torch.rsqrt(var + eps)
+    coef = _mask_coef(mean, invstd, weight, bias) if relu else None
+    dx, dparams = _backward_decomposition(dy, x, mean, invstd, weight, None,
+                                          running_mean is None or running_var is None,
+                                          needs[0], needs[1] or needs[2], coef)  # fmt: skip
+    return _split_grads(dx, dparams, needs, bias)
+
+
 # ---------------------------------------------------------------------------- custom operators
 def _empty_like_out(y: Tensor, x: Tensor) -> Tensor:
     """``y`` with the strides ``torch.empty_like(x)`` has, which is what the fake implementation
