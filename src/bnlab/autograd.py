@@ -241,14 +241,11 @@ class BatchNormTrain(torch.autograd.Function):
     def backward(ctx, dy: Tensor, _dmean: Tensor | None, _dvar: Tensor | None):
         x, weight, bias, mean, invstd, mask = ctx.saved_tensors
         needs = tuple(ctx.needs_input_grad[:3])
-        if torch.is_grad_enabled():  # create_graph=True: a differentiable backward
-            dx, dgamma, dbeta = ops.differentiable_grads(
+        if ops.standard_backward():
+            dx, dgamma, dbeta = ops.standard_grads(
                 dy, x, weight, bias, ctx.eps, ctx.relu, None, None, needs
             )
             return dx, dgamma, dbeta, None, None, None
-        if torch.compiler.is_compiling():  # (traced by compiled autograd: no kernel call)
-            return *ops.traced_grads(dy, x, weight, bias, ctx.eps, ctx.relu, None, None,
-                                     needs), None, None, None  # fmt: skip
         dx, dgamma, dbeta = B.train_backward(
             ctx.path, dy, x, mean, invstd, weight, need_dx=needs[0],
             need_dparams=needs[1] or needs[2], mask=mask,
@@ -277,14 +274,11 @@ class BatchNormTrainLean(torch.autograd.Function):
     def backward(ctx, dy: Tensor, _ok: None):
         x, weight, bias = ctx.saved_tensors
         n = ctx.needs_input_grad
-        if torch.is_grad_enabled():  # create_graph=True: a differentiable backward
-            dx, dgamma, dbeta = ops.differentiable_grads(
+        if ops.standard_backward():
+            dx, dgamma, dbeta = ops.standard_grads(
                 dy, x, weight, bias, ctx.eps, ctx.relu, None, None, (n[0], n[1], n[2])
             )
             return dx, dgamma, dbeta, None, None, None, None
-        if torch.compiler.is_compiling():  # (traced by compiled autograd: no kernel call)
-            return *ops.traced_grads(dy, x, weight, bias, ctx.eps, ctx.relu, None, None,
-                                     (n[0], n[1], n[2])), None, None, None, None  # fmt: skip
         dx, dgamma, dbeta = K.lean_backward(
             dy, x, ctx.relu, ctx.plan, ctx.stats, True, n[0], n[1] or n[2]
         )
@@ -310,15 +304,11 @@ class BatchNormEvalLean(torch.autograd.Function):
     def backward(ctx, dy: Tensor):
         x, running_mean, running_var, weight, bias = ctx.saved_tensors
         n = ctx.needs_input_grad
-        if torch.is_grad_enabled():  # create_graph=True: a differentiable backward
-            dx, dgamma, dbeta = ops.differentiable_grads(
+        if ops.standard_backward():
+            dx, dgamma, dbeta = ops.standard_grads(
                 dy, x, weight, bias, ctx.eps, ctx.relu, running_mean, running_var,
                 (n[0], n[3], n[4]),
             )  # fmt: skip
-            return dx, None, None, dgamma, dbeta, None, None, None
-        if torch.compiler.is_compiling():  # (traced by compiled autograd: no kernel call)
-            dx, dgamma, dbeta = ops.traced_grads(dy, x, weight, bias, ctx.eps, ctx.relu,
-                                                 running_mean, running_var, (n[0], n[3], n[4]))
             return dx, None, None, dgamma, dbeta, None, None, None
         dx, dgamma, dbeta = K.lean_backward(
             dy, x, ctx.relu, ctx.plan, ctx.stats, False, n[0], n[3] or n[4]
@@ -351,14 +341,10 @@ class BatchNormEval(torch.autograd.Function):
         x, running_mean, running_var, invstd, weight, bias, mask = ctx.saved_tensors
         n = ctx.needs_input_grad
         needs = (n[0], n[3], n[4])
-        if torch.is_grad_enabled():  # create_graph=True: a differentiable backward
-            dx, dgamma, dbeta = ops.differentiable_grads(
+        if ops.standard_backward():
+            dx, dgamma, dbeta = ops.standard_grads(
                 dy, x, weight, bias, ctx.eps, ctx.relu, running_mean, running_var, needs
             )
-            return dx, None, None, dgamma, dbeta, None, None
-        if torch.compiler.is_compiling():  # (traced by compiled autograd: no kernel call)
-            dx, dgamma, dbeta = ops.traced_grads(dy, x, weight, bias, ctx.eps, ctx.relu,
-                                                 running_mean, running_var, needs)
             return dx, None, None, dgamma, dbeta, None, None
         dx, dgamma, dbeta = B.eval_backward(
             ctx.path, dy, x, running_mean, invstd, weight, need_dx=needs[0],

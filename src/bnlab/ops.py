@@ -80,6 +80,9 @@ __all__ = [
     "decompose_commit",
     "decompositions",
     "differentiable_grads",
+    "standard_backward",
+    "standard_grads",
+    "traced_grads",
     "non_finite_message",
     "relu_grad",
 ]
@@ -439,6 +442,21 @@ def differentiable_grads(
             g = torch.zeros_like(t)
         out.append(g)
     return out[0], out[1], out[2]
+
+
+def standard_backward() -> bool:
+    """Whether an eager call's autograd Function must take its gradients in standard ops
+    (:func:`standard_grads`) rather than from the kernels: a backward that must itself be
+    differentiated (``create_graph=True``), or one Dynamo traces (compiled autograd with the
+    forward left eager), which must not call into the kernels."""
+    return torch.is_grad_enabled() or torch.compiler.is_compiling()
+
+
+def standard_grads(dy, x, weight, bias, eps, relu, running_mean, running_var, needs):
+    """(dx, dgamma, dbeta) in standard ops for :func:`standard_backward`'s cases:
+    :func:`differentiable_grads` under ``create_graph=True``, else :func:`traced_grads`."""
+    fn = differentiable_grads if torch.is_grad_enabled() else traced_grads
+    return fn(dy, x, weight, bias, eps, relu, running_mean, running_var, needs)
 
 
 def traced_grads(
