@@ -82,7 +82,6 @@ __all__ = [
     "differentiable_grads",
     "standard_backward",
     "standard_grads",
-    "traced_grads",
     "non_finite_message",
     "relu_grad",
 ]
@@ -452,14 +451,7 @@ def standard_backward() -> bool:
     return torch.is_grad_enabled() or torch.compiler.is_compiling()
 
 
-def standard_grads(dy, x, weight, bias, eps, relu, running_mean, running_var, needs):
-    """(dx, dgamma, dbeta) in standard ops for :func:`standard_backward`'s cases:
-    :func:`differentiable_grads` under ``create_graph=True``, else :func:`traced_grads`."""
-    fn = differentiable_grads if torch.is_grad_enabled() else traced_grads
-    return fn(dy, x, weight, bias, eps, relu, running_mean, running_var, needs)
-
-
-def traced_grads(
+def standard_grads(
     dy: Tensor,
     x: Tensor,
     weight: Tensor | None,
@@ -470,21 +462,25 @@ def traced_grads(
     running_var: Tensor | None,
     needs: tuple[bool, bool, bool],
 ) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
-    """(dx, dgamma, dbeta) of an eager call's autograd Function, for its backward while Dynamo
-    traces it (compiled autograd with the forward left eager): the section 3 gradients in
-    standard ops (:func:`_backward_decomposition`), the statistics recomputed from the saved
-    inputs (``running_mean`` None means the training transform), the fused ReLU's mask from
+    """(dx, dgamma, dbeta) in standard ops for :func:`standard_backward`'s cases: under
+    ``create_graph=True`` :func:`differentiable_grads`; while Dynamo traces the backward
+    (compiled autograd with the forward left eager) the section 3 gradients as
+    :func:`_backward_decomposition` writes them, the statistics recomputed from the saved
+    inputs (``running_mean`` None means the training transform) and the fused ReLU's mask from
     their coefficients, so the traced graph has no call into the kernels."""
+    if torch.is_grad_enabled():
+        return differentiable_grads(dy, x, weight, bias, eps, relu, running_mean, running_var,
+                                    needs)  # fmt: skip
     acc = acc_dtype(x.dtype)
-    if running_mean is None or running_var is None:
+    train = running_mean is None or running_var is None
+    if train:
         var, mean = torch.var_mean(x.to(acc), reduce_dims(x), correction=0)
     else:
         mean, var = running_mean.to(acc), running_var.to(acc)
     invstd = torch.rsqrt(var + eps)
     coef = _mask_coef(mean, invstd, weight, bias) if relu else None
-    dx, dparams = _backward_decomposition(dy, x, mean, invstd, weight, None,
-                                          running_mean is None or running_var is None,
-                                          needs[0], needs[1] or needs[2], coef)  # fmt: skip
+    dx, dparams = _backward_decomposition(dy, x, mean, invstd, weight, None, train, needs[0],
+                                          needs[1] or needs[2], coef)  # fmt: skip
     return _split_grads(dx, dparams, needs, bias)
 
 
