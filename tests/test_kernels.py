@@ -1096,7 +1096,7 @@ def test_a_kept_training_plan_gives_the_outputs_and_state_of_a_new_one(fmt):
         for (rm, rv, count), cache in zip(state, (views, None), strict=True):
             plan = K.lean_plan(x, w, b, rm, rv, count, cache)
             y, stats, ok = K.lean_train_forward(x, plan, 1e-5, relu, momentum)
-            grads = K.lean_backward(dy, x, relu, plan, stats, True, True, True)
+            grads = K.lean_backward(dy, x, w, None, relu, plan, stats, True, True, True)
             outs.append((y, rm.clone(), rv.clone(), count.clone(), *grads))
             assert ok
         assert views[1][1] is K.lean_plan(x, w, b, *state[0], views)  # (kept)

@@ -859,6 +859,110 @@ def test_mkldnn_inputs_get_torchs_answer(shape, backend):
     torch.testing.assert_close(ys[0].to_dense(), ys[1].to_dense(), **tol(torch.float32))
 
 
+def _gather_elsewhere(t: torch.Tensor) -> None:
+    """What ``fully_shard`` does to a parameter between its uses: the storage freed, then
+    allocated again (elsewhere: the memory just freed is taken meanwhile) and written through
+    another tensor, so that the parameter's version does not change."""
+    values, at = t.detach().clone(), t.data_ptr()
+    storage = t.untyped_storage()
+    nbytes = storage.nbytes()
+    storage.resize_(0)
+    taken = torch.empty(nbytes, dtype=torch.uint8)  # (likely where the storage was)
+    storage.resize_(nbytes)
+    alias = torch.empty(0, dtype=t.dtype).set_(storage, t.storage_offset(), t.shape, t.stride())
+    alias.copy_(values)
+    assert t.data_ptr() != at, "the storage came back where it was"
+    del taken
+
+
+@pytest.mark.parametrize("act", [None, "relu"])
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_parameters_gathered_elsewhere_between_forward_and_backward(mode, act, backend):
+    """A sharding tool (``fully_shard``) frees a layer's parameters after the forward and
+    gathers them into new memory for the backward and again for the next step; in an
+    inference-mode step of a model being tuned, the running statistics move the same way here.
+    The layers' storages stay resizable, as torch's do, and the backward reads the memory the
+    saved tensors have then: torch's outputs, gradients and statistics, step after step."""
+    shape = (4, 3, 5, 6)
+    ours, ref = make_pair(shape)
+    if act:  # (torch's twin: its layer, then a ReLU)
+        ours = bnlab.BatchNorm2d(3, activation=act)
+        ours.load_state_dict(ref.state_dict())
+    _random_state(ours, ref)
+    ours.train(mode == "train"), ref.train(mode == "train")
+    moved = [ours.weight, ours.bias, ref.weight, ref.bias]
+    if mode == "eval":
+        moved += [ours.running_mean, ours.running_var, ref.running_mean, ref.running_var]
+    for step in range(3):
+        x = torch.randn(shape) * 2 + step
+        dy = torch.randn(shape)
+        xs = [x.clone().requires_grad_() for _ in range(2)]
+        ys = [ours(xs[0]), ref(xs[1]).relu() if act else ref(xs[1])]
+        for t in moved:
+            _gather_elsewhere(t)
+        for layer, y in zip((ours, ref), ys, strict=True):
+            layer.zero_grad(set_to_none=True)
+            y.backward(dy)
+        torch.testing.assert_close(ys[0], ys[1], **tol(torch.float32))
+        torch.testing.assert_close(xs[0].grad, xs[1].grad, **tol(torch.float32))
+        for name in ("weight", "bias", "running_mean", "running_var"):
+            a, b = getattr(ours, name), getattr(ref, name)
+            torch.testing.assert_close(a, b, **tol(torch.float32))
+            if name in ("weight", "bias"):
+                torch.testing.assert_close(a.grad, b.grad, **tol(torch.float32))
+                assert a.grad.untyped_storage().resizable()
+            assert a.untyped_storage().resizable()
+        for t in moved:
+            _gather_elsewhere(t)  # (and before the next forward)
+
+
+def _resizable(*tensors) -> list[bool]:
+    return [t.untyped_storage().resizable() for t in tensors if t is not None]
+
+
+@pytest.mark.parametrize("case", ["nchw", "channels_last", "dense", "sequence", "bf16", "relu"])
+def test_every_storage_stays_resizable_as_torchs(case, backend):
+    """torch's layers, function and results leave every storage resizable (a sharding tool
+    frees and reallocates parameters' storages; buffers reused with ``resize_`` are common):
+    so do bnlab's layers, its function and its operators, for their inputs, parameters,
+    buffers, outputs, statistics and gradients, in training, inference and the backward."""
+    shape = {"dense": (8, 5), "sequence": (4, 5, 7)}.get(case, (4, 5, 3, 3))
+    x = torch.randn(shape) * 2 + 1
+    if case == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    x = x.bfloat16() if case == "bf16" else x
+    for layer in family_classes(shape)[::-1]:  # (torch's first: the oracle)
+        fused = case == "relu" and layer is bnlab.BatchNorm2d
+        m = layer(5, activation="relu") if fused else layer(5)
+        xg = x.clone().requires_grad_()
+        y = m(xg)
+        y.sum().backward()
+        m.eval()
+        xe = x.clone().requires_grad_()
+        ye = m(xe)
+        ye.square().sum().backward()
+        with torch.no_grad():
+            yn = m(x)
+        tensors = (x, xg, xg.grad, y, xe, xe.grad, ye, yn, *m.parameters(), *m.buffers(),
+                   m.weight.grad, m.bias.grad)  # fmt: skip
+        assert all(_resizable(*tensors)), (layer, _resizable(*tensors))
+    rm, rv = torch.zeros(5), torch.ones(5)
+    w, b = torch.ones(5, requires_grad=True), torch.zeros(5, requires_grad=True)
+    for fn in (torch.nn.functional.batch_norm, bnlab.batch_norm):
+        xg = x.float().clone().requires_grad_()
+        for training in (True, False):
+            fn(xg, rm, rv, w, b, training=training).sum().backward()
+        assert all(_resizable(xg, xg.grad, rm, rv, w, b, w.grad, b.grad)), fn
+    xf = x.float()
+    y, stats = torch.ops.bnlab.batch_norm_train(xf, w.detach(), b.detach(), 1e-5, case == "relu")
+    ye = torch.ops.bnlab.batch_norm_eval(xf, rm, rv, w.detach(), None, 1e-5, False)
+    grads = torch.ops.bnlab.batch_norm_backward(
+        torch.ones_like(y), xf, stats[0], stats[2], w.detach(), None, True, True, True
+    )
+    torch.ops.bnlab.commit_stats(xf, stats[0], stats[1], rm, rv, None, 0.1, True, "bn")
+    assert all(_resizable(xf, y, stats, ye, *grads, rm, rv))
+
+
 def test_short_inference_path_declines_what_it_does_not_take(backend):
     """Calls the short inference path leaves to the general one (which checks them, raises
     or records a graph): training mode, an autograd graph to record, strides that are neither

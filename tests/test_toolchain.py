@@ -299,6 +299,63 @@ def test_ddp_eager_and_compiled_averages_per_rank_gradients(form, compiled):
         assert got["graphs"] > 1 if compiled else got["graphs"] == 0
 
 
+def _fully_shard_rank(lr: float) -> dict:
+    """One rank of :func:`test_fully_shard_trains_as_averaged_eager_copies`: two SGD steps of a
+    ResNet-20 (fused ReLU) sharded by ``fully_shard`` (each residual block a group, then the
+    root), on this rank's half of each batch."""
+    import torch.distributed as dist
+    from torch.distributed.fsdp import fully_shard
+
+    from bnlab.models.resnet import BasicBlock
+
+    rank = dist.get_rank()
+    model, x1, x2 = build("resnet20-fused-relu", "train")
+    for m in list(model.modules()):
+        if isinstance(m, BasicBlock):
+            fully_shard(m)
+    fully_shard(model)
+    opt = torch.optim.SGD(model.parameters(), lr=lr)
+    for x in (x1, x2):
+        opt.zero_grad(set_to_none=True)
+        y = model(x.chunk(2)[rank])
+        (y.square().sum() + y.sum()).backward()
+        grads = {k: p.grad.full_tensor() for k, p in model.named_parameters()}
+        opt.step()
+    params = {k: p.full_tensor() for k, p in model.named_parameters()}
+    return {"grads": grads, "params": params, "states": bn_states(model)}
+
+
+def test_fully_shard_trains_as_averaged_eager_copies():
+    """``torch.distributed.fsdp.fully_shard`` (FSDP2) on two processes (gloo): it frees each
+    group's gathered parameters after use and allocates them again for the next forward and
+    backward, so bnlab's layers meet their parameters in new memory every time (and must leave
+    their storages resizable, as torch's layers do). Over two SGD steps each rank's gradients
+    are the average of eager copies' on the two halves of the batch, its parameters those
+    copies' after the same updates, its running statistics those of its own half."""
+    from bnlab.distributed import launch
+
+    lr = 0.05
+    per_rank = launch(_fully_shard_rank, 2, args=(lr,), timeout=300)
+    model, x1, x2 = build("resnet20-fused-relu", "train")
+    copies = [copy.deepcopy(model) for _ in range(2)]
+    for x in (x1, x2):
+        for rank, m in enumerate(copies):
+            m.zero_grad(set_to_none=True)
+            y = m(x.chunk(2)[rank])
+            (y.square().sum() + y.sum()).backward()
+        other = dict(copies[1].named_parameters())
+        with torch.no_grad():
+            grads = {k: (p.grad + other[k].grad) / 2 for k, p in copies[0].named_parameters()}
+            for m in copies:
+                for k, p in m.named_parameters():
+                    p -= lr * grads[k]
+    for rank, got in enumerate(per_rank):
+        for k, p in copies[0].named_parameters():
+            close(got["grads"][k], grads[k], k)
+            close(got["params"][k], p.detach(), k)
+        assert_same_states(got["states"], copies[rank])
+
+
 class _Sequence(nn.Module):
     """BatchNorm1d with the fused ReLU on a transposed (N, L, C) sequence, as sequence models
     call it (bnlab's eager path runs on its rows)."""
@@ -945,8 +1002,11 @@ def test_a_tensor_kept_from_inside_a_transform_runs_as_through_torch(mode, shape
     torch.func.grad(f)(torch.randn(shape, dtype=torch.float64) * 2 + 1)
     x = kept[0]
     assert torch._C._functorch.is_functorch_wrapped_tensor(x)  # (the case under test)
-    cls = (bnlab.BatchNorm1d, nn.BatchNorm1d) if len(shape) == 2 else (bnlab.BatchNorm2d,
-                                                                         nn.BatchNorm2d)
+    cls = (
+        (bnlab.BatchNorm1d, nn.BatchNorm1d)
+        if len(shape) == 2
+        else (bnlab.BatchNorm2d, nn.BatchNorm2d)
+    )
     ours, theirs = cls[0](5).double(), cls[1](5).double()
     with torch.no_grad():
         for layer in (ours, theirs):
@@ -1187,8 +1247,11 @@ def test_fused_relu_operator_keeps_x_alone(backend, dtype):
     w = (torch.rand(3) + 0.5).requires_grad_()
     b = torch.randn(3).requires_grad_()
     big = []
-    with bnlab.use_backend(backend), torch.autograd.graph.saved_tensors_hooks(
-        lambda t: big.append(t) or t if t.numel() > 3 * 5 else t, lambda t: t
+    with (
+        bnlab.use_backend(backend),
+        torch.autograd.graph.saved_tensors_hooks(
+            lambda t: big.append(t) or t if t.numel() > 3 * 5 else t, lambda t: t
+        ),
     ):
         y, stats = ops.batch_norm_train(x, w, b, 1e-5, True)
     assert len(big) == 1

@@ -280,7 +280,7 @@ class BatchNormTrainLean(torch.autograd.Function):
             )
             return dx, dgamma, dbeta, None, None, None, None
         dx, dgamma, dbeta = K.lean_backward(
-            dy, x, ctx.relu, ctx.plan, ctx.stats, True, n[0], n[1] or n[2]
+            dy, x, weight, None, ctx.relu, ctx.plan, ctx.stats, True, n[0], n[1] or n[2]
         )
         return dx, *_param_grads(dgamma, dbeta, weight, bias), None, None, None, None
 
@@ -311,7 +311,7 @@ class BatchNormEvalLean(torch.autograd.Function):
             )  # fmt: skip
             return dx, None, None, dgamma, dbeta, None, None, None
         dx, dgamma, dbeta = K.lean_backward(
-            dy, x, ctx.relu, ctx.plan, ctx.stats, False, n[0], n[3] or n[4]
+            dy, x, weight, running_mean, ctx.relu, ctx.plan, ctx.stats, False, n[0], n[3] or n[4]
         )
         return dx, None, None, *_param_grads(dgamma, dbeta, weight, bias), None, None, None
 
@@ -518,7 +518,7 @@ _UNREAD_COUNT = torch.zeros((), dtype=torch.int64)
 # The function's caches of lean plans (what a layer keeps in its _fast_views), one per set of
 # statistics and parameters, found by the tensors' identities and checked by their key
 # (bnlab.kernels._lean_plan: a stale entry is a miss, never a wrong view). Bounded, so that
-# the storages the plans' views hold stay few; the oldest entry goes first.
+# the running statistics the training plans hold stay few; the oldest entry goes first.
 _FUNCTION_VIEWS: dict[tuple[int, ...], list] = {}
 _FUNCTION_VIEWS_MAX = 256  # (a model of up to 256 BN layers calling the function hits)
 

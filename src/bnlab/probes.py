@@ -19,7 +19,6 @@ from __future__ import annotations
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 
-import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -147,7 +146,7 @@ def percentiles(t: Tensor, qs: Sequence[float], dim: int = 0) -> Tensor:
     moved = t.detach().movedim(dim, -1).cpu()  # (*rest, n)
     if moved.dtype not in (torch.float32, torch.float64):
         moved = moved.double()
-    ordered = torch.from_numpy(np.sort(moved.contiguous().numpy(), axis=-1)).double()
+    ordered = moved.sort(dim=-1).values.double()
     pos = q * (n - 1)
     lo = pos.floor().long()
     hi = torch.clamp(lo + 1, max=n - 1)

@@ -288,8 +288,9 @@ def _same_objects(a: tuple, b: tuple) -> bool:
 
 
 def _np(t: Tensor):
-    """numpy view of a CPU tensor (through ``detach`` for a parameter)."""
-    return t.detach().numpy() if t.requires_grad else t.numpy()
+    """numpy view of a layer's tensor (:func:`bnlab.kernels.array_view`: its storage stays
+    resizable, as the model's owner may need it)."""
+    return K.array_view(t)
 
 
 class _BatchNormStep:
@@ -362,8 +363,8 @@ class _BatchNormStep:
         self._views = (
             empty if w is None else _np(w), w is not None,
             empty if b is None else _np(b), b is not None,
-            rm.numpy() if has else empty, rv.numpy() if has else empty,
-            nbt.numpy() if has else _NO_COUNT, has,
+            _np(rm) if has else empty, _np(rv) if has else empty,
+            _np(nbt) if has else _NO_COUNT, has,
         )  # fmt: skip
         return True
 
@@ -431,7 +432,7 @@ class _BatchNormStep:
             # bnlab.kernels.lean_backward does)
             bwd(
                 dy, x, x, relu, stats[3:5], K.RELU_FLOOR[self.x.dtype], mean, invstd, wv,
-                has_w, True, need, True, dx, grads, False,
+                has_w, True, need, True, dx, grads[0], grads[1], False,
             )  # fmt: skip
             dgamma, dbeta = self.dgamma, self.dbeta
         else:

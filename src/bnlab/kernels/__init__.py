@@ -42,6 +42,7 @@ from ..functional import _LAST
 
 __all__ = [
     "unsupported_reason",
+    "array_view",
     "layout_reason",
     "batch_norm_train_forward",
     "batch_norm_train_backward",
@@ -166,13 +167,53 @@ def layout_reason(x: Tensor) -> str | None:
     return None
 
 
-def _np(t: Tensor):
-    """numpy view of a CPU tensor, a bfloat16 one as uint16 bits (what the loops read and write,
-    see :mod:`bnlab.kernels._numba`). ``detach`` only for a tensor that requires grad: the call
-    itself is per-call overhead."""
-    if t.requires_grad:
-        t = t.detach()
-    return t.view(torch.uint16).numpy() if t.dtype == torch.bfloat16 else t.numpy()
+class _Memory:
+    """A tensor's memory as numpy's array interface describes it (:func:`array_view`), and the
+    tensor, which the view keeps as long as it lives."""
+
+    __slots__ = ("__array_interface__", "tensor")
+
+
+# numpy's type strings of the dtypes whose memory the loops take (bfloat16 as its uint16 bits;
+# the integers of the counter and of values moved as bits)
+_TYPESTR = {
+    torch.float32: np.dtype(np.float32).str,
+    torch.float64: np.dtype(np.float64).str,
+    torch.bfloat16: np.dtype(np.uint16).str,
+    torch.int16: np.dtype(np.int16).str,
+    torch.int32: np.dtype(np.int32).str,
+    torch.int64: np.dtype(np.int64).str,
+}
+
+
+def array_view(t: Tensor) -> np.ndarray:
+    """numpy view of a CPU tensor's memory (float32, float64, integers of 2, 4 and 8 bytes;
+    bfloat16 as its uint16 bits, which the loops read and write, see
+    :mod:`bnlab.kernels._numba`); TypeError for any other tensor, as ``Tensor.numpy`` raises.
+    Built from the tensor's address, not by ``Tensor.numpy``, which marks the storage as one
+    that can never be resized again: the caller's parameters, buffers and gradients stay as
+    torch leaves them (sharding tools such as ``fully_shard`` free and reallocate a parameter's
+    storage between steps). The view keeps the tensor alive but not its memory, which whoever
+    owns the tensor may free or reallocate: it is valid for the call that made it, and a kept
+    plan's while its key holds (:func:`_state_key`)."""
+    typestr = _TYPESTR.get(t.dtype)  # (real dtypes only: no conjugate views)
+    if typestr is None or not t.is_cpu or t.layout != torch.strided or t.is_neg():
+        raise TypeError(f"fused kernels: no view of a {t.dtype} {t.layout} tensor on {t.device}"
+                        f"{' (a negative view)' if t.is_neg() else ''}")  # fmt: skip
+    m = _Memory()
+    m.tensor = t
+    face = {"data": (t.data_ptr(), False), "shape": t.shape, "typestr": typestr, "version": 3}
+    if not t.is_contiguous():
+        face["strides"] = tuple(d * t.element_size() for d in t.stride())
+    m.__array_interface__ = face
+    return np.asarray(m)
+
+
+def _new(shape: tuple[int, ...], dtype: torch.dtype) -> tuple[Tensor, np.ndarray]:
+    """A new tensor for the loops to write and its numpy view: what a call returns is
+    allocated by torch (a resizable storage, as torch's own results), not by numpy."""
+    t = torch.empty(shape, dtype=dtype)
+    return t, array_view(t)
 
 
 def _compute(dtype: torch.dtype) -> torch.dtype:
@@ -182,6 +223,7 @@ def _compute(dtype: torch.dtype) -> torch.dtype:
 
 
 _NP = {torch.float32: np.float32, torch.float64: np.float64}
+_TORCH = {np.float32: torch.float32, np.float64: torch.float64}
 
 
 _THP = "/sys/kernel/mm/transparent_hugepage/"
@@ -401,7 +443,7 @@ def to_channels_inner(g: Tensor) -> Tensor | None:
     n, c, length = shape
     out = torch.empty((n, length, c), dtype=g.dtype)
     compiled().swap_inner(
-        g.view(bits).numpy().reshape(-1), out.view(bits).numpy().reshape(-1), n, c, length
+        array_view(g.view(bits)).reshape(-1), array_view(out.view(bits)).reshape(-1), n, c, length
     )
     return out.transpose(1, 2)
 
@@ -425,7 +467,7 @@ def _vec(t: Tensor, c: int):
     if t.numel() != c:
         raise ValueError(f"fused kernels: a per-channel tensor of {t.numel()} values for {c} "
                          "channels")  # fmt: skip
-    return _np(t if t.is_contiguous() else t.contiguous())
+    return array_view(t if t.is_contiguous() else t.contiguous())
 
 
 def _like(t: Tensor, x: Tensor) -> Tensor:
@@ -495,16 +537,15 @@ def batch_norm_train_forward(
     rows, c, s = _checked_layout(x)
     y = _output_like(x)
     cdt = _compute(x.dtype)
-    stats = np.empty((5, c), _NP[cdt])  # mean, var, invstd, 2 coefficients
+    st, stats = _new((5, c), cdt)  # mean, var, invstd, 2 coefficients
     w, has_w = _param(weight, cdt, c)
     b, has_b = _param(bias, cdt, c)
     k.train_fwd_at(x.data_ptr(), y.data_ptr(), rows, c, s, w, b, has_w, has_b, float(eps),
                    bool(relu), stats, _NONE[cdt], _NONE[cdt], _NO_COUNT, False, False, 0.0,
                    _NONE[x.dtype], _streams(y))  # fmt: skip
-    f = torch.from_numpy
     if return_coef:
-        return y, f(stats[0]), f(stats[1]), f(stats[2]), f(stats[3:5])
-    return y, f(stats[0]), f(stats[1]), f(stats[2])
+        return y, st[0], st[1], st[2], st[3:5]
+    return y, st[0], st[1], st[2]
 
 
 def batch_norm_eval_forward(
@@ -526,35 +567,35 @@ def batch_norm_eval_forward(
     cdt = _compute(x.dtype)
     w, has_w = _param(weight, cdt, c)
     b, has_b = _param(bias, cdt, c)
-    stats = np.empty((3, c), _NP[cdt])  # invstd, 2 coefficients
+    st, stats = _new((3, c), cdt)  # invstd, 2 coefficients
     k.eval_fwd_at(
         x.data_ptr(), y.data_ptr(), rows, c, s, _vec(running_mean, c), _vec(running_var, c), w, b,
         has_w, has_b, float(eps), bool(relu), stats, _NONE[x.dtype], _streams(y),
     )  # fmt: skip
     if return_coef:
-        return y, torch.from_numpy(stats[0]), torch.from_numpy(stats[1:3])
-    return y, torch.from_numpy(stats[0])
+        return y, st[0], st[1:3]
+    return y, st[0]
 
 
 def _fast_vec(t: Tensor, dt: torch.dtype, c: int):
     """numpy view of a contiguous (c,) CPU tensor of dtype ``dt`` (detached), else None."""
     if t.dtype != dt or t.dim() != 1 or t.shape[0] != c or not t.is_contiguous():
         return None
-    return t.detach().numpy()  # (TypeError for a tensor off the CPU: the caller's fallback)
+    return array_view(t)  # (TypeError for a tensor off the CPU: the caller's fallback)
 
 
 def _state_key(running_mean, running_var, weight, bias, count=None) -> tuple:
     """What a kept plan's numpy views of these tensors (:func:`_fast_params`,
     :func:`_lean_plan`) depend on: each one's address, shape, strides, dtype and sign bit, flat
-    (an absent one as None). A kept view holds its tensor's storage (its base is a detached
-    alias of it), so no other storage can start at the same address while it is kept: an equal
-    key means the same memory read the same way, whatever was assigned since (a new tensor,
-    ``.data``, ``.to()``, another view of the same memory), and values changed in place are
-    read through the views."""
+    (an absent one as None), and the running statistics' and counter's identities. A view is an
+    address read a way (:func:`array_view`): an equal key means the tensors have that memory now,
+    whatever happened since (a new tensor, ``.data``, ``.to()``, a storage freed and allocated
+    again), and values changed in place are read through the views. The identities are those
+    of the tensors a training plan holds, whose version counters its calls advance."""
     rm, rv = running_mean, running_var
     key = (
-        rm.data_ptr(), rm.shape, rm.stride(), rm.dtype, rm.is_neg(),
-        rv.data_ptr(), rv.shape, rv.stride(), rv.dtype, rv.is_neg(),
+        id(rm), rm.data_ptr(), rm.shape, rm.stride(), rm.dtype, rm.is_neg(),
+        id(rv), rv.data_ptr(), rv.shape, rv.stride(), rv.dtype, rv.is_neg(), id(count),
     )  # fmt: skip
     for t in (weight, bias, count):
         key += (None,) if t is None else (t.data_ptr(), t.shape, t.stride(), t.dtype, t.is_neg())
@@ -575,7 +616,7 @@ def _fast_params(dt, c, running_mean, running_var, weight, bias, count=None):
         _NONE[dt] if bias is None else _fast_vec(bias, dt, c),
     )
     if count is not None:
-        arrays += (count.numpy(),)
+        arrays += (array_view(count),)
     if any(a is None for a in arrays):
         return None
     return arrays
@@ -630,7 +671,7 @@ def eval_forward_fast(
     plan = _lean_plan(x, running_mean, running_var, weight, bias, views, None, 0)
     if plan is None:
         return None
-    rows, c, s, p, dt, n, _, fmt, stream, run = plan
+    rows, c, s, p, dt, n, _, fmt, stream, run, _ = plan
     compiled()  # (the thread count follows torch's)
     y = torch.empty_like(x) if fmt is None else torch.empty_like(x, memory_format=fmt)
     if n >= _HugePages.MIN_BYTES:
@@ -643,7 +684,7 @@ def eval_forward_fast(
 
 
 def _lean_plan(x, running_mean, running_var, weight, bias, views, count, slot):
-    """``(rows, C, S, arrays, dtype, nbytes, buffers, fmt, stream, run)`` for a lean call on
+    """``(rows, C, S, arrays, dtype, nbytes, buffers, fmt, stream, run, at)`` for a lean call on
     ``x``: its loop layout (:func:`_layout`), the numpy views of :func:`_fast_params`, x's
     dtype and its size in bytes (which its outputs share), for a training call (``count``
     given) the running statistics and counter it updates, the outputs' memory format
@@ -691,7 +732,7 @@ def _lean_plan(x, running_mean, running_var, weight, bias, views, count, slot):
     run = (fwd, k.backward_at)
     if views is not None:  # (the entry points, for arguments of the types the calls pass)
         cdt = p[0].dtype
-        floor, like, grads = RELU_FLOOR[dt], _NONE[dt], np.empty((2, c), cdt)
+        floor, like = RELU_FLOOR[dt], _NONE[dt]
         if count is None:
             stats = np.empty((3, c), cdt)
             f = (0, 0, rows, c, s, *p, True, True, 0.0, False, stats, like, False)
@@ -702,10 +743,11 @@ def _lean_plan(x, running_mean, running_var, weight, bias, views, count, slot):
                  True, True, 0.0, like, False)  # fmt: skip
             coef, mean, invstd = stats[3:5], stats[0], stats[2]
         b = (0, 0, 0, False, coef, floor, rows, c, s, mean, invstd, p[2], True, True, True, 0,
-             grads, like, False)  # fmt: skip
+             0, 0, like, False)  # fmt: skip
         run = (_entry(fwd, f), _entry(k.backward_at, b))
     buffers = None if count is None else (running_mean, running_var, count)
-    plan = rows, c, s, p, dt, n, buffers, fmt, stream, run
+    at = running_mean.data_ptr(), 0 if weight is None else weight.data_ptr()
+    plan = rows, c, s, p, dt, n, buffers, fmt, stream, run, at
     if views is not None:
         views[slot] = (key, plan)
     return plan
@@ -747,7 +789,7 @@ def lean_train_forward(x: Tensor, plan, eps: float, relu: bool, momentum: float 
     (mean, biased var, invstd, then the coefficients) in the compute dtype, ``ok`` False for
     non-finite statistics (nothing updated). Same values as :func:`batch_norm_train_forward`
     and :func:`commit_batch_stats`."""
-    rows, c, s, p, dt, n, _, fmt, stream, run = plan
+    rows, c, s, p, dt, n, _, fmt, stream, run, _ = plan
     y = _output_like(x, n, fmt)
     stats = np.empty((5, c), p[0].dtype)
     compiled()  # (the thread count follows torch's)
@@ -765,7 +807,7 @@ def lean_eval_forward(x: Tensor, plan, eps: float, relu: bool):
     """The inference transform [+ ReLU] of a planned inference call: ``(y, stats)``, y in x's
     layout, ``stats`` the (3, C) array of :func:`bnlab.kernels._numba.eval_fwd_at` (invstd,
     then the coefficients). Same values as :func:`batch_norm_eval_forward`."""
-    rows, c, s, p, dt, n, _, fmt, stream, run = plan
+    rows, c, s, p, dt, n, _, fmt, stream, run, _ = plan
     y = _output_like(x, n, fmt)
     stats = np.empty((3, c), p[0].dtype)
     compiled()  # (the thread count follows torch's)
@@ -776,31 +818,43 @@ def lean_eval_forward(x: Tensor, plan, eps: float, relu: bool):
     return y, stats
 
 
-def lean_backward(dy: Tensor, x: Tensor, relu: bool, plan, stats, train: bool,
-                  need_dx: bool, need_dparams: bool):  # fmt: skip
+def lean_backward(dy: Tensor, x: Tensor, weight: Tensor | None, running_mean: Tensor | None,
+                  relu: bool, plan, stats, train: bool, need_dx: bool,
+                  need_dparams: bool):  # fmt: skip
     """:func:`batch_norm_train_backward` (``train``) or :func:`batch_norm_eval_backward` of a
-    planned call (with the fused ReLU when ``relu``), from its forward's ``stats`` (and, at
-    inference, the plan's running mean): ``(dx, dgamma, dbeta)``. ``dy`` is taken in x's dtype
-    and layout (autograd hands an output's backward a gradient of that output's dtype). The
-    ReLU's mask is recomputed from x with the forward's normalize coefficients, bit for bit
-    the forward's ``y > 0`` (``_numba.backward_ncs``), so the output is neither kept nor read."""
-    rows, c, s, p, dt, n, _, _, stream, run = plan
-    mean, invstd = (stats[0], stats[2]) if train else (p[0], stats[0])
+    planned call (with the fused ReLU when ``relu``), from its forward's ``stats`` and the
+    tensors it saved, ``weight`` and, at inference, ``running_mean``: ``(dx, dgamma,
+    dbeta)``. The plan's views of these serve while the tensors keep the memory they had in the
+    forward; a tool that frees a parameter's memory after the forward and gathers it again for
+    the backward (``fully_shard``) hands them back elsewhere, and they are viewed there. ``dy``
+    is taken in x's dtype and layout (autograd hands an output's backward a gradient of that
+    output's dtype). The ReLU's mask is recomputed from x with the forward's normalize
+    coefficients, bit for bit the forward's ``y > 0`` (``_numba.backward_ncs``), so the output
+    is neither kept nor read."""
+    rows, c, s, p, dt, n, _, _, stream, run, (rm_at, w_at) = plan
+    w = p[2] if weight is None or weight.data_ptr() == w_at else array_view(weight)
+    if train:
+        mean, invstd = stats[0], stats[2]
+    else:
+        mean = p[0] if running_mean.data_ptr() == rm_at else array_view(running_mean)
+        invstd = stats[0]
     dy = _like(dy, x)  # (x's layout, so the loops may read it by address)
     dx = _empty_like(x, n) if need_dx else None
-    has_w = p[2].size > 0
+    has_w = w.size > 0
     need_sums = need_dparams  # (also without a weight: a bias alone has its gradient)
-    grads = np.empty((2, c), stats.dtype)  # dgamma, dbeta
+    cdt = _TORCH[stats.dtype.type]
+    dgamma, dbeta = torch.empty(c, dtype=cdt), torch.empty(c, dtype=cdt)
     xp = x.data_ptr()
     compiled()  # (the thread count follows torch's)
     run[1](
         dy.data_ptr(), xp, xp, bool(relu), stats[3:5] if train else stats[1:3], RELU_FLOOR[dt],
-        rows, c, s, mean, invstd, p[2], has_w, bool(train), bool(need_sums),
-        0 if dx is None else dx.data_ptr(), grads, _NONE[dt], dx is not None and stream,
+        rows, c, s, mean, invstd, w, has_w, bool(train), bool(need_sums),
+        0 if dx is None else dx.data_ptr(), dgamma.data_ptr(), dbeta.data_ptr(), _NONE[dt],
+        dx is not None and stream,
     )  # fmt: skip
     if not need_sums:
         return dx, None, None
-    return dx, torch.from_numpy(grads[0]), torch.from_numpy(grads[1])
+    return dx, dgamma, dbeta
 
 
 def _relu_coef(coef: Tensor, c: int, dt) -> np.ndarray:
@@ -811,7 +865,7 @@ def _relu_coef(coef: Tensor, c: int, dt) -> np.ndarray:
             f"coef: expected the forward's (2, {c}) {dt} coefficients, got "
             f"{tuple(coef.shape)} {coef.dtype}"
         )
-    return coef.numpy()
+    return array_view(coef)
 
 
 def _backward(dy, x, mean, invstd, weight, need_dx, need_dparams, y, train, coef=None):
@@ -829,17 +883,17 @@ def _backward(dy, x, mean, invstd, weight, need_dx, need_dparams, y, train, coef
         mp, relu, k2, floor = xp, False, _mask_of_output(c, _NP[cdt]), RELU_FLOOR[cdt]
     dx = _empty_like(x) if need_dx else None
     need_sums = need_dparams  # (also without a weight: a bias alone has its gradient)
-    grads = np.empty((2, c), _NP[cdt])  # dgamma, dbeta
+    dgamma, dbeta = torch.empty(c, dtype=cdt), torch.empty(c, dtype=cdt)
     w, has_w = _param(weight, cdt, c)
     k.backward_at(
         dy.data_ptr(), xp, mp, relu, k2, floor, rows, c, s, _vec(mean, c), _vec(invstd, c), w,
-        has_w, train, need_sums, 0 if dx is None else dx.data_ptr(), grads, _NONE[x.dtype],
-        dx is not None and _streams(dx),
+        has_w, train, need_sums, 0 if dx is None else dx.data_ptr(), dgamma.data_ptr(),
+        dbeta.data_ptr(), _NONE[x.dtype], dx is not None and _streams(dx),
     )  # fmt: skip
     if not need_sums:
         return dx, None, None
     # (in the compute dtype: x's, which is the weight's, or float32 for bfloat16)
-    return dx, torch.from_numpy(grads[0]), torch.from_numpy(grads[1])
+    return dx, dgamma, dbeta
 
 
 def batch_norm_train_backward(
@@ -887,9 +941,6 @@ def batch_norm_eval_backward(
     return _backward(dy, x, running_mean, invstd, weight, need_dx, need_dparams, y, False, coef)
 
 
-_NO_COUNT = np.zeros((), np.int64)
-
-
 def commit_supported(*stats: Tensor | None) -> bool:
     """True if :func:`commit_batch_stats` takes these (C,) statistics and buffers: CPU, float32 or
     float64, contiguous, not negative views (``None`` buffers allowed)."""
@@ -926,12 +977,12 @@ def commit_batch_stats(
     if not averages:
         nbt = _NO_COUNT  # (not written)
     elif count:
-        nbt = num_batches_tracked.numpy()
+        nbt = array_view(num_batches_tracked)
     else:  # (no counter: a scratch one for the loop to count)
         nbt = np.zeros((), np.int64)
     ok = compiled().commit_stats(
-        _np(mean), _np(var),
-        running_mean.numpy() if has else empty, running_var.numpy() if has else empty, nbt,
+        array_view(mean), array_view(var),
+        array_view(running_mean) if has else empty, array_view(running_var) if has else empty, nbt,
         averages, momentum is None, 0.0 if momentum is None else float(momentum), float(m),
     )  # fmt: skip
     if ok and averages:  # (written through their memory: autograd is told, as by an in-place op)

@@ -2058,15 +2058,15 @@ def eval_fwd_at(xp, yp, rows, C, S, rm, rv, w, b, has_w, has_b, eps, relu, stats
 
 # ----------------------------------------------------------------------------------- backward
 @njit(**_SERIAL)
-def _bwd_coef(sums, mean, invstd, w, has_w, train, m, coef, grads):
-    """From the sums: grads = (dgamma, dbeta) and the dx coefficients (mean, A, B, D)."""
+def _bwd_coef(sums, mean, invstd, w, has_w, train, m, coef, dgamma, dbeta):
+    """From the sums: dgamma, dbeta and the dx coefficients (mean, A, B, D)."""
     C = mean.shape[0]
     for c in range(C):
         inv = np.float64(invstd[c])
         s1 = sums[0, c]
         s2 = sums[1, c]
-        grads[0, c] = s2 * inv  # dL/dgamma = sum g x_hat
-        grads[1, c] = s1  # dL/dbeta = sum g
+        dgamma[c] = s2 * inv  # dL/dgamma = sum g x_hat
+        dbeta[c] = s1  # dL/dbeta = sum g
         a = inv * w[c] if has_w else inv
         coef[0, c] = mean[c]
         coef[1, c] = a
@@ -2369,8 +2369,8 @@ def _add_rows(p1, p2, sums):
 
 @njit(**_INLINE)
 def backward_ncs(dy, x, m, relu, k, floor, mean, invstd, w, has_w, train, need_sums, need_dx,
-                 dx, grads, stream=False):  # fmt: skip
-    """Backward on (N, C, S): grads (2, C) = (dgamma, dbeta) when need_sums or train, dx when
+                 dx, dgamma, dbeta, stream=False):  # fmt: skip
+    """Backward on (N, C, S): dgamma and dbeta (C,) when need_sums or train, dx when
     need_dx. ``train`` selects Algorithm 1's gradient (batch statistics) over the inference one.
 
     With ``relu`` (the fused ReLU), ``dy`` counts where the forward let a value through: where
@@ -2392,7 +2392,7 @@ def backward_ncs(dy, x, m, relu, k, floor, mean, invstd, w, has_w, train, need_s
             _ncs_gsums_par(dy, x, m, relu, mean, k, floor, p1, p2)
         _add_rows(p1, p2, sums)
     coef = np.empty((6, C), mean.dtype)  # (the compute dtype: float32 for bfloat16 bits)
-    _bwd_coef(sums, mean, invstd, w, has_w, train, x.size // C, coef, grads)
+    _bwd_coef(sums, mean, invstd, w, has_w, train, x.size // C, coef, dgamma, dbeta)
     coef[4:6] = k
     if need_dx:
         if serial:
@@ -2403,7 +2403,7 @@ def backward_ncs(dy, x, m, relu, k, floor, mean, invstd, w, has_w, train, need_s
 
 @njit(**_INLINE)
 def backward_mc(dy, x, m, relu, k, floor, mean, invstd, w, has_w, train, need_sums, need_dx,
-                dx, grads, stream=False):  # fmt: skip
+                dx, dgamma, dbeta, stream=False):  # fmt: skip
     """(M, C) version of :func:`backward_ncs`; partial sums per chunk of rows."""
     M, C = x.shape
     serial = use_serial(x.size)
@@ -2423,7 +2423,7 @@ def backward_mc(dy, x, m, relu, k, floor, mean, invstd, w, has_w, train, need_su
             _mc_gsums_par(dy, x, m, relu, u, floor, R, p1, p2)
             _add_rows(p1, p2, sums)
     coef = np.empty((6, C), mean.dtype)  # (the compute dtype: float32 for bfloat16 bits)
-    _bwd_coef(sums, mean, invstd, w, has_w, train, M, coef, grads)
+    _bwd_coef(sums, mean, invstd, w, has_w, train, M, coef, dgamma, dbeta)
     coef[4:6] = k
     if need_dx:
         t = _tile(coef, coef.dtype)
@@ -2435,23 +2435,27 @@ def backward_mc(dy, x, m, relu, k, floor, mean, invstd, w, has_w, train, need_su
 
 @njit(**_SERIAL)
 def backward_at(dyp, xp, mp, relu, k, floor, rows, C, S, mean, invstd, w, has_w, train,
-                need_sums, dxp, grads, like, stream):  # fmt: skip
+                need_sums, dxp, gp, bp, like, stream):  # fmt: skip
     """:func:`backward_ncs` / :func:`backward_mc` on the tensors at the addresses ``dyp``,
     ``xp``, ``mp`` (the ReLU mask's source: x's or the fused ReLU's output's, with ``k`` and
-    ``floor`` as there) and ``dxp`` (0: no dx), as :func:`train_fwd_at` takes them;
-    ``stream``: dx stored non-temporally."""
+    ``floor`` as there) and ``dxp`` (0: no dx), as :func:`train_fwd_at` takes them, writing
+    dgamma and dbeta (C values each in the compute dtype, always written) at ``gp`` and ``bp``:
+    the two new tensors a backward returns, as torch's does; ``stream``: dx stored
+    non-temporally."""
     n = rows if dxp != 0 else 0  # (no dx: an empty array, never read)
+    dgamma = carray(_at(gp, mean), (C,))
+    dbeta = carray(_at(bp, mean), (C,))
     if S > 1:
         shape = (rows, C, S)
         backward_ncs(carray(_at(dyp, like), shape), carray(_at(xp, like), shape),
                      carray(_at(mp, like), shape), relu, k, floor, mean, invstd, w, has_w,
-                     train, need_sums, dxp != 0, carray(_at(dxp, like), (n, C, S)), grads,
-                     stream)  # fmt: skip
+                     train, need_sums, dxp != 0, carray(_at(dxp, like), (n, C, S)), dgamma,
+                     dbeta, stream)  # fmt: skip
     else:
         backward_mc(carray(_at(dyp, like), (rows, C)), carray(_at(xp, like), (rows, C)),
                     carray(_at(mp, like), (rows, C)), relu, k, floor, mean, invstd, w, has_w,
-                    train, need_sums, dxp != 0, carray(_at(dxp, like), (n, C)), grads,
-                    stream)  # fmt: skip
+                    train, need_sums, dxp != 0, carray(_at(dxp, like), (n, C)), dgamma,
+                    dbeta, stream)  # fmt: skip
 
 
 # ----------------------------------------------------------------------------- running statistics
