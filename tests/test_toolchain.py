@@ -471,7 +471,9 @@ def test_inductor_hands_the_operators_its_own_layout(mode):
 @pytest.mark.parametrize("form", ["ops", "decompose"])
 def test_compiled_layer_refuses_a_non_finite_batch_and_keeps_its_state(form):
     """The operators raise FloatingPointError; the decomposition fails an assertion inside the
-    compiled graph (RuntimeError); both name the layer and leave the statistics unchanged."""
+    compiled graph (RuntimeError); both name the layer's class and size (not its name, see
+    test_regional_compilation_compiles_a_block_once_per_shape) and leave the statistics
+    unchanged."""
     torch._dynamo.reset()
     bn = bnlab.BatchNorm2d(3)
     bn.layer_name = "features.bn"
@@ -482,9 +484,43 @@ def test_compiled_layer_refuses_a_non_finite_batch_and_keeps_its_state(form):
         bad = torch.randn(4, 3, 5, 5)
         bad[1, 2, 0, 0] = float("nan")
         error = FloatingPointError if form == "ops" else RuntimeError
-        with pytest.raises(error, match=r"'features.bn' BatchNorm2d\(3\): non-finite"):
+        with pytest.raises(error, match=r"(?<!' )BatchNorm2d\(3\): non-finite"):
             compiled(bad)
     assert_same_states(bn_states(bn), before)
+
+
+@pytest.mark.parametrize("form", ["ops", "decompose"])
+def test_regional_compilation_compiles_a_block_once_per_shape(form):
+    """Each residual block of a ResNet-20 compiled as a region (``block.compile()``, the code
+    of BasicBlock.forward traced per block): as many compiled frames as with torch's BN (one
+    per input shape and stride, reused by the other blocks; the names ``name_layers`` gives
+    the layers stay out of the graphs), and eager's outputs, gradients and statistics."""
+    from bnlab.models.resnet import BasicBlock
+
+    frames = {}
+    for which in ("torch", "bnlab"):
+        torch._dynamo.reset()
+        model, x1, _ = build("resnet20", "train")
+        if which == "torch":
+            model = bnlab.convert(model, to="torch")
+        ref = copy.deepcopy(model)
+        counter = torch._dynamo.testing.CompileCounterWithBackend("aot_eager")
+        for m in model.modules():
+            if isinstance(m, BasicBlock):
+                m.compile(backend=counter)
+        outputs = []
+        with bnlab.ops.compile_form(form):
+            for mdl in (model, ref):
+                y = mdl(x1)
+                (y.square().sum() + y.sum()).backward()
+                outputs.append(y.detach())
+        frames[which] = counter.frame_count
+        close(outputs[0], outputs[1])
+        grads = dict(ref.named_parameters())
+        for k, p in model.named_parameters():
+            close(p.grad, grads[k].grad, k)
+        assert_same_states(model, ref)
+    assert frames["bnlab"] == frames["torch"], frames
 
 
 def test_auto_compile_form_decomposes_every_input():

@@ -164,10 +164,17 @@ class _BatchNorm(nn.modules.batchnorm._BatchNorm):
 
     # ----------------------------------------------------------------------------- checks
     def _describe(self) -> str:
+        """The layer in messages: its name (``name_layers``), class and size. Not its name
+        while ``torch.compile`` traces it: a name in the graph is a constant Dynamo guards on,
+        so code traced for one layer (a residual block's forward, compiled as a region or
+        between a sharding tool's hooks) would be compiled again for every other layer of the
+        same shape instead of reused, and compiling stops at Dynamo's recompile limit."""
         kind = "BatchNorm"
+        name = self.layer_name
         if not torch.jit.is_scripting():
             kind = type(self).__name__
-        name = self.layer_name
+            if torch.compiler.is_compiling() and not torch.compiler.is_exporting():
+                name = None
         prefix = "" if name is None else "'" + name + "' "
         return prefix + kind + "(" + str(self.num_features) + ")"
 
