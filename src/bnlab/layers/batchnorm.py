@@ -164,19 +164,25 @@ class _BatchNorm(nn.modules.batchnorm._BatchNorm):
 
     # ----------------------------------------------------------------------------- checks
     def _describe(self) -> str:
-        """The layer in messages: its name (``name_layers``), class and size. Not its name
-        while ``torch.compile`` traces it: a name in the graph is a constant Dynamo guards on,
-        so code traced for one layer (a residual block's forward, compiled as a region or
-        between a sharding tool's hooks) would be compiled again for every other layer of the
-        same shape instead of reused, and compiling stops at Dynamo's recompile limit."""
         kind = "BatchNorm"
-        name = self.layer_name
         if not torch.jit.is_scripting():
             kind = type(self).__name__
-            if torch.compiler.is_compiling() and not torch.compiler.is_exporting():
-                name = None
+        name = self.layer_name
         prefix = "" if name is None else "'" + name + "' "
         return prefix + kind + "(" + str(self.num_features) + ")"
+
+    @torch.jit.unused
+    def _graph_describe(self) -> str:
+        """:meth:`_describe` for the one text every training call puts in a graph being
+        compiled, the non-finite refusal's: the class and size without the name while
+        ``torch.compile`` traces the layer. A name in the graph is a constant Dynamo guards on,
+        so code traced for one layer (a residual block's forward, compiled as a region or
+        between a sharding tool's hooks) would be compiled again for every other layer of the
+        same shape instead of reused, and compiling stops at Dynamo's recompile limit. Errors
+        raised while tracing, and eager ones, name the layer."""
+        if torch.compiler.is_compiling() and not torch.compiler.is_exporting():
+            return type(self).__name__ + "(" + str(self.num_features) + ")"
+        return self._describe()
 
     def _check_input(
         self,
@@ -319,7 +325,7 @@ class _BatchNorm(nn.modules.batchnorm._BatchNorm):
             momentum = self._check_momentum() if update else None  # (a float, or None)
             commit_stats(
                 x, mean, var, self.running_mean, self.running_var, self.num_batches_tracked,
-                momentum, update, self._describe,  # (the name is made only when needed)
+                momentum, update, self._graph_describe,  # (the name is made only when needed)
             )  # fmt: skip
             if update and self.population_estimator is not None:
                 self.population_estimator = None  # a running average again, not a recomputed one
