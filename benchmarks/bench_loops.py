@@ -48,15 +48,27 @@ def _arrays(np, rng, shape, c):
                 w=np.ones(c, np.float32))  # fmt: skip
 
 
+def _backward_args(bwd, a: dict) -> tuple:
+    """The backward's arguments by its parameters' names, so that copies of the module from
+    before a change of its signature run too: the mask read from x (``m``, coefficients ``k``,
+    ``floor``) or from y; the parameter gradients as one (2, C) array (``grads``) or two rows."""
+    st, gr, floor = a["st"], a["gr"], a["x"].dtype.type(0)  # (the floor in x's dtype)
+    values = dict(dy=a["dy"], x=a["x"], m=a["x"], y=a["y"], relu=True, k=st[3:5], floor=floor,
+                  mean=st[0], invstd=st[2], w=a["w"], has_w=True, train=True, need_sums=True,
+                  need_dx=True, dx=a["dx"], grads=gr, dgamma=gr[0], dbeta=gr[1])  # fmt: skip
+    code = bwd.py_func.__code__
+    return tuple(values[n] for n in code.co_varnames[: code.co_argcount] if n in values)
+
+
 def _calls(k, ncs: bool, a: dict) -> dict:
     """{"fwd": forward with ReLU, "bwd": backward, "eval": eval forward} of module ``k``'s loops
     on the arrays ``a``, as zero-argument callables."""
     fwd, bwd, ev = _loops(k, ncs, a["x"].size)
-    x, y, dy, dx, st, gr, w = (a[n] for n in ("x", "y", "dy", "dx", "st", "gr", "w"))
-    on = True
+    x, y, st, w = (a[n] for n in ("x", "y", "st", "w"))
+    b_args = _backward_args(bwd, a)
     return {
         "fwd": lambda: fwd(x, w, w, True, True, 1e-5, True, y, st),
-        "bwd": lambda: bwd(dy, x, y, on, st[0], st[2], w, on, on, on, on, dx, gr),
+        "bwd": lambda: bwd(*b_args),
         "eval": lambda: ev(x, st[0], st[1], w, w, True, True, 1e-5, False, y, st[:4]),
     }
 
