@@ -523,6 +523,58 @@ def test_regional_compilation_compiles_a_block_once_per_shape(form):
     assert frames["bnlab"] == frames["torch"], frames
 
 
+class _Block(nn.Module):
+    """Conv, BN, ReLU and a residual addition: a region to compile once for many layers."""
+
+    def __init__(self, norm: nn.Module):
+        super().__init__()
+        self.conv = nn.Conv2d(4, 4, 3, padding=1)
+        self.bn = norm
+
+    def forward(self, x):
+        return torch.relu(self.bn(self.conv(x))) + x
+
+
+REGIONAL_VARIANTS = {
+    "renorm": lambda: bnlab.BatchRenorm2d(4),
+    "ghost": lambda: bnlab.GhostBatchNorm2d(4, virtual_batch_size=2),
+    "sync": lambda: bnlab.SyncBatchNorm(4),
+    "autocast": lambda: bnlab.BatchNorm2d(4),
+}
+
+
+@pytest.mark.parametrize("variant", list(REGIONAL_VARIANTS))
+def test_regional_compilation_of_the_variants(variant):
+    """Ten named blocks, each compiled as a region: the variants (and bfloat16 autocast, whose
+    mixed dtypes take another check) compile as often as torch's BatchNorm2d does in the same
+    blocks, with eager's gradients and statistics."""
+    frames = {}
+    makers = (("torch", lambda: nn.BatchNorm2d(4)), ("bnlab", REGIONAL_VARIANTS[variant]))
+    for which, make in makers:
+        torch._dynamo.reset()
+        torch.manual_seed(0)
+        model = bnlab.name_layers(nn.Sequential(*[_Block(make()) for _ in range(10)]))
+        ref = copy.deepcopy(model)
+        counter = torch._dynamo.testing.CompileCounterWithBackend("aot_eager")
+        for block in model:
+            block.compile(backend=counter)
+        x = torch.randn(4, 4, 6, 6)
+        cast = torch.autocast("cpu", torch.bfloat16, enabled=variant == "autocast")
+        for m in (model, ref):
+            with cast:
+                y = m(x)
+            y.float().square().sum().backward()
+        frames[which] = counter.frame_count
+        # (to the largest gradient's scale: a convolution's bias before BN has a gradient of
+        # zero, which each side computes as rounding noise)
+        grads = dict(ref.named_parameters())
+        scale = max(g.grad.abs().max().item() for g in grads.values())
+        for k, p in model.named_parameters():
+            torch.testing.assert_close(p.grad, grads[k].grad, rtol=0, atol=1e-5 * scale, msg=k)
+        assert_same_states(model, ref)
+    assert frames["bnlab"] == frames["torch"], frames
+
+
 def test_auto_compile_form_decomposes_every_input():
     """"auto" (the default) traces every input as standard ops, small or large, contiguous or
     channels_last (the inputs a size rule would tell apart), and every case gives eager's

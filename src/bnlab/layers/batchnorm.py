@@ -173,13 +173,13 @@ class _BatchNorm(nn.modules.batchnorm._BatchNorm):
 
     @torch.jit.unused
     def _graph_describe(self) -> str:
-        """:meth:`_describe` for the one text every training call puts in a graph being
-        compiled, the non-finite refusal's: the class and size without the name while
+        """:meth:`_describe` for the texts a call makes whether or not it refuses, such as the
+        non-finite refusal a compiled graph carries: the class and size without the name while
         ``torch.compile`` traces the layer. A name in the graph is a constant Dynamo guards on,
         so code traced for one layer (a residual block's forward, compiled as a region or
         between a sharding tool's hooks) would be compiled again for every other layer of the
-        same shape instead of reused, and compiling stops at Dynamo's recompile limit. Errors
-        raised while tracing, and eager ones, name the layer."""
+        same shape instead of reused, and compiling stops at Dynamo's recompile limit. Texts
+        made only to raise, and all eager ones, name the layer."""
         if torch.compiler.is_compiling() and not torch.compiler.is_exporting():
             return type(self).__name__ + "(" + str(self.num_features) + ")"
         return self._describe()
@@ -264,8 +264,9 @@ class _BatchNorm(nn.modules.batchnorm._BatchNorm):
     @torch.jit.unused
     def _check_mixed_dtypes(self, x: Tensor, tensors: tuple[Tensor | None, ...]) -> None:
         """torch's CPU rule for parameters and running statistics of another dtype than the
-        input (:func:`bnlab.autograd.check_dtypes`)."""
-        check_dtypes(x, tensors, self._describe())
+        input (:func:`bnlab.autograd.check_dtypes`), which torch.autocast's calls meet every
+        time."""
+        check_dtypes(x, tensors, self._graph_describe())
 
     def _check_momentum(self) -> float | None:
         """The momentum as a float (None stays None), or a TypeError/ValueError naming the layer

@@ -94,8 +94,12 @@ class _GhostBatchNorm(_BatchNorm):
 
     def _train_forward(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         weight, bias = self._affine()
+        if torch.jit.is_scripting():
+            name = self._describe()
+        else:
+            name = self._graph_describe()  # (a constant of the graph, when one is traced)
         return ghost_train(x, weight, bias, self.eps, self.activation, self.virtual_batch_size,
-                           self._describe())  # fmt: skip
+                           name)  # fmt: skip
 
 
 @torch.fx.wrap  # (one node in a symbolic trace: the ghost batches depend on the batch's size)

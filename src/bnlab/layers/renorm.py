@@ -257,7 +257,7 @@ class _BatchRenorm(_BatchNorm):
             momentum = self._check_momentum() if update else None  # (a float, or None)
             renorm_commit(
                 x, mean, var, running_mean, running_var, steps, self.num_batches_tracked,
-                momentum, update, self.eps, self._describe(),
+                momentum, update, self.eps, self._graph_describe(),
             )  # fmt: skip
 
 
