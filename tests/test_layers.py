@@ -916,6 +916,38 @@ def test_parameters_gathered_elsewhere_between_forward_and_backward(mode, act, b
             _gather_elsewhere(t)  # (and before the next forward)
 
 
+@pytest.mark.parametrize("act", [None, "relu"])
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_saved_tensors_mutated_under_allow_mutation_as_torch(mode, act, backend):
+    """Under ``torch.autograd.graph.allow_mutation_on_saved_tensors`` a tensor the forward saved
+    may be changed in place before the backward, which then reads the saved values (autograd
+    keeps a copy): the weight and the running statistics changed between forward and backward
+    give torch's gradients (the planned backward reads the saved tensors, not the plan's views
+    of the layer's)."""
+    shape = (6, 4, 5, 5)
+    ours, ref = make_pair(shape)
+    if act:  # (torch's twin: its layer, then a ReLU)
+        ours = bnlab.BatchNorm2d(4, activation=act)
+        ours.load_state_dict(ref.state_dict())
+    _random_state(ours, ref)
+    x = torch.randn(shape) * 2 + 1
+    grads = []
+    for layer in (ours, ref):
+        layer.train(mode == "train")
+        xg = x.clone().requires_grad_()
+        with torch.autograd.graph.allow_mutation_on_saved_tensors():
+            y = layer(xg)
+            y = y.relu() if act and layer is ref else y
+            with torch.no_grad():
+                layer.weight.mul_(3)
+                layer.running_mean.add_(1)
+                layer.running_var.mul_(2)
+            y.square().sum().backward()
+        grads.append((xg.grad, layer.weight.grad, layer.bias.grad))
+    for got, want in zip(*grads, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-4)
+
+
 def _resizable(*tensors) -> list[bool]:
     return [t.untyped_storage().resizable() for t in tensors if t is not None]
 
