@@ -859,6 +859,17 @@ def test_mkldnn_inputs_get_torchs_answer(shape, backend):
     torch.testing.assert_close(ys[0].to_dense(), ys[1].to_dense(), **tol(torch.float32))
 
 
+def _fused_pair(shape, act: str | None):
+    """:func:`make_pair` with random running statistics, bnlab's layer fusing ``act`` (torch's
+    twin applies it after its layer)."""
+    ours, ref = make_pair(shape)
+    if act:
+        ours = family_classes(shape)[0](shape[1], activation=act)
+        ours.load_state_dict(ref.state_dict())
+    _random_state(ours, ref)
+    return ours, ref
+
+
 def _gather_elsewhere(t: torch.Tensor) -> None:
     """What ``fully_shard`` does to a parameter between its uses: the storage freed, then
     allocated again (elsewhere: the memory just freed is taken meanwhile) and written through
@@ -884,11 +895,7 @@ def test_parameters_gathered_elsewhere_between_forward_and_backward(mode, act, b
     The layers' storages stay resizable, as torch's do, and the backward reads the memory the
     saved tensors have then: torch's outputs, gradients and statistics, step after step."""
     shape = (4, 3, 5, 6)
-    ours, ref = make_pair(shape)
-    if act:  # (torch's twin: its layer, then a ReLU)
-        ours = bnlab.BatchNorm2d(3, activation=act)
-        ours.load_state_dict(ref.state_dict())
-    _random_state(ours, ref)
+    ours, ref = _fused_pair(shape, act)
     ours.train(mode == "train"), ref.train(mode == "train")
     moved = [ours.weight, ours.bias, ref.weight, ref.bias]
     if mode == "eval":
@@ -925,11 +932,7 @@ def test_saved_tensors_mutated_under_allow_mutation_as_torch(mode, act, backend)
     give torch's gradients (the planned backward reads the saved tensors, not the plan's views
     of the layer's)."""
     shape = (6, 4, 5, 5)
-    ours, ref = make_pair(shape)
-    if act:  # (torch's twin: its layer, then a ReLU)
-        ours = bnlab.BatchNorm2d(4, activation=act)
-        ours.load_state_dict(ref.state_dict())
-    _random_state(ours, ref)
+    ours, ref = _fused_pair(shape, act)
     x = torch.randn(shape) * 2 + 1
     grads = []
     for layer in (ours, ref):
