@@ -578,7 +578,7 @@ def batch_norm_eval_forward(
 
 
 def _fast_vec(t: Tensor, dt: torch.dtype, c: int):
-    """numpy view of a contiguous (c,) CPU tensor of dtype ``dt`` (detached), else None."""
+    """:func:`array_view` of a contiguous (c,) CPU tensor of dtype ``dt``, else None."""
     if t.dtype != dt or t.dim() != 1 or t.shape[0] != c or not t.is_contiguous():
         return None
     return array_view(t)  # (TypeError for a tensor off the CPU: the caller's fallback)
