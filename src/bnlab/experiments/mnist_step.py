@@ -356,7 +356,7 @@ class _BatchNormStep:
             stats = self._stats.numpy()  # rows: mean, var, invstd, 3 coefficients
             self._np = (
                 fwd, bwd, k.commit_stats, self.x.numpy(), self.y.numpy(), self.dy.numpy(),
-                self.dx.numpy(), stats, stats[0], stats[1], stats[2], self._grads.numpy(),
+                self.dx.numpy(), stats, stats[0], stats[1], stats[2], *self._grads.numpy(),
             )  # fmt: skip
         empty = np.empty(0, self._np[3].dtype)  # placeholder for an absent tensor
         has = rm is not None
@@ -391,7 +391,7 @@ class _BatchNormStep:
         w, b = params["weight"], params["bias"]
         rm, rv, nbt = (buffers[k] for k in ("running_mean", "running_var", "num_batches_tracked"))
         if B.kernels_enabled() and self._bind((w, b, rm, rv, nbt)):
-            fwd, _, commit, x, y, _, _, stats, mean, var, _, _ = self._np
+            fwd, _, commit, x, y, _, _, stats, mean, var, _, _, _ = self._np
             wv, has_w, bv, has_b, rmv, rvv, nbtv, has = self._views
             # (the streaming flag passed, False: Numba types an omitted argument apart from a
             # passed one and would compile every loop it reaches once more)
@@ -426,13 +426,13 @@ class _BatchNormStep:
         saved, relu, y, w, want_w, want_b = self._last
         need = want_w or want_b
         if saved is None:
-            _, bwd, _, x, _, dy, dx, stats, mean, _, invstd, grads = self._np
+            _, bwd, _, x, _, dy, dx, stats, mean, _, invstd, dgv, dbv = self._np
             wv, has_w = self._views[0], self._views[1]
             # (the ReLU's mask recomputed from x with the forward's coefficients, as
             # bnlab.kernels.lean_backward does)
             bwd(
                 dy, x, x, relu, stats[3:5], K.RELU_FLOOR[self.x.dtype], mean, invstd, wv,
-                has_w, True, need, True, dx, grads[0], grads[1], False,
+                has_w, True, need, True, dx, dgv, dbv, False,
             )  # fmt: skip
             dgamma, dbeta = self.dgamma, self.dbeta
         else:
