@@ -174,14 +174,14 @@ class _BatchNorm(nn.modules.batchnorm._BatchNorm):
     @torch.jit.unused
     def _graph_describe(self) -> str:
         """:meth:`_describe` for the texts a call makes whether or not it refuses, such as the
-        non-finite refusal a compiled graph carries: the class and size without the name while
-        ``torch.compile`` traces the layer. A name in the graph is a constant Dynamo guards on,
+        non-finite refusal a compiled graph carries: the class and size, and that the name is
+        left out, while ``torch.compile`` traces the layer. A name in the graph is a constant Dynamo guards on,
         so code traced for one layer (a residual block's forward, compiled as a region or
         between a sharding tool's hooks) would be compiled again for every other layer of the
         same shape instead of reused, and compiling stops at Dynamo's recompile limit. Texts
         made only to raise, and all eager ones, name the layer."""
         if torch.compiler.is_compiling() and not torch.compiler.is_exporting():
-            return type(self).__name__ + "(" + str(self.num_features) + ")"
+            return f"{type(self).__name__}({self.num_features}) (names stay out of compiled graphs)"
         return self._describe()
 
     def _check_input(
