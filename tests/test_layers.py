@@ -951,6 +951,36 @@ def test_saved_tensors_mutated_under_allow_mutation_as_torch(mode, act, backend)
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-4)
 
 
+@pytest.mark.parametrize("hooks", ["copies", "save_on_cpu"])
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_saved_tensor_hooks_as_torch(mode, hooks, backend):
+    """Saved-tensor hooks (``torch.autograd.graph.saved_tensors_hooks``, as activation
+    offloading uses them; ``save_on_cpu``): what the forward saves comes back to the backward
+    as other tensors, elsewhere in memory (and the input may change meanwhile), and the
+    gradients are torch's."""
+    shape = (6, 4, 5, 5)
+    ours, ref = _fused_pair(shape, "relu")
+    x = torch.randn(shape) * 2 + 1
+    grads = []
+    for layer in (ours, ref):
+        layer.train(mode == "train")
+        xg = x.clone().requires_grad_()
+        if hooks == "copies":
+            context = torch.autograd.graph.saved_tensors_hooks(torch.clone, lambda t: t)
+        else:
+            context = torch.autograd.graph.save_on_cpu()
+        with context:
+            y = layer(xg)
+            y = y.relu() if layer is ref else y
+        if hooks == "copies":  # (the backward must read the saved copy, not the input)
+            with torch.no_grad():
+                xg.mul_(-2)
+        y.square().sum().backward()
+        grads.append((xg.grad, layer.weight.grad, layer.bias.grad))
+    for got, want in zip(*grads, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-4)
+
+
 def _resizable(*tensors) -> list[bool]:
     return [t.untyped_storage().resizable() for t in tensors if t is not None]
 
