@@ -321,8 +321,8 @@ def _fully_shard_rank(lr: float, compiled: bool) -> dict:
         opt.zero_grad(set_to_none=True)
         y = run(x.chunk(2)[rank])
         (y.square().sum() + y.sum()).backward()
-        grads = {k: p.grad.full_tensor() for k, p in model.named_parameters()}
         opt.step()
+    grads = {k: p.grad.full_tensor() for k, p in model.named_parameters()}  # (the last step's)
     params = {k: p.full_tensor() for k, p in model.named_parameters()}
     return {"grads": grads, "params": params, "states": bn_states(model),
             "graphs": len(counter.graphs)}  # fmt: skip
