@@ -1463,3 +1463,29 @@ def test_to_channels_inner_writes_the_values_with_channels_innermost(dtype):
     assert K.to_channels_inner(torch.randn(2, K.SWAP_MAX_C + 1, 3)) is None
     assert K.to_channels_inner(torch.randn(2, 3)) is None
     assert K.to_channels_inner(torch.randn(2, 3, 4, dtype=torch.cfloat)) is None
+
+
+def test_tensors_that_run_operators_themselves_are_never_read():
+    """A ``__torch_dispatch__`` subclass (torch's test ``TwoTensor``: address 0, its values in
+    two other tensors) gets no numpy view (TypeError naming its class, as for any tensor the
+    loops cannot read), the kernels report why they cannot take it as the input or as a
+    parameter, and the "fused" backend refuses it; a subclass without its own operators
+    (``as_subclass``) is viewed as the plain tensor it is."""
+    from torch.testing._internal.two_tensor import TwoTensor
+
+    a = torch.randn(4, 3)
+    two = TwoTensor(a, a * 2)
+    with pytest.raises(TypeError, match="TwoTensor"):
+        K.array_view(two)
+    assert "TwoTensor input" in K.unsupported_reason(two)
+    w = torch.ones(3)
+    assert "TwoTensor parameter" in K.unsupported_reason(a, TwoTensor(w, w))
+    with bnlab.use_backend("fused"), pytest.raises(ValueError, match="TwoTensor"):
+        B.choose(a, TwoTensor(w, w))
+
+    class Plain(torch.Tensor):
+        pass
+
+    view = K.array_view(a.as_subclass(Plain))
+    view[0, 0] = 7.0
+    assert a[0, 0] == 7.0

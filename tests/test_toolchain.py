@@ -7,7 +7,8 @@ to 1e-5, in training and in eval mode. One test (or group) per row of the README
 table: torch.compile (zero graph breaks, also in a fresh process with Inductor), torch.export
 (also with a symbolic batch) and AOTInductor, ONNX (both exporters, run by onnxruntime),
 jit.trace (every grad mode, saved and loaded), jit.script, torch.fx and fuse_modules,
-torch.func.grad/vmap, the meta device, double backward, isinstance-based torch utilities
+make_fx, torch.func.grad/vmap/functionalize, the meta device, FakeTensorMode and other
+dispatch modes, DTensor batches, double backward, isinstance-based torch utilities
 (SyncBatchNorm conversion, weight-decay filters), and the custom operators themselves
 (torch.library.opcheck, vmap rules, decompositions).
 
@@ -362,6 +363,57 @@ def test_fully_shard_trains_as_averaged_eager_copies(compiled):
             close(got["params"][k], p.detach(), k)
         assert_same_states(got["states"], copies[rank])
         assert got["graphs"] > 0 if compiled else got["graphs"] == 0
+
+
+def _dtensor_rank() -> dict:
+    """One rank of :func:`test_dtensor_batches_get_torchs_answer`: torch's BatchNorm2d and
+    bnlab's, their parameters and buffers replicated over a two-rank mesh, one training step
+    and one eval step on a batch sharded over the ranks (each rank holds half)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Replicate, Shard, distribute_module, distribute_tensor
+
+    mesh = init_device_mesh("cpu", (2,))
+
+    def replicate(name, module, mesh):
+        for n, p in list(module.named_parameters(recurse=False)):
+            p = distribute_tensor(p.detach(), mesh, [Replicate()])
+            module.register_parameter(n, nn.Parameter(p))
+        for n, b in list(module.named_buffers(recurse=False)):
+            module.register_buffer(n, distribute_tensor(b, mesh, [Replicate()]))
+
+    torch.manual_seed(0)
+    x = torch.randn(8, 4, 5, 5) * 2 + 1
+    dy = torch.randn(8, 4, 5, 5)
+    out = {}
+    for name, layer in (("torch", nn.BatchNorm2d(4)), ("bnlab", bnlab.BatchNorm2d(4))):
+        with torch.no_grad():
+            layer.weight.copy_(torch.linspace(0.5, 1.5, 4))
+        distribute_module(layer, mesh, replicate)
+        got = []
+        for mode in MODES:
+            layer.train(mode == "train")
+            layer.zero_grad(set_to_none=True)
+            xs = distribute_tensor(x, mesh, [Shard(0)]).requires_grad_()
+            y = layer(xs)
+            y.backward(distribute_tensor(dy, mesh, [Shard(0)]))
+            got += [y.full_tensor(), xs.grad.full_tensor(), layer.weight.grad.full_tensor(),
+                    layer.bias.grad.full_tensor(),
+                    *(b.full_tensor() for b in layer.buffers())]  # fmt: skip
+        out[name] = got
+    return out
+
+
+def test_dtensor_batches_get_torchs_answer():
+    """A batch sharded over two processes as a ``DTensor`` (parameters and running statistics
+    replicated with ``distribute_module``): bnlab's layer gives torch's answer (statistics of
+    the whole batch, as torch's layer computes them on a DTensor), in training and eval mode:
+    output, input and parameter gradients, running statistics and count. bnlab's BN takes the
+    DTensor's standard ops, which it knows how to distribute, not the kernels."""
+    from bnlab.distributed import launch
+
+    for got in launch(_dtensor_rank, 2, timeout=300):
+        for a, b in zip(got["bnlab"], got["torch"], strict=True):
+            close(a, b)
 
 
 class _Sequence(nn.Module):
@@ -1135,6 +1187,140 @@ def test_meta_device(name, mode):
         assert ref(x1.to("meta")).shape == y.shape
 
 
+# ----------------------------------------------------------- dispatch modes, tensor subclasses
+def _step_fn(model: nn.Module):
+    """``x -> (y, dx, *parameter gradients)`` of :func:`step`'s loss, as one function that
+    ``make_fx`` traces forward and backward."""
+    params = list(model.parameters())
+
+    def f(x):
+        x = x.detach().requires_grad_()
+        y = model(x)
+        return (y, *torch.autograd.grad(y.square().sum() + y.sum(), [x, *params]))
+
+    return f
+
+
+MAKE_FX_CASES = [("cnn", "train"), ("cnn", "eval"), ("resnet20-fused-relu", "train")]
+
+
+@pytest.mark.parametrize("name,mode", MAKE_FX_CASES, ids=["-".join(c) for c in MAKE_FX_CASES])
+def test_make_fx_records_bnlabs_operators_and_decomposes(name, mode):
+    """``make_fx`` (the tracer under AOTAutograd and torch.export) records bnlab's operators,
+    forward and backward; with ``bnlab.decompositions()`` as its table, standard ops alone. Each
+    graph, run on a new input, gives the eager model's output, gradients and running
+    statistics (its buffers are the traced module's)."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    model, x1, x2 = build(name, mode)
+    train_ops = {"bnlab.batch_norm_train", "bnlab.commit_stats", "bnlab.batch_norm_backward"}
+    expected = train_ops if mode == "train" else {"bnlab.batch_norm_eval",
+                                                  "bnlab.batch_norm_backward"}  # fmt: skip
+    for table, ops in ((None, expected), (bnlab.decompositions(), set())):
+        traced, ref = copy.deepcopy(model), copy.deepcopy(model)
+        gm = make_fx(_step_fn(traced), decomposition_table=table)(x1)
+        _step_fn(ref)(x1)  # (tracing ran the step once on real tensors)
+        assert {t.removesuffix(".default") for t in bnlab_op_targets(gm.graph)} == ops
+        for a, b in zip(gm(x2), _step_fn(ref)(x2), strict=True):
+            close(a, b)
+        assert_same_states(traced, ref)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_functionalize_matches_eager(mode):
+    """``torch.func.functionalize`` of a model (and ``make_fx`` of it, the graph torch's
+    functional tools build) gives the eager output and writes the running statistics as the
+    eager step does, as torch's layers do under it."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    model, x1, x2 = build("cnn", mode)
+    ref = copy.deepcopy(model)
+    close(torch.func.functionalize(model)(x1), ref(x1))
+    assert_same_states(model, ref)
+    gm = make_fx(torch.func.functionalize(model))(x1)
+    ref(x1)
+    close(gm(x2), ref(x2))
+    assert_same_states(model, ref)
+
+
+def _fake_model(name: str, mode: str, channels_last: bool):
+    """Steps of bnlab's model and of torch's twin (``bnlab.convert``; of the model without the
+    fused ReLU, which torch's layers lack) on fake copies, under one
+    FakeTensorMode (``FakeCopyMode``: each tensor becomes a fake one of its shape and strides):
+    outputs and gradients with shapes and strides, no values."""
+    from torch._subclasses.fake_tensor import FakeCopyMode, FakeTensorMode
+
+    model, x1, _ = build(name, mode)
+    ref = bnlab.convert(build(name.removesuffix("-fused-relu"), mode)[0], to="torch")
+    fake_mode = FakeTensorMode()
+    with FakeCopyMode(fake_mode):
+        models = copy.deepcopy((model, ref))
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    x = fake_mode.from_tensor(x1.to(memory_format=fmt))
+    with fake_mode:
+        return [step(m, x) for m in models]
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["contiguous", "channels_last"])
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("name", ["cnn", "resnet20-fused-relu"])
+def test_fake_tensor_mode_gives_torchs_shapes_and_strides(name, mode, channels_last):
+    """Under ``FakeTensorMode`` (shape propagation, memory estimation: tensors without values)
+    a step of bnlab's model runs and gives fake tensors of the shapes, strides and dtypes of
+    torch's BN's step."""
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    ours, theirs = _fake_model(name, mode, channels_last)
+    (y, gx, grads), (ry, rgx, rgrads) = ours, theirs
+    pairs = ((y, ry), (gx, rgx), *zip(grads.values(), rgrads.values(), strict=True))
+    for a, b in pairs:  # (parameters in module order: the fused model has no ReLU modules)
+        assert isinstance(a, FakeTensor)
+        assert (a.shape, a.stride(), a.dtype) == (b.shape, b.stride(), b.dtype)
+
+
+class _Recorder(torch.utils._python_dispatch.TorchDispatchMode):
+    """A dispatch mode that notes each operator it sees, then runs it."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen: set[str] = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.seen.add(str(func.overloadpacket))
+        return func(*args, **(kwargs or {}))
+
+
+MODE_LAYERS = {
+    "bn": lambda: bnlab.BatchNorm2d(4),
+    "bn+relu": lambda: bnlab.BatchNorm2d(4, activation="relu"),
+    "renorm": lambda: bnlab.BatchRenorm2d(4),
+    "ghost": lambda: bnlab.GhostBatchNorm2d(4, virtual_batch_size=2),
+    "sync": lambda: bnlab.SyncBatchNorm(4),
+    "lazy": lambda: bnlab.LazyBatchNorm2d(),
+}
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("layer", list(MODE_LAYERS))
+def test_a_dispatch_mode_sees_bnlabs_operators(layer, mode):
+    """A ``TorchDispatchMode`` (what ``DebugMode``, ``FlopCounterMode``, memory trackers and
+    selective checkpointing are built on) sees bnlab's BN as its operators, forward and
+    backward, where the eager kernels would run unseen; the step gives the output, gradients
+    and running statistics of the same step outside the mode."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), MODE_LAYERS[layer]())
+    model(torch.randn(4, 3, 6, 6) * 2 + 1)  # (sizes the lazy layer)
+    model.train(mode == "train")
+    ref = copy.deepcopy(model)
+    x = torch.randn(4, 3, 6, 6) * 2 + 1
+    with _Recorder() as recorder:
+        ours = step(model, x)
+    assert_same_step(ours, step(ref, x))
+    assert_same_states(model, ref)
+    forward = "bnlab.batch_norm_train" if mode == "train" else "bnlab.batch_norm_eval"
+    assert {forward, "bnlab.batch_norm_backward"} <= recorder.seen
+
+
 def test_double_backward_through_a_model_matches_torch():
     """A gradient penalty (the gradient of a gradient) through bnlab's BN equals the same
     computation through torch's BN, in training and eval mode."""
@@ -1221,6 +1407,46 @@ def test_activation_checkpoint_recomputes_as_torch(reentrant, early_stop, backen
         torch.testing.assert_close(a, b, **TOL)
     after = [b.item() for b in model.buffers() if b.dtype == torch.int64]
     assert before and after == [n + 2 for n in before]  # (forward and recomputation)
+
+
+def test_selective_checkpoint_policy_saves_bnlabs_commit():
+    """Selective activation checkpointing (a dispatch mode) sees bnlab's BN as its operators,
+    so a policy can name them. Saving ``bnlab.commit_stats`` (with torch's layers,
+    ``aten.native_batch_norm``) keeps the recomputation from updating the running statistics a
+    second time: outputs, gradients and statistics equal torch's under its policy, and the
+    statistics those of one eager step. bnlab counts the batch once; torch's layer counts it in
+    Python, outside the saved operator, so its count doubles."""
+    from torch.utils.checkpoint import (
+        CheckpointPolicy,
+        checkpoint,
+        create_selective_checkpoint_contexts,
+    )
+
+    saved = {"aten.native_batch_norm", "bnlab.commit_stats"}
+
+    def policy(ctx, op, *args, **kwargs):
+        name = str(getattr(op, "overloadpacket", op))
+        return CheckpointPolicy.MUST_SAVE if name in saved else CheckpointPolicy.PREFER_RECOMPUTE
+
+    context = functools.partial(create_selective_checkpoint_contexts, policy)
+    model, x1, _ = build("cnn", "train")
+    ref = bnlab.convert(copy.deepcopy(model), to="torch")
+    once = copy.deepcopy(model)
+    once(x1)
+    before = [b.item() for b in model.buffers() if b.dtype == torch.int64]
+    results = []
+    for m in (model, ref):
+        x = x1.clone().requires_grad_()
+        y = checkpoint(m, x, use_reentrant=False, context_fn=context)
+        y.square().sum().backward()
+        results.append([y, x.grad, *[p.grad for p in m.parameters()]])
+    for a, b in zip(*results, strict=True):
+        close(a, b)
+    assert_same_states(model, once)
+    for a, b in zip(bn_states(model).values(), bn_states(ref).values(), strict=True):
+        if a.dtype != torch.int64:
+            close(a, b)
+    assert [b.item() for b in ref.buffers() if b.dtype == torch.int64] == [n + 2 for n in before]
 
 
 # ----------------------------------------------------------------------------- isinstance tools

@@ -6,7 +6,8 @@ BatchNorm tests: empty batches (zero samples or zero positions), one sample with
 positions, momentum None, affine off, ``track_running_stats`` off (in training and in eval,
 where torch then uses batch statistics) and switched after construction, ``eps = 0`` and
 negative eps, running statistics that require grad (refused while autograd records, taken
-under ``no_grad``), and every combination of input and parameter dtypes. Where torch refuses after
+under ``no_grad``), every combination of input and parameter dtypes, and tensor subclasses
+that run torch's operators themselves. Where torch refuses after
 having counted the batch in ``num_batches_tracked`` (one value per channel, ``eps <= 0`` in
 training), bnlab refuses the same input before touching anything; and a running statistic
 whose channels share memory, which torch's training call fills with one channel's average,
@@ -678,3 +679,48 @@ def test_a_sequence_transposed_there_and_back_gets_torchs_answers(training, relu
                 ours(bad.requires_grad_().transpose(1, 2))
             for key, value in ours.state_dict().items():
                 assert torch.equal(value, before[key]), key
+
+
+# ----------------------------------------------------------------------------- tensor subclasses
+def _components(t):
+    """A TwoTensor's two tensors (a plain tensor twice)."""
+    return (t.a, t.b) if hasattr(t, "a") else (t, t)
+
+
+@pytest.mark.parametrize("where", ["input", "weight"])
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("shape", [(6, 5), (4, 5, 3, 3)])
+def test_a_wrapper_subclass_gets_torchs_answer(shape, training, where):
+    """A tensor subclass that runs torch's operators itself (torch's test ``TwoTensor``, which
+    runs each on two tensors; ``FakeTensor`` and ``DTensor`` are of this kind and have no
+    memory of their own) as the input or the weight: the output, the input's and parameters'
+    gradients are torch's, a TwoTensor of each component's answer. The kernels never read it
+    (its address is 0: a call crashed the process). Running statistics in eval mode too; in
+    training torch's layer writes the buffer once per component, an update of the update
+    bnlab does not imitate."""
+    from torch.testing._internal.two_tensor import TwoTensor
+
+    torch.manual_seed(0)
+    ours, theirs = pair(shape)
+    for layer in (ours, theirs):
+        layer.train(training)
+        if where == "weight":
+            w = layer.weight.detach()
+            layer.weight = nn.Parameter(TwoTensor(w.clone(), w.clone() * 2))
+    a = torch.randn(shape) * 2 + 1
+    dy = torch.randn(shape)
+    results = []
+    for layer in (ours, theirs):
+        x = (TwoTensor(a.clone(), a * 3) if where == "input" else a.clone()).requires_grad_()
+        y = layer(x)
+        y.backward(TwoTensor(dy, dy))
+        results.append((y, x.grad, layer.weight.grad, layer.bias.grad, layer.state_dict()))
+    for i, (o, t) in enumerate(zip(*results, strict=True)):
+        if i == 4:
+            if not training:
+                for k in t:
+                    torch.testing.assert_close(o[k], t[k], msg=k)
+            continue
+        assert type(o) is type(t), i
+        for oc, tc in zip(_components(o), _components(t), strict=True):
+            torch.testing.assert_close(oc, tc, **tol(torch.float32))

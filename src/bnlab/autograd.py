@@ -369,7 +369,7 @@ def batch_norm_train(
         y, mean, var, _ = ops.decompose_train(x, weight, bias, eps, relu)
         return y, mean, var
     else:
-        how = ops.route(x)
+        how = ops.route(x, weight, bias)
         if not isinstance(x, torch.fx.Proxy):  # (fx symbolic tracing: no shapes to read)
             weight = _per_channel(x, weight, "weight", "batch_norm_train")
             bias = _per_channel(x, bias, "bias", "batch_norm_train")
@@ -434,7 +434,7 @@ def _batch_norm(
         if not isinstance(x, torch.fx.Proxy):
             _check_call(x, running_mean, running_var, weight, bias, training,
                         momentum if momentum_checked else 0.0, eps)  # fmt: skip
-            if ops.route(x) == ops.EAGER:
+            if ops.route(x, running_mean, running_var, weight, bias) == ops.EAGER:
                 return _eager_call(x, running_mean, running_var, weight, bias, training,
                                    float(momentum), float(eps))  # fmt: skip
     if not training:
@@ -741,7 +741,7 @@ def batch_norm_eval(
         bias = _per_channel(x, bias, "bias", fn)
         return ops.decompose_eval(x, running_mean, running_var, weight, bias, eps, relu)
     else:
-        how = ops.route(x)
+        how = ops.route(x, running_mean, running_var, weight, bias)
         if not isinstance(x, torch.fx.Proxy):  # (fx symbolic tracing: no shapes to read)
             _check_count(x, running_mean, "running_mean", fn, False)
             _check_count(x, running_var, "running_var", fn, False)
@@ -791,7 +791,7 @@ def commit_stats(
         ops.decompose_commit(x, mean, var, running_mean, running_var, num_batches_tracked,
                              momentum, update, layer)  # fmt: skip
     else:
-        how = ops.route(x)
+        how = ops.route(x, running_mean, running_var, num_batches_tracked)
         if how == ops.EAGER:
             m = x.numel() // x.shape[1]
             if not B.commit_stats(mean, var, running_mean, running_var, num_batches_tracked,

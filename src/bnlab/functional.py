@@ -357,7 +357,7 @@ def commit_running_stats(
         shared = shared_buffer(running_mean, running_var)
         if shared:
             raise RuntimeError(shared_buffer_message("batch norm", shared))
-    if m > 0 and not math.isfinite(float(var.max())):
+    if m > 0 and not math.isfinite(float(var.detach().max())):
         return False
     if not update:
         return True

@@ -36,11 +36,13 @@ the running averages it uses), the section 3 gradients. Three forms of the same 
 * **eager** (:mod:`bnlab.autograd`): the ``torch.autograd.Function`` s that call the backend
   directly, without the dispatcher's per-call cost.
 
-:func:`route` picks one per call: the custom operators under ``torch.fx`` symbolic tracing and
+:func:`route` picks one per call: the custom operators under ``torch.fx`` symbolic tracing,
+``make_fx`` and other dispatch modes (``FakeTensorMode``, ``DebugMode``), on fake tensors, and
 under ``torch.compile`` in the ``"ops"`` form (:func:`set_compile_form`; the default there is the
 decomposition, which Inductor fuses); the decomposition under ``torch.export`` (and so ONNX with
 ``dynamo=True``), ``torch.jit.trace`` (and the TorchScript ONNX exporter), ``torch.jit.script``,
-``torch.func`` transforms and on the meta device; eager otherwise.
+``torch.func`` transforms, on the meta device and on other tensor subclasses that run torch's
+operators themselves (``DTensor``); eager otherwise.
 """
 
 from __future__ import annotations
@@ -63,6 +65,7 @@ from .functional import (
     reduce_dims,
     scale_shift,
 )
+from .kernels import dispatches_to_python
 
 __all__ = [
     "EAGER",
@@ -138,13 +141,29 @@ _is_compiling = torch.compiler.is_compiling
 _is_tracing = torch._C._is_tracing
 _functorch_active = torch._C._are_functorch_transforms_active
 _Proxy = torch.fx.Proxy
+_dispatch_modes = torch._C._len_torch_dispatch_stack
+_Parameter = torch.nn.Parameter
+_FakeTensor = torch._subclasses.fake_tensor.FakeTensor
+_get_mode = torch._C._get_dispatch_mode
+_PROXY = torch._C._TorchDispatchModeKey.PROXY
 
 
-def route(x: Tensor) -> int:
+def route(x: Tensor, *others: Tensor | None) -> int:
     """How a bnlab batch-norm call on ``x`` runs: ``OP`` (custom operators: ``torch.compile``,
-    fx symbolic tracing), ``DECOMPOSE`` (standard ops: ``torch.export``, ``jit.trace``,
-    ``torch.func`` transforms, forward-mode AD, meta tensors; under ``torch.compile`` as
-    :func:`set_compile_form` says) or ``EAGER`` (the autograd Functions)."""
+    fx symbolic tracing, and eager calls under a ``TorchDispatchMode`` or on fake tensors),
+    ``DECOMPOSE`` (standard ops: ``torch.export``, ``jit.trace``, ``torch.func`` transforms,
+    forward-mode AD, meta tensors, other tensor subclasses that run operators themselves; under
+    ``torch.compile`` as :func:`set_compile_form` says) or ``EAGER`` (the autograd Functions).
+
+    A dispatch mode (``FakeTensorMode``, ``make_fx``'s tracer, ``DebugMode``, a memory tracker)
+    sees every operator a call runs and may stand in for its tensors: the operators show it
+    bnlab's BN as the kernels run it (their fake implementations allocate what the kernels
+    allocate), where the kernels, which read memory directly, would be invisible to it or read
+    memory a fake tensor does not have. A subclass such as ``DTensor`` or a wrapper tensor knows
+    torch's operators, not bnlab's, so it gets the standard ops
+    (:func:`bnlab.kernels.dispatches_to_python`), also as one of ``others`` (the call's
+    parameters and statistics) beside a plain ``x``: the eager paths' in-place arithmetic on
+    plain tensors would take such an argument once per tensor it stands for."""
     if _is_compiling():  # torch.compile and torch.export set it
         if torch.compiler.is_exporting():
             return DECOMPOSE
@@ -158,6 +177,14 @@ def route(x: Tensor) -> int:
         or _forward_ad._current_level >= 0  # inside torch.autograd.forward_ad.dual_level()
     ):
         return DECOMPOSE
+    if type(x) is not Tensor and dispatches_to_python(x):
+        return OP if isinstance(x, _FakeTensor) else DECOMPOSE
+    for t in others:
+        if t is not None and type(t) is not _Parameter and type(t) is not Tensor:
+            if dispatches_to_python(t):
+                return DECOMPOSE
+    if _dispatch_modes() > 0:
+        return OP
     return EAGER
 
 
@@ -373,15 +400,26 @@ def decompose_commit(
 
 def _accept_python(x, var, ok, running_mean, update, layer) -> bool:
     """The finiteness refusal of :func:`decompose_commit` outside TorchScript: an assertion in a
-    graph being captured or on meta tensors, a FloatingPointError where values can be read
-    (eager ``torch.func.grad``), a ValueError for an update under ``vmap``. False when there is
-    nothing more to do (vmap without an update)."""
-    if torch.compiler.is_compiling() or torch.jit.is_tracing() or var.is_meta:
+    graph being captured (``torch.compile``, ``jit.trace``, ``make_fx``), on meta and fake
+    tensors and on other tensor subclasses whose values cannot be read, a FloatingPointError
+    where values can be read (eager ``torch.func.grad``, ``DTensor``), a ValueError for an
+    update under ``vmap``. False when there is nothing more to do (vmap without an update)."""
+    if (
+        torch.compiler.is_compiling()
+        or torch.jit.is_tracing()
+        or var.is_meta
+        or isinstance(var, _FakeTensor)
+        or _get_mode(_PROXY) is not None  # (make_fx: a graph being captured)
+    ):
         torch._assert_async(ok, non_finite_message(layer))
         return True
     try:
         bad = not bool(ok)
-    except RuntimeError:  # vmap: per-sample statistics cannot be read (nor averaged in)
+    except RuntimeError:
+        if type(var) is not Tensor and dispatches_to_python(var):  # (values it will not give)
+            torch._assert_async(ok, non_finite_message(layer))
+            return True
+        # vmap: per-sample statistics cannot be read (nor averaged in)
         if update and running_mean is not None:
             raise BatchedUpdateError(
                 f"{layer}: running statistics cannot be updated from per-sample statistics "
@@ -394,13 +432,29 @@ def _accept_python(x, var, ok, running_mean, update, layer) -> bool:
     return True
 
 
+def _is_functional(t: Tensor) -> bool:
+    return torch._C._functorch.is_functionaltensor(t)
+
+
+def _unwrap_functional(t: Tensor) -> Tensor:
+    """The value of a tensor of ``torch.func.functionalize``, outside its wrapper: what a buffer
+    captured from outside the transform (a layer's running statistics) can take in place, as
+    torch's batch-norm kernel writes such buffers under functionalization."""
+    torch._sync(t)
+    return torch._C._functorch._unwrap_functional_tensor(t, False)
+
+
 def _write_python(ok, buffers, values, layer) -> None:
     """buffer <- where(ok, value, buffer) for each; under a torch.func transform that cannot
     write into buffers captured from outside (torch's BatchNorm cannot either), a RuntimeError
     naming the layer, before any buffer is written."""
+    functionalizing = not _is_compiling() and _functorch_active()
     try:
         for buffer, value in zip(buffers, values, strict=True):
-            buffer.copy_(torch.where(ok, value, buffer))
+            new = torch.where(ok, value, buffer)
+            if functionalizing and _is_functional(new) and not _is_functional(buffer):
+                new = _unwrap_functional(new)  # (torch.func.functionalize: a module's buffer)
+            buffer.copy_(new)
     except RuntimeError as exc:
         if "captured Tensor" not in str(exc):
             raise

@@ -43,6 +43,7 @@ from ..functional import _LAST
 __all__ = [
     "unsupported_reason",
     "array_view",
+    "dispatches_to_python",
     "layout_reason",
     "batch_norm_train_forward",
     "batch_norm_train_backward",
@@ -141,7 +142,11 @@ def unsupported_reason(x: Tensor, *params: Tensor | None) -> str | None:
     dtype = x.dtype
     if dtype not in _DTYPES:
         return f"dtype {dtype} (float32/float64 only)"
+    if dispatches_to_python(x):
+        return f"a {type(x).__name__} input, which runs torch's operators itself"
     for p in params:
+        if p is not None and dispatches_to_python(p):
+            return f"a {type(p).__name__} parameter/statistic, which runs torch's operators itself"
         if p is not None and (p.dtype != dtype or not p.is_cpu):
             return (
                 f"a parameter/statistic of dtype {p.dtype} on {p.device} for an input of "
@@ -165,6 +170,18 @@ def layout_reason(x: Tensor) -> str | None:
     if _layout(x) is None:
         return f"strides {x.stride()} (contiguous or channels_last only)"
     return None
+
+
+_dispatch_keys = torch._C._dispatch_keys
+_PYTHON_KEY = torch._C.DispatchKey.Python
+
+
+def dispatches_to_python(t: Tensor) -> bool:
+    """Whether ``t`` is a tensor subclass that runs torch's operators itself
+    (``__torch_dispatch__``: ``FakeTensor``, ``DTensor``, wrapper subclasses). Such a tensor may
+    have no memory of its own (its address 0), or memory that holds something else: the loops
+    never read it."""
+    return type(t) is not Tensor and _dispatch_keys(t).has(_PYTHON_KEY)
 
 
 class _Memory:
@@ -197,9 +214,18 @@ def array_view(t: Tensor) -> np.ndarray:
     owns the tensor may free or reallocate: it is valid for the call that made it, and a kept
     plan's while its key holds (:func:`_state_key`)."""
     typestr = _TYPESTR.get(t.dtype)  # (real dtypes only: no conjugate views)
-    if typestr is None or not t.is_cpu or t.layout != torch.strided or t.is_neg():
+    if (
+        typestr is None
+        or not t.is_cpu
+        or t.layout != torch.strided
+        or t.is_neg()
+        or dispatches_to_python(t)
+    ):
+        what = (" (a negative view)" if t.is_neg() else
+                f" (a {type(t).__name__}, which runs torch's operators itself)"
+                if dispatches_to_python(t) else "")  # fmt: skip
         raise TypeError(f"fused kernels: no view of a {t.dtype} {t.layout} tensor on {t.device}"
-                        f"{' (a negative view)' if t.is_neg() else ''}")  # fmt: skip
+                        f"{what}")  # fmt: skip
     m = _Memory()
     m.tensor = t
     face = {"data": (t.data_ptr(), False), "shape": t.shape, "typestr": typestr, "version": 3}

@@ -175,11 +175,11 @@ class _BatchNorm(nn.modules.batchnorm._BatchNorm):
     def _graph_describe(self) -> str:
         """:meth:`_describe` for the texts a call makes whether or not it refuses, such as the
         non-finite refusal a compiled graph carries: the class and size, and that the name is
-        left out, while ``torch.compile`` traces the layer. A name in the graph is a constant Dynamo guards on,
-        so code traced for one layer (a residual block's forward, compiled as a region or
-        between a sharding tool's hooks) would be compiled again for every other layer of the
-        same shape instead of reused, and compiling stops at Dynamo's recompile limit. Texts
-        made only to raise, and all eager ones, name the layer."""
+        left out, while ``torch.compile`` traces the layer. A name in the graph is a constant
+        Dynamo guards on, so code traced for one layer (a residual block's forward, compiled as
+        a region or between a sharding tool's hooks) would be compiled again for every other
+        layer of the same shape instead of reused, and compiling stops at Dynamo's recompile
+        limit. Texts made only to raise, and all eager ones, name the layer."""
         if torch.compiler.is_compiling() and not torch.compiler.is_exporting():
             return f"{type(self).__name__}({self.num_features}) (names stay out of compiled graphs)"
         return self._describe()
@@ -452,9 +452,9 @@ class _BatchNorm(nn.modules.batchnorm._BatchNorm):
         :meth:`_commit_batch_stats` in one autograd Function that commits before it saves its
         tensors (:class:`bnlab.autograd.BatchNormTrain`), as torch's layer does; the input has
         been checked."""
-        if not self._own_statistics() or route(x) != EAGER:
-            return None
         weight, bias = self._affine()
+        if not self._own_statistics() or route(x, weight, bias) != EAGER:
+            return None
         if not _needs_graph(x, weight, bias):
             return None
 
@@ -508,7 +508,7 @@ class _BatchNorm(nn.modules.batchnorm._BatchNorm):
             running_var if tracked else None,
         )  # fmt: skip
         if not torch.jit.is_scripting():
-            if isinstance(input, Tensor) and route(input) == EAGER:
+            if isinstance(input, Tensor) and route(input, weight, bias) == EAGER:
                 if self._own_statistics() and as_rows(input):  # (a transposed sequence)
                     return self._rows_forward(input)
                 input = standard_input(input)  # (every path's output takes its input's layout)

@@ -289,7 +289,7 @@ def renorm_commit(
     average over the batches counted). An empty batch is counted only. Eager calls read
     values; TorchScript and the tools that capture a graph take its tensor form (below)."""
     if not torch.jit.is_scripting():
-        if ops.route(x) == ops.EAGER:
+        if ops.route(x, running_mean, running_var) == ops.EAGER:
             _commit_eager(x, mean, var, running_mean, running_var, steps, counted, momentum,
                           update, eps, layer)  # fmt: skip
             return
