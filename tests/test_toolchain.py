@@ -1108,6 +1108,57 @@ def test_vmap_matches_a_loop(mode):
     torch.testing.assert_close(out, torch.stack([model(x) for x in xs]), **TOL)
 
 
+BATCHED_GRAD_CALLS = {
+    "layer": lambda layer, x: layer(x),
+    "function": lambda layer, x: _then_relu(layer, bnlab.batch_norm(
+        x, layer.running_mean, layer.running_var, layer.weight, layer.bias, layer.training
+    )),
+}
+
+
+def _then_relu(layer: nn.Module, y: torch.Tensor) -> torch.Tensor:
+    """The function has no fused ReLU: the layer's activation applied after it."""
+    return torch.relu(y) if layer.activation == "relu" else y
+
+
+@pytest.mark.parametrize("relu", [False, True], ids=["bn", "bn+relu"])
+@pytest.mark.parametrize("call", list(BATCHED_GRAD_CALLS))
+@pytest.mark.parametrize("mode", MODES)
+def test_batched_gradients_match_torch(mode, call, relu, backend):
+    """A batch of gradients through one backward (``autograd.grad(is_grads_batched=True)``,
+    the vectorized ``torch.autograd.functional.jacobian`` and ``hessian``, which vmap the
+    backward: the gradient has no memory of its own) through bnlab's eager layer and function
+    equals the same through torch's (its BN followed by ReLU for the fused one), on both
+    backends: the Functions take these gradients in standard ops."""
+    from torch.autograd.functional import hessian, jacobian
+
+    torch.manual_seed(0)
+    ours = bnlab.BatchNorm2d(3, activation="relu" if relu else None)
+    theirs = nn.BatchNorm2d(3)
+    with torch.no_grad():
+        theirs.weight.uniform_(0.5, 1.5), theirs.bias.uniform_(-1, 1)
+        theirs.running_mean.normal_(), theirs.running_var.uniform_(0.5, 2)
+    ours.load_state_dict(theirs.state_dict())
+    for layer in (ours, theirs):
+        layer.train(mode == "train")
+    f = functools.partial(BATCHED_GRAD_CALLS[call], ours)
+    g = nn.Sequential(theirs, nn.ReLU()) if relu else theirs
+    x = torch.randn(2, 3, 2, 2) * 2 + 1
+    for kind in ("grads", "jacobian", "hessian"):
+        got = []
+        for fn in (f, g):
+            if kind == "grads":
+                xx = x.clone().requires_grad_()
+                y = fn(xx)
+                v = torch.randn(4, *y.shape, generator=torch.Generator().manual_seed(1))
+                got.append(torch.autograd.grad(y, xx, v, is_grads_batched=True)[0])
+            elif kind == "jacobian":
+                got.append(jacobian(fn, x, vectorize=True))
+            else:
+                got.append(hessian(lambda t, fn=fn: fn(t).square().sum(), x, vectorize=True))
+        close(*got, kind)
+
+
 def test_func_transforms_refuse_running_stat_updates_as_torch_does():
     """In training mode with running statistics, torch's BatchNorm refuses both transforms
     (vmap: per-sample statistics; grad: a write into a captured buffer); bnlab refuses the same

@@ -687,17 +687,17 @@ def _components(t):
     return (t.a, t.b) if hasattr(t, "a") else (t, t)
 
 
-@pytest.mark.parametrize("where", ["input", "weight"])
+@pytest.mark.parametrize("where", ["input", "weight", "gradient"])
 @pytest.mark.parametrize("training", [True, False])
 @pytest.mark.parametrize("shape", [(6, 5), (4, 5, 3, 3)])
 def test_a_wrapper_subclass_gets_torchs_answer(shape, training, where):
     """A tensor subclass that runs torch's operators itself (torch's test ``TwoTensor``, which
     runs each on two tensors; ``FakeTensor`` and ``DTensor`` are of this kind and have no
-    memory of their own) as the input or the weight: the output, the input's and parameters'
-    gradients are torch's, a TwoTensor of each component's answer. The kernels never read it
-    (its address is 0: a call crashed the process). Running statistics in eval mode too; in
-    training torch's layer writes the buffer once per component, an update of the update
-    bnlab does not imitate."""
+    memory of their own) as the input, the weight or only the output's gradient: the output,
+    the input's and parameters' gradients are torch's, a TwoTensor of each component's
+    answer. The kernels never read it (its address is 0: a call crashed the process). Running
+    statistics in eval mode too; in training torch's layer writes the buffer once per
+    component, an update of the update bnlab does not imitate."""
     from torch.testing._internal.two_tensor import TwoTensor
 
     torch.manual_seed(0)
@@ -713,7 +713,7 @@ def test_a_wrapper_subclass_gets_torchs_answer(shape, training, where):
     for layer in (ours, theirs):
         x = (TwoTensor(a.clone(), a * 3) if where == "input" else a.clone()).requires_grad_()
         y = layer(x)
-        y.backward(TwoTensor(dy, dy))
+        y.backward(TwoTensor(dy, dy * 2))
         results.append((y, x.grad, layer.weight.grad, layer.bias.grad, layer.state_dict()))
     for i, (o, t) in enumerate(zip(*results, strict=True)):
         if i == 4:

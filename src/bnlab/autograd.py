@@ -241,7 +241,7 @@ class BatchNormTrain(torch.autograd.Function):
     def backward(ctx, dy: Tensor, _dmean: Tensor | None, _dvar: Tensor | None):
         x, weight, bias, mean, invstd, mask = ctx.saved_tensors
         needs = tuple(ctx.needs_input_grad[:3])
-        if ops.standard_backward():
+        if ops.standard_backward(dy):
             dx, dgamma, dbeta = ops.standard_grads(
                 dy, x, weight, bias, ctx.eps, ctx.relu, None, None, needs
             )
@@ -274,7 +274,7 @@ class BatchNormTrainLean(torch.autograd.Function):
     def backward(ctx, dy: Tensor, _ok: None):
         x, weight, bias = ctx.saved_tensors
         n = ctx.needs_input_grad
-        if ops.standard_backward():
+        if ops.standard_backward(dy):
             dx, dgamma, dbeta = ops.standard_grads(
                 dy, x, weight, bias, ctx.eps, ctx.relu, None, None, (n[0], n[1], n[2])
             )
@@ -304,7 +304,7 @@ class BatchNormEvalLean(torch.autograd.Function):
     def backward(ctx, dy: Tensor):
         x, running_mean, running_var, weight, bias = ctx.saved_tensors
         n = ctx.needs_input_grad
-        if ops.standard_backward():
+        if ops.standard_backward(dy):
             dx, dgamma, dbeta = ops.standard_grads(
                 dy, x, weight, bias, ctx.eps, ctx.relu, running_mean, running_var,
                 (n[0], n[3], n[4]),
@@ -341,7 +341,7 @@ class BatchNormEval(torch.autograd.Function):
         x, running_mean, running_var, invstd, weight, bias, mask = ctx.saved_tensors
         n = ctx.needs_input_grad
         needs = (n[0], n[3], n[4])
-        if ops.standard_backward():
+        if ops.standard_backward(dy):
             dx, dgamma, dbeta = ops.standard_grads(
                 dy, x, weight, bias, ctx.eps, ctx.relu, running_mean, running_var, needs
             )

@@ -143,6 +143,7 @@ _functorch_active = torch._C._are_functorch_transforms_active
 _Proxy = torch.fx.Proxy
 _dispatch_modes = torch._C._len_torch_dispatch_stack
 _Parameter = torch.nn.Parameter
+_has_storage = torch._C._has_storage
 _FakeTensor = torch._subclasses.fake_tensor.FakeTensor
 _get_mode = torch._C._get_dispatch_mode
 _PROXY = torch._C._TorchDispatchModeKey.PROXY
@@ -497,12 +498,22 @@ def differentiable_grads(
     return out[0], out[1], out[2]
 
 
-def standard_backward() -> bool:
+def standard_backward(dy: Tensor) -> bool:
     """Whether an eager call's autograd Function must take its gradients in standard ops
     (:func:`standard_grads`) rather than from the kernels: a backward that must itself be
-    differentiated (``create_graph=True``), or one Dynamo traces (compiled autograd with the
-    forward left eager), which must not call into the kernels."""
-    return torch.is_grad_enabled() or torch.compiler.is_compiling()
+    differentiated (``create_graph=True``), one Dynamo traces (compiled autograd with the
+    forward left eager), which must not call into the kernels, and one the kernels cannot read
+    or a tool must see: under ``vmap`` or a dispatch mode, and for a gradient ``dy`` without
+    memory of its own (a batch of gradients, as ``is_grads_batched=True`` and the vectorized
+    ``torch.autograd.functional.jacobian`` and ``hessian`` hand it, or a tensor subclass)."""
+    return (
+        torch.is_grad_enabled()
+        or _is_compiling()
+        or _functorch_active()
+        or _dispatch_modes() > 0
+        or not _has_storage(dy)
+        or (type(dy) is not Tensor and dispatches_to_python(dy))
+    )
 
 
 def standard_grads(
