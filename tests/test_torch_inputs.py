@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 import bnlab
+from bnlab.errors import InputDtypeError, InputLayoutError
 from conftest import family_classes
 
 pytestmark = pytest.mark.usefixtures("backend")  # every test once per backend (conftest)
@@ -374,6 +375,20 @@ REFUSED = {
     "mixed dtypes": (lambda m: m.double(), lambda: torch.randn(4, 3, 5, 5), TypeError),
     "not a tensor": (lambda m: None, lambda: [[1.0, 2.0, 3.0]], TypeError),
     "rank": (lambda m: None, lambda: torch.randn(4, 3, 5), ValueError),
+    "float8 input": (lambda m: None,
+                     lambda: torch.randn(4, 3, 5, 5).to(torch.float8_e4m3fn), InputDtypeError),
+    "quantized input": (lambda m: None,
+                        lambda: torch.quantize_per_tensor(torch.randn(4, 3, 5, 5), 0.1, 0,
+                                                          torch.quint8), InputDtypeError),
+    "sparse input": (lambda m: None, lambda: torch.randn(4, 3, 5, 5).to_sparse(),
+                     InputLayoutError),
+    "nested input": (lambda m: None,
+                     lambda: torch.nested.nested_tensor([torch.randn(3, 5, 5),
+                                                         torch.randn(3, 4, 5)]), InputLayoutError),
+    "jagged input": (lambda m: None,
+                     lambda: torch.nested.nested_tensor([torch.randn(3, 5, 5),
+                                                         torch.randn(3, 4, 5)],
+                                                        layout=torch.jagged), InputLayoutError),
 }  # fmt: skip
 
 

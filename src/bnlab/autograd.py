@@ -40,7 +40,7 @@ from torch import Tensor
 from . import backend as B
 from . import kernels as K
 from . import ops
-from .errors import InputDtypeError, MixedDtypeError, NotATensorError
+from .errors import InputDtypeError, InputLayoutError, MixedDtypeError, NotATensorError
 from .functional import (
     check_momentum,
     is_real_number,
@@ -605,6 +605,25 @@ def _eager_call(
     return y
 
 
+#: The dtypes batch norm is implemented for (torch's CPU kernels: no float8, no integers).
+BN_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def input_kind_error(x: Tensor, who: str) -> Exception | None:
+    """The refusal, naming ``who``, of an input whose dtype or layout batch norm is not
+    implemented for (torch raises NotImplementedError, or a RuntimeError for sparse compressed
+    layouts), or None. MKL-DNN tensors pass: the layers and the function take them through a
+    dense copy, as torch's do."""
+    if x.dtype not in BN_DTYPES:
+        return InputDtypeError(f"{who}: expected a floating-point input (float16, bfloat16, "
+                               f"float32 or float64), got dtype {x.dtype}")  # fmt: skip
+    if x.is_nested or (x.layout != torch.strided and not x.is_mkldnn):
+        kind = "nested" if x.is_nested else str(x.layout).removeprefix("torch.")
+        return InputLayoutError(f"{who}: a {kind} input is not supported; batch norm takes "
+                                "dense (strided) tensors")  # fmt: skip
+    return None
+
+
 @torch.jit.unused
 def _check_call(
     x: Tensor,
@@ -620,8 +639,9 @@ def _check_call(
     fn = "batch_norm"
     if not isinstance(x, Tensor):
         raise NotATensorError(f"{fn}: input must be a Tensor, got {type(x).__name__}")
-    if not x.is_floating_point():
-        raise InputDtypeError(f"{fn}: expected a floating-point input, got dtype {x.dtype}")
+    error = input_kind_error(x, fn)
+    if error is not None:
+        raise error
     if x.dim() < 2:
         raise RuntimeError(
             f"{fn}: expected an input (N, C, ...) of 2 or more dimensions, got shape "

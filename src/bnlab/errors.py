@@ -8,6 +8,7 @@ __all__ = [
     "BatchedUpdateError",
     "ChannelCountError",
     "InputDtypeError",
+    "InputLayoutError",
     "MixedDtypeError",
     "NotATensorError",
 ]
@@ -23,7 +24,13 @@ class ChannelCountError(ValueError, RuntimeError):
 
 
 class InputDtypeError(TypeError, NotImplementedError):
-    """A non-floating-point input (torch: NotImplementedError, a RuntimeError)."""
+    """An input of a dtype batch norm is not implemented for: not floating point, or a float8
+    (torch: NotImplementedError, a RuntimeError)."""
+
+
+class InputLayoutError(TypeError, NotImplementedError):
+    """A sparse or nested input (torch: NotImplementedError, or a RuntimeError for sparse
+    compressed layouts)."""
 
 
 class MixedDtypeError(TypeError, RuntimeError):

@@ -61,11 +61,12 @@ from ..autograd import (
     batch_norm_train_lean,
     check_dtypes,
     commit_stats,
+    input_kind_error,
     rows_to_sequence,
     sequence_rows,
     standard_input,
 )
-from ..errors import ChannelCountError, InputDtypeError, NotATensorError
+from ..errors import ChannelCountError, NotATensorError
 from ..functional import check_momentum, is_real_number
 from ..ops import EAGER, check_batch, non_finite_message, route
 
@@ -248,13 +249,13 @@ class _BatchNorm(nn.modules.batchnorm._BatchNorm):
     @torch.jit.unused
     def _check_kind(self, x: Tensor) -> None:
         """Refuse, naming the layer and with torch's exception class, a non-tensor, an input
-        that is not floating point or one of another rank than the layer's."""
+        of a dtype or layout batch norm is not implemented for, or one of another rank than the
+        layer's."""
         if not isinstance(x, Tensor):
             raise NotATensorError(f"{self._describe()}: expected a Tensor, got {type(x).__name__}")
-        if not x.is_floating_point():
-            raise InputDtypeError(
-                f"{self._describe()}: expected a floating-point input, got dtype {x.dtype}"
-            )
+        error = input_kind_error(x, self._describe())
+        if error is not None:
+            raise error
         if x.dim() not in self._valid_ranks:
             raise ValueError(
                 f"{self._describe()}: expected {self._rank_text} input, "
@@ -494,9 +495,11 @@ class _BatchNorm(nn.modules.batchnorm._BatchNorm):
         if not torch.jit.is_scripting():
             if type(input) is Tensor and input.is_mkldnn:  # (a Proxy or subclass: not one)
                 return self._mkldnn_forward(input)
-            y = self._eval_fast(input)
-            if y is None:
-                y = self._train_fast(input)
+            y = None
+            if type(input) is not Tensor or not input.is_nested:  # (no shape: refused below)
+                y = self._eval_fast(input)
+                if y is None:
+                    y = self._train_fast(input)
             if y is not None:
                 return y
         weight, bias = self.weight, self.bias
