@@ -609,11 +609,15 @@ def _eager_call(
 BN_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
-def input_kind_error(x: Tensor, who: str) -> Exception | None:
-    """The refusal, naming ``who``, of an input whose dtype or layout batch norm is not
-    implemented for (torch raises NotImplementedError, or a RuntimeError for sparse compressed
-    layouts), or None. MKL-DNN tensors pass: the layers and the function take them through a
-    dense copy, as torch's do."""
+def input_kind_error(x: Tensor, who) -> Exception | None:
+    """The refusal, naming ``who`` (a name, or a callable that makes it: a layer's name is made
+    only to raise, so that it stays out of compiled graphs), of an input whose dtype or layout
+    batch norm is not implemented for (torch raises NotImplementedError, or a RuntimeError for
+    sparse compressed layouts), or None. MKL-DNN tensors pass: the layers and the function
+    take them through a dense copy, as torch's do."""
+    if x.dtype in BN_DTYPES and not x.is_nested and (x.layout == torch.strided or x.is_mkldnn):
+        return None
+    who = who if isinstance(who, str) else who()
     if x.dtype not in BN_DTYPES:
         return InputDtypeError(f"{who}: expected a floating-point input (float16, bfloat16, "
                                f"float32 or float64), got dtype {x.dtype}")  # fmt: skip

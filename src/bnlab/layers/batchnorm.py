@@ -253,7 +253,7 @@ class _BatchNorm(nn.modules.batchnorm._BatchNorm):
         layer's."""
         if not isinstance(x, Tensor):
             raise NotATensorError(f"{self._describe()}: expected a Tensor, got {type(x).__name__}")
-        error = input_kind_error(x, self._describe())
+        error = input_kind_error(x, self._describe)
         if error is not None:
             raise error
         if x.dim() not in self._valid_ranks:
