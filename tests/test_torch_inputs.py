@@ -16,6 +16,7 @@ bnlab refuses: the two documented differences.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import itertools
 
@@ -445,15 +446,30 @@ def _memory_order(t):
     return [s for s, n in zip(t.stride(), t.shape, strict=True) if n > 1]
 
 
+class _Passthrough(torch.utils._python_dispatch.TorchDispatchMode):
+    """A dispatch mode that runs every operator as it is (bnlab's layers then run as their
+    operators, whose outputs follow their inputs' strides)."""
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("under_a_mode", [False, True], ids=["eager", "dispatch-mode"])
 @pytest.mark.parametrize("training", [True, False])
 @pytest.mark.parametrize("relu", [False, True], ids=["bn", "bn+relu"])
-def test_outputs_and_gradients_have_torchs_strides(training, relu):
+def test_outputs_and_gradients_have_torchs_strides(training, relu, under_a_mode):
     """The output has the strides torch's layer gives it for every input layout (contiguous, or
     the input's channels_last format with that format's own strides, or the layout torch's
     reading of the strides suggests), so views and formats downstream behave as with torch; the
     gradient of a leaf input has the memory order torch's has (the strides of size-1 dimensions
     aside, which torch sets differently from one graph to another). Values and running
-    statistics as torch's, gradients as float64 autograd's, with and without a graph."""
+    statistics as torch's, gradients as float64 autograd's, with and without a graph; also
+    under a dispatch mode, where bnlab's layers run as their operators."""
+    with _Passthrough() if under_a_mode else contextlib.nullcontext():
+        _check_strides_as_torchs(training, relu)
+
+
+def _check_strides_as_torchs(training: bool, relu: bool) -> None:
     for name, base in _odd_layouts():
         ours, theirs = pair(tuple(base.shape))
         ours.activation = "relu" if relu else None

@@ -47,6 +47,7 @@ from .functional import (
     shared_buffer,
     shared_buffer_message,
     standard_layout,
+    standard_strides,
 )
 
 __all__ = [
@@ -213,6 +214,25 @@ def standard_input(x: Tensor) -> Tensor:
     ):
         return _ChannelsOuter.apply(x)
     return standard_layout(x)
+
+
+def _captured(x: Tensor) -> bool:
+    """Whether bnlab's operators are being put into a graph (fx symbolic tracing, or
+    ``torch.compile``, which lays out its buffers itself) rather than called eagerly (under a
+    dispatch mode, or on fake tensors)."""
+    return isinstance(x, torch.fx.Proxy) or torch.compiler.is_compiling()
+
+
+def _op_input(x: Tensor) -> Tensor:
+    """x for an eager call of bnlab's operators, which give their outputs x's strides: in the
+    layout torch gives its output (:func:`standard_input`); as it is in a graph."""
+    return x if _captured(x) else standard_input(x)
+
+
+def _op_output(x: Tensor, y: Tensor) -> Tensor:
+    """An eager operator call's output with the strides torch's has (a size-1 dimension's
+    stride: :func:`bnlab.functional.standard_strides`); as it is in a graph."""
+    return y if _captured(x) else standard_strides(y)
 
 
 class BatchNormTrain(torch.autograd.Function):
@@ -383,8 +403,9 @@ def batch_norm_train(
                 return B.train_forward(x, weight, bias, eps, relu=relu)[1:4]
             return BatchNormTrain.apply(x, weight, bias, eps, relu)
         if how == ops.OP:
+            x = _op_input(x)
             y, stats = torch.ops.bnlab.batch_norm_train(x, weight, bias, eps, relu)
-            return y, stats[0], stats[1]
+            return _op_output(x, y), stats[0], stats[1]
         y, mean, var, _ = ops.graph_train(x, weight, bias, eps, relu)
         return y, mean, var
 
@@ -781,9 +802,10 @@ def batch_norm_eval(
                 return B.eval_forward(x, running_mean, running_var, weight, bias, eps, relu=relu)[1]
             return BatchNormEval.apply(x, running_mean, running_var, weight, bias, eps, relu)
         if how == ops.OP:
-            return torch.ops.bnlab.batch_norm_eval(
-                x, running_mean, running_var, weight, bias, eps, relu
-            )
+            x = _op_input(x)
+            y = torch.ops.bnlab.batch_norm_eval(x, running_mean, running_var, weight, bias, eps,
+                                                relu)  # fmt: skip
+            return _op_output(x, y)
         return ops.decompose_eval(x, running_mean, running_var, weight, bias, eps, relu)
 
 
