@@ -720,13 +720,15 @@ def _components(t):
 
 @pytest.mark.parametrize("where", ["input", "weight", "gradient"])
 @pytest.mark.parametrize("training", [True, False])
-@pytest.mark.parametrize("shape", [(6, 5), (4, 5, 3, 3)])
-def test_a_wrapper_subclass_gets_torchs_answer(shape, training, where):
+@pytest.mark.parametrize("shape,transposed", [((6, 5), False), ((4, 5, 3, 3), False),
+                                              ((4, 5, 3, 3), True)])  # fmt: skip
+def test_a_wrapper_subclass_gets_torchs_answer(shape, transposed, training, where):
     """A tensor subclass that runs torch's operators itself (torch's test ``TwoTensor``, which
     runs each on two tensors; ``FakeTensor`` and ``DTensor`` are of this kind and have no
     memory of their own) as the input, the weight or only the output's gradient: the output,
     the input's and parameters' gradients are torch's, a TwoTensor of each component's
-    answer. The kernels never read it (its address is 0: a call crashed the process). Running
+    answer, the output with torch's strides (a transposed input too). The kernels never read
+    it (its address is 0: a call crashed the process). Running
     statistics in eval mode too; in training torch's layer writes the buffer once per
     component, an update of the update bnlab does not imitate."""
     from torch.testing._internal.two_tensor import TwoTensor
@@ -739,7 +741,9 @@ def test_a_wrapper_subclass_gets_torchs_answer(shape, training, where):
             w = layer.weight.detach()
             layer.weight = nn.Parameter(TwoTensor(w.clone(), w.clone() * 2))
     a = torch.randn(shape) * 2 + 1
-    dy = torch.randn(shape)
+    if transposed:
+        a = a.transpose(2, 3)
+    dy = torch.randn(a.shape)
     results = []
     for layer in (ours, theirs):
         x = (TwoTensor(a.clone(), a * 3) if where == "input" else a.clone()).requires_grad_()
@@ -753,5 +757,7 @@ def test_a_wrapper_subclass_gets_torchs_answer(shape, training, where):
                     torch.testing.assert_close(o[k], t[k], msg=k)
             continue
         assert type(o) is type(t), i
+        if i == 0:
+            assert o.stride() == t.stride()
         for oc, tc in zip(_components(o), _components(t), strict=True):
             torch.testing.assert_close(oc, tc, **tol(torch.float32))

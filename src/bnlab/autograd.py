@@ -406,6 +406,10 @@ def batch_norm_train(
             x = _op_input(x)
             y, stats = torch.ops.bnlab.batch_norm_train(x, weight, bias, eps, relu)
             return _op_output(x, y), stats[0], stats[1]
+        if how == ops.SUBCLASS:  # (eager: the layouts torch's layer gives)
+            x = standard_input(x)
+            y, mean, var, _ = ops.graph_train(x, weight, bias, eps, relu)
+            return standard_strides(y), mean, var
         y, mean, var, _ = ops.graph_train(x, weight, bias, eps, relu)
         return y, mean, var
 

@@ -71,6 +71,7 @@ __all__ = [
     "EAGER",
     "OP",
     "DECOMPOSE",
+    "SUBCLASS",
     "route",
     "COMPILE_FORMS",
     "set_compile_form",
@@ -90,6 +91,9 @@ __all__ = [
 ]
 
 EAGER, OP, DECOMPOSE = 0, 1, 2
+#: DECOMPOSE for an eager call on a tensor subclass that runs torch's operators itself: the
+#: standard ops, with the input and output in the layouts torch's eager layer gives.
+SUBCLASS = 3
 COMPILE_FORMS = ("auto", "ops", "decompose")
 # Under torch.compile, "auto" lets Inductor fuse the decomposition of every input. A custom
 # operator is an opaque call back into Python per operator and keeps Inductor from fusing BN with
@@ -153,8 +157,9 @@ def route(x: Tensor, *others: Tensor | None) -> int:
     """How a bnlab batch-norm call on ``x`` runs: ``OP`` (custom operators: ``torch.compile``,
     fx symbolic tracing, and eager calls under a ``TorchDispatchMode`` or on fake tensors),
     ``DECOMPOSE`` (standard ops: ``torch.export``, ``jit.trace``, ``torch.func`` transforms,
-    forward-mode AD, meta tensors, other tensor subclasses that run operators themselves; under
-    ``torch.compile`` as :func:`set_compile_form` says) or ``EAGER`` (the autograd Functions).
+    forward-mode AD, meta tensors; under ``torch.compile`` as :func:`set_compile_form` says),
+    ``SUBCLASS`` (standard ops too, for other tensor subclasses that run operators themselves,
+    in torch's eager layouts) or ``EAGER`` (the autograd Functions).
 
     A dispatch mode (``FakeTensorMode``, ``make_fx``'s tracer, ``DebugMode``, a memory tracker)
     sees every operator a call runs and may stand in for its tensors: the operators show it
@@ -179,11 +184,11 @@ def route(x: Tensor, *others: Tensor | None) -> int:
     ):
         return DECOMPOSE
     if type(x) is not Tensor and dispatches_to_python(x):
-        return OP if isinstance(x, _FakeTensor) else DECOMPOSE
+        return OP if isinstance(x, _FakeTensor) else SUBCLASS
     for t in others:
         if t is not None and type(t) is not _Parameter and type(t) is not Tensor:
             if dispatches_to_python(t):
-                return DECOMPOSE
+                return SUBCLASS
     if _dispatch_modes() > 0:
         return OP
     return EAGER
