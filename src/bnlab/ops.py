@@ -183,12 +183,11 @@ def route(x: Tensor, *others: Tensor | None) -> int:
         or _forward_ad._current_level >= 0  # inside torch.autograd.forward_ad.dual_level()
     ):
         return DECOMPOSE
-    if type(x) is not Tensor and dispatches_to_python(x):
+    if dispatches_to_python(x):
         return OP if isinstance(x, _FakeTensor) else SUBCLASS
-    for t in others:
-        if t is not None and type(t) is not _Parameter and type(t) is not Tensor:
-            if dispatches_to_python(t):
-                return SUBCLASS
+    for t in others:  # (parameters: most are Parameters, which run no operators themselves)
+        if t is not None and type(t) is not _Parameter and dispatches_to_python(t):
+            return SUBCLASS
     if _dispatch_modes() > 0:
         return OP
     return EAGER
@@ -422,7 +421,7 @@ def _accept_python(x, var, ok, running_mean, update, layer) -> bool:
     try:
         bad = not bool(ok)
     except RuntimeError:
-        if type(var) is not Tensor and dispatches_to_python(var):  # (values it will not give)
+        if dispatches_to_python(var):  # (values it will not give)
             torch._assert_async(ok, non_finite_message(layer))
             return True
         # vmap: per-sample statistics cannot be read (nor averaged in)
@@ -517,7 +516,7 @@ def standard_backward(dy: Tensor) -> bool:
         or _functorch_active()
         or _dispatch_modes() > 0
         or not _has_storage(dy)
-        or (type(dy) is not Tensor and dispatches_to_python(dy))
+        or dispatches_to_python(dy)
     )
 
 
