@@ -183,7 +183,7 @@ def route(x: Tensor, *others: Tensor | None) -> int:
         or _forward_ad._current_level >= 0  # inside torch.autograd.forward_ad.dual_level()
     ):
         return DECOMPOSE
-    if dispatches_to_python(x):
+    if type(x) is not Tensor and dispatches_to_python(x):  # (a plain tensor: no call)
         return OP if isinstance(x, _FakeTensor) else SUBCLASS
     for t in others:  # (parameters: most are Parameters, which run no operators themselves)
         if t is not None and type(t) is not _Parameter and dispatches_to_python(t):
@@ -516,7 +516,7 @@ def standard_backward(dy: Tensor) -> bool:
         or _functorch_active()
         or _dispatch_modes() > 0
         or not _has_storage(dy)
-        or dispatches_to_python(dy)
+        or (type(dy) is not Tensor and dispatches_to_python(dy))
     )
 
 
