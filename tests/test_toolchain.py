@@ -378,7 +378,8 @@ def test_fully_shard_trains_as_averaged_eager_copies(compiled):
 def _dtensor_rank() -> dict:
     """One rank of :func:`test_dtensor_batches_get_torchs_answer`: torch's BatchNorm2d and
     bnlab's, their parameters and buffers replicated over a two-rank mesh, one training step
-    and one eval step on a batch sharded over the ranks (each rank holds half)."""
+    and one eval step on a batch sharded over the ranks (each rank holds half); and torch's
+    layer on the whole batch as plain tensors."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import Replicate, Shard, distribute_module, distribute_tensor
 
@@ -395,35 +396,42 @@ def _dtensor_rank() -> dict:
     x = torch.randn(8, 4, 5, 5) * 2 + 1
     dy = torch.randn(8, 4, 5, 5)
     out = {}
-    for name, layer in (("torch", nn.BatchNorm2d(4)), ("bnlab", bnlab.BatchNorm2d(4))):
+    for name in ("torch", "bnlab", "whole batch"):
+        layer = bnlab.BatchNorm2d(4) if name == "bnlab" else nn.BatchNorm2d(4)
         with torch.no_grad():
             layer.weight.copy_(torch.linspace(0.5, 1.5, 4))
-        distribute_module(layer, mesh, replicate)
+        if name != "whole batch":  # (torch's layer on the plain tensors: the oracle)
+            distribute_module(layer, mesh, replicate)
+        full = (lambda t: t) if name == "whole batch" else (lambda t: t.full_tensor())
         got = []
         for mode in MODES:
             layer.train(mode == "train")
             layer.zero_grad(set_to_none=True)
-            xs = distribute_tensor(x, mesh, [Shard(0)]).requires_grad_()
+            xs, dys = x.clone(), dy
+            if name != "whole batch":
+                xs, dys = (distribute_tensor(t, mesh, [Shard(0)]) for t in (x, dy))
+            xs.requires_grad_()
             y = layer(xs)
-            y.backward(distribute_tensor(dy, mesh, [Shard(0)]))
-            got += [y.full_tensor(), xs.grad.full_tensor(), layer.weight.grad.full_tensor(),
-                    layer.bias.grad.full_tensor(),
-                    *(b.full_tensor() for b in layer.buffers())]  # fmt: skip
+            y.backward(dys)
+            got += [full(y.detach()), full(xs.grad), full(layer.weight.grad),
+                    full(layer.bias.grad), *(full(b) for b in layer.buffers())]  # fmt: skip
         out[name] = got
     return out
 
 
 def test_dtensor_batches_get_torchs_answer():
     """A batch sharded over two processes as a ``DTensor`` (parameters and running statistics
-    replicated with ``distribute_module``): bnlab's layer gives torch's answer (statistics of
-    the whole batch, as torch's layer computes them on a DTensor), in training and eval mode:
-    output, input and parameter gradients, running statistics and count. bnlab's BN takes the
-    DTensor's standard ops, which it knows how to distribute, not the kernels."""
+    replicated with ``distribute_module``): bnlab's layer gives torch's answer on the same
+    DTensor and on the whole batch as one plain tensor (statistics of the whole batch), in
+    training and eval mode: output, input and parameter gradients, running statistics and
+    count. bnlab's BN takes the DTensor's standard ops, which it knows how to distribute, not
+    the kernels."""
     from bnlab.distributed import launch
 
     for got in launch(_dtensor_rank, 2, timeout=300):
-        for a, b in zip(got["bnlab"], got["torch"], strict=True):
-            close(a, b)
+        for oracle in ("torch", "whole batch"):
+            for a, b in zip(got["bnlab"], got[oracle], strict=True):
+                close(a, b, oracle)
 
 
 class _Sequence(nn.Module):
