@@ -120,3 +120,16 @@ def assert_captured_steps(run, holder, layer, eager, tool, xs, inference_x):
         eager.eval()
         run = run.eval() if tool == "script" else torch.fx.symbolic_trace(layer.eval())
         torch.testing.assert_close(run(inference_x), eager(inference_x), rtol=1e-5, atol=1e-5)
+
+
+class RecordingMode(torch.utils._python_dispatch.TorchDispatchMode):
+    """A dispatch mode that notes each operator it sees (``seen``, by overload packet) and runs
+    it as it is: what ``DebugMode``, ``FlopCounterMode`` and memory trackers are built on."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen: set[str] = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.seen.add(str(func.overloadpacket))
+        return func(*args, **(kwargs or {}))

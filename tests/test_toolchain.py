@@ -36,6 +36,7 @@ from torch import nn
 
 import bnlab
 from bnlab.models import resnet20
+from conftest import RecordingMode
 from tv_resnet import resnet18
 
 TOL = dict(rtol=1e-5, atol=1e-5)
@@ -1347,18 +1348,6 @@ def test_fake_tensor_mode_gives_torchs_shapes_and_strides(name, mode, channels_l
         assert (a.shape, a.stride(), a.dtype) == (b.shape, b.stride(), b.dtype)
 
 
-class _Recorder(torch.utils._python_dispatch.TorchDispatchMode):
-    """A dispatch mode that notes each operator it sees, then runs it."""
-
-    def __init__(self):
-        super().__init__()
-        self.seen: set[str] = set()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.seen.add(str(func.overloadpacket))
-        return func(*args, **(kwargs or {}))
-
-
 MODE_LAYERS = {
     "bn": lambda: bnlab.BatchNorm2d(4),
     "bn+relu": lambda: bnlab.BatchNorm2d(4, activation="relu"),
@@ -1382,7 +1371,7 @@ def test_a_dispatch_mode_sees_bnlabs_operators(layer, mode):
     model.train(mode == "train")
     ref = copy.deepcopy(model)
     x = torch.randn(4, 3, 6, 6) * 2 + 1
-    with _Recorder() as recorder:
+    with RecordingMode() as recorder:
         ours = step(model, x)
     assert_same_step(ours, step(ref, x))
     assert_same_states(model, ref)

@@ -26,7 +26,7 @@ from torch import nn
 
 import bnlab
 from bnlab.errors import InputDtypeError, InputLayoutError
-from conftest import family_classes
+from conftest import RecordingMode, family_classes
 
 pytestmark = pytest.mark.usefixtures("backend")  # every test once per backend (conftest)
 
@@ -446,14 +446,6 @@ def _memory_order(t):
     return [s for s, n in zip(t.stride(), t.shape, strict=True) if n > 1]
 
 
-class _Passthrough(torch.utils._python_dispatch.TorchDispatchMode):
-    """A dispatch mode that runs every operator as it is (bnlab's layers then run as their
-    operators, whose outputs follow their inputs' strides)."""
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        return func(*args, **(kwargs or {}))
-
-
 @pytest.mark.parametrize("under_a_mode", [False, True], ids=["eager", "dispatch-mode"])
 @pytest.mark.parametrize("training", [True, False])
 @pytest.mark.parametrize("relu", [False, True], ids=["bn", "bn+relu"])
@@ -464,8 +456,9 @@ def test_outputs_and_gradients_have_torchs_strides(training, relu, under_a_mode)
     gradient of a leaf input has the memory order torch's has (the strides of size-1 dimensions
     aside, which torch sets differently from one graph to another). Values and running
     statistics as torch's, gradients as float64 autograd's, with and without a graph; also
-    under a dispatch mode, where bnlab's layers run as their operators."""
-    with _Passthrough() if under_a_mode else contextlib.nullcontext():
+    under a dispatch mode, where bnlab's layers run as their operators (whose outputs follow
+    their inputs' strides in a graph)."""
+    with RecordingMode() if under_a_mode else contextlib.nullcontext():
         _check_strides_as_torchs(training, relu)
 
 
