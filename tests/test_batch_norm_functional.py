@@ -374,3 +374,30 @@ def test_tools_inside_patch_functional(tool):
         torch.testing.assert_close(y, ref(x), rtol=1e-5, atol=1e-5)
         if tool == "compile":
             assert counter.frame_count == 1
+
+
+@pytest.mark.parametrize("shape,training", [((4, 3, 5, 5), True), ((4, 3, 5, 5), False),
+                                            ((2, 3, 4, 5, 5), False)])  # fmt: skip
+def test_mkldnn_inputs_as_torchs_function(shape, training):
+    """An MKL-DNN tensor, which torch's function takes for a 4-D batch in training (gradients
+    to the weight and bias included) and 4-D and 5-D ones at inference: the same output (an
+    MKL-DNN tensor too), running statistics and gradients, through a dense copy as the layers
+    do."""
+    x = (torch.randn(shape) * 2 + 1).to_mkldnn()
+    got = []
+    for fn in (F.batch_norm, bnlab.batch_norm):
+        rm, rv = torch.zeros(3), torch.ones(3)
+        w = torch.linspace(0.5, 1.5, 3).requires_grad_()
+        b = torch.linspace(-1, 1, 3).requires_grad_()
+        with torch.set_grad_enabled(training):  # (torch's MKL-DNN backward is for training)
+            y = fn(x, rm, rv, w, b, training, 0.1, 1e-5)
+            assert y.is_mkldnn
+            y = y.to_dense()
+            if training:
+                y.square().sum().backward()
+        got.append((y, rm, rv, w.grad, b.grad))
+    for ours, theirs in zip(got[1], got[0], strict=True):
+        if theirs is None:
+            assert ours is None
+        else:
+            torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-4)

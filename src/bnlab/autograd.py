@@ -459,6 +459,9 @@ def _batch_norm(
         if not isinstance(x, torch.fx.Proxy):
             _check_call(x, running_mean, running_var, weight, bias, training,
                         momentum if momentum_checked else 0.0, eps)  # fmt: skip
+            if x.is_mkldnn:  # (torch's function takes these; so do the layers: a dense copy)
+                return _batch_norm(x.to_dense(), running_mean, running_var, weight, bias,
+                                   training, momentum, eps, momentum_checked).to_mkldnn()
             if ops.route(x, running_mean, running_var, weight, bias) == ops.EAGER:
                 return _eager_call(x, running_mean, running_var, weight, bias, training,
                                    float(momentum), float(eps))  # fmt: skip
