@@ -379,8 +379,9 @@ def test_fully_shard_trains_as_averaged_eager_copies(compiled):
 def _dtensor_rank() -> dict:
     """One rank of :func:`test_dtensor_batches_get_torchs_answer`: torch's BatchNorm2d and
     bnlab's, their parameters and buffers replicated over a two-rank mesh, one training step
-    and one eval step on a batch sharded over the ranks (each rank holds half); and torch's
-    layer on the whole batch as plain tensors."""
+    and one eval step on a batch sharded over the ranks (each rank holds half), bnlab's also
+    under ``torch.compile`` in both forms; and torch's layer on the whole batch as plain
+    tensors."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import Replicate, Shard, distribute_module, distribute_tensor
 
@@ -397,12 +398,17 @@ def _dtensor_rank() -> dict:
     x = torch.randn(8, 4, 5, 5) * 2 + 1
     dy = torch.randn(8, 4, 5, 5)
     out = {}
-    for name in ("torch", "bnlab", "whole batch"):
-        layer = bnlab.BatchNorm2d(4) if name == "bnlab" else nn.BatchNorm2d(4)
+    for name in ("torch", "bnlab", "bnlab compiled ops", "bnlab compiled decompose",
+                 "whole batch"):  # fmt: skip
+        layer = bnlab.BatchNorm2d(4) if name.startswith("bnlab") else nn.BatchNorm2d(4)
         with torch.no_grad():
             layer.weight.copy_(torch.linspace(0.5, 1.5, 4))
         if name != "whole batch":  # (torch's layer on the plain tensors: the oracle)
             distribute_module(layer, mesh, replicate)
+        run, form = layer, "auto"
+        counter = torch._dynamo.testing.CompileCounterWithBackend("aot_eager")
+        if "compiled" in name:
+            run, form = torch.compile(layer, backend=counter), name.rsplit(" ", 1)[1]
         full = (lambda t: t) if name == "whole batch" else (lambda t: t.full_tensor())
         got = []
         for mode in MODES:
@@ -412,10 +418,12 @@ def _dtensor_rank() -> dict:
             if name != "whole batch":
                 xs, dys = (distribute_tensor(t, mesh, [Shard(0)]) for t in (x, dy))
             xs.requires_grad_()
-            y = layer(xs)
+            with bnlab.ops.compile_form(form):
+                y = run(xs)
             y.backward(dys)
             got += [full(y.detach()), full(xs.grad), full(layer.weight.grad),
                     full(layer.bias.grad), *(full(b) for b in layer.buffers())]  # fmt: skip
+        assert counter.frame_count == (len(MODES) if "compiled" in name else 0), name
         out[name] = got
     return out
 
@@ -425,14 +433,17 @@ def test_dtensor_batches_get_torchs_answer():
     replicated with ``distribute_module``): bnlab's layer gives torch's answer on the same
     DTensor and on the whole batch as one plain tensor (statistics of the whole batch), in
     training and eval mode: output, input and parameter gradients, running statistics and
-    count. bnlab's BN takes the DTensor's standard ops, which it knows how to distribute, not
-    the kernels."""
+    count; also compiled (the ``"ops"`` form too: a DTensor knows torch's operators, not
+    bnlab's, so its BN is traced as standard ops, and the non-finite check asserts on the
+    local flag). bnlab's BN takes the DTensor's standard ops, which it knows how to
+    distribute, not the kernels."""
     from bnlab.distributed import launch
 
     for got in launch(_dtensor_rank, 2, timeout=300):
-        for oracle in ("torch", "whole batch"):
-            for a, b in zip(got["bnlab"], got[oracle], strict=True):
-                close(a, b, oracle)
+        for ours in ("bnlab", "bnlab compiled ops", "bnlab compiled decompose"):
+            for oracle in ("torch", "whole batch"):
+                for a, b in zip(got[ours], got[oracle], strict=True):
+                    close(a, b, f"{ours} against {oracle}")
 
 
 class _Sequence(nn.Module):

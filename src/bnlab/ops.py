@@ -49,6 +49,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 from collections.abc import Iterator
 
 import torch
@@ -153,6 +154,12 @@ _get_mode = torch._C._get_dispatch_mode
 _PROXY = torch._C._TorchDispatchModeKey.PROXY
 
 
+def _wraps_a_fake(t: Tensor) -> bool:
+    """A tensor subclass that runs torch's operators itself, other than a fake tensor: what a
+    DTensor or another wrapper is while Dynamo traces (its inner tensors fake)."""
+    return type(t) is not _FakeTensor and type(t) is not _Parameter and dispatches_to_python(t)
+
+
 def route(x: Tensor, *others: Tensor | None) -> int:
     """How a bnlab batch-norm call on ``x`` runs: ``OP`` (custom operators: ``torch.compile``,
     fx symbolic tracing, and eager calls under a ``TorchDispatchMode`` or on fake tensors),
@@ -171,9 +178,14 @@ def route(x: Tensor, *others: Tensor | None) -> int:
     parameters and statistics) beside a plain ``x``: the eager paths' in-place arithmetic on
     plain tensors would take such an argument once per tensor it stands for."""
     if _is_compiling():  # torch.compile and torch.export set it
-        if torch.compiler.is_exporting():
+        if torch.compiler.is_exporting() or _compile_form != "ops":
             return DECOMPOSE
-        return OP if _compile_form == "ops" else DECOMPOSE
+        # (while Dynamo traces, every tensor is fake; a subclass around one, such as DTensor,
+        # knows torch's operators and not bnlab's)
+        for t in (x, *others):
+            if t is not None and _wraps_a_fake(t):
+                return DECOMPOSE
+        return OP
     if isinstance(x, _Proxy):
         return OP
     if (
@@ -416,13 +428,13 @@ def _accept_python(x, var, ok, running_mean, update, layer) -> bool:
         or isinstance(var, _FakeTensor)
         or _get_mode(_PROXY) is not None  # (make_fx: a graph being captured)
     ):
-        torch._assert_async(ok, non_finite_message(layer))
+        torch._assert_async(_local(ok), non_finite_message(layer))
         return True
     try:
         bad = not bool(ok)
     except RuntimeError:
         if dispatches_to_python(var):  # (values it will not give)
-            torch._assert_async(ok, non_finite_message(layer))
+            torch._assert_async(_local(ok), non_finite_message(layer))
             return True
         # vmap: per-sample statistics cannot be read (nor averaged in)
         if update and running_mean is not None:
@@ -435,6 +447,16 @@ def _accept_python(x, var, ok, running_mean, update, layer) -> bool:
     if bad:
         raise FloatingPointError(non_finite_message(layer, list(x.shape)))
     return True
+
+
+def _local(ok: Tensor) -> Tensor:
+    """The finiteness flag as this process holds it: a DTensor's local tensor (the flag of
+    statistics every rank shares, which DTensor has no assertion operator for), else itself.
+    (DTensor's module is looked up, not imported: a DTensor exists only once it is.)"""
+    dtensor = sys.modules.get("torch.distributed.tensor")
+    if dtensor is not None and isinstance(ok, dtensor.DTensor):
+        return ok.to_local()
+    return ok
 
 
 def _is_functional(t: Tensor) -> bool:
