@@ -125,11 +125,10 @@ def _upcast_reason(x: Tensor, params: tuple[Tensor | None, ...]) -> str | None:
     are ones the kernels take (its float32 copy keeps them)."""
     if not x.is_cpu:
         return f"device {x.device} (CPU only)"
-    if K.dispatches_to_python(x):
-        return f"a {type(x).__name__} input, which runs torch's operators itself"
+    reason = K.subclass_reason(x, params)
+    if reason is not None:
+        return reason
     for p in params:
-        if p is not None and K.dispatches_to_python(p):
-            return f"a {type(p).__name__} parameter/statistic, which runs torch's operators itself"
         if p is not None and (p.dtype not in (x.dtype, torch.float32) or not p.is_cpu):
             return f"a parameter/statistic of dtype {p.dtype} on {p.device}"
         if p is not None and p.is_neg():

@@ -142,11 +142,10 @@ def unsupported_reason(x: Tensor, *params: Tensor | None) -> str | None:
     dtype = x.dtype
     if dtype not in _DTYPES:
         return f"dtype {dtype} (float32/float64 only)"
-    if dispatches_to_python(x):
-        return f"a {type(x).__name__} input, which runs torch's operators itself"
+    reason = subclass_reason(x, params)
+    if reason is not None:
+        return reason
     for p in params:
-        if p is not None and dispatches_to_python(p):
-            return f"a {type(p).__name__} parameter/statistic, which runs torch's operators itself"
         if p is not None and (p.dtype != dtype or not p.is_cpu):
             return (
                 f"a parameter/statistic of dtype {p.dtype} on {p.device} for an input of "
@@ -182,6 +181,17 @@ def dispatches_to_python(t: Tensor) -> bool:
     have no memory of its own (its address 0), or memory that holds something else: the loops
     never read it."""
     return type(t) is not Tensor and _dispatch_keys(t).has(_PYTHON_KEY)
+
+
+def subclass_reason(x: Tensor, params: tuple[Tensor | None, ...]) -> str | None:
+    """Why the loops cannot take ``x`` or one of ``params`` because it runs torch's operators
+    itself (:func:`dispatches_to_python`), or None."""
+    if dispatches_to_python(x):
+        return f"a {type(x).__name__} input, which runs torch's operators itself"
+    for p in params:
+        if p is not None and dispatches_to_python(p):
+            return f"a {type(p).__name__} parameter/statistic, which runs torch's operators itself"
+    return None
 
 
 class _Memory:
