@@ -75,7 +75,7 @@ def _passes(K, np, shape, relu: bool):
         mean = np.zeros(c, np.float32)
         calls = {
             "stats": lambda: K._ncs_sums_par(x, bm, bm2),
-            "normalize": lambda: K._ncs_normalize_par(x, coef[1:3], relu, y),
+            "normalize": lambda: K._ncs_normalize_par(x, coef[1:3], relu, y, False),
             "grad sums": lambda: K._ncs_gsums_par(dy, x, x, relu, mean, mk, floor, p1, p2),
             "dx": lambda: K._ncs_dx_par(dy, x, x, relu, coef6, floor, dx),
         }
@@ -90,7 +90,7 @@ def _passes(K, np, shape, relu: bool):
         u = K._tile(np.concatenate([coef[:1], mk]), np.float32)  # the mean, then the mask's
         calls = {
             "stats": lambda: K._mc_sums_par(x, z, r, cm, cm2),
-            "normalize": lambda: K._mc_normalize_par(x, t2, relu, y, r),
+            "normalize": lambda: K._mc_normalize_par(x, t2, relu, y, r, False),
             "grad sums": lambda: K._mc_gsums_par(dy, x, x, relu, u, floor, r, p1, p2),
             "dx": lambda: K._mc_dx_par(dy, x, x, relu, t6, floor, dx, r),
         }

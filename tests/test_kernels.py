@@ -902,6 +902,37 @@ def test_kernel_calls_refuse_what_the_loops_cannot_read():
             K.batch_norm_train_backward(g, x, mean, invstd, w, coef=bad)
 
 
+@pytest.mark.parametrize("share", [0.6, 1.1])
+def test_channels_last_training_on_either_side_of_the_column_blocks_bound(share):
+    """A channels_last training step whose input is a share of the bytes above which the
+    column blocks run only where they win from memory (``_BLOCKS_MAX_BYTES``; at 0.6 the
+    statistics take the blocks and, where the bound is finite, the gradient sums and dx the
+    flat tiles; at 1.1 every pass the flat tiles) against torch's layer in float64: output,
+    running statistics and every gradient. Where the bound is above 40 MB, or unbounded, the
+    shares are of 16 MB (the inputs stay small; the passes then take the blocks)."""
+    bound = _numba._BLOCKS_MAX_BYTES
+    target = share * bound if bound <= 40 << 20 else share * (16 << 20)
+    n = max(1, round(target / (128 * 32 * 32 * 4)))
+    gen = torch.Generator().manual_seed(7)
+    x = torch.randn(n, 128, 32, 32, generator=gen).mul_(2).add_(1)
+    x = x.contiguous(memory_format=torch.channels_last)
+    dy = torch.randn(x.shape, generator=gen).contiguous(memory_format=torch.channels_last)
+    ours, ref = bnlab.BatchNorm2d(128), torch.nn.BatchNorm2d(128).double()
+    with torch.no_grad():
+        for m in (ours, ref):
+            m.weight.copy_(torch.linspace(0.5, 1.5, 128))
+            m.bias.copy_(torch.linspace(-1, 1, 128))
+    xa, xb = x.clone().requires_grad_(), x.double().requires_grad_()
+    y, yr = ours(xa), ref(xb)
+    y.backward(dy)
+    yr.backward(dy.double())
+    torch.testing.assert_close(y.double(), yr, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(xa.grad.double(), xb.grad, rtol=1e-4, atol=1e-5)
+    for a, b in ((ours.weight.grad, ref.weight.grad), (ours.bias.grad, ref.bias.grad),
+                 (ours.running_mean, ref.running_mean), (ours.running_var, ref.running_var)):
+        torch.testing.assert_close(a.double(), b, rtol=1e-4, atol=1e-4)
+
+
 # (48: a tile is not _TILE values, the array loop; 128, 192 and 320: column blocks of _TILE
 # channels, the last chunk of rows short; 1040 and 2056: rows of a page or more, in groups of
 # rows, for float32 and float64, and 2056 for bfloat16)
@@ -942,7 +973,8 @@ def test_channels_last_sums_match_float64_sums(C, dtype):
         gm = g64[r0:r1] * (y64[r0:r1] > 0) if relu else g64[r0:r1]
         # (the vector sweeps, column blocks and wide rows add every value in float64; the array
         # loop adds pairs first)
-        exact = 64 % C == 0 or _numba._column_blocks(C) or _numba._wide_rows(C, x.itemsize)
+        exact = (64 % C == 0 or _numba._column_blocks(C, 2 * x.nbytes)
+                 or _numba._wide_rows(C, x.itemsize))
         np.testing.assert_allclose(s1, gm.sum(0), rtol=1e-12 if exact else 1e-6, atol=1e-9)
         terms = gm * (x64[r0:r1] - mean.astype(np.float64))
         if exact:  # (x - mean rounded once to the compute type, the rest in float64)

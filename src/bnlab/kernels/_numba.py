@@ -416,14 +416,58 @@ def _wide_rows(C: int, itemsize: int) -> bool:
 # block's chunk holds only a few rows, read in 256-byte pieces a row apart, which made the pass
 # 5-15% slower than a plain loop with the data in memory, while on short rows the blocks were
 # faster with the data in the caches (docs/kernels.md).
+#
+# Where the arrays come from memory, not the caches, the blocks win on some CPUs and lose on
+# others: a block's sweep reads 256-byte pieces of rows a row apart, and with the lines named
+# ahead (software prefetch, above) an Intel Xeon read them at a plain read's speed, while on AMD
+# Zen 4 the same sweeps took 1.4-2x the time of the flat tiles' one sequential stream per array
+# (Zen 4 and Zen 5 preferred whole rows in earlier designs too; figures in docs/kernels.md). In
+# the caches the blocks were faster on both. So arrays of at least ``_BLOCKS_MAX_BYTES`` (half
+# the last-level cache, where streaming stores start too) take the blocks only on CPUs where
+# they were measured to win from memory (:func:`_host_blocks_from_memory`), and the flat tiles
+# elsewhere. A pass counts every array it reads or writes: x for the statistics, dy and x for
+# the gradient sums, those and dx for the dx pass. A choice of speed: both sum in float64, the
+# flat tiles' array loop in another order (the sums alike to their last places).
 _BLOCK_BYTES = 16384  # a chunk's rows: about this many bytes of one array (two fit an L1)
 _ROW_DX_BYTES = 1024
 
 
+def _host_blocks_from_memory() -> bool:
+    """Whether the CPU the loops are compiled for runs the column blocks on arrays in memory
+    (above): an Intel CPU. Numba keys its on-disk cache by the host's CPU and features, so the
+    choice compiled in belongs to the CPU it runs on; code compiled for another CPU
+    (``NUMBA_CPU_NAME``, ``NUMBA_CPU_FEATURES``), or on a system that does not say its vendor,
+    takes the flat tiles from memory, which every CPU's prefetchers follow."""
+    if numba.config.CPU_NAME or numba.config.CPU_FEATURES:
+        return False
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("vendor_id"):
+                    return line.split(":", 1)[1].strip() == "GenuineIntel"
+    except OSError:
+        pass
+    return False
+
+
+def _blocks_max_bytes() -> int:
+    """``_BLOCKS_MAX_BYTES`` (above): unbounded where the blocks win from memory, else half
+    the last-level cache (the size is read once, when the loops compile)."""
+    if _host_blocks_from_memory():
+        return 1 << 62
+    from bnlab.kernels import llc_bytes
+
+    return llc_bytes() // 2
+
+
+_BLOCKS_MAX_BYTES = _blocks_max_bytes()
+
+
 @njit(cache=True)
-def _column_blocks(C: int) -> bool:
-    """Whether an (M, C) layout's passes run in column blocks of ``_TILE`` channels (above)."""
-    return C > _TILE and C % _TILE == 0
+def _column_blocks(C: int, nbytes: int) -> bool:
+    """Whether a pass over an (M, C) layout that moves ``nbytes`` bytes (its arrays together)
+    runs in column blocks of ``_TILE`` channels (above)."""
+    return C > _TILE and C % _TILE == 0 and nbytes < _BLOCKS_MAX_BYTES
 
 
 @njit(cache=True)
@@ -1756,7 +1800,7 @@ def _tile_sums(x, z, r0, r1, s1, s2):
     P = r * C
     s1t = np.zeros(P, np.float64)
     s2t = np.zeros(P, np.float64)
-    if _column_blocks(C):
+    if _column_blocks(C, x.size * x.itemsize):
         rb = _block_rows(C, x.itemsize)
         ra = _ahead_rows(C, x.itemsize)
         for k in range((r1 - r0 + rb - 1) // rb):
@@ -2174,7 +2218,7 @@ def _mc_gsums(dy, x, m, relu, u, floor, r0, r1, s1, s2):
     k1 = u[2]
     s1t = np.zeros(P, np.float64)
     s2t = np.zeros(P, np.float64)
-    if _column_blocks(C):
+    if _column_blocks(C, 2 * x.size * x.itemsize):  # (dy and x)
         rb = _block_rows(C, x.itemsize)
         ahead = _ahead_rows(C, x.itemsize) * C
         for k in range((r1 - r0 + rb - 1) // rb):
@@ -2290,7 +2334,7 @@ def _mc_dx(dy, x, m, relu, t, floor, dx, r0, r1, stream=False):
     d = t[3]
     k0 = t[4]
     k1 = t[5]
-    if _column_blocks(C) and C * x.itemsize < _ROW_DX_BYTES:
+    if _column_blocks(C, 3 * x.size * x.itemsize) and C * x.itemsize < _ROW_DX_BYTES:
         rb = _block_rows(C, x.itemsize)
         for k in range((r1 - r0 + rb - 1) // rb):
             q = r0 + k * rb
