@@ -452,7 +452,10 @@ def _host_blocks_from_memory() -> bool:
 
 def _blocks_max_bytes() -> int:
     """``_BLOCKS_MAX_BYTES`` (above): unbounded where the blocks win from memory, else half
-    the last-level cache (the size is read once, when the loops compile)."""
+    the last-level cache. Compiled loops keep the value they were compiled with: Numba's
+    on-disk cache is keyed by the CPU, not by its cache size, so the bound of a cache built
+    on a machine with the same CPU and another last-level cache is that machine's (a matter
+    of speed only)."""
     if _host_blocks_from_memory():
         return 1 << 62
     from bnlab.kernels import llc_bytes
