@@ -643,17 +643,17 @@ def input_kind_error(x: Tensor, who) -> Exception | None:
     batch norm is not implemented for (torch raises NotImplementedError, or a RuntimeError for
     sparse compressed layouts), or None. MKL-DNN tensors pass: the layers and the function
     take them through a dense copy, as torch's do."""
-    if x.dtype in BN_DTYPES and not x.is_nested and (x.layout == torch.strided or x.is_mkldnn):
+    bad_dtype = x.dtype not in BN_DTYPES
+    bad_layout = x.is_nested or (x.layout != torch.strided and not x.is_mkldnn)
+    if not (bad_dtype or bad_layout):
         return None
     who = who if isinstance(who, str) else who()
-    if x.dtype not in BN_DTYPES:
+    if bad_dtype:
         return InputDtypeError(f"{who}: expected a floating-point input (float16, bfloat16, "
                                f"float32 or float64), got dtype {x.dtype}")  # fmt: skip
-    if x.is_nested or (x.layout != torch.strided and not x.is_mkldnn):
-        kind = "nested" if x.is_nested else str(x.layout).removeprefix("torch.")
-        return InputLayoutError(f"{who}: a {kind} input is not supported; batch norm takes "
-                                "dense (strided) tensors")  # fmt: skip
-    return None
+    kind = "nested" if x.is_nested else str(x.layout).removeprefix("torch.")
+    return InputLayoutError(f"{who}: a {kind} input is not supported; batch norm takes "
+                            "dense (strided) tensors")  # fmt: skip
 
 
 @torch.jit.unused
