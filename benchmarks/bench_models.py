@@ -41,7 +41,7 @@ import torch.nn.functional as F
 
 import bnlab
 from bnlab import ops
-from bnlab.bench import _interleaved, steady_heap
+from bnlab.bench import _interleaved, rerun_steady, steady_heap
 from bnlab.models import resnet20
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
@@ -132,7 +132,7 @@ def measure(steps: dict, rounds: int, warmup: int = 3) -> dict[str, float]:
     return {k: t * 1e3 for k, t in _interleaved(steps, rounds, warmup=warmup).items()}
 
 
-def main(argv=None) -> None:
+def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--threads", type=int, default=1, help="torch and Numba threads")
     p.add_argument("--rounds", type=int, default=20, help="interleaved timed rounds (median)")
@@ -151,6 +151,10 @@ def main(argv=None) -> None:
                    help="glibc's heap as a process has it, or freed memory kept mapped "
                         "(bnlab.bench.steady_heap)")
     args = p.parse_args(argv)
+    if args.heap == "steady":  # (glibc reads the rest of a steady heap's settings at start)
+        code = rerun_steady([sys.executable, __file__, *(sys.argv[1:] if argv is None else argv)])
+        if code is not None:
+            return code
     heap = steady_heap() if args.heap == "steady" else "heap as-is"
     torch.set_num_threads(args.threads)
     import numba
@@ -195,7 +199,8 @@ def main(argv=None) -> None:
                 ref = r.get(key, float("nan"))
                 print(f"| {name} {shapes[name]} | {mode} | {label} | {ms:.2f} | {ref / ms:.2f} |",
                       flush=True)  # fmt: skip
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

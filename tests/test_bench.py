@@ -4,6 +4,8 @@ timing is asserted."""
 
 from __future__ import annotations
 
+import json
+import os
 import platform
 import re
 import subprocess
@@ -130,6 +132,8 @@ def test_processes_run_the_benchmark_in_fresh_processes(tmp_path, capsys):
     assert "process 1/2" in printed and "process 2/2" in printed
     text = out.read_text()
     assert "2 processes" in text and "threads 1" in text and "heap steady" in text
+    if GLIBC:  # (each process started with the whole steady heap)
+        assert "no tcache" in text
     assert text.count("minor page faults per timed call") == 2  # (one count per process)
     lines = text.splitlines()
     head = _cells(next(ln for ln in lines if ln.startswith("| shape |")))
@@ -161,31 +165,75 @@ def test_a_failing_process_stops_the_run_with_its_output(monkeypatch):
     assert len(calls) == 1 and calls[0][1:3] == ["-m", "bnlab.bench"]
 
 
-@pytest.mark.skipif(
-    not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc",
-    reason="steady_heap sets glibc's malloc thresholds",
+GLIBC = sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc"
+# A 48 MiB tensor made and freed eight times in a fresh process; each round's minor page faults
+# (48 MiB is 12,288 pages) and what steady_heap() reported.
+_ROUNDS = (
+    "import sys, torch\n"
+    "from bnlab.bench import steady_heap, minor_faults\n"
+    "if sys.argv[1] == 'steady': print(steady_heap())\n"
+    "counts = []\n"
+    "for i in range(8):\n"
+    "    f0 = minor_faults(); t = torch.empty(48 << 20, dtype=torch.uint8).fill_(1)\n"
+    "    del t; counts.append(minor_faults() - f0)\n"
+    "print('faults', counts)\n"
 )
-def test_steady_heap_keeps_freed_memory_mapped():
-    """After ``steady_heap()`` a large tensor freed and allocated again, over and over, reuses
-    mapped memory in some rounds (not in all: an aligned request can miss the free memory by a
-    few bytes and grow the heap instead); with glibc's defaults every round faults all its
-    memory in again. (Each in a fresh process: the setting holds for the rest of a process's
-    life.)"""
-    code = (
-        "import sys, torch\n"
-        "from bnlab.bench import steady_heap, minor_faults\n"
-        "if sys.argv[1] == 'steady': print(steady_heap())\n"
-        "counts = []\n"
-        "for i in range(8):\n"
-        "    f0 = minor_faults(); t = torch.empty(48 << 20, dtype=torch.uint8).fill_(1)\n"
-        "    del t; counts.append(minor_faults() - f0)\n"
-        "print('faults', min(counts[1:]))\n"
-    )
-    faults = {}
-    for mode in ("steady", "as-is"):
-        done = subprocess.run([sys.executable, "-c", code, mode], capture_output=True, text=True,
-                              check=True)  # fmt: skip
-        faults[mode] = int(done.stdout.split("faults")[-1])
-        if mode == "steady":
-            assert "heap steady" in done.stdout
-    assert faults["steady"] < 100 and faults["as-is"] > 1000, faults  # (48 MiB: 12,288 pages)
+
+
+def _rounds(mode: str, env: dict[str, str]) -> tuple[str, list[int]]:
+    done = subprocess.run([sys.executable, "-c", _ROUNDS, mode], capture_output=True, text=True,
+                          check=True, env=env)  # fmt: skip
+    head, _, counts = done.stdout.rpartition("faults")
+    return head, json.loads(counts)
+
+
+@pytest.mark.skipif(not GLIBC, reason="steady_heap sets glibc's malloc settings")
+def test_a_steady_heap_serves_every_call_from_memory_already_mapped():
+    """Started with ``steady_env()``, a process that calls ``steady_heap()`` reuses a freed
+    48 MiB tensor's memory for the next one in every round from the third on (the first two
+    grow the heap), under several hash seeds (they move the interpreter's small allocations,
+    which decided whether the memory was reused when glibc's small-block cache was on); with
+    glibc's defaults every round maps its memory afresh. Without the tunables the report says
+    the heap is not all steady."""
+    from bnlab.bench import STEADY_TUNABLES, steady_env
+
+    base = dict(os.environ)
+    base["GLIBC_TUNABLES"] = ":".join(
+        t for t in base.get("GLIBC_TUNABLES", "").split(":")
+        if t and t.partition("=")[0] not in STEADY_TUNABLES)  # fmt: skip
+    for seed in ("0", "1"):
+        said, counts = _rounds("steady", steady_env({**base, "PYTHONHASHSEED": seed}))
+        assert "heap steady" in said and "no tcache" in said, said
+        assert max(counts[2:]) < 100, (seed, counts)
+    _, counts = _rounds("as-is", base)
+    assert min(counts[1:]) > 12000, counts
+    said, _ = _rounds("steady", base)
+    assert "heap thresholds only" in said and "steady_env" in said, said
+
+
+def test_steady_env_keeps_the_users_other_tunables():
+    from bnlab.bench import steady_env
+
+    users = "glibc.malloc.tcache_count=7:glibc.pthread.mutex_spin_count=9"
+    env = steady_env({"GLIBC_TUNABLES": users, "HOME": "/h"})
+    parts = env["GLIBC_TUNABLES"].split(":")
+    assert env["HOME"] == "/h" and "glibc.pthread.mutex_spin_count=9" in parts
+    assert "glibc.malloc.tcache_count=0" in parts and "glibc.malloc.tcache_count=7" not in parts
+    assert f"glibc.malloc.mmap_threshold={1 << 30}" in parts
+
+
+@pytest.mark.skipif(not GLIBC, reason="steady_heap sets glibc's malloc settings")
+def test_heap_steady_reruns_the_benchmark_in_a_steady_process(monkeypatch, capfd):
+    """``--heap steady`` in a process started without ``steady_env()`` runs the same command in
+    one started with it (once: that process goes on itself)."""
+    from bnlab import bench
+
+    monkeypatch.delenv("GLIBC_TUNABLES", raising=False)
+    cmd = [sys.executable, "-c", "from bnlab.bench import rerun_steady, steady_heap\n"
+           "assert rerun_steady(['false']) is None\nprint(steady_heap())"]  # fmt: skip
+    assert bench.rerun_steady(cmd) == 0
+    assert "no tcache" in capfd.readouterr().out
+    calls = []
+    monkeypatch.setattr(bench, "rerun_steady", lambda c: calls.append(c) or 3)
+    argv = ["--shapes", "mnist mlp (batch 60)", "--heap", "steady"]
+    assert bench.main(argv) == 3 and calls == [[sys.executable, "-m", "bnlab.bench", *argv]]

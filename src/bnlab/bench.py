@@ -39,7 +39,9 @@ at the top of the heap to the system once more than twice that threshold is free
 two happens to a given call depends on the allocations before it, so the same call sometimes
 writes pages that are already mapped and sometimes first faults every page in, which can double
 its time, for torch's layer and bnlab's alike. ``--heap steady`` fixes both thresholds at 1 GiB
-(:func:`steady_heap`) so freed memory stays mapped and each cell measures the computation;
+and turns off glibc's small-block cache (:func:`steady_heap`, :func:`steady_env`; the benchmark
+reruns itself in a process started so when it was not) so freed memory stays mapped and serves
+the next call, and each cell measures the computation;
 ``--heap as-is`` (the default) leaves glibc's defaults, as a user's process has them. The
 header gives the minor page faults of the timed calls per call.
 
@@ -140,13 +142,59 @@ def machine_text() -> str:
 
 STEADY_BYTES = 1 << 30
 
+# glibc reads its tunables once, when a process starts. With the mmap and trim thresholds alone
+# a freed block can stay unmerged: a small block freed into the per-thread cache (tcache) next
+# to it still counts as in use, and an aligned request of the freed block's size asks for a few
+# bytes more than it holds, so the heap grows into fresh pages on every call. Without the cache
+# the small blocks merge when a large one is freed and the freed memory serves the next request.
+STEADY_TUNABLES: dict[str, int] = {
+    "glibc.malloc.mmap_threshold": STEADY_BYTES,
+    "glibc.malloc.trim_threshold": STEADY_BYTES,
+    "glibc.malloc.tcache_count": 0,
+}
+
+
+def _glibc_linux() -> bool:
+    import platform
+
+    return sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc"
+
+
+def steady_env(env: dict[str, str] | None = None) -> dict[str, str]:
+    """``env`` (default: this process's environment) with ``GLIBC_TUNABLES`` set so that a process
+    started with it has a steady heap from its first allocation (``STEADY_TUNABLES``); the
+    user's other tunables are kept."""
+    env = dict(os.environ if env is None else env)
+    kept = [t for t in env.get("GLIBC_TUNABLES", "").split(":")
+            if t and t.partition("=")[0] not in STEADY_TUNABLES]  # fmt: skip
+    env["GLIBC_TUNABLES"] = ":".join(kept + [f"{k}={v}" for k, v in STEADY_TUNABLES.items()])
+    return env
+
+
+def started_steady() -> bool:
+    """Whether this process's environment carries ``steady_env``'s tunables (the environment it
+    was started with, unless the program changed ``os.environ`` since)."""
+    have = dict(t.partition("=")[::2] for t in os.environ.get("GLIBC_TUNABLES", "").split(":"))
+    return all(have.get(k) == str(v) for k, v in STEADY_TUNABLES.items())
+
+
+def rerun_steady(cmd: list[str]) -> int | None:
+    """For ``--heap steady`` on glibc: when this process was not started with ``steady_env``, run
+    ``cmd`` (this program again, same arguments) in a process that is, its output passed
+    through, and return its exit code; otherwise ``None``, and the caller goes on."""
+    if not _glibc_linux() or started_steady():
+        return None
+    return subprocess.run(cmd, env=steady_env()).returncode
+
 
 def steady_heap() -> str:
     """Keep freed memory in this process's heap (glibc on Linux): ``mallopt`` fixes the mmap
     threshold and the trim threshold at ``STEADY_BYTES``, so allocations up to that size come
-    from the heap and memory freed there stays mapped for the next one (the process keeps up to
-    that much more memory than it uses). Returns what was done, or why nothing was (another C
-    library or OS). Affects every allocation of the process from then on, torch's included."""
+    from the heap and memory freed there stays mapped (the process keeps up to that much more
+    memory than it uses). Freed memory serves the next request of its size only if the process
+    was also started without glibc's small-block cache (``steady_env``, ``STEADY_TUNABLES``):
+    the returned text says which, or why nothing was done (another C library or OS). Affects
+    every allocation of the process from then on, torch's included."""
     import ctypes
 
     if not sys.platform.startswith("linux"):
@@ -159,7 +207,10 @@ def steady_heap() -> str:
     m_trim_threshold, m_mmap_threshold = -1, -3  # (glibc's malloc.h)
     if mallopt(m_mmap_threshold, STEADY_BYTES) != 1 or mallopt(m_trim_threshold, STEADY_BYTES) != 1:
         return "heap as-is (mallopt refused)"
-    return "heap steady (glibc mmap and trim thresholds 1 GiB)"
+    if started_steady():
+        return "heap steady (glibc mmap and trim thresholds 1 GiB, no tcache)"
+    return ("heap thresholds only (glibc mmap and trim thresholds 1 GiB; tcache on, so freed "
+            "blocks may go unused: start with bnlab.bench.steady_env())")  # fmt: skip
 
 
 def minor_faults() -> int:
@@ -407,18 +458,19 @@ def format_spread(runs: list[list[Row]]) -> str:
 
 
 def _run_processes(
-    n: int, child_argv: list[str]
-) -> tuple[list[list[Row]], list[dict], list[str]]:
-    """Run ``bnlab bench *child_argv`` in ``n`` fresh Python processes, one at a time (two at
-    once would share the cores), and collect each one's rows, ResNet-20 steps and page-fault
-    count. A failing process stops the run with its output."""
-    rows_runs, resnet_runs, faults = [], [], []
+    n: int, child_argv: list[str], env: dict[str, str] | None = None
+) -> tuple[list[list[Row]], list[dict], list[str], list[str]]:
+    """Run ``bnlab bench *child_argv`` in ``n`` fresh Python processes (environment ``env``, or
+    this one's), one at a time (two at once would share the cores), and collect each one's
+    rows, ResNet-20 steps, page-fault count and heap (what :func:`steady_heap` reported). A
+    failing process stops the run with its output."""
+    rows_runs, resnet_runs, faults, heaps = [], [], [], []
     with tempfile.TemporaryDirectory(prefix="bnlab-bench-") as d:
         for i in range(n):
             path = os.path.join(d, f"rows{i}.json")
             cmd = [sys.executable, "-m", "bnlab.bench", *child_argv, "--rows-json", path]
             t0 = time.perf_counter()
-            done = subprocess.run(cmd, capture_output=True, text=True)
+            done = subprocess.run(cmd, capture_output=True, text=True, env=env)
             if done.returncode != 0:
                 raise RuntimeError(
                     f"bnlab bench: process {i + 1} of {n} failed (exit {done.returncode}):\n"
@@ -430,8 +482,9 @@ def _run_processes(
                               for r in data["rows"]])  # fmt: skip
             resnet_runs.append(data["resnet"])
             faults.append(data.get("faults", "?"))
+            heaps.append(data.get("heap", "?"))
             print(f"process {i + 1}/{n}: {time.perf_counter() - t0:.1f} s", flush=True)
-    return rows_runs, resnet_runs, faults
+    return rows_runs, resnet_runs, faults, heaps
 
 
 def bench_resnet(repeats: int, batch: int = 128, log: Callable[[str], None] = print) -> str:
@@ -570,6 +623,11 @@ def main(argv: list[str] | None = None) -> int:
     names = args.shapes or (list(QUICK) if args.quick else list(SHAPES))
     if args.processes > 1:
         return _main_processes(args, names, argv)
+    if args.heap == "steady":
+        code = rerun_steady([sys.executable, "-m", "bnlab.bench",
+                             *(sys.argv[1:] if argv is None else argv)])  # fmt: skip
+        if code is not None:
+            return code
     heap = steady_heap() if args.heap == "steady" else "heap as-is"
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -616,8 +674,8 @@ def main(argv: list[str] | None = None) -> int:
         print(resnet)
     if args.rows_json:
         with open(args.rows_json, "w") as f:
-            json.dump({"rows": [vars(r) for r in rows], "resnet": steps, "faults": faults_text()},
-                      f)  # fmt: skip
+            json.dump({"rows": [vars(r) for r in rows], "resnet": steps, "faults": faults_text(),
+                       "heap": heap}, f)  # fmt: skip
     if args.write:
         how = f"median of {args.repeats} interleaved rounds{caches}, {heap}, {faults_text()}"
         _write_section(args.write, argv, f"{threads}, {machine_text()} (at the end), {how}",
@@ -654,7 +712,9 @@ def _main_processes(args: argparse.Namespace, names: list[str], argv: list[str] 
            f"rounds{caches}, {threads}, heap {args.heap}; times: median over the processes; "
            "ratios: median (min-max) of the per-process ratios")  # fmt: skip
     print(f"bnlab bench: {how}; {machine_text()}", flush=True)
-    rows_runs, resnet_runs, faults_runs = _run_processes(args.processes, child)
+    env = steady_env() if args.heap == "steady" and _glibc_linux() else None
+    rows_runs, resnet_runs, faults_runs, heaps = _run_processes(args.processes, child, env)
+    how = how.replace(f"heap {args.heap}", " / ".join(sorted(set(heaps))))
     table = format_spread(rows_runs)
     print(table)
     faults = "; ".join(faults_runs)
