@@ -12,16 +12,21 @@ PIP_FLAGS := $(if $(WHEELS),--find-links $(WHEELS))
 
 venv: $(STAMP)
 
+# (--no-compile: no bytecode for the whole of torch up front; Python writes it for the modules
+# a process imports, when it first imports them)
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet $(PIP_FLAGS) -e '.[dev]'
+	$(PY) -m pip install --quiet --no-compile $(PIP_FLAGS) -e '.[dev]'
 	touch $(STAMP)
 
 demo: $(STAMP)
 	$(VENV)/bin/bnlab run mnist
 
+# The suite in TEST_WORKERS pytest-xdist workers; tests/conftest.py compiles the kernels first.
+TEST_WORKERS ?= 2
+
 test: $(STAMP)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist worksteal
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests benchmarks

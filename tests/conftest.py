@@ -18,10 +18,14 @@ SHAPES = {
 def pytest_sessionstart(session):
     """Compile bnlab's kernels once, before any test (or load them from Numba's on-disk cache):
     in a fresh checkout the first tests would otherwise compile them piecemeal, and the tests
-    that start processes of their own, each compiling what was not yet on disk."""
-    from bnlab.kernels import warm_up
+    that start processes of their own, each compiling what was not yet on disk. One process
+    per dtype compiles (Numba compiles on one core); under pytest-xdist the main process does,
+    before it starts the workers, which then load what it wrote."""
+    import os
 
-    warm_up()
+    from bnlab.kernels import WARM_DTYPES, warm_up
+
+    warm_up(processes=1 if os.environ.get("PYTEST_XDIST_WORKER") else len(WARM_DTYPES))
 
 
 @pytest.fixture(params=["reference", "auto"])

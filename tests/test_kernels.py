@@ -7,6 +7,7 @@ followed by ``torch.relu`` for the fused activation, float64 autograd (gradcheck
 from __future__ import annotations
 
 import math
+import sys
 
 import pytest
 import torch
@@ -1134,6 +1135,72 @@ def test_a_kept_training_plan_gives_the_outputs_and_state_of_a_new_one(fmt):
         assert views[1][1] is K.lean_plan(x, w, b, *state[0], views)  # (kept)
         for got, want in zip(*outs, strict=True):
             assert torch.equal(got, want) and got.stride() == want.stride()
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="the cache lock is flock (POSIX)")
+def test_numbas_cache_saves_and_loads_hold_the_directory_lock(tmp_path, monkeypatch):
+    """Once the kernels are loaded, every save to Numba's on-disk cache holds an exclusive lock
+    on the cache's directory while it reads and writes the index and writes the data (another
+    open of the directory cannot lock it), and every load a shared one (another shared lock is
+    granted, an exclusive one is not): processes compiling the same functions at once cannot
+    interleave a save with another save or a load."""
+    import fcntl
+    import os
+
+    from numba.core.caching import IndexDataCacheFile
+
+    K.compiled()  # (installs the lock)
+    seen = []
+
+    def try_lock(how):
+        fd = os.open(tmp_path, os.O_RDONLY)
+        try:
+            fcntl.flock(fd, how | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            return False
+        finally:
+            os.close(fd)
+
+    for step in ("_load_index", "_save_index", "_save_data"):
+        real = getattr(IndexDataCacheFile, step)
+
+        def probe(self, *args, _real=real, _step=step):
+            seen.append((_step, try_lock(fcntl.LOCK_EX), try_lock(fcntl.LOCK_SH)))
+            return _real(self, *args)
+
+        monkeypatch.setattr(IndexDataCacheFile, step, probe)
+    cache = IndexDataCacheFile(str(tmp_path), "f-1.py311", ("stamp", 1))
+    cache.save(("sig", "target"), b"compiled code")
+    assert seen == [(step, False, False) for step in ("_load_index", "_save_index", "_save_data")]
+    seen.clear()
+    assert cache.load(("sig", "target")) == b"compiled code"
+    assert seen == [("_load_index", False, True)]
+    assert try_lock(fcntl.LOCK_EX)  # (released after each)
+
+
+def test_warm_up_goes_on_in_this_process_when_a_compiling_process_fails(monkeypatch):
+    """warm_up(processes=N): a process of its own that fails is named in a warning, and the
+    kernels it was to compile are compiled (here: loaded) in the calling process."""
+    import subprocess
+    import sys
+
+    real = subprocess.Popen
+    started = []
+
+    def failing(cmd, **kw):
+        started.append(cmd[-1])
+        return real([sys.executable, "-c", "import sys; sys.exit('no compiler')"], **kw)
+
+    monkeypatch.setattr(subprocess, "Popen", failing)
+    with pytest.warns(RuntimeWarning) as caught:
+        K.warm_up(processes=3)
+    said = sorted(str(w.message) for w in caught)
+    assert len(said) == 3 and all("failed (exit 1)" in m and "no compiler" in m for m in said)
+    assert "compiling [torch.float32] failed" in said[1], said
+    assert len(started) == 3 and all("_warm_up_dtypes" in c for c in started)
+    assert {d for c in started for d in ("float32", "float64", "bfloat16") if d in c} == {
+        "float32", "float64", "bfloat16"}
 
 
 def test_warm_up_compiles_every_kernel():

@@ -264,36 +264,46 @@ def test_compiled_training_step_with_its_backward_matches_eager():
     assert out.returncode == 0 and "DONE" in out.stdout, out.stderr[-3000:]
 
 
-def _ddp_rank(form: str, compiled: bool) -> dict:
-    """One rank of :func:`test_ddp_eager_and_compiled_averages_per_rank_gradients`: two steps of
-    a DistributedDataParallel ResNet-20 (fused ReLU) on this rank's half of each batch."""
+# (form, compiled): bnlab's operators and their standard-op form compiled, and eager
+DDP_CASES = [("ops", True), ("decompose", True), ("auto", False)]
+
+
+def _ddp_rank() -> dict:
+    """One rank of :func:`test_ddp_eager_and_compiled_averages_per_rank_gradients`, each case
+    of ``DDP_CASES`` in turn (one pair of processes for all): two steps of a
+    DistributedDataParallel ResNet-20 (fused ReLU) on this rank's half of each batch."""
     import torch.distributed as dist
 
     rank = dist.get_rank()
-    model, x1, x2 = build("resnet20-fused-relu", "train")
-    ddp = nn.parallel.DistributedDataParallel(model, bucket_cap_mb=1)
-    counter = torch._dynamo.testing.CompileCounterWithBackend("aot_eager")
-    run = torch.compile(ddp, backend=counter) if compiled else ddp
-    with bnlab.ops.compile_form(form):
-        for x in (x1, x2):
-            part = x.chunk(2)[rank]
-            ddp.zero_grad(set_to_none=True)
-            y = run(part)
-            (y.square().sum() + y.sum()).backward()
-    return {"grads": {k: p.grad for k, p in model.named_parameters()},
-            "states": bn_states(model), "graphs": len(counter.graphs)}  # fmt: skip
+    out = {}
+    for form, compiled in DDP_CASES:
+        torch._dynamo.reset()
+        model, x1, x2 = build("resnet20-fused-relu", "train")
+        ddp = nn.parallel.DistributedDataParallel(model, bucket_cap_mb=1)
+        counter = torch._dynamo.testing.CompileCounterWithBackend("aot_eager")
+        run = torch.compile(ddp, backend=counter) if compiled else ddp
+        with bnlab.ops.compile_form(form):
+            for x in (x1, x2):
+                part = x.chunk(2)[rank]
+                ddp.zero_grad(set_to_none=True)
+                y = run(part)
+                (y.square().sum() + y.sum()).backward()
+        grads = {k: p.grad for k, p in model.named_parameters()}
+        out[form, compiled] = {"grads": grads, "states": bn_states(model),
+                               "graphs": len(counter.graphs)}  # fmt: skip
+    return out
 
 
-@pytest.mark.parametrize("form,compiled", [("ops", True), ("decompose", True), ("auto", False)])
-def test_ddp_eager_and_compiled_averages_per_rank_gradients(form, compiled):
+def test_ddp_eager_and_compiled_averages_per_rank_gradients():
     """DistributedDataParallel on two processes (gloo), eager and under torch.compile, where
     DDP's graph optimizer splits the model into one graph per gradient bucket: each rank's
     gradients are the average of what eager copies give on each rank's half of the batch (per
     rank BN, as torch's BatchNorm under DDP), and each rank's running statistics are those of
-    its own half of the batch after DDP broadcast rank 0's before the forward (its default)."""
+    its own half of the batch after DDP broadcast rank 0's before the forward (its default).
+    Every case of ``DDP_CASES``."""
     from bnlab.distributed import launch
 
-    per_rank = launch(_ddp_rank, 2, args=(form, compiled), timeout=300)
+    ranks = launch(_ddp_rank, 2, timeout=600)
     model, x1, x2 = build("resnet20-fused-relu", "train")
     copies = [copy.deepcopy(model) for _ in range(2)]
     for x in (x1, x2):
@@ -304,57 +314,63 @@ def test_ddp_eager_and_compiled_averages_per_rank_gradients(form, compiled):
             y = m(part)
             (y.square().sum() + y.sum()).backward()
     other = dict(copies[1].named_parameters())
-    for rank, got in enumerate(per_rank):
-        for k, p in copies[0].named_parameters():
-            close(got["grads"][k], (p.grad + other[k].grad) / 2, k)
-        assert_same_states(got["states"], copies[rank])
-        assert got["graphs"] > 1 if compiled else got["graphs"] == 0
+    for form, compiled in DDP_CASES:
+        for rank, per_case in enumerate(ranks):
+            got = per_case[form, compiled]
+            for k, p in copies[0].named_parameters():
+                close(got["grads"][k], (p.grad + other[k].grad) / 2, f"{form} {compiled} {k}")
+            assert_same_states(got["states"], copies[rank])
+            assert got["graphs"] > 1 if compiled else got["graphs"] == 0, (form, got["graphs"])
 
 
-def _fully_shard_rank(lr: float, compiled: bool) -> dict:
-    """One rank of :func:`test_fully_shard_trains_as_averaged_eager_copies`: two SGD steps of a
-    ResNet-20 (fused ReLU) sharded by ``fully_shard`` (each residual block a group, then the
-    root), eager or compiled, on this rank's half of each batch."""
+def _fully_shard_rank(lr: float) -> dict:
+    """One rank of :func:`test_fully_shard_trains_as_averaged_eager_copies`, eager then compiled
+    (one pair of processes for both): two SGD steps of a ResNet-20 (fused ReLU) sharded by
+    ``fully_shard`` (each residual block a group, then the root), on this rank's half of each
+    batch."""
     import torch.distributed as dist
     from torch.distributed.fsdp import fully_shard
 
     from bnlab.models.resnet import BasicBlock
 
     rank = dist.get_rank()
-    model, x1, x2 = build("resnet20-fused-relu", "train")
-    for m in list(model.modules()):
-        if isinstance(m, BasicBlock):
-            fully_shard(m)
-    fully_shard(model)
-    counter = torch._dynamo.testing.CompileCounterWithBackend("aot_eager")
-    run = torch.compile(model, backend=counter) if compiled else model
-    opt = torch.optim.SGD(model.parameters(), lr=lr)
-    for x in (x1, x2):
-        opt.zero_grad(set_to_none=True)
-        y = run(x.chunk(2)[rank])
-        (y.square().sum() + y.sum()).backward()
-        opt.step()
-    grads = {k: p.grad.full_tensor() for k, p in model.named_parameters()}  # (the last step's)
-    params = {k: p.full_tensor() for k, p in model.named_parameters()}
-    return {"grads": grads, "params": params, "states": bn_states(model),
-            "graphs": len(counter.graphs)}  # fmt: skip
+    out = {}
+    for compiled in (False, True):
+        torch._dynamo.reset()
+        model, x1, x2 = build("resnet20-fused-relu", "train")
+        for m in list(model.modules()):
+            if isinstance(m, BasicBlock):
+                fully_shard(m)
+        fully_shard(model)
+        counter = torch._dynamo.testing.CompileCounterWithBackend("aot_eager")
+        run = torch.compile(model, backend=counter) if compiled else model
+        opt = torch.optim.SGD(model.parameters(), lr=lr)
+        for x in (x1, x2):
+            opt.zero_grad(set_to_none=True)
+            y = run(x.chunk(2)[rank])
+            (y.square().sum() + y.sum()).backward()
+            opt.step()
+        grads = {k: p.grad.full_tensor() for k, p in model.named_parameters()}  # (last step's)
+        params = {k: p.full_tensor() for k, p in model.named_parameters()}
+        out[compiled] = {"grads": grads, "params": params, "states": bn_states(model),
+                         "graphs": len(counter.graphs)}  # fmt: skip
+    return out
 
 
-@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
-def test_fully_shard_trains_as_averaged_eager_copies(compiled):
+def test_fully_shard_trains_as_averaged_eager_copies():
     """``torch.distributed.fsdp.fully_shard`` (FSDP2) on two processes (gloo): it frees each
     group's gathered parameters after use and allocates them again for the next forward and
     backward, so bnlab's layers meet their parameters in new memory every time (and must leave
     their storages resizable, as torch's layers do). Over two SGD steps each rank's gradients
     are the average of eager copies' on the two halves of the batch, its parameters those
-    copies' after the same updates, its running statistics those of its own half. Compiled,
-    the blocks are graphs between fully_shard's hooks, in standard ops. (A learning rate at
-    which the steps do not diverge: a diverging run amplifies the rounding differences between
-    the kernels and the standard ops.)"""
+    copies' after the same updates, its running statistics those of its own half; eager and
+    compiled. Compiled, the blocks are graphs between fully_shard's hooks, in standard ops. (A
+    learning rate at which the steps do not diverge: a diverging run amplifies the rounding
+    differences between the kernels and the standard ops.)"""
     from bnlab.distributed import launch
 
     lr = 0.001
-    per_rank = launch(_fully_shard_rank, 2, args=(lr, compiled), timeout=300)
+    ranks = launch(_fully_shard_rank, 2, args=(lr,), timeout=600)
     model, x1, x2 = build("resnet20-fused-relu", "train")
     copies = [copy.deepcopy(model) for _ in range(2)]
     for x in (x1, x2):
@@ -368,12 +384,14 @@ def test_fully_shard_trains_as_averaged_eager_copies(compiled):
             for m in copies:
                 for k, p in m.named_parameters():
                     p -= lr * grads[k]
-    for rank, got in enumerate(per_rank):
-        for k, p in copies[0].named_parameters():
-            close(got["grads"][k], grads[k], k)
-            close(got["params"][k], p.detach(), k)
-        assert_same_states(got["states"], copies[rank])
-        assert got["graphs"] > 0 if compiled else got["graphs"] == 0
+    for compiled in (False, True):
+        for rank, per_case in enumerate(ranks):
+            got = per_case[compiled]
+            for k, p in copies[0].named_parameters():
+                close(got["grads"][k], grads[k], f"compiled={compiled} {k}")
+                close(got["params"][k], p.detach(), f"compiled={compiled} {k}")
+            assert_same_states(got["states"], copies[rank])
+            assert got["graphs"] > 0 if compiled else got["graphs"] == 0, (compiled, got["graphs"])
 
 
 def _dtensor_rank() -> dict:
@@ -804,7 +822,10 @@ def test_aot_inductor_package_runs_as_eager(tmp_path):
     assert not bnlab_op_targets(ep.graph)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # (torch's own deprecation notices while packaging)
-        path = torch._inductor.aoti_compile_and_package(ep, package_path=str(tmp_path / "cnn.pt2"))
+        # (no precompiled header: one package compiles each header once either way)
+        with torch._inductor.config.patch({"aot_inductor.precompile_headers": False}):
+            package = str(tmp_path / "cnn.pt2")
+            path = torch._inductor.aoti_compile_and_package(ep, package_path=package)
         loaded = torch._inductor.aoti_load_package(path)
     x = torch.randn(7, *x1.shape[1:]) * 1.5 + 0.3
     torch.testing.assert_close(loaded(x), model(x).detach(), **TOL)

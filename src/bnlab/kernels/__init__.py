@@ -87,6 +87,9 @@ def compiled():
     global _loops
     mod = _loops
     if mod is None:  # (kept in a global: an import statement costs more than the rest here)
+        from . import _cache_lock
+
+        _cache_lock.install()  # (before any loop compiles or loads: see _cache_lock)
         from . import _numba as mod
 
         _loops = mod
@@ -1028,13 +1031,39 @@ def commit_batch_stats(
     return ok
 
 
-def warm_up() -> None:
+WARM_DTYPES = (torch.float32, torch.float64, torch.bfloat16)
+
+
+def warm_up(processes: int = 1) -> None:
     """Compile (or load from the on-disk cache) every kernel: float32 and float64 inputs, and
     bfloat16 ones with float32 parameters, both layouts, and the gradient's relayout of
     :func:`to_channels_inner` for 2-, 4- and 8-byte values. Compiling a public kernel compiles the
     loops it calls, serial and parallel alike, whatever the input's size; one call above
-    ``SERIAL_MAX`` values also starts Numba's thread pool."""
-    for dtype in (*_DTYPES, torch.bfloat16):
+    ``SERIAL_MAX`` values also starts Numba's thread pool.
+
+    Numba compiles on one core. With ``processes`` > 1 the dtypes are first compiled in up to
+    that many fresh Python processes at once (one or more dtypes each), which write Numba's
+    on-disk cache under its directory lock (:mod:`bnlab.kernels._cache_lock`); this process
+    then loads them. A process that fails only costs time: what it did not write is compiled
+    here, where any error is raised."""
+    compiled()
+    from . import _cache_lock
+
+    if processes > 1 and _cache_lock.install():
+        _warm_up_in_processes(processes)
+    _warm_up_dtypes(WARM_DTYPES)
+    for dtype in (torch.bfloat16, torch.float32, torch.float64):  # (2, 4 and 8 bytes)
+        to_channels_inner(torch.zeros(2, 3, 4, dtype=dtype))
+    # run the parallel loops once (above SERIAL_MAX values): starts Numba's thread pool
+    x = torch.randn(compiled().SERIAL_MAX // 3 + 1, 3)
+    w = torch.ones(3)
+    y, mean, _, inv = batch_norm_train_forward(x, w, w, 1e-5, relu=True)
+    batch_norm_train_backward(y, x, mean, inv, w, y=y)
+
+
+def _warm_up_dtypes(dtypes) -> None:
+    """The per-dtype part of :func:`warm_up`."""
+    for dtype in dtypes:
         cdt = _compute(dtype)
         for shape in [(4, 3), (2, 3, 4), (2, 3, 2, 2)]:
             for cl in (False, len(shape) == 4):
@@ -1050,10 +1079,30 @@ def warm_up() -> None:
                 eval_forward_fast(x, mean, inv, w, None, 1e-5, False)
         rm, rv = torch.zeros(3, dtype=cdt), torch.ones(3, dtype=cdt)
         commit_batch_stats(mean, inv, rm, rv, torch.tensor(0), None, 4, True)
-    for dtype in (torch.bfloat16, torch.float32, torch.float64):  # (2, 4 and 8 bytes)
-        to_channels_inner(torch.zeros(2, 3, 4, dtype=dtype))
-    # run the parallel loops once (above SERIAL_MAX values): starts Numba's thread pool
-    x = torch.randn(compiled().SERIAL_MAX // 3 + 1, 3)
-    w = torch.ones(3)
-    y, mean, _, inv = batch_norm_train_forward(x, w, w, 1e-5, relu=True)
-    batch_norm_train_backward(y, x, mean, inv, w, y=y)
+
+
+def _warm_up_in_processes(processes: int) -> None:
+    """Run :func:`_warm_up_dtypes` for ``WARM_DTYPES`` split over up to ``processes`` fresh
+    processes, all at once; warn (and go on) when one fails."""
+    import subprocess
+    import sys
+    import warnings
+
+    groups = [WARM_DTYPES[i::processes] for i in range(min(processes, len(WARM_DTYPES)))]
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    paths = [root, *filter(None, [os.environ.get("PYTHONPATH")])]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(paths))
+    children = []
+    for group in groups:
+        names = ", ".join(str(d) for d in group)  # ("torch.float32", ...)
+        code = ("import torch\nfrom bnlab.kernels import _warm_up_dtypes\n"
+                f"_warm_up_dtypes([{names}])")  # fmt: skip
+        children.append(subprocess.Popen([sys.executable, "-c", code], env=env,
+                                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                         text=True))  # fmt: skip
+    for group, child in zip(groups, children, strict=True):
+        _, err = child.communicate()
+        if child.returncode != 0:
+            warnings.warn(f"bnlab.kernels.warm_up: the process compiling {list(group)} failed "
+                          f"(exit {child.returncode}); compiling here instead:\n{err[-2000:]}",
+                          RuntimeWarning, stacklevel=3)  # fmt: skip
