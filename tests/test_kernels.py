@@ -1179,6 +1179,12 @@ def test_numbas_cache_saves_and_loads_hold_the_directory_lock(tmp_path, monkeypa
     assert try_lock(fcntl.LOCK_EX)  # (released after each)
 
 
+@pytest.mark.parametrize("processes", [0, -1, 2.0, "3", True])
+def test_warm_up_refuses_a_count_of_processes_that_is_not_a_positive_int(processes):
+    with pytest.raises(ValueError, match="warm_up: processes must be a positive int"):
+        K.warm_up(processes=processes)
+
+
 def test_warm_up_goes_on_in_this_process_when_a_compiling_process_fails(monkeypatch):
     """warm_up(processes=N): a process of its own that fails is named in a warning, and the
     kernels it was to compile are compiled (here: loaded) in the calling process."""

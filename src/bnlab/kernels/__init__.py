@@ -1046,6 +1046,8 @@ def warm_up(processes: int = 1) -> None:
     on-disk cache under its directory lock (:mod:`bnlab.kernels._cache_lock`); this process
     then loads them. A process that fails only costs time: what it did not write is compiled
     here, where any error is raised."""
+    if isinstance(processes, bool) or not isinstance(processes, int) or processes < 1:
+        raise ValueError(f"warm_up: processes must be a positive int, got {processes!r}")
     compiled()
     from . import _cache_lock
 
