@@ -12,11 +12,9 @@ PIP_FLAGS := $(if $(WHEELS),--find-links $(WHEELS))
 
 venv: $(STAMP)
 
-# (--no-compile: no bytecode for the whole of torch up front; Python writes it for the modules
-# a process imports, when it first imports them)
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --no-compile $(PIP_FLAGS) -e '.[dev]'
+	$(PY) -m pip install --quiet $(PIP_FLAGS) -e '.[dev]'
 	touch $(STAMP)
 
 demo: $(STAMP)
