@@ -28,6 +28,21 @@ def pytest_sessionstart(session):
     warm_up(processes=1 if os.environ.get("PYTEST_XDIST_WORKER") else len(WARM_DTYPES))
 
 
+# The modules whose tests take longest (quick experiment runs, compilers, processes of their own),
+# longest first. Under pytest-xdist they run first, so the workers end on short tests together
+# instead of one waiting out the other's last long test.
+_LONG_FIRST = ("test_questions", "test_toolchain", "test_small_batch_experiments", "test_why",
+               "test_lr_acceleration", "test_mnist_experiment", "test_lab", "test_faults",
+               "test_checkpoint", "test_bench", "test_train_distributed", "test_sync")  # fmt: skip
+
+
+def pytest_collection_modifyitems(session, config, items):
+    if not getattr(config.option, "numprocesses", None):
+        return
+    rank = {name: i for i, name in enumerate(_LONG_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.stem, len(rank)))  # (stable: order kept within)
+
+
 @pytest.fixture(params=["reference", "auto"])
 def backend(request):
     """Run a test once per bnlab backend: the reference functions, and "auto" (the fused CPU

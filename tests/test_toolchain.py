@@ -476,7 +476,7 @@ class _Sequence(nn.Module):
         return self.bn(x.transpose(1, 2)).transpose(1, 2)
 
 
-COMPILED_AUTOGRAD_CASES = [("cnn", "train"), ("cnn", "eval"), ("resnet20-fused-relu", "train"),
+COMPILED_AUTOGRAD_CASES = [("cnn", "train"), ("cnn", "eval"), ("cnn-fused-relu", "train"),
                            ("sequence", "train")]  # fmt: skip
 
 
