@@ -40,8 +40,8 @@ two happens to a given call depends on the allocations before it, so the same ca
 writes pages that are already mapped and sometimes first faults every page in, which can double
 its time, for torch's layer and bnlab's alike. ``--heap steady`` fixes both thresholds at 1 GiB
 and turns off glibc's small-block cache (:func:`steady_heap`, :func:`steady_env`; the benchmark
-reruns itself in a process started so when it was not) so freed memory stays mapped and serves
-the next call, and each cell measures the computation;
+reruns itself in a process started so when it was not) so freed memory stays mapped and, in
+most processes, serves the next call whole, and each cell measures the computation;
 ``--heap as-is`` (the default) leaves glibc's defaults, as a user's process has them. The
 header gives the minor page faults of the timed calls per call.
 
