@@ -1031,7 +1031,7 @@ def commit_batch_stats(
     return ok
 
 
-WARM_DTYPES = (torch.float32, torch.float64, torch.bfloat16)
+WARM_DTYPES = (*_DTYPES, torch.bfloat16)  # (bfloat16 with float32 parameters)
 
 
 def warm_up(processes: int = 1) -> None:
