@@ -218,7 +218,7 @@ def test_compile_with_dynamic_shapes_matches_eager(case, mode):
     assert counter.frame_count <= limit
 
 
-WHOLE_STEP_CASES = [("cnn", "ops"), ("cnn", "decompose"), ("resnet20-fused-relu", "ops")]
+WHOLE_STEP_CASES = [("cnn", "ops"), ("cnn", "decompose"), ("cnn-fused-relu", "ops")]
 
 
 def _whole_step_matches_eager(name: str, form: str) -> None:
