@@ -1189,7 +1189,6 @@ def test_warm_up_goes_on_in_this_process_when_a_compiling_process_fails(monkeypa
     """warm_up(processes=N): a process of its own that fails is named in a warning, and the
     kernels it was to compile are compiled (here: loaded) in the calling process."""
     import subprocess
-    import sys
 
     real = subprocess.Popen
     started = []
