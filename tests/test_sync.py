@@ -4,8 +4,12 @@ refusals on every rank; convert_sync."""
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 import bnlab
 from bnlab.distributed import launch, shard, world
@@ -83,6 +87,47 @@ def _rank_cases(backend: str) -> dict:
                 errors.append(f"{type(exc).__name__}: {exc}")
         out["errors"] = errors
         out["unchanged"] = all(torch.equal(v, before[k]) for k, v in layer.state_dict().items())
+        out["mode"] = _under_a_mode(rank)
+    return out
+
+
+class _Writes(TorchDispatchMode):
+    """Records the storages that the operators it sees write (their outputs; allocations and
+    views aside, which write nothing)."""
+
+    def __init__(self):
+        super().__init__()
+        self.written: set[int] = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if not (func.is_view or func.name().startswith("aten::empty")):
+            self.written.update(t.untyped_storage().data_ptr() for t in tree_leaves(out)
+                                if isinstance(t, torch.Tensor))  # fmt: skip
+        return out
+
+
+def _under_a_mode(rank: int) -> dict:
+    """A training step of the fused-ReLU case without and with a dispatch mode: both steps'
+    results, and whether the mode saw the operators that wrote y, dx and the running
+    statistics."""
+    _, shape, parts, act = CASES[3]
+    lo = sum(parts[:rank])
+    x, dy = (t[lo : lo + parts[rank]] for t in _case_data(shape, 0))
+    out: dict = {}
+    for moded in (False, True):
+        layer = bnlab.SyncBatchNorm(shape[1], dtype=torch.float64, activation=act)
+        xr = x.clone().requires_grad_()
+        mode = _Writes() if moded else contextlib.nullcontext()
+        with mode:
+            y = layer(xr)
+            y.backward(dy)
+        tensors = {"y": y.detach(), "dx": xr.grad, "running_mean": layer.running_mean,
+                   "running_var": layer.running_var}  # fmt: skip
+        out[moded] = {k: t.clone() for k, t in tensors.items()}
+        if moded:
+            out["seen"] = {k: t.untyped_storage().data_ptr() in mode.written
+                           for k, t in tensors.items()}  # fmt: skip
     return out
 
 
@@ -145,6 +190,18 @@ def test_refusals_on_every_rank_change_nothing(two_ranks):
         assert "1 over all ranks" in one
         assert bad.startswith("FloatingPointError") and "'head.bn' SyncBatchNorm(3)" in bad
         assert r["unchanged"]
+
+
+def test_a_dispatch_mode_sees_the_synchronized_step(two_ranks):
+    """Under a dispatch mode (a memory tracker, DebugMode, make_fx's tracer) the operators that
+    compute the output, the gradient and the running statistics are ones the mode sees, with the
+    numbers of the step without it."""
+    _, results = two_ranks
+    for r in results:
+        got = r["mode"]
+        assert got["seen"] == {"y": True, "dx": True, "running_mean": True, "running_var": True}
+        for k, v in got[False].items():
+            torch.testing.assert_close(got[True][k], v, rtol=1e-10, atol=1e-12, msg=k)
 
 
 def test_single_process_is_batchnorm_and_convert_sync():

@@ -48,8 +48,15 @@ import torch
 from torch import Tensor, nn
 
 from .. import backend as B
-from ..functional import acc_dtype, per_channel, reduce_dims
-from ..ops import non_finite_message, relu_grad, shape_text
+from ..functional import (
+    acc_dtype,
+    batch_norm_eval_forward,
+    commit_running_stats,
+    per_channel,
+    reduce_dims,
+    standard_strides,
+)
+from ..ops import EAGER, non_finite_message, relu_grad, route, shape_text
 from .batchnorm import BatchNorm1d, BatchNorm2d, BatchNorm3d, _BatchNorm, name_layers
 
 __all__ = ["SyncBatchNorm", "convert_sync", "gather_batch_stats"]
@@ -100,6 +107,13 @@ def gather_batch_stats(x: Tensor, group: Any = None) -> tuple[Tensor, Tensor, in
     return mean64.to(acc), var64.to(acc), total
 
 
+def _seen(x: Tensor, *others: Tensor | None) -> bool:
+    """Whether a dispatch mode or a tensor subclass must see (or run) this call's arithmetic:
+    then it runs in standard ops, as the other layers' calls do there (the kernels read memory
+    directly, out of a mode's sight; the backward is in standard ops already)."""
+    return route(x, *others) != EAGER
+
+
 class _SyncBatchNormFn(torch.autograd.Function):
     """y = BN(x; global mu_B, var_B) [then ReLU], with the global-sum backward."""
 
@@ -107,6 +121,9 @@ class _SyncBatchNormFn(torch.autograd.Function):
     def forward(ctx, x, weight, bias, mean, var, count, eps, relu, group):
         if x.numel() == 0:
             y, invstd = torch.empty_like(x), torch.rsqrt(var + eps)
+        elif _seen(x, weight, bias, mean, var):
+            y, invstd = batch_norm_eval_forward(x, mean, var, weight, bias, eps)
+            y = standard_strides(y.clamp_min(0) if relu else y)
         else:
             _, y, invstd = B.eval_forward(x, mean, var, weight, bias, eps, relu=relu)
         ctx.save_for_backward(x, weight, mean, invstd, y if relu else None)
@@ -236,8 +253,9 @@ class SyncBatchNorm(_BatchNorm):
             return super()._commit_batch_stats(x, mean, var)
         update = self.training and self.track_running_stats
         momentum = self._check_momentum() if update else None  # (a float, or None)
-        ok = B.commit_stats(mean, var, self.running_mean, self.running_var,
-                            self.num_batches_tracked, momentum, count, update)  # fmt: skip
+        commit = commit_running_stats if _seen(x, mean, var) else B.commit_stats
+        ok = commit(mean, var, self.running_mean, self.running_var, self.num_batches_tracked,
+                    momentum, count, update)  # fmt: skip
         if not ok:
             raise FloatingPointError(non_finite_message(self._describe(), list(x.shape)))
 
