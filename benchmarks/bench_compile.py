@@ -120,11 +120,15 @@ def main(argv=None) -> None:
         shapes = [tuple(int(n) for n in s.split("x")) for s in args.shapes.split(",")]
     for shape in shapes:
         for mode in ("fwd", "f+b", "eval"):
+            # (each case compiles the layers' forward anew: without a reset the cases of every
+            # shape and mode pile up on one code object, past Dynamo's recompile limit)
+            torch._dynamo.reset()
             r = measure(layer_cases(shape, mode), args.rounds)
             print(f"{str(shape):>18} {mode:>5} | {r['ops']:9.0f} {r['decomp']:9.0f} "
                   f"{r['torch']:9.0f} | {r['ops'] / r['torch']:9.2f} "
                   f"{r['decomp'] / r['torch']:12.2f}")  # fmt: skip
     if not args.skip_model:
+        torch._dynamo.reset()
         r = measure(model_cases(args.batch), max(5, args.rounds // 10))
         print(f"ResNet-20 training step, batch {args.batch}: ops {r['ops'] / 1e3:.1f} ms, "
               f"decomp {r['decomp'] / 1e3:.1f} ms, torch {r['torch'] / 1e3:.1f} ms; "
