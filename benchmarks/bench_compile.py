@@ -5,7 +5,8 @@ Per shape: median microseconds of a training forward (``fwd``, no_grad), a train
 backward (``f+b``) and an inference forward (``eval``), each compiled with Inductor
 (``fullgraph=True``): ``ops`` = bnlab with ``bnlab.ops.set_compile_form("ops")``, ``decomp`` =
 ``set_compile_form("decompose")``, ``torch`` = ``torch.nn.BatchNorm*``. Then a whole
-ResNet-20 training step (forward, backward, SGD) compiled the same three ways. Interleaved rounds,
+ResNet-20 training step (forward, backward, SGD) with the model compiled the same three ways
+(the optimizer's calls stay eager: Dynamo does not trace ``zero_grad``). Interleaved rounds,
 medians; torch and Numba threads set to ``--threads``. Run::
 
     PYTHONPATH=src python benchmarks/bench_compile.py [--rounds 100] [--threads 1]
@@ -75,14 +76,15 @@ def model_cases(batch):
         if name == "torch":
             model = bnlab.convert(model, to="torch")
         opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+        run = _compiled(model, form)
 
-        def step(model=model, opt=opt):
+        def step(run=run, opt=opt):
             opt.zero_grad(set_to_none=True)
-            loss = torch.nn.functional.cross_entropy(model(x), target)
+            loss = torch.nn.functional.cross_entropy(run(x), target)
             loss.backward()
             opt.step()
 
-        cases[name] = _compiled(step, form)
+        cases[name] = step
     return cases
 
 
