@@ -6,22 +6,22 @@ backward (``f+b``) and an inference forward (``eval``), each compiled with Induc
 (``fullgraph=True``): ``ops`` = bnlab with ``bnlab.ops.set_compile_form("ops")``, ``decomp`` =
 ``set_compile_form("decompose")``, ``torch`` = ``torch.nn.BatchNorm*``. Then a whole
 ResNet-20 training step (forward, backward, SGD) with the model compiled the same three ways
-(the optimizer's calls stay eager: Dynamo does not trace ``zero_grad``). Interleaved rounds,
-medians; torch and Numba threads set to ``--threads``. Run::
+(the optimizer's calls stay eager: Dynamo does not trace ``zero_grad``). Interleaved rounds in
+an order shuffled per round, medians; torch and Numba threads set to ``--threads``. Run::
 
-    PYTHONPATH=src python benchmarks/bench_compile.py [--rounds 100] [--threads 1]
+    PYTHONPATH=src python benchmarks/bench_compile.py [--rounds 100] [--threads 1] [--heap steady]
 """
 
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
+import sys
 
 import torch
 
 import bnlab
 from bnlab import ops
+from bnlab.bench import _interleaved, rerun_steady, steady_heap
 from bnlab.models import resnet20
 
 SHAPES = [(60, 100), (64, 16, 32, 32), (128, 16, 32, 32), (128, 64, 8, 8), (32, 128, 56, 56)]
@@ -89,19 +89,14 @@ def model_cases(batch):
 
 
 def measure(cases, rounds):
-    for fn in cases.values():  # compile + warm up
-        for _ in range(3):
-            fn()
-    times = {k: [] for k in cases}
-    for _ in range(rounds):
-        for k, fn in cases.items():
-            t0 = time.perf_counter()
-            fn()
-            times[k].append(time.perf_counter() - t0)
-    return {k: statistics.median(v) * 1e6 for k, v in times.items()}
+    """Median microseconds of each case over ``rounds`` rounds in an order shuffled per round
+    (:func:`bnlab.bench._interleaved`; compile and warm-up first): in a fixed order each case
+    always follows the same one, and what that one leaves in the caches and the thread pool
+    becomes part of its time."""
+    return {k: v * 1e6 for k, v in _interleaved(cases, rounds).items()}
 
 
-def main(argv=None) -> None:
+def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--rounds", type=int, default=100, help="interleaved timed rounds (median)")
     p.add_argument("--threads", type=int, default=1, help="torch and Numba threads")
@@ -109,12 +104,20 @@ def main(argv=None) -> None:
     p.add_argument("--skip-model", action="store_true", help="layers only")
     p.add_argument("--shapes", default=None,
                    help=f"layer shapes, e.g. '60x100,64x16x32x32' (default: {SHAPES})")
+    p.add_argument("--heap", choices=("as-is", "steady"), default="as-is",
+                   help="glibc's heap as a process has it, or freed memory kept mapped "
+                        "(bnlab.bench.steady_heap)")
     args = p.parse_args(argv)
+    if args.heap == "steady":  # (glibc reads the rest of a steady heap's settings at start)
+        code = rerun_steady([sys.executable, __file__, *(sys.argv[1:] if argv is None else argv)])
+        if code is not None:
+            return code
+    heap = steady_heap() if args.heap == "steady" else "heap as-is"
     torch.set_num_threads(args.threads)
     bnlab.kernels.compiled()  # (Numba follows torch's count; starting it keeps torch's)
     bnlab.kernels.warm_up()
     print(f"torch {torch.__version__}, threads={torch.get_num_threads()}, float32, Inductor, "
-          f"median of {args.rounds} interleaved rounds, microseconds")  # fmt: skip
+          f"median of {args.rounds} interleaved rounds, {heap}, microseconds")  # fmt: skip
     print(f"{'shape':>18} {'mode':>5} | {'ops':>9} {'decomp':>9} {'torch':>9} | "
           f"{'ops/torch':>9} {'decomp/torch':>12}")  # fmt: skip
     shapes = SHAPES
@@ -136,7 +139,8 @@ def main(argv=None) -> None:
               f"decomp {r['decomp'] / 1e3:.1f} ms, torch {r['torch'] / 1e3:.1f} ms; "
               f"torch/ops {r['torch'] / r['ops']:.2f}, torch/decomp "
               f"{r['torch'] / r['decomp']:.2f}")  # fmt: skip
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
