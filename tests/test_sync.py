@@ -193,9 +193,9 @@ def test_refusals_on_every_rank_change_nothing(two_ranks):
 
 
 def test_a_dispatch_mode_sees_the_synchronized_step(two_ranks):
-    """Under a dispatch mode (a memory tracker, DebugMode, make_fx's tracer) the operators that
-    compute the output, the gradient and the running statistics are ones the mode sees, with the
-    numbers of the step without it."""
+    """Under a dispatch mode (a memory tracker, DebugMode) the operators that compute the
+    output, the gradient and the running statistics are ones the mode sees, with the numbers of
+    the step without it."""
     _, results = two_ranks
     for r in results:
         got = r["mode"]
