@@ -12,9 +12,14 @@ PIP_FLAGS := $(if $(WHEELS),--find-links $(WHEELS))
 
 venv: $(STAMP)
 
+# Byte-compiled on both cores after pip (pip compiles one file at a time). Processes read the
+# .pyc files even where PYTHONDONTWRITEBYTECODE keeps them from writing any, so the package's
+# own modules are compiled too (the tests start many processes). As pip's own step does, files
+# that do not compile for this Python (torch ships one for Python 3.12 only) are skipped.
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet $(PIP_FLAGS) -e '.[dev]'
+	$(PY) -m pip install --quiet --no-compile $(PIP_FLAGS) -e '.[dev]'
+	$(PY) -m compileall -q -j 0 $(VENV)/lib src > /dev/null || true
 	touch $(STAMP)
 
 demo: $(STAMP)
