@@ -292,11 +292,12 @@ def eval_forward(
     eps: float,
     relu: bool = False,
     keep_mask: bool = False,
+    reference: bool = False,
 ) -> tuple:
-    """Algorithm 2 [+ ReLU] on the chosen path. Returns ``(path, y, invstd)``, and with
-    ``keep_mask`` the ReLU's ``mask`` for :func:`eval_backward` as :func:`train_forward`
-    does."""
-    path = choose(x, running_mean, running_var, weight, bias)
+    """Algorithm 2 [+ ReLU] on the chosen path (``reference``: the reference path, in standard
+    ops, whatever the backend). Returns ``(path, y, invstd)``, and with ``keep_mask`` the
+    ReLU's ``mask`` for :func:`eval_backward` as :func:`train_forward` does."""
+    path = "reference" if reference else choose(x, running_mean, running_var, weight, bias)
     coef_kept = keep_mask and relu and mask_from_coef(path, x)
     coef: list[Tensor] = []
     if path == "fused":
@@ -362,14 +363,16 @@ def commit_stats(
     momentum: float | None,
     m: int,
     update: bool,
+    reference: bool = False,
 ) -> bool:
     """:func:`bnlab.functional.commit_running_stats` (finiteness check, then the moving averages
     when ``update``), in one compiled call when the kernels take the tensors (CPU float32/float64;
-    backend not "reference"), else with tensor ops. False, touching nothing, for non-finite
-    statistics; an empty batch (``m = 0``) is only counted."""
+    backend not "reference", nor ``reference`` asked), else with tensor ops. False, touching
+    nothing, for non-finite statistics; an empty batch (``m = 0``) is only counted."""
     args = (mean, var, running_mean, running_var, num_batches_tracked, momentum, m, update)
     if (
         m > 0
+        and not reference
         and _backend != "reference"
         and _HAVE_NUMBA
         and K.commit_supported(mean, var, running_mean, running_var)

@@ -48,14 +48,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import backend as B
-from ..functional import (
-    acc_dtype,
-    batch_norm_eval_forward,
-    commit_running_stats,
-    per_channel,
-    reduce_dims,
-    standard_strides,
-)
+from ..functional import acc_dtype, per_channel, reduce_dims
 from ..ops import EAGER, non_finite_message, relu_grad, route, shape_text
 from .batchnorm import BatchNorm1d, BatchNorm2d, BatchNorm3d, _BatchNorm, name_layers
 
@@ -121,11 +114,9 @@ class _SyncBatchNormFn(torch.autograd.Function):
     def forward(ctx, x, weight, bias, mean, var, count, eps, relu, group):
         if x.numel() == 0:
             y, invstd = torch.empty_like(x), torch.rsqrt(var + eps)
-        elif _seen(x, weight, bias, mean, var):
-            y, invstd = batch_norm_eval_forward(x, mean, var, weight, bias, eps)
-            y = standard_strides(y.clamp_min(0) if relu else y)
         else:
-            _, y, invstd = B.eval_forward(x, mean, var, weight, bias, eps, relu=relu)
+            _, y, invstd = B.eval_forward(x, mean, var, weight, bias, eps, relu=relu,
+                                          reference=_seen(x, weight, bias, mean, var))
         ctx.save_for_backward(x, weight, mean, invstd, y if relu else None)
         ctx.count, ctx.group, ctx.has_bias = count, group, bias is not None
         return y
@@ -253,9 +244,9 @@ class SyncBatchNorm(_BatchNorm):
             return super()._commit_batch_stats(x, mean, var)
         update = self.training and self.track_running_stats
         momentum = self._check_momentum() if update else None  # (a float, or None)
-        commit = commit_running_stats if _seen(x, mean, var) else B.commit_stats
-        ok = commit(mean, var, self.running_mean, self.running_var, self.num_batches_tracked,
-                    momentum, count, update)  # fmt: skip
+        ok = B.commit_stats(mean, var, self.running_mean, self.running_var,
+                            self.num_batches_tracked, momentum, count, update,
+                            reference=_seen(x, mean, var))  # fmt: skip
         if not ok:
             raise FloatingPointError(non_finite_message(self._describe(), list(x.shape)))
 
