@@ -3,8 +3,17 @@ torch-vs-bnlab pairing helper."""
 
 from __future__ import annotations
 
-import pytest
-import torch
+import os
+
+# OpenMP threads (torch's and the kernels' Numba pool) sleep when idle instead of spinning: the
+# suite runs in pytest-xdist workers, two threads each, on as many cores as workers, and a pool
+# that spins between parallel regions takes cores the other workers' tests are waiting for.
+# Read when OpenMP starts, so set before torch is imported; workers and the processes tests
+# start inherit it. Only waiting changes: threads, chunks and values stay as they are.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 # One shape per family: (N, C), (N, C, L), (N, C, H, W), (N, C, D, H, W).
 SHAPES = {
@@ -21,8 +30,6 @@ def pytest_sessionstart(session):
     that start processes of their own, each compiling what was not yet on disk. One process
     per dtype compiles (Numba compiles on one core); under pytest-xdist the main process does,
     before it starts the workers, which then load what it wrote."""
-    import os
-
     from bnlab.kernels import WARM_DTYPES, warm_up
 
     warm_up(processes=1 if os.environ.get("PYTEST_XDIST_WORKER") else len(WARM_DTYPES))
