@@ -203,29 +203,45 @@ def test_sgd_step_workspace_follows_dtype_batch_size_loads_and_new_parameters(no
     step_both(16)
 
 
-def test_sgd_step_calls_the_loops_with_the_signature_the_layers_use():
-    """The step calls the compiled loops directly and passes every argument the layers' calls
-    pass (the streaming flag included), so the loops it reaches compile no signature of their
-    own: Numba types an omitted defaulted argument, and a literal one below it, apart from a
-    passed boolean, and would compile each loop it reaches a second time."""
-    from numba.core import types
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_sgd_step_runs_the_loops_the_layers_compiled(monkeypatch, dtype):
+    """The step takes the layers' own compiled entry points with arguments of the types the
+    layers' calls pass (every argument passed, the streaming flag included), so it runs the
+    loops a layer's training step compiled (:func:`bnlab.kernels.warm_up`) and compiles none
+    of its own: Numba types a value by its kind (an omitted defaulted argument, a literal, an
+    array of another layout apart) and compiles every loop below an entry once per type."""
+    import numba
 
     from bnlab.kernels import _numba as loops
 
-    net = StackedMLP(2, in_features=20, hidden=(16,), norm="batchnorm1d")
+    layer = bnlab.BatchNorm1d(16).to(dtype)  # a layer's training step: its signatures exist
+    layer(torch.randn(8, 16, dtype=dtype, requires_grad=True)).sum().backward()
+    dispatchers = {k: v for k, v in vars(loops).items()
+                   if isinstance(v, numba.core.dispatcher.Dispatcher)}  # fmt: skip
+    before = {k: len(v.signatures) for k, v in dispatchers.items()}
+    calls = []
+
+    def spy(name):
+        dispatcher = getattr(loops, name)
+
+        def call(*args):
+            types = tuple(numba.typeof(a) for a in args)
+            calls.append((name, types in {tuple(s) for s in dispatcher.signatures}))
+            return dispatcher(*args)
+
+        return call
+
+    for name in ("train_fwd_at", "backward_at"):
+        monkeypatch.setattr(loops, name, spy(name))
+    net = StackedMLP(2, in_features=20, hidden=(16,), norm="batchnorm1d").to(dtype)
     g = torch.Generator().manual_seed(0)
-    x, y = torch.randn(2, 16, 20, generator=g), torch.randint(10, (2, 16), generator=g)
+    x = torch.randn(2, 16, 20, generator=g, dtype=dtype)
+    y = torch.randint(10, (2, 16), generator=g)
     with bnlab.use_backend("auto"):
         net.sgd_step(x, y, 0.1)
     assert net.norms[0].num_batches_tracked.item() == 1
-    # (the loops below these two take the flag from them; a call loaded from the on-disk cache
-    # loads only the function called, so only these two list their signatures here)
-    for name in ("train_fwd_mc", "backward_mc"):
-        sigs = getattr(loops, name).signatures
-        assert sigs, name  # (the step took the kernels)
-        for sig in sigs:
-            bad = [t for t in sig if isinstance(t, (types.Omitted, types.Literal))]
-            assert not bad, (name, sig)
+    assert calls == [("train_fwd_at", True), ("backward_at", True)]
+    assert {k: len(v.signatures) for k, v in dispatchers.items()} == before
 
 
 def test_sgd_step_bad_arguments():

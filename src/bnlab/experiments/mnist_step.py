@@ -11,10 +11,11 @@ Normalizing Transform's section 3 gradients) and the SGD update fused into the w
 The BN layers are plain :class:`bnlab.BatchNorm1d` modules: the step reads their parameters and
 mode and updates their running statistics, but computes the transform itself through the pure
 functions of bnlab's functional/kernels contract (:mod:`bnlab.backend`: ``train_forward``,
-``commit_stats``, ``train_backward``; or the same compiled loops of :mod:`bnlab.kernels` called
-with numpy views kept across steps). The running-statistic update is the one the layer's
-``forward`` makes: same values, same refusal of a non-finite batch before any buffer moves, same
-``num_batches_tracked`` (tested against the layer).
+``commit_stats``, ``train_backward``; or the compiled entry points of :mod:`bnlab.kernels` the
+layers' own calls take, called with addresses and numpy views kept across steps). The
+running-statistic update is the one the layer's ``forward`` makes: same values, same refusal of
+a non-finite batch before any buffer moves, same ``num_batches_tracked`` (tested against the
+layer).
 """
 
 from __future__ import annotations
@@ -303,11 +304,13 @@ class _BatchNormStep:
     Every call reads the layer's current parameters, ``eps``, ``momentum``, ``activation`` and
     mode. Two paths with the same arithmetic: when the kernels are enabled and take the tensors
     (:func:`bnlab.backend.kernels_enabled`, :func:`bnlab.kernels.unsupported_reason`), the
-    compiled loops the kernels' wrappers call (``train_fwd_mc``, ``backward_mc``,
-    ``commit_stats`` of :mod:`bnlab.kernels._numba`) are called directly, with numpy views of
-    this object's buffers made once and of the layer's tensors re-made only when a tensor object
-    or its storage changes (checked every call); otherwise :func:`bnlab.backend.train_forward`,
-    ``commit_stats`` and ``train_backward``, which also give the reference backend.
+    compiled entry points the layers' own calls take (``train_fwd_at``, the statistics and their
+    commit in one call, and ``backward_at`` of :mod:`bnlab.kernels._numba`), with arguments of
+    the same types, so the step runs the loops :func:`bnlab.kernels.warm_up` compiled: this
+    object's buffers by address and numpy views of the layer's tensors re-made only when a
+    tensor object or its storage changes (checked every call); otherwise
+    :func:`bnlab.backend.train_forward`, ``commit_stats`` and ``train_backward``, which also give
+    the reference backend.
     """
 
     def __init__(self, layer: nn.Module, n: int, dtype: torch.dtype) -> None:
@@ -327,7 +330,7 @@ class _BatchNormStep:
         self.y, self.dy, self.dx = (torch.empty_like(self.x) for _ in range(3))
         grads = torch.empty(2, c, dtype=dtype)
         self.dgamma, self.dbeta = grads[0], grads[1]
-        self._stats = torch.empty(6, c, dtype=dtype)  # mean, var, invstd, 3 coefficients
+        self._stats = torch.empty(5, c, dtype=dtype)  # mean, var, invstd, 2 coefficients
         self._np = None  # numpy views of the buffers above, with the loops (first compiled call)
         self._grads = grads
         self._tensors: tuple = ()  # weight, bias, running_mean, running_var, num_batches_tracked
@@ -352,13 +355,14 @@ class _BatchNormStep:
             return False
         if self._np is None:
             k = K.compiled()
-            fwd, bwd = k.train_fwd_mc, k.backward_mc
-            stats = self._stats.numpy()  # rows: mean, var, invstd, 3 coefficients
+            stats = self._stats.numpy()  # rows: mean, var, invstd, 2 coefficients
             self._np = (
-                fwd, bwd, k.commit_stats, self.x.numpy(), self.y.numpy(), self.dy.numpy(),
-                self.dx.numpy(), stats, stats[0], stats[1], stats[2], *self._grads.numpy(),
+                k.train_fwd_at, k.backward_at, k.commit_stats, self.x.data_ptr(),
+                self.y.data_ptr(), self.dy.data_ptr(), self.dx.data_ptr(), stats, stats[0],
+                stats[1], stats[2], stats[3:5], self.dgamma.data_ptr(), self.dbeta.data_ptr(),
+                np.empty(0, stats.dtype),
             )  # fmt: skip
-        empty = np.empty(0, self._np[3].dtype)  # placeholder for an absent tensor
+        empty = self._np[-1]  # placeholder for an absent tensor
         has = rm is not None
         self._views = (
             empty if w is None else _np(w), w is not None,
@@ -391,15 +395,18 @@ class _BatchNormStep:
         w, b = params["weight"], params["bias"]
         rm, rv, nbt = (buffers[k] for k in ("running_mean", "running_var", "num_batches_tracked"))
         if B.kernels_enabled() and self._bind((w, b, rm, rv, nbt)):
-            fwd, _, commit, x, y, _, _, stats, mean, var, _, _, _ = self._np
+            fwd, _, commit, xp, yp, _, _, stats, mean, var, _, _, _, _, none = self._np
             wv, has_w, bv, has_b, rmv, rvv, nbtv, has = self._views
-            # (the streaming flag passed, False: Numba types an omitted argument apart from a
-            # passed one and would compile every loop it reaches once more)
-            fwd(x, wv, bv, has_w, has_b, float(layer.eps), relu, y, stats, False)
-            ok = commit(
-                mean, var, rmv, rvv, nbtv, update and has, momentum is None,
-                0.0 if momentum is None else float(momentum), float(self.n),
+            n, c = self.x.shape
+            cumulative, f = momentum is None, 0.0 if momentum is None else float(momentum)
+            # the layers' own entry point and argument types (one compiled loop for both): the
+            # statistics, then, for a layer that keeps running averages, their update
+            ok = fwd(
+                xp, yp, n, c, 1, wv, bv, has_w, has_b, float(layer.eps), relu, stats, rmv, rvv,
+                nbtv, update and has, cumulative, f, none, False,
             )  # fmt: skip
+            if not (update and has):  # (nothing to update: the statistics' check alone)
+                ok = commit(mean, var, rmv, rvv, nbtv, False, cumulative, f, float(self.n))
             out, saved = self.y, None
         else:
             path, out, mean, var, invstd = B.train_forward(self.x, w, b, layer.eps, relu)
@@ -426,13 +433,14 @@ class _BatchNormStep:
         saved, relu, y, w, want_w, want_b = self._last
         need = want_w or want_b
         if saved is None:
-            _, bwd, _, x, _, dy, dx, stats, mean, _, invstd, dgv, dbv = self._np
+            _, bwd, _, xp, _, dyp, dxp, _, mean, _, invstd, coef, gp, bp, none = self._np
             wv, has_w = self._views[0], self._views[1]
+            n, c = self.x.shape
             # (the ReLU's mask recomputed from x with the forward's coefficients, as
             # bnlab.kernels.lean_backward does)
             bwd(
-                dy, x, x, relu, stats[3:5], K.RELU_FLOOR[self.x.dtype], mean, invstd, wv,
-                has_w, True, need, True, dx, dgv, dbv, False,
+                dyp, xp, xp, relu, coef, K.RELU_FLOOR[self.x.dtype], n, c, 1, mean, invstd, wv,
+                has_w, True, need, dxp, gp, bp, none, False,
             )  # fmt: skip
             dgamma, dbeta = self.dgamma, self.dbeta
         else:
