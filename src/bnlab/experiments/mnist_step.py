@@ -331,8 +331,8 @@ class _BatchNormStep:
         grads = torch.empty(2, c, dtype=dtype)
         self.dgamma, self.dbeta = grads[0], grads[1]
         self._stats = torch.empty(5, c, dtype=dtype)  # mean, var, invstd, 2 coefficients
-        self._np = None  # numpy views of the buffers above, with the loops (first compiled call)
-        self._grads = grads
+        # the loops, the buffers' addresses and numpy views of the statistics (first kernel call)
+        self._np = None
         self._tensors: tuple = ()  # weight, bias, running_mean, running_var, num_batches_tracked
         self._layouts: tuple = ()
         self._views: tuple | None = None  # their numpy views, None: the kernels do not take them
