@@ -325,7 +325,7 @@ class _BatchNormStep:
                 f"for batch statistics, got a mini-batch of {n}"
             )
         c = layer.num_features
-        self.layer, self.n = layer, n
+        self.layer, self.n, self.c = layer, n, c
         self.x = torch.zeros(n, c, dtype=dtype)
         self.y, self.dy, self.dx = (torch.empty_like(self.x) for _ in range(3))
         grads = torch.empty(2, c, dtype=dtype)
@@ -397,7 +397,7 @@ class _BatchNormStep:
         if B.kernels_enabled() and self._bind((w, b, rm, rv, nbt)):
             fwd, _, commit, xp, yp, _, _, stats, mean, var, _, _, _, _, none = self._np
             wv, has_w, bv, has_b, rmv, rvv, nbtv, has = self._views
-            n, c = self.x.shape
+            n, c = self.n, self.c
             cumulative, f = momentum is None, 0.0 if momentum is None else float(momentum)
             # the layers' own entry point and argument types (one compiled loop for both): the
             # statistics, then, for a layer that keeps running averages, their update
@@ -435,7 +435,7 @@ class _BatchNormStep:
         if saved is None:
             _, bwd, _, xp, _, dyp, dxp, _, mean, _, invstd, coef, gp, bp, none = self._np
             wv, has_w = self._views[0], self._views[1]
-            n, c = self.x.shape
+            n, c = self.n, self.c
             # (the ReLU's mask recomputed from x with the forward's coefficients, as
             # bnlab.kernels.lean_backward does)
             bwd(
