@@ -937,18 +937,25 @@ def test_channels_last_training_on_either_side_of_the_column_blocks_bound(share)
 # (48: a tile is not _TILE values, the array loop; 128, 192 and 320: column blocks of _TILE
 # channels, the last chunk of rows short; 1040 and 2056: rows of a page or more, in groups of
 # rows, for float32 and float64, and 2056 for bfloat16)
-@pytest.mark.parametrize("C", [1, 16, 64, 48, 128, 192, 320, 1040, 2056])
+@pytest.mark.parametrize("C", [1, 16, 64, 48, 100, 128, 192, 320, 1000, 1040, 2056])
 @pytest.mark.parametrize("dtype", ["float32", "float64", "bfloat16"])
-def test_channels_last_sums_match_float64_sums(C, dtype):
+@pytest.mark.parametrize("rows", ["many", "few"])
+def test_channels_last_sums_match_float64_sums(C, dtype, rows):
     """The channels_last reductions, narrow layers' vector sweeps held in registers included,
     against float64 sums by numpy over rows [r0, r1) of an (M, C) array (bfloat16 as its bits,
     summed as their exact float32 values): the statistics' shifted sums and the backward's
     gradient sums, with and without the ReLU mask, from an offset and with rows left over
-    after the last whole tile or group, with and without software prefetch."""
+    after the last whole tile or group, with and without software prefetch; ``few`` rows make
+    arrays small enough for the groups of rows whatever their width (``_wide_rows``)."""
     import numpy as np
 
     rng = np.random.default_rng(C)
-    M, r0, r1 = (3001, 3, 2994) if C < 1000 else (303, 3, 294)  # (291 rows: 8 * 36 + 3)
+    if rows == "many":
+        M, r0, r1 = (3001, 3, 2994) if C < 1000 else (303, 3, 294)  # (291 rows: 8 * 36 + 3)
+    else:
+        M, r0, r1 = 40, 2, 37  # (35 rows: 8 * 4 + 3, 4 * 8 + 3)
+    if rows == "few" and C <= 64:
+        pytest.skip("rows of at most a tile: the flat tiles, however few")
     x32, g32, y32 = (rng.standard_normal((M, C), dtype=np.float32) * 2 + 1 for _ in range(3))
     if dtype == "bfloat16":  # (the bits of values exact in bfloat16)
         x, g, y = ((a.view(np.uint32) >> 16).astype(np.uint16) for a in (x32, g32, y32))
@@ -957,6 +964,8 @@ def test_channels_last_sums_match_float64_sums(C, dtype):
         x, g, y = (a.astype(dtype) for a in (x32, g32, y32))
     x64, g64, y64 = (a.astype(np.float64) for a in ((x, g, y) if dtype == "float64" else
                                                     (x32, g32, y32)))  # fmt: skip
+    if rows == "few":  # (the case is what it is named for: both reductions in groups of rows)
+        assert _numba._wide_rows(C, x.itemsize, x.nbytes)
     reps = max(1, 64 // C)
     x0 = x64[r0]
     z = np.tile(x0, reps)
@@ -975,7 +984,7 @@ def test_channels_last_sums_match_float64_sums(C, dtype):
         # (the vector sweeps, column blocks and wide rows add every value in float64; the array
         # loop adds pairs first)
         exact = (64 % C == 0 or _numba._column_blocks(C, 2 * x.nbytes)
-                 or _numba._wide_rows(C, x.itemsize))
+                 or _numba._wide_rows(C, x.itemsize, x.nbytes))
         np.testing.assert_allclose(s1, gm.sum(0), rtol=1e-12 if exact else 1e-6, atol=1e-9)
         terms = gm * (x64[r0:r1] - mean.astype(np.float64))
         if exact:  # (x - mean rounded once to the compute type, the rest in float64)

@@ -386,7 +386,15 @@ _TILE = 64
 # (docs/kernels.md). The statistics read one array in groups of _WIDE_GROUP rows; the gradient
 # sums read two or three, in groups of _WIDE_GSUM_GROUP rows (eight rows, 16-24 streams, were
 # slower). The loops are written out for these group sizes.
+#
+# Shorter rows of more than a tile take the groups too when x has at most _GROUPED_MAX_BYTES (a
+# core's L2 on current x86 CPUs): an array that small is usually in the caches, just written by
+# the layer before, where the loop's arithmetic and its accumulator loads and stores set the
+# pace, not the prefetchers, and the groups did the same sums in 0.5-0.75x the time of the flat
+# tiles or the column blocks. From memory, groups of short rows read runs of a few hundred bytes
+# a row apart and were slower (docs/kernels.md).
 _LONG_ROW = 4096
+_GROUPED_MAX_BYTES = 1 << 20
 _WIDE_GROUP = 8
 _WIDE_GSUM_GROUP = 4
 
@@ -398,9 +406,10 @@ def _multi_sweep(P: int) -> bool:
 
 
 @njit(cache=True)
-def _wide_rows(C: int, itemsize: int) -> bool:
-    """Whether an (M, C) layout's reductions run in groups of whole rows (above)."""
-    return C * itemsize >= _LONG_ROW
+def _wide_rows(C: int, itemsize: int, nbytes: int) -> bool:
+    """Whether the reductions over an (M, C) layout of ``nbytes`` bytes (one array) run in
+    groups of whole rows (above)."""
+    return C * itemsize >= _LONG_ROW or (C > _TILE and nbytes <= _GROUPED_MAX_BYTES)
 
 
 # Layers wider than a tile whose channels come in whole tiles (C a multiple of _TILE, above 64)
@@ -1869,13 +1878,13 @@ def _tile_sums(x, z, r0, r1, s1, s2):
 def _mc_sums(x, z, r0, r1, cmean, cm2):
     """Shifted sums of rows [r0, r1) of (M, C) into ``cmean`` (C,) = mean - x0 and ``cm2`` (C,)
     = sum of squared deviations, float64: s1 = sum d, s2 = sum d^2 with d = x - x0, then
-    M2 = s2 - s1^2 / n (see module docstring); in groups of rows where rows are wide
-    (:func:`_wide_sums`), in flat tiles elsewhere (:func:`_tile_sums`). ``z`` is x0 tiled
-    (:func:`_tile`)."""
+    M2 = s2 - s1^2 / n (see module docstring); in groups of rows where rows are wide or x is
+    small (:func:`_wide_rows`, :func:`_wide_sums`), in flat tiles elsewhere
+    (:func:`_tile_sums`). ``z`` is x0 tiled (:func:`_tile`)."""
     C = x.shape[1]
     s1 = np.zeros(C, np.float64)
     s2 = np.zeros(C, np.float64)
-    if _wide_rows(C, x.itemsize):
+    if _wide_rows(C, x.itemsize, x.size * x.itemsize):
         _wide_sums(x, z, r0, r1, s1, s2)
     else:
         _tile_sums(x, z, r0, r1, s1, s2)
@@ -2204,14 +2213,14 @@ def _wide_gsums_of(dy, x, m, relu, u, floor, r0, r1, s1, s2):
 def _mc_gsums(dy, x, m, relu, u, floor, r0, r1, s1, s2):
     """Add sum g and sum g (x - mean) over rows [r0, r1) of (M, C) to s1, s2 (C,) float64, in
     flat tiles of ``_tile_rows(C)`` rows with tiled accumulators (in registers when a tile is
-    ``_TILE`` values: :func:`_sweep_gsums`), or in groups of rows where rows are wide
-    (:func:`_wide_gsums`); ``u`` holds the mean and the ReLU mask's coefficients, tiled
-    (:func:`_tile`)."""
+    ``_TILE`` values: :func:`_sweep_gsums`), or in groups of rows where rows are wide or the
+    arrays small (:func:`_wide_rows`, :func:`_wide_gsums`); ``u`` holds the mean and the ReLU
+    mask's coefficients, tiled (:func:`_tile`)."""
     C = x.shape[1]
     xf = _flat(x)
     gf = _flat(dy)
     mf = _flat(m)
-    if _wide_rows(C, x.itemsize):
+    if _wide_rows(C, x.itemsize, x.size * x.itemsize):
         _wide_gsums(dy, x, m, relu, u, floor, r0, r1, s1, s2)
         return
     r = _tile_rows(C)
