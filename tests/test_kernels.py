@@ -964,7 +964,7 @@ def test_channels_last_sums_match_float64_sums(C, dtype, rows):
         x, g, y = (a.astype(dtype) for a in (x32, g32, y32))
     x64, g64, y64 = (a.astype(np.float64) for a in ((x, g, y) if dtype == "float64" else
                                                     (x32, g32, y32)))  # fmt: skip
-    if rows == "few":  # (the case is what it is named for: both reductions in groups of rows)
+    if rows == "few":  # (the case is what it is named for: the statistics in groups of rows)
         assert _numba._wide_rows(C, x.itemsize, x.nbytes)
     reps = max(1, 64 // C)
     x0 = x64[r0]
@@ -984,7 +984,7 @@ def test_channels_last_sums_match_float64_sums(C, dtype, rows):
         # (the vector sweeps, column blocks and wide rows add every value in float64; the array
         # loop adds pairs first)
         exact = (64 % C == 0 or _numba._column_blocks(C, 2 * x.nbytes)
-                 or _numba._wide_rows(C, x.itemsize, x.nbytes))
+                 or _numba._wide_gsum_rows(C, x.itemsize, x.nbytes))
         np.testing.assert_allclose(s1, gm.sum(0), rtol=1e-12 if exact else 1e-6, atol=1e-9)
         terms = gm * (x64[r0:r1] - mean.astype(np.float64))
         if exact:  # (x - mean rounded once to the compute type, the rest in float64)

@@ -391,8 +391,9 @@ _TILE = 64
 # core's L2 on current x86 CPUs): an array that small is usually in the caches, just written by
 # the layer before, where the loop's arithmetic and its accumulator loads and stores set the
 # pace, not the prefetchers, and the groups did the same sums in 0.5-0.75x the time of the flat
-# tiles or the column blocks. From memory, groups of short rows read runs of a few hundred bytes
-# a row apart and were slower (docs/kernels.md).
+# tiles or the column blocks (but for the gradient sums of rows of whole tiles under
+# _ROW_DX_BYTES, below, whose blocks were as fast). From memory, groups of short rows read runs
+# of a few hundred bytes a row apart and were slower (docs/kernels.md).
 _LONG_ROW = 4096
 _GROUPED_MAX_BYTES = 1 << 20
 _WIDE_GROUP = 8
@@ -407,9 +408,20 @@ def _multi_sweep(P: int) -> bool:
 
 @njit(cache=True)
 def _wide_rows(C: int, itemsize: int, nbytes: int) -> bool:
-    """Whether the reductions over an (M, C) layout of ``nbytes`` bytes (one array) run in
-    groups of whole rows (above)."""
+    """Whether the statistics of an (M, C) layout of ``nbytes`` bytes (one array) run in groups
+    of whole rows (above)."""
     return C * itemsize >= _LONG_ROW or (C > _TILE and nbytes <= _GROUPED_MAX_BYTES)
+
+
+@njit(cache=True)
+def _wide_gsum_rows(C: int, itemsize: int, nbytes: int) -> bool:
+    """Whether the gradient sums of an (M, C) layout of ``nbytes`` bytes (one array) run in
+    groups of whole rows: where the statistics do (:func:`_wide_rows`), but for rows of whole
+    tiles shorter than ``_ROW_DX_BYTES``, whose column blocks keep both sums of a block in
+    registers and were as fast as the groups or faster (docs/kernels.md)."""
+    if C % _TILE == 0 and C * itemsize < _ROW_DX_BYTES:
+        return False
+    return _wide_rows(C, itemsize, nbytes)
 
 
 # Layers wider than a tile whose channels come in whole tiles (C a multiple of _TILE, above 64)
@@ -2214,13 +2226,13 @@ def _mc_gsums(dy, x, m, relu, u, floor, r0, r1, s1, s2):
     """Add sum g and sum g (x - mean) over rows [r0, r1) of (M, C) to s1, s2 (C,) float64, in
     flat tiles of ``_tile_rows(C)`` rows with tiled accumulators (in registers when a tile is
     ``_TILE`` values: :func:`_sweep_gsums`), or in groups of rows where rows are wide or the
-    arrays small (:func:`_wide_rows`, :func:`_wide_gsums`); ``u`` holds the mean and the ReLU
-    mask's coefficients, tiled (:func:`_tile`)."""
+    arrays small (:func:`_wide_gsum_rows`, :func:`_wide_gsums`); ``u`` holds the mean and the
+    ReLU mask's coefficients, tiled (:func:`_tile`)."""
     C = x.shape[1]
     xf = _flat(x)
     gf = _flat(dy)
     mf = _flat(m)
-    if _wide_rows(C, x.itemsize, x.size * x.itemsize):
+    if _wide_gsum_rows(C, x.itemsize, x.size * x.itemsize):
         _wide_gsums(dy, x, m, relu, u, floor, r0, r1, s1, s2)
         return
     r = _tile_rows(C)
