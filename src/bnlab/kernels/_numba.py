@@ -392,10 +392,11 @@ _TILE = 64
 # the layer before, where the loop's arithmetic and its accumulator loads and stores set the
 # pace, not the prefetchers, and the groups did the same sums in 0.5-0.75x the time of the flat
 # tiles or the column blocks (but for the gradient sums of rows of whole tiles under
-# _ROW_DX_BYTES, below, whose blocks were as fast). From memory, groups of short rows read runs
+# _BLOCK_GSUM_ROW_BYTES, whose blocks were as fast). From memory, groups of short rows read runs
 # of a few hundred bytes a row apart and were slower (docs/kernels.md).
 _LONG_ROW = 4096
 _GROUPED_MAX_BYTES = 1 << 20
+_BLOCK_GSUM_ROW_BYTES = 1024
 _WIDE_GROUP = 8
 _WIDE_GSUM_GROUP = 4
 
@@ -417,9 +418,9 @@ def _wide_rows(C: int, itemsize: int, nbytes: int) -> bool:
 def _wide_gsum_rows(C: int, itemsize: int, nbytes: int) -> bool:
     """Whether the gradient sums of an (M, C) layout of ``nbytes`` bytes (one array) run in
     groups of whole rows: where the statistics do (:func:`_wide_rows`), but for rows of whole
-    tiles shorter than ``_ROW_DX_BYTES``, whose column blocks keep both sums of a block in
-    registers and were as fast as the groups or faster (docs/kernels.md)."""
-    if C % _TILE == 0 and C * itemsize < _ROW_DX_BYTES:
+    tiles shorter than ``_BLOCK_GSUM_ROW_BYTES``, whose column blocks keep both sums of a block
+    in registers and were as fast as the groups or faster (docs/kernels.md)."""
+    if C % _TILE == 0 and C * itemsize < _BLOCK_GSUM_ROW_BYTES:
         return False
     return _wide_rows(C, itemsize, nbytes)
 
