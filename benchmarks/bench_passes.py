@@ -86,7 +86,7 @@ def _passes(K, np, shape, relu: bool):
         cm, cm2 = np.empty((k, c)), np.empty((k, c))
         p1, p2 = np.zeros((k, c)), np.zeros((k, c))
         z = K._tile(x[:1].astype(np.float64), np.float64)[0]  # the shift x_0, tiled
-        t2, t6 = K._tile(coef[1:3], np.float32), K._tile(coef6, np.float32)
+        t2, t6 = K._tile(coef[1:3], np.float32, True), K._tile(coef6, np.float32, True)
         u = K._tile(np.concatenate([coef[:1], mk]), np.float32)  # the mean, then the mask's
         calls = {
             "stats": lambda: K._mc_sums_par(x, z, r, cm, cm2),

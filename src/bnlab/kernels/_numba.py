@@ -514,6 +514,25 @@ def _tile_rows(C: int) -> int:
     return max(1, _TILE // C)
 
 
+# The elementwise passes (normalize, dx) of widths that do not divide _TILE run one vector loop
+# per run of values, with per-value coefficients (:func:`_affine_lanes`, :func:`_dx_lanes`). A
+# run of one row pays the loop's setup and a masked tail every C values, which on rows of a
+# few hundred values cost as much as the arithmetic with the data in the caches; runs of
+# several rows, about _LANE_RUN values with the coefficients tiled alike, took 0.6-0.75x the
+# time on rows of 100-200 float32 values. Longer runs were slower again for dx (its six rows
+# of coefficients leave L1). Widths that divide _TILE keep their tiles (in registers).
+_LANE_RUN = 640
+
+
+@njit(cache=True)
+def _lane_rows(C: int) -> int:
+    """Rows per run of the elementwise passes on an (M, C) layout (above): ``_tile_rows(C)``
+    where C divides ``_TILE``, else about ``_LANE_RUN`` values' worth, at least one."""
+    if _TILE % C == 0:
+        return _tile_rows(C)
+    return max(1, _LANE_RUN // C)
+
+
 # ---------------------------------------------------------------- tile sweeps held in registers
 # The channels_last reductions of narrow layers (C divides _TILE, so a tile is exactly _TILE
 # values) add every tile into _TILE float64 accumulators per sum. Written as array loops, those
@@ -1757,12 +1776,12 @@ def _ncs_normalize(x, coef, relu, y, i0, i1, stream=False):
 
 
 @njit(**_SERIAL)
-def _tile(v, dtype):
-    """``v`` (K, C) with each row repeated ``_tile_rows(C)`` times, as ``dtype``: per-channel
-    values for a flat tile of rows of an (M, C) layout. Made once per call, shared by every
-    chunk."""
+def _tile(v, dtype, lanes=False):
+    """``v`` (K, C) with each row repeated ``_tile_rows(C)`` times (``lanes``: ``_lane_rows(C)``
+    times), as ``dtype``: per-channel values for a flat tile of rows of an (M, C) layout (a run
+    of the elementwise passes). Made once per call, shared by every chunk."""
     K, C = v.shape
-    r = _tile_rows(C)
+    r = _lane_rows(C) if lanes else _tile_rows(C)
     t = np.empty((K, C * r), dtype)
     for i in range(K):
         for j in range(r):
@@ -1909,9 +1928,9 @@ def _mc_sums(x, z, r0, r1, cmean, cm2):
 
 @njit(**_SERIAL)
 def _mc_normalize(x, t, relu, y, r0, r1, stream=False):
-    """:func:`_ncs_normalize` for rows [r0, r1) of an (M, C) layout, in flat tiles of
-    ``_tile_rows(C)`` rows; ``t`` holds the coefficients tiled alike (:func:`_tile`).
-    ``stream``: stored non-temporally where every row starts on a line."""
+    """:func:`_ncs_normalize` for rows [r0, r1) of an (M, C) layout, in flat runs of
+    ``_lane_rows(C)`` rows; ``t`` holds the coefficients tiled alike (:func:`_tile` with
+    ``lanes``). ``stream``: stored non-temporally where every row starts on a line."""
     C = x.shape[1]
     xf = _flat(x)
     yf = _flat(y)
@@ -1919,7 +1938,7 @@ def _mc_normalize(x, t, relu, y, r0, r1, stream=False):
             y.ctypes.data + r0 * C * x.itemsize) % _LINE == 0:  # fmt: skip
         _stream_rows(xf, t[0], t[1], yf, r0 * C, C, r1 - r0, relu)
         return
-    r = _tile_rows(C)
+    r = _lane_rows(C)
     a = t[0]
     cc = t[1]
     P = r * C
@@ -1927,7 +1946,7 @@ def _mc_normalize(x, t, relu, y, r0, r1, stream=False):
     if P == _TILE:  # C divides _TILE: whole tiles with the coefficients in registers
         first = (r1 - r0) // r
         _affine_tiles(xf, yf, r0 * C, first, a, cc, relu)
-    for t in range(first, (r1 - r0 + r - 1) // r):  # whole tiles, then the rows left
+    for t in range(first, (r1 - r0 + r - 1) // r):  # whole runs, then the rows left
         base = (r0 + t * r) * C
         _affine_lanes(xf, yf, base, min(P, (r1 - r0 - t * r) * C), a, cc, relu)
 
@@ -1996,7 +2015,7 @@ def _ncs_norm(x, coef, relu, y, back, stream=False):
 def _mc_norm(x, coef, relu, y, back, stream=False):
     """:func:`_ncs_norm` on (M, C)."""
     M, C = x.shape
-    t = _tile(coef, coef.dtype)
+    t = _tile(coef, coef.dtype, True)
     if use_serial(x.size) or (not back and _teams(_MAX_CHUNKS) == 1):
         _mc_normalize(x, t, relu, y, np.intp(0), M, stream)
     else:
@@ -2339,9 +2358,9 @@ def _ncs_dx(dy, x, m, relu, coef, floor, dx, i0, i1, stream=False):
 
 @njit(**_SERIAL)
 def _mc_dx(dy, x, m, relu, t, floor, dx, r0, r1, stream=False):
-    """:func:`_ncs_dx` for rows [r0, r1) of an (M, C) layout, in flat tiles of
-    ``_tile_rows(C)`` rows with the coefficients tiled alike. ``stream``: as
-    :func:`_mc_normalize`."""
+    """:func:`_ncs_dx` for rows [r0, r1) of an (M, C) layout, in flat runs of
+    ``_lane_rows(C)`` rows with the coefficients tiled alike (:func:`_tile` with ``lanes``).
+    ``stream``: as :func:`_mc_normalize`."""
     C = x.shape[1]
     xf = _flat(x)
     gf = _flat(dy)
@@ -2351,7 +2370,7 @@ def _mc_dx(dy, x, m, relu, t, floor, dx, r0, r1, stream=False):
             dx.ctypes.data + r0 * C * x.itemsize) % _LINE == 0:  # fmt: skip
         _stream_dx_rows(gf, xf, mf, t, floor, df, r0 * C, C, r1 - r0, relu)
         return
-    r = _tile_rows(C)
+    r = _lane_rows(C)
     P = r * C
     mu = t[0]
     a = t[1]
@@ -2373,7 +2392,7 @@ def _mc_dx(dy, x, m, relu, t, floor, dx, r0, r1, stream=False):
     if P == _TILE:  # C divides _TILE: whole tiles with the coefficients in registers
         first = (r1 - r0) // r
         _dx_tiles(gf, xf, mf, df, r0 * C, first, _TILE, mu, a, bb, d, k0, k1, floor, relu)
-    for t in range(first, (r1 - r0 + r - 1) // r):  # whole tiles, then the rows left
+    for t in range(first, (r1 - r0 + r - 1) // r):  # whole runs, then the rows left
         base = (r0 + t * r) * C
         _dx_lanes(gf, xf, mf, df, base, min(P, (r1 - r0 - t * r) * C), mu, a, bb, d, k0, k1,
                   floor, relu)  # fmt: skip
@@ -2495,7 +2514,7 @@ def backward_mc(dy, x, m, relu, k, floor, mean, invstd, w, has_w, train, need_su
     _bwd_coef(sums, mean, invstd, w, has_w, train, M, coef, dgamma, dbeta)
     coef[4:6] = k
     if need_dx:
-        t = _tile(coef, coef.dtype)
+        t = _tile(coef, coef.dtype, True)
         if serial:
             _mc_dx(dy, x, m, relu, t, floor, dx, np.intp(0), M, stream)
         else:
