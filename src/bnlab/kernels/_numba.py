@@ -514,22 +514,27 @@ def _tile_rows(C: int) -> int:
     return max(1, _TILE // C)
 
 
-# The elementwise passes (normalize, dx) of widths that do not divide _TILE run one vector loop
+# The elementwise passes (normalize, dx) of widths that are not whole tiles run one vector loop
 # per run of values, with per-value coefficients (:func:`_affine_lanes`, :func:`_dx_lanes`). A
 # run of one row pays the loop's setup and a masked tail every C values, which on rows of a
 # few hundred values cost as much as the arithmetic with the data in the caches; runs of
 # several rows, about _LANE_RUN values with the coefficients tiled alike, took 0.6-0.75x the
 # time on rows of 100-200 float32 values. Longer runs were slower again for dx (its six rows
-# of coefficients leave L1). Widths that divide _TILE keep their tiles (in registers).
+# of coefficients leave L1). Widths that divide _TILE keep their tiles (in registers), and
+# multiples of _TILE a row per run: their rows end on whole vectors, and in runs their
+# normalize pass was no faster with the data in the caches and slower from memory.
 _LANE_RUN = 640
 
 
 @njit(cache=True)
 def _lane_rows(C: int) -> int:
     """Rows per run of the elementwise passes on an (M, C) layout (above): ``_tile_rows(C)``
-    where C divides ``_TILE``, else about ``_LANE_RUN`` values' worth, at least one."""
+    where C divides ``_TILE``, one where it is a multiple of ``_TILE``, else about
+    ``_LANE_RUN`` values' worth, at least one."""
     if _TILE % C == 0:
         return _tile_rows(C)
+    if C % _TILE == 0:
+        return 1
     return max(1, _LANE_RUN // C)
 
 
