@@ -905,19 +905,22 @@ def test_kernel_calls_refuse_what_the_loops_cannot_read():
 
 @pytest.mark.parametrize("C", [20, 48, 100, 200, 300])
 @pytest.mark.parametrize("M", [7, 1003])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
 @pytest.mark.parametrize("relu", [False, True])
 def test_dense_elementwise_passes_in_runs_of_rows(C, M, dtype, relu):
     """Widths that do not divide a tile run the normalize and dx passes in runs of several rows
     (``_lane_rows``) with tiled coefficients: a training step and an inference forward of a
     dense ``(M, C)`` layer, the fused ReLU on and off, against torch's layer (with a ReLU after
     it) in float64, with fewer rows than a run (7) and with runs left over at the end of the
-    input and of its chunks (1003 rows, parallel above ``SERIAL_MAX`` values)."""
+    input and of its chunks (1003 rows, parallel above ``SERIAL_MAX`` values); bfloat16 inputs
+    with float32 parameters, as under autocast, to bfloat16's precision."""
     assert _numba._lane_rows(C) > 1  # (the widths are chosen for runs of several rows)
     gen = torch.Generator().manual_seed(C + M)
     x = (torch.randn(M, C, generator=gen) * 2 + 1).to(dtype)
     dy = torch.randn(M, C, generator=gen).to(dtype)
-    ours = bnlab.BatchNorm1d(C, activation="relu" if relu else None).to(dtype)
+    ours = bnlab.BatchNorm1d(C, activation="relu" if relu else None)
+    if dtype != torch.bfloat16:
+        ours = ours.to(dtype)
     ref = torch.nn.BatchNorm1d(C).double()
     with torch.no_grad():
         for m in (ours, ref):
@@ -929,7 +932,8 @@ def test_dense_elementwise_passes_in_runs_of_rows(C, M, dtype, relu):
         yr = torch.relu(yr)
     y.backward(dy)
     yr.backward(dy.double())
-    tol = {"rtol": 1e-4, "atol": 1e-4} if dtype == torch.float32 else {"rtol": 1e-9, "atol": 1e-9}
+    tol = {torch.float32: {"rtol": 1e-4, "atol": 1e-4}, torch.float64: {"rtol": 1e-9, "atol": 1e-9},
+           torch.bfloat16: {"rtol": 2e-2, "atol": 2e-2}}[dtype]
     torch.testing.assert_close(y.double(), yr, **tol)
     torch.testing.assert_close(xa.grad.double(), xb.grad, **tol)
     for a, b in ((ours.weight.grad, ref.weight.grad), (ours.bias.grad, ref.bias.grad)):
