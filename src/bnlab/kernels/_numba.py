@@ -1797,11 +1797,15 @@ def _tile(v, dtype, lanes=False):
 
 @njit(**_SERIAL)
 def _fold(t, C, out):
-    """out[c] = sum over j of t[j * C + c]: a tiled accumulator back to (C,) values."""
+    """out[c] = sum over j of t[j * C + c]: a tiled accumulator back to (C,) values, each
+    channel's terms added in j order. (Row by row rather than ``out[k % C] += t[k]``: a chunk
+    of a parallel pass folds its tiles once, and the modulo's division cost more than the
+    additions.)"""
     for c in range(C):
         out[c] = 0.0
-    for k in range(t.shape[0]):
-        out[k % C] += t[k]
+    for j in range(t.shape[0] // C):
+        for c in range(C):
+            out[c] += t[j * C + c]
 
 
 @njit(**_SERIAL)
