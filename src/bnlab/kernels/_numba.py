@@ -1797,10 +1797,10 @@ def _tile(v, dtype, lanes=False):
 
 @njit(**_SERIAL)
 def _fold(t, C, out):
-    """out[c] = sum over j of t[j * C + c]: a tiled accumulator back to (C,) values, each
-    channel's terms added in j order. (Row by row rather than ``out[k % C] += t[k]``: a chunk
-    of a parallel pass folds its tiles once, and the modulo's division cost more than the
-    additions.)"""
+    """out[c] = sum over j of t[j * C + c]: a tiled accumulator (a whole number of rows of C
+    values) back to (C,) values, each channel's terms added in j order. Row by row: indexing
+    by ``k % C`` would pay a division per value, more than its addition, once per chunk of a
+    parallel pass."""
     for c in range(C):
         out[c] = 0.0
     for j in range(t.shape[0] // C):
