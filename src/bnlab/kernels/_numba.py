@@ -2258,12 +2258,12 @@ def _mc_gsums(dy, x, m, relu, u, floor, r0, r1, s1, s2):
     arrays small (:func:`_wide_gsum_rows`, :func:`_wide_gsums`); ``u`` holds the mean and the
     ReLU mask's coefficients, tiled (:func:`_tile`)."""
     C = x.shape[1]
-    xf = _flat(x)
-    gf = _flat(dy)
-    mf = _flat(m)
     if _wide_gsum_rows(C, x.itemsize, x.size * x.itemsize):
         _wide_gsums(dy, x, m, relu, u, floor, r0, r1, s1, s2)
         return
+    xf = _flat(x)
+    gf = _flat(dy)
+    mf = _flat(m)
     r = _tile_rows(C)
     P = r * C
     mu = u[0]
